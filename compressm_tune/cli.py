@@ -1,0 +1,130 @@
+"""Command line: argument parsing only; every sub-command calls into the package.
+
+Errors the user can cause are :class:`~compressm_tune.errors.CompressmError` subclasses; they
+are printed as one line and exit with status 2 (an interrupt exits 130 and says how to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from compressm_tune.errors import CompressmError
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    from compressm_tune.training import DATASETS
+
+    parser.add_argument("--dataset", default="mnist1d", choices=DATASETS,
+                        help="built-in or user dataset (default: mnist1d)")
+    parser.add_argument("--data", dest="data_path", default=None,
+                        help="path of the .npz file for --dataset npz")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory with MNIST IDX files for --dataset smnist")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of train held out for validation (default: 0.1)")
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from compressm_tune.models import SSMConfig
+    from compressm_tune.training import TrainConfig
+
+    m, t = SSMConfig(), TrainConfig()
+    p = sub.add_parser("train", help="train an LRU network, optionally compressing it in training",
+                       description="Train an LRU network; with --reduce, shrink its state "
+                                   "widths by balanced truncation during the first steps.")
+    _add_data_args(p)
+    p.add_argument("--blocks", type=int, default=m.n_blocks, help=f"LRU blocks ({m.n_blocks})")
+    p.add_argument("--hidden", type=int, default=m.d_model, help=f"H, model width ({m.d_model})")
+    p.add_argument("--state-dim", type=int, default=m.state_dims[0],
+                   help=f"N, initial state width of every block ({m.state_dims[0]})")
+    p.add_argument("--dropout", type=float, default=m.dropout, help=f"({m.dropout})")
+    p.add_argument("--steps", type=int, default=t.steps, help=f"optimizer steps ({t.steps})")
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help=f"({t.batch_size})")
+    p.add_argument("--lr", type=float, default=t.lr, help=f"peak learning rate ({t.lr})")
+    p.add_argument("--ssm-lr-factor", type=float, default=t.ssm_lr_factor,
+                   help=f"LR multiplier of the recurrence's parameters ({t.ssm_lr_factor})")
+    p.add_argument("--weight-decay", type=float, default=t.weight_decay, help=f"({t.weight_decay})")
+    p.add_argument("--warmup", dest="warmup_frac", type=float, default=t.warmup_frac,
+                   help=f"share of steps in linear LR warm-up ({t.warmup_frac})")
+    p.add_argument("--eval-every", type=int, default=t.eval_every, help=f"({t.eval_every})")
+    p.add_argument("--seed", type=int, default=t.seed, help=f"({t.seed})")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from compressm_tune._table import markdown_table
+    from compressm_tune.models import SSMConfig
+    from compressm_tune.training import TrainConfig, Trainer, load_dataset
+
+    data = load_dataset(args.dataset, path=args.data_path, data_dir=args.data_dir,
+                        val_fraction=args.val_fraction, seed=args.seed)
+    model_config = SSMConfig(
+        d_input=data.d_input, d_output=data.d_output, d_model=args.hidden,
+        state_dims=[args.state_dim] * args.blocks, dropout=args.dropout,
+        pooling="mean" if data.task == "classification" else "none",
+    )
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        ssm_lr_factor=args.ssm_lr_factor, weight_decay=args.weight_decay,
+        warmup_frac=args.warmup_frac, eval_every=args.eval_every, seed=args.seed,
+        threads=args.threads,
+    )
+    trainer = Trainer(model_config, config, data, args.out, resume=args.resume,
+                      progress=not args.no_progress)
+    s = trainer.fit()
+    metric = "accuracy" if data.task == "classification" else "loss"
+    print()
+    print(markdown_table(
+        ["dataset", "steps", "state dims", f"val best {metric}", f"test {metric} (best ckpt)",
+         f"test {metric} (last)", "train time s"],
+        [[s["dataset"], s["steps"], s["final_state_dims"],
+          s["val_best"] if metric == "accuracy" else -s["val_best"],
+          s["test_best"][metric], s["test_last"][metric], s["train_time_s"]]],
+    ))
+    print(f"\ncheckpoints, metrics.jsonl and summary.json in {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``compressm-tune`` argument parser."""
+    from compressm_tune.hardware import add_compare_parser, add_profile_parser
+
+    parser = argparse.ArgumentParser(
+        prog="compressm-tune",
+        description="Compress state-space models while they train and ship them within a "
+                    "latency/energy budget.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train_parser(sub)
+    add_profile_parser(sub)
+    add_compare_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``compressm-tune`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CompressmError as exc:
+        print(f"compressm-tune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("compressm-tune: interrupted; the last checkpoint is intact (rerun with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""One exception root for the package.
+
+Every error a user can cause derives from :class:`CompressmError` *and* the builtin that
+matches it, so ``except ValueError`` in user code still catches our validation errors while
+``except CompressmError`` catches all of ours (the Optuna/python-control habit).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CompressmError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "ReductionError",
+    "ProfileError",
+    "ExportError",
+    "MissingDependencyError",
+]
+
+
+class CompressmError(Exception):
+    """Root of every error raised on purpose by compressm-tune."""
+
+
+class ConfigError(CompressmError, ValueError):
+    """A configuration value breaks a stated rule (the message names rule and value)."""
+
+
+class DataError(CompressmError, ValueError):
+    """A dataset file is missing, unreadable or malformed."""
+
+
+class CheckpointError(CompressmError, ValueError):
+    """A checkpoint is missing, corrupted or from an incompatible version."""
+
+
+class ReductionError(CompressmError, ValueError):
+    """A reduction request cannot be satisfied (bad rank, unstable system, non-finite values)."""
+
+
+class ProfileError(CompressmError, ValueError):
+    """A hardware profile file is corrupted, truncated, foreign or from another schema version."""
+
+
+class ExportError(CompressmError, RuntimeError):
+    """An export failed its parity check or its bundle is inconsistent."""
+
+
+class MissingDependencyError(CompressmError, ImportError):
+    """An optional dependency is missing; the message names the package to install."""

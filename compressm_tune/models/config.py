@@ -1,0 +1,64 @@
+"""Configuration of the LRU network, JSON-serializable so a checkpoint rebuilds the model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from compressm_tune.errors import ConfigError
+
+__all__ = ["SSMConfig"]
+
+POOLINGS = ("mean", "none")
+
+
+@dataclass
+class SSMConfig:
+    """Shape and initialization of an :class:`~compressm_tune.models.SSMModel`.
+
+    ``state_dims`` holds one width per block and is rewritten after every reduction, so
+    ``asdict(config)`` in a checkpoint always describes the model as it is now.
+
+    Examples
+    --------
+    >>> SSMConfig(d_input=1, d_output=10, d_model=8, state_dims=[16, 16]).n_blocks
+    2
+    """
+
+    d_input: int = 1
+    d_output: int = 10
+    d_model: int = 64  # H: width of the residual stream
+    state_dims: list[int] = field(default_factory=lambda: [256, 256, 256, 256])  # N per block
+    pooling: str = "mean"  # "mean": one output per sequence; "none": one output per step
+    dropout: float = 0.1
+    r_min: float = 0.9  # |lambda| is drawn uniformly on the ring [r_min, r_max] (paper's init)
+    r_max: float = 0.999
+    max_phase: float = 2 * math.pi  # phase uniform in [0, max_phase)
+
+    def __post_init__(self) -> None:
+        self.state_dims = [int(n) for n in self.state_dims]
+        for name in ("d_input", "d_output", "d_model"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {name}={value!r}")
+        if not self.state_dims or min(self.state_dims) < 1:
+            raise ConfigError(
+                f"state_dims must list at least one positive width, got {self.state_dims!r}"
+            )
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"0 <= dropout < 1 must hold, got dropout={self.dropout}")
+        if not 0.0 <= self.r_min < self.r_max < 1.0:
+            raise ConfigError(
+                f"0 <= r_min < r_max < 1 must hold, got r_min={self.r_min} r_max={self.r_max}"
+            )
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of LRU blocks."""
+        return len(self.state_dims)
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form (``SSMConfig(**d)`` rebuilds it)."""
+        return asdict(self)

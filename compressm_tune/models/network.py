@@ -1,0 +1,125 @@
+"""The deep LRU network: encoder -> blocks -> (mean pool) -> head."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressm_tune.models.config import SSMConfig
+from compressm_tune.models.lru import LRULayer
+
+__all__ = ["LRUBlock", "SSMModel"]
+
+
+class GLU(nn.Module):
+    """Gated linear unit ``a * sigmoid(b)`` with ``[a, b] = W x + c``, H -> H."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, 2 * d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.proj(x).chunk(2, dim=-1)  # (..., H) each
+        return a * torch.sigmoid(b)
+
+
+class LRUBlock(nn.Module):
+    """BatchNorm (no affine) -> LRU -> GELU -> dropout -> GLU -> dropout -> residual."""
+
+    def __init__(self, config: SSMConfig, state_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(config.d_model, affine=False)
+        self.lru = LRULayer(config.d_model, state_dim, config.r_min, config.r_max,
+                            config.max_phase)
+        self.glu = GLU(config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, L, H) -> (batch, L, H)``."""
+        h = self.norm(x.transpose(1, 2)).transpose(1, 2)  # (B, L, H) normalized over batch, time
+        h = self.drop(F.gelu(self.lru(h)))  # (B, L, H)
+        return x + self.drop(self.glu(h))
+
+    def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token ``(batch, H)``; inference only (BatchNorm uses its running statistics)."""
+        h = F.batch_norm(x_t, self.norm.running_mean, self.norm.running_var,
+                         training=False, eps=self.norm.eps)  # (B, H)
+        h, state = self.lru.step(h, state)
+        return x_t + self.glu(F.gelu(h)), state
+
+
+class SSMModel(nn.Module):
+    """A stack of LRU blocks for sequence classification or per-step regression.
+
+    ``model(x)``: ``x (batch, L, d_input)`` -> ``(batch, d_output)`` with mean pooling, or
+    ``(batch, L, d_output)`` with ``pooling="none"``.
+
+    Examples
+    --------
+    >>> model = SSMModel(SSMConfig(d_input=1, d_output=10, d_model=8, state_dims=[6, 4]))
+    >>> model(torch.randn(3, 12, 1)).shape, model.state_dims
+    (torch.Size([3, 10]), [6, 4])
+    """
+
+    def __init__(self, config: SSMConfig) -> None:
+        super().__init__()
+        self._config = replace(config, state_dims=list(config.state_dims))
+        self.encoder = nn.Linear(config.d_input, config.d_model)
+        self.blocks = nn.ModuleList(LRUBlock(config, n) for n in config.state_dims)
+        self.head = nn.Linear(config.d_model, config.d_output)
+
+    @property
+    def state_dims(self) -> list[int]:
+        """Current state width of every block (read from the layers, so always up to date)."""
+        return [block.lru.state_dim for block in self.blocks]
+
+    @property
+    def config(self) -> SSMConfig:
+        """The configuration that rebuilds this model as it is now (widths after any cuts)."""
+        return replace(self._config, state_dims=self.state_dims)
+
+    def lru_layers(self) -> list[LRULayer]:
+        """The LRU layer of every block, in order."""
+        return [block.lru for block in self.blocks]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)  # (B, L, H)
+        for block in self.blocks:
+            h = block(h)  # (B, L, H)
+        if self._config.pooling == "mean":
+            h = h.mean(dim=1)  # (B, H)
+        return self.head(h)
+
+    def allocate_state(self, batch_size: int) -> list[torch.Tensor]:
+        """Zero streaming state: one ``(batch, N_k, 2)`` tensor per block, then, with mean
+        pooling, the running sum ``(batch, H)`` and the token count ``(1,)``."""
+        ref = self.head.weight
+        state = [layer.allocate_state(batch_size) for layer in self.lru_layers()]
+        if self._config.pooling == "mean":
+            state.append(torch.zeros(batch_size, self._config.d_model, device=ref.device,
+                                     dtype=ref.dtype))
+            state.append(torch.zeros(1, device=ref.device, dtype=ref.dtype))
+        return state
+
+    def step(
+        self, x_t: torch.Tensor, state: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Consume one token ``x_t (batch, d_input)``; return the output so far and the state.
+
+        With mean pooling the output is the head applied to the mean of the features seen so
+        far, so after the last token it equals ``forward`` on the whole sequence.
+        """
+        h = self.encoder(x_t)  # (B, H)
+        new_state = []
+        for block, s in zip(self.blocks, state, strict=False):
+            h, s = block.step(h, s)
+            new_state.append(s)
+        if self._config.pooling == "mean":
+            total = state[-2] + h  # (B, H)
+            count = state[-1] + 1  # (1,)
+            new_state += [total, count]
+            h = total / count
+        return self.head(h), new_state

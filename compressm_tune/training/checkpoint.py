@@ -1,0 +1,101 @@
+"""Checkpoints: config + weights (+ optimizer, step, RNG), written atomically.
+
+A checkpoint stores ``asdict(model.config)`` with the *current* per-layer widths, so the
+model is rebuilt from the file alone after any number of reductions (nanoGPT's ``model_args``
+habit). Files are written to a temporary name in the same directory and renamed, so an
+interrupt never leaves a half-written checkpoint, and they load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressm_tune.errors import CheckpointError, ConfigError
+from compressm_tune.models import SSMConfig, SSMModel
+
+__all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "file_sha256"]
+
+FORMAT = "compressm-tune/checkpoint"
+VERSION = 1
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename the result onto ``path`` (same directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, model: SSMModel, **extra: Any) -> None:
+    """Write ``model`` (config + state_dict) and any ``extra`` entries atomically.
+
+    ``extra`` holds what a resume needs (``optimizer``, ``step``, ``rng``, ``train_config``,
+    ``metrics``, ``dataset``); values must be tensors, numbers, strings, lists or dicts so the
+    file loads with ``weights_only=True``.
+    """
+    payload = {"format": FORMAT, "version": VERSION, "model_config": model.config.to_dict(),
+               "model": model.state_dict(), **extra}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and validate a checkpoint written by :func:`save_checkpoint`.
+
+    Raises
+    ------
+    CheckpointError
+        The file is missing, not a torch file, truncated, or not one of ours.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a compressm-tune checkpoint")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint version {payload.get('version')!r}; this build reads {VERSION}"
+        )
+    for key in ("model_config", "model"):
+        if key not in payload:
+            raise CheckpointError(f"{path} lacks the {key!r} entry")
+    return payload
+
+
+def model_from_checkpoint(payload_or_path: dict[str, Any] | str | Path) -> SSMModel:
+    """Rebuild the exact model (widths and weights) stored in a checkpoint."""
+    payload = payload_or_path if isinstance(payload_or_path, dict) else load_checkpoint(
+        payload_or_path)
+    try:
+        model = SSMModel(SSMConfig(**payload["model_config"]))
+        model.load_state_dict(payload["model"])
+    except (TypeError, ConfigError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"checkpoint does not describe a valid model: {first}") from None
+    return model
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (the exporter records the source checkpoint's hash)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

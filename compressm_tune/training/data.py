@@ -1,0 +1,506 @@
+"""Datasets for training and compressing state-space models; nothing is downloaded.
+
+``mnist1d`` (mnist1d's ``make_dataset`` with its published defaults, cached), ``lti-sysid``
+(white noise through one fixed stable order-8 system), ``npz`` (user arrays) and ``smnist``
+(sequential MNIST from the user's IDX files). Every loader returns a :class:`Dataset` whose
+inputs are float32 ``(n, L, d_input)``, normalized per channel with the statistics of the final
+train split (after validation is carved out), so ``norm_mean``/``norm_std`` are exactly what an
+edge user applies to raw input.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.metadata
+import json
+import os
+import random
+import tempfile
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.linalg import solve_discrete_lyapunov
+
+from compressm_tune.errors import ConfigError, DataError, MissingDependencyError
+
+__all__ = ["DATASETS", "Dataset", "load_dataset"]
+
+DATASETS = ("mnist1d", "lti-sysid", "npz", "smnist")
+
+_STD_FLOOR = 1e-8  # keeps constant input channels finite after normalization
+_CACHE_LAYOUT = 1  # bump when the cached array layout changes; it is part of the cache key
+_NPZ_TEST_FRACTION = 0.2  # test split carved from an .npz that has no x_test/y_test
+_LTI_SYSTEM_SEED = 7  # fixed system for every `seed`; its smallest Hankel SV is 3% of its largest
+_LTI_ORDER = 8
+_LTI_SEQ_LEN = 200
+_LTI_N_TRAIN, _LTI_N_TEST = 2000, 500
+_LTI_NOISE_STD = 0.01
+_MNIST_CLASSES = 10
+_IDX_MAGIC = {3: 2051, 1: 2049}  # ndim -> magic number (unsigned bytes, 3-D images / 1-D labels)
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Train/val/test tensors of one dataset plus what an exporter must record.
+
+    Attributes
+    ----------
+    name, task : str
+        Dataset name (one of ``DATASETS``) and ``"classification"`` or ``"regression"``.
+    x_train, x_val, x_test : torch.Tensor
+        float32 ``(n, seq_len, d_input)``, normalized with the train statistics.
+    y_train, y_val, y_test : torch.Tensor
+        int64 ``(n,)`` class ids in ``[0, d_output)`` (classification) or float32
+        ``(n, seq_len, d_output)`` targets (regression, not normalized).
+    d_input, d_output, seq_len : int
+        Input channels; number of classes or output channels; sequence length.
+    norm_mean, norm_std : list of float
+        Per input channel, length ``d_input``: ``x = (raw - norm_mean) / norm_std``.
+    info : dict
+        JSON-serializable extras (``lti-sysid``: ``true_order``, ``noise_std``, ``poles``).
+
+    Examples
+    --------
+    >>> ds = load_dataset("lti-sysid")
+    >>> raw_u = ds.x_test * torch.tensor(ds.norm_std) + torch.tensor(ds.norm_mean)  # (500, 200, 1)
+    >>> ds.x_test.dtype, ds.y_test.dtype, round(raw_u.std().item(), 1)
+    (torch.float32, torch.float32, 1.0)
+    """
+
+    name: str
+    task: str
+    x_train: torch.Tensor = field(repr=False)
+    y_train: torch.Tensor = field(repr=False)
+    x_val: torch.Tensor = field(repr=False)
+    y_val: torch.Tensor = field(repr=False)
+    x_test: torch.Tensor = field(repr=False)
+    y_test: torch.Tensor = field(repr=False)
+    d_input: int
+    d_output: int
+    seq_len: int
+    norm_mean: list[float]
+    norm_std: list[float]
+    info: dict
+
+
+def load_dataset(
+    name: str,
+    *,
+    path: str | None = None,
+    data_dir: str | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> Dataset:
+    """Load a dataset by name, carve a seeded validation split from train, and normalize.
+
+    Parameters
+    ----------
+    name : str
+        One of ``DATASETS``: ``"mnist1d"``, ``"lti-sysid"``, ``"npz"``, ``"smnist"``.
+    path : str, optional
+        The ``.npz`` file; required by ``"npz"`` and rejected by the others.
+    data_dir : str, optional
+        Folder with the four MNIST IDX files; required by ``"smnist"``, rejected by the others.
+    val_fraction : float
+        Share of the train split moved to validation, in ``(0, 0.5]``.
+    seed : int
+        Non-negative; seeds the validation split, the ``npz`` test split and the
+        ``lti-sysid`` signals (its system is fixed). The mnist1d arrays themselves always come
+        from mnist1d's own published seed.
+    cache_dir : str, optional
+        Where ``"mnist1d"`` caches its arrays; default ``$COMPRESSM_CACHE`` or
+        ``~/.cache/compressm-tune``.
+
+    Returns
+    -------
+    Dataset
+
+    Raises
+    ------
+    ConfigError
+        Unknown ``name``, ``val_fraction`` outside ``(0, 0.5]``, a negative or non-integer
+        ``seed``, or ``path`` / ``data_dir`` given to a dataset that does not use it.
+    DataError
+        ``path`` / ``data_dir`` not given where needed; a data file or folder missing,
+        unreadable or malformed; or a split that would hold fewer than 2 samples.
+
+    Examples
+    --------
+    >>> ds = load_dataset("lti-sysid", seed=0)
+    >>> ds.task, tuple(ds.x_train.shape), tuple(ds.y_test.shape), ds.info["true_order"]
+    ('regression', (1800, 200, 1), (500, 200, 1), 8)
+    """
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction <= 0.5:
+        raise ConfigError(f"val_fraction must lie in (0, 0.5], got {val_fraction=}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed=}")
+    if path is not None and name != "npz":
+        raise ConfigError(f"path= is only used by dataset 'npz', got {path=} for {name!r}")
+    if data_dir is not None and name != "smnist":
+        raise ConfigError(f"data_dir= is only used by dataset 'smnist', got {data_dir=}")
+    rng = np.random.default_rng(seed)
+    if name == "mnist1d":
+        raw = _mnist1d(_cache_root(cache_dir))
+    elif name == "lti-sysid":
+        raw = _lti(rng)
+    elif name == "npz":
+        raw = _npz(path, rng)
+    else:
+        raw = _smnist(data_dir)
+    return _build(name, *raw, val_fraction=val_fraction, rng=rng)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _split(x: np.ndarray, y: np.ndarray, fraction: float, rng: np.random.Generator, held: str):
+    """Randomly move ``round(n * fraction)`` samples to a held-out split; both keep >= 2."""
+    n = len(x)
+    n_held = round(n * fraction)
+    if n_held < 2 or n - n_held < 2:
+        raise DataError(
+            f"every split needs at least 2 samples, but moving {fraction:g} of {n} samples to "
+            f"'{held}' leaves {n - n_held} / {n_held}; provide more data"
+        )
+    perm = rng.permutation(n)
+    keep, out = perm[n_held:], perm[:n_held]
+    return (x[keep], y[keep]), (x[out], y[out])
+
+
+def _build(name, task, train, test, d_output, info, *, val_fraction, rng) -> Dataset:
+    """Carve validation from ``train`` (x (n, L, d), y), normalize x with train stats, wrap.
+
+    ``task, train, test, d_output, info`` are what every ``_<source>`` loader returns.
+    """
+    (x_tr, y_tr), (x_val, y_val) = _split(*train, val_fraction, rng, "val")
+    x_test, y_test = test
+    mean = x_tr.mean(axis=(0, 1), dtype=np.float64)  # (d,)
+    std = np.maximum(x_tr.std(axis=(0, 1), dtype=np.float64), _STD_FLOOR)  # (d,)
+    y_dtype = np.int64 if task == "classification" else np.float32
+
+    def x_tensor(x: np.ndarray) -> torch.Tensor:
+        shift, scale = mean.astype(x.dtype), std.astype(x.dtype)  # keep float32 data float32
+        return torch.from_numpy(((x - shift) / scale).astype(np.float32))  # (n, L, d)
+
+    def y_tensor(y: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=y_dtype))
+
+    return Dataset(
+        name=name,
+        task=task,
+        x_train=x_tensor(x_tr),
+        y_train=y_tensor(y_tr),
+        x_val=x_tensor(x_val),
+        y_val=y_tensor(y_val),
+        x_test=x_tensor(x_test),
+        y_test=y_tensor(y_test),
+        d_input=x_tr.shape[2],
+        d_output=int(d_output),
+        seq_len=x_tr.shape[1],
+        norm_mean=mean.tolist(),
+        norm_std=std.tolist(),
+        info=info,
+    )
+
+
+# ----------------------------------------------------------------------------- mnist1d
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    """``cache_dir``, else ``$COMPRESSM_CACHE``, else ``~/.cache/compressm-tune``."""
+    root = cache_dir or os.environ.get("COMPRESSM_CACHE") or Path.home() / ".cache/compressm-tune"
+    return Path(root).expanduser()
+
+
+def _mnist1d(cache_root: Path):
+    """MNIST-1D from mnist1d's published default arguments, through the cache."""
+    try:
+        from mnist1d import data as m1d  # lazy: it imports requests and reseeds global RNGs
+    except ImportError as exc:
+        raise MissingDependencyError(f"'mnist1d' needs `pip install mnist1d`: {exc}") from exc
+    args = m1d.get_dataset_args()  # ObjectView of the published defaults
+    gen_args = {k: v for k, v in vars(args).items() if k != "url"}  # url never affects the data
+    target = cache_root / f"mnist1d-{_cache_key(gen_args)}.npz"
+    arrays = _read_mnist1d_cache(target, gen_args["final_seq_length"]) if target.exists() else None
+    if arrays is None:
+        if target.exists():
+            warnings.warn(f"mnist1d cache {target} is corrupted; regenerating it", stacklevel=3)
+        arrays = _generate_mnist1d(m1d, args)
+        try:
+            _savez_atomic(target, arrays)
+        except OSError as exc:
+            msg = f"cannot write mnist1d cache ({exc}); set cache_dir= or COMPRESSM_CACHE"
+            warnings.warn(msg, stacklevel=3)
+    train = (arrays["x"][..., None], arrays["y"])  # x (n, 40) -> (n, 40, 1)
+    test = (arrays["x_test"][..., None], arrays["y_test"])
+    return "classification", train, test, _MNIST_CLASSES, {"mnist1d_args": gen_args}
+
+
+def _cache_key(gen_args: dict) -> str:
+    """Hash of the generation arguments, the mnist1d version and the cache layout."""
+    version = importlib.metadata.version("mnist1d")
+    blob = json.dumps(
+        {"args": gen_args, "version": version, "layout": _CACHE_LAYOUT}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _generate_mnist1d(m1d, args) -> dict[str, np.ndarray]:
+    """Run ``make_dataset`` without leaking its ``np.random``/``random`` reseeding to callers."""
+    np_state, py_state = np.random.get_state(), random.getstate()  # noqa: NPY002
+    try:
+        data = m1d.make_dataset(args)
+    finally:
+        np.random.set_state(np_state)  # noqa: NPY002
+        random.setstate(py_state)
+    return {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+def _read_mnist1d_cache(target: Path, seq_len: int) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when the file is unreadable or inconsistent."""
+    try:
+        with np.load(target, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in ("x", "y", "x_test", "y_test")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    x, y, x_test, y_test = arrays.values()
+    if not (len(x) and len(x_test) and x.shape[1:] == x_test.shape[1:] == (seq_len,)):
+        return None
+    if y.shape != x.shape[:1] or y_test.shape != x_test.shape[:1]:
+        return None
+    labels = np.concatenate([y, y_test])
+    finite = np.isfinite(x).all() and np.isfinite(x_test).all()
+    return arrays if finite and labels.min() >= 0 and labels.max() < _MNIST_CLASSES else None
+
+
+def _savez_atomic(target: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``target`` via a temp file in the same folder and ``os.replace``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- lti-sysid
+
+
+def _lti_system() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed order-8 system: A (8, 8) of 2x2 rotation-scaling blocks, B (8, 1), C (1, 8).
+
+    Pole moduli are uniform in [0.6, 0.95], phases uniform in [0.1, pi - 0.1] (so each pair is
+    genuinely complex); C is scaled to unit H2 norm, i.e. unit stationary output std for unit
+    white-noise input. Returns ``(a, b, c, poles)`` with ``poles`` complex (8,), as conjugate pairs.
+    """
+    rng = np.random.default_rng(_LTI_SYSTEM_SEED)
+    moduli = rng.uniform(0.6, 0.95, _LTI_ORDER // 2)
+    phases = rng.uniform(0.1, np.pi - 0.1, _LTI_ORDER // 2)
+    a = np.zeros((_LTI_ORDER, _LTI_ORDER))
+    for i, (r, th) in enumerate(zip(moduli, phases, strict=True)):
+        a[2 * i : 2 * i + 2, 2 * i : 2 * i + 2] = r * np.array(
+            [[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]
+        )
+    b = rng.standard_normal((_LTI_ORDER, 1))
+    c = rng.standard_normal((1, _LTI_ORDER))
+    gramian = solve_discrete_lyapunov(a, b @ b.T)  # controllability Gramian (8, 8)
+    c /= np.sqrt((c @ gramian @ c.T).item())
+    pairs = moduli * np.exp(1j * phases)
+    return a, b, c, np.stack([pairs, pairs.conj()], axis=1).ravel()
+
+
+def _simulate(a: np.ndarray, b: np.ndarray, c: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Zero-initial-state response ``y_t = C s_t``, ``s_{t+1} = A s_t + B u_t`` (D = 0).
+
+    ``u`` is (n, L, 1); returns y (n, L, 1) float64.
+    """
+    state = np.zeros((u.shape[0], a.shape[0]))  # (n, order)
+    y = np.empty(u.shape)  # (n, L, 1)
+    for t in range(u.shape[1]):
+        y[:, t] = state @ c.T  # (n, 1)
+        state = state @ a.T + u[:, t] @ b.T  # (n, order)
+    return y
+
+
+def _lti(rng: np.random.Generator):
+    """White noise u (n, L, 1) through the fixed system, plus noise; ``rng`` draws both."""
+    a, b, c, poles = _lti_system()
+    u = rng.standard_normal((_LTI_N_TRAIN + _LTI_N_TEST, _LTI_SEQ_LEN, 1))  # (n, L, 1)
+    y = _simulate(a, b, c, u) + _LTI_NOISE_STD * rng.standard_normal(u.shape)  # (n, L, 1)
+    info = {
+        "true_order": _LTI_ORDER,
+        "noise_std": _LTI_NOISE_STD,
+        "poles": [[float(p.real), float(p.imag)] for p in poles],
+        "system_seed": _LTI_SYSTEM_SEED,
+    }
+    n = _LTI_N_TRAIN
+    return "regression", (u[:n], y[:n]), (u[n:], y[n:]), 1, info
+
+
+# ----------------------------------------------------------------------------- npz
+
+
+def _npz(path: str | None, rng: np.random.Generator):
+    """User arrays: classification when ``y`` is (n,), regression when it is (n, L, d_out)."""
+    if path is None:
+        raise DataError("dataset 'npz' needs path= pointing to an .npz file with keys 'x', 'y'")
+    arrays = _read_npz(path)
+    x, y = _check_pair(arrays["x"], arrays["y"], "", path)
+    task = "classification" if y.ndim == 1 else "regression"
+    d_output = int(y.max()) + 1 if task == "classification" else y.shape[2]
+    if task == "classification" and d_output < 2:
+        raise DataError(f"classification needs at least 2 classes (max(y) + 1), got 1 in {path}")
+    if "x_test" in arrays:
+        x_test, y_test = _check_pair(arrays["x_test"], arrays["y_test"], "_test", path)
+        if x_test.shape[1:] != x.shape[1:] or y_test.shape[1:] != y.shape[1:]:
+            raise DataError(
+                f"x_test/y_test in {path} must match x/y in all but the first axis: "
+                f"x {x.shape}, y {y.shape} vs x_test {x_test.shape}, y_test {y_test.shape}"
+            )
+        test_split = "file"
+    else:
+        (x, y), (x_test, y_test) = _split(x, y, _NPZ_TEST_FRACTION, rng, "test")
+        test_split = f"random {_NPZ_TEST_FRACTION:.0%}"
+    if task == "classification" and y_test.max() >= d_output:
+        bad = int(y_test[y_test >= d_output][0])
+        raise DataError(f"labels must lie in [0, {d_output}), found {bad!r} in y_test of {path}")
+    info = {"path": str(Path(path).resolve()), "test_split": test_split}
+    return task, (x, y), (x_test, y_test), d_output, info
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The ``x``, ``y`` (and ``x_test``, ``y_test`` when present) arrays of an .npz file."""
+    if not Path(path).is_file():
+        raise DataError(f"npz file not found: {path}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read {path} as an .npz archive: {exc}") from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} is a single .npy array, not an .npz archive with keys 'x', 'y'")
+    with npz:
+        present = sorted(npz.files)
+        missing = [k for k in ("x", "y") if k not in present]
+        if missing:
+            raise DataError(
+                f"{path} must contain keys 'x', 'y'; missing {missing}, found {present}"
+            )
+        if ("x_test" in present) != ("y_test" in present):
+            raise DataError(f"{path} must hold both x_test, y_test or neither; found {present}")
+        keys = [k for k in ("x", "y", "x_test", "y_test") if k in present]
+        try:
+            return {k: npz[k] for k in keys}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"cannot read arrays {keys} from {path}: {exc}") from exc
+
+
+def _check_pair(x: np.ndarray, y: np.ndarray, suffix: str, path: str):
+    """Validate one (x, y) pair; return x float64 (n, L, d) and y int64 (n,) or float (n, L, d)."""
+    xn, yn = f"x{suffix}", f"y{suffix}"
+    for key, arr, ndims in ((xn, x, (2, 3)), (yn, y, (1, 3))):
+        if arr.dtype.kind not in "iuf":
+            raise DataError(f"{key} in {path} must be a real numeric array, got dtype {arr.dtype}")
+        if arr.ndim not in ndims:
+            raise DataError(f"{key} in {path} must have ndim in {ndims}, got shape {arr.shape}")
+        if arr.size == 0:
+            raise DataError(f"{key} in {path} must be non-empty, got shape {arr.shape}")
+        if not np.isfinite(arr).all():
+            first = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+            raise DataError(f"{key} in {path} must be finite, found {arr[first]} at {first}")
+    x = x[..., None] if x.ndim == 2 else x  # (n, L) -> (n, L, 1)
+    if len(x) != len(y):
+        raise DataError(f"{xn} and {yn} in {path} must have equal length, got {len(x)} vs {len(y)}")
+    if y.ndim == 3:
+        if y.shape[1] != x.shape[1]:
+            raise DataError(
+                f"{yn} in {path} must have length {x.shape[1]} on axis 1, got {y.shape}"
+            )
+        return x.astype(np.float64), y.astype(np.float32)
+    if y.dtype.kind == "f" and (y != np.round(y)).any():
+        raise DataError(f"class ids {yn} in {path} must be whole, found {y[y != np.round(y)][0]}")
+    if (y < 0).any():
+        raise DataError(f"class ids {yn} in {path} must be >= 0, found {y[y < 0][0]!r}")
+    return x.astype(np.float64), y.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- smnist
+
+
+def _smnist(data_dir: str | None):
+    """Sequential MNIST: pixels / 255 read row-major into (n, rows * cols, 1) sequences."""
+    expected = [n for pair in _IDX_FILES.values() for n in pair]
+    hint = f"expected {expected} (each optionally .gz)"
+    if data_dir is None:
+        raise DataError(f"dataset 'smnist' needs data_dir= holding the MNIST IDX files; {hint}")
+    if not Path(data_dir).is_dir():
+        raise DataError(f"smnist data_dir {data_dir} is not a folder; {hint}")
+    files = {base: _find_idx(Path(data_dir), base) for base in expected}
+    missing = [base for base, found in files.items() if found is None]
+    if missing:
+        raise DataError(f"missing MNIST IDX files {missing} in {data_dir}; {hint}")
+    train = _read_idx_pair(*(files[base] for base in _IDX_FILES["train"]))
+    test = _read_idx_pair(*(files[base] for base in _IDX_FILES["test"]))
+    if train[0].shape[1] != test[0].shape[1]:
+        sizes = f"{train[0].shape[1]} vs {test[0].shape[1]}"
+        raise DataError(f"train and test images in {data_dir} must match in size, got {sizes}")
+    info = {"data_dir": str(Path(data_dir).resolve()), "files": [f.name for f in files.values()]}
+    return "classification", train, test, _MNIST_CLASSES, info
+
+
+def _find_idx(data_dir: Path, base: str) -> Path | None:
+    """``data_dir / base``, else its ``.gz`` sibling, else None."""
+    for candidate in (data_dir / base, data_dir / f"{base}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_idx_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images as float32 (n, rows * cols, 1) in [0, 1] and labels int64 (n,) in [0, 10)."""
+    x = _read_idx(images, ndim=3)  # (n, rows, cols) uint8
+    y = _read_idx(labels, ndim=1)  # (n,) uint8
+    if len(x) != len(y):
+        raise DataError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels")
+    if (y >= _MNIST_CLASSES).any():
+        bad = int(y[y >= _MNIST_CLASSES][0])
+        raise DataError(f"labels must lie in [0, {_MNIST_CLASSES}), found {bad!r} in {labels}")
+    return x.reshape(len(x), -1, 1) / np.float32(255), y.astype(np.int64)
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Parse an unsigned-byte IDX file (big-endian header: magic, then ``ndim`` sizes)."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
+    header_len = 4 * (ndim + 1)
+    if len(raw) < header_len:
+        raise DataError(f"IDX file {path} is truncated: {len(raw)} bytes < {header_len} of header")
+    magic, *dims = np.frombuffer(raw[:header_len], dtype=">u4").tolist()
+    if magic != _IDX_MAGIC[ndim]:
+        raise DataError(f"IDX file {path} must start with magic {_IDX_MAGIC[ndim]}, got {magic}")
+    n_bytes = int(np.prod(dims))
+    if n_bytes == 0:
+        raise DataError(f"IDX file {path} must be non-empty, got sizes {dims}")
+    if len(raw) - header_len != n_bytes:
+        raise DataError(
+            f"IDX file {path} with sizes {dims} must hold {n_bytes} data bytes, "
+            f"got {len(raw) - header_len} (truncated or corrupted)"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)

@@ -1,0 +1,256 @@
+"""The training loop: batches, schedule, evaluation, checkpoints, and the reduction hook.
+
+One :class:`Trainer` owns a model, its optimizer and a dataset. Every ``eval_every`` steps it
+evaluates on the validation split, appends a line to ``metrics.jsonl``, writes ``last.pt`` (and
+``best.pt`` when validation improves) atomically, and, inside the reduction window, hands
+control to the :class:`~compressm_tune.training.reducer.Reducer`, which may shrink layers.
+Batches are a pure function of ``(seed, step)``, so a run resumed from ``last.pt`` sees the
+same data it would have seen without the interrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from compressm_tune.errors import ConfigError
+from compressm_tune.models import SSMConfig, SSMModel
+from compressm_tune.training.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from compressm_tune.training.data import Dataset
+from compressm_tune.training.optim import build_optimizer, lr_factor, set_lr
+
+__all__ = ["TrainConfig", "Trainer", "evaluate"]
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings of one run (the model's shape lives in ``SSMConfig``)."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    ssm_lr_factor: float = 0.5  # LR multiplier of nu/theta/gamma/B (paper's code: a factor)
+    weight_decay: float = 0.05  # on non-SSM parameters only
+    warmup_frac: float = 0.1  # linear warm-up; also the default reduction window
+    min_lr_frac: float = 1e-3  # cosine decays to lr * min_lr_frac
+    eval_every: int = 100
+    eval_batch_size: int = 500
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+
+    def __post_init__(self) -> None:
+        rules = {
+            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0, "ssm_lr_factor": self.ssm_lr_factor > 0,
+            "weight_decay": self.weight_decay >= 0, "warmup_frac": 0 <= self.warmup_frac < 1,
+            "min_lr_frac": 0 <= self.min_lr_frac <= 1, "eval_every": self.eval_every >= 1,
+            "eval_batch_size": self.eval_batch_size >= 1,
+            "threads": self.threads is None or self.threads >= 1,
+        }
+        for name, ok in rules.items():
+            if not ok:
+                raise ConfigError(f"invalid training setting {name}={getattr(self, name)!r}")
+
+
+def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
+             batch_size: int = 500) -> dict[str, float]:
+    """Mean loss (cross-entropy or MSE) and, for classification, accuracy on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            out = model(x[i:i + batch_size])
+            target = y[i:i + batch_size]
+            loss_sum += float(_loss(out, target, task, reduction="sum"))
+            if task == "classification":
+                correct += int((out.argmax(-1) == target).sum())
+    model.train(was_training)
+    n = len(x)
+    if task == "classification":
+        return {"loss": loss_sum / n, "accuracy": correct / n}
+    return {"loss": loss_sum / y[:1].numel() / n}
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "mean"):
+    if task == "classification":
+        return F.cross_entropy(out, target, reduction=reduction)
+    return F.mse_loss(out, target, reduction=reduction)
+
+
+def score(metrics: dict[str, float]) -> float:
+    """Higher is better: accuracy for classification, minus the loss otherwise."""
+    return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
+
+
+class Trainer:
+    """Train one model on one dataset, writing everything into ``out_dir``.
+
+    Parameters
+    ----------
+    model_config, config : SSMConfig, TrainConfig
+    dataset : Dataset
+    out_dir : str or Path
+        Receives ``metrics.jsonl``, ``last.pt``, ``best.pt`` and ``summary.json``.
+    reducer : Reducer, optional
+        Called at every evaluation inside its window; may shrink layers.
+    resume : bool
+        Continue from ``out_dir/last.pt`` when it exists.
+    """
+
+    def __init__(self, model_config: SSMConfig, config: TrainConfig, dataset: Dataset,
+                 out_dir: str | Path, reducer: Any = None, resume: bool = False,
+                 progress: bool = True) -> None:
+        self.config, self.dataset, self.reducer = config, dataset, reducer
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.model = SSMModel(model_config)
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay,
+                                         config.ssm_lr_factor)
+        self.step = 0
+        self.best_score = float("-inf")
+        self.train_time_s = 0.0
+        self.initial_state_dims = self.model.state_dims
+        last = self.out_dir / "last.pt"
+        if resume and last.exists():
+            self._restore(load_checkpoint(last))
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def payload(self) -> dict[str, Any]:
+        """Everything a resume or rollback needs, as ``save_checkpoint`` extras."""
+        return {
+            "optimizer": self.optimizer.state_dict(), "step": self.step,
+            "rng": torch.get_rng_state(), "train_config": asdict(self.config),
+            "best_score": self.best_score, "train_time_s": self.train_time_s,
+            "initial_state_dims": self.initial_state_dims,
+            "reducer": self.reducer.state_dict() if self.reducer else None,
+            "dataset": self.dataset_info(),
+        }
+
+    def dataset_info(self) -> dict[str, Any]:
+        d = self.dataset
+        return {"name": d.name, "task": d.task, "d_input": d.d_input, "d_output": d.d_output,
+                "seq_len": d.seq_len, "norm_mean": list(d.norm_mean),
+                "norm_std": list(d.norm_std), "info": d.info}
+
+    def save(self, name: str) -> Path:
+        path = self.out_dir / name
+        save_checkpoint(path, self.model, **self.payload())
+        return path
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        self.model = model_from_checkpoint(payload)
+        self.rebuild_optimizer(payload["optimizer"])
+        self.step = int(payload["step"])
+        torch.set_rng_state(payload["rng"])
+        self.best_score = float(payload["best_score"])
+        self.train_time_s = float(payload["train_time_s"])
+        self.initial_state_dims = list(payload["initial_state_dims"])
+        if self.reducer and payload.get("reducer"):
+            self.reducer.load_state_dict(payload["reducer"])
+
+    def rebuild_optimizer(self, state: dict[str, Any] | None = None) -> None:
+        """A fresh optimizer over the current parameters (after surgery), optionally loaded."""
+        cfg = self.config
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.ssm_lr_factor)
+        if state is not None:
+            self.optimizer.load_state_dict(state)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.dataset.x_train)
+        per_epoch = max(1, n // self.config.batch_size)
+        epoch, index = divmod(step, per_epoch)
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+        idx = order[index * self.config.batch_size:(index + 1) * self.config.batch_size]
+        return self.dataset.x_train[idx], self.dataset.y_train[idx]
+
+    def validate(self) -> dict[str, float]:
+        d = self.dataset
+        return evaluate(self.model, d.x_val, d.y_val, d.task, self.config.eval_batch_size)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``config.steps``; return the summary also written to ``summary.json``."""
+        cfg, task = self.config, self.dataset.task
+        metrics_file = open(self.out_dir / "metrics.jsonl", "a")
+        self.model.train()
+        losses: list[float] = []
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.progress,
+                   dynamic_ncols=True)
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                set_lr(self.optimizer, lr_factor(self.step, cfg.steps, cfg.warmup_frac,
+                                                 cfg.min_lr_frac))
+                x, y = self._batch(self.step)
+                loss = _loss(self.model(x), y, task)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.train_time_s += time.perf_counter() - t0
+                losses.append(loss.item())
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    record = self._evaluate_and_save(losses)
+                    losses = []
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(val=f"{score(record['val']):.4f}",
+                                    dims=",".join(map(str, self.model.state_dims)))
+        finally:
+            bar.close()
+            metrics_file.close()
+        return self.summarize()
+
+    def _evaluate_and_save(self, losses: list[float]) -> dict[str, Any]:
+        val = self.validate()
+        record: dict[str, Any] = {
+            "step": self.step, "train_loss": sum(losses) / max(1, len(losses)), "val": val,
+            "lr": self.optimizer.param_groups[1]["lr"], "state_dims": self.model.state_dims,
+            "train_time_s": round(self.train_time_s, 3),
+        }
+        if self.reducer is not None and self.reducer.active(self.step, self.config.steps):
+            t0 = time.perf_counter()
+            record["reduction"] = self.reducer.attempt(self, val)
+            self.train_time_s += time.perf_counter() - t0  # reduction is part of training cost
+            val = self.validate()
+            record["val"], record["state_dims"] = val, self.model.state_dims
+        if score(val) > self.best_score:
+            self.best_score = score(val)
+            self.save("best.pt")
+        self.save("last.pt")
+        return record
+
+    def summarize(self) -> dict[str, Any]:
+        d = self.dataset
+        test_last = evaluate(self.model, d.x_test, d.y_test, d.task, self.config.eval_batch_size)
+        best = model_from_checkpoint(self.out_dir / "best.pt")
+        test_best = evaluate(best, d.x_test, d.y_test, d.task, self.config.eval_batch_size)
+        summary = {
+            "dataset": d.name, "task": d.task, "steps": self.step,
+            "initial_state_dims": self.initial_state_dims,
+            "final_state_dims": self.model.state_dims,
+            "best_state_dims": best.state_dims,
+            "val_best": self.best_score, "test_last": test_last, "test_best": test_best,
+            "train_time_s": round(self.train_time_s, 3),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
