@@ -30,9 +30,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     from compressm_tune.models import SSMConfig
+    from compressm_tune.reduction._policies import SELECTS
     from compressm_tune.training import TrainConfig
+    from compressm_tune.training.reducer import MOMENT_POLICIES, ReduceConfig
 
-    m, t = SSMConfig(), TrainConfig()
+    m, t, r = SSMConfig(), TrainConfig(), ReduceConfig()
     p = sub.add_parser("train", help="train an LRU network, optionally compressing it in training",
                        description="Train an LRU network; with --reduce, shrink its state "
                                    "widths by balanced truncation during the first steps.")
@@ -53,6 +55,18 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=t.eval_every, help=f"({t.eval_every})")
     p.add_argument("--seed", type=int, default=t.seed, help=f"({t.seed})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--reduce", default=None, metavar="SPEC",
+                   help="in-training reduction policy: tau=0.04 (discard 4%% of the Hankel "
+                        "singular value sum), rank=16 or fraction=0.25; off by default")
+    p.add_argument("--window", type=float, default=r.window,
+                   help=f"share of steps in which cuts are attempted ({r.window})")
+    p.add_argument("--max-drop", type=float, default=r.max_drop,
+                   help="roll back a cut that loses more validation accuracy (or relative "
+                        f"loss) than this and freeze the layer ({r.max_drop})")
+    p.add_argument("--select", default=None, choices=SELECTS,
+                   help="which balanced states to keep (default: largest; others are ablations)")
+    p.add_argument("--moments", default=r.moments, choices=MOMENT_POLICIES,
+                   help=f"Adam moments of a cut layer ({r.moments})")
     p.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -77,8 +91,8 @@ def _train(args: argparse.Namespace) -> int:
         warmup_frac=args.warmup_frac, eval_every=args.eval_every, seed=args.seed,
         threads=args.threads,
     )
-    trainer = Trainer(model_config, config, data, args.out, resume=args.resume,
-                      progress=not args.no_progress)
+    trainer = Trainer(model_config, config, data, args.out, reducer=_reducer(args),
+                      resume=args.resume, progress=not args.no_progress)
     s = trainer.fit()
     metric = "accuracy" if data.task == "classification" else "loss"
     print()
@@ -91,6 +105,21 @@ def _train(args: argparse.Namespace) -> int:
     ))
     print(f"\ncheckpoints, metrics.jsonl and summary.json in {args.out}")
     return 0
+
+
+def _reducer(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from compressm_tune.reduction import ReductionPolicy
+    from compressm_tune.training.reducer import ReduceConfig, Reducer
+
+    if args.reduce is None:
+        return None
+    policy = ReductionPolicy.parse(args.reduce)
+    if args.select:
+        policy = replace(policy, select=args.select)
+    return Reducer(ReduceConfig(policy=policy, window=args.window, max_drop=args.max_drop,
+                                moments=args.moments))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -153,6 +153,13 @@ class Trainer:
         save_checkpoint(path, self.model, **self.payload())
         return path
 
+    def restore(self, path: str | Path) -> None:
+        """Return model and optimizer to a checkpoint of this run (the reducer's rollback)."""
+        payload = load_checkpoint(path)
+        self.model = model_from_checkpoint(payload)
+        self.model.train()
+        self.rebuild_optimizer(payload["optimizer"])
+
     def _restore(self, payload: dict[str, Any]) -> None:
         self.model = model_from_checkpoint(payload)
         self.rebuild_optimizer(payload["optimizer"])
