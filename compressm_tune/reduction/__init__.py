@@ -1,0 +1,34 @@
+"""Hankel-singular-value balanced truncation of diagonal SSM layers, and rank policies.
+
+Numpy arrays or torch tensors in (``lam`` (N,), ``B`` (N, H) including gamma, ``C`` (H, N),
+complex); results come back in the same kind, complex128. See ``DESIGN.md``, "The method,
+precisely".
+"""
+
+from compressm_tune.reduction._gramians import gramians, hankel_singular_values
+from compressm_tune.reduction._policies import (
+    ReductionPolicy,
+    plan_rank,
+    rank_for_tolerance,
+    round_up_to,
+)
+from compressm_tune.reduction._surgery import layer_hsv, truncate_layer
+from compressm_tune.reduction._truncation import (
+    balanced_truncation,
+    from_lru_params,
+    to_lru_params,
+)
+
+__all__ = [
+    "ReductionPolicy",
+    "balanced_truncation",
+    "from_lru_params",
+    "gramians",
+    "hankel_singular_values",
+    "layer_hsv",
+    "plan_rank",
+    "rank_for_tolerance",
+    "round_up_to",
+    "to_lru_params",
+    "truncate_layer",
+]
