@@ -60,6 +60,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "singular value sum), rank=16 or fraction=0.25; off by default")
     p.add_argument("--window", type=float, default=r.window,
                    help=f"share of steps in which cuts are attempted ({r.window})")
+    p.add_argument("--reduce-every", type=int, default=None,
+                   help="steps between cut attempts inside the window (default: every "
+                        "evaluation)")
     p.add_argument("--max-drop", type=float, default=r.max_drop,
                    help="roll back a cut that loses more validation accuracy (or relative "
                         f"loss) than this and freeze the layer ({r.max_drop})")
@@ -67,6 +70,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="which balanced states to keep (default: largest; others are ablations)")
     p.add_argument("--moments", default=r.moments, choices=MOMENT_POLICIES,
                    help=f"Adam moments of a cut layer ({r.moments})")
+    p.add_argument("--log-spectrum", action="store_true",
+                   help="log every layer's HSVs at every evaluation and plot them "
+                        "(OUT/hsv.png)")
     p.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -89,7 +95,7 @@ def _train(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         ssm_lr_factor=args.ssm_lr_factor, weight_decay=args.weight_decay,
         warmup_frac=args.warmup_frac, eval_every=args.eval_every, seed=args.seed,
-        threads=args.threads,
+        threads=args.threads, log_spectrum=args.log_spectrum,
     )
     trainer = Trainer(model_config, config, data, args.out, reducer=_reducer(args),
                       resume=args.resume, progress=not args.no_progress)
@@ -103,6 +109,13 @@ def _train(args: argparse.Namespace) -> int:
           s["val_best"] if metric == "accuracy" else -s["val_best"],
           s["test_best"][metric], s["test_last"][metric], s["train_time_s"]]],
     ))
+    if args.log_spectrum or args.reduce:
+        from pathlib import Path
+
+        from compressm_tune.training.plots import plot_hsv_trajectories, read_metrics
+
+        records = read_metrics(Path(args.out) / "metrics.jsonl")
+        print(f"HSV plot: {plot_hsv_trajectories(records, Path(args.out) / 'hsv.png')}")
     print(f"\ncheckpoints, metrics.jsonl and summary.json in {args.out}")
     return 0
 
@@ -118,8 +131,8 @@ def _reducer(args: argparse.Namespace):
     policy = ReductionPolicy.parse(args.reduce)
     if args.select:
         policy = replace(policy, select=args.select)
-    return Reducer(ReduceConfig(policy=policy, window=args.window, max_drop=args.max_drop,
-                                moments=args.moments))
+    return Reducer(ReduceConfig(policy=policy, window=args.window, every=args.reduce_every,
+                                max_drop=args.max_drop, moments=args.moments))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ import torch
 from compressm_tune.errors import ConfigError
 from compressm_tune.reduction import ReductionPolicy, layer_hsv, plan_rank, truncate_layer
 
-__all__ = ["ReduceConfig", "Reducer", "MOMENT_POLICIES"]
+__all__ = ["ReduceConfig", "Reducer", "MOMENT_POLICIES", "spectrum_record"]
 
 MOMENT_POLICIES = ("reset", "slice")
 # Which axis of each recurrence parameter indexes the state (for moments="slice").
@@ -38,6 +38,7 @@ class ReduceConfig:
 
     policy: ReductionPolicy = field(default_factory=ReductionPolicy)
     window: float = 0.1  # attempt cuts at evaluations within the first 10% of steps
+    every: int | None = None  # steps between attempts in the window (None: every evaluation)
     max_drop: float = 0.02  # roll back a cut losing more (accuracy points, or relative loss)
     moments: str = "reset"  # Adam moments of a cut layer: "reset" or "slice" (paper)
     # Optional hook (r, N) -> r' that rounds ranks to widths a hardware profile runs fast.
@@ -46,10 +47,28 @@ class ReduceConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.window <= 1.0:
             raise ConfigError(f"0 < window <= 1 must hold, got window={self.window}")
+        if self.every is not None and self.every < 1:
+            raise ConfigError(f"every >= 1 must hold, got every={self.every}")
         if self.max_drop < 0:
             raise ConfigError(f"max_drop >= 0 must hold, got max_drop={self.max_drop}")
         if self.moments not in MOMENT_POLICIES:
             raise ConfigError(f"moments must be one of {MOMENT_POLICIES}, got {self.moments!r}")
+
+
+def spectrum_record(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Per layer: HSVs (descending) and each diagonal mode's own Hankel score.
+
+    The mode score ``sqrt(P_ii Q_ii) = |b_i| |c_i| / (1 - |lambda_i|^2)`` is the HSV of mode
+    ``i`` taken alone; unlike the HSVs, it keeps the identity of each state between
+    evaluations, so its ranking can be compared over training (Kendall tau).
+    """
+    records = []
+    for k, block in enumerate(model.blocks):
+        lam, b, c, _ = block.lru.system()
+        score = (b.abs().norm(dim=1) * c.abs().norm(dim=0) / (1 - lam.abs() ** 2))  # (N,)
+        records.append({"layer": k, "hsv": [float(g) for g in layer_hsv(block.lru)],
+                        "mode_score": [float(v) for v in score]})
+    return records
 
 
 def _drop(before: dict[str, float], after: dict[str, float]) -> float:
@@ -76,6 +95,11 @@ class Reducer:
         """Whether an evaluation at ``step`` lies inside the reduction window."""
         return step <= self.config.window * total_steps
 
+    def due(self, step: int, total_steps: int) -> bool:
+        """Whether ``step`` is an extra attempt point (``every``) inside the window."""
+        every = self.config.every
+        return every is not None and step % every == 0 and self.active(step, total_steps)
+
     def attempt(self, trainer: Any, val: dict[str, float]) -> list[dict[str, Any]]:
         """Try one cut per layer; return a log record per layer (HSVs, rank, action)."""
         records = []
@@ -84,8 +108,7 @@ class Reducer:
             hsv = layer_hsv(layer)
             record: dict[str, Any] = {"layer": k, "n": layer.state_dim,
                                       "hsv": [float(g) for g in hsv]}
-            rank = None if k in self.frozen else plan_rank(hsv, self.config.policy,
-                                                           self.config.round_to)
+            rank = None if k in self.frozen else self.plan(k, hsv, trainer.step)
             if k in self.frozen:
                 record["action"] = "frozen"
             elif rank is None:
@@ -95,6 +118,10 @@ class Reducer:
                 val = self._cut(trainer, k, rank, val, record)
             records.append(record)
         return records
+
+    def plan(self, layer: int, hsv: Any, step: int) -> int | None:
+        """The new rank of ``layer`` at ``step`` (None: no cut); override to script cuts."""
+        return plan_rank(hsv, self.config.policy, self.config.round_to)
 
     def _cut(self, trainer: Any, k: int, rank: int, val: dict[str, float],
              record: dict[str, Any]) -> dict[str, float]:

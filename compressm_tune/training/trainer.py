@@ -29,6 +29,7 @@ from compressm_tune.training.checkpoint import (
 )
 from compressm_tune.training.data import Dataset
 from compressm_tune.training.optim import build_optimizer, lr_factor, set_lr
+from compressm_tune.training.reducer import spectrum_record
 
 __all__ = ["TrainConfig", "Trainer", "evaluate"]
 
@@ -48,6 +49,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    log_spectrum: bool = False  # log every layer's HSVs at every evaluation (for plots)
 
     def __post_init__(self) -> None:
         rules = {
@@ -107,11 +109,14 @@ class Trainer:
         Called at every evaluation inside its window; may shrink layers.
     resume : bool
         Continue from ``out_dir/last.pt`` when it exists.
+    model : SSMModel, optional
+        Start from these weights instead of a fresh ``SSMModel(model_config)`` (fine-tuning;
+        ``model_config`` is then ignored).
     """
 
     def __init__(self, model_config: SSMConfig, config: TrainConfig, dataset: Dataset,
                  out_dir: str | Path, reducer: Any = None, resume: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, model: SSMModel | None = None) -> None:
         self.config, self.dataset, self.reducer = config, dataset, reducer
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +124,7 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
-        self.model = SSMModel(model_config)
+        self.model = model if model is not None else SSMModel(model_config)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay,
                                          config.ssm_lr_factor)
         self.step = 0
@@ -214,7 +219,8 @@ class Trainer:
                 losses.append(loss.item())
                 self.step += 1
                 bar.update(1)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                if (self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                        or (self.reducer is not None and self.reducer.due(self.step, cfg.steps))):
                     record = self._evaluate_and_save(losses)
                     losses = []
                     metrics_file.write(json.dumps(record) + "\n")
@@ -239,6 +245,8 @@ class Trainer:
             self.train_time_s += time.perf_counter() - t0  # reduction is part of training cost
             val = self.validate()
             record["val"], record["state_dims"] = val, self.model.state_dims
+        if self.config.log_spectrum:
+            record["spectrum"] = spectrum_record(self.model)
         if score(val) > self.best_score:
             self.best_score = score(val)
             self.save("best.pt")
