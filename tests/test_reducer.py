@@ -1,0 +1,191 @@
+"""In-training reduction: network-level surgery, the safety net, Adam moments, the CLI path.
+
+References are independent of the package's reduction code where it matters: an unreachable
+state added by hand must be removable without changing the network's outputs, and rollbacks
+are checked against outputs recorded before the cut.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compressm_tune.models import SSMConfig, SSMModel
+from compressm_tune.reduction import ReductionPolicy, truncate_layer
+from compressm_tune.training import TrainConfig, Trainer, model_from_checkpoint
+from compressm_tune.training.plots import plot_hsv_trajectories, ranking_stability, read_metrics
+from compressm_tune.training.reducer import ReduceConfig, Reducer
+
+
+def _outputs(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x).double()
+
+
+def test_removing_an_unreachable_state_leaves_network_outputs_unchanged():
+    """A state whose B row is zero never moves, so cutting exactly it must be invisible."""
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(d_model=8, state_dims=[6, 5], dropout=0.0)).double()
+    layer = model.blocks[0].lru
+    with torch.no_grad():
+        layer.B_re[2] = 0.0
+        layer.B_im[2] = 0.0
+    x = torch.randn(4, 30, 1, dtype=torch.float64)
+    before = _outputs(model, x)
+    truncate_layer(layer, 5)
+    assert model.state_dims == [5, 5]
+    np.testing.assert_allclose(_outputs(model, x), before, atol=1e-9, rtol=1e-9)
+
+
+def test_cutting_a_used_state_changes_outputs():
+    """The converse, so the test above cannot pass by the cut doing nothing."""
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(d_model=8, state_dims=[6], dropout=0.0)).double()
+    x = torch.randn(4, 30, 1, dtype=torch.float64)
+    before = _outputs(model, x)
+    truncate_layer(model.blocks[0].lru, 2)
+    assert (_outputs(model, x) - before).abs().max() > 1e-4
+
+
+def test_rank_at_or_above_width_is_a_bit_exact_no_op():
+    torch.manual_seed(1)
+    model = SSMModel(SSMConfig(d_model=8, state_dims=[6]))
+    x = torch.randn(2, 10, 1)
+    before = _outputs(model, x)
+    params = {n: p for n, p in model.named_parameters()}
+    truncate_layer(model.blocks[0].lru, 6)
+    truncate_layer(model.blocks[0].lru, 60)
+    assert torch.equal(_outputs(model, x), before)
+    assert all(p is params[n] for n, p in model.named_parameters())
+
+
+def _trainer(data, tmp_path, reducer=None, steps=40, dims=(32, 32)):
+    cfg = SSMConfig(d_input=data.d_input, d_output=data.d_output, d_model=16,
+                    state_dims=list(dims))
+    tcfg = TrainConfig(steps=steps, batch_size=32, eval_every=10, seed=0, threads=1)
+    return Trainer(cfg, tcfg, data, tmp_path, reducer=reducer, progress=False)
+
+
+def test_in_training_reduction_shrinks_layers_and_checkpoint_follows(mnist1d, tmp_path):
+    reducer = Reducer(ReduceConfig(policy=ReductionPolicy("fraction", 0.5), window=0.5,
+                                   max_drop=1.0))
+    trainer = _trainer(mnist1d, tmp_path, reducer)
+    summary = trainer.fit()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    cut_steps = [r["step"] for r in records if any(x["action"] == "cut"
+                                                   for x in r.get("reduction", []))]
+    assert cut_steps == [10, 20]  # inside the window (20 of 40 steps), not after
+    assert summary["final_state_dims"] == [8, 8]  # 32 -> 16 -> 8
+    assert model_from_checkpoint(tmp_path / "last.pt").state_dims == [8, 8]
+    assert model_from_checkpoint(tmp_path / "best.pt").state_dims == [8, 8]
+    hsv = records[0]["reduction"][0]["hsv"]
+    assert len(hsv) == 32 and hsv == sorted(hsv, reverse=True)
+
+
+def test_a_harmful_cut_is_rolled_back_and_the_layer_frozen(mnist1d, tmp_path):
+    reducer = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 1), window=1.0,
+                                   max_drop=0.0))  # keeping 1 of 32 states loses accuracy
+    trainer = _trainer(mnist1d, tmp_path, reducer, steps=10)
+    trainer.fit()
+    before = _outputs(trainer.model, mnist1d.x_val[:50])
+    records = reducer.attempt(trainer, trainer.validate())
+    assert [r["action"] for r in records] == ["frozen", "frozen"]  # frozen at step 10 already
+    assert trainer.model.state_dims == [32, 32]
+    assert reducer.frozen == {0, 1}
+    torch.testing.assert_close(_outputs(trainer.model, mnist1d.x_val[:50]), before)
+    first = read_metrics(tmp_path / "metrics.jsonl")[0]["reduction"]
+    assert [r["action"] for r in first] == ["rollback", "rollback"]
+    assert first[0]["val_after"]["accuracy"] < first[0]["val_before"]["accuracy"]
+
+
+def test_rollback_restores_the_exact_pre_cut_weights(mnist1d, tmp_path):
+    trainer = _trainer(mnist1d, tmp_path, steps=10)
+    trainer.fit()
+    before = _outputs(trainer.model, mnist1d.x_val[:50])
+    reducer = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 1), max_drop=0.0))
+    record = {}
+    reducer._cut(trainer, 0, 1, trainer.validate(), record)
+    assert record["action"] == "rollback"
+    assert torch.equal(_outputs(trainer.model, mnist1d.x_val[:50]), before)
+
+
+@pytest.mark.parametrize("moments", ["reset", "slice"])
+def test_adam_moments_after_a_cut(mnist1d, tmp_path, moments):
+    trainer = _trainer(mnist1d, tmp_path, steps=5)
+    trainer.fit()
+    untouched = trainer.model.blocks[1].lru.B_re
+    old_state = trainer.optimizer.state[untouched]
+    reducer = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 12), max_drop=1.0,
+                                   moments=moments))
+    reducer._cut(trainer, 0, 12, trainer.validate(), {})
+    layer = trainer.model.blocks[0].lru
+    assert trainer.optimizer.state[untouched] is old_state  # other layers keep their moments
+    for name in ("nu_log", "B_re", "C_im"):
+        state = trainer.optimizer.state.get(getattr(layer, name))
+        if moments == "reset":
+            assert not state
+        else:
+            assert state["exp_avg"].shape == getattr(layer, name).shape
+    trainer.config.steps = 8
+    trainer.fit()  # the rebuilt optimizer trains the new parameters
+    assert trainer.optimizer.state[layer.B_re]["exp_avg"].shape == (12, 16)
+
+
+def test_reducer_state_survives_resume(mnist1d, tmp_path):
+    reducer = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 1), window=1.0,
+                                   max_drop=0.0))
+    _trainer(mnist1d, tmp_path, reducer, steps=10).fit()
+    resumed = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 1), window=1.0))
+    trainer = Trainer(SSMConfig(), TrainConfig(steps=20, batch_size=32, eval_every=10),
+                      mnist1d, tmp_path, reducer=resumed, resume=True, progress=False)
+    assert resumed.frozen == {0, 1} and trainer.step == 10
+
+
+def test_ranking_stability_is_kendall_tau_against_the_final_ranking():
+    records = [
+        {"step": 1, "spectrum": [{"layer": 0, "hsv": [3, 2, 1], "mode_score": [1, 2, 3]}]},
+        {"step": 2, "spectrum": [{"layer": 0, "hsv": [3, 2, 1], "mode_score": [1, 3, 2]}]},
+        {"step": 3, "spectrum": [{"layer": 0, "hsv": [3, 2, 1], "mode_score": [3, 2, 1]}]},
+        {"step": 4, "spectrum": [{"layer": 0, "hsv": [3, 2], "mode_score": [5, 1]}]},
+    ]
+    # step 4 has another width (a cut): earlier rankings are compared with step 3's
+    stab = ranking_stability(records[:3])[0]
+    assert stab == [(1, -1.0), (2, pytest.approx(-1 / 3)), (3, 1.0)]
+    assert [s for s, _ in ranking_stability(records)[0]] == [4]
+
+
+def test_cli_train_with_reduction_end_to_end(tmp_path, capsys):
+    from compressm_tune.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", "lti-sysid", "--blocks", "1", "--hidden", "8",
+                 "--state-dim", "24", "--steps", "20", "--eval-every", "10", "--batch-size",
+                 "16", "--reduce", "tau=0.3", "--window", "0.5", "--reduce-every", "5",
+                 "--max-drop", "10", "--log-spectrum", "--no-progress", "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_state_dims"][0] < 24
+    assert (out / "hsv.png").stat().st_size > 10_000
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    assert steps == [5, 10, 20]  # attempts every 5 steps inside the window, evals every 10
+    assert "test loss" in capsys.readouterr().out
+
+
+def test_cli_rejects_a_bad_policy_in_one_line(tmp_path, capsys):
+    from compressm_tune.cli import main
+
+    code = main(["train", "--reduce", "tau=2", "--steps", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("compressm-tune: error:")
+    assert "tau" in err[0]
+
+
+def test_hsv_plot_from_reduction_records(tmp_path):
+    records = [{"step": s, "reduction": [{"layer": 0, "n": n, "hsv": list(np.linspace(1, .1, n)),
+                                          "action": "cut"}]} for s, n in ((1, 10), (2, 8))]
+    path = plot_hsv_trajectories(records, tmp_path / "h.png")
+    assert path.stat().st_size > 5_000
