@@ -135,6 +135,52 @@ def _reducer(args: argparse.Namespace):
                                 max_drop=args.max_drop, moments=args.moments))
 
 
+def _add_tune_args(parser: argparse.ArgumentParser) -> None:
+    from compressm_tune.search import LATENCY_MODES, TuneConfig
+
+    d = TuneConfig(budget_ms=1.0)
+    g = parser.add_argument_group(
+        "the budgeted job (no sub-command)",
+        "search in-training reduction schedules for the most accurate model whose exported "
+        "ONNX latency on this machine meets the budget; export it and measure it")
+    g.add_argument("--budget-ms", type=float, help="per-sample latency budget in ms "
+                   "(onnxruntime, batch 1; per sequence, or per token with --latency-mode step)")
+    g.add_argument("--budget-mj", type=float, default=None, help="per-sample energy budget, mJ")
+    g.add_argument("--latency-mode", choices=LATENCY_MODES, default=d.latency_mode)
+    _add_data_args(g)
+    g.add_argument("--trials", type=int, default=d.trials, help=f"({d.trials})")
+    g.add_argument("--steps", type=int, default=d.steps, help=f"steps per trial ({d.steps})")
+    g.add_argument("--blocks", type=int, default=d.blocks, help=f"({d.blocks})")
+    g.add_argument("--hidden", type=int, default=d.hidden, help=f"({d.hidden})")
+    g.add_argument("--profile", default=None, help="profile JSON (default: this device's, "
+                   "cached or measured)")
+    g.add_argument("--storage", default=None, help="Optuna storage: SQLAlchemy URL or "
+                   "journal:PATH (default: OUT/study.db); rerunning resumes the study")
+    g.add_argument("--study", default=d.study, help=f"study name ({d.study})")
+    g.add_argument("--out", default=d.out, help=f"run directory ({d.out})")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"({d.seed})")
+    g.add_argument("--pareto", action="store_true",
+                   help="multi-objective search (accuracy vs latency, NSGA-II)")
+    g.add_argument("--threads", type=int, default=None, help="torch threads for training")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from compressm_tune.search import TuneConfig, run_tune
+
+    config = TuneConfig(
+        budget_ms=args.budget_ms, budget_mj=args.budget_mj, latency_mode=args.latency_mode,
+        dataset=args.dataset, data_path=args.data_path, data_dir=args.data_dir,
+        trials=args.trials, steps=args.steps, blocks=args.blocks, hidden=args.hidden,
+        profile=args.profile, storage=args.storage, study=args.study, out=args.out,
+        seed=args.seed, pareto=args.pareto, threads=args.threads)
+    summary = run_tune(config)
+    print()
+    print(open(f"{config.out}/report.md").read().split("\n![")[0])
+    print(f"run directory: {config.out} (model.onnx, model.ts, manifest.json, summary.json, "
+          "report.md)")
+    return 0 if summary["meets_budget"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``compressm-tune`` argument parser."""
     from compressm_tune.hardware import add_compare_parser, add_profile_parser
@@ -143,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="compressm-tune",
         description="Compress state-space models while they train and ship them within a "
                     "latency/energy budget.")
+    _add_tune_args(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
     add_profile_parser(sub)
@@ -154,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``compressm-tune`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None and args.budget_ms is not None:
+        args.func = _tune
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -43,6 +43,9 @@ class ReduceConfig:
     moments: str = "reset"  # Adam moments of a cut layer: "reset" or "slice" (paper)
     # Optional hook (r, N) -> r' that rounds ranks to widths a hardware profile runs fast.
     round_to: Callable[[int, int], int] | None = None
+    # Optional budget check on the per-layer widths; when the window closes and it fails, the
+    # weakest balanced states (smallest normalized HSVs, across layers) are cut until it holds.
+    fits: Callable[[list[int]], bool] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.window <= 1.0:
@@ -84,12 +87,14 @@ class Reducer:
     def __init__(self, config: ReduceConfig) -> None:
         self.config = config
         self.frozen: set[int] = set()
+        self.closed = False  # whether the window's closing (budget) step has run
 
     def state_dict(self) -> dict[str, Any]:
-        return {"frozen": sorted(self.frozen)}
+        return {"frozen": sorted(self.frozen), "closed": self.closed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.frozen = set(state["frozen"])
+        self.closed = bool(state.get("closed", False))
 
     def active(self, step: int, total_steps: int) -> bool:
         """Whether an evaluation at ``step`` lies inside the reduction window."""
@@ -118,6 +123,35 @@ class Reducer:
                 val = self._cut(trainer, k, rank, val, record)
             records.append(record)
         return records
+
+    def close_window(self, trainer: Any) -> list[int] | None:
+        """Budget-aware truncation, once, at the first evaluation after the window.
+
+        If ``fits`` rejects the current widths, repeatedly drop the balanced state with the
+        smallest HSV relative to its layer's HSV sum (the same yardstick as ``tau``) until the
+        widths fit, then truncate each layer once. These cuts are not rolled back: a model
+        over budget is no use, so the trial should finish feasible and let accuracy speak.
+        Returns the new widths, or None when nothing was cut.
+        """
+        self.closed = True
+        fits = self.config.fits
+        widths = trainer.model.state_dims
+        if fits is None or fits(widths):
+            return None
+        hsv = [layer_hsv(block.lru) for block in trainer.model.blocks]
+        ranks = list(widths)
+        while not fits(ranks):
+            weakest = [(h[r - 1] / h.sum(), k)
+                       for k, (h, r) in enumerate(zip(hsv, ranks, strict=True)) if r > 1]
+            if not weakest:
+                break
+            ranks[min(weakest)[1]] -= 1
+        for block, rank in zip(trainer.model.blocks, ranks, strict=True):
+            truncate_layer(block.lru, rank, select=self.config.policy.select,
+                           seed=self.config.policy.seed)
+        trainer.rebuild_optimizer()  # fresh moments: every layer may have changed basis
+        trainer.best_score = float("-inf")
+        return ranks
 
     def plan(self, layer: int, hsv: Any, step: int) -> int | None:
         """The new rank of ``layer`` at ``step`` (None: no cut); override to script cuts."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -112,12 +113,17 @@ class Trainer:
     model : SSMModel, optional
         Start from these weights instead of a fresh ``SSMModel(model_config)`` (fine-tuning;
         ``model_config`` is then ignored).
+    on_eval : callable, optional
+        Called with each evaluation record after it is written (the search reports
+        intermediate values and prunes from here by raising).
     """
 
     def __init__(self, model_config: SSMConfig, config: TrainConfig, dataset: Dataset,
                  out_dir: str | Path, reducer: Any = None, resume: bool = False,
-                 progress: bool = True, model: SSMModel | None = None) -> None:
+                 progress: bool = True, model: SSMModel | None = None,
+                 on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.config, self.dataset, self.reducer = config, dataset, reducer
+        self.on_eval = on_eval
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
@@ -227,6 +233,8 @@ class Trainer:
                     metrics_file.flush()
                     bar.set_postfix(val=f"{score(record['val']):.4f}",
                                     dims=",".join(map(str, self.model.state_dims)))
+                    if self.on_eval is not None:
+                        self.on_eval(record)
         finally:
             bar.close()
             metrics_file.close()
@@ -245,6 +253,12 @@ class Trainer:
             self.train_time_s += time.perf_counter() - t0  # reduction is part of training cost
             val = self.validate()
             record["val"], record["state_dims"] = val, self.model.state_dims
+        elif self.reducer is not None and not self.reducer.closed:
+            cut = self.reducer.close_window(self)
+            if cut is not None:
+                record["budget_cut"] = cut
+                val = self.validate()
+                record["val"], record["state_dims"] = val, self.model.state_dims
         if self.config.log_spectrum:
             record["spectrum"] = spectrum_record(self.model)
         if score(val) > self.best_score:

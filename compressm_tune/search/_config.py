@@ -1,0 +1,59 @@
+"""Settings of the budgeted search job (``compressm-tune --budget-ms``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compressm_tune.errors import ConfigError
+
+__all__ = ["TuneConfig", "LATENCY_MODES"]
+
+LATENCY_MODES = ("sequence", "step")
+
+
+@dataclass
+class TuneConfig:
+    """What to search for, on which data, and where to keep the study.
+
+    The defaults finish in about ten minutes on two CPU cores on MNIST-1D.
+    """
+
+    budget_ms: float  # per-sample latency of the exported model (onnxruntime, batch 1)
+    budget_mj: float | None = None  # per-sample energy, where it can be measured or estimated
+    latency_mode: str = "sequence"  # "sequence": per sequence; "step": per streamed token
+    dataset: str = "mnist1d"
+    data_path: str | None = None
+    data_dir: str | None = None
+    trials: int = 8  # trials completed (or pruned) in the study, summed over all workers
+    steps: int = 300  # training steps per trial
+    blocks: int = 2
+    hidden: int = 32  # H; the profile is measured at this width
+    state_dims: tuple[int, ...] = (64, 128, 256)  # initial widths the search may start from
+    batch_size: int = 64
+    profile: str | None = None  # a profile JSON; default: cached for this device, or measured
+    storage: str | None = None  # SQLAlchemy URL or journal:PATH; default: OUT/study.db
+    study: str = "compressm-tune"
+    out: str = "runs/tune"
+    seed: int = 0
+    pareto: bool = False  # multi-objective (accuracy vs latency, NSGA-II) instead
+    threads: int | None = None  # torch threads for training (None: torch's default)
+    ort_threads: int = 1  # onnxruntime intra-op threads for the latency the budget is about
+
+    def __post_init__(self) -> None:
+        if not self.budget_ms > 0:
+            raise ConfigError(f"--budget-ms must be > 0, got budget_ms={self.budget_ms}")
+        if self.budget_mj is not None and not self.budget_mj > 0:
+            raise ConfigError(f"--budget-mj must be > 0, got budget_mj={self.budget_mj}")
+        if self.latency_mode not in LATENCY_MODES:
+            raise ConfigError(
+                f"latency mode must be one of {LATENCY_MODES}, got {self.latency_mode!r}")
+        for name in ("trials", "steps", "blocks", "hidden", "batch_size", "ort_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
+        if not self.state_dims or min(self.state_dims) < 1:
+            raise ConfigError(f"state_dims must be positive widths, got {self.state_dims}")
+
+    @property
+    def metric(self) -> str:
+        """The profile metric the latency budget is checked against."""
+        return "latency_ms" if self.latency_mode == "sequence" else "step_ms"

@@ -1,0 +1,165 @@
+"""The budgeted job: profile, search, then export and *measure* the winner against the budget.
+
+    compressm-tune --budget-ms 2.0
+
+1. A latency model of this machine from a profile (``--profile``, else the cached profile of
+   this device and model shape, else a short measurement that is then cached).
+2. An Optuna study over in-training reduction schedules; a trial is feasible when the profile
+   predicts its final widths meet the budget (trials are steered there by budget-aware
+   truncation when their reduction window closes).
+3. The best feasible trial is exported (ONNX + TorchScript, parity checked) and its latency is
+   measured in onnxruntime; if the measurement misses the budget, the next best is tried.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from compressm_tune.errors import CompressmError, ConfigError
+from compressm_tune.hardware import (
+    LatencyModel,
+    Profile,
+    ProfilerConfig,
+    RuntimeUnavailableError,
+    fingerprint,
+    load_profile,
+    profile_device,
+    save_profile,
+)
+from compressm_tune.search._config import TuneConfig
+from compressm_tune.search._objective import Objective, constraints_of
+from compressm_tune.search._storage import open_storage
+from compressm_tune.training import load_dataset
+
+__all__ = ["run_tune", "resolve_profile", "BudgetMissedError"]
+
+_FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+class BudgetMissedError(CompressmError, RuntimeError):
+    """No trial's exported model met the budget when measured."""
+
+
+class _Surplus(Exception):
+    """Raised inside a trial started after the study already had its trials (other workers)."""
+
+
+def _profile_cache() -> Path:
+    root = os.environ.get("COMPRESSM_CACHE") or Path.home() / ".cache" / "compressm-tune"
+    return Path(root) / "profiles"
+
+
+def resolve_profile(config: TuneConfig, d_input: int, d_output: int,
+                    seq_len: int) -> tuple[Profile, list[str]]:
+    """The profile to predict with, and notes for the report (another device, a fallback)."""
+    notes: list[str] = []
+    here = fingerprint("cpu")
+    if config.profile:
+        profile = load_profile(config.profile)
+        if profile.device.slug != here.slug:
+            note = (f"profile {config.profile} was measured on {profile.device.label}, not on "
+                    f"this machine ({here.label}); predictions may be off")
+            warnings.warn(note, stacklevel=2)
+            notes.append(note)
+    else:
+        widths = tuple(w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+                       if w <= 2 * max(config.state_dims))
+        for runtime in ("onnxruntime", "torch"):
+            cache = _profile_cache() / (f"{here.slug}-H{config.hidden}-K{config.blocks}"
+                                        f"-L{seq_len}-{runtime}.json")
+            if cache.exists():
+                return load_profile(cache), notes
+            settings = ProfilerConfig(
+                device="cpu", runtime=runtime, widths=widths, hidden=config.hidden,
+                blocks=config.blocks, seq_len=seq_len, d_input=d_input, d_output=d_output,
+                threads=config.ort_threads, min_time_s=0.1, rounds=3)
+            try:
+                profile = profile_device(settings)
+            except RuntimeUnavailableError as exc:
+                notes.append(f"no {runtime} profile ({exc}); predicting from eager torch")
+                continue
+            save_profile(profile, cache)
+            notes.append(f"measured a {runtime} profile of this machine, cached in {cache}")
+            break
+    cfg = profile.config
+    if (cfg.hidden, cfg.seq_len) != (config.hidden, seq_len):
+        notes.append(f"profile measured at H={cfg.hidden}, L={cfg.seq_len}; the model has "
+                     f"H={config.hidden}, L={seq_len}: predictions are extrapolated")
+    return profile, notes
+
+
+def _open_study(config: TuneConfig) -> optuna.Study:
+    storage = open_storage(config.storage, Path(config.out))
+    if config.pareto:
+        sampler = optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=constraints_of)
+        kw: dict[str, Any] = {"directions": ["maximize", "minimize"]}
+    else:
+        sampler = optuna.samplers.TPESampler(seed=config.seed, constraints_func=constraints_of,
+                                             n_startup_trials=min(4, config.trials))
+        kw = {"direction": "maximize"}
+    study = optuna.create_study(
+        storage=storage, study_name=config.study, load_if_exists=True, sampler=sampler,
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3), **kw)
+    if len(study.directions) != (2 if config.pareto else 1):
+        raise ConfigError(f"study {config.study!r} exists with {len(study.directions)} "
+                          "objective(s); use another --study name to switch --pareto")
+    return study
+
+
+def _slot_guard(objective: Objective, trials: int):
+    """Wrap the objective so the study ends with exactly ``trials`` finished trials even
+    when several workers share it: a trial numbered past the quota stops its worker."""
+
+    def run(trial: optuna.Trial):
+        earlier = [t for t in trial.study.get_trials(deepcopy=False)
+                   if t.number < trial.number and t.state != optuna.trial.TrialState.FAIL]
+        if len(earlier) >= trials:
+            trial.study.stop()
+            raise _Surplus(f"the study already has {trials} trials")
+        return objective(trial)
+
+    return run
+
+
+def _feasible(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    done = [t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+            if all(c <= 0 for c in constraints_of(t))]
+    return sorted(done, key=lambda t: -t.user_attrs["val"])
+
+
+def run_tune(config: TuneConfig) -> dict[str, Any]:
+    """Run the whole job; returns (and writes) ``summary.json``. See the module docstring."""
+    from compressm_tune.search._report import choose_and_export, write_report
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(config.dataset, path=config.data_path, data_dir=config.data_dir,
+                        seed=config.seed)
+    profile, notes = resolve_profile(config, data.d_input, data.d_output, data.seq_len)
+    latency = LatencyModel.from_profile(profile)
+    fastest = latency.predict([1] * config.blocks, config.metric)
+    if config.budget_ms < fastest:
+        raise ConfigError(
+            f"--budget-ms {config.budget_ms:g} is below the fastest model this machine runs: "
+            f"{fastest:.4g} ms per {'sequence' if config.latency_mode == 'sequence' else 'token'}"
+            f" ({config.blocks} blocks of 1 state, H={config.hidden}); raise the budget")
+    objective = Objective(config, data, lambda dims, m: latency.predict(dims, m),
+                          profile.fast_widths())
+    study = _open_study(config)
+    finished = len(study.get_trials(states=_FINISHED))
+    if finished < config.trials:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study.optimize(_slot_guard(objective, config.trials), n_trials=config.trials - finished,
+                       catch=(_Surplus,), show_progress_bar=True, gc_after_trial=True)
+    feasible = _feasible(study)
+    if not feasible:
+        raise BudgetMissedError(
+            f"none of {len(study.trials)} trials is predicted to meet {config.budget_ms:g} ms; "
+            "raise --budget-ms or --trials")
+    chosen = choose_and_export(config, feasible, data)
+    return write_report(config, study, chosen, data, profile, latency, notes)

@@ -1,0 +1,94 @@
+"""One trial: train with in-training reduction, end inside the budget, report to Optuna."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from compressm_tune.models import SSMConfig
+from compressm_tune.reduction import ReductionPolicy, round_up_to
+from compressm_tune.search._config import TuneConfig
+from compressm_tune.search._space import suggest
+from compressm_tune.training import Dataset, TrainConfig, Trainer
+from compressm_tune.training.reducer import ReduceConfig, Reducer
+from compressm_tune.training.trainer import score
+
+__all__ = ["Objective", "set_constraints", "constraints_of"]
+
+Predict = Callable[[list[int], str], float]
+
+
+def set_constraints(trial: optuna.Trial, values: dict[str, float]) -> None:
+    """Record constraint values (feasible when all <= 0): Optuna 5's API, else user attrs."""
+    for key, value in values.items():
+        if hasattr(trial, "set_constraint"):
+            trial.set_constraint(key, float(value))
+    trial.set_user_attr("constraints", {k: float(v) for k, v in values.items()})
+
+
+def constraints_of(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """The constraint values of a finished trial (the samplers' ``constraints_func``)."""
+    return list(trial.user_attrs.get("constraints", {}).values()) or [float("inf")]
+
+
+class Objective:
+    """Callable objective; ``predict(dims, metric)`` comes from the device's latency model."""
+
+    def __init__(self, config: TuneConfig, dataset: Dataset, predict: Predict,
+                 fast_widths: list[int]) -> None:
+        self.config, self.dataset, self.predict = config, dataset, predict
+        self.fast_widths = fast_widths
+
+    def fits(self, dims: list[int]) -> bool:
+        """Whether a model with these widths is predicted to meet every budget."""
+        return all(v <= 0 for v in self.constraints(dims).values())
+
+    def constraints(self, dims: list[int]) -> dict[str, float]:
+        cfg = self.config
+        values = {"latency_ms": self.predict(dims, cfg.metric) - cfg.budget_ms}
+        if cfg.budget_mj is not None:
+            values["energy_mj"] = self.predict(dims, "energy_mj") - cfg.budget_mj
+        return values
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        cfg, data = self.config, self.dataset
+        plan = suggest(trial, cfg)
+        model_config = SSMConfig(
+            d_input=data.d_input, d_output=data.d_output, d_model=cfg.hidden,
+            state_dims=[plan.state_dim] * cfg.blocks,
+            pooling="mean" if data.task == "classification" else "none")
+        train_config = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=plan.lr,
+                                   warmup_frac=plan.window, eval_every=max(1, cfg.steps // 10),
+                                   seed=cfg.seed, threads=cfg.threads)
+        reducer = Reducer(ReduceConfig(
+            policy=ReductionPolicy("tau", plan.tau), window=plan.window,
+            every=max(1, int(plan.window * cfg.steps) // 6),  # ~6 attempts in the window
+            max_drop=0.05, fits=self.fits,
+            round_to=round_up_to(self.fast_widths) if plan.round_to_fast else None))
+        out = Path(cfg.out) / "trials" / f"{trial.number:04d}"
+
+        def report(record: dict[str, Any]) -> None:
+            if cfg.pareto or record["step"] <= plan.window * cfg.steps:
+                return  # widths still moving; multi-objective studies cannot prune
+            trial.report(score(record["val"]), record["step"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val {score(record['val']):.4f} at {record['step']}")
+
+        summary = Trainer(model_config, train_config, data, out, reducer=reducer,
+                          progress=False, on_eval=report).fit()
+        dims = summary["best_state_dims"]
+        constraints = self.constraints(dims)
+        set_constraints(trial, constraints)
+        metric = "accuracy" if data.task == "classification" else "loss"
+        trial.set_user_attr("checkpoint", str(out / "best.pt"))
+        trial.set_user_attr("state_dims", dims)
+        trial.set_user_attr("predicted_ms", constraints["latency_ms"] + cfg.budget_ms)
+        trial.set_user_attr("val", summary["val_best"])
+        trial.set_user_attr("test", summary["test_best"][metric])
+        trial.set_user_attr("train_time_s", summary["train_time_s"])
+        if cfg.pareto:
+            return summary["val_best"], constraints["latency_ms"] + cfg.budget_ms
+        return summary["val_best"]

@@ -1,0 +1,61 @@
+"""Where a study lives: a SQLite file by default, any SQLAlchemy URL, or a journal file.
+
+Rerunning the same command resumes the study: trials that finished are kept, and a trial
+whose process died (its heartbeat went stale) is marked failed and retried once, so an
+interrupt neither loses nor repeats work. Several processes or machines pointed at one URL
+share the study, and ``MaxTrialsCallback`` stops them all once ``trials`` are done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages.journal import JournalFileBackend
+
+from compressm_tune.errors import CompressmError, ConfigError
+
+__all__ = ["open_storage", "StorageError"]
+
+HEARTBEAT_S = 10  # a RUNNING trial silent for GRACE_S seconds belonged to a dead process
+GRACE_S = 30
+
+
+class StorageError(CompressmError, RuntimeError):
+    """The study storage cannot be reached or opened."""
+
+
+def open_storage(url: str | None, out_dir: Path) -> optuna.storages.BaseStorage:
+    """Open ``url`` (``None``: ``sqlite:///OUT/study.db``; ``journal:PATH``: a journal file).
+
+    Raises
+    ------
+    StorageError
+        The database cannot be reached (the message names the URL, without its password).
+    """
+    if url is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise ConfigError(f"storage must be a SQLAlchemy URL or journal:PATH, got {url!r}")
+    try:
+        return RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+        )
+    except Exception as exc:  # SQLAlchemy raises driver-specific types
+        reason = str(exc).splitlines()[0][:200]
+        raise StorageError(f"cannot open study storage {_redact(url)}: {reason}") from None
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
