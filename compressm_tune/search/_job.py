@@ -95,13 +95,19 @@ def resolve_profile(config: TuneConfig, d_input: int, d_output: int,
 
 def _open_study(config: TuneConfig) -> optuna.Study:
     storage = open_storage(config.storage, Path(config.out))
-    if config.pareto:
-        sampler = optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=constraints_of)
-        kw: dict[str, Any] = {"directions": ["maximize", "minimize"]}
-    else:
-        sampler = optuna.samplers.TPESampler(seed=config.seed, constraints_func=constraints_of,
-                                             n_startup_trials=min(4, config.trials))
-        kw = {"direction": "maximize"}
+    # Optuna 5 samplers read constraints recorded with trial.set_constraint; Optuna 4 needs them
+    # passed as constraints_func (deprecated in 5).
+    legacy = {} if hasattr(optuna.Trial, "set_constraint") else {
+        "constraints_func": constraints_of}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if config.pareto:
+            sampler = optuna.samplers.NSGAIISampler(seed=config.seed, **legacy)
+            kw: dict[str, Any] = {"directions": ["maximize", "minimize"]}
+        else:
+            sampler = optuna.samplers.TPESampler(seed=config.seed,
+                                                 n_startup_trials=min(4, config.trials), **legacy)
+            kw = {"direction": "maximize"}
     study = optuna.create_study(
         storage=storage, study_name=config.study, load_if_exists=True, sampler=sampler,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3), **kw)

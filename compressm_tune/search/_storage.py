@@ -8,10 +8,11 @@ share the study, and ``MaxTrialsCallback`` stops them all once ``trials`` are do
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from compressm_tune.errors import CompressmError, ConfigError
@@ -44,14 +45,24 @@ def open_storage(url: str | None, out_dir: Path) -> optuna.storages.BaseStorage:
     if "://" not in url:
         raise ConfigError(f"storage must be a SQLAlchemy URL or journal:PATH, got {url!r}")
     try:
-        return RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-        )
+        with warnings.catch_warnings():  # heartbeats are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **_retry_stale(),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            )
     except Exception as exc:  # SQLAlchemy raises driver-specific types
         reason = str(exc).splitlines()[0][:200]
         raise StorageError(f"cannot open study storage {_redact(url)}: {reason}") from None
+
+
+def _retry_stale() -> dict:
+    """Retry a dead worker's trial once: Optuna 5's callback, or Optuna 4's older name
+    (called under the caller's suppression of experimental warnings)."""
+    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+        cb = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+        return {"heartbeat_stale_trial_callback": cb}
+    return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
 
 
 def _redact(url: str) -> str:

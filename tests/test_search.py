@@ -1,0 +1,109 @@
+"""The budgeted job: bad inputs, the infeasible-budget floor, foreign profiles, storages.
+
+A small real profile of this machine (eager torch, tiny model) is measured once per module;
+nothing here is mocked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import optuna
+import pytest
+
+from compressm_tune.cli import main
+from compressm_tune.errors import ConfigError
+from compressm_tune.hardware import (
+    LatencyModel,
+    ProfilerConfig,
+    load_profile,
+    profile_device,
+    save_profile,
+)
+from compressm_tune.search import StorageError, TuneConfig, open_storage
+from compressm_tune.search._job import resolve_profile
+
+SMALL = {"blocks": 1, "hidden": 8}
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    """A real profile of this machine at the shape the tests tune (H=8, 1 block, L=40)."""
+    profile = profile_device(ProfilerConfig(
+        device="cpu", runtime="torch", widths=(1, 4, 16, 64), hidden=8, blocks=1, seq_len=40,
+        min_time_s=0.02, rounds=1, min_repeats=3, warmup=1, threads=1), progress=False)
+    return save_profile(profile, tmp_path_factory.mktemp("prof") / "here.json")
+
+
+def _tune(tmp_path, *args):
+    return main(["--dataset", "lti-sysid", "--blocks", "1", "--hidden", "8", "--trials", "1",
+                 "--steps", "4", "--out", str(tmp_path / "run"), *args])
+
+
+@pytest.mark.parametrize("budget", ["0", "-3"])
+def test_nonpositive_budget_is_one_line_error(tmp_path, capsys, budget):
+    assert _tune(tmp_path, "--budget-ms", budget) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--budget-ms must be > 0" in err[0]
+
+
+def test_budget_below_the_fastest_model_names_the_minimum(tmp_path, capsys, profile_path):
+    fastest = LatencyModel.from_profile(load_profile(profile_path)).predict([1], "latency_ms")
+    code = _tune(tmp_path, "--budget-ms", f"{fastest / 10:.6f}", "--profile", str(profile_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "below the fastest model" in err[0] and f"{fastest:.4g} ms" in err[0]
+
+
+def test_unknown_dataset_is_rejected_by_the_parser(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["--budget-ms", "1", "--dataset", "cifar"])
+    assert exc.value.code == 2
+
+
+def test_unreachable_storage_is_one_line_error(tmp_path, capsys, profile_path):
+    code = _tune(tmp_path, "--budget-ms", "50", "--profile", str(profile_path),
+                 "--storage", "sqlite:////nonexistent-dir/x/study.db")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot open study storage" in err[0]
+
+
+def test_storage_urls(tmp_path):
+    assert isinstance(open_storage(None, tmp_path), optuna.storages.RDBStorage)
+    assert (tmp_path / "study.db").exists()
+    journal = open_storage(f"journal:{tmp_path / 'j' / 'study.log'}", tmp_path)
+    assert isinstance(journal, optuna.storages.JournalStorage)
+    with pytest.raises(ConfigError, match="SQLAlchemy URL or journal:PATH"):
+        open_storage("not-a-url", tmp_path)
+    with pytest.raises(StorageError) as exc:
+        open_storage("postgresql://user:hunter2@127.0.0.1:9/db", tmp_path)
+    assert "hunter2" not in str(exc.value)
+
+
+def test_profile_from_another_device_warns_and_is_noted(tmp_path, profile_path):
+    data = json.loads(profile_path.read_text())
+    data["device"]["cpu_model"] = "Some Other CPU 9000"
+    data["device"]["cpu_logical_cores"] = 128
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps(data))
+    config = TuneConfig(budget_ms=5, profile=str(foreign), **SMALL)
+    with pytest.warns(UserWarning, match="not on this machine"):
+        _, notes = resolve_profile(config, 1, 1, 40)
+    assert any("Some Other CPU 9000" in n for n in notes)
+    _, notes = resolve_profile(dataclasses.replace(config, profile=str(profile_path)), 1, 1, 40)
+    assert not any("not on this machine" in n for n in notes)
+
+
+def test_a_profile_of_another_shape_is_noted(profile_path):
+    config = TuneConfig(budget_ms=5, profile=str(profile_path), blocks=1, hidden=16)
+    _, notes = resolve_profile(config, 1, 1, 100)
+    assert any("extrapolated" in n for n in notes)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"budget_mj": 0}, "budget-mj"), ({"latency_mode": "batch"}, "latency mode"),
+    ({"trials": 0}, "trials"), ({"state_dims": ()}, "state_dims")])
+def test_tune_config_validation(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        TuneConfig(budget_ms=1, **kw)
