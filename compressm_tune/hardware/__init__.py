@@ -1,0 +1,104 @@
+"""Hardware profiling: per-state-width latency, throughput, memory and energy; profiles.
+
+Measure a device with :func:`profile_device`, store it with :func:`save_profile`, predict
+any per-layer widths with :class:`LatencyModel`, and put devices side by side with
+:func:`compare`. Energy and time are read in named windows (:class:`MeasurementMonitor`)
+from a backend chosen by :func:`select_energy_backend`: NVML on NVIDIA GPUs, RAPL on CPUs,
+else an estimate from CPU time that is labelled as one.
+"""
+
+from compressm_tune.hardware._commands import (
+    add_compare_parser,
+    add_profile_parser,
+    config_from_args,
+)
+from compressm_tune.hardware._compare import ComparisonTable, compare, plot_comparison
+from compressm_tune.hardware._config import RUNTIMES, ProfilerConfig, parse_widths
+from compressm_tune.hardware._energy import ENERGY_CHOICES, select_energy_backend
+from compressm_tune.hardware._energy_base import (
+    DEFAULT_WATTS_PER_CORE,
+    CpuTimeEstimateBackend,
+    EnergyBackend,
+    EnergyBackendError,
+    NullEnergyBackend,
+)
+from compressm_tune.hardware._fingerprint import DeviceFingerprint, fingerprint
+from compressm_tune.hardware._latency_model import INTERPOLATIONS, HoldoutError, LatencyModel
+from compressm_tune.hardware._memory import MemoryUsage, measure_peak_memory, param_mb
+from compressm_tune.hardware._monitor import Measurement, MeasurementMonitor, synchronize
+from compressm_tune.hardware._nvml import NvmlCounterBackend, NvmlPowerSamplingBackend
+from compressm_tune.hardware._profiler import measure_models, profile_device
+from compressm_tune.hardware._rapl import RaplBackend
+from compressm_tune.hardware._runtimes import (
+    InferenceRunner,
+    RuntimeUnavailableError,
+    prepare_runtime,
+)
+from compressm_tune.hardware._schema import (
+    METRICS,
+    SCHEMA_VERSION,
+    ModelRecord,
+    Profile,
+    load_profile,
+    save_profile,
+)
+from compressm_tune.hardware._steps import fast_widths, round_up_to, step_up_widths
+from compressm_tune.hardware._timing import (
+    TimingStats,
+    fixed_threads,
+    time_repeats,
+    time_samples,
+    warm_up,
+)
+
+__all__ = [
+    "DEFAULT_WATTS_PER_CORE",
+    "ENERGY_CHOICES",
+    "INTERPOLATIONS",
+    "METRICS",
+    "RUNTIMES",
+    "SCHEMA_VERSION",
+    "ComparisonTable",
+    "CpuTimeEstimateBackend",
+    "DeviceFingerprint",
+    "EnergyBackend",
+    "EnergyBackendError",
+    "HoldoutError",
+    "InferenceRunner",
+    "LatencyModel",
+    "Measurement",
+    "MeasurementMonitor",
+    "MemoryUsage",
+    "NullEnergyBackend",
+    "NvmlCounterBackend",
+    "NvmlPowerSamplingBackend",
+    "Profile",
+    "ProfilerConfig",
+    "RaplBackend",
+    "RuntimeUnavailableError",
+    "TimingStats",
+    "ModelRecord",
+    "add_compare_parser",
+    "add_profile_parser",
+    "compare",
+    "config_from_args",
+    "fast_widths",
+    "fingerprint",
+    "fixed_threads",
+    "load_profile",
+    "measure_models",
+    "measure_peak_memory",
+    "param_mb",
+    "parse_widths",
+    "plot_comparison",
+    "prepare_runtime",
+    "profile_device",
+    "round_up_to",
+    "save_profile",
+    "select_energy_backend",
+    "step_up_widths",
+    "synchronize",
+    "time_repeats",
+    "time_samples",
+    "warm_up",
+]

@@ -1,0 +1,135 @@
+"""The ``profile`` and ``compare`` sub-commands: argument parsing into :class:`ProfilerConfig`.
+
+``cli.py`` calls :func:`add_profile_parser` and :func:`add_compare_parser` on its sub-parsers;
+each sets ``func``, which takes the parsed namespace and returns the exit status. Errors are
+:class:`~compressm_tune.errors.CompressmError` subclasses for the CLI to print in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from compressm_tune.hardware._compare import compare, plot_comparison
+from compressm_tune.hardware._config import RUNTIMES, ProfilerConfig, parse_widths
+from compressm_tune.hardware._energy import ENERGY_CHOICES
+from compressm_tune.hardware._latency_model import LatencyModel
+from compressm_tune.hardware._profiler import profile_device
+from compressm_tune.hardware._schema import load_profile, save_profile
+
+__all__ = ["add_compare_parser", "add_profile_parser", "config_from_args"]
+
+_DEFAULTS = ProfilerConfig()
+
+# (flag, config field, type, help); every default comes from ProfilerConfig.
+_PROFILE_FLAGS = (
+    ("--device", "device", str, "'auto' (cuda:0 if present, else cpu), 'cpu' or 'cuda:N'"),
+    ("--hidden", "hidden", int, "H, residual width of every block"),
+    ("--blocks", "blocks", int, "K, equal-width blocks per measured model"),
+    ("--seq-len", "seq_len", int, "L, tokens per sequence"),
+    ("--batch", "batch", int, "training-step batch"),
+    ("--throughput-batch", "throughput_batch", int, "batch of the throughput measurement"),
+    ("--threads", "threads", int, "torch intra-op threads"),
+    ("--min-time-s", "min_time_s", float, "each timing repeats until this many seconds of work"),
+    ("--warmup", "warmup", int, "untimed calls before each timing"),
+    ("--min-repeats", "min_repeats", int, "timed calls at least"),
+    ("--rounds", "rounds", int, "interleaved timing passes over all widths"),
+    ("--watts-per-core", "watts_per_core", float, "W per busy core for the CPU-time estimate"),
+    ("--seed", "seed", int, "torch seed for weights and inputs"),
+)
+
+
+def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``profile``: measure this machine and write ``profiles/<device>.json``."""
+    parser = subparsers.add_parser(
+        "profile",
+        help="measure latency, throughput, memory and energy per state width",
+        description="Profile this machine at every state width and write a profile JSON.",
+    )
+    for flag, field, kind, text in _PROFILE_FLAGS:
+        default = getattr(_DEFAULTS, field)
+        shown = "one per physical core" if default is None else default
+        parser.add_argument(flag, dest=field, type=kind, default=None,
+                            help=f"{text} (default: {shown})")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
+                        help=f"inference runtime (default: {_DEFAULTS.runtime})")
+    parser.add_argument("--energy", choices=ENERGY_CHOICES, default=None,
+                        help="energy source; an explicit choice that is unavailable is an error "
+                             f"(default: {_DEFAULTS.energy})")
+    parser.add_argument("--widths", type=str, default=None,
+                        help="state widths: '4,8,16' or 'a,b,...,c' (default: "
+                             + ",".join(map(str, _DEFAULTS.widths)) + ")")
+    parser.add_argument("--note", action="append", default=[],
+                        help="remark stored in the profile (repeatable), e.g. 'machine shared'")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output JSON (default: profiles/<device-slug>[-<runtime>].json)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run_profile)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ProfilerConfig:
+    """Build a :class:`ProfilerConfig` from parsed ``profile`` arguments; unset flags keep
+    the dataclass defaults.
+
+    Raises
+    ------
+    ConfigError
+        A value breaks a rule of :class:`ProfilerConfig` (the message names it).
+    """
+    fields = {f.name for f in dataclasses.fields(ProfilerConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if isinstance(values.get("widths"), str):
+        values["widths"] = parse_widths(values["widths"])
+    return ProfilerConfig(**values)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    profile = profile_device(config, progress=not args.quiet, notes=args.note)
+    out = args.out
+    if out is None:
+        suffix = "" if profile.config.runtime == "torch" else f"-{profile.config.runtime}"
+        out = Path("profiles") / f"{profile.device.slug}{suffix}.json"
+    save_profile(profile, out)
+    print(f"wrote {out} ({profile.device.label}, {len(profile.widths)} widths, "
+          f"energy: {profile.energy_method}); fast widths {profile.fast_widths()}")
+    if len(profile.widths) >= 3:
+        holdout = LatencyModel.from_profile(profile).holdout_error("latency_ms")
+        print(f"latency model: {holdout.interpolation} interpolation, leave-one-out error "
+              f"mean {holdout.mean_abs_rel_error:.1%}, max {holdout.max_abs_rel_error:.1%}")
+    for note in profile.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``compare``: print a side-by-side table of profiles and plot latency vs width."""
+    parser = subparsers.add_parser(
+        "compare",
+        help="compare device profiles: table, ratios, step-up widths, plot",
+        description="Compare profiles; the first one is the reference for ratios.",
+    )
+    parser.add_argument("profiles", nargs="+", type=Path, help="profile JSON files")
+    parser.add_argument("--plot", type=Path, default=Path("compare.png"),
+                        help="PNG of latency vs width per device (default: compare.png)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="also write the table to this Markdown file")
+    parser.add_argument("--tolerance", type=float, default=0.1,
+                        help="relative latency rise that counts as a step up (default: 0.1)")
+    parser.set_defaults(func=_run_compare)
+    return parser
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    table = compare([load_profile(p) for p in args.profiles], tolerance=args.tolerance)
+    text = table.to_markdown()
+    print(text, end="")
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text, encoding="utf-8")
+    plot_comparison(table, args.plot)
+    print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

@@ -1,0 +1,145 @@
+"""Settings of a profiling run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import psutil
+import torch
+
+from compressm_tune.errors import ConfigError
+from compressm_tune.hardware._energy import ENERGY_CHOICES
+from compressm_tune.hardware._energy_base import DEFAULT_WATTS_PER_CORE
+
+__all__ = ["ProfilerConfig", "RUNTIMES", "parse_widths"]
+
+RUNTIMES = ("torch", "torchscript", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class ProfilerConfig:
+    """What :func:`profile_device` measures and how long it spends.
+
+    The defaults finish in about two minutes on 2 CPU cores.
+
+    Examples
+    --------
+    >>> ProfilerConfig(widths=(8, 4)).widths
+    (4, 8)
+    >>> ProfilerConfig(blocks=0)
+    Traceback (most recent call last):
+    ...
+    compressm_tune.errors.ConfigError: blocks must be an integer >= 1, got blocks=0
+    """
+
+    device: str = "auto"  # "auto": cuda:0 when CUDA is available, else cpu
+    runtime: str = "torch"  # inference runtime; training steps always run in eager torch
+    widths: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256, 512)  # state widths N to measure
+    hidden: int = 64  # H, the residual width of every block
+    blocks: int = 2  # K equal-width blocks per measured model
+    seq_len: int = 256  # L, tokens per sequence
+    batch: int = 16  # training-step batch
+    throughput_batch: int = 32  # batch of the throughput measurement
+    threads: int | None = None  # torch intra-op threads; None: one per physical core
+    min_time_s: float = 0.5  # each timing repeats until at least this much work
+    warmup: int = 3  # untimed calls before each timing
+    min_repeats: int = 5  # timed calls at least, however long each takes
+    rounds: int = 10  # interleaved passes over all widths, so load drift hits every width alike
+    energy: str = "auto"  # "auto", "nvml", "rapl", "estimate" or "none"
+    watts_per_core: float = DEFAULT_WATTS_PER_CORE  # for the CPU-time energy estimate
+    d_input: int = 1  # model input channels (sequential-MNIST-like)
+    d_output: int = 10  # classes
+    seed: int = 0  # torch seed for weights and inputs
+
+    def __post_init__(self) -> None:
+        widths = tuple(sorted({int(w) for w in self.widths}))
+        object.__setattr__(self, "widths", widths)
+        if len(widths) < 2 or widths[0] < 1:
+            raise ConfigError(f"widths must hold at least two distinct widths >= 1, got {widths}")
+        for name in ("hidden", "blocks", "seq_len", "batch", "throughput_batch", "min_repeats",
+                     "rounds", "d_input", "d_output"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {name}={value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads must be None or an integer >= 1, got {self.threads=}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup=}")
+        if not self.min_time_s >= 0:
+            raise ConfigError(f"min_time_s must be >= 0, got {self.min_time_s=}")
+        if not self.watts_per_core > 0:
+            raise ConfigError(f"watts_per_core must be > 0, got {self.watts_per_core=}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {RUNTIMES}, got {self.runtime=}")
+        if self.energy not in ENERGY_CHOICES:
+            raise ConfigError(f"energy must be one of {ENERGY_CHOICES}, got {self.energy=}")
+        if self.device != "auto":
+            try:
+                dev = torch.device(self.device)
+            except RuntimeError as err:
+                raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda:N', got "
+                                  f"{self.device=}") from err
+            if dev.type not in ("cpu", "cuda"):
+                raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda:N', got {self.device=}")
+
+    def resolved(self) -> ProfilerConfig:
+        """Return a copy with ``device`` and ``threads`` made concrete for this machine.
+
+        Raises
+        ------
+        ConfigError
+            A CUDA device was requested but torch sees no such device.
+        """
+        device = self.device
+        if device == "auto":
+            device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            index = dev.index or 0
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"device {device!r} requested but torch sees "
+                    f"{torch.cuda.device_count()} CUDA device(s); use --device cpu"
+                )
+            device = f"cuda:{index}"
+        threads = self.threads or psutil.cpu_count(logical=False) or 1
+        return replace(self, device=device, threads=threads)
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """Parse a width list: ``"4,8,16"``, or ``"a,b,...,c"`` expanded like the issue's examples.
+
+    ``a,b,...,c`` doubles (or multiplies by ``b/a``) when ``b`` is a multiple of ``a`` and that
+    progression reaches ``c`` exactly, else steps by ``b - a``.
+
+    Examples
+    --------
+    >>> parse_widths("4,8,...,64")
+    (4, 8, 16, 32, 64)
+    >>> parse_widths("8,16,...,40")
+    (8, 16, 24, 32, 40)
+    >>> parse_widths("3,2, 5")
+    (3, 2, 5)
+    """
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        if "..." not in tokens:
+            return tuple(int(t) for t in tokens)
+        if len(tokens) != 4 or tokens[2] != "...":
+            raise ValueError
+        a, b, c = int(tokens[0]), int(tokens[1]), int(tokens[3])
+    except ValueError as err:
+        raise ConfigError(
+            f"widths must be integers separated by commas, or 'a,b,...,c', got {text!r}"
+        ) from err
+    if not 0 < a < b <= c:
+        raise ConfigError(f"'a,b,...,c' needs 0 < a < b <= c, got {text!r}")
+    if b % a == 0:
+        ratio, widths = b // a, [a]
+        while widths[-1] < c:
+            widths.append(widths[-1] * ratio)
+        if widths[-1] == c:
+            return tuple(widths)
+    if (c - a) % (b - a) == 0:
+        return tuple(range(a, c + 1, b - a))
+    raise ConfigError(f"'a,b,...,c' must reach c exactly by doubling or stepping, got {text!r}")

@@ -1,0 +1,236 @@
+"""Predict the cost of a model with any per-layer widths from a profile.
+
+A profile measures models of K equal-width blocks, ``t_K(N) = overhead + K * c(N)``, and the
+smallest width once more with another block count K'. The two records at that width give
+``c(N0) = (t_K - t_K') / (K - K')`` and the fixed ``overhead``; every other width then gives
+its per-layer cost ``c(N) = (t_K(N) - overhead) / K``. Between measured widths ``c`` is
+interpolated (piecewise linear in N, or a quadratic fitted with relative weights), and a model
+with widths ``[N_1, ..., N_k]`` is predicted as ``overhead + sum_i c(N_i)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from compressm_tune.hardware._schema import METRICS, Profile
+
+__all__ = ["HoldoutError", "LatencyModel", "INTERPOLATIONS"]
+
+INTERPOLATIONS = ("piecewise", "quadratic")
+
+
+def _piecewise(widths: np.ndarray, costs: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Piecewise-linear interpolation, extrapolating the end segments linearly."""
+    i = np.clip(np.searchsorted(widths, at) - 1, 0, len(widths) - 2)
+    w0, w1, c0, c1 = widths[i], widths[i + 1], costs[i], costs[i + 1]
+    return c0 + (c1 - c0) * (at - w0) / (w1 - w0)
+
+
+def _quadratic(widths: np.ndarray, costs: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Least-squares quadratic in N with residuals relative to each cost."""
+    degree = min(2, len(widths) - 1)
+    weights = 1.0 / np.maximum(np.abs(costs), 1e-12 * np.abs(costs).max() + 1e-300)
+    return np.polyval(np.polyfit(widths, costs, degree, w=weights), at)
+
+
+_INTERPOLATORS = {"piecewise": _piecewise, "quadratic": _quadratic}
+
+
+@dataclass(frozen=True)
+class HoldoutError:
+    """Leave-one-out error of a metric's prediction on the profile's own interior widths.
+
+    Attributes
+    ----------
+    metric, interpolation : str
+        What was predicted and how the per-layer cost was interpolated.
+    widths : tuple of int
+        The held-out widths (each interior width, one at a time).
+    rel_errors : tuple of float
+        Signed ``(predicted - measured) / measured`` for each held-out width.
+    """
+
+    metric: str
+    interpolation: str
+    widths: tuple[int, ...]
+    rel_errors: tuple[float, ...]
+
+    @property
+    def max_abs_rel_error(self) -> float:
+        """Largest absolute relative error (0.1 = 10 %)."""
+        return float(np.max(np.abs(self.rel_errors)))
+
+    @property
+    def mean_abs_rel_error(self) -> float:
+        """Mean absolute relative error (0.1 = 10 %)."""
+        return float(np.mean(np.abs(self.rel_errors)))
+
+
+class LatencyModel:
+    """Per-layer cost model of one device, built from a :class:`Profile`.
+
+    Use :meth:`from_profile`; :meth:`predict` then costs any list of per-layer widths.
+
+    Parameters
+    ----------
+    profile : Profile
+        The measured profile.
+    interpolation : {"auto", "piecewise", "quadratic"}
+        How per-layer costs are interpolated across widths; ``"auto"`` picks, per metric,
+        the one with the lower mean leave-one-out error on the profile's interior widths.
+    """
+
+    def __init__(self, profile: Profile, interpolation: str = "auto") -> None:
+        if interpolation not in ("auto", *INTERPOLATIONS):
+            raise ValueError(
+                f"interpolation must be 'auto' or one of {INTERPOLATIONS}, got {interpolation!r}"
+            )
+        if len(profile.widths) < 3 and interpolation == "auto":
+            interpolation = "piecewise"  # nothing to hold out
+        self.profile = profile
+        self._widths = np.array(profile.widths, dtype=float)
+        self._fits: dict[str, tuple[float, np.ndarray, str]] = {}
+        for metric in METRICS:
+            if None in profile.values(metric) or profile.overhead_record.metric(metric) is None:
+                continue
+            overhead, costs = self._split(metric, np.ones(len(self._widths), dtype=bool))
+            method = interpolation
+            if method == "auto":
+                method = min(INTERPOLATIONS,
+                             key=lambda m: self._holdout(metric, m).mean_abs_rel_error)
+            self._fits[metric] = (overhead, costs, method)
+
+    @classmethod
+    def from_profile(cls, profile: Profile, interpolation: str = "auto") -> LatencyModel:
+        """Build the model of ``profile`` (see the class docstring).
+
+        Examples
+        --------
+        >>> from compressm_tune.hardware import load_profile
+        >>> model = LatencyModel.from_profile(load_profile(path))  # doctest: +SKIP
+        >>> model.predict([47, 31, 12], metric="latency_ms")  # doctest: +SKIP
+        3.1
+        """
+        return cls(profile, interpolation)
+
+    @property
+    def metrics(self) -> list[str]:
+        """The metrics this profile can predict (energy is absent when it was not measured)."""
+        return list(self._fits)
+
+    def interpolation(self, metric: str = "latency_ms") -> str:
+        """The interpolation used for ``metric``."""
+        return self._fit(metric)[2]
+
+    def _split(self, metric: str, keep: np.ndarray) -> tuple[float, np.ndarray]:
+        """Fixed overhead and per-layer costs at the kept widths."""
+        blocks = self.profile.config.blocks
+        values = np.array(self.profile.values(metric), dtype=float)
+        ref = self.profile.overhead_record
+        ref_total = values[self.profile.widths.index(ref.state_dim)]
+        per_layer_ref = (ref_total - ref.metric(metric)) / (blocks - ref.blocks)
+        overhead = ref_total - blocks * per_layer_ref
+        if overhead < -0.1 * ref_total:  # beyond plausible noise of a near-zero fixed cost
+            warnings.warn(
+                f"{metric}: the fixed-cost estimate is negative ({overhead:.4g}), measurement "
+                "noise; clamped to 0. Re-profile with a larger min_time_s (--min-time-s)",
+                stacklevel=3,
+            )
+        overhead = max(overhead, 0.0)
+        return overhead, (values[keep] - overhead) / blocks
+
+    def _holdout(self, metric: str, interpolation: str) -> HoldoutError:
+        widths = self._widths
+        measured = np.array(self.profile.values(metric), dtype=float)
+        blocks = self.profile.config.blocks
+        errors = []
+        for i in range(1, len(widths) - 1):
+            keep = np.arange(len(widths)) != i
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                overhead, costs = self._split(metric, keep)
+            cost = _INTERPOLATORS[interpolation](widths[keep], costs, widths[i : i + 1])[0]
+            errors.append((overhead + blocks * cost - measured[i]) / measured[i])
+        held_out = tuple(int(w) for w in widths[1:-1])
+        return HoldoutError(metric, interpolation, held_out, tuple(float(e) for e in errors))
+
+    def _fit(self, metric: str) -> tuple[float, np.ndarray, str]:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+        if metric not in self._fits:
+            raise ValueError(
+                f"metric {metric!r} was not measured in this profile "
+                f"(energy_method={self.profile.energy_method!r})"
+            )
+        return self._fits[metric]
+
+    def overhead(self, metric: str = "latency_ms") -> float:
+        """The fixed cost (encoder, head, dispatch) of ``metric``, in its unit."""
+        return self._fit(metric)[0]
+
+    def per_layer(self, width: int, metric: str = "latency_ms") -> float:
+        """The cost of one block of state width ``width``, in the metric's unit."""
+        overhead, costs, method = self._fit(metric)
+        return float(_INTERPOLATORS[method](self._widths, costs, np.array([float(width)]))[0])
+
+    def predict(self, state_dims: Sequence[int], metric: str = "latency_ms") -> float:
+        """Predict ``metric`` of a model whose blocks have widths ``state_dims``.
+
+        Parameters
+        ----------
+        state_dims : sequence of int
+            One state width per block, each >= 1; any count of blocks. Widths outside the
+            profiled range are extrapolated (end segment or quadratic; less reliable).
+        metric : str
+            One of :data:`METRICS`: ``"latency_ms"``, ``"latency_min_ms"``, ``"step_ms"``,
+            ``"batch_ms"``, ``"train_step_ms"``, ``"energy_mj"``, ``"peak_mem_mb"``,
+            ``"infer_mem_mb"``.
+
+        Returns
+        -------
+        float
+            In the metric's unit, at the profile's hidden width, sequence length and batches.
+        """
+        dims = [int(n) for n in state_dims]
+        if not dims or min(dims) < 1:
+            raise ValueError(f"state_dims must list at least one width >= 1, got {state_dims!r}")
+        overhead, costs, method = self._fit(metric)
+        per_layer = _INTERPOLATORS[method](self._widths, costs, np.array(dims, dtype=float))
+        return float(overhead + per_layer.sum())
+
+    def holdout_error(self, metric: str = "latency_ms", interpolation: str | None = None
+                      ) -> HoldoutError:
+        """Leave-one-out error of ``metric`` on the profile's interior widths.
+
+        Each interior width is removed from the fit in turn and the K-block model at that
+        width is predicted and compared with its measurement.
+
+        Parameters
+        ----------
+        metric : str
+            One of :attr:`metrics`.
+        interpolation : str, optional
+            Override the interpolation; defaults to the one in use for ``metric``.
+
+        Raises
+        ------
+        ValueError
+            Fewer than three widths were profiled (no interior width to hold out).
+        """
+        method = interpolation or self._fit(metric)[2]
+        if len(self._widths) < 3:
+            raise ValueError(
+                f"holding out needs >= 3 profiled widths, got {self.profile.widths}"
+            )
+        if method not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {method!r}")
+        return self._holdout(metric, method)
+
+    def fast_widths(self, metric: str = "latency_ms", tolerance: float = 0.1) -> list[int]:
+        """The profile's fast widths (last width of each cost plateau), see
+        :meth:`Profile.fast_widths`."""
+        return self.profile.fast_widths(metric, tolerance)

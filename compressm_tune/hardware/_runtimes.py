@@ -1,0 +1,143 @@
+"""Inference runtimes the profiler can time: eager torch, TorchScript, and the ONNX hook."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compressm_tune.errors import CompressmError, ExportError
+
+__all__ = ["InferenceRunner", "RuntimeUnavailableError", "prepare_runtime", "RUNTIME_BUILDERS"]
+
+StepFn = Callable[[torch.Tensor, list[torch.Tensor]], tuple[torch.Tensor, list[torch.Tensor]]]
+
+
+class RuntimeUnavailableError(CompressmError, NotImplementedError):
+    """An inference runtime is not wired up yet (the message says what it needs)."""
+
+
+@dataclass(frozen=True)
+class InferenceRunner:
+    """One model prepared for inference in one runtime.
+
+    Attributes
+    ----------
+    runtime : str
+        ``"torch"``, ``"torchscript"`` or ``"onnxruntime"``.
+    forward : callable
+        ``x (batch, L, d_input) -> (batch, d_output)``; batch sizes as given to
+        :func:`prepare_runtime`.
+    step : callable
+        ``(x_t (1, d_input), state) -> (y_t, state)``, batch 1.
+    """
+
+    runtime: str
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    step: StepFn
+
+
+class _Step(nn.Module):
+    """``model.step`` with a flat signature, so tracing sees tensors, not a list."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y, new_state = self.model.step(x_t, list(state))
+        return (y, *new_state)
+
+
+def _torch_runner(
+    model: nn.Module, seq_inputs: list[torch.Tensor], step_inputs: tuple[torch.Tensor, list]
+) -> InferenceRunner:
+    return InferenceRunner("torch", model.__call__, model.step)
+
+
+def _check_parity(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    err = (got - want).abs().max().item()
+    if not err <= 1e-4 * (1.0 + want.abs().max().item()):
+        raise ExportError(f"{name} output differs from eager torch by {err:.3g} (> 1e-4 relative)")
+
+
+def _torchscript_runner(
+    model: nn.Module, seq_inputs: list[torch.Tensor], step_inputs: tuple[torch.Tensor, list]
+) -> InferenceRunner:
+    """Trace and freeze one graph per sequence input shape and one for the step."""
+    by_shape = {}
+    with torch.no_grad():
+        for x in seq_inputs:
+            traced = torch.jit.freeze(torch.jit.trace(model, x))
+            _check_parity("torchscript forward", traced(x), model(x))
+            by_shape[tuple(x.shape)] = traced
+        x_t, state = step_inputs
+        step_module = torch.jit.freeze(torch.jit.trace(_Step(model).eval(), (x_t, *state)))
+        _check_parity("torchscript step", step_module(x_t, *state)[0], model.step(x_t, state)[0])
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return by_shape[tuple(x.shape)](x)
+
+    def step(x_t: torch.Tensor, state: list[torch.Tensor]):
+        y, *new_state = step_module(x_t, *state)
+        return y, new_state
+
+    return InferenceRunner("torchscript", forward, step)
+
+
+def _onnxruntime_runner(
+    model: nn.Module, seq_inputs: list[torch.Tensor], step_inputs: tuple[torch.Tensor, list]
+) -> InferenceRunner:
+    """Hook for onnxruntime: needs the ONNX exporter (issue 5) to produce the graphs."""
+    raise RuntimeUnavailableError(
+        "runtime 'onnxruntime' needs the ONNX exporter (issue 5), which is not wired into the "
+        "profiler yet; use --runtime torch or --runtime torchscript"
+    )
+
+
+# Runtime name -> builder(model, sequence inputs, (x_t, state)) -> InferenceRunner.
+RUNTIME_BUILDERS: dict[str, Callable[..., InferenceRunner]] = {
+    "torch": _torch_runner,
+    "torchscript": _torchscript_runner,
+    "onnxruntime": _onnxruntime_runner,
+}
+
+
+def prepare_runtime(
+    runtime: str,
+    model: nn.Module,
+    seq_inputs: list[torch.Tensor],
+    step_inputs: tuple[torch.Tensor, list[torch.Tensor]],
+) -> InferenceRunner:
+    """Prepare ``model`` (already in eval mode) for timed inference in ``runtime``.
+
+    Parameters
+    ----------
+    runtime : {"torch", "torchscript", "onnxruntime"}
+        The runtime; TorchScript traces and freezes the model and checks its output
+        against eager torch.
+    model : torch.nn.Module
+        An :class:`~compressm_tune.models.SSMModel` in eval mode.
+    seq_inputs : list of torch.Tensor
+        Every sequence input the runner will see, ``(batch, L, d_input)`` each.
+    step_inputs : tuple
+        ``(x_t (1, d_input), state)`` as the runner's step will see them.
+
+    Returns
+    -------
+    InferenceRunner
+
+    Raises
+    ------
+    RuntimeUnavailableError
+        The runtime is not wired up yet (``onnxruntime``: needs the exporter).
+    ExportError
+        A compiled graph's output differs from eager torch.
+    ValueError
+        ``runtime`` is unknown.
+    """
+    if runtime not in RUNTIME_BUILDERS:
+        raise ValueError(f"runtime must be one of {sorted(RUNTIME_BUILDERS)}, got {runtime!r}")
+    return RUNTIME_BUILDERS[runtime](model, seq_inputs, step_inputs)

@@ -1,0 +1,312 @@
+"""The profile file: dataclasses, a versioned JSON schema, strict loading and atomic writing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compressm_tune.errors import ConfigError, ProfileError
+from compressm_tune.hardware._config import ProfilerConfig
+from compressm_tune.hardware._fingerprint import DeviceFingerprint
+from compressm_tune.hardware._steps import fast_widths, step_up_widths
+from compressm_tune.hardware._timing import TimingStats
+
+__all__ = ["METRICS", "Profile", "ModelRecord", "load_profile", "save_profile",
+           "SCHEMA_NAME", "SCHEMA_VERSION"]
+
+SCHEMA_NAME = "compressm-tune/hardware-profile"
+SCHEMA_VERSION = 1
+
+METRICS = {
+    "latency_ms": "sequence-mode inference per sample at batch 1 (median), ms",
+    "latency_min_ms": "fastest batch-1 sequence-mode inference, ms (robust on shared machines)",
+    "step_ms": "streaming step per token at batch 1 (median), ms",
+    "batch_ms": "sequence-mode inference of one throughput batch (median), ms",
+    "train_step_ms": "one training step, fwd + bwd + AdamW (median), ms",
+    "energy_mj": "energy per sequence-mode inference at batch 1, mJ",
+    "peak_mem_mb": "parameters + peak growth during a training step, MiB",
+    "infer_mem_mb": "parameters + peak growth during a throughput-batch inference, MiB",
+}
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Measurements of one model whose blocks have state widths ``state_dims``.
+
+    Attributes
+    ----------
+    state_dims : tuple of int
+        N of every block, in order; a profile's records have equal widths.
+    latency : TimingStats
+        Sequence-mode inference of one sample (batch 1), ms per sample.
+    step : TimingStats
+        Streaming :meth:`step` at batch 1, ms per token.
+    batch_latency : TimingStats
+        Sequence-mode inference of ``throughput_batch`` samples, ms per batch.
+    train_step : TimingStats
+        One training step at ``batch`` (forward, backward, AdamW), ms per step.
+    throughput_samples_per_s : float
+        ``throughput_batch / batch_latency.p50_ms``, in samples per second.
+    energy_mj : float or None
+        Energy per batch-1 sequence-mode inference, mJ; ``None`` when not measured.
+    energy_method : str
+        How ``energy_mj`` was obtained; estimates start with ``"estimate"``.
+    param_mb : float
+        Parameters and buffers, MiB.
+    train_peak_mem_mb, infer_peak_mem_mb : float
+        Peak memory growth above the resident model during a training step and a
+        throughput-batch inference, MiB.
+    """
+
+    state_dims: tuple[int, ...]
+    latency: TimingStats
+    step: TimingStats
+    batch_latency: TimingStats
+    train_step: TimingStats
+    throughput_samples_per_s: float
+    energy_mj: float | None
+    energy_method: str
+    param_mb: float
+    train_peak_mem_mb: float
+    infer_peak_mem_mb: float
+
+    @property
+    def blocks(self) -> int:
+        """Number of blocks."""
+        return len(self.state_dims)
+
+    @property
+    def state_dim(self) -> int:
+        """The common width of all blocks (a profile record's N).
+
+        Raises
+        ------
+        ValueError
+            The blocks have different widths.
+        """
+        if len(set(self.state_dims)) != 1:
+            raise ValueError(f"blocks have different widths: {self.state_dims}")
+        return self.state_dims[0]
+
+    def metric(self, name: str) -> float | None:
+        """Return one of :data:`METRICS` for this record (``None``: energy not measured)."""
+        values = {
+            "latency_ms": self.latency.p50_ms,
+            "latency_min_ms": self.latency.min_ms,
+            "step_ms": self.step.p50_ms,
+            "batch_ms": self.batch_latency.p50_ms,
+            "train_step_ms": self.train_step.p50_ms,
+            "energy_mj": self.energy_mj,
+            "peak_mem_mb": self.param_mb + self.train_peak_mem_mb,
+            "infer_mem_mb": self.param_mb + self.infer_peak_mem_mb,
+        }
+        if name not in values:
+            raise ValueError(f"metric must be one of {sorted(values)}, got {name!r}")
+        return values[name]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A device profile: fingerprint, settings and one record per state width.
+
+    Attributes
+    ----------
+    created_utc : str
+        ISO-8601 time the measurement finished.
+    device : DeviceFingerprint
+    config : ProfilerConfig
+        The resolved settings (concrete device and thread count).
+    timing_method, energy_method, energy_note, memory_method : str
+        How times, energy and memory were measured; the energy method of estimates
+        starts with ``"estimate"``.
+    records : tuple of ModelRecord
+        One per width in ``config.widths``, ascending, each with ``config.blocks`` blocks.
+    overhead_record : ModelRecord
+        The reference width measured with a different block count, which separates the
+        per-block cost from the fixed cost (encoder, head, dispatch) in :class:`LatencyModel`.
+    load_avg_1m_start, load_avg_1m_end : float
+        One-minute load average before and after; a value above the thread count means
+        the machine was shared while measuring.
+    notes : tuple of str
+        Free-form remarks (no GPU found, shared machine, ...).
+    """
+
+    created_utc: str
+    device: DeviceFingerprint
+    config: ProfilerConfig
+    timing_method: str
+    energy_method: str
+    energy_note: str
+    memory_method: str
+    records: tuple[ModelRecord, ...]
+    overhead_record: ModelRecord
+    load_avg_1m_start: float
+    load_avg_1m_end: float
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for r in (*self.records, self.overhead_record):
+            if not r.state_dims or len(set(r.state_dims)) != 1 or r.state_dims[0] < 1:
+                raise ProfileError(f"a record must have equal widths >= 1, got {r.state_dims}")
+        widths = [r.state_dim for r in self.records]
+        if widths != sorted(set(widths)) or len(widths) < 2:
+            raise ProfileError(f"records must hold >= 2 distinct ascending widths, got {widths}")
+        if any(r.blocks != self.config.blocks for r in self.records):
+            raise ProfileError(f"every record must have config.blocks={self.config.blocks} blocks")
+        if self.overhead_record.blocks == self.config.blocks:
+            raise ProfileError("overhead_record must use a block count other than config.blocks")
+        if self.overhead_record.state_dim not in widths:
+            raise ProfileError(
+                f"overhead_record width {self.overhead_record.state_dim} is not in {widths}"
+            )
+
+    @property
+    def widths(self) -> list[int]:
+        """The measured state widths, ascending."""
+        return [r.state_dim for r in self.records]
+
+    def values(self, metric: str) -> list[float | None]:
+        """One value of ``metric`` (see :data:`METRICS`) per width, in width order."""
+        return [r.metric(metric) for r in self.records]
+
+    @property
+    def is_energy_estimate(self) -> bool:
+        """Whether energy figures are estimates rather than counter readings."""
+        return self.energy_method.startswith("estimate")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, led by the schema name and version."""
+        return {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION,
+                **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Profile:
+        """Validate and rebuild a profile from :meth:`to_dict` output.
+
+        Raises
+        ------
+        ProfileError
+            Foreign document, other schema version, or a missing, extra or ill-typed field
+            (the message names its path).
+        """
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA_NAME:
+            raise ProfileError(f"not a compressm-tune hardware profile (no schema={SCHEMA_NAME!r})")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ProfileError(
+                f"profile schema_version {version!r} is not supported (this version reads "
+                f"{SCHEMA_VERSION}); re-run `compressm-tune profile`"
+            )
+        body = {k: v for k, v in data.items() if k not in ("schema", "schema_version")}
+        return _decode(cls, body, "profile")
+
+    def fast_widths(self, metric: str = "latency_ms", tolerance: float = 0.1) -> list[int]:
+        """Measured widths after which ``metric`` rises by more than ``tolerance`` (see
+        :func:`~compressm_tune.hardware.fast_widths`)."""
+        return fast_widths(self.widths, self.values(metric), tolerance)
+
+    def step_up_widths(self, metric: str = "latency_ms", tolerance: float = 0.1) -> list[int]:
+        """Measured widths at which ``metric`` jumps by more than ``tolerance`` over the
+        previous width (see :func:`~compressm_tune.hardware.step_up_widths`)."""
+        return step_up_widths(self.widths, self.values(metric), tolerance)
+
+
+def _decode(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against the type hint ``tp`` and rebuild dataclasses and tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return _decode(inner, value, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ProfileError(f"{path}: expected an object, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        extra = sorted(set(value) - set(fields))
+        if extra:
+            raise ProfileError(f"{path}: unexpected field(s) {extra}")
+        kwargs = {}
+        for name, field in fields.items():
+            if name not in value:
+                if field.default is dataclasses.MISSING:
+                    raise ProfileError(f"{path}.{name}: missing")
+                continue
+            kwargs[name] = _decode(hints[name], value[name], f"{path}.{name}")
+        try:
+            return tp(**kwargs)
+        except ConfigError as err:
+            raise ProfileError(f"{path}: {err}") from err
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ProfileError(f"{path}: expected a list, got {type(value).__name__}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_decode(inner, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise ProfileError(f"{path}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp in (int, str, bool) and (type(value) is not tp):
+        raise ProfileError(f"{path}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def save_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
+    """Write ``profile`` as JSON atomically (temporary file + :func:`os.replace`).
+
+    Returns
+    -------
+    pathlib.Path
+        The written path; parent directories are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(profile.to_dict(), indent=1, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile:
+    """Read and validate a profile written by :func:`save_profile`.
+
+    Raises
+    ------
+    ProfileError
+        Missing, unreadable, truncated or corrupted file, a foreign JSON document, another
+        schema version, or invalid content; the one-line message names the file and cause.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ProfileError(f"cannot read profile {path}: {err}") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ProfileError(
+            f"profile {path} is not valid JSON (truncated or corrupted?): {err}"
+        ) from err
+    try:
+        return Profile.from_dict(data)
+    except ProfileError as err:
+        raise ProfileError(f"profile {path}: {err}") from err

@@ -1,0 +1,301 @@
+"""Profile schema, bad files, the latency model on synthetic data, cut points and compare."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compressm_tune.errors import CompressmError, ConfigError, ProfileError
+from compressm_tune.hardware import (
+    METRICS,
+    SCHEMA_VERSION,
+    LatencyModel,
+    ModelRecord,
+    Profile,
+    ProfilerConfig,
+    TimingStats,
+    compare,
+    fast_widths,
+    fingerprint,
+    load_profile,
+    parse_widths,
+    plot_comparison,
+    round_up_to,
+    save_profile,
+    step_up_widths,
+)
+
+WIDTHS = (4, 8, 16, 32, 64, 128)
+
+
+def _stats(value_ms: float) -> TimingStats:
+    return TimingStats(p50_ms=value_ms, p90_ms=1.1 * value_ms, p99_ms=1.2 * value_ms,
+                       iqr_ms=0.05 * value_ms, mean_ms=value_ms, min_ms=0.9 * value_ms,
+                       repeats=10, total_s=value_ms / 100)
+
+
+def _record(width: int, blocks: int, overhead: float, cost, energy: bool) -> ModelRecord:
+    total = overhead + blocks * cost(width)
+    return ModelRecord(
+        state_dims=(width,) * blocks, latency=_stats(total), step=_stats(total / 10),
+        batch_latency=_stats(8 * total), train_step=_stats(30 * total),
+        throughput_samples_per_s=8 / (8 * total / 1e3),
+        energy_mj=2 * total if energy else None,
+        energy_method="rapl" if energy else "unavailable",
+        param_mb=0.001 * total, train_peak_mem_mb=0.5 * total, infer_peak_mem_mb=0.1 * total,
+    )
+
+
+def make_profile(widths=WIDTHS, blocks=2, overhead=0.3, cost=lambda n: 0.05 + 0.01 * n,
+                 energy=True, cpu_model="Test CPU") -> Profile:
+    """A profile whose every metric is an exact affine image of ``overhead + K * cost(N)``."""
+    return Profile(
+        created_utc="2026-01-01T00:00:00+00:00",
+        device=dataclasses.replace(fingerprint("cpu"), cpu_model=cpu_model, torch_threads=1),
+        config=ProfilerConfig(device="cpu", threads=1, widths=widths, blocks=blocks),
+        timing_method="synthetic",
+        energy_method="rapl" if energy else "unavailable",
+        energy_note="synthetic",
+        memory_method="rss_sampling",
+        records=tuple(_record(w, blocks, overhead, cost, energy) for w in widths),
+        overhead_record=_record(widths[0], 1 if blocks > 1 else 2, overhead, cost, energy),
+        load_avg_1m_start=0.1,
+        load_avg_1m_end=1.1,
+        notes=("synthetic",),
+    )
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def test_round_trip_is_exact(tmp_path: Path) -> None:
+    profile = make_profile()
+    path = save_profile(profile, tmp_path / "sub" / "dev.json")
+    assert load_profile(path) == profile
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == SCHEMA_VERSION and data["schema"].endswith("profile")
+    assert [p.name for p in path.parent.iterdir()] == ["dev.json"]  # no temp file left
+
+
+def test_round_trip_without_energy(tmp_path: Path) -> None:
+    profile = make_profile(energy=False)
+    assert load_profile(save_profile(profile, tmp_path / "p.json")) == profile
+
+
+def test_save_replaces_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text("old")
+    save_profile(make_profile(), path)
+    assert load_profile(path).notes == ("synthetic",)
+
+
+def _mutated(tmp_path: Path, mutate) -> Path:
+    data = json.loads(json.dumps(make_profile().to_dict()))
+    mutate(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _set(path: str, value):
+    def mutate(data):
+        *parents, last = path.split(".")
+        node = data
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[int(last) if last.isdigit() else last] = value
+    return mutate
+
+
+BAD_CONTENT = {
+    "foreign document": (lambda d: d.pop("schema"), "not a compressm-tune hardware profile"),
+    "newer version": (_set("schema_version", SCHEMA_VERSION + 1), "schema_version 2"),
+    "version as text": (_set("schema_version", "1"), "schema_version '1'"),
+    "missing field": (lambda d: d["records"][1].pop("latency"), "records[1].latency: missing"),
+    "extra field": (_set("surprise", 1), "unexpected field(s) ['surprise']"),
+    "wrong type": (_set("records.0.state_dims.1", "4"), "records[0].state_dims[1]: expected int"),
+    "bool for int": (_set("config.blocks", True), "config.blocks: expected int"),
+    "not finite": (_set("records.2.latency.p50_ms", float("nan")), "expected a finite number"),
+    "object for list": (_set("records", {}), "profile.records: expected a list"),
+    "invalid config": (_set("config.blocks", 0), "blocks must be an integer >= 1"),
+    "mixed widths in a record": (
+        _set("records.0.state_dims.1", 8), "a record must have equal widths >= 1"
+    ),
+    "unsorted widths": (
+        lambda d: d["records"].reverse(), "records must hold >= 2 distinct ascending widths"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONTENT))
+def test_bad_content_is_one_clear_profile_error(tmp_path: Path, case: str) -> None:
+    mutate, message = BAD_CONTENT[case]
+    path = _mutated(tmp_path, mutate)
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    text = str(info.value)
+    assert message in text and str(path) in text and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("case", "content", "message"),
+    [
+        ("empty", b"", "not valid JSON"),
+        ("truncated", None, "not valid JSON (truncated or corrupted?)"),
+        ("binary garbage", b"\x89PNG\r\n\x1a\n\x00\xff", "cannot read profile"),
+        ("foreign JSON list", b"[1, 2, 3]", "not a compressm-tune hardware profile"),
+        ("foreign JSON object", b'{"name": "resnet"}', "not a compressm-tune hardware profile"),
+    ],
+)
+def test_bad_files_are_one_clear_profile_error(tmp_path, case, content, message) -> None:
+    path = tmp_path / "bad.json"
+    if content is None:
+        good = json.dumps(make_profile().to_dict()).encode()
+        content = good[: len(good) // 2]
+    path.write_bytes(content)
+    with pytest.raises(ProfileError, match=re.escape(message)):
+        load_profile(path)
+
+
+def test_missing_file_is_profile_error_and_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="cannot read profile") as info:
+        load_profile(tmp_path / "absent.json")
+    assert isinstance(info.value, ValueError) and isinstance(info.value, CompressmError)
+
+
+# --------------------------------------------------------------------------- latency model
+
+
+def test_latency_model_recovers_overhead_and_composes_mixed_widths() -> None:
+    model = LatencyModel.from_profile(make_profile(), interpolation="piecewise")
+    assert model.overhead("latency_ms") == pytest.approx(0.3)
+    assert model.per_layer(24) == pytest.approx(0.05 + 0.24)  # between measured widths
+    dims = [100, 7, 33, 128, 4]
+    want = 0.3 + sum(0.05 + 0.01 * n for n in dims)
+    assert model.predict(dims) == pytest.approx(want)
+    assert model.predict(dims, "train_step_ms") == pytest.approx(30 * want)
+    assert model.predict(dims, "energy_mj") == pytest.approx(2 * want)
+    assert model.predict([256]) == pytest.approx(0.3 + 0.05 + 2.56)  # linear extrapolation
+    assert model.holdout_error().max_abs_rel_error < 1e-9
+    assert set(model.metrics) == set(METRICS)
+
+
+def test_auto_interpolation_picks_the_better_holdout() -> None:
+    quadratic = make_profile(cost=lambda n: 0.1 + 0.001 * n + 0.0005 * n * n)
+    model = LatencyModel.from_profile(quadratic)
+    assert model.interpolation("latency_ms") == "quadratic"
+    assert model.holdout_error().max_abs_rel_error < 1e-6
+    assert model.holdout_error(interpolation="piecewise").max_abs_rel_error > 0.01
+    kinked = make_profile(cost=lambda n: 1.0 if n <= 16 else 1.0 + 0.1 * (n - 16))
+    assert LatencyModel.from_profile(kinked).interpolation("latency_ms") == "piecewise"
+
+
+def test_latency_model_rejects_bad_requests() -> None:
+    model = LatencyModel.from_profile(make_profile(energy=False))
+    with pytest.raises(ValueError, match="state_dims must list at least one width >= 1"):
+        model.predict([])
+    with pytest.raises(ValueError, match=r"got \[4, 0\]"):
+        model.predict([4, 0])
+    with pytest.raises(ValueError, match="metric must be one of"):
+        model.predict([4], metric="latency_s")
+    with pytest.raises(ValueError, match="energy_mj' was not measured.*unavailable"):
+        model.predict([4], metric="energy_mj")
+    with pytest.raises(ValueError, match="interpolation must be"):
+        LatencyModel.from_profile(make_profile(), interpolation="cubic")
+
+
+def test_negative_overhead_warns_and_clamps() -> None:
+    noisy = make_profile()
+    bad_ref = dataclasses.replace(noisy.overhead_record,
+                                  latency=_stats(0.4 * noisy.records[0].latency.p50_ms))
+    noisy = dataclasses.replace(noisy, overhead_record=bad_ref)
+    with pytest.warns(UserWarning) as caught:
+        model = LatencyModel.from_profile(noisy)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("latency_ms: the fixed-cost estimate is negative") for m in messages)
+    assert all("--min-time-s" in m for m in messages)
+    assert model.overhead("latency_ms") == 0.0
+
+
+# --------------------------------------------------------------------------- cut points
+
+
+def test_step_up_and_fast_widths() -> None:
+    widths, latency = [4, 8, 16, 32, 64], [1.0, 1.01, 1.6, 1.62, 3.5]
+    assert step_up_widths(widths, latency, 0.1) == [16, 64]
+    assert fast_widths(widths, latency, 0.1) == [8, 32, 64]
+    assert round_up_to(9, fast_widths(widths, latency)) == 32
+    assert round_up_to(8, [8, 32]) == 8 and round_up_to(100, [8, 32]) == 100
+    plateau = make_profile(cost=lambda n: 1.0 if n <= 16 else 3.0)
+    assert plateau.fast_widths() == [16, 128]
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        round_up_to(0, [8])
+    with pytest.raises(ValueError, match="distinct, ascending"):
+        step_up_widths([8, 4], [1.0, 2.0])
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def test_compare_two_profiles_table_ratios_and_plot(tmp_path: Path) -> None:
+    fast = make_profile(cpu_model="Fast CPU")
+    slow = make_profile(cpu_model="Slow CPU", overhead=0.6, cost=lambda n: 0.1 + 0.02 * n,
+                        widths=(4, 8, 16, 32, 64, 128, 256), energy=False)
+    table = compare([fast, slow])
+    assert table.widths == (4, 8, 16, 32, 64, 128, 256)
+    assert table.labels == ("Fast CPU (1 thr)", "Slow CPU (1 thr)")
+    ratios = table.ratios("latency_ms")
+    assert ratios[0][:6] == [1.0] * 6 and ratios[1][0] == pytest.approx(2.0)
+    assert ratios[1][-1] is None  # width 256 only measured on the slow device
+    text = table.to_markdown()
+    assert "latency Slow CPU (1 thr) / Fast CPU (1 thr)" in text and "| 256 |" in text
+    assert "steps up at" in text and "energy method `unavailable`" in text
+    png = plot_comparison(table, tmp_path / "plots" / "cmp.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_labels_estimates_and_dedupes() -> None:
+    estimate = dataclasses.replace(make_profile(), energy_method="estimate_cpu_time")
+    table = compare([estimate, make_profile()])
+    assert len(set(table.labels)) == 2
+    assert "mJ/inf (estimate)" in table.to_markdown()
+    with pytest.raises(ConfigError, match="at least one profile"):
+        compare([])
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_validation_and_width_parsing() -> None:
+    assert parse_widths("4,8,...,512") == (4, 8, 16, 32, 64, 128, 256, 512)
+    assert parse_widths("16, 4,8") == (16, 4, 8)
+    for bad in ("4,x", "4,...,8", "8,4,...,64", "4,8,...,102"):
+        with pytest.raises(ConfigError):
+            parse_widths(bad)
+    with pytest.raises(ConfigError, match="runtime must be one of"):
+        ProfilerConfig(runtime="tensorrt")
+    with pytest.raises(ConfigError, match="at least two distinct widths"):
+        ProfilerConfig(widths=(8, 8))
+    with pytest.raises(ConfigError, match="device must be"):
+        ProfilerConfig(device="tpu")
+    resolved = ProfilerConfig(device="cpu").resolved()
+    assert resolved.threads is not None and resolved.threads >= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not __import__("torch").cuda.is_available():
+            with pytest.raises(ConfigError, match="torch sees 0 CUDA device"):
+                ProfilerConfig(device="cuda:0").resolved()
+
+
+def test_timing_stats_from_samples() -> None:
+    stats = TimingStats.from_samples(np.arange(1.0, 101.0))
+    assert stats.median_ms == pytest.approx(50.5) and stats.iqr_ms == pytest.approx(49.5)
+    assert stats.p99_ms == pytest.approx(99.01) and stats.repeats == 100
+    with pytest.raises(ValueError, match="at least one timing sample"):
+        TimingStats.from_samples(np.array([]))

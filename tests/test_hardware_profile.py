@@ -1,0 +1,119 @@
+"""A real (small, quick) profile of this machine through the CLI commands, its latency model,
+and ``compare`` on two real profiles (eager torch and TorchScript)."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressm_tune.errors import ConfigError
+from compressm_tune.hardware import (
+    LatencyModel,
+    Profile,
+    add_compare_parser,
+    add_profile_parser,
+    config_from_args,
+    load_profile,
+)
+
+# Leave-one-out tolerance on the real quick profile: the mean absolute error of predicting each
+# interior width's latency from the others. Stated loosely (30 %) because CI machines are shared
+# and the quick settings time sub-millisecond calls; the committed profile and
+# bench_results/profiler_accuracy.md show the accuracy at the default settings.
+HOLDOUT_MEAN_TOLERANCE = 0.30
+
+QUICK = ["--device", "cpu", "--widths", "4,8,...,128", "--hidden", "32", "--blocks", "2",
+         "--seq-len", "64", "--batch", "4", "--throughput-batch", "8", "--threads", "1",
+         "--min-time-s", "0.3", "--warmup", "2", "--rounds", "10", "--quiet"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compressm-tune")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_profile_parser(subparsers)
+    add_compare_parser(subparsers)
+    return parser
+
+
+def _run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings of the TorchScript runtime
+        return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def quick_profile(tmp_path_factory) -> tuple[Path, Profile]:
+    path = tmp_path_factory.mktemp("profiles") / "quick.json"
+    assert _run(["profile", *QUICK, "--note", "pytest quick profile", "--out", str(path)]) == 0
+    return path, load_profile(path)
+
+
+def test_cli_parses_into_the_config_dataclass() -> None:
+    args = _parser().parse_args(["profile", "--widths", "8,16,...,64", "--blocks", "3"])
+    config = config_from_args(args)
+    assert config.widths == (8, 16, 32, 64) and config.blocks == 3
+    assert config.hidden == 64 and config.runtime == "torch"  # dataclass defaults kept
+    with pytest.raises(ConfigError, match="hidden must be an integer >= 1"):
+        config_from_args(_parser().parse_args(["profile", "--hidden", "0"]))
+    assert _parser().parse_args(["compare", "a.json", "b.json"]).func.__name__ == "_run_compare"
+
+
+def test_quick_profile_records_everything(quick_profile) -> None:
+    _, profile = quick_profile
+    assert profile.widths == [4, 8, 16, 32, 64, 128]
+    assert profile.config.threads == profile.device.torch_threads == 1
+    assert profile.overhead_record.blocks == 1 and profile.overhead_record.state_dim == 4
+    assert "pytest quick profile" in profile.notes
+    for record in profile.records:
+        assert record.latency.repeats >= 5 and record.latency.total_s >= 0.3
+        assert record.latency.p50_ms <= record.latency.p90_ms <= record.latency.p99_ms
+        assert record.step.p50_ms > 0 and record.train_step.p50_ms > 0
+        assert record.throughput_samples_per_s > 0 and record.param_mb > 0
+        assert record.energy_mj is not None and record.energy_mj > 0
+    params = [r.param_mb for r in profile.records]
+    assert params == sorted(params)  # more state, more parameters
+
+
+def test_quick_profile_energy_is_labelled(quick_profile) -> None:
+    _, profile = quick_profile
+    assert profile.energy_method in ("rapl", "estimate_cpu_time")
+    assert {r.energy_method for r in profile.records} == {profile.energy_method}
+    if profile.is_energy_estimate:
+        assert any("energy figures are estimates" in note for note in profile.notes)
+    if not torch.cuda.is_available():
+        assert any("no CUDA device found" in n for n in profile.notes) or \
+            profile.config.device == "cpu"
+
+
+def test_latency_model_predicts_held_out_widths_of_a_real_profile(quick_profile) -> None:
+    _, profile = quick_profile
+    model = LatencyModel.from_profile(profile)
+    holdout = model.holdout_error("latency_ms")
+    assert holdout.widths == (8, 16, 32, 64)
+    assert holdout.mean_abs_rel_error <= HOLDOUT_MEAN_TOLERANCE, holdout
+    mixed = model.predict([128, 4, 32])
+    assert model.predict([4, 4, 32]) < mixed < model.predict([128, 128, 128]) * 1.5
+
+
+def test_compare_two_real_profiles(quick_profile, tmp_path: Path, capsys) -> None:
+    torch_path, _ = quick_profile
+    script_path = tmp_path / "script.json"
+    quick_script = ["--device", "cpu", "--runtime", "torchscript", "--widths", "4,32",
+                    "--hidden", "16", "--seq-len", "16", "--batch", "2", "--throughput-batch",
+                    "4", "--threads", "1", "--min-time-s", "0.02", "--warmup", "1",
+                    "--rounds", "1", "--quiet"]
+    assert _run(["profile", *quick_script, "--out", str(script_path)]) == 0
+    assert "torchscript" in load_profile(script_path).timing_method
+    capsys.readouterr()
+    plot, markdown = tmp_path / "cmp.png", tmp_path / "cmp.md"
+    assert _run(["compare", str(torch_path), str(script_path), "--plot", str(plot),
+                 "--markdown", str(markdown)]) == 0
+    out = capsys.readouterr().out
+    assert "[torch]" in out and "[torchscript]" in out and "steps up at" in out
+    assert markdown.read_text() == out
+    assert plot.read_bytes()[:4] == b"\x89PNG"
