@@ -152,6 +152,9 @@ def _add_tune_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=d.steps, help=f"steps per trial ({d.steps})")
     g.add_argument("--blocks", type=int, default=d.blocks, help=f"({d.blocks})")
     g.add_argument("--hidden", type=int, default=d.hidden, help=f"({d.hidden})")
+    g.add_argument("--state-dims", default=",".join(map(str, d.state_dims)),
+                   help="initial widths the search may start from "
+                        f"({','.join(map(str, d.state_dims))})")
     g.add_argument("--profile", default=None, help="profile JSON (default: this device's, "
                    "cached or measured)")
     g.add_argument("--storage", default=None, help="Optuna storage: SQLAlchemy URL or "
@@ -164,6 +167,15 @@ def _add_tune_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch threads for training")
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    from compressm_tune.errors import ConfigError
+
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--state-dims must be comma-separated integers, got {text!r}") from None
+
+
 def _tune(args: argparse.Namespace) -> int:
     from compressm_tune.search import TuneConfig, run_tune
 
@@ -171,6 +183,7 @@ def _tune(args: argparse.Namespace) -> int:
         budget_ms=args.budget_ms, budget_mj=args.budget_mj, latency_mode=args.latency_mode,
         dataset=args.dataset, data_path=args.data_path, data_dir=args.data_dir,
         trials=args.trials, steps=args.steps, blocks=args.blocks, hidden=args.hidden,
+        state_dims=_widths(args.state_dims),
         profile=args.profile, storage=args.storage, study=args.study, out=args.out,
         seed=args.seed, pareto=args.pareto, threads=args.threads)
     summary = run_tune(config)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressm_tune.errors import CompressmError, ConfigError, MissingDependencyError
+from compressm_tune.errors import ConfigError, MissingDependencyError
 from compressm_tune.hardware import (
     CpuTimeEstimateBackend,
     EnergyBackend,
@@ -25,7 +25,6 @@ from compressm_tune.hardware import (
     NvmlPowerSamplingBackend,
     ProfilerConfig,
     RaplBackend,
-    RuntimeUnavailableError,
     fixed_threads,
     measure_peak_memory,
     prepare_runtime,
@@ -300,11 +299,21 @@ def test_torchscript_runner_matches_eager() -> None:
     assert torch.allclose(y, y_ref, atol=1e-5) and len(new_state) == len(ref_state)
 
 
-def test_onnxruntime_hook_says_it_needs_the_exporter() -> None:
-    with pytest.raises(RuntimeUnavailableError, match="needs the ONNX exporter") as info:
-        profile_device(ProfilerConfig(device="cpu", runtime="onnxruntime", widths=(2, 4)),
-                       progress=False)
-    assert isinstance(info.value, NotImplementedError) and isinstance(info.value, CompressmError)
+def test_onnxruntime_runner_matches_eager() -> None:
+    model = _tiny_model()
+    x = torch.randn(2, 10, 1)
+    state = model.allocate_state(1)
+    x_t = torch.randn(1, 1)
+    runner = prepare_runtime("onnxruntime", model, [x], (x_t, state))
+    with torch.no_grad():
+        assert torch.allclose(runner.forward(x), model(x), atol=1e-5)
+        y, new_state = runner.step(x_t, state)
+        y_ref, ref_state = model.step(x_t, state)
+    assert runner.runtime == "onnxruntime"
+    assert torch.allclose(y, y_ref, atol=1e-5) and len(new_state) == len(ref_state)
+
+
+def test_unknown_runtime_is_rejected() -> None:
     with pytest.raises(ValueError, match="runtime must be one of"):
         prepare_runtime("tvm", _tiny_model(), [], (torch.zeros(1, 1), []))
 

@@ -31,7 +31,6 @@ from compressm_tune.hardware._profiler import measure_models, profile_device
 from compressm_tune.hardware._rapl import RaplBackend
 from compressm_tune.hardware._runtimes import (
     InferenceRunner,
-    RuntimeUnavailableError,
     prepare_runtime,
 )
 from compressm_tune.hardware._schema import (
@@ -75,7 +74,6 @@ __all__ = [
     "Profile",
     "ProfilerConfig",
     "RaplBackend",
-    "RuntimeUnavailableError",
     "TimingStats",
     "ModelRecord",
     "add_compare_parser",

@@ -278,8 +278,6 @@ def profile_device(
     ------
     ConfigError
         A requested CUDA device does not exist.
-    RuntimeUnavailableError
-        The runtime is not wired up yet (onnxruntime).
     """
     notes = list(notes)
     with _session(config, notes) as session:

@@ -8,15 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressm_tune.errors import CompressmError, ExportError
+from compressm_tune.errors import ExportError
 
-__all__ = ["InferenceRunner", "RuntimeUnavailableError", "prepare_runtime", "RUNTIME_BUILDERS"]
+__all__ = ["InferenceRunner", "prepare_runtime", "RUNTIME_BUILDERS"]
 
 StepFn = Callable[[torch.Tensor, list[torch.Tensor]], tuple[torch.Tensor, list[torch.Tensor]]]
-
-
-class RuntimeUnavailableError(CompressmError, NotImplementedError):
-    """An inference runtime is not wired up yet (the message says what it needs)."""
 
 
 @dataclass(frozen=True)
@@ -90,11 +86,17 @@ def _torchscript_runner(
 def _onnxruntime_runner(
     model: nn.Module, seq_inputs: list[torch.Tensor], step_inputs: tuple[torch.Tensor, list]
 ) -> InferenceRunner:
-    """Hook for onnxruntime: needs the ONNX exporter (issue 5) to produce the graphs."""
-    raise RuntimeUnavailableError(
-        "runtime 'onnxruntime' needs the ONNX exporter (issue 5), which is not wired into the "
-        "profiler yet; use --runtime torch or --runtime torchscript"
-    )
+    """The exporter's ONNX graphs in onnxruntime (the engine budgets are measured in), with
+    as many intra-op threads as torch has here; output checked against eager torch."""
+    from compressm_tune.exporter import onnxruntime_functions
+
+    forward, step = onnxruntime_functions(model, threads=torch.get_num_threads())
+    with torch.no_grad():
+        for x in seq_inputs:
+            _check_parity("onnxruntime forward", forward(x), model(x))
+        x_t, state = step_inputs
+        _check_parity("onnxruntime step", step(x_t, state)[0], model.step(x_t, state)[0])
+    return InferenceRunner("onnxruntime", forward, step)
 
 
 # Runtime name -> builder(model, sequence inputs, (x_t, state)) -> InferenceRunner.
@@ -131,8 +133,6 @@ def prepare_runtime(
 
     Raises
     ------
-    RuntimeUnavailableError
-        The runtime is not wired up yet (``onnxruntime``: needs the exporter).
     ExportError
         A compiled graph's output differs from eager torch.
     ValueError

@@ -24,7 +24,8 @@ def _export_and_measure(config: TuneConfig, checkpoint: str, out: Path) -> dict[
     from compressm_tune.exporter import export_bundle, measure_latency
 
     manifest = export_bundle(checkpoint, out)
-    timing = measure_latency(out, mode=config.latency_mode, threads=config.ort_threads)
+    timing = measure_latency(out, mode=config.latency_mode, threads=config.ort_threads,
+                             record=True)
     return {"manifest": manifest, "latency": timing}
 
 
@@ -38,6 +39,8 @@ def choose_and_export(config: TuneConfig, feasible: list[optuna.trial.FrozenTria
     out = Path(config.out)
     misses = []
     for trial in feasible:
+        if not Path(trial.user_attrs["checkpoint"]).exists():
+            continue  # trained by a worker on another machine; its checkpoint lives there
         bundle = out / "trials" / f"{trial.number:04d}" / "bundle"
         result = _export_and_measure(config, trial.user_attrs["checkpoint"], bundle)
         measured = result["latency"]["p50_ms"]
@@ -49,6 +52,9 @@ def choose_and_export(config: TuneConfig, feasible: list[optuna.trial.FrozenTria
                     "manifest": result["manifest"], "fallbacks": misses}
         misses.append({"trial": trial.number, "predicted_ms": trial.user_attrs["predicted_ms"],
                        "measured_ms": measured})
+    if not misses:
+        raise BudgetMissedError("no feasible trial's checkpoint is on this machine; run the "
+                                "job where the best trials were trained")
     raise BudgetMissedError(
         f"every feasible trial missed {config.budget_ms:g} ms when measured: "
         + ", ".join(f"trial {m['trial']} {m['measured_ms']:.3g} ms" for m in misses))

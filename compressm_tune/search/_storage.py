@@ -19,8 +19,8 @@ from compressm_tune.errors import CompressmError, ConfigError
 
 __all__ = ["open_storage", "StorageError"]
 
-HEARTBEAT_S = 10  # a RUNNING trial silent for GRACE_S seconds belonged to a dead process
-GRACE_S = 30
+HEARTBEAT_S = 4  # a RUNNING trial silent for GRACE_S seconds belonged to a dead process
+GRACE_S = 12
 
 
 class StorageError(CompressmError, RuntimeError):

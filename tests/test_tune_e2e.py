@@ -1,0 +1,188 @@
+"""The budgeted job end to end: search, export, measured latency, resume, shared studies.
+
+Each run is tiny (1 block, H=8, a few steps) but real: real training, a real SQLite or
+PostgreSQL study, a real ONNX export measured in onnxruntime by the test itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import optuna
+import pytest
+
+from compressm_tune.hardware import ProfilerConfig, profile_device, save_profile
+
+pytestmark = pytest.mark.slow
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    """A real onnxruntime profile of this machine at the tests' shape (H=8, 1 block, L=40)."""
+    profile = profile_device(ProfilerConfig(
+        device="cpu", runtime="onnxruntime", widths=(1, 4, 16, 32), hidden=8, blocks=1,
+        seq_len=40, min_time_s=0.05, rounds=2, min_repeats=5, warmup=2, threads=1),
+        progress=False)
+    return save_profile(profile, tmp_path_factory.mktemp("prof") / "here.json")
+
+
+def _args(out: Path, profile: Path, trials: int, *extra: str) -> list[str]:
+    return ["--budget-ms", "50", "--dataset", "mnist1d", "--blocks", "1", "--hidden", "8",
+            "--state-dims", "16,32", "--trials", str(trials), "--steps", "12",
+            "--profile", str(profile), "--out", str(out), *extra]
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "compressm_tune.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _finished(storage: str, study: str = "compressm-tune") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=study, storage=storage).get_trials(states=FINISHED)
+
+
+def _ort_p50_ms(model: Path, seq_len: int, repeats: int = 200) -> float:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, seq_len, 1)).astype(np.float32)
+    for _ in range(20):
+        session.run(None, {"x": x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, {"x": x})
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def test_search_exports_a_model_whose_measured_latency_meets_the_budget(tmp_path,
+                                                                        profile_path):
+    from compressm_tune.search import TuneConfig, run_tune
+
+    probe = tmp_path / "probe"
+    summary = run_tune(TuneConfig(budget_ms=50, blocks=1, hidden=8, state_dims=(16, 32),
+                                  trials=2, steps=12, profile=str(profile_path),
+                                  out=str(probe)))
+    # the budget the test sets: just above the smallest trial's prediction, below the full's
+    budget = summary["predicted_ms"] * 1.3
+    out = tmp_path / "run"
+    proc = _cli(_args(out, profile_path, 3) + ["--budget-ms", f"{budget:.5f}"])
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log
+    s = json.loads((out / "summary.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert s["meets_budget"] and s["measured_ms"] <= budget
+    assert manifest["state_dims"] == s["final_state_dims"]
+    # measured here, independently of the package's own timing
+    assert _ort_p50_ms(out / "model.onnx", seq_len=40) <= budget * 1.1
+    for name in ("model.onnx", "model_step.onnx", "model.ts", "checkpoint.pt", "report.md",
+                 "history.png", "hsv.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "meets" in (out / "report.md").read_text()
+
+
+def test_resume_after_kill_finishes_the_study_without_losing_or_repeating(tmp_path,
+                                                                          profile_path):
+    out = tmp_path / "run"
+    storage = f"sqlite:///{out / 'study.db'}"
+    args = _args(out, profile_path, 4)
+    proc = _cli(args, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (out / "study.db").exists():
+            try:
+                if len(_finished(storage)) >= 1:
+                    break
+            except (KeyError, Exception):  # the study table may not exist yet
+                pass
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _finished(storage)
+    assert 1 <= len(before) < 4
+    time.sleep(13)  # past the heartbeat grace period: the killed trial is now known dead
+    rerun = _cli(args)
+    log = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, log
+    after = _finished(storage)
+    assert len(after) == 4
+    numbers = [t.number for t in after]
+    assert len(set(numbers)) == 4
+    kept = {t.number: t.params for t in before}
+    assert all(t.params == kept[t.number] for t in after if t.number in kept)  # none redone
+
+
+def _two_workers(tmp_path, profile_path, storage):
+    procs = [_cli(_args(tmp_path / f"w{i}", profile_path, 4, "--storage", storage,
+                        "--seed", str(i))) for i in range(2)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log
+    trials = _finished(storage)
+    assert len(trials) == 4  # in total, not per worker
+    assert len({t.number for t in trials}) == 4
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path, profile_path):
+    _two_workers(tmp_path, profile_path, f"sqlite:///{tmp_path / 'shared.db'}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url(tmp_path_factory):
+    """A throwaway PostgreSQL server on loopback, run as the ``postgres`` user."""
+    bins = [shutil.which("initdb")] + sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    initdb = next((str(b) for b in bins if b), None)
+    if initdb is None:
+        pytest.skip("PostgreSQL server binaries (initdb) not installed")
+    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
+    runner: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"],
+                                                             capture_output=True).returncode:
+            pytest.skip("running as root without a 'postgres' user to run the server")
+        runner = ["runuser", "-u", "postgres", "--"]
+    data = Path(f"/tmp/compressm-pg-{os.getpid()}-{time.time_ns()}")
+    data.mkdir()
+    if runner:
+        shutil.chown(data, "postgres")
+    port = _free_port()
+    init = subprocess.run([*runner, initdb, "-D", str(data / "db"), "-A", "trust", "-U", "tune"],
+                          capture_output=True, text=True)
+    if init.returncode:
+        pytest.skip(f"initdb failed: {init.stderr.strip()[:200]}")
+    start = subprocess.run(
+        [*runner, pg_ctl, "-D", str(data / "db"), "-w", "-t", "30", "-l", str(data / "log"),
+         "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"],
+        capture_output=True, text=True)
+    if start.returncode:
+        pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[:200]}")
+    yield f"postgresql://tune@127.0.0.1:{port}/postgres"
+    subprocess.run([*runner, pg_ctl, "-D", str(data / "db"), "-m", "fast", "stop"],
+                   capture_output=True)
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgresql_study(tmp_path, profile_path, postgres_url):
+    pytest.importorskip("psycopg2")
+    _two_workers(tmp_path, profile_path, postgres_url)
