@@ -196,6 +196,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``compressm-tune`` argument parser."""
+    from compressm_tune.exporter import add_export_parser
     from compressm_tune.hardware import add_compare_parser, add_profile_parser
 
     parser = argparse.ArgumentParser(
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune_args(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
+    add_export_parser(sub)
     add_profile_parser(sub)
     add_compare_parser(sub)
     return parser

@@ -8,6 +8,7 @@ share the study, and ``MaxTrialsCallback`` stops them all once ``trials`` are do
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from compressm_tune.errors import CompressmError, ConfigError
 
 __all__ = ["open_storage", "StorageError"]
 
+_OPEN_TRIES = 5
+_TRANSIENT = ("already exists", "database is locked", "duplicate key")
 HEARTBEAT_S = 4  # a RUNNING trial silent for GRACE_S seconds belonged to a dead process
 GRACE_S = 12
 
@@ -44,16 +47,24 @@ def open_storage(url: str | None, out_dir: Path) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" not in url:
         raise ConfigError(f"storage must be a SQLAlchemy URL or journal:PATH, got {url!r}")
-    try:
-        with warnings.catch_warnings():  # heartbeats are marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **_retry_stale(),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-            )
-    except Exception as exc:  # SQLAlchemy raises driver-specific types
-        reason = str(exc).splitlines()[0][:200]
-        raise StorageError(f"cannot open study storage {_redact(url)}: {reason}") from None
+    attempt = 0
+    while True:
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                    **_retry_stale(), engine_kwargs=None if url.startswith("sqlite") else {
+                        "pool_pre_ping": True},
+                )
+        except Exception as exc:  # SQLAlchemy raises driver-specific types
+            reason = str(exc).splitlines()[0][:200]
+            attempt += 1
+            # Workers starting together race to create the schema; the loser just retries.
+            if attempt >= _OPEN_TRIES or not any(m in reason for m in _TRANSIENT):
+                raise StorageError(
+                    f"cannot open study storage {_redact(url)}: {reason}") from None
+            time.sleep(0.5 * attempt)
 
 
 def _retry_stale() -> dict:

@@ -1,0 +1,49 @@
+"""Export: reduced LRU networks to ONNX and TorchScript bundles, checked in onnxruntime.
+
+``export_bundle(checkpoint, out_dir)`` writes ``model.onnx`` (whole sequences, dynamic batch and
+length, one ``Scan`` per block), ``model_step.onnx`` (streaming, explicit states), ``model.ts``
+(TorchScript), ``run.py`` (the numpy + onnxruntime edge runner) and ``manifest.json``, after
+checking every engine against eager torch. ``load_bundle`` / ``verify_bundle`` reject a bundle
+whose files do not match its manifest; ``measure_latency`` times a bundle on this machine.
+"""
+
+from compressm_tune.exporter._bundle import FILE_NAMES, FORMATS, MODES, export_bundle
+from compressm_tune.exporter._commands import add_export_parser
+from compressm_tune.exporter._edge import BundleError, EdgeBundle, Streamer, latency_stats
+from compressm_tune.exporter._errors import ExportOptionError
+from compressm_tune.exporter._manifest import load_bundle, measure_latency, verify_bundle
+from compressm_tune.exporter._onnx_graph import (
+    DEFAULT_OPSET,
+    SUPPORTED_OPSETS,
+    build_sequence_model,
+    build_step_model,
+)
+from compressm_tune.exporter._runtime import onnxruntime_functions
+from compressm_tune.exporter._torchscript import ScriptedSSM, script_model
+from compressm_tune.exporter._weights import BlockWeights, ModelWeights, extract_weights
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "FILE_NAMES",
+    "FORMATS",
+    "MODES",
+    "SUPPORTED_OPSETS",
+    "BlockWeights",
+    "BundleError",
+    "EdgeBundle",
+    "ExportOptionError",
+    "ModelWeights",
+    "ScriptedSSM",
+    "Streamer",
+    "add_export_parser",
+    "build_sequence_model",
+    "build_step_model",
+    "export_bundle",
+    "extract_weights",
+    "latency_stats",
+    "load_bundle",
+    "measure_latency",
+    "onnxruntime_functions",
+    "script_model",
+    "verify_bundle",
+]

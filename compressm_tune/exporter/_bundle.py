@@ -1,0 +1,361 @@
+"""``export_bundle``: checkpoint -> verified ONNX / TorchScript bundle with ``manifest.json``.
+
+Everything is written into a hidden staging folder inside ``out_dir`` and checked there (parity
+runs on the written files, re-loaded); only then are the files renamed into ``out_dir`` and the
+manifest written, last and atomically. A failed export leaves no manifest that could vouch for
+half-written or unchecked files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import math
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from compressm_tune import __version__
+from compressm_tune.errors import CheckpointError
+from compressm_tune.exporter import _edge
+from compressm_tune.exporter._edge import FORMAT, MANIFEST, VERSION
+from compressm_tune.exporter._errors import ExportOptionError
+from compressm_tune.exporter._manifest import file_entry, io_spec, write_manifest
+from compressm_tune.exporter._onnx_graph import (
+    DEFAULT_OPSET,
+    build_sequence_model,
+    build_step_model,
+    check_opset,
+)
+from compressm_tune.exporter._parity import default_lengths, run_parity, stream_onnx
+from compressm_tune.exporter._quantize import QUANTIZE_CHOICES, evaluate_test_split, quantize_file
+from compressm_tune.exporter._torchscript import script_model
+from compressm_tune.exporter._weights import extract_weights
+from compressm_tune.training import file_sha256, load_checkpoint, model_from_checkpoint
+
+__all__ = ["FILE_NAMES", "FORMATS", "MODES", "export_bundle"]
+
+FORMATS = ("onnx", "torchscript")
+MODES = ("sequence", "step")
+FILE_NAMES = {  # manifest key -> file name inside the bundle
+    "onnx_sequence": "model.onnx", "onnx_step": "model_step.onnx", "torchscript": "model.ts",
+    "onnx_sequence_int8": "model.int8.onnx", "onnx_step_int8": "model_step.int8.onnx",
+    "runner": "run.py",
+}
+_DEFAULT_SEQ_LEN = 64  # parity length when the checkpoint records no dataset
+
+
+def _choices(value: str | Iterable[str], allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise ExportOptionError(f"{what} must be a non-empty subset of {allowed}, got {items}")
+    return tuple(v for v in allowed if v in items)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _load_model(checkpoint: Path):
+    payload = load_checkpoint(checkpoint)  # CheckpointError on a missing/corrupt/foreign file
+    model = model_from_checkpoint(payload).eval()
+    bad = [n for n, p in model.state_dict().items() if not torch.isfinite(p).all()]
+    if bad:
+        raise CheckpointError(f"{checkpoint} holds non-finite values in {bad[:3]}")
+    dataset = payload.get("dataset") or None
+    if dataset is not None:
+        d_in = model.config.d_input
+        if dataset.get("d_input") != d_in or len(dataset.get("norm_mean", [])) != d_in or (
+                len(dataset.get("norm_std", [])) != d_in):
+            raise CheckpointError(
+                f"{checkpoint}: its dataset entry (d_input={dataset.get('d_input')}, "
+                f"{len(dataset.get('norm_mean', []))} means) does not fit the model's "
+                f"d_input={d_in}")
+        if not all(s > 0 and math.isfinite(s) for s in dataset["norm_std"]):
+            raise CheckpointError(f"{checkpoint}: norm_std must be positive and finite")
+    return payload, model, dataset
+
+
+def _versions() -> dict[str, str]:
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"compressm_tune": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": version("onnxruntime"), "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _write_torchscript(weights, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)  # TorchScript is deprecated
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        torch.jit.save(script_model(weights), str(path))
+
+
+def _load_torchscript(path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+def _quantize(stage: Path, modes: tuple[str, ...], files: dict, sessions: dict, *,
+              dataset: dict | None, train_seed: int, seq_len: int, d_input: int, threads: int,
+              seed: int) -> dict[str, Any]:
+    """int8 copies of the ONNX graphs; their size, output deviation and accuracy change."""
+    report: dict[str, Any] = {"method": "onnxruntime.quantization.quantize_dynamic, weights "
+                              "QInt8 per tensor, activations quantized at run time",
+                              "files": {}}
+    x = np.random.default_rng(seed).standard_normal((3, seq_len, d_input)).astype(np.float32)
+    q_sessions = {}
+    for mode in modes:
+        src, dst = stage / FILE_NAMES[f"onnx_{mode}"], stage / FILE_NAMES[f"onnx_{mode}_int8"]
+        quantize_file(src, dst)
+        q_sessions[mode] = _ort_session(dst, threads)
+        if mode == "sequence":
+            ref, got = (s.run(None, {"x": x})[0] for s in (sessions[mode], q_sessions[mode]))
+        else:
+            state = [np.zeros([3 if d == "batch" else d for d in s["shape"]], np.float32)
+                     for s in files["onnx_step"]["inputs"][1:]]
+            ref, got = (stream_onnx(s, x, state) for s in (sessions[mode], q_sessions[mode]))
+        report["files"][f"onnx_{mode}_int8"] = {
+            "float32_bytes": src.stat().st_size, "int8_bytes": dst.stat().st_size,
+            "size_ratio": dst.stat().st_size / src.stat().st_size,
+            "max_abs_deviation_vs_float32": float(np.abs(got - ref).max()),
+            "deviation_input": f"N(0, 1), batch 3, length {seq_len}",
+        }
+    f32 = sum(v["float32_bytes"] for v in report["files"].values())
+    i8 = sum(v["int8_bytes"] for v in report["files"].values())
+    report["size"] = {"float32_bytes": f32, "int8_bytes": i8, "ratio": i8 / f32,
+                      "change_bytes": i8 - f32}
+    if "sequence" in modes:
+        report["accuracy"] = evaluate_test_split(dataset, train_seed, sessions["sequence"],
+                                                 q_sessions["sequence"])
+    else:
+        report["accuracy"] = {"skipped": "measured with the sequence graph, not exported"}
+    return report
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    formats: str | Iterable[str] = FORMATS,
+    modes: str | Iterable[str] = MODES,
+    opset: int = DEFAULT_OPSET,
+    quantize: str | None = None,
+    *,
+    threads: int = 1,
+    parity_lengths: Iterable[int] | None = None,
+    parity_batches: Iterable[int] = (1, 3),
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Export a checkpoint to a checked, self-describing bundle folder.
+
+    Writes into ``out_dir``: ``model.onnx`` (sequence mode: ``x (batch, length, d_input)``,
+    both dynamic), ``model_step.onnx`` (streaming: ``x_t`` and one state per block, plus the
+    pooling state, in; ``y_t`` and the new states out), ``model.ts`` (TorchScript with
+    ``forward``, ``step`` and ``allocate_state``; loads with ``torch.jit.load`` alone), with
+    ``quantize="int8"`` also ``model.int8.onnx`` / ``model_step.int8.onnx``, ``run.py`` (the
+    numpy + onnxruntime edge runner) and ``manifest.json`` (written last).
+
+    Parameters
+    ----------
+    checkpoint : str or Path
+        A checkpoint from ``save_checkpoint`` / ``Trainer`` (any per-layer widths).
+    out_dir : str or Path
+        Bundle folder, created if needed; files of an earlier export are replaced.
+    formats : subset of {"onnx", "torchscript"}
+        As a tuple or a comma-separated string.
+    modes : subset of {"sequence", "step"}
+        ONNX graphs to write (the TorchScript module always has both).
+    opset : int
+        ONNX opset, within :data:`SUPPORTED_OPSETS` (13..24, default 17).
+    quantize : {None, "int8"}
+        Add dynamically int8-quantized ONNX graphs; records size and accuracy change.
+    threads : int
+        torch and onnxruntime intra-op threads during the checks.
+    parity_lengths : iterable of int, optional
+        Default: 1, the training length and ``max(2000, 4 * training length)``.
+    parity_batches : iterable of int
+    tolerance : float
+        Largest absolute output error any exported engine may show against eager torch.
+    seed : int
+        Seed of the random parity inputs.
+
+    Returns
+    -------
+    dict
+        The manifest, as written to ``out_dir/manifest.json``.
+
+    Raises
+    ------
+    CheckpointError
+        The checkpoint is missing, corrupt, not ours, or inconsistent.
+    ExportError
+        An option is unsupported (:class:`ExportOptionError`, also a ``ValueError``), or an
+        exported engine failed the parity check (nothing is written then).
+
+    Examples
+    --------
+    >>> manifest = export_bundle("runs/train/best.pt", "runs/bundle")  # doctest: +SKIP
+    >>> manifest["model"]["state_dims"], manifest["parity"]["max_abs_error"]  # doctest: +SKIP
+    ([47, 12], 3.1e-07)
+    """
+    started = time.perf_counter()
+    formats = _choices(formats, FORMATS, "formats")
+    modes = _choices(modes, MODES, "modes")
+    opset = check_opset(opset)
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ExportOptionError(f"quantize must be one of {QUANTIZE_CHOICES} or None, "
+                                f"got {quantize=}")
+    if quantize and "onnx" not in formats:
+        raise ExportOptionError(
+            "quantize='int8' quantizes the ONNX graphs; add 'onnx' to formats")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ExportOptionError(f"threads must be an integer >= 1, got {threads=}")
+    if not tolerance > 0:
+        raise ExportOptionError(f"tolerance must be > 0, got {tolerance=}")
+    checkpoint = Path(checkpoint)
+    payload, model, dataset = _load_model(checkpoint)
+    source_sha = file_sha256(checkpoint)  # the file just read (load_checkpoint checked it exists)
+    seq_len = int((dataset or {}).get("seq_len") or _DEFAULT_SEQ_LEN)
+    lengths = tuple(sorted(set(parity_lengths))) if parity_lengths else default_lengths(seq_len)
+    batches = tuple(sorted(set(parity_batches)))
+    if min(lengths) < 1 or min(batches) < 1:
+        raise ExportOptionError(f"parity lengths and batches must be >= 1, got {lengths} "
+                                f"and {batches}")
+    weights = extract_weights(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        files: dict[str, Any] = {}
+        sessions: dict[str, Any] = {}
+        with _torch_threads(threads):
+            if "onnx" in formats:
+                builders = {"sequence": build_sequence_model, "step": build_step_model}
+                for mode in modes:
+                    key = f"onnx_{mode}"
+                    proto = builders[mode](weights, opset)
+                    path = stage / FILE_NAMES[key]
+                    path.write_bytes(proto.SerializeToString())
+                    files[key] = file_entry(path, opset=opset, **io_spec(proto))
+                    sessions[mode] = _ort_session(path, threads)
+            scripted = None
+            if "torchscript" in formats:
+                path = stage / FILE_NAMES["torchscript"]
+                _write_torchscript(weights, path)
+                scripted = _load_torchscript(path)
+                files["torchscript"] = file_entry(path, **_torchscript_doc(weights))
+            parity = run_parity(model, onnx_sequence=sessions.get("sequence"),
+                                onnx_step=sessions.get("step"), torchscript=scripted,
+                                lengths=lengths, batches=batches, tolerance=tolerance, seed=seed)
+            quant = None
+            if quantize:
+                quant = _quantize(
+                    stage, modes, files, sessions, dataset=dataset, seq_len=seq_len,
+                    train_seed=(payload.get("train_config") or {}).get("seed", 0),
+                    d_input=weights.d_input, threads=threads, seed=seed)
+                for mode in modes:
+                    key = f"onnx_{mode}_int8"
+                    files[key] = file_entry(stage / FILE_NAMES[key], opset=opset,
+                                            inputs=files[f"onnx_{mode}"]["inputs"],
+                                            outputs=files[f"onnx_{mode}"]["outputs"])
+        runner = stage / FILE_NAMES["runner"]
+        runner.write_bytes(Path(_edge.__file__).read_bytes())
+        runner.chmod(0o755)
+        files["runner"] = file_entry(runner, needs="python3, numpy, onnxruntime")
+        manifest = _manifest(checkpoint, source_sha, payload, model, dataset, seq_len, opset,
+                             formats, modes, files, parity, quant, started)
+        _install(stage, out_dir, files, manifest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return manifest
+
+
+def _torchscript_doc(weights) -> dict[str, Any]:
+    y = "(batch, d_output)" if weights.pooling == "mean" else "(batch, length, d_output)"
+    return {"load": "torch.jit.load('model.ts')", "methods": {
+        "forward": f"x (batch, length, {weights.d_input}) normalized -> y {y}",
+        "allocate_state": "batch -> list of zero states (as model_step.onnx's state inputs)",
+        "step": "x_t (batch, d_input), state -> (y_t (batch, d_output), new state)",
+    }}
+
+
+def _install(stage: Path, out_dir: Path, files: dict, manifest: dict) -> None:
+    """Move the checked files into ``out_dir``; the manifest goes last."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # no manifest may describe a mixed folder
+    for key, name in FILE_NAMES.items():
+        if key in files:
+            (stage / name).replace(out_dir / name)
+        else:
+            (out_dir / name).unlink(missing_ok=True)  # stale file of an earlier export
+    write_manifest(out_dir, manifest)
+
+
+def _manifest(checkpoint, source_sha, payload, model, dataset, seq_len, opset, formats, modes,
+              files, parity, quant, started) -> dict[str, Any]:
+    config = model.config
+    task = (dataset or {}).get("task")
+    mean = list((dataset or {}).get("norm_mean") or [0.0] * config.d_input)
+    std = list((dataset or {}).get("norm_std") or [1.0] * config.d_input)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"checkpoint": str(checkpoint.resolve()), "sha256": source_sha,
+                   "step": payload.get("step")},
+        "model": {"architecture": "LRU network (encoder -> BatchNorm/LRU/GELU/GLU blocks -> "
+                                  f"{'mean pool -> ' if config.pooling == 'mean' else ''}head)",
+                  "d_input": config.d_input, "d_model": config.d_model,
+                  "d_output": config.d_output, "n_blocks": config.n_blocks,
+                  "state_dims": model.state_dims, "pooling": config.pooling,
+                  "config": config.to_dict()},
+        "task": {"task": task, "dataset": (dataset or {}).get("name"),
+                 "n_classes": config.d_output if task == "classification" else None,
+                 "seq_len": seq_len if dataset else None,
+                 "output": "logits per class" if task == "classification" else "values"},
+        "normalization": {"mean": mean, "std": std, "formula": "x = (raw - mean) / std",
+                          "per": "input channel",
+                          "source": f"dataset {dataset['name']!r} train split" if dataset
+                          else "identity: the checkpoint records no dataset"},
+        "opset": opset if "onnx" in formats else None,
+        "formats": list(formats),
+        "modes": list(modes),
+        "files": files,
+        "parity": parity,
+        "quantization": quant,
+        "latency": {},
+        "versions": _versions(),
+        "export_time_s": round(time.perf_counter() - started, 3),
+    }

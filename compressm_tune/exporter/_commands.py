@@ -1,0 +1,82 @@
+"""The ``export`` sub-command: argument parsing into :func:`export_bundle`.
+
+``cli.py`` calls :func:`add_export_parser` on its sub-parsers; the parser's ``func`` takes the
+parsed namespace and returns the exit status. Errors are
+:class:`~compressm_tune.errors.CompressmError` subclasses for the CLI to print in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from compressm_tune.exporter._onnx_graph import DEFAULT_OPSET, SUPPORTED_OPSETS
+
+__all__ = ["add_export_parser"]
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``export CHECKPOINT --out DIR [--format] [--mode] [--opset] [--quantize] ...``."""
+    lo, hi = SUPPORTED_OPSETS[0], SUPPORTED_OPSETS[-1]
+    p = subparsers.add_parser(
+        "export", help="export a checkpoint to ONNX / TorchScript with a checked manifest",
+        description="Write model.onnx (sequence), model_step.onnx (streaming), model.ts "
+                    "(TorchScript), run.py (numpy + onnxruntime edge runner) and manifest.json, "
+                    "after checking every engine against eager torch (max abs error).")
+    p.add_argument("checkpoint", help="checkpoint written by `compressm-tune train` (e.g. "
+                                      "runs/train/best.pt)")
+    p.add_argument("--out", default=None,
+                   help="bundle folder (default: <checkpoint folder>/bundle)")
+    p.add_argument("--format", dest="formats", default="onnx,torchscript",
+                   help="comma-separated: onnx, torchscript (default: both)")
+    p.add_argument("--mode", dest="modes", default="sequence,step",
+                   help="ONNX graphs, comma-separated: sequence, step (default: both)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {lo}..{hi} (default: {DEFAULT_OPSET})")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="also write dynamically int8-quantized ONNX graphs and record their "
+                        "size and test-split accuracy change")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch / onnxruntime intra-op threads for the checks (default: 1)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed absolute output error vs eager torch (default: 1e-4)")
+    p.add_argument("--bench", action="store_true",
+                   help="then measure onnxruntime latency (batch 1) and record it in the "
+                        "manifest")
+    p.add_argument("--min-time-s", type=float, default=1.0,
+                   help="--bench: timed seconds per mode (default: 1.0)")
+    p.set_defaults(func=_run_export)
+    return p
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from compressm_tune._table import markdown_table
+    from compressm_tune.exporter._bundle import export_bundle
+    from compressm_tune.exporter._manifest import measure_latency
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "bundle"
+    m = export_bundle(args.checkpoint, out, formats=args.formats, modes=args.modes,
+                      opset=args.opset, quantize=args.quantize, threads=args.threads,
+                      tolerance=args.tolerance)
+    rows = [[e["path"], e["bytes"], e["sha256"][:12]] for e in m["files"].values()]
+    print(markdown_table(["file", "bytes", "sha256"], rows))
+    par = m["parity"]
+    worst = par["worst"]
+    print(f"\nstate dims {m['model']['state_dims']}, opset {m['opset']}; parity: "
+          f"{len(par['checks'])} checks, max abs error {par['max_abs_error']:.3g} "
+          f"(tolerance {par['tolerance']:g}; worst {worst['engine']} {worst['mode']} "
+          f"batch={worst['batch']} length={worst['length']})")
+    q = m["quantization"]
+    if q:
+        acc = q["accuracy"]
+        change = (f"{acc['metric']} {acc['float32'][acc['metric']]:.4g} -> "
+                  f"{acc['int8'][acc['metric']]:.4g}" if "metric" in acc else acc["skipped"])
+        print(f"int8: {q['size']['float32_bytes']} -> {q['size']['int8_bytes']} bytes; {change}")
+    if args.bench and "onnx" in m["formats"]:
+        for mode in m["modes"]:
+            r = measure_latency(out, mode, threads=args.threads, min_time_s=args.min_time_s,
+                                record=True)
+            print(f"latency {mode}: p50 {r['p50_ms']:.4f}, p90 {r['p90_ms']:.4f} "
+                  f"({r['unit']}; threads={r['threads']}, batch 1)")
+    print(f"\nbundle in {out} (copy the folder to a device; run: python3 run.py --bench)")
+    return 0

@@ -1,0 +1,449 @@
+#!/usr/bin/env python3
+"""compressm-tune edge runner: run an exported bundle with numpy + onnxruntime only.
+
+This one file is the whole device side. It imports nothing but the standard library, numpy and
+onnxruntime (never torch, never compressm_tune), so it runs on a device where only those two
+are installed, and it keeps to Python 3.8 (devices lag behind). ``compressm_tune.exporter``
+imports it for :func:`measure_latency` and the bundle checks, ``export_bundle`` copies it into
+every bundle as ``run.py``, and ``export/run.py`` in the repository launches it.
+
+Usage (inside a bundle folder, the bundle argument defaults to this file's folder)::
+
+    python3 run.py BUNDLE --input x.npy                 # batch inference, raw input
+    python3 run.py BUNDLE --input x.npz --stream        # token by token through model_step.onnx
+    printf '0.1\\n0.3\\n\\n' | python3 run.py BUNDLE --stdin   # one token per line, blank = reset
+    python3 run.py BUNDLE --bench --threads 1           # latency p50/p90/p99 per sample
+
+Input is raw: it is normalized with the manifest's ``(raw - mean) / std`` unless
+``--normalized``. Shapes: ``(batch, length, d_input)``; ``(length, d_input)`` is one sequence;
+with ``d_input == 1`` also ``(batch, length)`` or ``(length,)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["BundleError", "EdgeBundle", "Streamer", "latency_stats", "load_manifest",
+           "measure_latency", "main", "sha256_file"]
+
+MANIFEST = "manifest.json"
+FORMAT = "compressm-tune/bundle"
+VERSION = 1
+MODES = ("sequence", "step")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed, or its manifest does not match its model files."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(bundle_dir: str | Path) -> dict:
+    """Read and structurally validate ``bundle_dir/manifest.json``."""
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"no {MANIFEST} in {bundle_dir}: not an exported bundle")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"cannot read {path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path} is not a compressm-tune bundle manifest")
+    if manifest.get("version") != VERSION:
+        raise BundleError(f"{path} has bundle version {manifest.get('version')!r}; "
+                          f"this runner reads {VERSION}")
+    for key in ("files", "model", "normalization"):
+        if not isinstance(manifest.get(key), dict):
+            raise BundleError(f"{path} lacks its {key!r} section")
+    return manifest
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # the one dependency besides numpy
+        raise BundleError(f"the edge runner needs `pip install onnxruntime`: {exc}") from None
+    return onnxruntime
+
+
+def check_file(bundle_dir: str | Path, manifest: dict, key: str) -> Path:
+    """Path of the manifest's file ``key`` after checking it exists and its SHA-256 matches."""
+    entry = manifest["files"].get(key)
+    if not isinstance(entry, dict) or "path" not in entry or "sha256" not in entry:
+        have = sorted(manifest["files"])
+        raise BundleError(f"bundle has no {key!r} file (manifest lists {have})")
+    path = Path(bundle_dir) / entry["path"]
+    if not path.is_file():
+        raise BundleError(f"{path} is listed in the manifest but missing")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise BundleError(f"{path} does not match its manifest: sha256 {digest[:12]}... != "
+                          f"{entry['sha256'][:12]}... (file replaced or corrupted; re-export)")
+    return path
+
+
+def _check_session(session, manifest: dict, key: str) -> None:
+    """The graph's inputs/outputs and recorded widths must equal the manifest's."""
+    entry = manifest["files"][key]
+    for side, infos in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        got = [{"name": i.name, "shape": list(i.shape)} for i in infos]
+        want = [{"name": s["name"], "shape": list(s["shape"])} for s in entry.get(side, [])]
+        if got != want:
+            raise BundleError(f"{entry['path']} {side} do not match the manifest: "
+                              f"model has {got}, manifest says {want}")
+    meta = session.get_modelmeta().custom_metadata_map
+    dims = ",".join(str(n) for n in manifest["model"].get("state_dims", []))
+    if meta.get("compressm.state_dims") != dims:
+        raise BundleError(f"{entry['path']} has state widths [{meta.get('compressm.state_dims')}]"
+                          f" but the manifest says [{dims}]")
+
+
+def _session(path: Path, threads: int):
+    ort = _import_ort()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise BundleError(f"threads must be an integer >= 1, got {threads=}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class EdgeBundle:
+    """A verified bundle with onnxruntime sessions.
+
+    Parameters
+    ----------
+    bundle_dir : str or Path
+        Folder holding ``manifest.json`` and the model files.
+    threads : int
+        onnxruntime intra-op threads (inter-op is 1, execution sequential).
+    int8 : bool
+        Use the dynamically quantized models (the bundle must have been exported with them).
+    modes : tuple of {"sequence", "step"}
+        Which graphs to open; each is checked against the manifest (SHA-256, input/output names
+        and shapes, state widths) before use.
+    """
+
+    def __init__(self, bundle_dir: str | Path, threads: int = 1, int8: bool = False,
+                 modes: tuple[str, ...] = MODES) -> None:
+        self.dir = Path(bundle_dir)
+        self.manifest = load_manifest(self.dir)
+        self.threads = threads
+        norm = self.manifest["normalization"]
+        self.mean = np.asarray(norm["mean"], np.float32)  # (d_input,)
+        self.std = np.asarray(norm["std"], np.float32)  # (d_input,)
+        model = self.manifest["model"]
+        self.d_input, self.d_output = int(model["d_input"]), int(model["d_output"])
+        if self.mean.shape != (self.d_input,) or self.std.shape != (self.d_input,) or not (
+                np.all(self.std > 0) and np.all(np.isfinite(self.mean))):
+            raise BundleError(f"manifest normalization must give {self.d_input} finite means "
+                              f"and positive stds, got mean={norm['mean']} std={norm['std']}")
+        self.sessions = {}
+        for mode in modes:
+            if mode not in MODES:
+                raise BundleError(f"mode must be one of {MODES}, got {mode!r}")
+            key = f"onnx_{mode}" + ("_int8" if int8 else "")
+            self.sessions[mode] = _session(check_file(self.dir, self.manifest, key), threads)
+            _check_session(self.sessions[mode], self.manifest, key)
+            if mode == "step":
+                inputs = self.manifest["files"][key]["inputs"]
+                self.state_specs = [(s["name"], s["shape"]) for s in inputs[1:]]
+                self.step_inputs = [s["name"] for s in inputs]
+
+    @property
+    def task(self) -> dict:
+        return self.manifest.get("task", {})
+
+    def as_batch(self, x: np.ndarray) -> np.ndarray:
+        """Coerce raw input to ``(batch, length, d_input)`` float32 (see module docstring)."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 1 and self.d_input == 1:
+            x = x[None, :, None]
+        elif x.ndim == 2:
+            x = x[..., None] if self.d_input == 1 else x[None]
+        if x.ndim != 3 or x.shape[2] != self.d_input or x.shape[1] < 1:
+            raise BundleError(f"input must have shape (batch, length, {self.d_input}) with "
+                              f"length >= 1, got {tuple(np.shape(x))}")
+        return x
+
+    def normalize(self, raw: np.ndarray) -> np.ndarray:
+        """``(raw - mean) / std`` per input channel, float32."""
+        return ((np.asarray(raw, np.float32) - self.mean) / self.std).astype(np.float32)
+
+    def predict(self, x: np.ndarray, normalized: bool = False, batch_size: int = 256):
+        """Whole sequences through ``model.onnx``: ``(batch, L, d_input)`` -> outputs."""
+        if "sequence" not in self.sessions:
+            raise BundleError("the bundle was opened without its sequence model")
+        x = self.as_batch(x)
+        x = x if normalized else self.normalize(x)
+        session = self.sessions["sequence"]
+        parts = [session.run(None, {"x": x[i:i + batch_size]})[0]
+                 for i in range(0, len(x), batch_size)]
+        return np.concatenate(parts)
+
+    def streamer(self, batch: int = 1) -> Streamer:
+        """A token-by-token runner over ``model_step.onnx`` with zero initial state."""
+        return Streamer(self, batch)
+
+
+class Streamer:
+    """Feed tokens one at a time; each :meth:`push` returns the output so far."""
+
+    def __init__(self, bundle: EdgeBundle, batch: int = 1) -> None:
+        if "step" not in bundle.sessions:
+            raise BundleError("the bundle was opened without its step model")
+        self.bundle, self.batch = bundle, batch
+        self.session = bundle.sessions["step"]
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every state (start a new sequence)."""
+        self.state = [np.zeros([self.batch if d == "batch" else d for d in shape], np.float32)
+                      for _, shape in self.bundle.state_specs]
+
+    def push(self, x_t: np.ndarray, normalized: bool = False) -> np.ndarray:
+        """One token ``(batch, d_input)`` (raw unless ``normalized``) -> ``(batch, d_output)``."""
+        x_t = np.asarray(x_t, np.float32).reshape(self.batch, self.bundle.d_input)
+        x_t = x_t if normalized else self.bundle.normalize(x_t)
+        feeds = dict(zip(self.bundle.step_inputs, [x_t, *self.state]))  # noqa: B905 (py3.8 devices)
+        out = self.session.run(None, feeds)
+        self.state = out[1:]
+        return out[0]
+
+    def run(self, x: np.ndarray, normalized: bool = False) -> np.ndarray:
+        """Stream sequences ``(batch, L, d_input)``; return every ``y_t`` ``(batch, L, d_out)``."""
+        self.reset()
+        return np.stack([self.push(x[:, t], normalized) for t in range(x.shape[1])], axis=1)
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+def latency_stats(samples_s) -> dict:
+    """Percentiles of per-call wall times given in seconds, returned in milliseconds.
+
+    Examples
+    --------
+    >>> latency_stats([0.001, 0.002, 0.003])["p50_ms"]
+    2.0
+    """
+    ms = np.asarray(samples_s, dtype=np.float64) * 1e3
+    if ms.size == 0:
+        raise BundleError("latency_stats needs at least one sample")
+    q25, p50, q75, p90, p99 = np.percentile(ms, [25, 50, 75, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+            "mean_ms": float(ms.mean()), "iqr_ms": float(q75 - q25), "min_ms": float(ms.min()),
+            "n_samples": int(ms.size)}
+
+
+def measure_latency(bundle_dir: str | Path, mode: str = "sequence", seq_len: int | None = None,
+                    threads: int | None = None, min_time_s: float = 1.0, warmup: int = 5,
+                    min_repeats: int = 20, int8: bool = False, seed: int = 0) -> dict:
+    """Wall-clock latency of one sample (batch 1) in onnxruntime with fixed threads.
+
+    ``sequence``: one call of ``model.onnx`` on a ``(1, seq_len, d_input)`` input
+    (``seq_len`` defaults to the manifest's training length). ``step``: one call of
+    ``model_step.onnx``, i.e. one token, streaming with the states fed back (reset every
+    ``seq_len`` tokens). Calls repeat until ``min_time_s`` of timed work and ``min_repeats``
+    calls, after ``warmup`` untimed calls. Returns ``p50_ms``, ``p90_ms``, ``p99_ms``,
+    ``mean_ms``, ``iqr_ms``, ``n_samples`` and how it was measured (``method``).
+    """
+    if mode not in MODES:
+        raise BundleError(f"mode must be one of {MODES}, got {mode!r}")
+    threads = 1 if threads is None else threads
+    if not min_time_s > 0 or min_repeats < 1 or warmup < 0:
+        raise BundleError(f"need min_time_s > 0, min_repeats >= 1, warmup >= 0; got "
+                          f"{min_time_s=} {min_repeats=} {warmup=}")
+    bundle = EdgeBundle(bundle_dir, threads=threads, int8=int8, modes=(mode,))
+    seq_len = int(seq_len or bundle.task.get("seq_len") or 0)
+    if seq_len < 1:
+        raise BundleError("the manifest records no training length; pass seq_len "
+                          "(run.py: --seq-len)")
+    x = np.random.default_rng(seed).standard_normal((1, seq_len, bundle.d_input)).astype(
+        np.float32)
+    if mode == "sequence":
+        session = bundle.sessions["sequence"]
+
+        def call(i):
+            session.run(None, {"x": x})
+    else:
+        stream = bundle.streamer(1)
+
+        def call(i):
+            if i % seq_len == 0:
+                stream.reset()
+            stream.push(x[:, i % seq_len], normalized=True)
+    for i in range(warmup):
+        call(i)
+    samples, total, i = [], 0.0, 0
+    while total < min_time_s or len(samples) < min_repeats:
+        t0 = time.perf_counter()
+        call(i)
+        dt = time.perf_counter() - t0
+        samples.append(dt)
+        total += dt
+        i += 1
+    ort = _import_ort()
+    unit = f"per sequence of {seq_len} tokens" if mode == "sequence" else "per token"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "mode": mode, "seq_len": seq_len, "threads": threads, "int8": int8, "batch": 1,
+        "unit": f"ms {unit}", **latency_stats(samples),
+        "method": (f"onnxruntime {ort.__version__} CPUExecutionProvider, intra_op_num_threads="
+                   f"{threads}, inter_op_num_threads=1, sequential; time.perf_counter around "
+                   f"each session.run (Python call overhead included), batch 1, {warmup} "
+                   f"warm-up calls, repeated for >= {min_time_s} s and >= {min_repeats} calls"),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                    "cpu_count": os.cpu_count(), "loadavg_1min": load},
+    }
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _read_input(path: str, key: str | None) -> np.ndarray:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise BundleError(f"cannot read {path}: {exc}") from None
+    if isinstance(data, np.ndarray):
+        return data
+    with data:
+        names = list(data.files)
+        key = key or ("x" if "x" in names else names[0] if len(names) == 1 else None)
+        if key not in names:
+            raise BundleError(f"{path} holds {names}; choose one with --key")
+        return data[key]
+
+
+def _describe(bundle: EdgeBundle, y: np.ndarray) -> list[dict]:
+    """One record per sample: the class and its probability, or the output values."""
+    if bundle.task.get("task") == "classification":
+        z = y - y.max(-1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)  # (B, C) or per step (B, L, C)
+        cls, prob = p.argmax(-1), p.max(-1)
+        if y.ndim == 2:
+            return [{"class": int(c), "prob": round(float(q), 4)}
+                    for c, q in zip(cls, prob)]  # noqa: B905 (runs on py3.8 devices)
+        return [{"class_per_step": c.tolist()} for c in cls]
+    return [{"output": np.round(v, 5).tolist()} for v in y]
+
+
+def _print_records(records: list[dict], as_json: bool, label: str) -> None:
+    for i, rec in enumerate(records):
+        print(json.dumps({label: i, **rec}) if as_json else
+              f"{label} {i}: " + ", ".join(f"{k}={v}" for k, v in rec.items()))
+
+
+def _parser() -> argparse.ArgumentParser:
+    here = Path(__file__).resolve().parent
+    default = str(here) if (here / MANIFEST).is_file() else None
+    p = argparse.ArgumentParser(description="Run a compressm-tune bundle with onnxruntime "
+                                "(numpy + onnxruntime only).")
+    p.add_argument("bundle", nargs="?", default=default,
+                   help="bundle folder (default: this file's folder when it holds a manifest)")
+    p.add_argument("--input", help=".npy or .npz file of raw input sequences")
+    p.add_argument("--key", default=None, help="array name inside an .npz (default: 'x')")
+    p.add_argument("--normalized", action="store_true", help="input is already normalized")
+    p.add_argument("--stream", action="store_true",
+                   help="run --input token by token through the step model")
+    p.add_argument("--stdin", action="store_true",
+                   help="stream tokens from stdin, one per line (d_input numbers); blank = reset")
+    p.add_argument("--output", help="save the raw outputs to this .npy file")
+    p.add_argument("--int8", action="store_true", help="use the int8-quantized models")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per line")
+    p.add_argument("--bench", action="store_true", help="report latency p50/p90/p99")
+    p.add_argument("--mode", default=None,
+                   help="modes to --bench: sequence, step (default: every exported one)")
+    p.add_argument("--seq-len", type=int, default=None, help="--bench sequence length")
+    p.add_argument("--min-time-s", type=float, default=1.0, help="--bench seconds per mode")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.bundle is None:
+        raise BundleError("give the bundle folder")
+    if not (args.input or args.stdin or args.bench):
+        raise BundleError("nothing to do: give --input, --stdin or --bench")
+    if args.input:
+        modes = ("step",) if args.stream else ("sequence",)
+        bundle = EdgeBundle(args.bundle, threads=args.threads, int8=args.int8, modes=modes)
+        x = bundle.as_batch(_read_input(args.input, args.key))
+        if args.stream:
+            y = bundle.streamer(len(x)).run(x, normalized=args.normalized)  # (B, L, d_out)
+            final = y[:, -1] if bundle.manifest["model"]["pooling"] == "mean" else y
+        else:
+            y = final = bundle.predict(x, normalized=args.normalized)
+        _print_records(_describe(bundle, final), args.json, "sample")
+        if args.output:
+            np.save(args.output, y)
+    if args.stdin:
+        stream = EdgeBundle(args.bundle, threads=args.threads, int8=args.int8,
+                            modes=("step",)).streamer(1)
+        t = 0
+        for line in sys.stdin:
+            if not line.strip():  # a blank line ends the sequence
+                stream.reset()
+                t = 0
+                continue
+            try:
+                values = np.array(line.replace(",", " ").split(), dtype=np.float32)
+            except ValueError:
+                raise BundleError(f"stdin line is not numbers: {line.strip()!r}") from None
+            if values.size != stream.bundle.d_input:
+                raise BundleError(f"each stdin line needs {stream.bundle.d_input} numbers, "
+                                  f"got {values.size}: {line.strip()!r}")
+            y = stream.push(values, normalized=args.normalized)
+            rec = _describe(stream.bundle, y)[0]
+            print(json.dumps({"token": t, **rec}) if args.json else
+                  f"token {t}: " + ", ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
+            t += 1
+    if args.bench:
+        if args.mode is None:
+            files = load_manifest(args.bundle)["files"]
+            modes = [m for m in MODES if f"onnx_{m}" in files]
+        else:
+            modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+        for mode in modes:
+            r = measure_latency(args.bundle, mode, seq_len=args.seq_len, threads=args.threads,
+                                min_time_s=args.min_time_s, int8=args.int8)
+            if args.json:
+                print(json.dumps(r))
+            else:
+                print(f"{mode}: p50 {r['p50_ms']:.4f}, p90 {r['p90_ms']:.4f}, p99 "
+                      f"{r['p99_ms']:.4f} ({r['unit']}; {r['n_samples']} calls, threads="
+                      f"{r['threads']}, batch 1{', int8' if args.int8 else ''})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 on a bundle or input error)."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except BundleError as exc:
+        print(f"run.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Parity of the exported graphs against eager torch, run at export time on the written files.
+
+Every check feeds the same seeded random input (normalized space, N(0, 1)) to eager torch in
+eval mode (the reference) and to one exported engine, and records the largest absolute
+difference of the outputs. Streaming checks run the step graph token by token from zero state
+and compare with the *sequence* output of torch: the last ``y_t`` with mean pooling (the mean
+of all features seen so far), every ``y_t`` without pooling.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from compressm_tune.errors import ExportError
+from compressm_tune.models import SSMModel
+
+__all__ = ["ParityCheck", "default_lengths", "run_parity", "stream_onnx", "stream_torchscript"]
+
+_LONG_MIN = 2000  # the long check runs at least this many steps...
+_LONG_FACTOR = 4  # ...and at least this many training lengths
+
+
+@dataclass(frozen=True)
+class ParityCheck:
+    """One comparison: ``engine`` in ``mode`` at ``(batch, length)`` against eager torch."""
+
+    engine: str  # "onnxruntime" or "torchscript"
+    mode: str  # "sequence" or "step" (token by token)
+    batch: int
+    length: int
+    max_abs_error: float
+
+
+def default_lengths(seq_len: int) -> tuple[int, ...]:
+    """Length 1, the training length, and one much longer (``max(2000, 4 * seq_len)``).
+
+    Examples
+    --------
+    >>> default_lengths(40)
+    (1, 40, 2000)
+    """
+    return tuple(sorted({1, seq_len, max(_LONG_MIN, _LONG_FACTOR * seq_len)}))
+
+
+def stream_onnx(session, x: np.ndarray, state: list[np.ndarray]) -> np.ndarray:
+    """Run an ONNX step graph over ``x (batch, L, d_input)``; returns ``(batch, L, d_out)``."""
+    names = [i.name for i in session.get_inputs()]
+    ys = []
+    for t in range(x.shape[1]):
+        out = session.run(None, dict(zip(names, [x[:, t], *state], strict=True)))
+        ys.append(out[0])
+        state = out[1:]
+    return np.stack(ys, axis=1)
+
+
+def stream_torchscript(module, x: torch.Tensor) -> torch.Tensor:
+    """Run a scripted module's ``step`` over ``x (batch, L, d_input)`` -> ``(batch, L, d_out)``."""
+    state = module.allocate_state(x.shape[0])
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = module.step(x[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, dim=1)
+
+
+def _err(got, want: torch.Tensor) -> float:
+    got = torch.as_tensor(np.asarray(got))
+    if tuple(got.shape) != tuple(want.shape):
+        raise ExportError(f"exported output has shape {tuple(got.shape)}, torch's "
+                          f"{tuple(want.shape)}")
+    return float((got.double() - want.double()).abs().max())
+
+
+def run_parity(model: SSMModel, *, onnx_sequence=None, onnx_step=None, torchscript=None,
+               lengths: tuple[int, ...], batches: tuple[int, ...] = (1, 3),
+               tolerance: float = 1e-4, seed: int = 0) -> dict:
+    """Compare every given engine with ``model`` (eval mode) and fail loudly past ``tolerance``.
+
+    Sequence checks run at every (batch, length); streaming checks at every length for the
+    largest batch and at the lengths below the longest for the other batches (a long
+    token-by-token run costs one runtime call per token).
+
+    Parameters
+    ----------
+    model : SSMModel
+        The reference, put in eval mode.
+    onnx_sequence, onnx_step : onnxruntime.InferenceSession, optional
+    torchscript : torch.jit.ScriptModule, optional
+        The loaded exported files; engines left ``None`` are not checked.
+    lengths, batches : tuple of int
+    tolerance : float
+        Largest allowed absolute error (float32 outputs).
+
+    Returns
+    -------
+    dict
+        ``tolerance``, ``reference``, ``max_abs_error`` (worst check), ``checks`` (list of
+        :class:`ParityCheck` as dicts), ``time_s``.
+
+    Raises
+    ------
+    ExportError
+        A check exceeds ``tolerance`` (the message names the worst one).
+    """
+    model.eval()
+    mean_pool = model.config.pooling == "mean"
+    gen = torch.Generator().manual_seed(seed)
+    longest, biggest = max(lengths), max(batches)
+    checks: list[ParityCheck] = []
+    start = time.perf_counter()
+    for batch in batches:
+        for length in lengths:
+            x = torch.randn(batch, length, model.config.d_input, generator=gen)
+            with torch.no_grad():
+                want = model(x)  # (B, d_out) or (B, L, d_out)
+                if onnx_sequence is not None:
+                    got = onnx_sequence.run(None, {"x": x.numpy()})[0]
+                    checks.append(ParityCheck("onnxruntime", "sequence", batch, length,
+                                              _err(got, want)))
+                if torchscript is not None:
+                    checks.append(ParityCheck("torchscript", "sequence", batch, length,
+                                              _err(torchscript(x), want)))
+                if length == longest and batch != biggest:
+                    continue
+                if onnx_step is not None:
+                    state = [s.numpy() for s in model.allocate_state(batch)]
+                    got = stream_onnx(onnx_step, x.numpy(), state)
+                    got = got[:, -1] if mean_pool else got
+                    checks.append(ParityCheck("onnxruntime", "step", batch, length,
+                                              _err(got, want)))
+                if torchscript is not None:
+                    got = stream_torchscript(torchscript, x)
+                    got = got[:, -1] if mean_pool else got
+                    checks.append(ParityCheck("torchscript", "step", batch, length,
+                                              _err(got, want)))
+    if not checks:
+        raise ExportError("parity: no exported engine to check")
+    worst = max(checks, key=lambda c: c.max_abs_error)
+    report = {
+        "tolerance": tolerance,
+        "reference": "torch eager, eval mode, float32; inputs N(0, 1) in normalized space, "
+                     f"seed {seed}",
+        "max_abs_error": worst.max_abs_error,
+        "worst": asdict(worst),
+        "lengths": list(lengths), "batches": list(batches),
+        "checks": [asdict(c) for c in checks],
+        "time_s": round(time.perf_counter() - start, 3),
+    }
+    if not worst.max_abs_error <= tolerance:  # also catches NaN
+        raise ExportError(
+            f"parity check failed: {worst.engine} {worst.mode} at batch={worst.batch} "
+            f"length={worst.length} differs from torch by {worst.max_abs_error:.3g} "
+            f"(tolerance {tolerance:g}); the bundle was not written")
+    return report

@@ -1,0 +1,88 @@
+"""Dynamic int8 quantization of the ONNX graphs, with its size and accuracy cost.
+
+``onnxruntime.quantization.quantize_dynamic`` stores the MatMul weights (encoder, B, C, GLU,
+head) as int8 with per-tensor scales and quantizes activations on the fly; the recurrence
+inside ``Scan`` stays float32 (it has no weights to quantize). The accuracy change is measured
+on the test split of the checkpoint's dataset when ``load_dataset`` can rebuild it here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compressm_tune.errors import CompressmError, ExportError, MissingDependencyError
+
+__all__ = ["QUANTIZE_CHOICES", "quantize_file", "evaluate_test_split"]
+
+QUANTIZE_CHOICES = ("int8",)
+_EVAL_BATCH = 250
+
+
+def quantize_file(src: Path, dst: Path) -> None:
+    """Write the dynamically int8-quantized version of ONNX file ``src`` to ``dst``."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"--quantize needs onnxruntime's quantization tools (`pip install onnxruntime`): "
+            f"{exc}") from exc
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # it logs a pre-processing hint at WARNING
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    except Exception as exc:  # onnxruntime raises bare exceptions for unsupported graphs
+        raise ExportError(f"int8 quantization of {src.name} failed: {exc}") from exc
+    finally:
+        logging.getLogger().setLevel(level)
+
+
+def _evaluate(session, x: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
+    out = np.concatenate([session.run(None, {"x": x[i:i + _EVAL_BATCH]})[0]
+                          for i in range(0, len(x), _EVAL_BATCH)])
+    if task == "classification":
+        z = out - out.max(-1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return {"accuracy": float((out.argmax(-1) == y).mean()),
+                "loss": float(-log_p[np.arange(len(y)), y].mean())}
+    return {"loss": float(((out - y) ** 2).mean())}
+
+
+def evaluate_test_split(dataset: dict | None, train_seed: int, float_session, int8_session
+                       ) -> dict[str, Any]:
+    """Accuracy (classification) or MSE (regression) of both models on the test split.
+
+    Returns ``{"skipped": reason}`` when the dataset cannot be rebuilt on this machine (no
+    dataset entry in the checkpoint, a user file that moved, a missing optional package).
+    """
+    from compressm_tune.training import load_dataset
+
+    if not dataset or "name" not in dataset:
+        return {"skipped": "the checkpoint records no dataset"}
+    name, info = dataset["name"], dataset.get("info") or {}
+    kwargs: dict[str, Any] = {"seed": train_seed}
+    if name == "npz":
+        kwargs["path"] = info.get("path")
+    if name == "smnist":
+        return {"skipped": "smnist needs the user's IDX folder, which the checkpoint does not "
+                           "record"}
+    try:
+        ds = load_dataset(name, **kwargs)
+    except (CompressmError, OSError) as exc:
+        return {"skipped": f"cannot rebuild dataset {name!r} here: {exc}"}
+    x = ds.x_test.numpy()
+    y = ds.y_test.numpy()
+    ref = _evaluate(float_session, x, y, ds.task)
+    quant = _evaluate(int8_session, x, y, ds.task)
+    metric = "accuracy" if ds.task == "classification" else "loss"
+    result = {"dataset": name, "split": "test", "n": int(len(x)), "metric": metric,
+              "float32": ref, "int8": quant, "change": quant[metric] - ref[metric]}
+    want_mean, want_std = dataset.get("norm_mean"), dataset.get("norm_std")
+    if want_mean is not None and not (np.allclose(ds.norm_mean, want_mean, rtol=1e-5)
+                                      and np.allclose(ds.norm_std, want_std, rtol=1e-5)):
+        result["note"] = ("the rebuilt dataset's normalization differs from the checkpoint's; "
+                          "the metrics use the rebuilt one")
+    return result
