@@ -68,7 +68,7 @@ class Objective:
             every=max(1, int(plan.window * cfg.steps) // 6),  # ~6 attempts in the window
             max_drop=0.05, fits=self.fits,
             round_to=round_up_to(self.fast_widths) if plan.round_to_fast else None))
-        out = Path(cfg.out).resolve() / "trials" / f"{trial.number:04d}"
+        out = Path(cfg.out).resolve() / "trials" / f"{cfg.study}-{trial.number:04d}"
 
         def report(record: dict[str, Any]) -> None:
             if cfg.pareto or record["step"] <= plan.window * cfg.steps:

@@ -41,7 +41,7 @@ def choose_and_export(config: TuneConfig, feasible: list[optuna.trial.FrozenTria
     for trial in feasible:
         if not Path(trial.user_attrs["checkpoint"]).exists():
             continue  # trained by a worker on another machine; its checkpoint lives there
-        bundle = out / "trials" / f"{trial.number:04d}" / "bundle"
+        bundle = Path(trial.user_attrs["checkpoint"]).parent / "bundle"
         result = _export_and_measure(config, trial.user_attrs["checkpoint"], bundle)
         measured = result["latency"]["p50_ms"]
         if measured <= config.budget_ms:
