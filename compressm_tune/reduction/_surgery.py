@@ -1,15 +1,9 @@
-"""Apply balanced truncation to a live LRU layer: the model-surgery step of CompreSSM.
-
-The linear algebra runs with BLAS/LAPACK pinned to one thread: at these sizes (N <= ~1000)
-threading costs more than it saves, and on a machine whose cores are busy training, OpenBLAS's
-spinning threads made a 190x190 eig 7x slower (404 ms vs 58 ms on 2 loaded cores).
-"""
+"""Apply balanced truncation to a live LRU layer: the model-surgery step of CompreSSM."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
 from compressm_tune.models import LRULayer
 from compressm_tune.reduction._gramians import hankel_singular_values
@@ -28,8 +22,7 @@ def layer_hsv(layer: LRULayer) -> np.ndarray:
     ((8,), True)
     """
     lam, b, c, _ = layer.system()
-    with threadpool_limits(limits=1, user_api="blas"):
-        return np.asarray(hankel_singular_values(lam.numpy(), b.numpy(), c.numpy()))
+    return np.asarray(hankel_singular_values(lam.numpy(), b.numpy(), c.numpy()))
 
 
 def truncate_layer(

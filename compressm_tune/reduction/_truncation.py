@@ -16,6 +16,7 @@ from compressm_tune.reduction._gramians import (
     _torch_device,
     _validate,
     _wrap,
+    one_blas_thread,
 )
 
 __all__ = ["balanced_truncation", "to_lru_params", "from_lru_params"]
@@ -104,6 +105,7 @@ def _clamp_unstable(lam: np.ndarray) -> np.ndarray:
     return lam
 
 
+@one_blas_thread
 def balanced_truncation(
     lam: Any,
     B: Any,
