@@ -200,11 +200,12 @@ def _plot(results, path):
     datasets = sorted({r["dataset"] for r in results})
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
     for ax, d in zip(axes[0], datasets, strict=True):
-        for method in ORDER:
+        for i, method in enumerate(ORDER):
             sel = [r for r in results if r["dataset"] == d and r["method"] == method]
             if sel:
                 ax.scatter([sum(r["final_dims"]) for r in sel], [r["test"] for r in sel],
-                           label=method, s=22)
+                           label=method, s=24, color=plt.cm.tab20(i / len(ORDER)),
+                           marker="os^Dv<>"[i % 7])
         ax.set(xscale="log", xlabel="total state dims (sum over layers)",
                ylabel="test accuracy" if d == "mnist1d" else "test MSE", title=d)
         if d != "mnist1d":
