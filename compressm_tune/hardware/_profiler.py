@@ -188,8 +188,12 @@ class _Session:
                 bar.set_postfix(setup=str(list(dims)))
                 benches.append(_ModelBench(self.cfg, dims, self.monitor))
                 bar.update()
+            # Each round visits the models in a fresh random order, so no model always runs
+            # right after the same neighbour (cold caches, a large model's allocator state).
+            rng = np.random.default_rng(self.cfg.seed)
             for r in range(self.cfg.rounds):
-                for bench in benches:
+                for i in rng.permutation(len(benches)):
+                    bench = benches[i]
                     bar.set_postfix(round=r + 1, dims=str(list(bench.state_dims)))
                     bench.run_round()
                     bar.update()

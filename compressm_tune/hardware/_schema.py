@@ -275,6 +275,7 @@ def save_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
     text = json.dumps(profile.to_dict(), indent=1, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a profile is meant to be shared
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

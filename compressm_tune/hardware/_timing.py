@@ -15,7 +15,7 @@ __all__ = ["TimingStats", "fixed_threads", "time_repeats", "time_samples", "warm
 
 TIMING_METHOD = (
     "wall clock (time.perf_counter) per call; {warmup} warm-up call(s) per model, then "
-    "{rounds} interleaved round(s) over all models, together at least "
+    "{rounds} interleaved round(s) over all models in shuffled order, together at least "
     "{min_time_s:g} s of work and {min_repeats} calls per metric; the device is synchronized "
     "before and after every call; median (p50), IQR (p75-p25), p90, p99 reported; "
     "torch intra-op threads fixed to {threads}"

@@ -141,12 +141,13 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
                         seed=config.seed)
     profile, notes = resolve_profile(config, data.d_input, data.d_output, data.seq_len)
     latency = LatencyModel.from_profile(profile)
-    fastest = latency.predict([1] * config.blocks, config.metric)
+    fastest, width = min((latency.predict([w] * config.blocks, config.metric), w)
+                         for w in {1, *profile.widths})
     if config.budget_ms < fastest:
         raise ConfigError(
             f"--budget-ms {config.budget_ms:g} is below the fastest model this machine runs: "
             f"{fastest:.4g} ms per {'sequence' if config.latency_mode == 'sequence' else 'token'}"
-            f" ({config.blocks} blocks of 1 state, H={config.hidden}); raise the budget")
+            f" ({config.blocks} blocks of {width} states, H={config.hidden}); raise the budget")
     objective = Objective(config, data, lambda dims, m: latency.predict(dims, m),
                           profile.fast_widths())
     study = _open_study(config)
