@@ -148,6 +148,14 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
             f"--budget-ms {config.budget_ms:g} is below the fastest model this machine runs: "
             f"{fastest:.4g} ms per {'sequence' if config.latency_mode == 'sequence' else 'token'}"
             f" ({config.blocks} blocks of {width} states, H={config.hidden}); raise the budget")
+    full = latency.predict([max(config.state_dims)] * config.blocks, config.metric)
+    if full <= config.budget_ms:
+        notes.append(f"the full model is predicted at {full:.4g} ms, within the budget: the "
+                     "search maximizes accuracy and training speed, latency does not bind")
+    if full < 1.1 * fastest:
+        notes.append(f"latency is nearly flat in state width at this shape ({fastest:.4g} to "
+                     f"{full:.4g} ms): a fixed per-token cost dominates, so narrower states buy "
+                     "training time and memory here, not latency (a larger --hidden shows more)")
     objective = Objective(config, data, lambda dims, m: latency.predict(dims, m),
                           profile.fast_widths())
     study = _open_study(config)
