@@ -18,6 +18,7 @@ with ``conj(lam)``, so the backward never stores per-step intermediates beyond `
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:  # the fused kernel is optional: without a C compiler we fall back to the chunked scan
     from compressm_tune.models import _scan_kernel
@@ -71,8 +72,9 @@ def _scan_torch(lam: torch.Tensor, v: torch.Tensor, x0: torch.Tensor | None, rev
     v_c = torch.nn.functional.pad(v_c, (0, 0, 0, n_chunks * t - length))  # (B, C*T, N)
     v_c = v_c.view(batch, n_chunks, t, n)  # (B, C, T, N)
     k = torch.arange(t, device=v.device)
-    log_lam = torch.log(lam_c)  # (N,)
-    powers = torch.exp(k[:, None] * log_lam)  # (T, N)  lam^k
+    ones = torch.ones(1, n, dtype=lam_c.dtype, device=v.device)  # (1, N)
+    # lam^k by repeated products, not exp(k log lam): exact for a pole at 0 (log 0 = -inf)
+    powers = torch.cat((ones, torch.cumprod(lam_c.expand(t - 1, n), dim=0)))  # (T, N)
     lag = k[:, None] - k[None, :]  # (T, T)  t - s
     toeplitz = powers[lag.clamp(min=0)] * (lag >= 0)[..., None]  # (T, T, N)
     local = torch.einsum("tsn,bcsn->bctn", toeplitz, v_c)  # (B, C, T, N)
@@ -112,6 +114,7 @@ class _LinearScan(torch.autograd.Function):
         return x
 
     @staticmethod
+    @once_differentiable  # the C kernel works on raw pointers: no graph for a 2nd derivative
     def backward(ctx, grad_x):
         lam, x, x0 = ctx.saved_tensors
         g = _scan(_conj(lam), grad_x.contiguous(), None, reverse=True)  # (B, L, N, 2) dL/dx_t total

@@ -159,10 +159,12 @@ class LRULayer(nn.Module):
                     "B_re": (n, self.d_model), "B_im": (n, self.d_model),
                     "C_re": (self.d_model, n), "C_im": (self.d_model, n)}
         ref = self.nu_log
-        for name, shape in expected.items():
-            value = torch.as_tensor(params[name])
-            if tuple(value.shape) != shape:
-                raise ConfigError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
-            if not torch.isfinite(value).all():
+        values = {name: torch.as_tensor(params[name]) for name in expected}
+        for name, shape in expected.items():  # validate everything before changing anything
+            if tuple(values[name].shape) != shape:
+                raise ConfigError(
+                    f"{name} must have shape {shape}, got {tuple(values[name].shape)}")
+            if not torch.isfinite(values[name]).all():
                 raise ConfigError(f"{name} must be finite")
+        for name, value in values.items():
             setattr(self, name, nn.Parameter(value.to(device=ref.device, dtype=ref.dtype)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_crc(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
@@ -77,6 +79,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if key not in payload:
             raise CheckpointError(f"{path} lacks the {key!r} entry")
     return payload
+
+
+def _check_crc(path: Path) -> None:
+    """torch.load does not verify the zip CRCs, so damaged tensor bytes would load silently
+    as wrong weights; check them first (a non-zip file is left to torch.load to reject)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupted: CRC mismatch in {bad}")
 
 
 def model_from_checkpoint(payload_or_path: dict[str, Any] | str | Path) -> SSMModel:

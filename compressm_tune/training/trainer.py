@@ -206,7 +206,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``config.steps``; return the summary also written to ``summary.json``."""
         cfg, task = self.config, self.dataset.task
-        metrics_file = open(self.out_dir / "metrics.jsonl", "a")
+        # a fresh run starts a new log; a resumed one continues it
+        metrics_file = open(self.out_dir / "metrics.jsonl", "a" if self.step else "w")
         self.model.train()
         losses: list[float] = []
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.progress,

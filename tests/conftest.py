@@ -1,0 +1,112 @@
+"""Shared fixtures: a per-session dataset cache and numpy references for the LRU equations.
+
+The references are written from DESIGN.md alone (complex128 numpy, a plain loop over time), so
+tests that compare the package against them do not trust any of the package's own maths.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Run tests single-threaded: on a loaded 2-core machine OpenMP's spinning threads make
+    tiny ops 100x slower. Tests that are about threads set them explicitly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """Point ``COMPRESSM_CACHE`` at a fresh folder for the whole session.
+
+    mnist1d is generated at most once per session (the first load writes the cache, later loads
+    read it), and no test writes into the user's ``~/.cache``. Subprocesses inherit the variable.
+    """
+    cache = tmp_path_factory.mktemp("compressm-cache")
+    old = os.environ.get("COMPRESSM_CACHE")
+    os.environ["COMPRESSM_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("COMPRESSM_CACHE", None)
+    else:
+        os.environ["COMPRESSM_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def mnist1d(session_cache):
+    """The mnist1d dataset, generated once into the session cache."""
+    from compressm_tune.training import load_dataset
+
+    return load_dataset("mnist1d")
+
+
+@pytest.fixture(scope="session")
+def lti_sysid(session_cache):
+    """The lti-sysid regression dataset (cheap; shared so tests need not rebuild it)."""
+    from compressm_tune.training import load_dataset
+
+    return load_dataset("lti-sysid")
+
+
+@pytest.fixture
+def keep_threads():
+    """Restore torch's intra-op thread count after a test that may change it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def np_scan(lam, v, x0=None, reverse=False):
+    """``x_t = lam * x_{t-1} + v_t`` in complex128 by a plain loop.
+
+    lam (N,) complex, v (B, L, N) complex, x0 (B, N) complex or None. With ``reverse`` the
+    loop runs t = L-1 .. 0 and ``x0`` is the state "after" the end: x_t = lam x_{t+1} + v_t.
+    """
+    lam = np.asarray(lam, dtype=np.complex128)
+    v = np.asarray(v, dtype=np.complex128)
+    x = np.zeros_like(v)
+    state = np.zeros_like(v[:, 0]) if x0 is None else np.asarray(x0, np.complex128).copy()
+    steps = range(v.shape[1] - 1, -1, -1) if reverse else range(v.shape[1])
+    for t in steps:
+        state = lam * state + v[:, t]
+        x[:, t] = state
+    return x
+
+
+def to_complex(t: torch.Tensor) -> np.ndarray:
+    """A real ``(..., 2)`` tensor of (re, im) pairs as a complex128 array ``(...)``."""
+    a = t.detach().double().numpy()
+    return a[..., 0] + 1j * a[..., 1]
+
+
+def lru_system_np(layer):
+    """(lam, B, C, D) of an LRULayer from its raw parameters, per DESIGN.md, in float64."""
+    p = {k: v.detach().double().numpy() for k, v in layer.named_parameters()}
+    lam = np.exp(-np.exp(p["nu_log"]) + 1j * np.exp(p["theta_log"]))  # (N,)
+    b = (p["B_re"] + 1j * p["B_im"]) * np.exp(p["gamma_log"])[:, None]  # (N, H)
+    c = p["C_re"] + 1j * p["C_im"]  # (H, N)
+    return lam, b, c, p["D"]
+
+
+def lru_reference(layer, u, x0=None):
+    """y_k = Re(C x_k) + D u_k with x_k = lam x_{k-1} + B u_k; u (B, L, H) -> y (B, L, H)."""
+    lam, b, c, d = lru_system_np(layer)
+    u = np.asarray(u, dtype=np.float64)
+    batch, length, _ = u.shape
+    state = np.zeros((batch, lam.shape[0]), np.complex128) if x0 is None else x0.copy()
+    y = np.empty_like(u)
+    for k in range(length):
+        state = lam * state + u[:, k] @ b.T  # (B, N)
+        y[:, k] = (state @ c.T).real + d * u[:, k]
+    return y

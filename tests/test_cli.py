@@ -1,0 +1,153 @@
+"""The ``compressm-tune`` command line: ``train`` end to end and its error handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from compressm_tune.cli import main
+from compressm_tune.training import load_checkpoint, model_from_checkpoint
+
+TINY = ["--blocks", "1", "--hidden", "8", "--state-dim", "8", "--batch-size", "16",
+        "--eval-every", "5", "--no-progress"]
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("compressm-tune: error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_train_end_to_end(tmp_path, capsys, mnist1d):
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", "mnist1d", "--steps", "10", "--seed", "3",
+                 "--out", str(out), *TINY])
+    assert code == 0
+    assert {"best.pt", "last.pt", "summary.json", "metrics.jsonl"} <= {
+        p.name for p in out.iterdir()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "mnist1d" and summary["steps"] == 10
+    assert summary["final_state_dims"] == [8]
+    payload = load_checkpoint(out / "last.pt")
+    cfg = payload["model_config"]
+    assert (cfg["d_model"], cfg["state_dims"], cfg["d_input"], cfg["d_output"]) == (8, [8], 1, 10)
+    assert cfg["pooling"] == "mean"
+    assert payload["train_config"]["seed"] == 3 and payload["train_config"]["batch_size"] == 16
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10]
+    stdout = capsys.readouterr().out
+    assert "| dataset" in stdout and "mnist1d" in stdout and str(out) in stdout
+    # the reported test accuracy is the best checkpoint's, recomputed here
+    model = model_from_checkpoint(out / "best.pt").eval()
+    with torch.no_grad():
+        acc = (model(mnist1d.x_test).argmax(-1) == mnist1d.y_test).float().mean().item()
+    # (batching may flip a near-tie among 1000 barely-trained predictions: allow two samples)
+    assert summary["test_best"]["accuracy"] == pytest.approx(acc, abs=2e-3)
+
+
+def test_train_regression_uses_per_step_outputs(tmp_path):
+    out = tmp_path / "lti"
+    assert main(["train", "--dataset", "lti-sysid", "--steps", "4", "--out", str(out),
+                 *TINY]) == 0
+    cfg = load_checkpoint(out / "last.pt")["model_config"]
+    assert cfg["pooling"] == "none" and cfg["d_output"] == 1
+    assert json.loads((out / "summary.json").read_text())["task"] == "regression"
+
+
+def test_train_user_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 12, 2)).astype(np.float32)
+    y = (x[:, :, 0].mean(1) > 0).astype(np.int64)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    out = tmp_path / "npz-run"
+    assert main(["train", "--dataset", "npz", "--data", str(tmp_path / "d.npz"), "--steps", "3",
+                 "--out", str(out), *TINY]) == 0
+    cfg = load_checkpoint(out / "last.pt")["model_config"]
+    assert (cfg["d_input"], cfg["d_output"]) == (2, 2)
+
+
+def test_resume_flag_continues_a_run(tmp_path):
+    out = tmp_path / "r"
+    args = ["train", "--dataset", "lti-sysid", "--out", str(out), *TINY]
+    assert main([*args, "--steps", "5"]) == 0
+    assert main([*args, "--steps", "10", "--resume"]) == 0
+    assert load_checkpoint(out / "last.pt")["step"] == 10
+
+
+def test_unknown_dataset_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--dataset", "imagenet"])
+    assert info.value.code == 2
+    assert "invalid choice: 'imagenet'" in capsys.readouterr().err
+
+
+def test_missing_npz_is_one_error_line(tmp_path, capsys):
+    missing = tmp_path / "nowhere.npz"
+    code = main(["train", "--dataset", "npz", "--data", str(missing), "--steps", "2",
+                 "--out", str(tmp_path / "o"), *TINY])
+    assert code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "nowhere.npz" in line
+    assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_npz_without_path_is_one_error_line(tmp_path, capsys):
+    assert main(["train", "--dataset", "npz", "--out", str(tmp_path / "o"), *TINY]) == 2
+    _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--batch-size", "0"], ["--lr", "-1"],
+                                 ["--state-dim", "0"], ["--dropout", "1.5"],
+                                 ["--warmup", "1.0"]])
+def test_invalid_settings_are_one_error_line(tmp_path, capsys, bad, mnist1d):
+    code = main(["train", "--dataset", "mnist1d", "--out", str(tmp_path / "o"), *TINY, *bad])
+    assert code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert bad[0].lstrip("-").split("-")[0] in line.replace("_", "-")
+
+
+def test_non_integer_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--steps", "ten"])
+    assert info.value.code == 2
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "usage: compressm-tune" in capsys.readouterr().err
+
+
+def test_interrupt_exits_130_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from compressm_tune.training import Trainer
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    code = main(["train", "--dataset", "lti-sysid", "--steps", "2", "--out", str(tmp_path),
+                 *TINY])
+    assert code == 130
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_console_script_runs(tmp_path, mnist1d):
+    exe = shutil.which("compressm-tune")
+    if exe is None:  # pragma: no cover - only when the package is not installed
+        pytest.skip("the compressm-tune console script is not on PATH")
+    out = tmp_path / "script-run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # COMPRESSM_CACHE comes from the session
+    proc = subprocess.run(
+        [exe, "train", "--dataset", "mnist1d", "--steps", "5", "--out", str(out), *TINY],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "best.pt").is_file() and (out / "summary.json").is_file()
+    assert "mnist1d" in proc.stdout
