@@ -45,6 +45,7 @@ from _common import RESULTS, machine  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
 from compressm_tune.exporter import export_bundle, measure_latency  # noqa: E402
+from compressm_tune.exporter._edge import time_calls  # noqa: E402
 from compressm_tune.models import SSMConfig, SSMModel  # noqa: E402
 from compressm_tune.training import save_checkpoint  # noqa: E402
 
@@ -72,21 +73,6 @@ def build_bundle(h: int, n: int, root: Path, seed: int = 0):
         warnings.simplefilter("ignore")
         scripted = torch.jit.load(str(bundle / "model.ts"))
     return model, scripted, bundle, manifest
-
-
-def time_calls(call, min_time_s: float, warmup: int, min_repeats: int = 20) -> list[float]:
-    """Seconds per call, the same rule as ``measure_latency``."""
-    for i in range(warmup):
-        call(i)
-    samples, total, i = [], 0.0, 0
-    while total < min_time_s or len(samples) < min_repeats:
-        t0 = time.perf_counter()
-        call(i)
-        dt = time.perf_counter() - t0
-        samples.append(dt)
-        total += dt
-        i += 1
-    return samples
 
 
 def torch_round(module, mode: str, x: torch.Tensor, min_time_s: float, warmup: int) -> float:

@@ -26,10 +26,10 @@ from compressm_tune.hardware import (
     load_profile,
     parse_widths,
     plot_comparison,
-    round_up_to,
     save_profile,
     step_up_widths,
 )
+from compressm_tune.reduction import round_up_to
 
 WIDTHS = (4, 8, 16, 32, 64, 128)
 
@@ -230,8 +230,8 @@ def test_step_up_and_fast_widths() -> None:
     widths, latency = [4, 8, 16, 32, 64], [1.0, 1.01, 1.6, 1.62, 3.5]
     assert step_up_widths(widths, latency, 0.1) == [16, 64]
     assert fast_widths(widths, latency, 0.1) == [8, 32, 64]
-    assert round_up_to(9, fast_widths(widths, latency)) == 32
-    assert round_up_to(8, [8, 32]) == 8 and round_up_to(100, [8, 32]) == 100
+    hook = round_up_to(fast_widths(widths, latency))  # the reduction's rank-rounding hook
+    assert hook(9, 64) == 32 and hook(8, 64) == 8 and hook(40, 48) == 48
     plateau = make_profile(cost=lambda n: 1.0 if n <= 16 else 3.0)
     assert plateau.fast_widths() == [16, 128]
     with pytest.raises(ValueError, match="rank must be >= 1"):

@@ -254,6 +254,22 @@ def latency_stats(samples_s) -> dict:
             "n_samples": int(ms.size)}
 
 
+def time_calls(call, min_time_s, warmup, min_repeats=20):
+    """Seconds per call of ``call(i)``: ``warmup`` untimed calls, then timed calls until at
+    least ``min_time_s`` seconds of work and ``min_repeats`` calls."""
+    for i in range(warmup):
+        call(i)
+    samples, total, i = [], 0.0, 0
+    while total < min_time_s or len(samples) < min_repeats:
+        t0 = time.perf_counter()
+        call(i)
+        dt = time.perf_counter() - t0
+        samples.append(dt)
+        total += dt
+        i += 1
+    return samples
+
+
 def measure_latency(bundle_dir: str | Path, mode: str = "sequence", seq_len: int | None = None,
                     threads: int | None = None, min_time_s: float = 1.0, warmup: int = 5,
                     min_repeats: int = 20, int8: bool = False, seed: int = 0) -> dict:
@@ -291,16 +307,7 @@ def measure_latency(bundle_dir: str | Path, mode: str = "sequence", seq_len: int
             if i % seq_len == 0:
                 stream.reset()
             stream.push(x[:, i % seq_len], normalized=True)
-    for i in range(warmup):
-        call(i)
-    samples, total, i = [], 0.0, 0
-    while total < min_time_s or len(samples) < min_repeats:
-        t0 = time.perf_counter()
-        call(i)
-        dt = time.perf_counter() - t0
-        samples.append(dt)
-        total += dt
-        i += 1
+    samples = time_calls(call, min_time_s, warmup, min_repeats)
     ort = _import_ort()
     unit = f"per sequence of {seq_len} tokens" if mode == "sequence" else "per token"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

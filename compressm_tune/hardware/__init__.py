@@ -41,7 +41,7 @@ from compressm_tune.hardware._schema import (
     load_profile,
     save_profile,
 )
-from compressm_tune.hardware._steps import fast_widths, round_up_to, step_up_widths
+from compressm_tune.hardware._steps import fast_widths, step_up_widths
 from compressm_tune.hardware._timing import (
     TimingStats,
     fixed_threads,
@@ -91,7 +91,6 @@ __all__ = [
     "plot_comparison",
     "prepare_runtime",
     "profile_device",
-    "round_up_to",
     "save_profile",
     "select_energy_backend",
     "step_up_widths",

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 
-__all__ = ["fast_widths", "round_up_to", "step_up_widths"]
+__all__ = ["fast_widths", "step_up_widths"]
 
 
 def _check(widths: Sequence[int], values: Sequence[float | None], tolerance: float) -> None:
@@ -67,19 +66,3 @@ def fast_widths(
     fast = [w for w, nxt in zip(widths, widths[1:], strict=False) if nxt in steps]
     return fast + [widths[-1]]
 
-
-def round_up_to(rank: int, widths: Sequence[int]) -> int:
-    """Round ``rank`` up to the smallest of ``widths`` that is >= it; unchanged if none is.
-
-    Examples
-    --------
-    >>> round_up_to(13, [8, 32, 128])
-    32
-    >>> round_up_to(200, [8, 32, 128])
-    200
-    """
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank=}")
-    ordered = sorted(widths)
-    i = bisect.bisect_left(ordered, rank)
-    return ordered[i] if i < len(ordered) else rank
