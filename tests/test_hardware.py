@@ -234,8 +234,6 @@ def test_step_up_and_fast_widths() -> None:
     assert hook(9, 64) == 32 and hook(8, 64) == 8 and hook(40, 48) == 48
     plateau = make_profile(cost=lambda n: 1.0 if n <= 16 else 3.0)
     assert plateau.fast_widths() == [16, 128]
-    with pytest.raises(ValueError, match="rank must be >= 1"):
-        round_up_to(0, [8])
     with pytest.raises(ValueError, match="distinct, ascending"):
         step_up_widths([8, 4], [1.0, 2.0])
 
