@@ -41,12 +41,14 @@ def choose_and_export(config: TuneConfig, feasible: list[optuna.trial.FrozenTria
     for trial in feasible:
         if not Path(trial.user_attrs["checkpoint"]).exists():
             continue  # trained by a worker on another machine; its checkpoint lives there
-        bundle = Path(trial.user_attrs["checkpoint"]).parent / "bundle"
+        # in this worker's own run directory: workers sharing a study may pick the same trial
+        bundle = out / "bundles" / f"{config.study}-{trial.number:04d}"
         result = _export_and_measure(config, trial.user_attrs["checkpoint"], bundle)
         measured = result["latency"]["p50_ms"]
         if measured <= config.budget_ms:
             for f in bundle.iterdir():
-                shutil.copy2(f, out / f.name)
+                if f.is_file():
+                    shutil.copy2(f, out / f.name)
             shutil.copy2(trial.user_attrs["checkpoint"], out / "checkpoint.pt")
             return {"trial": trial, "measured": result["latency"],
                     "manifest": result["manifest"], "fallbacks": misses}
