@@ -8,14 +8,13 @@ turns the edge module's :class:`BundleError` into :class:`~compressm_tune.errors
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from compressm_tune._io import atomic_write
 from compressm_tune.errors import ExportError
 from compressm_tune.exporter import _edge
 from compressm_tune.exporter._edge import MANIFEST, BundleError, EdgeBundle, sha256_file
@@ -29,18 +28,8 @@ _ONNX_KEYS = {"onnx_sequence": ("sequence", False), "onnx_step": ("step", False)
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # mkstemp creates 0600; a bundle is meant to be copied and shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # mode 0644: a bundle is meant to be copied and shared
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), mode)
 
 
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> Path:

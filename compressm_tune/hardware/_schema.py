@@ -6,13 +6,13 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compressm_tune._io import atomic_write
 from compressm_tune.errors import ConfigError, ProfileError
 from compressm_tune.hardware._config import ProfilerConfig
 from compressm_tune.hardware._fingerprint import DeviceFingerprint
@@ -270,21 +270,9 @@ def save_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
     pathlib.Path
         The written path; parent directories are created.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(profile.to_dict(), indent=1, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a profile is meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # mode 0644: a profile is meant to be shared
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), 0o644)
 
 
 def load_profile(path: str | os.PathLike[str]) -> Profile:

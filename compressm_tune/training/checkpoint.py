@@ -9,14 +9,13 @@ interrupt never leaves a half-written checkpoint, and they load with ``weights_o
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from compressm_tune._io import atomic_write
 from compressm_tune.errors import CheckpointError, ConfigError
 from compressm_tune.models import SSMConfig, SSMModel
 
@@ -24,20 +23,6 @@ __all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "file_
 
 FORMAT = "compressm-tune/checkpoint"
 VERSION = 1
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the result onto ``path`` (same directory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | Path, model: SSMModel, **extra: Any) -> None:

@@ -16,7 +16,6 @@ import importlib.metadata
 import json
 import os
 import random
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from scipy.linalg import solve_discrete_lyapunov
 
+from compressm_tune._io import atomic_write
 from compressm_tune.errors import ConfigError, DataError, MissingDependencyError
 
 __all__ = ["DATASETS", "Dataset", "load_dataset"]
@@ -288,15 +288,12 @@ def _read_mnist1d_cache(target: Path, seq_len: int) -> dict[str, np.ndarray] | N
 
 def _savez_atomic(target: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write ``arrays`` to ``target`` via a temp file in the same folder and ``os.replace``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
             np.savez(fh, **arrays)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    atomic_write(target, write)
 
 
 # ----------------------------------------------------------------------------- lti-sysid
