@@ -140,8 +140,8 @@ def one_blas_thread(fn: Callable[P, R]) -> Callable[P, R]:
     """Run ``fn`` with BLAS/LAPACK pinned to one thread.
 
     At reduction sizes (N up to ~1000) threading gains little, and while training keeps the
-    cores busy OpenBLAS's spinning threads make it dramatically slower: measured on a loaded
-    2-core machine, a 256x256 complex SVD took 7.9 s with 2 BLAS threads and 0.03 s with 1.
+    cores busy OpenBLAS's spinning threads make it slower by orders of magnitude (seen on a
+    loaded 2-core machine for a 256x256 complex SVD).
     """
 
     @functools.wraps(fn)

@@ -15,7 +15,7 @@ LATENCY_MODES = ("sequence", "step")
 class TuneConfig:
     """What to search for, on which data, and where to keep the study.
 
-    The defaults finish in a few minutes on two CPU cores on MNIST-1D (1 min 21 s measured).
+    The defaults finish in a few minutes on two CPU cores on MNIST-1D.
     """
 
     budget_ms: float  # per-sample latency of the exported model (onnxruntime, batch 1)
