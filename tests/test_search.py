@@ -108,3 +108,19 @@ def test_a_profile_of_another_shape_is_noted(profile_path):
 def test_tune_config_validation(kw, match):
     with pytest.raises(ConfigError, match=match):
         TuneConfig(budget_ms=1, **kw)
+
+
+@pytest.mark.parametrize("widths", ["abc", "64,,128", "0,64"])
+def test_bad_state_dims_is_one_line_error(tmp_path, capsys, widths):
+    assert _tune(tmp_path, "--budget-ms", "1", "--state-dims", widths) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "state" in err[0] and not (tmp_path / "run").exists()
+
+
+def test_corrupt_profile_is_one_line_error_and_writes_no_study(tmp_path, capsys, profile_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text(profile_path.read_text()[:200])
+    assert _tune(tmp_path, "--budget-ms", "1", "--profile", str(broken)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.json" in err[0]
+    assert not (tmp_path / "run" / "study.db").exists()
