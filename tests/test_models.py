@@ -211,10 +211,10 @@ def test_layer_rejects_bad_sizes(kw):
 # ----------------------------------------------------------------------------- the network
 
 
-def _model(pooling="mean", dims=(6, 4), h=8, d_in=2, d_out=3, dropout=0.0, seed=0):
+def _model(pooling="mean", dims=(6, 4), h=8, d_in=2, d_out=3, dropout=0.0, seed=0, arch="lru"):
     torch.manual_seed(seed)
     return SSMModel(SSMConfig(d_input=d_in, d_output=d_out, d_model=h, state_dims=list(dims),
-                              pooling=pooling, dropout=dropout))
+                              pooling=pooling, dropout=dropout, arch=arch))
 
 
 def _warm_batchnorm(model, x):
@@ -236,7 +236,7 @@ def _np_forward(model, x):
         mean = block.norm.running_mean.double().numpy()
         var = block.norm.running_var.double().numpy()
         z = (h - mean) / np.sqrt(var + block.norm.eps)
-        z = lru_reference(block.lru, z)
+        z = lru_reference(block.ssm, z)
         z = F.gelu(torch.from_numpy(z)).numpy()  # exact (erf) GELU
         a, b = np.split(lin(block.glu.proj, z), 2, axis=-1)
         h = h + a / (1 + np.exp(-b))
@@ -295,7 +295,7 @@ def test_gradients_reach_every_parameter():
 def test_state_dims_and_config_follow_surgery():
     model = _model(dims=(6, 4))
     assert model.state_dims == [6, 4]
-    layer = model.lru_layers()[0]
+    layer = model.ssm_layers()[0]
     layer.load_system_parameters(_new_params(layer, 2))
     assert model.state_dims == [2, 4]
     assert model.config.state_dims == [2, 4]
@@ -334,7 +334,12 @@ def test_config_validation(kw, match):
     assert isinstance(info.value, ValueError) and isinstance(info.value, CompressmError)
 
 
-def test_ssm_parameter_names_are_the_recurrence():
-    layer = _layer()
-    assert set(SSM_PARAMETERS) <= {name for name, _ in layer.named_parameters()}
-    assert {"C_re", "C_im", "D"}.isdisjoint(SSM_PARAMETERS)
+@pytest.mark.parametrize("arch", ["lru", "selective"])
+def test_ssm_parameter_names_are_the_recurrence(arch):
+    layer = _model(arch=arch).ssm_layers()[0]
+    names = {name for name, _ in layer.named_parameters()}
+    assert set(layer.recurrence_parameters) <= names
+    assert set(layer.recurrence_parameters) <= set(SSM_PARAMETERS)
+    # read-outs, skips and the selective layer's input projections are ordinary weights
+    assert {"C_re", "C_im", "D", "B_proj", "C_proj", "dt_down", "dt_up"}.isdisjoint(
+        SSM_PARAMETERS)

@@ -30,7 +30,7 @@ def test_removing_an_unreachable_state_leaves_network_outputs_unchanged():
     """A state whose B row is zero never moves, so cutting exactly it must be invisible."""
     torch.manual_seed(0)
     model = SSMModel(SSMConfig(d_model=8, state_dims=[6, 5], dropout=0.0)).double()
-    layer = model.blocks[0].lru
+    layer = model.blocks[0].ssm
     with torch.no_grad():
         layer.B_re[2] = 0.0
         layer.B_im[2] = 0.0
@@ -47,7 +47,7 @@ def test_cutting_a_used_state_changes_outputs():
     model = SSMModel(SSMConfig(d_model=8, state_dims=[6], dropout=0.0)).double()
     x = torch.randn(4, 30, 1, dtype=torch.float64)
     before = _outputs(model, x)
-    truncate_layer(model.blocks[0].lru, 2)
+    truncate_layer(model.blocks[0].ssm, 2)
     assert (_outputs(model, x) - before).abs().max() > 1e-4
 
 
@@ -57,8 +57,8 @@ def test_rank_at_or_above_width_is_a_bit_exact_no_op():
     x = torch.randn(2, 10, 1)
     before = _outputs(model, x)
     params = {n: p for n, p in model.named_parameters()}
-    truncate_layer(model.blocks[0].lru, 6)
-    truncate_layer(model.blocks[0].lru, 60)
+    truncate_layer(model.blocks[0].ssm, 6)
+    truncate_layer(model.blocks[0].ssm, 60)
     assert torch.equal(_outputs(model, x), before)
     assert all(p is params[n] for n, p in model.named_parameters())
 
@@ -117,12 +117,12 @@ def test_rollback_restores_the_exact_pre_cut_weights(mnist1d, tmp_path):
 def test_adam_moments_after_a_cut(mnist1d, tmp_path, moments):
     trainer = _trainer(mnist1d, tmp_path, steps=5)
     trainer.fit()
-    untouched = trainer.model.blocks[1].lru.B_re
+    untouched = trainer.model.blocks[1].ssm.B_re
     old_state = trainer.optimizer.state[untouched]
     reducer = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 12), max_drop=1.0,
                                    moments=moments))
     reducer._cut(trainer, 0, 12, trainer.validate(), {})
-    layer = trainer.model.blocks[0].lru
+    layer = trainer.model.blocks[0].ssm
     assert trainer.optimizer.state[untouched] is old_state  # other layers keep their moments
     for name in ("nu_log", "B_re", "C_im"):
         state = trainer.optimizer.state.get(getattr(layer, name))

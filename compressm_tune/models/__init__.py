@@ -1,17 +1,26 @@
-"""SSM layers and networks: the LRU layer, its block, the network and their config."""
+"""SSM layers and networks: the LRU and selective layers, the block, the network, the config."""
 
 from compressm_tune.models._scan import kernel_available, linear_scan, scan_reference
-from compressm_tune.models.config import SSMConfig
-from compressm_tune.models.lru import SSM_PARAMETERS, LRULayer
-from compressm_tune.models.network import LRUBlock, SSMModel
+from compressm_tune.models.config import ARCHS, SSMConfig
+from compressm_tune.models.lru import LRULayer
+from compressm_tune.models.network import SSM_PARAMETERS, SSMBlock, SSMModel
+from compressm_tune.models.selective import (
+    SelectiveLayer,
+    selective_scan,
+    selective_scan_reference,
+)
 
 __all__ = [
-    "LRUBlock",
+    "ARCHS",
     "LRULayer",
+    "SSMBlock",
     "SSMConfig",
     "SSMModel",
     "SSM_PARAMETERS",
+    "SelectiveLayer",
     "kernel_available",
     "linear_scan",
     "scan_reference",
+    "selective_scan",
+    "selective_scan_reference",
 ]

@@ -1,4 +1,4 @@
-"""Configuration of the LRU network, JSON-serializable so a checkpoint rebuilds the model."""
+"""Configuration of the SSM network, JSON-serializable so a checkpoint rebuilds the model."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 
 from compressm_tune.errors import ConfigError
 
-__all__ = ["SSMConfig"]
+__all__ = ["ARCHS", "SSMConfig"]
 
 POOLINGS = ("mean", "none")
+ARCHS = ("lru", "selective")
 
 
 @dataclass
@@ -25,17 +26,21 @@ class SSMConfig:
     2
     """
 
+    arch: str = "lru"  # "lru": diagonal complex LTI (CompreSSM); "selective": Mamba-style S6
     d_input: int = 1
     d_output: int = 10
     d_model: int = 64  # H: width of the residual stream
     state_dims: list[int] = field(default_factory=lambda: [256, 256, 256, 256])  # N per block
     pooling: str = "mean"  # "mean": one output per sequence; "none": one output per step
     dropout: float = 0.1
-    r_min: float = 0.9  # |lambda| is drawn uniformly on the ring [r_min, r_max] (paper's init)
+    # LRU only: |lambda| is drawn uniformly on the ring [r_min, r_max] (paper's init)
+    r_min: float = 0.9
     r_max: float = 0.999
     max_phase: float = 2 * math.pi  # phase uniform in [0, max_phase)
 
     def __post_init__(self) -> None:
+        if any(isinstance(n, bool) or int(n) != n for n in self.state_dims):
+            raise ConfigError(f"state_dims must be integers, got {self.state_dims!r}")
         self.state_dims = [int(n) for n in self.state_dims]
         for name in ("d_input", "d_output", "d_model"):
             value = getattr(self, name)
@@ -45,6 +50,8 @@ class SSMConfig:
             raise ConfigError(
                 f"state_dims must list at least one positive width, got {self.state_dims!r}"
             )
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -53,10 +60,12 @@ class SSMConfig:
             raise ConfigError(
                 f"0 <= r_min < r_max < 1 must hold, got r_min={self.r_min} r_max={self.r_max}"
             )
+        if not 0.0 < self.max_phase <= 2 * math.pi:
+            raise ConfigError(f"0 < max_phase <= 2*pi must hold, got max_phase={self.max_phase}")
 
     @property
     def n_blocks(self) -> int:
-        """Number of LRU blocks."""
+        """Number of SSM blocks."""
         return len(self.state_dims)
 
     def to_dict(self) -> dict:

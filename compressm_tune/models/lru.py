@@ -20,12 +20,7 @@ from torch import nn
 from compressm_tune.errors import ConfigError
 from compressm_tune.models._scan import linear_scan
 
-__all__ = ["LRULayer", "SSM_PARAMETERS"]
-
-# Parameters of the recurrence itself: they get the SSM learning-rate factor and no weight
-# decay (as in the paper's code), and they are what a reduction rewrites.
-SSM_PARAMETERS = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im")
-_SYSTEM_PARAMETERS = SSM_PARAMETERS + ("C_re", "C_im")
+__all__ = ["LRULayer"]
 
 
 class LRULayer(nn.Module):
@@ -49,6 +44,13 @@ class LRULayer(nn.Module):
     >>> layer(torch.randn(2, 5, 4)).shape
     torch.Size([2, 5, 4])
     """
+
+    # The recurrence's own parameters: they get the SSM learning-rate factor and no weight
+    # decay (as in the paper's code).
+    recurrence_parameters = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im")
+    # Which axis of each parameter indexes the state: what a reduction rewrites.
+    state_axes = {"nu_log": 0, "theta_log": 0, "gamma_log": 0, "B_re": 0, "B_im": 0,
+                  "C_re": 1, "C_im": 1}
 
     def __init__(
         self,
@@ -151,7 +153,7 @@ class LRULayer(nn.Module):
         ``C_re, C_im`` (H, N'); ``D`` is untouched. New ``nn.Parameter`` objects are created,
         so any optimizer over the old ones must be rebuilt.
         """
-        missing = set(_SYSTEM_PARAMETERS) - set(params)
+        missing = set(self.state_axes) - set(params)
         if missing:
             raise ConfigError(f"load_system_parameters needs {sorted(missing)}")
         n = int(params["nu_log"].shape[0])

@@ -1,4 +1,9 @@
-"""The deep LRU network: encoder -> blocks -> (mean pool) -> head."""
+"""The deep SSM network: encoder -> blocks -> (mean pool) -> head.
+
+Each block holds one SSM layer, an :class:`LRULayer` or a :class:`SelectiveLayer` as
+``SSMConfig.arch`` says; both take ``(batch, L, H)`` to ``(batch, L, H)`` and stream with
+``allocate_state`` / ``step``, so the block and the network do not care which.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,13 @@ from torch import nn
 
 from compressm_tune.models.config import SSMConfig
 from compressm_tune.models.lru import LRULayer
+from compressm_tune.models.selective import SelectiveLayer
 
-__all__ = ["LRUBlock", "SSMModel"]
+__all__ = ["SSMBlock", "SSMModel", "SSM_PARAMETERS"]
+
+SSMLayer = LRULayer | SelectiveLayer
+# Names of the recurrence parameters of either layer (the optimizer's SSM group).
+SSM_PARAMETERS = LRULayer.recurrence_parameters + SelectiveLayer.recurrence_parameters
 
 
 class GLU(nn.Module):
@@ -26,33 +36,36 @@ class GLU(nn.Module):
         return a * torch.sigmoid(b)
 
 
-class LRUBlock(nn.Module):
-    """BatchNorm (no affine) -> LRU -> GELU -> dropout -> GLU -> dropout -> residual."""
+class SSMBlock(nn.Module):
+    """BatchNorm (no affine) -> SSM layer -> GELU -> dropout -> GLU -> dropout -> residual."""
 
     def __init__(self, config: SSMConfig, state_dim: int) -> None:
         super().__init__()
         self.norm = nn.BatchNorm1d(config.d_model, affine=False)
-        self.lru = LRULayer(config.d_model, state_dim, config.r_min, config.r_max,
-                            config.max_phase)
+        if config.arch == "selective":
+            self.ssm: SSMLayer = SelectiveLayer(config.d_model, state_dim)
+        else:
+            self.ssm = LRULayer(config.d_model, state_dim, config.r_min, config.r_max,
+                                config.max_phase)
         self.glu = GLU(config.d_model)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, L, H) -> (batch, L, H)``."""
         h = self.norm(x.transpose(1, 2)).transpose(1, 2)  # (B, L, H) normalized over batch, time
-        h = self.drop(F.gelu(self.lru(h)))  # (B, L, H)
+        h = self.drop(F.gelu(self.ssm(h)))  # (B, L, H)
         return x + self.drop(self.glu(h))
 
     def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token ``(batch, H)``; inference only (BatchNorm uses its running statistics)."""
         h = F.batch_norm(x_t, self.norm.running_mean, self.norm.running_var,
                          training=False, eps=self.norm.eps)  # (B, H)
-        h, state = self.lru.step(h, state)
+        h, state = self.ssm.step(h, state)
         return x_t + self.glu(F.gelu(h)), state
 
 
 class SSMModel(nn.Module):
-    """A stack of LRU blocks for sequence classification or per-step regression.
+    """A stack of SSM blocks for sequence classification or per-step regression.
 
     ``model(x)``: ``x (batch, L, d_input)`` -> ``(batch, d_output)`` with mean pooling, or
     ``(batch, L, d_output)`` with ``pooling="none"``.
@@ -68,22 +81,22 @@ class SSMModel(nn.Module):
         super().__init__()
         self._config = replace(config, state_dims=list(config.state_dims))
         self.encoder = nn.Linear(config.d_input, config.d_model)
-        self.blocks = nn.ModuleList(LRUBlock(config, n) for n in config.state_dims)
+        self.blocks = nn.ModuleList(SSMBlock(config, n) for n in config.state_dims)
         self.head = nn.Linear(config.d_model, config.d_output)
 
     @property
     def state_dims(self) -> list[int]:
         """Current state width of every block (read from the layers, so always up to date)."""
-        return [block.lru.state_dim for block in self.blocks]
+        return [block.ssm.state_dim for block in self.blocks]
 
     @property
     def config(self) -> SSMConfig:
         """The configuration that rebuilds this model as it is now (widths after any cuts)."""
         return replace(self._config, state_dims=self.state_dims)
 
-    def lru_layers(self) -> list[LRULayer]:
-        """The LRU layer of every block, in order."""
-        return [block.lru for block in self.blocks]
+    def ssm_layers(self) -> list[SSMLayer]:
+        """The SSM layer of every block, in order."""
+        return [block.ssm for block in self.blocks]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(x)  # (B, L, H)
@@ -94,10 +107,11 @@ class SSMModel(nn.Module):
         return self.head(h)
 
     def allocate_state(self, batch_size: int) -> list[torch.Tensor]:
-        """Zero streaming state: one ``(batch, N_k, 2)`` tensor per block, then, with mean
+        """Zero streaming state: one tensor per block (LRU ``(batch, N_k, 2)``, selective
+        ``(batch, H, N_k)``), then, with mean
         pooling, the running sum ``(batch, H)`` and the token count ``(1,)``."""
         ref = self.head.weight
-        state = [layer.allocate_state(batch_size) for layer in self.lru_layers()]
+        state = [layer.allocate_state(batch_size) for layer in self.ssm_layers()]
         if self._config.pooling == "mean":
             state.append(torch.zeros(batch_size, self._config.d_model, device=ref.device,
                                      dtype=ref.dtype))

@@ -1,4 +1,5 @@
-"""Hankel-singular-value balanced truncation of diagonal SSM layers, and rank policies.
+"""Hankel-singular-value balanced truncation of diagonal SSM layers, data-driven state
+selection for selective layers, and rank policies.
 
 Numpy arrays or torch tensors in (``lam`` (N,), ``B`` (N, H) including gamma, ``C`` (H, N),
 complex); results come back in the same kind, complex128. See ``DESIGN.md``, "The method,
@@ -12,7 +13,13 @@ from compressm_tune.reduction._policies import (
     rank_for_tolerance,
     round_up_to,
 )
-from compressm_tune.reduction._surgery import layer_hsv, truncate_layer
+from compressm_tune.reduction._selective import select_states, state_importance
+from compressm_tune.reduction._surgery import (
+    layer_hsv,
+    reduce_layer,
+    state_scores,
+    truncate_layer,
+)
 from compressm_tune.reduction._truncation import (
     balanced_truncation,
     from_lru_params,
@@ -28,7 +35,11 @@ __all__ = [
     "layer_hsv",
     "plan_rank",
     "rank_for_tolerance",
+    "reduce_layer",
     "round_up_to",
+    "select_states",
+    "state_importance",
+    "state_scores",
     "to_lru_params",
     "truncate_layer",
 ]

@@ -1,15 +1,25 @@
-"""Apply balanced truncation to a live LRU layer: the model-surgery step of CompreSSM."""
+"""Reduce a live SSM layer in place: the model-surgery step of CompreSSM, for either layer kind.
+
+* LRU (LTI): Hankel singular values and balanced truncation; the surviving states are a new,
+  balanced-then-re-diagonalized basis.
+* Selective (time-varying): data-driven state importance from calibration inputs (see
+  :mod:`._selective`); the surviving states are a subset of the old ones, basis unchanged.
+
+:func:`state_scores` and :func:`reduce_layer` hide the difference from the trainer.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from compressm_tune.models import LRULayer
+from compressm_tune.errors import ReductionError
+from compressm_tune.models import LRULayer, SelectiveLayer
 from compressm_tune.reduction._gramians import hankel_singular_values
+from compressm_tune.reduction._selective import select_states, state_importance
 from compressm_tune.reduction._truncation import balanced_truncation, to_lru_params
 
-__all__ = ["layer_hsv", "truncate_layer"]
+__all__ = ["layer_hsv", "reduce_layer", "state_scores", "truncate_layer"]
 
 
 def layer_hsv(layer: LRULayer) -> np.ndarray:
@@ -52,3 +62,40 @@ def truncate_layer(
     layer.load_system_parameters(
         {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
     )
+
+
+def state_scores(layer: LRULayer | SelectiveLayer,
+                 inputs: torch.Tensor | None = None) -> np.ndarray:
+    """What the rank policy reads: one non-negative score per state, (N,) float64.
+
+    LRU: the Hankel singular values (descending; they belong to balanced states, not to the
+    layer's current ones). Selective: the data importance of each current state index, in
+    state order, from calibration ``inputs (batch, L, H)`` (required).
+    """
+    if isinstance(layer, SelectiveLayer):
+        if inputs is None:
+            raise ReductionError("a selective layer's state scores need calibration inputs")
+        return state_importance(layer, inputs)
+    return layer_hsv(layer)
+
+
+def reduce_layer(
+    layer: LRULayer | SelectiveLayer, rank: int, select: str = "largest",
+    seed: int | None = None, scores: np.ndarray | None = None,
+) -> torch.Tensor | None:
+    """Cut ``layer`` in place to ``rank`` states; ``rank >= N`` leaves it unchanged.
+
+    Returns the kept state indices when the survivors keep their basis (selective; their
+    optimizer moments stay valid), None when the basis changed (LRU balanced truncation).
+    ``scores`` are the selective layer's :func:`state_scores` (ignored for an LRU).
+    """
+    if isinstance(layer, SelectiveLayer):
+        if rank >= layer.state_dim:
+            return None
+        if scores is None:
+            raise ReductionError("cutting a selective layer needs its state scores")
+        keep = select_states(layer, scores, rank, select, seed)
+        layer.keep_states(keep)
+        return keep
+    truncate_layer(layer, rank, select=select, seed=seed)
+    return None

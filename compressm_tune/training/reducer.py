@@ -1,16 +1,20 @@
 """In-training reduction: when and how the trainer shrinks layers, with a safety net.
 
 At every evaluation inside the window (default: the first 10% of steps, the LR warm-up) the
-:class:`Reducer` recomputes each layer's Hankel singular values, asks the rank policy for a
-new width, and cuts by balanced truncation. Before each cut the full training state is
-checkpointed (``pre_cut.pt``); after it the model is validated, and if the validation score
-fell by more than ``max_drop`` the cut is rolled back and that layer is frozen at its width.
+:class:`Reducer` recomputes each layer's state scores (LRU: Hankel singular values; selective:
+data importance on a fixed calibration slice of the training inputs), asks the rank policy for
+a new width, and cuts (LRU: balanced truncation; selective: keeps the best state indices).
+Before each cut the full training state is checkpointed (``pre_cut.pt``); after it the model is
+validated, and if the validation score fell by more than ``max_drop`` the cut is rolled back
+and that layer is frozen at its width.
 
-Adam moments after a cut: the reduced layer's parameters live in a new basis (balancing then
+Adam moments after a cut: a reduced LRU layer's parameters live in a new basis (balancing then
 re-diagonalization mixes all old states), so the old per-coordinate moments no longer belong
 to any coordinate. ``moments="reset"`` (default) starts them afresh for the cut layer only;
-``"slice"`` keeps the first ``r`` rows, as the paper's code does. Every other parameter keeps
-its moments. ``bench_results/compression.md`` compares the two.
+``"slice"`` keeps the first ``r`` rows, as the paper's code does. A selective layer keeps a
+subset of its states unchanged, so their moments are carried over exactly, whatever
+``moments`` says. Every other parameter keeps its moments. ``bench_results/compression.md``
+compares the two LRU policies.
 """
 
 from __future__ import annotations
@@ -19,17 +23,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from compressm_tune.errors import ConfigError
-from compressm_tune.reduction import ReductionPolicy, layer_hsv, plan_rank, truncate_layer
+from compressm_tune.models import SelectiveLayer
+from compressm_tune.reduction import ReductionPolicy, plan_rank, reduce_layer, state_scores
 
-__all__ = ["ReduceConfig", "Reducer", "MOMENT_POLICIES", "spectrum_record"]
+__all__ = ["CALIBRATION", "MOMENT_POLICIES", "ReduceConfig", "Reducer", "layer_inputs",
+           "spectrum_record"]
 
 MOMENT_POLICIES = ("reset", "slice")
-# Which axis of each recurrence parameter indexes the state (for moments="slice").
-_STATE_AXIS = {"nu_log": 0, "theta_log": 0, "gamma_log": 0, "B_re": 0, "B_im": 0,
-               "C_re": 1, "C_im": 1}
+CALIBRATION = 128  # training sequences that score a selective layer's states
 
 
 @dataclass
@@ -46,6 +51,8 @@ class ReduceConfig:
     # Optional budget check on the per-layer widths; when the window closes and it fails, the
     # weakest balanced states (smallest normalized HSVs, across layers) are cut until it holds.
     fits: Callable[[list[int]], bool] | None = None
+    # Selective layers only: training sequences whose layer inputs score the states.
+    calibration: int = CALIBRATION
 
     def __post_init__(self) -> None:
         if not 0.0 < self.window <= 1.0:
@@ -54,23 +61,52 @@ class ReduceConfig:
             raise ConfigError(f"every >= 1 must hold, got every={self.every}")
         if self.max_drop < 0:
             raise ConfigError(f"max_drop >= 0 must hold, got max_drop={self.max_drop}")
+        if self.calibration < 1:
+            raise ConfigError(f"calibration >= 1 must hold, got calibration={self.calibration}")
         if self.moments not in MOMENT_POLICIES:
             raise ConfigError(f"moments must be one of {MOMENT_POLICIES}, got {self.moments!r}")
 
 
-def spectrum_record(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """Per layer: HSVs (descending) and each diagonal mode's own Hankel score.
+@torch.no_grad()
+def layer_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
+    """What each block's SSM layer receives for model inputs ``x`` (eval mode), for the
+    selective layers' data-driven scores; None for LRU layers, whose scores need no data."""
+    captured: list[torch.Tensor | None] = [None] * len(model.blocks)
+    hooks = [block.ssm.register_forward_pre_hook(
+        lambda _module, args, k=k: captured.__setitem__(k, args[0].detach()))
+        for k, block in enumerate(model.blocks) if isinstance(block.ssm, SelectiveLayer)]
+    if hooks:
+        was_training = model.training
+        model.eval()
+        try:
+            model(x)
+        finally:
+            model.train(was_training)
+            for hook in hooks:
+                hook.remove()
+    return captured
 
-    The mode score ``sqrt(P_ii Q_ii) = |b_i| |c_i| / (1 - |lambda_i|^2)`` is the HSV of mode
-    ``i`` taken alone; unlike the HSVs, it keeps the identity of each state between
-    evaluations, so its ranking can be compared over training (Kendall tau).
+
+def spectrum_record(model: torch.nn.Module, x: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """Per layer: its state scores, descending (``hsv``) and per current state (``mode_score``).
+
+    LRU: the Hankel singular values, and each diagonal mode's own Hankel score
+    ``sqrt(P_ii Q_ii) = |b_i| |c_i| / (1 - |lambda_i|^2)`` (the HSV of mode ``i`` taken alone);
+    unlike the HSVs, it keeps the identity of each state between evaluations, so its ranking
+    can be compared over training (Kendall tau). Selective: the data importance of every state
+    index on calibration inputs ``x`` (model inputs, required), sorted and in state order.
     """
     records = []
+    inputs = layer_inputs(model, x) if x is not None else [None] * len(model.blocks)
     for k, block in enumerate(model.blocks):
-        lam, b, c, _ = block.lru.system()
-        score = (b.abs().norm(dim=1) * c.abs().norm(dim=0) / (1 - lam.abs() ** 2))  # (N,)
-        records.append({"layer": k, "hsv": [float(g) for g in layer_hsv(block.lru)],
-                        "mode_score": [float(v) for v in score]})
+        scores = state_scores(block.ssm, inputs[k])
+        if isinstance(block.ssm, SelectiveLayer):
+            mode_score = scores
+        else:
+            lam, b, c, _ = block.ssm.system()
+            mode_score = (b.abs().norm(dim=1) * c.abs().norm(dim=0) / (1 - lam.abs() ** 2))
+        records.append({"layer": k, "hsv": [float(g) for g in np.sort(scores)[::-1]],
+                        "mode_score": [float(v) for v in mode_score]})
     return records
 
 
@@ -106,31 +142,36 @@ class Reducer:
         return every is not None and step % every == 0 and self.active(step, total_steps)
 
     def attempt(self, trainer: Any, val: dict[str, float]) -> list[dict[str, Any]]:
-        """Try one cut per layer; return a log record per layer (HSVs, rank, action)."""
+        """Try one cut per layer; return a log record per layer (scores, rank, action)."""
         records = []
+        inputs = None  # selective layers' inputs, captured when first needed and after cuts
         for k in range(len(trainer.model.blocks)):
-            layer = trainer.model.blocks[k].lru
-            hsv = layer_hsv(layer)
+            layer = trainer.model.blocks[k].ssm
+            if isinstance(layer, SelectiveLayer) and inputs is None:
+                inputs = self._layer_inputs(trainer)
+            scores = state_scores(layer, inputs[k] if inputs else None)  # (N,)
+            ranking = np.sort(scores)[::-1]  # descending, what the rank policy reads
             record: dict[str, Any] = {"layer": k, "n": layer.state_dim,
-                                      "hsv": [float(g) for g in hsv]}
-            rank = None if k in self.frozen else self.plan(k, hsv, trainer.step)
+                                      "hsv": [float(g) for g in ranking]}
+            rank = None if k in self.frozen else self.plan(k, ranking, trainer.step)
             if k in self.frozen:
                 record["action"] = "frozen"
             elif rank is None:
                 record["action"] = "keep"
             else:
                 record["rank"] = rank
-                val = self._cut(trainer, k, rank, val, record)
+                val = self._cut(trainer, k, rank, val, record, scores)
+                inputs = None if record["action"] == "cut" else inputs
             records.append(record)
         return records
 
     def close_window(self, trainer: Any) -> list[int] | None:
         """Budget-aware truncation, once, at the first evaluation after the window.
 
-        If ``fits`` rejects the current widths, repeatedly drop the balanced state with the
-        smallest HSV relative to its layer's HSV sum (the same yardstick as ``tau``) until the
-        widths fit, then truncate each layer once. These cuts are not rolled back: a model
-        over budget is no use, so the trial should finish feasible and let accuracy speak.
+        If ``fits`` rejects the current widths, repeatedly drop the state with the smallest
+        score relative to its layer's score sum (the same yardstick as ``tau``) until the
+        widths fit, then cut each layer once. These cuts are not rolled back: a model over
+        budget is no use, so the trial should finish feasible and let accuracy speak.
         Returns the new widths, or None when nothing was cut.
         """
         self.closed = True
@@ -138,35 +179,44 @@ class Reducer:
         widths = trainer.model.state_dims
         if fits is None or fits(widths):
             return None
-        hsv = [layer_hsv(block.lru) for block in trainer.model.blocks]
+        layers = trainer.model.ssm_layers()
+        inputs = self._layer_inputs(trainer)
+        scores = [state_scores(layer, x) for layer, x in zip(layers, inputs, strict=True)]
+        ranking = [np.sort(g)[::-1] for g in scores]
         ranks = list(widths)
         while not fits(ranks):
-            weakest = [(h[r - 1] / h.sum(), k)
-                       for k, (h, r) in enumerate(zip(hsv, ranks, strict=True)) if r > 1]
+            weakest = [(g[r - 1] / g.sum(), k)
+                       for k, (g, r) in enumerate(zip(ranking, ranks, strict=True)) if r > 1]
             if not weakest:
                 break
             ranks[min(weakest)[1]] -= 1
-        for block, rank in zip(trainer.model.blocks, ranks, strict=True):
-            truncate_layer(block.lru, rank, select=self.config.policy.select,
-                           seed=self.config.policy.seed)
-        trainer.rebuild_optimizer()  # fresh moments: every layer may have changed basis
+        policy = self.config.policy
+        for layer, rank, g in zip(layers, ranks, scores, strict=True):
+            reduce_layer(layer, rank, select=policy.select, seed=policy.seed, scores=g)
+        trainer.rebuild_optimizer()  # fresh moments: every layer may have changed
         trainer.best_score = float("-inf")
         return ranks
 
     def plan(self, layer: int, hsv: Any, step: int) -> int | None:
-        """The new rank of ``layer`` at ``step`` (None: no cut); override to script cuts."""
+        """The new rank of ``layer`` at ``step`` (None: no cut) from its descending scores;
+        override to script cuts."""
         return plan_rank(hsv, self.config.policy, self.config.round_to)
 
+    def _layer_inputs(self, trainer: Any) -> list[torch.Tensor | None]:
+        """Each layer's inputs on the calibration slice: the first ``calibration`` training
+        sequences, the same every time, so score changes reflect the model, not the data."""
+        return layer_inputs(trainer.model, trainer.dataset.x_train[:self.config.calibration])
+
     def _cut(self, trainer: Any, k: int, rank: int, val: dict[str, float],
-             record: dict[str, Any]) -> dict[str, float]:
+             record: dict[str, Any], scores: np.ndarray | None = None) -> dict[str, float]:
         snapshot = trainer.save("pre_cut.pt")
-        layer = trainer.model.blocks[k].lru
-        old_params = {name: getattr(layer, name) for name in _STATE_AXIS}
+        layer = trainer.model.blocks[k].ssm
+        old_params = {name: getattr(layer, name) for name in layer.state_axes}
         old_state = trainer.optimizer.state
         policy = self.config.policy
-        truncate_layer(layer, rank, select=policy.select, seed=policy.seed)
+        keep = reduce_layer(layer, rank, select=policy.select, seed=policy.seed, scores=scores)
         trainer.rebuild_optimizer()
-        self._carry_moments(trainer.optimizer, old_state, layer, old_params, rank)
+        self._carry_moments(trainer.optimizer, old_state, layer, old_params, rank, keep)
         after = trainer.validate()
         record["val_before"], record["val_after"] = val, after
         if _drop(val, after) > self.config.max_drop:
@@ -180,19 +230,23 @@ class Reducer:
 
     def _carry_moments(self, optimizer: torch.optim.Optimizer, old_state: dict,
                        layer: torch.nn.Module, old_params: dict[str, torch.Tensor],
-                       rank: int) -> None:
-        new_params = {id(getattr(layer, name)) for name in _STATE_AXIS}
+                       rank: int, keep: torch.Tensor | None) -> None:
+        """Carry every untouched parameter's moments; for the cut ones, the kept states'
+        moments (``keep``, exact) or, for an LRU with ``moments="slice"``, the first rows."""
+        new_params = {id(getattr(layer, name)) for name in layer.state_axes}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if id(p) not in new_params and p in old_state:
                     optimizer.state[p] = old_state[p]
-        if self.config.moments != "slice":
+        if keep is None and self.config.moments != "slice":
             return
-        for name, axis in _STATE_AXIS.items():
+        index = keep if keep is not None else torch.arange(rank)
+        for name, axis in layer.state_axes.items():
             old = old_state.get(old_params[name])
             if not old:
                 continue
             optimizer.state[getattr(layer, name)] = {
-                key: value.narrow(axis, 0, rank).clone() if value.dim() > axis else value.clone()
+                key: value.index_select(axis, index.to(value.device)).clone()
+                if value.dim() > axis else value.clone()
                 for key, value in old.items()
             }
