@@ -29,17 +29,21 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    from compressm_tune.models import SSMConfig
+    from compressm_tune.models import ARCHS, SSMConfig
     from compressm_tune.reduction._policies import SELECTS
     from compressm_tune.training import TrainConfig
     from compressm_tune.training.reducer import MOMENT_POLICIES, ReduceConfig
 
     m, t, r = SSMConfig(), TrainConfig(), ReduceConfig()
-    p = sub.add_parser("train", help="train an LRU network, optionally compressing it in training",
-                       description="Train an LRU network; with --reduce, shrink its state "
-                                   "widths by balanced truncation during the first steps.")
+    p = sub.add_parser("train", help="train an SSM network, optionally compressing it in training",
+                       description="Train an SSM network; with --reduce, shrink its state "
+                                   "widths during the first steps (LRU: balanced truncation; "
+                                   "selective: data-driven state selection).")
     _add_data_args(p)
-    p.add_argument("--blocks", type=int, default=m.n_blocks, help=f"LRU blocks ({m.n_blocks})")
+    p.add_argument("--arch", default=m.arch, choices=ARCHS,
+                   help=f"SSM layer: lru (LTI, complex diagonal) or selective (Mamba-style "
+                        f"S6) ({m.arch})")
+    p.add_argument("--blocks", type=int, default=m.n_blocks, help=f"SSM blocks ({m.n_blocks})")
     p.add_argument("--hidden", type=int, default=m.d_model, help=f"H, model width ({m.d_model})")
     p.add_argument("--state-dim", type=int, default=m.state_dims[0],
                    help=f"N, initial state width of every block ({m.state_dims[0]})")
@@ -57,7 +61,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--reduce", default=None, metavar="SPEC",
                    help="in-training reduction policy: tau=0.04 (discard 4%% of the Hankel "
-                        "singular value sum), rank=16 or fraction=0.25; off by default")
+                        "singular value sum, or of the state importance sum for selective "
+                        "layers), rank=16 or fraction=0.25; off by default")
     p.add_argument("--window", type=float, default=r.window,
                    help=f"share of steps in which cuts are attempted ({r.window})")
     p.add_argument("--reduce-every", type=int, default=None,
@@ -67,7 +72,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="roll back a cut that loses more validation accuracy (or relative "
                         f"loss) than this and freeze the layer ({r.max_drop})")
     p.add_argument("--select", default=None, choices=SELECTS,
-                   help="which balanced states to keep (default: largest; others are ablations)")
+                   help="which states to keep (default: largest; others are ablations)")
     p.add_argument("--moments", default=r.moments, choices=MOMENT_POLICIES,
                    help=f"Adam moments of a cut layer ({r.moments})")
     p.add_argument("--log-spectrum", action="store_true",
@@ -87,9 +92,9 @@ def _train(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset, path=args.data_path, data_dir=args.data_dir,
                         val_fraction=args.val_fraction, seed=args.seed)
     model_config = SSMConfig(
-        d_input=data.d_input, d_output=data.d_output, d_model=args.hidden,
+        arch=args.arch, d_input=data.d_input, d_output=data.d_output, d_model=args.hidden,
         state_dims=[args.state_dim] * args.blocks, dropout=args.dropout,
-        pooling="mean" if data.task == "classification" else "none",
+        pooling=data.pooling,
     )
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -136,6 +141,7 @@ def _reducer(args: argparse.Namespace):
 
 
 def _add_tune_args(parser: argparse.ArgumentParser) -> None:
+    from compressm_tune.models import ARCHS
     from compressm_tune.search import LATENCY_MODES, TuneConfig
 
     d = TuneConfig(budget_ms=1.0)
@@ -147,6 +153,8 @@ def _add_tune_args(parser: argparse.ArgumentParser) -> None:
                    "(onnxruntime, batch 1; per sequence, or per token with --latency-mode step)")
     g.add_argument("--budget-mj", type=float, default=None, help="per-sample energy budget, mJ")
     g.add_argument("--latency-mode", choices=LATENCY_MODES, default=d.latency_mode)
+    g.add_argument("--arch", choices=ARCHS, default=d.arch,
+                   help=f"SSM layer of every trial: lru or selective ({d.arch})")
     _add_data_args(g)
     g.add_argument("--trials", type=int, default=d.trials, help=f"({d.trials})")
     g.add_argument("--steps", type=int, default=d.steps, help=f"steps per trial ({d.steps})")
@@ -181,7 +189,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     config = TuneConfig(
         budget_ms=args.budget_ms, budget_mj=args.budget_mj, latency_mode=args.latency_mode,
-        dataset=args.dataset, data_path=args.data_path, data_dir=args.data_dir,
+        arch=args.arch, dataset=args.dataset, data_path=args.data_path, data_dir=args.data_dir,
         trials=args.trials, steps=args.steps, blocks=args.blocks, hidden=args.hidden,
         state_dims=_widths(args.state_dims),
         profile=args.profile, storage=args.storage, study=args.study, out=args.out,

@@ -1,4 +1,5 @@
-"""Tests for compressm_tune.training.data: mnist1d cache, lti-sysid truth, npz and IDX parsing."""
+"""Tests for compressm_tune.training.data: mnist1d cache, lti-sysid truth, selective-copy
+labels, npz and IDX parsing."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from scipy.signal import lfilter
 
 import compressm_tune.training.data as data_module
 from compressm_tune.errors import CompressmError, ConfigError, DataError
-from compressm_tune.training.data import DATASETS, load_dataset
+from compressm_tune.training.data import DATASETS, SelectiveCopyConfig, load_dataset
 
 
 def _raw(x: torch.Tensor, ds) -> np.ndarray:
@@ -226,6 +227,93 @@ def test_lti_deterministic_per_seed_with_one_system(lti):
     assert not torch.equal(lti.x_train, other.x_train)
     assert not torch.equal(lti.y_test, other.y_test)
     assert other.info["poles"] == lti.info["poles"]
+
+
+# ----------------------------------------------------------------------------- selective-copy
+
+_SMALL_COPY = SelectiveCopyConfig(seq_len=24, n_tokens=5, n_copy=3, n_train=300, n_test=100)
+
+
+@pytest.fixture(scope="module")
+def copy_task():
+    return load_dataset("selective-copy", seed=0, copy_config=_SMALL_COPY)
+
+
+def _decode(x: torch.Tensor, n_tokens: int):
+    """Read one-hot inputs back independently: (positions, tokens) of every data token, and
+    whether each step is blank or marker. Every step must be exactly one-hot."""
+    x = x.numpy()
+    assert np.all((x == 0) | (x == 1)) and np.all(x.sum(-1) == 1)
+    ids = x.argmax(-1)  # (n, L)
+    return ids, [np.flatnonzero(row < n_tokens) for row in ids]
+
+
+def test_selective_copy_shapes_and_info(copy_task):
+    ds = copy_task
+    assert (ds.task, ds.pooling, ds.d_input, ds.d_output, ds.seq_len) == (
+        "classification", "none", 7, 5, 24)
+    assert ds.x_train.shape == (270, 24, 7) and ds.x_val.shape == (30, 24, 7)
+    assert ds.x_test.shape == (100, 24, 7) and ds.y_test.shape == (100, 3)
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert ds.norm_mean == [0.0] * 7 and ds.norm_std == [1.0] * 7  # one-hot is left as it is
+    info = json.loads(json.dumps(ds.info))
+    assert info["config"] == {"seq_len": 24, "n_tokens": 5, "n_copy": 3, "n_train": 300,
+                              "n_test": 100}
+    assert info["chance_accuracy"] == pytest.approx(0.2)
+    assert SelectiveCopyConfig(**info["config"]) == _SMALL_COPY  # the info rebuilds the task
+    default = SelectiveCopyConfig()
+    assert (default.seq_len, default.n_tokens, default.n_copy) == (64, 8, 4)
+
+
+def test_selective_copy_labels_are_the_marked_tokens(copy_task):
+    ds, k, m = copy_task, 5, 3
+    for x, y in ((ds.x_train, ds.y_train), (ds.x_val, ds.y_val), (ds.x_test, ds.y_test)):
+        ids, positions = _decode(x, k)
+        assert np.all(ids[:, -m:] == k + 1)  # markers exactly at the last M steps
+        assert np.all(ids[:, :-m] <= k)  # data or blank before them, never a marker
+        for row, pos, labels in zip(ids, positions, y.numpy(), strict=True):
+            assert len(pos) == m and pos.max() < 24 - m
+            np.testing.assert_array_equal(row[pos], labels)  # labels = tokens in input order
+    every = np.concatenate([ds.y_train.numpy().ravel(), ds.y_test.numpy().ravel()])
+    assert set(every.tolist()) == set(range(k))
+    # positions are random: every context step holds a data token in some sequence
+    _, positions = _decode(ds.x_train, k)
+    assert set(np.concatenate(positions).tolist()) == set(range(24 - m))
+
+
+def test_selective_copy_deterministic_per_seed(copy_task):
+    again = load_dataset("selective-copy", seed=0, copy_config=_SMALL_COPY)
+    for field in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        assert torch.equal(getattr(copy_task, field), getattr(again, field)), field
+    other = load_dataset("selective-copy", seed=1, copy_config=_SMALL_COPY)
+    assert not torch.equal(copy_task.x_test, other.x_test)
+    assert not torch.equal(copy_task.y_test, other.y_test)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"n_copy": 0}, "n_copy >= 1"),
+        ({"n_tokens": 1}, "n_tokens >= 2"),
+        ({"seq_len": 7, "n_copy": 4}, "seq_len >= 2 * n_copy"),
+        ({"n_test": 0}, "n_test >= 1"),
+        ({"seq_len": 64.0}, "seq_len=64.0"),
+        ({"n_train": True}, "n_train=True"),
+    ],
+)
+def test_selective_copy_bad_config_raises_config_error(kwargs, needle):
+    with pytest.raises(ConfigError) as err:
+        SelectiveCopyConfig(**kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_selective_copy_config_only_where_it_belongs():
+    with pytest.raises(ConfigError, match="only used by dataset 'selective-copy'"):
+        load_dataset("lti-sysid", copy_config=SelectiveCopyConfig())
+    with pytest.raises(ConfigError, match="must be a SelectiveCopyConfig"):
+        load_dataset("selective-copy", copy_config={"seq_len": 32})
+    with pytest.raises(DataError, match="at least 2 samples"):  # too small to carve validation
+        load_dataset("selective-copy", copy_config=SelectiveCopyConfig(n_train=3))
 
 
 # ----------------------------------------------------------------------------- npz

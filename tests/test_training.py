@@ -8,16 +8,20 @@ import zipfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from compressm_tune.errors import CheckpointError, CompressmError, ConfigError
 from compressm_tune.models import SSM_PARAMETERS, SSMConfig, SSMModel
 from compressm_tune.training import (
     TrainConfig,
     Trainer,
+    evaluate,
     load_checkpoint,
+    load_dataset,
     model_from_checkpoint,
     save_checkpoint,
 )
+from compressm_tune.training.data import SelectiveCopyConfig
 from compressm_tune.training.optim import build_optimizer, lr_factor, set_lr
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -78,8 +82,8 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path, pooling):
 
 def test_checkpoint_after_surgery_rebuilds_the_smaller_model(tmp_path):
     model = _trained_a_little(_model(dims=(6, 4)))
-    _shrink(model.lru_layers()[0], 2)
-    _shrink(model.lru_layers()[1], 3)
+    _shrink(model.ssm_layers()[0], 2)
+    _shrink(model.ssm_layers()[1], 3)
     x = torch.randn(3, 25, 2)
     want = _outputs(model, x)
     save_checkpoint(tmp_path / "small.pt", model)
@@ -212,11 +216,12 @@ def test_optimizer_groups_split_ssm_parameters():
     ssm_group, rest_group = opt.param_groups
     ssm_ids = {id(p) for p in ssm_group["params"]}
     rest_ids = {id(p) for p in rest_group["params"]}
-    want_ssm = {id(getattr(layer, name)) for layer in model.lru_layers() for name in SSM_PARAMETERS}
+    want_ssm = {id(getattr(layer, name)) for layer in model.ssm_layers()
+                for name in layer.recurrence_parameters}
     assert ssm_ids == want_ssm and len(ssm_ids) == 2 * 5
     assert ssm_ids.isdisjoint(rest_ids)
     assert ssm_ids | rest_ids == {id(p) for p in model.parameters()}
-    for layer in model.lru_layers():  # C and D are ordinary weights
+    for layer in model.ssm_layers():  # C and D are ordinary weights
         assert {id(layer.C_re), id(layer.C_im), id(layer.D)} <= rest_ids
     assert ssm_group["weight_decay"] == 0.0 and rest_group["weight_decay"] == 0.3
     assert ssm_group["lr"] == pytest.approx(2.5e-3) and rest_group["lr"] == pytest.approx(1e-2)
@@ -282,7 +287,7 @@ def test_train_config_validation(kw):
 def _tiny(dataset, out, *, steps=30, seed=0, eval_every=10, resume=False, threads=None):
     model_cfg = SSMConfig(d_input=dataset.d_input, d_output=dataset.d_output, d_model=8,
                           state_dims=[8], dropout=0.1,
-                          pooling="mean" if dataset.task == "classification" else "none")
+                          pooling=dataset.pooling)
     cfg = TrainConfig(steps=steps, batch_size=32, lr=3e-3, eval_every=eval_every, seed=seed,
                       warmup_frac=0.1, threads=threads)
     return Trainer(model_cfg, cfg, dataset, out, resume=resume, progress=False)
@@ -437,3 +442,78 @@ def test_fresh_run_does_not_append_to_old_metrics(mnist1d, tmp_path):
     _tiny(mnist1d, tmp_path, steps=10, eval_every=5).fit()
     _tiny(mnist1d, tmp_path, steps=10, eval_every=5, seed=3).fit()
     assert [r["step"] for r in _records(tmp_path)] == [5, 10]
+
+
+# ----------------------------------------------------------------------------- per-token labels
+
+_COPY = SelectiveCopyConfig(seq_len=16, n_tokens=4, n_copy=3, n_train=200, n_test=50)
+
+
+@pytest.fixture(scope="module")
+def copy_task():
+    return load_dataset("selective-copy", copy_config=_COPY)
+
+
+class _Oracle(torch.nn.Module):
+    """Per-step logits (batch, L, K) built from the input alone: a wrong token at each of the
+    last M steps, then the i-th data token (decoded from the one-hot input, in order) written
+    at step ``L - M + shift + i`` for each ``i`` in ``right``."""
+
+    def __init__(self, shift: int = 0, right: tuple[int, ...] = (0, 1, 2)) -> None:
+        super().__init__()
+        self.shift, self.right = shift, right
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, m, length = _COPY.n_tokens, _COPY.n_copy, x.shape[1]
+        ids = x.argmax(-1)  # (batch, L)
+        tokens = torch.stack([row[row < k] for row in ids])  # (batch, M) in input order
+        out = torch.zeros(len(x), length, k)  # (batch, L, K)
+        out[:, -m:] = F.one_hot((tokens + 1) % k, k).float()  # wrong at every answer step
+        for i in self.right:
+            step = length - m + self.shift + i
+            if 0 <= step < length:
+                out[:, step] = F.one_hot(tokens[:, i], k).float()
+        return 20 * out
+
+
+def test_per_token_accuracy_is_scored_at_the_last_m_steps(copy_task):
+    ds = copy_task
+    distinct = torch.tensor([len(set(row)) == _COPY.n_copy for row in ds.y_test.tolist()])
+    x, y = ds.x_test[distinct], ds.y_test[distinct]  # a shifted answer is then surely wrong
+    assert len(y) >= 10
+
+    def scores(oracle):
+        return evaluate(oracle, x, y, ds.task, batch_size=4)  # several batches, one ragged
+
+    right = scores(_Oracle())
+    assert right["accuracy"] == 1.0 and right["loss"] < 1e-6
+    for shift in (-1, 1):  # right answers one step early or late score nothing
+        off = scores(_Oracle(shift=shift))
+        assert off["accuracy"] == 0.0 and off["loss"] > 10, shift
+    assert scores(_Oracle(right=(2,)))["accuracy"] == pytest.approx(1 / 3)  # a mean over tokens
+
+
+def test_per_token_labels_reject_a_pooled_model(copy_task):
+    model = SSMModel(SSMConfig(d_input=copy_task.d_input, d_output=4, d_model=8,
+                               state_dims=[4], pooling="mean"))
+    with pytest.raises(ConfigError, match=r"pooling 'none'.*\(50, 4\)"):
+        evaluate(model, copy_task.x_test, copy_task.y_test, copy_task.task)
+
+
+def test_dataset_pooling(mnist1d, lti_sysid, copy_task):
+    assert (mnist1d.pooling, lti_sysid.pooling, copy_task.pooling) == ("mean", "none", "none")
+
+
+def test_lru_trains_on_selective_copy(copy_task, tmp_path):
+    summary = _tiny(copy_task, tmp_path, steps=20, eval_every=10).fit()
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [10, 20]
+    for r in records:
+        assert math.isfinite(r["train_loss"]) and math.isfinite(r["val"]["loss"])
+        assert 0.0 <= r["val"]["accuracy"] <= 1.0
+    # the reported accuracy is the per-token one over the last M output steps
+    model = model_from_checkpoint(tmp_path / "last.pt").eval()
+    with torch.no_grad():
+        pred = model(copy_task.x_test)[:, -_COPY.n_copy:].argmax(-1)  # (50, M)
+    assert summary["test_last"]["accuracy"] == pytest.approx(
+        (pred == copy_task.y_test).float().mean().item())

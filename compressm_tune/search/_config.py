@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compressm_tune.errors import ConfigError
+from compressm_tune.models import ARCHS
 
 __all__ = ["TuneConfig", "LATENCY_MODES"]
 
@@ -21,6 +22,7 @@ class TuneConfig:
     budget_ms: float  # per-sample latency of the exported model (onnxruntime, batch 1)
     budget_mj: float | None = None  # per-sample energy, where it can be measured or estimated
     latency_mode: str = "sequence"  # "sequence": per sequence; "step": per streamed token
+    arch: str = "lru"  # SSM layer of every trial: "lru" or "selective"
     dataset: str = "mnist1d"
     data_path: str | None = None
     data_dir: str | None = None
@@ -44,6 +46,8 @@ class TuneConfig:
             raise ConfigError(f"--budget-ms must be > 0, got budget_ms={self.budget_ms}")
         if self.budget_mj is not None and not self.budget_mj > 0:
             raise ConfigError(f"--budget-mj must be > 0, got budget_mj={self.budget_mj}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"--arch must be one of {ARCHS}, got arch={self.arch!r}")
         if self.latency_mode not in LATENCY_MODES:
             raise ConfigError(
                 f"latency mode must be one of {LATENCY_MODES}, got {self.latency_mode!r}")

@@ -57,9 +57,9 @@ class Objective:
         cfg, data = self.config, self.dataset
         plan = suggest(trial, cfg)
         model_config = SSMConfig(
-            d_input=data.d_input, d_output=data.d_output, d_model=cfg.hidden,
+            arch=cfg.arch, d_input=data.d_input, d_output=data.d_output, d_model=cfg.hidden,
             state_dims=[plan.state_dim] * cfg.blocks,
-            pooling="mean" if data.task == "classification" else "none")
+            pooling=data.pooling)
         train_config = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=plan.lr,
                                    warmup_frac=plan.window, eval_every=max(1, cfg.steps // 10),
                                    seed=cfg.seed, threads=cfg.threads)

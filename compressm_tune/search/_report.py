@@ -68,9 +68,9 @@ def _full_reference(config: TuneConfig, data: Dataset) -> dict[str, Any]:
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
     width = max(config.state_dims)
-    model_config = SSMConfig(d_input=data.d_input, d_output=data.d_output,
+    model_config = SSMConfig(arch=config.arch, d_input=data.d_input, d_output=data.d_output,
                              d_model=config.hidden, state_dims=[width] * config.blocks,
-                             pooling="mean" if data.task == "classification" else "none")
+                             pooling=data.pooling)
     train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size,
                                eval_every=max(1, config.steps // 10), seed=config.seed,
                                threads=config.threads)
@@ -88,7 +88,7 @@ def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any]
     measured = chosen["measured"]
     summary = {
         "budget_ms": config.budget_ms, "budget_mj": config.budget_mj,
-        "latency_mode": config.latency_mode, "dataset": config.dataset,
+        "latency_mode": config.latency_mode, "arch": config.arch, "dataset": config.dataset,
         "chosen_trial": trial.number, "params": trial.params,
         "initial_state_dims": [trial.params["state_dim"]] * config.blocks,
         "final_state_dims": trial.user_attrs["state_dims"],
@@ -174,7 +174,7 @@ def _plots(study: optuna.Study, config: TuneConfig, out: Path) -> None:
     model = model_from_checkpoint(out / "checkpoint.pt")
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for k, block in enumerate(model.blocks):
-        g = layer_hsv(block.lru)
+        g = layer_hsv(block.ssm)
         ax.semilogy(np.arange(1, len(g) + 1), g / g[0], marker=".", label=f"layer {k}")
     ax.set(xlabel="balanced state", ylabel="HSV / largest", title="chosen model: HSV spectra")
     ax.legend()

@@ -1,11 +1,14 @@
 """Datasets for training and compressing state-space models; nothing is downloaded.
 
 ``mnist1d`` (mnist1d's ``make_dataset`` with its published defaults, cached), ``lti-sysid``
-(white noise through one fixed stable order-8 system), ``npz`` (user arrays) and ``smnist``
-(sequential MNIST from the user's IDX files). Every loader returns a :class:`Dataset` whose
-inputs are float32 ``(n, L, d_input)``, normalized per channel with the statistics of the final
-train split (after validation is carved out), so ``norm_mean``/``norm_std`` are exactly what an
-edge user applies to raw input.
+(white noise through one fixed stable order-8 system), ``selective-copy`` (Gu & Dao's selective
+copying task, generated from the seed), ``npz`` (user arrays) and ``smnist`` (sequential MNIST
+from the user's IDX files). Every loader returns a :class:`Dataset` whose inputs are float32
+``(n, L, d_input)``, normalized per channel with the statistics of the final train split (after
+validation is carved out), so ``norm_mean``/``norm_std`` are exactly what an edge user applies to
+raw input. The one exception is ``selective-copy``: its one-hot inputs are left as they are
+(``norm_mean`` 0, ``norm_std`` 1), since standardizing an indicator only rescales it and a
+token that happens to be absent from a small train split would get a near-zero std.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import random
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +32,9 @@ from scipy.linalg import solve_discrete_lyapunov
 from compressm_tune._io import atomic_write
 from compressm_tune.errors import ConfigError, DataError, MissingDependencyError
 
-__all__ = ["DATASETS", "Dataset", "load_dataset"]
+__all__ = ["DATASETS", "Dataset", "SelectiveCopyConfig", "load_dataset"]
 
-DATASETS = ("mnist1d", "lti-sysid", "npz", "smnist")
+DATASETS = ("mnist1d", "lti-sysid", "selective-copy", "npz", "smnist")
 
 _STD_FLOOR = 1e-8  # keeps constant input channels finite after normalization
 _CACHE_LAYOUT = 1  # bump when the cached array layout changes; it is part of the cache key
@@ -60,14 +63,17 @@ class Dataset:
     x_train, x_val, x_test : torch.Tensor
         float32 ``(n, seq_len, d_input)``, normalized with the train statistics.
     y_train, y_val, y_test : torch.Tensor
-        int64 ``(n,)`` class ids in ``[0, d_output)`` (classification) or float32
-        ``(n, seq_len, d_output)`` targets (regression, not normalized).
+        Classification: int64 class ids in ``[0, d_output)``, either ``(n,)`` (one label per
+        sequence) or ``(n, M)`` (one label per answer token, scored at the model's last ``M``
+        output steps: ``selective-copy``). Regression: float32 ``(n, seq_len, d_output)``
+        targets (not normalized).
     d_input, d_output, seq_len : int
         Input channels; number of classes or output channels; sequence length.
     norm_mean, norm_std : list of float
         Per input channel, length ``d_input``: ``x = (raw - norm_mean) / norm_std``.
     info : dict
-        JSON-serializable extras (``lti-sysid``: ``true_order``, ``noise_std``, ``poles``).
+        JSON-serializable extras (``lti-sysid``: ``true_order``, ``noise_std``, ``poles``;
+        ``selective-copy``: its ``config``, ``chance_accuracy`` and ``channels``).
 
     Examples
     --------
@@ -92,6 +98,61 @@ class Dataset:
     norm_std: list[float]
     info: dict
 
+    @property
+    def pooling(self) -> str:
+        """The ``SSMConfig.pooling`` a model for this dataset needs.
+
+        ``"mean"`` (one output per sequence) for labels ``(n,)``; ``"none"`` (one output per
+        step) for regression targets and for per-token labels ``(n, M)``.
+
+        Examples
+        --------
+        >>> load_dataset("lti-sysid").pooling
+        'none'
+        """
+        return "mean" if self.task == "classification" and self.y_train.ndim == 1 else "none"
+
+
+@dataclass(frozen=True)
+class SelectiveCopyConfig:
+    """Sizes of the ``selective-copy`` task (Gu & Dao 2023, Mamba, sec. 4.1.1).
+
+    Each sequence has ``seq_len`` steps: ``n_copy`` data tokens, drawn uniformly from
+    ``n_tokens`` symbols, sit at random distinct positions (in order) among blank tokens in the
+    first ``seq_len - n_copy`` steps, followed by ``n_copy`` "answer here" marker tokens. The
+    labels are the data tokens in order, to be emitted at the marker steps. Since the positions
+    vary per sequence, no fixed (time-invariant) convolution kernel picks them out: a model has
+    to decide from the content which inputs to remember. The defaults keep one training run on
+    two CPU cores to minutes.
+
+    Examples
+    --------
+    >>> SelectiveCopyConfig(seq_len=32).n_copy
+    4
+    """
+
+    seq_len: int = 64  # L, markers included
+    n_tokens: int = 8  # K data symbols; chance accuracy is 1/K
+    n_copy: int = 4  # M tokens to remember and copy
+    n_train: int = 4000  # before validation is carved out of it
+    n_test: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "n_tokens", "n_copy", "n_train", "n_test"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ConfigError(f"selective-copy {name} must be an integer, got {name}={value!r}")
+        rules = {"n_tokens >= 2": self.n_tokens >= 2, "n_copy >= 1": self.n_copy >= 1,
+                 "seq_len >= 2 * n_copy": self.seq_len >= 2 * self.n_copy,
+                 "n_train >= 1": self.n_train >= 1, "n_test >= 1": self.n_test >= 1}
+        for rule, ok in rules.items():
+            if not ok:
+                raise ConfigError(
+                    f"selective-copy needs {rule}, got seq_len={self.seq_len} "
+                    f"n_tokens={self.n_tokens} n_copy={self.n_copy} n_train={self.n_train} "
+                    f"n_test={self.n_test}"
+                )
+
 
 def load_dataset(
     name: str,
@@ -101,13 +162,15 @@ def load_dataset(
     val_fraction: float = 0.1,
     seed: int = 0,
     cache_dir: str | None = None,
+    copy_config: SelectiveCopyConfig | None = None,
 ) -> Dataset:
     """Load a dataset by name, carve a seeded validation split from train, and normalize.
 
     Parameters
     ----------
     name : str
-        One of ``DATASETS``: ``"mnist1d"``, ``"lti-sysid"``, ``"npz"``, ``"smnist"``.
+        One of ``DATASETS``: ``"mnist1d"``, ``"lti-sysid"``, ``"selective-copy"``, ``"npz"``,
+        ``"smnist"``.
     path : str, optional
         The ``.npz`` file; required by ``"npz"`` and rejected by the others.
     data_dir : str, optional
@@ -115,12 +178,14 @@ def load_dataset(
     val_fraction : float
         Share of the train split moved to validation, in ``(0, 0.5]``.
     seed : int
-        Non-negative; seeds the validation split, the ``npz`` test split and the
-        ``lti-sysid`` signals (its system is fixed). The mnist1d arrays themselves always come
-        from mnist1d's own published seed.
+        Non-negative; seeds the validation split, the ``npz`` test split, the ``lti-sysid``
+        signals (its system is fixed) and the ``selective-copy`` sequences. The mnist1d arrays
+        themselves always come from mnist1d's own published seed.
     cache_dir : str, optional
         Where ``"mnist1d"`` caches its arrays; default ``$COMPRESSM_CACHE`` or
         ``~/.cache/compressm-tune``.
+    copy_config : SelectiveCopyConfig, optional
+        Sizes of ``"selective-copy"`` (default ``SelectiveCopyConfig()``); rejected by the others.
 
     Returns
     -------
@@ -130,7 +195,8 @@ def load_dataset(
     ------
     ConfigError
         Unknown ``name``, ``val_fraction`` outside ``(0, 0.5]``, a negative or non-integer
-        ``seed``, or ``path`` / ``data_dir`` given to a dataset that does not use it.
+        ``seed``, or ``path`` / ``data_dir`` / ``copy_config`` given to a dataset that does not
+        use it (or a ``copy_config`` that is not a :class:`SelectiveCopyConfig`).
     DataError
         ``path`` / ``data_dir`` not given where needed; a data file or folder missing,
         unreadable or malformed; or a split that would hold fewer than 2 samples.
@@ -140,6 +206,9 @@ def load_dataset(
     >>> ds = load_dataset("lti-sysid", seed=0)
     >>> ds.task, tuple(ds.x_train.shape), tuple(ds.y_test.shape), ds.info["true_order"]
     ('regression', (1800, 200, 1), (500, 200, 1), 8)
+    >>> ds = load_dataset("selective-copy", copy_config=SelectiveCopyConfig(seq_len=32))
+    >>> ds.task, ds.pooling, tuple(ds.x_test.shape), tuple(ds.y_test.shape), ds.d_output
+    ('classification', 'none', (1000, 32, 10), (1000, 4), 8)
     """
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {DATASETS}")
@@ -151,11 +220,18 @@ def load_dataset(
         raise ConfigError(f"path= is only used by dataset 'npz', got {path=} for {name!r}")
     if data_dir is not None and name != "smnist":
         raise ConfigError(f"data_dir= is only used by dataset 'smnist', got {data_dir=}")
+    if copy_config is not None and name != "selective-copy":
+        raise ConfigError(f"copy_config= is only used by dataset 'selective-copy', not {name!r}")
+    if copy_config is not None and not isinstance(copy_config, SelectiveCopyConfig):
+        raise ConfigError(f"copy_config must be a SelectiveCopyConfig, got {copy_config!r}")
     rng = np.random.default_rng(seed)
     if name == "mnist1d":
         raw = _mnist1d(_cache_root(cache_dir))
     elif name == "lti-sysid":
         raw = _lti(rng)
+    elif name == "selective-copy":
+        raw = _selective_copy(copy_config or SelectiveCopyConfig(), rng)
+        return _build(name, *raw, val_fraction=val_fraction, rng=rng, normalize=False)
     elif name == "npz":
         raw = _npz(path, rng)
     else:
@@ -180,15 +256,20 @@ def _split(x: np.ndarray, y: np.ndarray, fraction: float, rng: np.random.Generat
     return (x[keep], y[keep]), (x[out], y[out])
 
 
-def _build(name, task, train, test, d_output, info, *, val_fraction, rng) -> Dataset:
+def _build(name, task, train, test, d_output, info, *, val_fraction, rng,
+           normalize: bool = True) -> Dataset:
     """Carve validation from ``train`` (x (n, L, d), y), normalize x with train stats, wrap.
 
-    ``task, train, test, d_output, info`` are what every ``_<source>`` loader returns.
+    ``task, train, test, d_output, info`` are what every ``_<source>`` loader returns. With
+    ``normalize=False`` the statistics recorded are the identity (mean 0, std 1).
     """
     (x_tr, y_tr), (x_val, y_val) = _split(*train, val_fraction, rng, "val")
     x_test, y_test = test
-    mean = x_tr.mean(axis=(0, 1), dtype=np.float64)  # (d,)
-    std = np.maximum(x_tr.std(axis=(0, 1), dtype=np.float64), _STD_FLOOR)  # (d,)
+    if normalize:
+        mean = x_tr.mean(axis=(0, 1), dtype=np.float64)  # (d,)
+        std = np.maximum(x_tr.std(axis=(0, 1), dtype=np.float64), _STD_FLOOR)  # (d,)
+    else:
+        mean, std = np.zeros(x_tr.shape[2]), np.ones(x_tr.shape[2])  # (d,) each
     y_dtype = np.int64 if task == "classification" else np.float32
 
     def x_tensor(x: np.ndarray) -> torch.Tensor:
@@ -348,6 +429,34 @@ def _lti(rng: np.random.Generator):
     }
     n = _LTI_N_TRAIN
     return "regression", (u[:n], y[:n]), (u[n:], y[n:]), 1, info
+
+
+# ----------------------------------------------------------------------------- selective-copy
+
+
+def _selective_copy(cfg: SelectiveCopyConfig, rng: np.random.Generator):
+    """One-hot sequences (n, L, K + 2) and labels (n, M) of the selective copying task.
+
+    Token ids: ``0..K-1`` data, ``K`` blank, ``K + 1`` marker; channel ``i`` of the one-hot
+    input is token id ``i``. ``rng`` draws train and test in one go, positions then tokens.
+    """
+    n, length, k, m = cfg.n_train + cfg.n_test, cfg.seq_len, cfg.n_tokens, cfg.n_copy
+    context = length - m  # steps before the markers
+    order = rng.random((n, context)).argsort(axis=1)  # (n, context) a random permutation per row
+    positions = np.sort(order[:, :m], axis=1)  # (n, M) distinct, increasing
+    tokens = rng.integers(0, k, size=(n, m))  # (n, M) the labels
+    ids = np.full((n, length), k)  # (n, L) blank everywhere
+    np.put_along_axis(ids, positions, tokens, axis=1)
+    ids[:, context:] = k + 1  # the M "answer here" markers
+    x = np.eye(k + 2, dtype=np.float32)[ids]  # (n, L, K + 2)
+    info = {
+        "config": asdict(cfg),
+        "chance_accuracy": 1 / k,
+        "channels": f"one-hot: 0..{k - 1} data tokens, {k} blank, {k + 1} marker",
+        "answers": f"labels (n, {m}) are scored at the model's last {m} output steps",
+    }
+    n_tr = cfg.n_train
+    return "classification", (x[:n_tr], tokens[:n_tr]), (x[n_tr:], tokens[n_tr:]), k, info
 
 
 # ----------------------------------------------------------------------------- npz

@@ -30,7 +30,7 @@ from compressm_tune.training.checkpoint import (
 )
 from compressm_tune.training.data import Dataset
 from compressm_tune.training.optim import build_optimizer, lr_factor, set_lr
-from compressm_tune.training.reducer import spectrum_record
+from compressm_tune.training.reducer import CALIBRATION, spectrum_record
 
 __all__ = ["TrainConfig", "Trainer", "evaluate"]
 
@@ -68,7 +68,12 @@ class TrainConfig:
 
 def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
              batch_size: int = 500) -> dict[str, float]:
-    """Mean loss (cross-entropy or MSE) and, for classification, accuracy on ``(x, y)``."""
+    """Mean loss (cross-entropy or MSE) and, for classification, accuracy on ``(x, y)``.
+
+    Both are means over ``y``'s elements: per sequence for labels ``(n,)``, per answer token
+    for labels ``(n, M)`` (scored at the model's last ``M`` output steps, see ``_loss``), per
+    value for regression targets.
+    """
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
@@ -78,18 +83,33 @@ def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
             target = y[i:i + batch_size]
             loss_sum += float(_loss(out, target, task, reduction="sum"))
             if task == "classification":
-                correct += int((out.argmax(-1) == target).sum())
+                correct += int((_scored(out, target).argmax(-1) == target).sum())
     model.train(was_training)
-    n = len(x)
     if task == "classification":
-        return {"loss": loss_sum / n, "accuracy": correct / n}
-    return {"loss": loss_sum / y[:1].numel() / n}
+        return {"loss": loss_sum / y.numel(), "accuracy": correct / y.numel()}
+    return {"loss": loss_sum / y.numel()}
 
 
 def _loss(out: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "mean"):
+    """Cross-entropy for classification, MSE for regression.
+
+    Classification pairs labels ``(batch,)`` with pooled logits ``(batch, C)``, and per-token
+    labels ``(batch, M)`` with the last ``M`` steps of per-step logits ``(batch, L, C)``.
+    """
     if task == "classification":
-        return F.cross_entropy(out, target, reduction=reduction)
+        logits = _scored(out, target)  # (batch, C) or (batch, M, C)
+        return F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction=reduction)
     return F.mse_loss(out, target, reduction=reduction)
+
+
+def _scored(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The logits that classification labels are scored against (see ``_loss``)."""
+    if target.ndim == 1:
+        return out  # (batch, C)
+    if out.ndim != 3:
+        raise ConfigError(f"per-token labels {tuple(target.shape)} need per-step outputs "
+                          f"(pooling 'none'), got outputs {tuple(out.shape)}")
+    return out[:, -target.shape[1]:]  # (batch, M, C)
 
 
 def score(metrics: dict[str, float]) -> float:
@@ -261,7 +281,8 @@ class Trainer:
                 val = self.validate()
                 record["val"], record["state_dims"] = val, self.model.state_dims
         if self.config.log_spectrum:
-            record["spectrum"] = spectrum_record(self.model)
+            record["spectrum"] = spectrum_record(self.model,
+                                                 self.dataset.x_train[:CALIBRATION])
         if score(val) > self.best_score:
             self.best_score = score(val)
             self.save("best.pt")
