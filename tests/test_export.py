@@ -1,4 +1,8 @@
-"""Export: ONNX / TorchScript bundles, their parity with eager torch, and the torch-free runner."""
+"""Export: ONNX / TorchScript bundles, their parity with eager torch, and the torch-free runner.
+
+Behaviour that depends on the layer runs for both architectures (``arch``: the LRU and the
+selective S6 layer), each cut to unequal widths; option and file checks run on the LRU alone.
+"""
 
 from __future__ import annotations
 
@@ -31,12 +35,16 @@ from compressm_tune.exporter import (
     verify_bundle,
 )
 from compressm_tune.models import SSMConfig, SSMModel
-from compressm_tune.reduction import truncate_layer
+from compressm_tune.reduction import reduce_layer, state_scores, truncate_layer
 from compressm_tune.training import TrainConfig, Trainer, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 MEAN, STD = [0.5, -2.0], [2.0, 0.25]  # a non-trivial input normalization
 SEQ_LEN = 40
+ARCHS = ("lru", "selective")
+WIDTHS = {"lru": [5, 6], "selective": [5, 3]}  # after _reduced_model's cuts
+STATE_SHAPES = {"lru": [["batch", 5, 2], ["batch", 6, 2]],  # (batch, N, 2): re, im
+                "selective": [["batch", 8, 5], ["batch", 8, 3]]}  # (batch, H, N)
 
 
 def _session(path) -> ort.InferenceSession:
@@ -45,15 +53,20 @@ def _session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _reduced_model(pooling: str, seed: int = 0) -> SSMModel:
-    """Two blocks made unequal by a real balanced truncation: widths [5, 6]."""
+def _reduced_model(pooling: str, seed: int = 0, arch: str = "lru") -> SSMModel:
+    """Two blocks made unequal by real cuts (:data:`WIDTHS`): balanced truncation of the
+    first LRU block, data-driven state selection in both selective blocks."""
     torch.manual_seed(seed)
-    model = SSMModel(SSMConfig(d_input=2, d_output=3, d_model=8, state_dims=[12, 6],
+    model = SSMModel(SSMConfig(arch=arch, d_input=2, d_output=3, d_model=8, state_dims=[12, 6],
                                pooling=pooling))
     for block in model.blocks:  # BatchNorm statistics far from (0, 1), as after training
         block.norm.running_mean.normal_()
         block.norm.running_var.uniform_(0.5, 2.0)
-    truncate_layer(model.blocks[0].lru, 5)
+    calibration = torch.randn(4, 20, 8)  # (batch, L, H) inputs for the selective scores
+    for block, rank in zip(model.blocks, WIDTHS[arch], strict=True):
+        reduce_layer(block.ssm, rank, scores=state_scores(block.ssm, calibration)
+                     if arch == "selective" else None)
+    assert model.state_dims == WIDTHS[arch]
     return model.eval()
 
 
@@ -65,14 +78,35 @@ def _checkpoint(path: Path, model: SSMModel) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """``get(arch, pooling)`` -> (model, checkpoint, bundle dir, manifest), exported once."""
+    cache = {}
+
+    def get(arch: str, pooling: str):
+        if (arch, pooling) not in cache:
+            root = tmp_path_factory.mktemp(f"export-{arch}-{pooling}")
+            model = _reduced_model(pooling, arch=arch)
+            ckpt = _checkpoint(root / "model.pt", model)
+            manifest = export_bundle(ckpt, root / "bundle")
+            cache[arch, pooling] = model, ckpt, root / "bundle", manifest
+        return cache[arch, pooling]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=[(a, p) for a in ARCHS for p in ("mean", "none")],
+                ids=lambda p: "-".join(p))
+def exported(request, bundles):
+    """A reduced model of each architecture with each pooling, exported."""
+    return bundles(*request.param)
+
+
 @pytest.fixture(scope="module", params=["mean", "none"])
-def exported(request, tmp_path_factory):
-    """(model, checkpoint, bundle dir, manifest) for a reduced model with each pooling."""
-    root = tmp_path_factory.mktemp(f"export-{request.param}")
-    model = _reduced_model(request.param)
-    ckpt = _checkpoint(root / "model.pt", model)
-    manifest = export_bundle(ckpt, root / "bundle")
-    return model, ckpt, root / "bundle", manifest
+def exported_lru(request, bundles):
+    """The LRU bundles alone: for checks of options and files, which do not depend on the
+    layer."""
+    return bundles("lru", request.param)
 
 
 def _blocker(tmp_path: Path, names=("torch", "compressm_tune")) -> dict[str, str]:
@@ -98,7 +132,10 @@ def _run(args, env, cwd) -> subprocess.CompletedProcess:
 
 def test_export_writes_the_contract_and_passes_parity(exported):
     model, ckpt, bundle, manifest = exported
-    assert manifest["model"]["state_dims"] == [5, 6] == model.state_dims
+    arch = model.config.arch
+    assert manifest["model"]["state_dims"] == WIDTHS[arch] == model.state_dims
+    assert manifest["model"]["arch"] == arch
+    assert manifest["model"]["state_shapes"] == STATE_SHAPES[arch]
     for name in ("model.onnx", "model_step.onnx", "model.ts", "run.py", "manifest.json"):
         assert (bundle / name).is_file(), name
     assert json.loads((bundle / "manifest.json").read_text()) == manifest
@@ -106,9 +143,12 @@ def test_export_writes_the_contract_and_passes_parity(exported):
     assert manifest["task"]["seq_len"] == SEQ_LEN and manifest["opset"] == 17
     assert manifest["source"]["sha256"] and manifest["source"]["step"] == 7
     step_inputs = manifest["files"]["onnx_step"]["inputs"]
-    assert [s["shape"] for s in step_inputs[1:3]] == [["batch", 5, 2], ["batch", 6, 2]]
+    assert [s["shape"] for s in step_inputs[1:3]] == STATE_SHAPES[arch]
+    assert [list(s.shape) for s in model.allocate_state(1)[:2]] == [
+        [1, *shape[1:]] for shape in STATE_SHAPES[arch]]  # the layout torch streams with
     parity = manifest["parity"]
     assert parity["max_abs_error"] <= 1e-4
+    assert parity["inputs"].startswith("N(0, 1)")  # dataset "synthetic" cannot be rebuilt
     covered = {(c["engine"], c["mode"], c["length"]) for c in parity["checks"]}
     for engine in ("onnxruntime", "torchscript"):
         for mode in ("sequence", "step"):
@@ -141,6 +181,34 @@ def test_onnx_matches_torch_from_length_1_to_3000(exported):
         want = model(x).numpy()
     got = ys[-1] if model.config.pooling == "mean" else np.stack(ys, axis=1)
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_parity_inputs_are_the_data_when_it_can_be_rebuilt(tmp_path):
+    """A selective block's output grows up to the 4th power of its input: with large B/C
+    projections, N(0, 1) noise (far outside one-hot tokens) drives torch's own outputs so high
+    that float32 rounding exceeds the bar, while the data the model is for stays in range."""
+    from compressm_tune.exporter._parity import gaussian_inputs, run_parity
+
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(arch="selective", d_input=10, d_output=8, d_model=8,
+                               state_dims=[6, 4], pooling="none")).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.ssm.B_proj.mul_(20.0)
+            block.ssm.C_proj.mul_(20.0)
+    copy = {"seq_len": 16, "n_tokens": 8, "n_copy": 4, "n_train": 40, "n_test": 20}
+    save_checkpoint(tmp_path / "copy.pt", model, dataset={
+        "name": "selective-copy", "task": "classification", "d_input": 10, "d_output": 8,
+        "seq_len": 16, "norm_mean": [0.0] * 10, "norm_std": [1.0] * 10,
+        "info": {"config": copy}})
+    manifest = export_bundle(tmp_path / "copy.pt", tmp_path / "b", formats="onnx",
+                             modes="sequence", parity_lengths=(1, 16, 500))
+    assert manifest["parity"]["inputs"].startswith("selective-copy test-split sequences")
+    assert manifest["parity"]["max_abs_error"] <= 1e-4
+    session = _session(tmp_path / "b" / "model.onnx")
+    with pytest.raises(ExportError, match=r"torch's outputs reach .* N\(0, 1\)"):
+        run_parity(model, onnx_sequence=session, lengths=(500,), batches=(3,),
+                   inputs=gaussian_inputs(10))
 
 
 def test_sequence_graph_is_a_scan_whose_size_does_not_depend_on_length(exported):
@@ -179,9 +247,10 @@ def test_torchscript_matches_and_loads_with_torch_jit_load_alone(exported, tmp_p
     assert np.abs(np.load(tmp_path / "y_t.npy") - last).max() <= 1e-4
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("opset", list(SUPPORTED_OPSETS))
-def test_every_supported_opset_builds_and_runs(opset):
-    model = _reduced_model("mean")
+def test_every_supported_opset_builds_and_runs(opset, arch):
+    model = _reduced_model("mean", arch=arch)
     w = extract_weights(model)
     x = torch.randn(2, 9, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -193,10 +262,11 @@ def test_every_supported_opset_builds_and_runs(opset):
                          providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("pooling", ["mean", "none"])
-def test_onnxruntime_functions_stand_in_for_the_eager_model(pooling):
+def test_onnxruntime_functions_stand_in_for_the_eager_model(pooling, arch):
     """The in-memory callables the profiler's onnxruntime runtime can use."""
-    model = _reduced_model(pooling)
+    model = _reduced_model(pooling, arch=arch)
     forward, step = onnxruntime_functions(model, threads=1)
     x = torch.randn(2, 30, 2, generator=torch.Generator().manual_seed(2))
     state, state_ref = model.allocate_state(2), model.allocate_state(2)
@@ -248,13 +318,13 @@ def test_edge_runner_works_where_torch_cannot_be_imported(exported, tmp_path):
     assert all(r["threads"] == 1 and 0 < r["p50_ms"] <= r["p90_ms"] for r in results)
 
 
-def test_bundle_runner_is_the_packaged_runner_and_keeps_to_python_3_8(exported):
+def test_bundle_runner_is_the_packaged_runner_and_keeps_to_python_3_8(exported_lru):
     import ast
 
     from compressm_tune.exporter import _edge
 
     source = Path(_edge.__file__).read_text()
-    assert (exported[2] / "run.py").read_text() == source
+    assert (exported_lru[2] / "run.py").read_text() == source
     ast.parse(source, feature_version=(3, 8))  # devices run older Pythons than we do
     imports = {n.names[0].name.split(".")[0] for n in ast.walk(ast.parse(source))
                if isinstance(n, ast.Import)}
@@ -300,8 +370,8 @@ def _edit_manifest(bundle: Path, edit) -> None:
     path.write_text(json.dumps(manifest))
 
 
-def test_manifest_with_other_widths_is_rejected(exported, tmp_path):
-    bundle = _copy(exported[2], tmp_path)
+def test_manifest_with_other_widths_is_rejected(exported_lru, tmp_path):
+    bundle = _copy(exported_lru[2], tmp_path)
 
     def widen(m):
         m["model"]["state_dims"] = [47, 12]
@@ -317,10 +387,30 @@ def test_manifest_with_other_widths_is_rejected(exported, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_swapped_model_file_is_rejected(exported, tmp_path):
-    bundle = _copy(exported[2], tmp_path)
-    other = _reduced_model(exported[0].config.pooling, seed=1)
-    truncate_layer(other.blocks[1].lru, 3)  # widths [5, 3]
+def test_manifest_of_the_other_architecture_is_rejected(bundles, tmp_path):
+    bundle = _copy(bundles("selective", "mean")[2], tmp_path)
+
+    def relabel(m):
+        m["model"]["arch"] = "lru"
+
+    _edit_manifest(bundle, relabel)
+    with pytest.raises(ExportError, match="holds a 'selective' network but the manifest says"):
+        load_bundle(bundle, modes=("sequence",))
+    with pytest.raises(ExportError, match="model.onnx holds a 'selective' network"):
+        verify_bundle(bundle)
+
+    def drop_onnx(m):  # leaves the TorchScript file to betray the relabelling
+        m["files"] = {k: v for k, v in m["files"].items() if not k.startswith("onnx")}
+
+    _edit_manifest(bundle, drop_onnx)
+    with pytest.raises(ExportError, match="model.ts holds a 'selective' network"):
+        verify_bundle(bundle)
+
+
+def test_swapped_model_file_is_rejected(exported_lru, tmp_path):
+    bundle = _copy(exported_lru[2], tmp_path)
+    other = _reduced_model(exported_lru[0].config.pooling, seed=1)
+    truncate_layer(other.blocks[1].ssm, 3)  # widths [5, 3]
     (bundle / "model_step.onnx").write_bytes(
         build_step_model(extract_weights(other)).SerializeToString())
     with pytest.raises(ExportError, match="sha256"):
@@ -338,8 +428,8 @@ def test_swapped_model_file_is_rejected(exported, tmp_path):
     assert done.returncode == 2 and "do not match the manifest" in done.stderr
 
 
-def test_changed_torchscript_file_and_missing_manifest_are_rejected(exported, tmp_path):
-    bundle = _copy(exported[2], tmp_path)
+def test_changed_torchscript_file_and_missing_manifest_are_rejected(exported_lru, tmp_path):
+    bundle = _copy(exported_lru[2], tmp_path)
     verify_bundle(bundle)  # the untouched copy passes
     with open(bundle / "model.ts", "ab") as fh:
         fh.write(b"\0")
@@ -354,8 +444,8 @@ def test_changed_torchscript_file_and_missing_manifest_are_rejected(exported, tm
 
 
 @pytest.mark.parametrize("opset", [12, 99, "17"])
-def test_unsupported_opset_is_one_clear_error(exported, tmp_path, opset):
-    _, ckpt, _, _ = exported
+def test_unsupported_opset_is_one_clear_error(exported_lru, tmp_path, opset):
+    _, ckpt, _, _ = exported_lru
     with pytest.raises(ExportError, match=r"opset must be an integer in \[13, 24\]") as info:
         export_bundle(ckpt, tmp_path / "b", opset=opset)
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
@@ -363,10 +453,10 @@ def test_unsupported_opset_is_one_clear_error(exported, tmp_path, opset):
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint at all", None])
-def test_corrupt_or_missing_checkpoint_is_a_checkpoint_error(exported, tmp_path, content):
+def test_corrupt_or_missing_checkpoint_is_a_checkpoint_error(exported_lru, tmp_path, content):
     ckpt = tmp_path / "bad.pt"
     if content is None:  # a real checkpoint cut in half
-        ckpt.write_bytes(exported[1].read_bytes()[:300])
+        ckpt.write_bytes(exported_lru[1].read_bytes()[:300])
     else:
         ckpt.write_bytes(content)
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
@@ -375,19 +465,19 @@ def test_corrupt_or_missing_checkpoint_is_a_checkpoint_error(exported, tmp_path,
         export_bundle(tmp_path / "missing.pt", tmp_path / "b")
 
 
-def test_foreign_or_non_finite_checkpoint_is_refused(exported, tmp_path):
+def test_foreign_or_non_finite_checkpoint_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a compressm-tune checkpoint"):
         export_bundle(tmp_path / "foreign.pt", tmp_path / "b")
     model = _reduced_model("mean")
     with torch.no_grad():
-        model.blocks[1].lru.B_re[0, 0] = float("nan")
+        model.blocks[1].ssm.B_re[0, 0] = float("nan")
     with pytest.raises(CheckpointError, match="non-finite"):
         export_bundle(_checkpoint(tmp_path / "nan.pt", model), tmp_path / "b")
 
 
-def test_failed_parity_writes_no_manifest(exported, tmp_path):
-    _, ckpt, _, _ = exported
+def test_failed_parity_writes_no_manifest(exported_lru, tmp_path):
+    _, ckpt, _, _ = exported_lru
     out = tmp_path / "b"
     with pytest.raises(ExportError, match="parity check failed"):
         export_bundle(ckpt, out, tolerance=1e-30, parity_lengths=(1, 5))
@@ -398,9 +488,9 @@ def test_failed_parity_writes_no_manifest(exported, tmp_path):
                                 {"quantize": "int4"}, {"quantize": "int8",
                                                        "formats": "torchscript"},
                                 {"threads": 0}])
-def test_bad_options_are_rejected_before_any_work(exported, tmp_path, kw):
+def test_bad_options_are_rejected_before_any_work(exported_lru, tmp_path, kw):
     with pytest.raises(ExportError) as info:
-        export_bundle(exported[1], tmp_path / "b", **kw)
+        export_bundle(exported_lru[1], tmp_path / "b", **kw)
     assert isinstance(info.value, ValueError)
     assert not (tmp_path / "b").exists()
 
@@ -415,8 +505,11 @@ def _cli(argv) -> int:
     return args.func(args)
 
 
-def test_quantize_int8_records_size_and_test_accuracy(mnist1d, tmp_path, capsys):
-    cfg = SSMConfig(d_input=1, d_output=10, d_model=16, state_dims=[16, 8], pooling="mean")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantize_int8_records_size_and_test_accuracy(mnist1d, tmp_path, capsys, arch):
+    """A trained checkpoint through the CLI's export with --quantize int8."""
+    cfg = SSMConfig(arch=arch, d_input=1, d_output=10, d_model=16, state_dims=[16, 8],
+                    pooling="mean")
     trainer = Trainer(cfg, TrainConfig(steps=30, batch_size=32, eval_every=30, threads=1),
                       mnist1d, tmp_path / "run", progress=False)
     trainer.fit()
@@ -433,6 +526,8 @@ def test_quantize_int8_records_size_and_test_accuracy(mnist1d, tmp_path, capsys)
     assert acc["dataset"] == "mnist1d" and acc["metric"] == "accuracy" and acc["n"] == 1000
     assert 0 <= acc["int8"]["accuracy"] <= 1
     assert acc["change"] == pytest.approx(acc["int8"]["accuracy"] - acc["float32"]["accuracy"])
+    assert manifest["parity"]["inputs"].startswith("mnist1d test-split sequences")
+    assert manifest["model"]["arch"] == arch
     assert manifest["normalization"]["mean"] == pytest.approx(mnist1d.norm_mean)
     # the quantized graphs run in the edge runner and predict like the float ones mostly do
     x = mnist1d.x_test[:64].numpy()
@@ -446,8 +541,8 @@ def test_quantize_int8_records_size_and_test_accuracy(mnist1d, tmp_path, capsys)
                                                      "run.py"]
 
 
-def test_cli_export_and_bench_record_latency(exported, tmp_path, capsys):
-    _, ckpt, _, _ = exported
+def test_cli_export_and_bench_record_latency(exported_lru, tmp_path, capsys):
+    _, ckpt, _, _ = exported_lru
     out = tmp_path / "b"
     assert _cli([str(ckpt), "--out", str(out), "--format", "onnx", "--mode", "step",
                  "--opset", "13", "--bench", "--min-time-s", "0.05"]) == 0
@@ -461,8 +556,8 @@ def test_cli_export_and_bench_record_latency(exported, tmp_path, capsys):
         _cli([str(ckpt), "--out", str(tmp_path / "c"), "--opset", "7"])
 
 
-def test_measure_latency_reports_percentiles_and_method(exported, tmp_path):
-    bundle = _copy(exported[2], tmp_path)
+def test_measure_latency_reports_percentiles_and_method(exported_lru, tmp_path):
+    bundle = _copy(exported_lru[2], tmp_path)
     for mode, unit in (("sequence", f"per sequence of {SEQ_LEN} tokens"), ("step", "per token")):
         r = measure_latency(bundle, mode, threads=1, min_time_s=0.05, min_repeats=10)
         assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["n_samples"] >= 10

@@ -1,4 +1,4 @@
-"""Export: reduced LRU networks to ONNX and TorchScript bundles, checked in onnxruntime.
+"""Export: reduced SSM networks (LRU or selective) to ONNX and TorchScript, checked in onnxruntime.
 
 ``export_bundle(checkpoint, out_dir)`` writes ``model.onnx`` (whole sequences, dynamic batch and
 length, one ``Scan`` per block), ``model_step.onnx`` (streaming, explicit states), ``model.ts``
@@ -20,7 +20,13 @@ from compressm_tune.exporter._onnx_graph import (
 )
 from compressm_tune.exporter._runtime import onnxruntime_functions
 from compressm_tune.exporter._torchscript import ScriptedSSM, script_model
-from compressm_tune.exporter._weights import BlockWeights, ModelWeights, extract_weights
+from compressm_tune.exporter._weights import (
+    BlockWeights,
+    LRUWeights,
+    ModelWeights,
+    SelectiveWeights,
+    extract_weights,
+)
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -32,8 +38,10 @@ __all__ = [
     "BundleError",
     "EdgeBundle",
     "ExportOptionError",
+    "LRUWeights",
     "ModelWeights",
     "ScriptedSSM",
+    "SelectiveWeights",
     "Streamer",
     "add_export_parser",
     "build_sequence_model",

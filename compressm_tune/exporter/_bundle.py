@@ -28,6 +28,7 @@ import torch
 from compressm_tune import __version__
 from compressm_tune.errors import CheckpointError
 from compressm_tune.exporter import _edge
+from compressm_tune.exporter._dataset import rebuild_dataset
 from compressm_tune.exporter._edge import FORMAT, MANIFEST, VERSION
 from compressm_tune.exporter._errors import ExportOptionError
 from compressm_tune.exporter._manifest import file_entry, io_spec, write_manifest
@@ -37,7 +38,13 @@ from compressm_tune.exporter._onnx_graph import (
     build_step_model,
     check_opset,
 )
-from compressm_tune.exporter._parity import default_lengths, run_parity, stream_onnx
+from compressm_tune.exporter._parity import (
+    data_inputs,
+    default_lengths,
+    gaussian_inputs,
+    run_parity,
+    stream_onnx,
+)
 from compressm_tune.exporter._quantize import QUANTIZE_CHOICES, evaluate_test_split, quantize_file
 from compressm_tune.exporter._torchscript import script_model
 from compressm_tune.exporter._weights import extract_weights
@@ -129,13 +136,13 @@ def _load_torchscript(path: Path):
 
 
 def _quantize(stage: Path, modes: tuple[str, ...], files: dict, sessions: dict, *,
-              dataset: dict | None, train_seed: int, seq_len: int, d_input: int, threads: int,
-              seed: int) -> dict[str, Any]:
+              dataset: dict | None, rebuilt: tuple, inputs, inputs_doc: str, seq_len: int,
+              threads: int, seed: int) -> dict[str, Any]:
     """int8 copies of the ONNX graphs; their size, output deviation and accuracy change."""
     report: dict[str, Any] = {"method": "onnxruntime.quantization.quantize_dynamic, weights "
                               "QInt8 per tensor, activations quantized at run time",
                               "files": {}}
-    x = np.random.default_rng(seed).standard_normal((3, seq_len, d_input)).astype(np.float32)
+    x = inputs(3, seq_len, torch.Generator().manual_seed(seed)).numpy()  # (3, L, d_input)
     q_sessions = {}
     for mode in modes:
         src, dst = stage / FILE_NAMES[f"onnx_{mode}"], stage / FILE_NAMES[f"onnx_{mode}_int8"]
@@ -151,14 +158,14 @@ def _quantize(stage: Path, modes: tuple[str, ...], files: dict, sessions: dict, 
             "float32_bytes": src.stat().st_size, "int8_bytes": dst.stat().st_size,
             "size_ratio": dst.stat().st_size / src.stat().st_size,
             "max_abs_deviation_vs_float32": float(np.abs(got - ref).max()),
-            "deviation_input": f"N(0, 1), batch 3, length {seq_len}",
+            "deviation_input": f"{inputs_doc}; batch 3, length {seq_len}",
         }
     f32 = sum(v["float32_bytes"] for v in report["files"].values())
     i8 = sum(v["int8_bytes"] for v in report["files"].values())
     report["size"] = {"float32_bytes": f32, "int8_bytes": i8, "ratio": i8 / f32,
                       "change_bytes": i8 - f32}
     if "sequence" in modes:
-        report["accuracy"] = evaluate_test_split(dataset, train_seed, sessions["sequence"],
+        report["accuracy"] = evaluate_test_split(*rebuilt, dataset, sessions["sequence"],
                                                  q_sessions["sequence"])
     else:
         report["accuracy"] = {"skipped": "measured with the sequence graph, not exported"}
@@ -210,7 +217,9 @@ def export_bundle(
     tolerance : float
         Largest absolute output error any exported engine may show against eager torch.
     seed : int
-        Seed of the random parity inputs.
+        Seed of the parity inputs: test-split sequences of the checkpoint's dataset, drawn at
+        random and laid end to end up to each length, when the dataset can be rebuilt here;
+        else N(0, 1) in normalized space (the manifest's ``parity.inputs`` says which).
 
     Returns
     -------
@@ -255,6 +264,16 @@ def export_bundle(
         raise ExportOptionError(f"parity lengths and batches must be >= 1, got {lengths} "
                                 f"and {batches}")
     weights = extract_weights(model)
+    train_seed = (payload.get("train_config") or {}).get("seed", 0)
+    rebuilt = rebuild_dataset(dataset, train_seed, model.config.d_input)  # (ds, None) | (None, why)
+    ds = rebuilt[0]
+    if ds is not None:  # real sequences keep long parity runs in the model's input range
+        inputs = data_inputs(ds.x_test)
+        inputs_doc = (f"{ds.name} test-split sequences (normalized), drawn at random and laid "
+                      "end to end up to each length")
+    else:
+        inputs = gaussian_inputs(model.config.d_input)
+        inputs_doc = f"N(0, 1) in normalized space ({rebuilt[1]})"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
@@ -279,13 +298,14 @@ def export_bundle(
                 files["torchscript"] = file_entry(path, **_torchscript_doc(weights))
             parity = run_parity(model, onnx_sequence=sessions.get("sequence"),
                                 onnx_step=sessions.get("step"), torchscript=scripted,
-                                lengths=lengths, batches=batches, tolerance=tolerance, seed=seed)
+                                lengths=lengths, batches=batches, tolerance=tolerance, seed=seed,
+                                inputs=inputs, inputs_doc=inputs_doc)
             quant = None
             if quantize:
                 quant = _quantize(
-                    stage, modes, files, sessions, dataset=dataset, seq_len=seq_len,
-                    train_seed=(payload.get("train_config") or {}).get("seed", 0),
-                    d_input=weights.d_input, threads=threads, seed=seed)
+                    stage, modes, files, sessions, dataset=dataset, rebuilt=rebuilt,
+                    inputs=inputs, inputs_doc=inputs_doc, seq_len=seq_len, threads=threads,
+                    seed=seed)
                 for mode in modes:
                     key = f"onnx_{mode}_int8"
                     files[key] = file_entry(stage / FILE_NAMES[key], opset=opset,
@@ -295,8 +315,8 @@ def export_bundle(
         runner.write_bytes(Path(_edge.__file__).read_bytes())
         runner.chmod(0o755)
         files["runner"] = file_entry(runner, needs="python3, numpy, onnxruntime")
-        manifest = _manifest(checkpoint, source_sha, payload, model, dataset, seq_len, opset,
-                             formats, modes, files, parity, quant, started)
+        manifest = _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len,
+                             opset, formats, modes, files, parity, quant, started)
         _install(stage, out_dir, files, manifest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -307,7 +327,8 @@ def _torchscript_doc(weights) -> dict[str, Any]:
     y = "(batch, d_output)" if weights.pooling == "mean" else "(batch, length, d_output)"
     return {"load": "torch.jit.load('model.ts')", "methods": {
         "forward": f"x (batch, length, {weights.d_input}) normalized -> y {y}",
-        "allocate_state": "batch -> list of zero states (as model_step.onnx's state inputs)",
+        "allocate_state": "batch -> list of zero states (as model_step.onnx's state inputs, "
+                          "model.state_shapes)",
         "step": "x_t (batch, d_input), state -> (y_t (batch, d_output), new state)",
     }}
 
@@ -323,9 +344,13 @@ def _install(stage: Path, out_dir: Path, files: dict, manifest: dict) -> None:
     write_manifest(out_dir, manifest)
 
 
-def _manifest(checkpoint, source_sha, payload, model, dataset, seq_len, opset, formats, modes,
-              files, parity, quant, started) -> dict[str, Any]:
+_NAMES = {"lru": ("LRU network", "LRU"), "selective": ("selective SSM network", "S6")}
+
+
+def _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len, opset, formats,
+              modes, files, parity, quant, started) -> dict[str, Any]:
     config = model.config
+    network, layer = _NAMES[weights.arch]
     task = (dataset or {}).get("task")
     mean = list((dataset or {}).get("norm_mean") or [0.0] * config.d_input)
     std = list((dataset or {}).get("norm_std") or [1.0] * config.d_input)
@@ -335,12 +360,16 @@ def _manifest(checkpoint, source_sha, payload, model, dataset, seq_len, opset, f
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": {"checkpoint": str(checkpoint.resolve()), "sha256": source_sha,
                    "step": payload.get("step")},
-        "model": {"architecture": "LRU network (encoder -> BatchNorm/LRU/GELU/GLU blocks -> "
-                                  f"{'mean pool -> ' if config.pooling == 'mean' else ''}head)",
+        "model": {"arch": weights.arch,
+                  "architecture": f"{network} (encoder -> BatchNorm/{layer}/GELU/GLU "
+                                  f"blocks -> {'mean pool -> ' if config.pooling == 'mean' else ''}"
+                                  "head)",
                   "d_input": config.d_input, "d_model": config.d_model,
                   "d_output": config.d_output, "n_blocks": config.n_blocks,
-                  "state_dims": model.state_dims, "pooling": config.pooling,
-                  "config": config.to_dict()},
+                  "state_dims": model.state_dims,
+                  # streaming state per block (LRU (batch, N, 2), selective (batch, H, N))
+                  "state_shapes": [["batch", *shape] for shape in weights.state_shapes],
+                  "pooling": config.pooling, "config": config.to_dict()},
         "task": {"task": task, "dataset": (dataset or {}).get("name"),
                  "n_classes": config.d_output if task == "classification" else None,
                  "seq_len": seq_len if dataset else None,

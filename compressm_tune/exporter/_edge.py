@@ -112,6 +112,10 @@ def _check_session(session, manifest: dict, key: str) -> None:
     if meta.get("compressm.state_dims") != dims:
         raise BundleError(f"{entry['path']} has state widths [{meta.get('compressm.state_dims')}]"
                           f" but the manifest says [{dims}]")
+    arch = manifest["model"].get("arch", "lru")  # bundles from before selective layers: LRU
+    if meta.get("compressm.arch", "lru") != arch:
+        raise BundleError(f"{entry['path']} holds a {meta.get('compressm.arch', 'lru')!r} "
+                          f"network but the manifest says {arch!r}")
 
 
 def _session(path: Path, threads: int):
@@ -167,6 +171,12 @@ class EdgeBundle:
                 inputs = self.manifest["files"][key]["inputs"]
                 self.state_specs = [(s["name"], s["shape"]) for s in inputs[1:]]
                 self.step_inputs = [s["name"] for s in inputs]
+                # per block: LRU (batch, N, 2), selective (batch, H, N); zeros start a sequence
+                shapes = model.get("state_shapes")
+                have = [shape for _, shape in self.state_specs][:len(shapes or [])]
+                if shapes is not None and (not isinstance(shapes, list) or have != shapes):
+                    raise BundleError(f"{key} takes block states {have} but the manifest's "
+                                      f"model.state_shapes says {shapes}")
 
     @property
     def task(self) -> dict:

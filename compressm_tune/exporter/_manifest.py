@@ -91,8 +91,8 @@ def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     """Check every file the manifest lists; return the manifest.
 
     ONNX graphs are opened in onnxruntime and compared with the manifest (names, shapes, state
-    widths); the TorchScript file is loaded with ``torch.jit.load`` and its ``state_dims``
-    compared; every file's SHA-256 must match.
+    widths, architecture); the TorchScript file is loaded with ``torch.jit.load`` and its
+    ``state_dims`` and ``arch`` compared; every file's SHA-256 must match.
 
     Raises
     ------
@@ -128,6 +128,9 @@ def _check_torchscript(path: Path, manifest: dict) -> None:
     if dims != list(manifest["model"]["state_dims"]):
         raise BundleError(f"{path.name} has state widths {dims} but the manifest says "
                           f"{manifest['model']['state_dims']}")
+    arch, want = getattr(module, "arch", "lru"), manifest["model"].get("arch", "lru")
+    if arch != want:
+        raise BundleError(f"{path.name} holds a {arch!r} network but the manifest says {want!r}")
 
 
 def measure_latency(bundle_dir: str | Path, mode: str = "sequence", seq_len: int | None = None,

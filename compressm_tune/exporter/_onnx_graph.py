@@ -1,25 +1,35 @@
-"""Build the ONNX graphs of an LRU network directly from its weights with ``onnx.helper``.
+"""Build the ONNX graphs of an SSM network directly from its weights with ``onnx.helper``.
 
-Why not ``torch.onnx.export``: ``LRULayer.forward`` runs its recurrence through an autograd
-Function backed by a C kernel, which no exporter can see through, so an export needs a second,
-export-only forward anyway. Torch 2.13's dynamo exporter does lower
+Why not ``torch.onnx.export``: ``LRULayer.forward`` and ``SelectiveLayer.forward`` run their
+recurrences through autograd Functions backed by a C kernel, which no exporter can see through,
+so an export needs a second, export-only forward anyway. Torch 2.13's dynamo exporter does lower
 ``torch._higher_order_ops.scan`` to an ONNX ``Scan`` (checked while writing this module), but
 that is a private API, a trace takes ~10 s even for a toy module, and the result depends on the
 exporter's decompositions and optimizer passes. Writing the graph by hand from the weights
 (:mod:`._weights`) is exact, takes milliseconds, works for every opset in
 :data:`SUPPORTED_OPSETS`, and every node is one of a handful of well-supported operators:
 
-* encoder, B, C, GLU and head projections: ``MatMul`` + ``Add`` over all time steps at once;
+* encoder, GLU and head projections, and every input-dependent part of a layer (LRU: ``B u``;
+  selective: the step size ``delta``, ``B_t``, ``C_t``): ``MatMul`` + ``Add`` (+ ``Softplus``)
+  over all time steps at once;
 * BatchNorm folded to ``Mul`` + ``Add`` with the running statistics;
 * exact GELU as ``0.5 * y * (1 + Erf(y / sqrt 2))`` (torch's default GELU);
-* the diagonal complex recurrence in real arithmetic (re/im as two tensors) inside one ``Scan``
-  per block, whose body is eight element-wise ops, so the graph's size does not depend on the
-  sequence length, and batch and length are both dynamic;
+* the recurrence inside one ``Scan`` per block, so the graph's size does not depend on the
+  sequence length, and batch and length are both dynamic. LRU: the diagonal complex recurrence
+  in real arithmetic (re/im as two ``(batch, N)`` states, eight element-wise ops); its read-out
+  ``Re(C x)`` is one ``MatMul`` over all steps after the ``Scan``. Selective: the state
+  ``(batch, H, N)``, ``x = exp(delta A) x + (delta u) B_t`` and the read-out
+  ``y_t = sum_n x C_t`` inside the body, which emits only ``(batch, H)`` per step (measured
+  against the alternatives in :class:`_SelectiveWriter`);
 * mean pooling as ``ReduceMean`` over time.
 
-The streaming graph is the same arithmetic for one token, with the states as explicit inputs
-and outputs in :meth:`SSMModel.allocate_state`'s layout: ``(batch, N_k, 2)`` per block, then,
-with mean pooling, the running sum ``(batch, H)`` and the token count ``(1,)``.
+Both architectures go through the same builders: a layer writer (:class:`_LRUWriter`,
+:class:`_SelectiveWriter`) says how to compute the layer's drive from its input, one step of
+its recurrence and its read-out; the sequence graph puts the step into a ``Scan`` body, the
+streaming graph applies it once. The streaming graph's states are explicit inputs and outputs
+in :meth:`SSMModel.allocate_state`'s layout: per block ``(batch, N_k, 2)`` (LRU) or
+``(batch, H, N_k)`` (selective), then, with mean pooling, the running sum ``(batch, H)`` and
+the token count ``(1,)``.
 """
 
 from __future__ import annotations
@@ -32,7 +42,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressm_tune.errors import ExportError
 from compressm_tune.exporter._errors import ExportOptionError
-from compressm_tune.exporter._weights import BlockWeights, ModelWeights
+from compressm_tune.exporter._weights import (
+    BlockWeights,
+    LRUWeights,
+    ModelWeights,
+    SelectiveWeights,
+)
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -82,16 +97,18 @@ def step_io_names(n_blocks: int, pooling: str) -> tuple[list[str], list[str]]:
 
 
 class _Graph:
-    """Accumulates nodes and initializers with unique names."""
+    """Accumulates nodes and initializers with unique names (``prefix`` keeps a Scan body's
+    names apart from the outer graph's, which the body can see)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.prefix = prefix
         self._count = 0
 
     def name(self, hint: str) -> str:
         self._count += 1
-        return f"{hint}_{self._count}"
+        return f"{self.prefix}{hint}_{self._count}"
 
     def const(self, hint: str, value: np.ndarray) -> str:
         name = self.name(hint)
@@ -121,25 +138,146 @@ class _Graph:
         erf = self.op("Erf", [self.op("Mul", [x, inv_sqrt2])])
         return self.op("Mul", [self.op("Mul", [x, half]), self.op("Add", [erf, one])], "gelu")
 
-    def block_tail(self, x: str, hn: str, s_re: str, s_im: str, w: BlockWeights) -> str:
-        """``x + GLU(GELU(Re(C s) + D hn))`` given the block's states (any leading dims)."""
-        y = self.op("Add", [self.linear(s_re, w.c_re, None, "c_re"),
-                            self.linear(s_im, w.c_im, None, "c_im")])
-        y = self.op("Add", [y, self.op("Mul", [hn, self.const("d", w.d)])], "lru_out")
+    def zeros(self, batch: str, shape: tuple[int, ...]) -> str:
+        """A float32 zero tensor ``(batch, *shape)``; ``batch`` is a ``(1,)`` int64 tensor."""
+        full = self.op("Concat", [batch, self.const("shape", np.array(shape, np.int64))], axis=0)
+        return self.op("ConstantOfShape", [full], "zeros",
+                       value=numpy_helper.from_array(np.zeros(1, np.float32)))
+
+    def block_tail(self, x: str, hn: str, y: str, w: BlockWeights) -> str:
+        """``x + GLU(GELU(y + D hn))`` given the layer's read-out ``y`` (any leading dims)."""
+        y = self.op("Add", [y, self.op("Mul", [hn, self.const("d", w.d)])], "ssm_out")
         g = self.gelu(y)
         a = self.linear(g, w.glu_a, w.glu_a_bias, "glu_a")
         gate = self.op("Sigmoid", [self.linear(g, w.glu_b, w.glu_b_bias, "glu_b")])
         return self.op("Add", [x, self.op("Mul", [a, gate])], "block_out")
 
-    def recurrence(self, s_re: str, s_im: str, v_re: str, v_im: str, lam_re: str, lam_im: str,
-                   outputs: list[str] | None = None) -> tuple[str, str]:
-        """``s' = lam * s + v`` in re/im arithmetic (element-wise, any leading dims)."""
-        re = self.op("Sub", [self.op("Mul", [lam_re, s_re]), self.op("Mul", [lam_im, s_im])])
-        im = self.op("Add", [self.op("Mul", [lam_re, s_im]), self.op("Mul", [lam_im, s_re])])
-        out_re, out_im = outputs or (None, None)
-        new_re = self.op("Add", [re, v_re], "s_re", outputs=[out_re] if out_re else None)
-        new_im = self.op("Add", [im, v_im], "s_im", outputs=[out_im] if out_im else None)
-        return new_re, new_im
+
+class _LRUWriter:
+    """The LRU layer (:class:`LRUWeights`) as graph pieces.
+
+    The contract both writers keep: ``drive(g, hn)`` turns the normalized block input into the
+    per-step inputs of the recurrence and ``readout(g, emitted)`` turns what the steps emitted
+    into the layer's output ``(..., H)`` (without ``D``); both work on any leading dims (all
+    steps at once or one token). ``update(g, states, drive)`` is one step on ``(batch, ...)``
+    tensors, in a Scan body or the step graph, returning the new states and the values to
+    emit. ``state_shapes``, ``drive_shapes``, ``emit_shapes`` give their shapes per sequence
+    (no batch axis) for the Scan body's signature; ``unpack`` / ``pack`` convert the streaming
+    state (one tensor per block, in ``allocate_state``'s layout) to and from ``states``.
+    Constants live in the outer graph, where a Scan body can see them.
+    """
+
+    def __init__(self, g: _Graph, w: LRUWeights, k: int) -> None:
+        self.w = w
+        self.lam_re, self.lam_im = g.const(f"lam_re{k}", w.lam_re), g.const(f"lam_im{k}", w.lam_im)
+        n = w.state_dim
+        self.state_shapes = [(n,), (n,)]  # s_re, s_im, per sequence
+        self.drive_shapes = [(n,), (n,)]  # v_re_t, v_im_t
+        self.emit_shapes = [(n,), (n,)]  # per-step s_re, s_im (read out after the Scan)
+
+    def drive(self, g: _Graph, hn: str) -> list[str]:
+        """``B hn`` as (v_re, v_im), ``(..., N)`` each."""
+        return [g.linear(hn, self.w.b_re, None, "b_re"), g.linear(hn, self.w.b_im, None, "b_im")]
+
+    def update(self, g: _Graph, states: list[str], drive: list[str],
+               outputs: list[str] | None = None) -> tuple[list[str], list[str]]:
+        """``s' = lam * s + v`` in re/im arithmetic; emits the new states.
+
+        ``outputs`` optionally names the new states, then the emitted values (a Scan body's
+        output names); a value emitted as well as carried is copied by an ``Identity``.
+        """
+        (s_re, s_im), (v_re, v_im) = states, drive
+        lam_re, lam_im = self.lam_re, self.lam_im
+        re = g.op("Sub", [g.op("Mul", [lam_re, s_re]), g.op("Mul", [lam_im, s_im])])
+        im = g.op("Add", [g.op("Mul", [lam_re, s_im]), g.op("Mul", [lam_im, s_re])])
+        out_re, out_im, emit_re, emit_im = outputs or (None,) * 4
+        new_re = g.op("Add", [re, v_re], "s_re", outputs=[out_re] if out_re else None)
+        new_im = g.op("Add", [im, v_im], "s_im", outputs=[out_im] if out_im else None)
+        if not outputs:
+            return [new_re, new_im], [new_re, new_im]
+        return [new_re, new_im], [g.op("Identity", [new_re], outputs=[emit_re]),
+                                  g.op("Identity", [new_im], outputs=[emit_im])]
+
+    def readout(self, g: _Graph, emitted: list[str]) -> str:
+        """``Re(C s) = s_re @ c_re + s_im @ c_im``, ``(..., H)``."""
+        s_re, s_im = emitted
+        return g.op("Add", [g.linear(s_re, self.w.c_re, None, "c_re"),
+                            g.linear(s_im, self.w.c_im, None, "c_im")])
+
+    def unpack(self, g: _Graph, state: str) -> list[str]:
+        """Streaming state ``(batch, N, 2)`` -> (s_re, s_im)."""
+        return [g.op("Gather", [state, g.const("idx", np.array(i, np.int64))], "s", axis=2)
+                for i in (0, 1)]
+
+    def pack(self, g: _Graph, states: list[str], name: str) -> None:
+        last_axis = g.const("last_axis", np.array([-1], np.int64))
+        g.op("Concat", [g.op("Unsqueeze", [s, last_axis]) for s in states], outputs=[name],
+             axis=-1)
+
+
+class _SelectiveWriter:
+    """The selective layer (:class:`SelectiveWeights`) as graph pieces; see :class:`_LRUWriter`
+    for the contract.
+
+    The drive is shaped for broadcasting before the ``Scan`` (``delta``, ``delta u`` to
+    ``(..., H, 1)``, ``B_t`` to ``(..., 1, N)``, ``C_t`` to ``(..., N, 1)``), so one step is six
+    nodes: ``Mul, Exp, Mul, Mul, Add, MatMul``. ORT's per-node cost inside a ``Scan`` dominates
+    at these sizes. Measured (onnxruntime 1.31, 1 thread, a loaded 2-core machine; H 8-64,
+    N 16-64, L 500-2000): at batch 1 this took 0.7-0.86x the time of unsqueezing inside the
+    body (read-out by ``MatMul`` or by ``ReduceSum``) and of emitting the ``(batch, H, N)``
+    states to contract them after the ``Scan``; at batch 8 the variants were within noise.
+    Precomputing ``exp(delta A)`` for all steps outside the ``Scan`` was faster still at H=8
+    but holds two ``(batch, L, H, N)`` tensors, too much memory for an edge device.
+    """
+
+    def __init__(self, g: _Graph, w: SelectiveWeights, k: int) -> None:
+        self.w = w
+        self.a = g.const(f"a{k}", w.a)  # (H, N)
+        h, n = w.state_shape
+        self.state_shapes = [(h, n)]  # x, per sequence
+        self.drive_shapes = [(h, 1), (h, 1), (1, n), (n, 1)]  # delta_t, (delta u)_t, B_t, C_t
+        self.emit_shapes = [(h, 1)]  # y_t, read out inside the Scan
+        self.last = g.const("last_axis", np.array([-1], np.int64))
+
+    def drive(self, g: _Graph, hn: str) -> list[str]:
+        """delta, delta * hn ``(..., H, 1)``, B_t ``(..., 1, N)``, C_t ``(..., N, 1)``, for
+        every step at once."""
+        w = self.w
+        low = g.linear(hn, w.dt_down, None, "dt_down")  # (..., R)
+        delta = g.op("Softplus", [g.linear(low, w.dt_up, w.dt_bias, "dt_up")], "delta")
+        delta_u = g.op("Mul", [delta, hn], "delta_u")  # (..., H)
+        b_t = g.linear(hn, w.b_proj, None, "b_t")  # (..., N)
+        c_t = g.linear(hn, w.c_proj, None, "c_t")  # (..., N)
+        second_last = g.const("second_last_axis", np.array([-2], np.int64))
+        return [g.op("Unsqueeze", [delta, self.last]), g.op("Unsqueeze", [delta_u, self.last]),
+                g.op("Unsqueeze", [b_t, second_last]), g.op("Unsqueeze", [c_t, self.last])]
+
+    def update(self, g: _Graph, states: list[str], drive: list[str],
+               outputs: list[str] | None = None) -> tuple[list[str], list[str]]:
+        """``x' = exp(delta A) x + (delta u) B_t`` on ``(batch, H, N)``; emits
+        ``y_t = x' C_t`` ``(batch, H, 1)``."""
+        (x,), (delta, delta_u, b_t, c_t) = states, drive
+        x_out, y_out = outputs or (None, None)
+        decay = g.op("Exp", [g.op("Mul", [delta, self.a])])  # (B, H, N)
+        push = g.op("Mul", [delta_u, b_t])  # (B, H, N)
+        x = g.op("Add", [g.op("Mul", [decay, x]), push], "x",
+                 outputs=[x_out] if x_out else None)  # (B, H, N)
+        y = g.op("MatMul", [x, c_t], "y", outputs=[y_out] if y_out else None)  # (B, H, 1)
+        return [x], [y]
+
+    def readout(self, g: _Graph, emitted: list[str]) -> str:
+        return g.op("Squeeze", [emitted[0], self.last])  # (..., H)
+
+    def unpack(self, g: _Graph, state: str) -> list[str]:
+        return [state]
+
+    def pack(self, g: _Graph, states: list[str], name: str) -> None:
+        g.op("Identity", states, outputs=[name])
+
+
+def _writer(g: _Graph, w: BlockWeights, k: int) -> _LRUWriter | _SelectiveWriter:
+    cls = _SelectiveWriter if isinstance(w.ssm, SelectiveWeights) else _LRUWriter
+    return cls(g, w.ssm, k)
 
 
 def _finish(g: _Graph, name: str, inputs, outputs, opset: int, doc: str,
@@ -158,25 +296,27 @@ def _finish(g: _Graph, name: str, inputs, outputs, opset: int, doc: str,
 
 
 def _metadata(w: ModelWeights, mode: str) -> dict[str, str]:
-    return {"compressm.mode": mode, "compressm.state_dims": ",".join(map(str, w.state_dims)),
+    return {"compressm.mode": mode, "compressm.arch": w.arch,
+            "compressm.state_dims": ",".join(map(str, w.state_dims)),
             "compressm.pooling": w.pooling}
 
 
-def _scan_body(w: BlockWeights, lam_re: str, lam_im: str) -> onnx.GraphProto:
-    """Scan body: states (s_re, s_im), scanned (v_re_t, v_im_t) -> states, per-step copies."""
-    g = _Graph()
-    s_re, s_im = g.recurrence("s_re_in", "s_im_in", "v_re_t", "v_im_t", lam_re, lam_im,
-                              outputs=["s_re_out", "s_im_out"])
-    g.op("Identity", [s_re], outputs=["x_re_t"])
-    g.op("Identity", [s_im], outputs=["x_im_t"])
-    n = w.state_dim
+def _scan_body(layer: _LRUWriter | _SelectiveWriter, k: int) -> onnx.GraphProto:
+    """Scan body: states, then one step of each drive -> new states, then the emitted values."""
+    g = _Graph(prefix=f"scan{k}_")
 
-    def vi(name):
-        return helper.make_tensor_value_info(name, _FLOAT, ["batch", n])
+    def infos(kind: str, shapes) -> list[onnx.ValueInfoProto]:
+        return [helper.make_tensor_value_info(f"{kind}{i}", _FLOAT, ["batch", *shape])
+                for i, shape in enumerate(shapes)]
 
-    inputs = [vi("s_re_in"), vi("s_im_in"), vi("v_re_t"), vi("v_im_t")]
-    outputs = [vi("s_re_out"), vi("s_im_out"), vi("x_re_t"), vi("x_im_t")]
-    return helper.make_graph(g.nodes, "lru_scan_body", inputs, outputs)
+    states_in = infos("state_in", layer.state_shapes)
+    drive_in = infos("drive_t", layer.drive_shapes)
+    states_out = infos("state_out", layer.state_shapes)
+    emit_out = infos("emit_t", layer.emit_shapes)
+    layer.update(g, [v.name for v in states_in], [v.name for v in drive_in],
+                 outputs=[v.name for v in states_out + emit_out])
+    return helper.make_graph(g.nodes, f"scan_body{k}", states_in + drive_in,
+                             states_out + emit_out)
 
 
 def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
@@ -192,20 +332,16 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.Mo
                            g.const("zero", np.array([0], np.int64)),
                            g.const("one_i", np.array([1], np.int64))], "batch")  # (1,) int64
     for k, bw in enumerate(w.blocks):
+        layer = _writer(g, bw, k)
         hn = g.affine(h, bw.bn_scale, bw.bn_shift, f"bn{k}")  # (B, L, H)
-        v_re = g.linear(hn, bw.b_re, None, f"b_re{k}")  # (B, L, N)
-        v_im = g.linear(hn, bw.b_im, None, f"b_im{k}")  # (B, L, N)
-        zeros_shape = g.op("Concat", [batch, g.const("n", np.array([bw.state_dim], np.int64))],
-                           axis=0)
-        zeros = g.op("ConstantOfShape", [zeros_shape], "zeros",
-                     value=numpy_helper.from_array(np.zeros(1, np.float32)))  # (B, N)
-        lam_re, lam_im = g.const(f"lam_re{k}", bw.lam_re), g.const(f"lam_im{k}", bw.lam_im)
-        _, _, s_re, s_im = g.op(
-            "Scan", [zeros, zeros, v_re, v_im], f"scan{k}", n_out=4,
-            body=_scan_body(bw, lam_re, lam_im), num_scan_inputs=2,
-            scan_input_axes=[1, 1], scan_output_axes=[1, 1],
-        )  # states (B, N) x2, then per-step states (B, L, N) x2
-        h = g.block_tail(h, hn, s_re, s_im, bw)  # (B, L, H)
+        drive = layer.drive(g, hn)  # each (B, L, ...)
+        zeros = [g.zeros(batch, shape) for shape in layer.state_shapes]
+        outs = g.op("Scan", [*zeros, *drive], f"scan{k}",
+                    n_out=len(zeros) + len(layer.emit_shapes), body=_scan_body(layer, k),
+                    num_scan_inputs=len(drive), scan_input_axes=[1] * len(drive),
+                    scan_output_axes=[1] * len(layer.emit_shapes))
+        emitted = outs[len(zeros):]  # per-step values, (B, L, ...) each
+        h = g.block_tail(h, hn, layer.readout(g, emitted), bw)  # (B, L, H)
     if w.pooling == "mean":
         if opset >= 18:
             h = g.op("ReduceMean", [h, g.const("time_axis", np.array([1], np.int64))], "pool",
@@ -217,7 +353,7 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.Mo
     x_info = helper.make_tensor_value_info("x", _FLOAT, ["batch", "length", w.d_input])
     y_shape = ["batch", w.d_output] if w.pooling == "mean" else ["batch", "length", w.d_output]
     y_info = helper.make_tensor_value_info("y", _FLOAT, y_shape)
-    doc = ("LRU network, sequence mode: x (batch, length, d_input), normalized as in "
+    doc = (f"{w.arch} SSM network, sequence mode: x (batch, length, d_input), normalized as in "
            "manifest.json -> y")
     return _finish(g, "compressm_sequence", [x_info], [y_info], opset, doc,
                    _metadata(w, "sequence"))
@@ -226,31 +362,23 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.Mo
 def build_step_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """The streaming graph: one token and the states in, the output so far and new states out.
 
-    Inputs ``x_t (batch, d_input)``, ``state_k (batch, N_k, 2)`` per block and, with mean
-    pooling, ``pool_sum (batch, H)`` and ``pool_count (1,)``; outputs ``y_t (batch, d_output)``
-    and ``next_<state>`` for each state (see :func:`step_io_names`). Zero states start a
-    sequence; after the last token ``y_t`` equals the sequence graph's output.
+    Inputs ``x_t (batch, d_input)``, ``state_k`` per block (``(batch, N_k, 2)`` for an LRU,
+    ``(batch, H, N_k)`` for a selective layer: :attr:`ModelWeights.state_shapes`) and, with
+    mean pooling, ``pool_sum (batch, H)`` and ``pool_count (1,)``; outputs
+    ``y_t (batch, d_output)`` and ``next_<state>`` for each state (see :func:`step_io_names`).
+    Zero states start a sequence; after the last token ``y_t`` equals the sequence graph's
+    output.
     """
     opset = check_opset(opset)
     in_names, out_names = step_io_names(len(w.blocks), w.pooling)
     g = _Graph()
     h = g.linear("x_t", w.encoder, w.encoder_bias, "encoder")  # (B, H)
-    idx_re = g.const("idx_re", np.array(0, np.int64))
-    idx_im = g.const("idx_im", np.array(1, np.int64))
-    last_axis = g.const("last_axis", np.array([2], np.int64))
     for k, bw in enumerate(w.blocks):
-        state = f"state_{k}"  # (B, N, 2)
+        layer = _writer(g, bw, k)
         hn = g.affine(h, bw.bn_scale, bw.bn_shift, f"bn{k}")  # (B, H)
-        v_re = g.linear(hn, bw.b_re, None, f"b_re{k}")  # (B, N)
-        v_im = g.linear(hn, bw.b_im, None, f"b_im{k}")  # (B, N)
-        s_re = g.op("Gather", [state, idx_re], "s_re", axis=2)  # (B, N)
-        s_im = g.op("Gather", [state, idx_im], "s_im", axis=2)  # (B, N)
-        lam_re, lam_im = g.const(f"lam_re{k}", bw.lam_re), g.const(f"lam_im{k}", bw.lam_im)
-        s_re, s_im = g.recurrence(s_re, s_im, v_re, v_im, lam_re, lam_im)  # (B, N) x2
-        g.op("Concat", [g.op("Unsqueeze", [s_re, last_axis]),
-                        g.op("Unsqueeze", [s_im, last_axis])], outputs=[f"next_{state}"],
-             axis=2)  # (B, N, 2)
-        h = g.block_tail(h, hn, s_re, s_im, bw)  # (B, H)
+        states, emitted = layer.update(g, layer.unpack(g, f"state_{k}"), layer.drive(g, hn))
+        layer.pack(g, states, f"next_state_{k}")
+        h = g.block_tail(h, hn, layer.readout(g, emitted), bw)  # (B, H)
     if w.pooling == "mean":
         total = g.op("Add", ["pool_sum", h], outputs=["next_pool_sum"])  # (B, H)
         count = g.op("Add", ["pool_count", g.const("one", np.array([1.0], np.float32))],
@@ -260,11 +388,11 @@ def build_step_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelP
          outputs=["y_t"])
     shapes = {"x_t": ["batch", w.d_input], "y_t": ["batch", w.d_output],
               "pool_sum": ["batch", w.d_model], "pool_count": [1]}
-    for k, n in enumerate(w.state_dims):
-        shapes[f"state_{k}"] = ["batch", n, 2]
+    for k, shape in enumerate(w.state_shapes):
+        shapes[f"state_{k}"] = ["batch", *shape]
     for name in list(shapes):
         shapes[f"next_{name}"] = shapes[name]
     inputs = [helper.make_tensor_value_info(n, _FLOAT, shapes[n]) for n in in_names]
     outputs = [helper.make_tensor_value_info(n, _FLOAT, shapes[n]) for n in out_names]
-    doc = "LRU network, streaming mode: one token + states -> output so far + new states"
+    doc = f"{w.arch} SSM network, streaming mode: one token + states -> output so far + states"
     return _finish(g, "compressm_step", inputs, outputs, opset, doc, _metadata(w, "step"))

@@ -1,7 +1,8 @@
 """Dynamic int8 quantization of the ONNX graphs, with its size and accuracy cost.
 
-``onnxruntime.quantization.quantize_dynamic`` stores the MatMul weights (encoder, B, C, GLU,
-head) as int8 with per-tensor scales and quantizes activations on the fly; the recurrence
+``onnxruntime.quantization.quantize_dynamic`` stores the MatMul weights (encoder, GLU, head and
+the layers' input projections: LRU ``B``, ``C``; selective ``dt_down``, ``dt_up``, ``B_proj``,
+``C_proj``) as int8 with per-tensor scales and quantizes activations on the fly; the recurrence
 inside ``Scan`` stays float32 (it has no weights to quantize). The accuracy change is measured
 on the test split of the checkpoint's dataset when ``load_dataset`` can rebuild it here.
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from compressm_tune.errors import CompressmError, ExportError, MissingDependencyError
+from compressm_tune.errors import ExportError, MissingDependencyError
 
 __all__ = ["QUANTIZE_CHOICES", "quantize_file", "evaluate_test_split"]
 
@@ -44,6 +45,8 @@ def _evaluate(session, x: np.ndarray, y: np.ndarray, task: str) -> dict[str, flo
     out = np.concatenate([session.run(None, {"x": x[i:i + _EVAL_BATCH]})[0]
                           for i in range(0, len(x), _EVAL_BATCH)])
     if task == "classification":
+        if y.ndim == 2:  # per-token labels (n, M): scored at the last M steps of (n, L, C)
+            out, y = out[:, -y.shape[1]:].reshape(-1, out.shape[-1]), y.reshape(-1)
         z = out - out.max(-1, keepdims=True)
         log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
         return {"accuracy": float((out.argmax(-1) == y).mean()),
@@ -51,28 +54,17 @@ def _evaluate(session, x: np.ndarray, y: np.ndarray, task: str) -> dict[str, flo
     return {"loss": float(((out - y) ** 2).mean())}
 
 
-def evaluate_test_split(dataset: dict | None, train_seed: int, float_session, int8_session
-                       ) -> dict[str, Any]:
+def evaluate_test_split(ds, skipped: str | None, dataset: dict | None, float_session,
+                        int8_session) -> dict[str, Any]:
     """Accuracy (classification) or MSE (regression) of both models on the test split.
 
-    Returns ``{"skipped": reason}`` when the dataset cannot be rebuilt on this machine (no
-    dataset entry in the checkpoint, a user file that moved, a missing optional package).
+    ``ds, skipped`` come from :func:`~compressm_tune.exporter._dataset.rebuild_dataset`; with no
+    dataset (none recorded, a user file that moved, ...) the result is ``{"skipped": reason}``.
+    ``dataset`` is the checkpoint's entry (its normalization is compared with the rebuilt one).
     """
-    from compressm_tune.training import load_dataset
-
-    if not dataset or "name" not in dataset:
-        return {"skipped": "the checkpoint records no dataset"}
-    name, info = dataset["name"], dataset.get("info") or {}
-    kwargs: dict[str, Any] = {"seed": train_seed}
-    if name == "npz":
-        kwargs["path"] = info.get("path")
-    if name == "smnist":
-        return {"skipped": "smnist needs the user's IDX folder, which the checkpoint does not "
-                           "record"}
-    try:
-        ds = load_dataset(name, **kwargs)
-    except (CompressmError, OSError) as exc:
-        return {"skipped": f"cannot rebuild dataset {name!r} here: {exc}"}
+    if ds is None:
+        return {"skipped": skipped}
+    name = ds.name
     x = ds.x_test.numpy()
     y = ds.y_test.numpy()
     ref = _evaluate(float_session, x, y, ds.task)

@@ -1,10 +1,14 @@
 """A TorchScript inference module rebuilt from the network's weights.
 
-``LRULayer.forward`` calls a C kernel through an autograd Function, which TorchScript can
-neither script nor trace into a length-independent graph, so the scripted module re-states the
-inference arithmetic of :class:`~compressm_tune.exporter._weights.BlockWeights` with an explicit
-time loop (dynamic length) and a ``step`` method in :meth:`SSMModel.allocate_state`'s layout.
-The saved file needs only ``torch.jit.load``: no compressm_tune import on the loading side.
+``LRULayer.forward`` and ``SelectiveLayer.forward`` call C kernels through autograd Functions,
+which TorchScript can neither script nor trace into a length-independent graph, so the
+scripted module re-states the inference arithmetic of
+:class:`~compressm_tune.exporter._weights.BlockWeights` with an explicit time loop (dynamic
+length) and a ``step`` method in :meth:`SSMModel.allocate_state`'s layout. A block is the
+shared part (BatchNorm fold, ``D``, GELU, GLU, residual) around one layer module,
+:class:`_ScriptedLRU` or :class:`_ScriptedSelective`, each with ``forward`` over a sequence and
+``step`` over one token. The saved file needs only ``torch.jit.load``: no compressm_tune import
+on the loading side.
 """
 
 from __future__ import annotations
@@ -14,7 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressm_tune.exporter._weights import BlockWeights, ModelWeights
+from compressm_tune.exporter._weights import (
+    BlockWeights,
+    LRUWeights,
+    ModelWeights,
+    SelectiveWeights,
+)
 
 __all__ = ["ScriptedSSM", "script_model"]
 
@@ -23,26 +32,16 @@ def _buf(module: nn.Module, name: str, value: np.ndarray) -> None:
     module.register_buffer(name, torch.from_numpy(np.array(value, dtype=np.float32)))
 
 
-class _ScriptedBlock(nn.Module):
-    """One LRU block; see :class:`BlockWeights` for the equations."""
+class _ScriptedLRU(nn.Module):
+    """The LRU layer without ``D``; see :class:`LRUWeights` for the equations."""
 
-    def __init__(self, w: BlockWeights) -> None:
+    def __init__(self, w: LRUWeights) -> None:
         super().__init__()
-        for name in ("bn_scale", "bn_shift", "lam_re", "lam_im", "b_re", "b_im", "c_re", "c_im",
-                     "d", "glu_a", "glu_a_bias", "glu_b", "glu_b_bias"):
+        for name in ("lam_re", "lam_im", "b_re", "b_im", "c_re", "c_im"):
             _buf(self, name, getattr(w, name))
-        self.state_dim = w.state_dim
 
-    def _tail(self, x: torch.Tensor, hn: torch.Tensor, s_re: torch.Tensor,
-              s_im: torch.Tensor) -> torch.Tensor:
-        y = s_re @ self.c_re + s_im @ self.c_im + self.d * hn  # (..., H)
-        g = F.gelu(y)
-        a = g @ self.glu_a + self.glu_a_bias  # (..., H)
-        return x + a * torch.sigmoid(g @ self.glu_b + self.glu_b_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, hn: torch.Tensor) -> torch.Tensor:
         """``(batch, L, H) -> (batch, L, H)``."""
-        hn = x * self.bn_scale + self.bn_shift  # (B, L, H)
         v_re = hn @ self.b_re  # (B, L, N)
         v_im = hn @ self.b_im  # (B, L, N)
         s_re = torch.zeros_like(v_re[:, 0])  # (B, N)
@@ -54,15 +53,78 @@ class _ScriptedBlock(nn.Module):
                           self.lam_re * s_im + self.lam_im * s_re + v_im[:, t])
             out_re[:, t] = s_re
             out_im[:, t] = s_im
-        return self._tail(x, hn, out_re, out_im)
+        return out_re @ self.c_re + out_im @ self.c_im
 
-    def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x_t (batch, H)``, ``state (batch, N, 2)`` -> ``(out (batch, H), state)``."""
-        hn = x_t * self.bn_scale + self.bn_shift  # (B, H)
+    def step(self, hn: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hn (batch, H)``, ``state (batch, N, 2)`` -> ``(y (batch, H), state)``."""
         s_re, s_im = state[:, :, 0], state[:, :, 1]  # (B, N) each
         new_re = self.lam_re * s_re - self.lam_im * s_im + hn @ self.b_re  # (B, N)
         new_im = self.lam_re * s_im + self.lam_im * s_re + hn @ self.b_im  # (B, N)
-        return self._tail(x_t, hn, new_re, new_im), torch.stack((new_re, new_im), -1)
+        return new_re @ self.c_re + new_im @ self.c_im, torch.stack((new_re, new_im), -1)
+
+
+class _ScriptedSelective(nn.Module):
+    """The selective layer without ``D``; see :class:`SelectiveWeights` for the equations."""
+
+    def __init__(self, w: SelectiveWeights) -> None:
+        super().__init__()
+        for name in ("a", "b_proj", "c_proj", "dt_down", "dt_up", "dt_bias"):
+            _buf(self, name, getattr(w, name))
+
+    def _drive(self, hn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor]:
+        """delta, delta * hn ``(..., H)``; B_t, C_t ``(..., N)``."""
+        delta = F.softplus(hn @ self.dt_down @ self.dt_up + self.dt_bias)  # (..., H)
+        return delta, delta * hn, hn @ self.b_proj, hn @ self.c_proj
+
+    def _update(self, x: torch.Tensor, delta: torch.Tensor, delta_u: torch.Tensor,
+                b_t: torch.Tensor, c_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on ``x (batch, H, N)``: the new state and ``y (batch, H)``."""
+        x = torch.exp(delta[:, :, None] * self.a) * x + delta_u[:, :, None] * b_t[:, None, :]
+        return x, (x @ c_t[:, :, None]).squeeze(-1)
+
+    def forward(self, hn: torch.Tensor) -> torch.Tensor:
+        """``(batch, L, H) -> (batch, L, H)``."""
+        delta, delta_u, b_t, c_t = self._drive(hn)  # (B, L, H) x2, (B, L, N) x2
+        x = hn.new_zeros(hn.shape[0], self.a.shape[0], self.a.shape[1])  # (B, H, N)
+        out = torch.empty_like(hn)  # (B, L, H)
+        for t in range(hn.shape[1]):
+            x, y = self._update(x, delta[:, t], delta_u[:, t], b_t[:, t], c_t[:, t])
+            out[:, t] = y
+        return out
+
+    def step(self, hn: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hn (batch, H)``, ``state (batch, H, N)`` -> ``(y (batch, H), state)``."""
+        delta, delta_u, b_t, c_t = self._drive(hn)
+        state, y = self._update(state, delta, delta_u, b_t, c_t)
+        return y, state
+
+
+class _ScriptedBlock(nn.Module):
+    """One block around its layer; see :class:`BlockWeights` for the equations."""
+
+    def __init__(self, w: BlockWeights) -> None:
+        super().__init__()
+        for name in ("bn_scale", "bn_shift", "d", "glu_a", "glu_a_bias", "glu_b", "glu_b_bias"):
+            _buf(self, name, getattr(w, name))
+        self.ssm = (_ScriptedSelective(w.ssm) if isinstance(w.ssm, SelectiveWeights)
+                    else _ScriptedLRU(w.ssm))
+
+    def _tail(self, x: torch.Tensor, hn: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        g = F.gelu(y + self.d * hn)  # (..., H)
+        a = g @ self.glu_a + self.glu_a_bias  # (..., H)
+        return x + a * torch.sigmoid(g @ self.glu_b + self.glu_b_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, L, H) -> (batch, L, H)``."""
+        hn = x * self.bn_scale + self.bn_shift  # (B, L, H)
+        return self._tail(x, hn, self.ssm(hn))
+
+    def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_t (batch, H)`` and the layer's state -> ``(out (batch, H), state)``."""
+        hn = x_t * self.bn_scale + self.bn_shift  # (B, H)
+        y, state = self.ssm.step(hn, state)
+        return self._tail(x_t, hn, y), state
 
 
 class ScriptedSSM(nn.Module):
@@ -83,7 +145,10 @@ class ScriptedSSM(nn.Module):
         self.blocks = nn.ModuleList(_ScriptedBlock(b) for b in w.blocks)
         self.mean_pool = w.pooling == "mean"
         self.d_model = w.d_model
+        self.arch = w.arch  # "lru" or "selective"
         self.state_dims = list(w.state_dims)  # list[int], one width per block
+        # each block's streaming state without the batch axis: (N, 2) LRU, (H, N) selective
+        self.state_shapes = [list(shape) for shape in w.state_shapes]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x @ self.encoder + self.encoder_bias  # (B, L, H)
@@ -95,8 +160,9 @@ class ScriptedSSM(nn.Module):
 
     @torch.jit.export
     def allocate_state(self, batch: int) -> list[torch.Tensor]:
-        """Zero state: ``(batch, N_k, 2)`` per block, then (mean pooling) sum and count."""
-        state = [torch.zeros(batch, n, 2) for n in self.state_dims]
+        """Zero state: one tensor per block (``(batch, N_k, 2)`` LRU, ``(batch, H, N_k)``
+        selective), then (mean pooling) sum and count."""
+        state = [torch.zeros([batch] + shape) for shape in self.state_shapes]
         if self.mean_pool:
             state.append(torch.zeros(batch, self.d_model))
             state.append(torch.zeros(1))

@@ -2,47 +2,109 @@
 
 Both writers (ONNX and TorchScript) are built from this one extraction, so they compute the
 same arithmetic. Every quantity torch derives from the raw parameters at run time (lambda,
-``B * gamma``, the BatchNorm scale) is derived here *with torch's own float32 code*
-(``LRULayer._lambda`` etc.), so the exported constants are bit-identical to what eager torch
-uses. With |lambda| near 0.999 a one-ulp difference in lambda would otherwise grow ~1000x
-over a long sequence.
+``B * gamma``, ``A = -exp(A_log)``, the BatchNorm scale) is derived here *with torch's own
+float32 code* (``LRULayer._lambda`` etc.), so the exported constants are bit-identical to what
+eager torch uses. With |lambda| near 0.999 a one-ulp difference in lambda would otherwise grow
+~1000x over a long sequence.
+
+A block is the part both architectures share (BatchNorm fold, ``D``, GELU, GLU, residual:
+:class:`BlockWeights`) around one SSM layer, :class:`LRUWeights` or :class:`SelectiveWeights`;
+each layer record knows its streaming state's shape (``state_shape``, without the batch axis).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from compressm_tune.models import SSMModel
+from compressm_tune.models import LRULayer, SelectiveLayer, SSMModel
 
-__all__ = ["BlockWeights", "ModelWeights", "extract_weights"]
+__all__ = ["BlockWeights", "LRUWeights", "ModelWeights", "SelectiveWeights", "extract_weights"]
 
 
 @dataclass(frozen=True)
-class BlockWeights:
-    """One LRU block in real arithmetic (H = d_model, N = state width), all float32.
+class LRUWeights:
+    """The diagonal complex recurrence in real arithmetic (N complex states), float32::
 
-    The block computes, per token ``x`` (.., H)::
-
-        h     = x * bn_scale + bn_shift                      BatchNorm with running statistics
         v_re  = h @ b_re ; v_im = h @ b_im                   (.., N) each, gamma folded in
         s_re' = lam_re * s_re - lam_im * s_im + v_re         diagonal complex recurrence
         s_im' = lam_re * s_im + lam_im * s_re + v_im
-        y     = s_re' @ c_re + s_im' @ c_im + d * h          Re(C s) + D h, (.., H)
-        g     = gelu(y)                                      exact (erf) GELU
-        out   = x + (g @ glu_a + glu_a_bias) * sigmoid(g @ glu_b + glu_b_bias)
+        y     = s_re' @ c_re + s_im' @ c_im                  Re(C s), (.., H)
+
+    The streaming state is ``(N, 2)``: ``[..., 0]`` the real, ``[..., 1]`` the imaginary part.
     """
 
-    bn_scale: np.ndarray  # (H,)  1 / sqrt(running_var + eps)
-    bn_shift: np.ndarray  # (H,)  -running_mean * bn_scale
+    arch: ClassVar[str] = "lru"
     lam_re: np.ndarray  # (N,)
     lam_im: np.ndarray  # (N,)
     b_re: np.ndarray  # (H, N)  (B_re * gamma)^T
     b_im: np.ndarray  # (H, N)  (B_im * gamma)^T
     c_re: np.ndarray  # (N, H)  C_re^T
     c_im: np.ndarray  # (N, H)  -C_im^T  (so that Re(C s) = s_re @ c_re + s_im @ c_im)
+
+    @property
+    def state_dim(self) -> int:
+        """N, the number of complex states."""
+        return int(self.lam_re.shape[0])
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """Streaming state per sequence: ``(N, 2)``."""
+        return (self.state_dim, 2)
+
+
+@dataclass(frozen=True)
+class SelectiveWeights:
+    """The selective (S6) recurrence, float32, for inputs ``h`` (.., H)::
+
+        delta = softplus(h @ dt_down @ dt_up + dt_bias)      (.., H)  input-dependent step
+        bt    = h @ b_proj ; ct = h @ c_proj                 (.., N)  input-dependent B, C
+        x'    = exp(delta[.., None] * a) * x + (delta * h)[.., None] * bt[.., None, :]
+        y     = sum_n x' * ct[.., None, :]                   (.., H)
+
+    The streaming state is ``x``, ``(H, N)``.
+    """
+
+    arch: ClassVar[str] = "selective"
+    a: np.ndarray  # (H, N)  A = -exp(A_log), < 0
+    b_proj: np.ndarray  # (H, N)  B_proj^T
+    c_proj: np.ndarray  # (H, N)  C_proj^T
+    dt_down: np.ndarray  # (H, R)  dt_down^T
+    dt_up: np.ndarray  # (R, H)  dt_up^T
+    dt_bias: np.ndarray  # (H,)
+
+    @property
+    def state_dim(self) -> int:
+        """N, the state width shared by every channel."""
+        return int(self.a.shape[1])
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """Streaming state per sequence: ``(H, N)``."""
+        return tuple(int(n) for n in self.a.shape)
+
+
+SSMWeights = LRUWeights | SelectiveWeights
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """One block around its SSM layer (H = d_model), all float32.
+
+    The block computes, per token ``x`` (.., H)::
+
+        h     = x * bn_scale + bn_shift                      BatchNorm with running statistics
+        y     = ssm(h) + d * h                               the layer (LRU or selective) + D h
+        g     = gelu(y)                                      exact (erf) GELU
+        out   = x + (g @ glu_a + glu_a_bias) * sigmoid(g @ glu_b + glu_b_bias)
+    """
+
+    bn_scale: np.ndarray  # (H,)  1 / sqrt(running_var + eps)
+    bn_shift: np.ndarray  # (H,)  -running_mean * bn_scale
+    ssm: SSMWeights
     d: np.ndarray  # (H,)
     glu_a: np.ndarray  # (H, H)  first half of the GLU projection, transposed
     glu_a_bias: np.ndarray  # (H,)
@@ -51,8 +113,8 @@ class BlockWeights:
 
     @property
     def state_dim(self) -> int:
-        """N, the number of complex states."""
-        return int(self.lam_re.shape[0])
+        """N, the layer's state width."""
+        return self.ssm.state_dim
 
 
 @dataclass(frozen=True)
@@ -65,6 +127,11 @@ class ModelWeights:
     head: np.ndarray  # (H, d_output)  W^T
     head_bias: np.ndarray  # (d_output,)
     pooling: str  # "mean" or "none"
+
+    @property
+    def arch(self) -> str:
+        """``"lru"`` or ``"selective"`` (every block has the same kind of layer)."""
+        return self.blocks[0].ssm.arch
 
     @property
     def d_input(self) -> int:
@@ -82,9 +149,31 @@ class ModelWeights:
     def state_dims(self) -> list[int]:
         return [b.state_dim for b in self.blocks]
 
+    @property
+    def state_shapes(self) -> list[tuple[int, ...]]:
+        """Each block's streaming state without the batch axis (LRU ``(N, 2)``, selective
+        ``(H, N)``), as :meth:`SSMModel.allocate_state` lays it out."""
+        return [b.ssm.state_shape for b in self.blocks]
+
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to(torch.float32).cpu().numpy())
+
+
+def _layer_weights(layer: LRULayer | SelectiveLayer) -> SSMWeights:
+    if isinstance(layer, SelectiveLayer):
+        return SelectiveWeights(
+            a=_np(-torch.exp(layer.A_log)),  # as SelectiveLayer.forward computes it
+            b_proj=_np(layer.B_proj.T), c_proj=_np(layer.C_proj.T),
+            dt_down=_np(layer.dt_down.T), dt_up=_np(layer.dt_up.T), dt_bias=_np(layer.dt_bias),
+        )
+    lam = layer._lambda()  # (N, 2)
+    gamma = torch.exp(layer.gamma_log)[:, None]  # (N, 1)
+    return LRUWeights(
+        lam_re=_np(lam[:, 0]), lam_im=_np(lam[:, 1]),
+        b_re=_np((layer.B_re * gamma).T), b_im=_np((layer.B_im * gamma).T),
+        c_re=_np(layer.C_re.T), c_im=_np(-layer.C_im.T),
+    )
 
 
 def extract_weights(model: SSMModel) -> ModelWeights:
@@ -95,23 +184,22 @@ def extract_weights(model: SSMModel) -> ModelWeights:
     >>> from compressm_tune.models import SSMConfig
     >>> config = SSMConfig(d_input=2, d_output=3, d_model=4, state_dims=[5, 2])
     >>> w = extract_weights(SSMModel(config))
-    >>> w.state_dims, w.blocks[0].b_re.shape, w.head.shape
-    ([5, 2], (4, 5), (4, 3))
+    >>> w.arch, w.state_dims, w.blocks[0].ssm.b_re.shape, w.head.shape
+    ('lru', [5, 2], (4, 5), (4, 3))
+    >>> w = extract_weights(SSMModel(SSMConfig(arch="selective", d_model=4, state_dims=[5, 2])))
+    >>> w.arch, w.state_shapes
+    ('selective', [(4, 5), (4, 2)])
     """
     blocks = []
     with torch.no_grad():
         for block in model.blocks:
-            lru, norm = block.lru, block.norm
+            norm = block.norm
             scale = torch.rsqrt(norm.running_var + norm.eps)  # (H,)  as torch's CPU batch_norm
-            lam = lru._lambda()  # (N, 2)
-            gamma = torch.exp(lru.gamma_log)[:, None]  # (N, 1)
-            h = lru.d_model
+            h = block.ssm.d_model
             w, b = block.glu.proj.weight, block.glu.proj.bias  # (2H, H), (2H,)
             blocks.append(BlockWeights(
                 bn_scale=_np(scale), bn_shift=_np(-norm.running_mean * scale),
-                lam_re=_np(lam[:, 0]), lam_im=_np(lam[:, 1]),
-                b_re=_np((lru.B_re * gamma).T), b_im=_np((lru.B_im * gamma).T),
-                c_re=_np(lru.C_re.T), c_im=_np(-lru.C_im.T), d=_np(lru.D),
+                ssm=_layer_weights(block.ssm), d=_np(block.ssm.D),
                 glu_a=_np(w[:h].T), glu_a_bias=_np(b[:h]),
                 glu_b=_np(w[h:].T), glu_b_bias=_np(b[h:]),
             ))
