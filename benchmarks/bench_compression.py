@@ -59,9 +59,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     s = job["settings"]
     data = load_dataset(job["dataset"], seed=job["seed"])
     dims = job.get("dims") or [s["state"]] * s["blocks"]
-    mcfg = SSMConfig(d_input=data.d_input, d_output=data.d_output, d_model=s["hidden"],
-                     state_dims=dims,
-                     pooling="mean" if data.task == "classification" else "none")
+    mcfg = SSMConfig(arch=s.get("arch", "lru"), d_input=data.d_input, d_output=data.d_output,
+                     d_model=s["hidden"], state_dims=dims, pooling=data.pooling)
     tcfg = TrainConfig(steps=s["steps"], batch_size=s["batch"], eval_every=s["eval_every"],
                        seed=job["seed"], threads=1)
     metric = "accuracy" if data.task == "classification" else "loss"
@@ -79,7 +78,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
     if job["method"] == "post-training":
         full = model_from_checkpoint(job["checkpoint"])
-        for layer, rank in zip(full.lru_layers(), job["target"], strict=True):
+        for layer, rank in zip(full.ssm_layers(), job["target"], strict=True):
             truncate_layer(layer, rank)
         result["test_no_finetune"] = evaluate(full, data.x_test, data.y_test, data.task)[metric]
         ft = replace(tcfg, steps=max(1, s["steps"] // 10), lr=tcfg.lr * 0.3)
@@ -149,7 +148,7 @@ def _jobs_phase2(first: list[dict[str, Any]]):
 
 def _pool_map(jobs, workers):
     for job in jobs:
-        job["settings"] = SETTINGS[job["dataset"]]
+        job.setdefault("settings", SETTINGS.get(job["dataset"]))
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers) as pool:
         results = []
@@ -166,14 +165,14 @@ ORDER = ["full", "compressm-0.01", "compressm-0.02", "compressm-0.04", "compress
          "magnitude-0.04"]
 
 
-def _table(results, dataset):
+def _table(results, dataset, order=ORDER):
     from compressm_tune._table import markdown_table
 
     rows = [r for r in results if r["dataset"] == dataset]
     full_time = {r["seed"]: r["train_time_s"] for r in rows if r["method"] == "full"}
-    metric = "test accuracy" if dataset == "mnist1d" else "test MSE"
+    metric = "test MSE" if dataset == "lti-sysid" else "test accuracy"
     out_rows = []
-    for method in ORDER:
+    for method in order:
         sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
         if not sel:
             continue
@@ -191,7 +190,7 @@ def _table(results, dataset):
                            "train time s", "speed-up vs full"], out_rows)
 
 
-def _plot(results, path):
+def _plot(results, path, order=ORDER):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,15 +199,15 @@ def _plot(results, path):
     datasets = sorted({r["dataset"] for r in results})
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
     for ax, d in zip(axes[0], datasets, strict=True):
-        for i, method in enumerate(ORDER):
+        for i, method in enumerate(order):
             sel = [r for r in results if r["dataset"] == d and r["method"] == method]
             if sel:
                 ax.scatter([sum(r["final_dims"]) for r in sel], [r["test"] for r in sel],
-                           label=method, s=24, color=plt.cm.tab20(i / len(ORDER)),
+                           label=method, s=24, color=plt.cm.tab20(i / len(order)),
                            marker="os^Dv<>"[i % 7])
         ax.set(xscale="log", xlabel="total state dims (sum over layers)",
-               ylabel="test accuracy" if d == "mnist1d" else "test MSE", title=d)
-        if d != "mnist1d":
+               ylabel="test MSE" if d == "lti-sysid" else "test accuracy", title=d)
+        if d == "lti-sysid":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
