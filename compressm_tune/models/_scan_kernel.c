@@ -157,6 +157,31 @@ CPU_CLONES static void selective_fwd_batch(const float *restrict delta, const fl
     }
 }
 
+/* The forward of channel h again, every step kept: xs and as get x_t and a_t, a row of N floats
+ * per step (zero: a row of N zeros standing for x_{-1}). Shared by the backward and the
+ * importance, which both walk these rows in reverse. */
+static inline void channel_states(const float *restrict delta, const float *restrict Ah,
+                                  const float *restrict Bt, const float *restrict u,
+                                  float *restrict xs, float *restrict as, const float *zero,
+                                  Py_ssize_t h, Py_ssize_t L, Py_ssize_t H, Py_ssize_t N)
+{
+    const float *prev = zero;
+    for (Py_ssize_t t = 0; t < L; t++) {
+        const float d = delta[t * H + h], du = d * u[t * H + h];
+        const float *Bn = Bt + t * N;
+        float *xt = xs + t * N, *at = as + t * N;
+#ifdef _OPENMP
+#pragma omp simd
+#endif
+        for (Py_ssize_t n = 0; n < N; n++) {
+            const float a = exp_approx(d * Ah[n]);
+            at[n] = a;
+            xt[n] = a * prev[n] + du * Bn[n];
+        }
+        prev = xt;
+    }
+}
+
 /* Backward of one batch element. work: 2 * L * N + 2 * N floats (states, decays, the carried
  * a_{t+1} r_{t+1}, a zero row standing for x_{-1}). gB, gC, gA accumulate (zeroed by the
  * caller); gdelta and gu are written. */
@@ -172,22 +197,7 @@ CPU_CLONES static void selective_bwd_batch(const float *restrict delta, const fl
     for (Py_ssize_t h = 0; h < H; h++) {
         const float *Ah = A + h * N;
         float *gAh = gA + h * N;
-        /* the forward again for this channel: x_t and a_t, one row of N per step */
-        const float *prev = zero;
-        for (Py_ssize_t t = 0; t < L; t++) {
-            const float d = delta[t * H + h], du = d * u[t * H + h];
-            const float *Bn = Bt + t * N;
-            float *xt = xs + t * N, *at = as + t * N;
-#ifdef _OPENMP
-#pragma omp simd
-#endif
-            for (Py_ssize_t n = 0; n < N; n++) {
-                const float a = exp_approx(d * Ah[n]);
-                at[n] = a;
-                xt[n] = a * prev[n] + du * Bn[n];
-            }
-            prev = xt;
-        }
+        channel_states(delta, Ah, Bt, u, xs, as, zero, h, L, H, N);
         /* reverse: r_t = gy_t C_t + carry, carry = a_t r_t for the step before */
         for (Py_ssize_t n = 0; n < N; n++) carry[n] = 0.0f;
         for (Py_ssize_t t = L - 1; t >= 0; t--) {
@@ -218,31 +228,19 @@ CPU_CLONES static void selective_bwd_batch(const float *restrict delta, const fl
 
 /* Data importance of every state of one batch element (compressm_tune.reduction._selective):
  * acc[n] += sum_{h,t} x_t[h,n]^2 q_t[h,n] with q_t = C_t[n]^2 + a_{t+1}^2 q_{t+1}, the diagonal
- * of the time-varying observability Gramian. work: 2 * L * N + N floats (states, decays, the
- * carried a_{t+1}^2 q_{t+1}); acc accumulates in double (a sum of B * L * H terms). */
+ * of the time-varying observability Gramian. work: 2 * L * N + 2 * N floats (states, decays,
+ * the carried a_{t+1}^2 q_{t+1}, a zero row); acc accumulates in double (B * L * H terms). */
 CPU_CLONES static void selective_importance_batch(const float *restrict delta,
                                 const float *restrict A, const float *restrict Bt,
                                 const float *restrict Ct, const float *restrict u,
                                 double *restrict acc, float *restrict work,
                                 Py_ssize_t L, Py_ssize_t H, Py_ssize_t N)
 {
-    float *xs = work, *as = work + L * N, *carry = work + 2 * L * N;
+    float *xs = work, *as = work + L * N, *carry = work + 2 * L * N, *zero = carry + N;
+    for (Py_ssize_t n = 0; n < N; n++) zero[n] = 0.0f;
     for (Py_ssize_t h = 0; h < H; h++) {
         const float *Ah = A + h * N;
-        for (Py_ssize_t t = 0; t < L; t++) {
-            const float d = delta[t * H + h], du = d * u[t * H + h];
-            const float *Bn = Bt + t * N;
-            float *xt = xs + t * N, *at = as + t * N;
-            const float *xp = xt - N;
-#ifdef _OPENMP
-#pragma omp simd
-#endif
-            for (Py_ssize_t n = 0; n < N; n++) {
-                const float a = exp_approx(d * Ah[n]);
-                at[n] = a;
-                xt[n] = (t ? a * xp[n] : 0.0f) + du * Bn[n];
-            }
-        }
+        channel_states(delta, Ah, Bt, u, xs, as, zero, h, L, H, N);
         for (Py_ssize_t n = 0; n < N; n++) carry[n] = 0.0f;
         for (Py_ssize_t t = L - 1; t >= 0; t--) {
             const float *xt = xs + t * N, *at = as + t * N, *Cn = Ct + t * N;
@@ -337,7 +335,7 @@ static PyObject *selective_importance(PyObject *self, PyObject *args)
     const float *u = (const float *)(uintptr_t)u_p;
     double *acc = (double *)(uintptr_t)acc_p;
     float *work = (float *)(uintptr_t)work_p;
-    const Py_ssize_t work_row = 2 * L * N + N;
+    const Py_ssize_t work_row = 2 * L * N + 2 * N;
     Py_BEGIN_ALLOW_THREADS
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -367,7 +365,7 @@ static PyMethodDef methods[] = {
     {"selective_importance", selective_importance, METH_VARARGS,
      "selective_importance(delta, A, Bt, Ct, u, acc_parts, work, B, L, H, N, threads): "
      "acc_parts (threads * N doubles, zeroed) += sum_{h,t} x^2 q per state; work threads * "
-     "(2 * L * N + N) floats"},
+     "(2 * L * N + 2 * N) floats"},
     {NULL, NULL, 0, NULL},
 };
 

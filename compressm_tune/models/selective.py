@@ -194,7 +194,7 @@ def importance_sums(delta: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, Ct: 
     n = A.shape[1]
     threads = _kernel_threads(batch)
     acc = torch.zeros(threads, n, dtype=torch.float64)  # one accumulator per thread
-    work = A.new_empty(threads, 2 * length * n + n)  # states and decays of one channel
+    work = A.new_empty(threads, 2 * length * n + 2 * n)  # states and decays of one channel
     _scan_kernel.selective_importance(
         delta.data_ptr(), A.data_ptr(), Bt.data_ptr(), Ct.data_ptr(), u.data_ptr(),
         acc.data_ptr(), work.data_ptr(), batch, length, h, n, threads,
