@@ -92,7 +92,7 @@ def test_a_harmful_cut_is_rolled_back_and_the_layer_frozen(mnist1d, tmp_path):
     trainer = _trainer(mnist1d, tmp_path, reducer, steps=10)
     trainer.fit()
     before = _outputs(trainer.model, mnist1d.x_val[:50])
-    records = reducer.attempt(trainer, trainer.validate())
+    records, _ = reducer.attempt(trainer, trainer.validate())
     assert [r["action"] for r in records] == ["frozen", "frozen"]  # frozen at step 10 already
     assert trainer.model.state_dims == [32, 32]
     assert reducer.frozen == {0, 1}
@@ -189,3 +189,62 @@ def test_hsv_plot_from_reduction_records(tmp_path):
                                           "action": "cut"}]} for s, n in ((1, 10), (2, 8))]
     path = plot_hsv_trajectories(records, tmp_path / "h.png")
     assert path.stat().st_size > 5_000
+
+
+class _Scripted(Reducer):
+    """Cuts each layer to a fixed rank (None: keep), whatever its HSVs say."""
+
+    def __init__(self, ranks, **kw):
+        super().__init__(ReduceConfig(**kw))
+        self.ranks = ranks
+
+    def plan(self, layer, hsv, step):
+        return self.ranks[layer]
+
+
+def _count_validations(trainer):
+    calls = []
+    validate = trainer.validate
+
+    def counted():
+        calls.append(trainer.step)
+        return validate()
+
+    trainer.validate = counted
+    return calls
+
+
+def test_an_attempt_that_cuts_several_layers_validates_once(mnist1d, tmp_path):
+    trainer = _trainer(mnist1d, tmp_path, steps=10)
+    trainer.fit()
+    calls = _count_validations(trainer)
+    records, val = _Scripted([24, 20], max_drop=1.0).attempt(trainer, trainer.validate())
+    assert len(calls) == 2  # the one passed in, and one after both cuts
+    assert [r["action"] for r in records] == ["cut", "cut"]
+    assert trainer.model.state_dims == [24, 20] and val == records[0]["val_after"]
+
+
+def test_a_failed_joint_cut_freezes_only_the_layer_that_hurts(mnist1d, tmp_path):
+    """Layer 0 to 1 state loses accuracy; layer 1 losing two states the input never reaches
+    changes nothing. The joint check fails; the retry one layer at a time keeps layer 1's cut."""
+    trainer = _trainer(mnist1d, tmp_path, steps=10)
+    trainer.fit()
+    layer = trainer.model.blocks[1].ssm
+    with torch.no_grad():
+        layer.B_re[:2] = 0.0
+        layer.B_im[:2] = 0.0
+    records, _ = _Scripted([1, 30], max_drop=0.0).attempt(trainer, trainer.validate())
+    assert [r["action"] for r in records] == ["rollback", "cut"]
+    assert trainer.model.state_dims == [32, 30]
+    assert records[0]["val_after"]["accuracy"] < records[0]["val_before"]["accuracy"]
+
+
+def test_attempts_between_evaluations_validate_only_when_they_cut(mnist1d, tmp_path):
+    reducer = _Scripted([None, None], every=1, window=1.0)  # attempts every step, no cuts
+    trainer = _trainer(mnist1d, tmp_path, reducer, steps=20)
+    calls = _count_validations(trainer)
+    trainer.fit()
+    assert calls == [10, 20]  # the evaluations only
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 21))  # every attempt is logged
+    assert all("val" not in r for r in records if r["step"] % 10)

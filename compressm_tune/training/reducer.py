@@ -141,15 +141,23 @@ class Reducer:
         every = self.config.every
         return every is not None and step % every == 0 and self.active(step, total_steps)
 
-    def attempt(self, trainer: Any, val: dict[str, float]) -> list[dict[str, Any]]:
-        """Try one cut per layer; return a log record per layer (scores, rank, action)."""
-        records = []
-        inputs = None  # selective layers' inputs, captured when first needed and after cuts
-        for k in range(len(trainer.model.blocks)):
-            layer = trainer.model.blocks[k].ssm
-            if isinstance(layer, SelectiveLayer) and inputs is None:
-                inputs = self._layer_inputs(trainer)
-            scores = state_scores(layer, inputs[k] if inputs else None)  # (N,)
+    def attempt(self, trainer: Any, val: dict[str, float] | None = None
+                ) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
+        """Plan every layer's rank, cut all planned layers at once and validate once.
+
+        Validation passes are what the safety net costs (``bench_results/reduction_share.md``:
+        one per layer cut was 8% of a run's time), so an attempt validates only when it cuts:
+        before (unless ``val``, the validation just measured, is given) and after. If the joint
+        cut fails the safety net it is rolled back and the layers are retried one at a time,
+        each with its own check, so the layer that hurts is the one frozen.
+
+        Returns the per-layer records (scores, rank, action) and the validation of the model
+        as it is after the attempt (None when nothing was planned and ``val`` was None).
+        """
+        inputs = self._layer_inputs(trainer)
+        records, plans = [], {}
+        for k, layer in enumerate(trainer.model.ssm_layers()):
+            scores = state_scores(layer, inputs[k])  # (N,)
             ranking = np.sort(scores)[::-1]  # descending, what the rank policy reads
             record: dict[str, Any] = {"layer": k, "n": layer.state_dim,
                                       "hsv": [float(g) for g in ranking]}
@@ -160,10 +168,49 @@ class Reducer:
                 record["action"] = "keep"
             else:
                 record["rank"] = rank
-                val = self._cut(trainer, k, rank, val, record, scores)
-                inputs = None if record["action"] == "cut" else inputs
+                plans[k] = (rank, scores)
             records.append(record)
-        return records
+        if not plans:
+            return records, val
+        if val is None:
+            val = trainer.validate()
+        if len(plans) > 1:
+            after = self._cut_together(trainer, plans, val)
+            if after is not None:
+                for k in plans:
+                    records[k].update(action="cut", val_before=val, val_after=after)
+                return records, after
+        for k, (rank, scores) in plans.items():  # one at a time, each with its own check
+            layer = trainer.model.ssm_layers()[k]
+            if len(plans) > 1 and isinstance(layer, SelectiveLayer):
+                scores = state_scores(layer, self._layer_inputs(trainer)[k])  # inputs moved
+            val = self._cut(trainer, k, rank, val, records[k], scores)
+        return records, val
+
+    def _cut_together(self, trainer: Any, plans: dict[int, tuple[int, np.ndarray]],
+                      val: dict[str, float]) -> dict[str, float] | None:
+        """Cut every planned layer, rebuild the optimizer once, validate once; on a failed
+        check restore the pre-cut state and return None."""
+        snapshot = trainer.save("pre_cut.pt")
+        old_state = trainer.optimizer.state
+        layers = trainer.model.ssm_layers()
+        cut = []
+        policy = self.config.policy
+        for k, (rank, scores) in plans.items():
+            layer = layers[k]
+            old_params = {name: getattr(layer, name) for name in layer.state_axes}
+            keep = reduce_layer(layer, rank, select=policy.select, seed=policy.seed,
+                                scores=scores)
+            cut.append((layer, old_params, rank, keep))
+        trainer.rebuild_optimizer()
+        for layer, old_params, rank, keep in cut:
+            self._carry_moments(trainer.optimizer, old_state, layer, old_params, rank, keep)
+        after = trainer.validate()
+        if _drop(val, after) > self.config.max_drop:
+            trainer.restore(snapshot)
+            return None
+        trainer.best_score = float("-inf")  # "best" now means best at the new widths
+        return after
 
     def close_window(self, trainer: Any) -> list[int] | None:
         """Budget-aware truncation, once, at the first evaluation after the window.

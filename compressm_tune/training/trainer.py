@@ -246,16 +246,19 @@ class Trainer:
                 losses.append(loss.item())
                 self.step += 1
                 bar.update(1)
-                if (self.step % cfg.eval_every == 0 or self.step == cfg.steps
-                        or (self.reducer is not None and self.reducer.due(self.step, cfg.steps))):
+                record = None
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     record = self._evaluate_and_save(losses)
                     losses = []
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
                     bar.set_postfix(val=f"{score(record['val']):.4f}",
                                     dims=",".join(map(str, self.model.state_dims)))
                     if self.on_eval is not None:
                         self.on_eval(record)
+                elif self.reducer is not None and self.reducer.due(self.step, cfg.steps):
+                    record = self._reduce_between_evaluations()
+                if record is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
         finally:
             bar.close()
             metrics_file.close()
@@ -270,9 +273,8 @@ class Trainer:
         }
         if self.reducer is not None and self.reducer.active(self.step, self.config.steps):
             t0 = time.perf_counter()
-            record["reduction"] = self.reducer.attempt(self, val)
+            record["reduction"], val = self.reducer.attempt(self, val)
             self.train_time_s += time.perf_counter() - t0  # reduction is part of training cost
-            val = self.validate()
             record["val"], record["state_dims"] = val, self.model.state_dims
         elif self.reducer is not None and not self.reducer.closed:
             cut = self.reducer.close_window(self)
@@ -287,6 +289,18 @@ class Trainer:
             self.best_score = score(val)
             self.save("best.pt")
         self.save("last.pt")
+        return record
+
+    def _reduce_between_evaluations(self) -> dict[str, Any]:
+        """An extra attempt (``ReduceConfig.every``) between evaluations: it validates only if
+        it cuts, and saves nothing (a resumed run replays these steps and cuts identically)."""
+        t0 = time.perf_counter()
+        reduction, val = self.reducer.attempt(self, None)
+        self.train_time_s += time.perf_counter() - t0  # reduction is part of training cost
+        record = {"step": self.step, "state_dims": self.model.state_dims,
+                  "train_time_s": round(self.train_time_s, 3), "reduction": reduction}
+        if val is not None:
+            record["val"] = val
         return record
 
     def summarize(self) -> dict[str, Any]:
