@@ -13,7 +13,12 @@ from compressm_tune.hardware._commands import (
     config_from_args,
 )
 from compressm_tune.hardware._compare import ComparisonTable, compare, plot_comparison
-from compressm_tune.hardware._config import RUNTIMES, ProfilerConfig, parse_widths
+from compressm_tune.hardware._config import (
+    RUNTIMES,
+    ProfilerConfig,
+    parse_block_counts,
+    parse_widths,
+)
 from compressm_tune.hardware._energy import ENERGY_CHOICES, select_energy_backend
 from compressm_tune.hardware._energy_base import (
     DEFAULT_WATTS_PER_CORE,
@@ -43,8 +48,10 @@ from compressm_tune.hardware._schema import (
 )
 from compressm_tune.hardware._steps import fast_widths, step_up_widths
 from compressm_tune.hardware._timing import (
+    CallTimes,
     TimingStats,
     fixed_threads,
+    time_calls,
     time_repeats,
     time_samples,
     warm_up,
@@ -57,6 +64,7 @@ __all__ = [
     "METRICS",
     "RUNTIMES",
     "SCHEMA_VERSION",
+    "CallTimes",
     "ComparisonTable",
     "CpuTimeEstimateBackend",
     "DeviceFingerprint",
@@ -87,6 +95,7 @@ __all__ = [
     "measure_models",
     "measure_peak_memory",
     "param_mb",
+    "parse_block_counts",
     "parse_widths",
     "plot_comparison",
     "prepare_runtime",
@@ -95,6 +104,7 @@ __all__ = [
     "select_energy_backend",
     "step_up_widths",
     "synchronize",
+    "time_calls",
     "time_repeats",
     "time_samples",
     "warm_up",

@@ -13,11 +13,17 @@ import sys
 from pathlib import Path
 
 from compressm_tune.hardware._compare import compare, plot_comparison
-from compressm_tune.hardware._config import RUNTIMES, ProfilerConfig, parse_widths
+from compressm_tune.hardware._config import (
+    RUNTIMES,
+    ProfilerConfig,
+    parse_block_counts,
+    parse_widths,
+)
 from compressm_tune.hardware._energy import ENERGY_CHOICES
 from compressm_tune.hardware._latency_model import LatencyModel
 from compressm_tune.hardware._profiler import profile_device
 from compressm_tune.hardware._schema import load_profile, save_profile
+from compressm_tune.models import ARCHS
 
 __all__ = ["add_compare_parser", "add_profile_parser", "config_from_args"]
 
@@ -53,6 +59,8 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         shown = "one per physical core" if default is None else default
         parser.add_argument(flag, dest=field, type=kind, default=None,
                             help=f"{text} (default: {shown})")
+    parser.add_argument("--arch", choices=ARCHS, default=None,
+                        help=f"SSM layer of the measured models (default: {_DEFAULTS.arch})")
     parser.add_argument("--runtime", choices=RUNTIMES, default=None,
                         help=f"inference runtime (default: {_DEFAULTS.runtime})")
     parser.add_argument("--energy", choices=ENERGY_CHOICES, default=None,
@@ -61,6 +69,9 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument("--widths", type=str, default=None,
                         help="state widths: '4,8,16' or 'a,b,...,c' (default: "
                              + ",".join(map(str, _DEFAULTS.widths)) + ")")
+    parser.add_argument("--extra-blocks", dest="extra_blocks", type=str, default=None,
+                        help="other block counts also measured at every width, to separate "
+                             "fixed from per-block cost: '1,4' (default: 1 and 2K)")
     parser.add_argument("--note", action="append", default=[],
                         help="remark stored in the profile (repeatable), e.g. 'machine shared'")
     parser.add_argument("--out", type=Path, default=None,
@@ -83,6 +94,8 @@ def config_from_args(args: argparse.Namespace) -> ProfilerConfig:
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if isinstance(values.get("widths"), str):
         values["widths"] = parse_widths(values["widths"])
+    if isinstance(values.get("extra_blocks"), str):
+        values["extra_blocks"] = parse_block_counts(values["extra_blocks"])
     return ProfilerConfig(**values)
 
 
@@ -92,6 +105,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     out = args.out
     if out is None:
         suffix = "" if profile.config.runtime == "torch" else f"-{profile.config.runtime}"
+        suffix += "" if profile.config.arch == "lru" else f"-{profile.config.arch}"
         out = Path("profiles") / f"{profile.device.slug}{suffix}.json"
     save_profile(profile, out)
     print(f"wrote {out} ({profile.device.label}, {len(profile.widths)} widths, "

@@ -10,8 +10,9 @@ import torch
 from compressm_tune.errors import ConfigError
 from compressm_tune.hardware._energy import ENERGY_CHOICES
 from compressm_tune.hardware._energy_base import DEFAULT_WATTS_PER_CORE
+from compressm_tune.models import ARCHS
 
-__all__ = ["ProfilerConfig", "RUNTIMES", "parse_widths"]
+__all__ = ["ProfilerConfig", "RUNTIMES", "parse_block_counts", "parse_widths"]
 
 RUNTIMES = ("torch", "torchscript", "onnxruntime")
 
@@ -20,7 +21,7 @@ RUNTIMES = ("torch", "torchscript", "onnxruntime")
 class ProfilerConfig:
     """What :func:`profile_device` measures and how long it spends.
 
-    The defaults finish in about two minutes on 2 CPU cores.
+    The defaults (8 widths x 3 block counts) finish in about four minutes on 2 CPU cores.
 
     Examples
     --------
@@ -34,9 +35,13 @@ class ProfilerConfig:
 
     device: str = "auto"  # "auto": cuda:0 when CUDA is available, else cpu
     runtime: str = "torch"  # inference runtime; training steps always run in eager torch
+    arch: str = "lru"  # SSM layer of the measured models: "lru" or "selective"
     widths: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256, 512)  # state widths N to measure
     hidden: int = 64  # H, the residual width of every block
     blocks: int = 2  # K equal-width blocks per measured model
+    # Other block counts also measured at every width, so that fixed and per-block cost are
+    # fitted across block counts; None: 1 and 2*K (the range of models the search builds)
+    extra_blocks: tuple[int, ...] | None = None
     seq_len: int = 256  # L, tokens per sequence
     batch: int = 16  # training-step batch
     throughput_batch: int = 32  # batch of the throughput measurement
@@ -44,7 +49,10 @@ class ProfilerConfig:
     min_time_s: float = 0.5  # each timing repeats until at least this much work
     warmup: int = 3  # untimed calls before each timing
     min_repeats: int = 5  # timed calls at least, however long each takes
-    rounds: int = 10  # interleaved passes over all widths, so load drift hits every width alike
+    # interleaved passes over all models, so load drift hits every model alike; many short
+    # passes average drift out better than a few long ones (each model's median then pools
+    # ~30 independent stretches of the machine's state)
+    rounds: int = 30
     energy: str = "auto"  # "auto", "nvml", "rapl", "estimate" or "none"
     watts_per_core: float = DEFAULT_WATTS_PER_CORE  # for the CPU-time energy estimate
     d_input: int = 1  # model input channels (sequential-MNIST-like)
@@ -61,6 +69,17 @@ class ProfilerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {name}={value!r}")
+        if self.extra_blocks is not None:
+            extra = tuple(sorted(set(self.extra_blocks)))
+            object.__setattr__(self, "extra_blocks", extra)
+            if (not extra or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
+                                 for k in extra) or self.blocks in extra):
+                raise ConfigError(
+                    "extra_blocks must list at least one block count >= 1 other than blocks, "
+                    f"got extra_blocks={self.extra_blocks!r} with blocks={self.blocks!r}"
+                )
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {ARCHS}, got arch={self.arch!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"threads must be None or an integer >= 1, got {self.threads=}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
@@ -82,8 +101,24 @@ class ProfilerConfig:
             if dev.type not in ("cpu", "cuda"):
                 raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda:N', got {self.device=}")
 
+    @property
+    def block_counts(self) -> tuple[int, ...]:
+        """``blocks`` followed by the extra block counts (``extra_blocks``, else 1 and 2K).
+
+        Examples
+        --------
+        >>> ProfilerConfig(blocks=2).block_counts
+        (2, 1, 4)
+        >>> ProfilerConfig(blocks=1, extra_blocks=(3,)).block_counts
+        (1, 3)
+        """
+        extra = self.extra_blocks
+        if extra is None:
+            extra = tuple(k for k in (1, 2 * self.blocks) if k != self.blocks)
+        return (self.blocks, *extra)
+
     def resolved(self) -> ProfilerConfig:
-        """Return a copy with ``device`` and ``threads`` made concrete for this machine.
+        """Return a copy with ``device``, ``threads`` and ``extra_blocks`` made concrete.
 
         Raises
         ------
@@ -103,7 +138,7 @@ class ProfilerConfig:
                 )
             device = f"cuda:{index}"
         threads = self.threads or psutil.cpu_count(logical=False) or 1
-        return replace(self, device=device, threads=threads)
+        return replace(self, device=device, threads=threads, extra_blocks=self.block_counts[1:])
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
@@ -143,3 +178,18 @@ def parse_widths(text: str) -> tuple[int, ...]:
     if (c - a) % (b - a) == 0:
         return tuple(range(a, c + 1, b - a))
     raise ConfigError(f"'a,b,...,c' must reach c exactly by doubling or stepping, got {text!r}")
+
+
+def parse_block_counts(text: str) -> tuple[int, ...]:
+    """Parse a comma-separated list of block counts, e.g. ``"1,4"``.
+
+    Examples
+    --------
+    >>> parse_block_counts("1, 4")
+    (1, 4)
+    """
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError as err:
+        raise ConfigError(f"block counts must be integers separated by commas, got {text!r}"
+                          ) from err

@@ -1,11 +1,15 @@
 """Predict the cost of a model with any per-layer widths from a profile.
 
-A profile measures models of K equal-width blocks, ``t_K(N) = overhead + K * c(N)``, and the
-smallest width once more with another block count K'. The two records at that width give
-``c(N0) = (t_K - t_K') / (K - K')`` and the fixed ``overhead``; every other width then gives
-its per-layer cost ``c(N) = (t_K(N) - overhead) / K``. Between measured widths ``c`` is
-interpolated (piecewise linear in N, or a quadratic fitted with relative weights), and a model
-with widths ``[N_1, ..., N_k]`` is predicted as ``overhead + sum_i c(N_i)``.
+A profile measures models of k equal-width blocks at every width N, for several block counts
+k (``config.blocks`` and ``config.extra_blocks``). Each measurement is modelled as
+``t_k(N) = overhead + k * c(N)``: one fixed cost (encoder, head, dispatch) shared by every
+model and one per-block cost per measured width. Both are fitted together by least squares
+over all records with relative residuals (weights ``1 / t``), so the split between fixed and
+per-block cost rests on every block count at every width, not on one difference at one width.
+Between measured widths ``c`` is interpolated (piecewise linear in N, or a quadratic fitted with
+relative weights), and a model with widths ``[N_1, ..., N_k]`` is predicted as
+``overhead + sum_i c(N_i)``. A block's cost does not depend on its position: measured on a
+2-core CPU, ``[512, 4, 4]`` and ``[4, 4, 512]`` take the same time within noise.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ def _quadratic(widths: np.ndarray, costs: np.ndarray, at: np.ndarray) -> np.ndar
 
 
 _INTERPOLATORS = {"piecewise": _piecewise, "quadratic": _quadratic}
+
+
+def _weighted_lstsq(design: np.ndarray, totals: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Least squares of ``design @ x = totals`` with rows scaled by ``scale``."""
+    return np.linalg.lstsq(design * scale[:, None], totals * scale, rcond=None)[0]
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,7 @@ class LatencyModel:
         self._widths = np.array(profile.widths, dtype=float)
         self._fits: dict[str, tuple[float, np.ndarray, str]] = {}
         for metric in METRICS:
-            if None in profile.values(metric) or profile.overhead_record.metric(metric) is None:
+            if any(r.metric(metric) is None for r in profile.all_records):
                 continue
             overhead, costs = self._split(metric, np.ones(len(self._widths), dtype=bool))
             method = interpolation
@@ -126,33 +135,55 @@ class LatencyModel:
         """The interpolation used for ``metric``."""
         return self._fit(metric)[2]
 
-    def _split(self, metric: str, keep: np.ndarray) -> tuple[float, np.ndarray]:
-        """Fixed overhead and per-layer costs at the kept widths."""
-        blocks = self.profile.config.blocks
-        values = np.array(self.profile.values(metric), dtype=float)
-        ref = self.profile.overhead_record
-        ref_total = values[self.profile.widths.index(ref.state_dim)]
-        per_layer_ref = (ref_total - ref.metric(metric)) / (blocks - ref.blocks)
-        overhead = ref_total - blocks * per_layer_ref
-        if overhead < -0.1 * ref_total:  # beyond plausible noise of a near-zero fixed cost
-            warnings.warn(
-                f"{metric}: the fixed-cost estimate is negative ({overhead:.4g}), measurement "
-                "noise; clamped to 0. Re-profile with a larger min_time_s (--min-time-s)",
-                stacklevel=3,
-            )
-        overhead = max(overhead, 0.0)
-        return overhead, (values[keep] - overhead) / blocks
+    def _split(self, metric: str, keep: np.ndarray, overhead: float | None = None
+               ) -> tuple[float, np.ndarray]:
+        """Fixed cost and per-block costs at the kept widths, fitted over their records.
+
+        Weighted least squares of ``overhead + k * c_j = t`` with relative residuals. A
+        negative fixed cost is noise (nothing runs in negative time): the fit is then redone
+        with the fixed cost held at 0, with a warning when it is beyond plausible noise. A
+        given ``overhead`` is held instead of fitted (the kept records may all have one block
+        count, which cannot separate the two).
+        """
+        widths = [int(w) for w in self._widths[keep]]
+        column = {w: j for j, w in enumerate(widths)}
+        records = [r for r in self.profile.all_records if r.state_dim in column]
+        totals = np.array([r.metric(metric) for r in records], dtype=float)  # (R,)
+        design = np.zeros((len(records), 1 + len(widths)))  # (R, 1 + W): overhead, c_j
+        design[:, 0] = 1.0
+        for i, r in enumerate(records):
+            design[i, 1 + column[r.state_dim]] = r.blocks
+        scale = 1.0 / np.maximum(np.abs(totals), 1e-12 * np.abs(totals).max() + 1e-300)
+        if overhead is None:
+            overhead = float(_weighted_lstsq(design, totals, scale)[0])
+            if overhead < -0.1 * totals.min():  # beyond plausible noise of a near-zero cost
+                warnings.warn(
+                    f"{metric}: the fixed-cost estimate is negative ({overhead:.4g}), "
+                    "measurement noise; fitted with it held at 0. Re-profile with a larger "
+                    "min_time_s (--min-time-s) or more rounds (--rounds)",
+                    stacklevel=3,
+                )
+            overhead = max(overhead, 0.0)
+        costs = _weighted_lstsq(design[:, 1:], totals - overhead, scale)  # (W,)
+        return overhead, costs
 
     def _holdout(self, metric: str, interpolation: str) -> HoldoutError:
         widths = self._widths
         measured = np.array(self.profile.values(metric), dtype=float)
         blocks = self.profile.config.blocks
         errors = []
+        all_widths = np.ones(len(widths), dtype=bool)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the full fit warned already
+            full_overhead = self._split(metric, all_widths)[0]
         for i in range(1, len(widths) - 1):
             keep = np.arange(len(widths)) != i
+            kept = {r.blocks for r in self.profile.all_records if r.state_dim != widths[i]}
+            # Hold the full fit's fixed cost when only one block count is left to fit from.
+            held = None if len(kept) > 1 else full_overhead
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                overhead, costs = self._split(metric, keep)
+                overhead, costs = self._split(metric, keep, held)
             cost = _INTERPOLATORS[interpolation](widths[keep], costs, widths[i : i + 1])[0]
             errors.append((overhead + blocks * cost - measured[i]) / measured[i])
         held_out = tuple(int(w) for w in widths[1:-1])
@@ -162,10 +193,12 @@ class LatencyModel:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
         if metric not in self._fits:
-            raise ValueError(
-                f"metric {metric!r} was not measured in this profile "
-                f"(energy_method={self.profile.energy_method!r})"
-            )
+            cfg = self.profile.config
+            why = f"energy_method={self.profile.energy_method!r}"
+            if metric == "latency_cpu_ms":
+                why = (f"device={cfg.device!r}, threads={cfg.threads!r}: measured on a CPU "
+                       "with 1 thread only, by schema version 2 on")
+            raise ValueError(f"metric {metric!r} was not measured in this profile ({why})")
         return self._fits[metric]
 
     def overhead(self, metric: str = "latency_ms") -> float:
@@ -186,9 +219,9 @@ class LatencyModel:
             One state width per block, each >= 1; any count of blocks. Widths outside the
             profiled range are extrapolated (end segment or quadratic; less reliable).
         metric : str
-            One of :data:`METRICS`: ``"latency_ms"``, ``"latency_min_ms"``, ``"step_ms"``,
-            ``"batch_ms"``, ``"train_step_ms"``, ``"energy_mj"``, ``"peak_mem_mb"``,
-            ``"infer_mem_mb"``.
+            One of :data:`METRICS`: ``"latency_ms"``, ``"latency_min_ms"``,
+            ``"latency_cpu_ms"``, ``"step_ms"``, ``"batch_ms"``, ``"train_step_ms"``,
+            ``"energy_mj"``, ``"peak_mem_mb"``, ``"infer_mem_mb"``.
 
         Returns
         -------
@@ -206,8 +239,9 @@ class LatencyModel:
                       ) -> HoldoutError:
         """Leave-one-out error of ``metric`` on the profile's interior widths.
 
-        Each interior width is removed from the fit in turn and the K-block model at that
-        width is predicted and compared with its measurement.
+        Each interior width is removed from the fit in turn (all its records, every block
+        count) and the ``config.blocks``-block model at that width is predicted from the other
+        widths and compared with its measurement.
 
         Parameters
         ----------

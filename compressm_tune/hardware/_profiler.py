@@ -19,15 +19,17 @@ from compressm_tune.errors import ConfigError
 from compressm_tune.hardware._config import ProfilerConfig
 from compressm_tune.hardware._energy import select_energy_backend
 from compressm_tune.hardware._fingerprint import DeviceFingerprint, fingerprint
+from compressm_tune.hardware._malloc import keep_freed_memory
 from compressm_tune.hardware._memory import measure_peak_memory, memory_method, param_mb
 from compressm_tune.hardware._monitor import MeasurementMonitor, synchronize
 from compressm_tune.hardware._runtimes import prepare_runtime
 from compressm_tune.hardware._schema import ModelRecord, Profile
 from compressm_tune.hardware._timing import (
+    CPU_TIMING_METHOD,
     TIMING_METHOD,
     TimingStats,
     fixed_threads,
-    time_samples,
+    time_calls,
     warm_up,
 )
 from compressm_tune.models import SSMConfig, SSMModel
@@ -48,8 +50,9 @@ class _ModelBench:
         self.cfg, self.state_dims, self.monitor = cfg, tuple(state_dims), monitor
         device = monitor.device
         torch.manual_seed(cfg.seed)
-        self.model = SSMModel(SSMConfig(d_input=cfg.d_input, d_output=cfg.d_output,
-                                        d_model=cfg.hidden, state_dims=list(state_dims)))
+        self.model = SSMModel(SSMConfig(arch=cfg.arch, d_input=cfg.d_input,
+                                        d_output=cfg.d_output, d_model=cfg.hidden,
+                                        state_dims=list(state_dims)))
         self.model.to(device)
         self.x_one = torch.randn(1, cfg.seq_len, cfg.d_input, device=device)  # (1, L, d_in)
         self.x_batch = torch.randn(cfg.throughput_batch, cfg.seq_len, cfg.d_input,
@@ -59,8 +62,10 @@ class _ModelBench:
         self.x_t = torch.randn(1, cfg.d_input, device=device)  # (1, d_in)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         self.samples_ms: dict[str, list[np.ndarray]] = {
-            "latency": [], "step": [], "batch": [], "train": []
+            "latency": [], "latency_cpu": [], "step": [], "batch": [], "train": []
         }
+        # Thread CPU time is a call's time on a core only when the timed thread does all work.
+        self.on_core_timing = device.type == "cpu" and cfg.threads == 1
         self.energy_mj: float | None = 0.0
         self.window_ms = {"wall": 0.0, "cpu": 0.0}  # summed over the latency windows
         self.energy_method = monitor.energy_backend.method
@@ -91,17 +96,26 @@ class _ModelBench:
     def _step(self) -> None:
         _, self.state = self.runner.step(self.x_t, self.state)
 
-    def _time(self, name: str, fn: Callable[[], None]) -> None:
+    def _time(self, name: str, fn: Callable[[], None], rewarm: bool = False) -> None:
         """Time this round's share of ``fn``'s calls.
 
-        The round's first call may find caches cold after the other models ran; that costs
-        little next to a slow call, and the median discounts it among many fast ones.
+        A round's first call finds caches cold after the other models (and this model's
+        training step) ran: measured on a 2-core CPU it took 1.2-1.6x a warm call. A round
+        holds ~17 fast calls of a small model but only 3-5 of a 4-block one, so counting the
+        cold call inflates the median of slow models more (4-7 %), which bends the sum over
+        blocks. ``rewarm`` makes one untimed call first, so every timed call is warm. Training
+        steps and throughput batches run once per round on a CPU (each longer than a round's
+        share), so all of their calls are alike without it.
         """
         cfg, device = self.cfg, self.monitor.device
-        samples = time_samples(fn, min_time_s=cfg.min_time_s / cfg.rounds,
-                               min_repeats=math.ceil(cfg.min_repeats / cfg.rounds),
-                               sync=lambda: synchronize(device))
-        self.samples_ms[name].append(samples)
+        if rewarm:
+            fn()
+        times = time_calls(fn, min_time_s=cfg.min_time_s / cfg.rounds,
+                           min_repeats=math.ceil(cfg.min_repeats / cfg.rounds),
+                           sync=lambda: synchronize(device))
+        self.samples_ms[name].append(times.wall_ms)
+        if f"{name}_cpu" in self.samples_ms:
+            self.samples_ms[f"{name}_cpu"].append(times.thread_cpu_ms)
 
     def run_round(self) -> None:
         """Add one round of every timing; batch-1 inference runs inside an energy window."""
@@ -110,6 +124,7 @@ class _ModelBench:
         self.model.eval()
         with torch.inference_mode():
             key = f"latency {list(self.state_dims)}"
+            self._one()  # re-warm outside the energy window (see _time)
             self.monitor.begin_window(key)
             self._time("latency", self._one)
             window = self.monitor.end_window(key)
@@ -119,13 +134,14 @@ class _ModelBench:
                 self.energy_mj = None
             else:
                 self.energy_mj += window.energy_mj
-            self._time("step", self._step)
+            self._time("step", self._step, rewarm=True)
             self._time("batch", self._batch)
 
     def record(self) -> ModelRecord:
         """Summarize all rounds."""
         stats = {name: TimingStats.from_samples(np.concatenate(chunks))
                  for name, chunks in self.samples_ms.items()}
+        latency_cpu = stats["latency_cpu"] if self.on_core_timing else None
         energy = None if self.energy_mj is None else self.energy_mj / stats["latency"].repeats
         return ModelRecord(
             state_dims=self.state_dims,
@@ -139,6 +155,7 @@ class _ModelBench:
             param_mb=param_mb(self.model),
             train_peak_mem_mb=self.train_mem.peak_mb,
             infer_peak_mem_mb=self.infer_mem.peak_mb,
+            latency_cpu=latency_cpu,
         )
 
 
@@ -153,9 +170,10 @@ def _session(config: ProfilerConfig | None, notes: list[str]) -> Iterator[_Sessi
     backend = select_energy_backend(device, cfg.energy, watts_per_core=cfg.watts_per_core)
     if backend.is_estimate:
         notes.append(f"energy figures are estimates, not measurements: {backend.note}")
+    allocator = keep_freed_memory()  # see _malloc: the same buffers reused in every process
     load_start = os.getloadavg()[0]
     with fixed_threads(cfg.threads) as threads, MeasurementMonitor(device, backend) as monitor:
-        session = _Session(cfg, monitor, fingerprint(device), load_start, notes)
+        session = _Session(cfg, monitor, fingerprint(device), load_start, notes, allocator)
         yield session
     session.load_end = os.getloadavg()[0]
     if max(load_start, session.load_end - threads) >= 0.5:
@@ -172,6 +190,7 @@ class _Session:
     device: DeviceFingerprint
     load_start: float
     notes: list[str]
+    allocator: str | None  # how the allocator was set for the measurement, if it was
     load_end: float = 0.0
 
     def measure(self, models: Sequence[Sequence[int]], progress: bool, desc: str
@@ -240,6 +259,11 @@ def measure_models(
     -----
     UserWarning
         The machine was shared or the timed thread was CPU-starved (the profile's notes).
+
+    Notes
+    -----
+    Sets glibc's allocator to reuse freed buffers, process-wide, as :func:`profile_device`
+    does, so that both measure the same steady state.
     """
     if not models or any(not dims or min(dims) < 1 for dims in models):
         raise ConfigError(f"models must be non-empty lists of widths >= 1, got {models!r}")
@@ -257,11 +281,13 @@ def profile_device(
 ) -> Profile:
     """Profile this machine: every metric of :data:`METRICS` at every width of ``config``.
 
-    For each width N a model of ``config.blocks`` blocks of width N is measured; the smallest
-    width is measured once more with a different block count so that :class:`LatencyModel`
-    can separate the per-block cost from the fixed cost. Timings are taken in
+    For each width N, models of ``config.blocks`` blocks of width N and of every extra block
+    count (``config.extra_blocks``, by default 1 and 2K) are measured, so that
+    :class:`LatencyModel` can fit the fixed cost and the per-block cost across block counts
+    rather than from one noisy difference. Timings are taken in
     ``config.rounds`` interleaved passes over all models, so that a change in background
-    load hits every width alike. Torch's thread count is fixed for the run and restored.
+    load hits every width alike. Torch's thread count is fixed for the run and restored;
+    glibc's allocator is set to reuse freed buffers, process-wide (see ``_malloc``).
 
     Parameters
     ----------
@@ -286,14 +312,20 @@ def profile_device(
     notes = list(notes)
     with _session(config, notes) as session:
         cfg = session.cfg
-        shapes = [(w,) * cfg.blocks for w in cfg.widths]
-        shapes.append((cfg.widths[0],) * (1 if cfg.blocks > 1 else 2))
+        # config.blocks at every width first (the profile's records), then every extra block
+        # count at every width, sorted by (blocks, width) as Profile.extra_records must be
+        shapes = [(w,) * k for k in (cfg.blocks, *sorted(cfg.block_counts[1:]))
+                  for w in cfg.widths]
         records = session.measure(shapes, progress, f"profile {session.device.slug}")
     threads = session.device.torch_threads
     timing = TIMING_METHOD.format(warmup=cfg.warmup, rounds=cfg.rounds, min_time_s=cfg.min_time_s,
                                   min_repeats=cfg.min_repeats, threads=threads)
     if cfg.runtime != "torch":
         timing += f"; inference in {cfg.runtime}, training steps in eager torch"
+    if session.monitor.device.type == "cpu" and cfg.threads == 1:
+        timing += CPU_TIMING_METHOD
+    if session.allocator is not None:
+        timing += f"; {session.allocator}"
     return Profile(
         created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         device=session.device,
@@ -302,8 +334,8 @@ def profile_device(
         energy_method=session.monitor.energy_backend.method,
         energy_note=session.monitor.energy_backend.note,
         memory_method=memory_method(session.monitor.device),
-        records=tuple(records[:-1]),
-        overhead_record=records[-1],
+        records=tuple(records[: len(cfg.widths)]),
+        extra_records=tuple(records[len(cfg.widths):]),
         load_avg_1m_start=session.load_start,
         load_avg_1m_end=session.load_end,
         notes=tuple(notes),

@@ -23,11 +23,17 @@ __all__ = ["METRICS", "Profile", "ModelRecord", "load_profile", "save_profile",
            "SCHEMA_NAME", "SCHEMA_VERSION"]
 
 SCHEMA_NAME = "compressm-tune/hardware-profile"
-SCHEMA_VERSION = 1
+# 2: ``extra_records`` (other block counts at every width) replaced version 1's single
+# ``overhead_record``, and records gained ``latency_cpu`` (absent: not measured); version 1
+# files are migrated on load (see :func:`_migrate_v1`).
+SCHEMA_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 METRICS = {
     "latency_ms": "sequence-mode inference per sample at batch 1 (median), ms",
     "latency_min_ms": "fastest batch-1 sequence-mode inference, ms (robust on shared machines)",
+    "latency_cpu_ms": "on-core time of batch-1 sequence-mode inference (median thread CPU time), "
+                      "ms; waiting for a shared core does not inflate it; CPU, 1 thread only",
     "step_ms": "streaming step per token at batch 1 (median), ms",
     "batch_ms": "sequence-mode inference of one throughput batch (median), ms",
     "train_step_ms": "one training step, fwd + bwd + AdamW (median), ms",
@@ -64,6 +70,10 @@ class ModelRecord:
     train_peak_mem_mb, infer_peak_mem_mb : float
         Peak memory growth above the resident model during a training step and a
         throughput-batch inference, MiB.
+    latency_cpu : TimingStats or None
+        CPU time of the timed thread during each call of ``latency``, ms per sample: the call's
+        time on a core, which other processes holding the cores do not inflate. ``None``
+        unless measured on a CPU with one thread (other threads' work would not count).
     """
 
     state_dims: tuple[int, ...]
@@ -77,6 +87,7 @@ class ModelRecord:
     param_mb: float
     train_peak_mem_mb: float
     infer_peak_mem_mb: float
+    latency_cpu: TimingStats | None = None
 
     @property
     def blocks(self) -> int:
@@ -97,10 +108,12 @@ class ModelRecord:
         return self.state_dims[0]
 
     def metric(self, name: str) -> float | None:
-        """Return one of :data:`METRICS` for this record (``None``: energy not measured)."""
+        """Return one of :data:`METRICS` for this record (``None``: not measured, e.g. energy
+        without a counter or estimate, ``latency_cpu_ms`` with several threads)."""
         values = {
             "latency_ms": self.latency.p50_ms,
             "latency_min_ms": self.latency.min_ms,
+            "latency_cpu_ms": None if self.latency_cpu is None else self.latency_cpu.p50_ms,
             "step_ms": self.step.p50_ms,
             "batch_ms": self.batch_latency.p50_ms,
             "train_step_ms": self.train_step.p50_ms,
@@ -129,9 +142,11 @@ class Profile:
         starts with ``"estimate"``.
     records : tuple of ModelRecord
         One per width in ``config.widths``, ascending, each with ``config.blocks`` blocks.
-    overhead_record : ModelRecord
-        The reference width measured with a different block count, which separates the
+    extra_records : tuple of ModelRecord
+        Equal-width models with other block counts (``config.extra_blocks``), sorted by block
+        count, then width; at least one. Together with ``records`` they separate the
         per-block cost from the fixed cost (encoder, head, dispatch) in :class:`LatencyModel`.
+        Profiles migrated from schema version 1 hold one, at the smallest width.
     load_avg_1m_start, load_avg_1m_end : float
         One-minute load average before and after; a value above the thread count means
         the machine was shared while measuring.
@@ -147,13 +162,13 @@ class Profile:
     energy_note: str
     memory_method: str
     records: tuple[ModelRecord, ...]
-    overhead_record: ModelRecord
+    extra_records: tuple[ModelRecord, ...]
     load_avg_1m_start: float
     load_avg_1m_end: float
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for r in (*self.records, self.overhead_record):
+        for r in self.all_records:
             if not r.state_dims or len(set(r.state_dims)) != 1 or r.state_dims[0] < 1:
                 raise ProfileError(f"a record must have equal widths >= 1, got {r.state_dims}")
         widths = [r.state_dim for r in self.records]
@@ -161,12 +176,25 @@ class Profile:
             raise ProfileError(f"records must hold >= 2 distinct ascending widths, got {widths}")
         if any(r.blocks != self.config.blocks for r in self.records):
             raise ProfileError(f"every record must have config.blocks={self.config.blocks} blocks")
-        if self.overhead_record.blocks == self.config.blocks:
-            raise ProfileError("overhead_record must use a block count other than config.blocks")
-        if self.overhead_record.state_dim not in widths:
+        if not self.extra_records:
+            raise ProfileError("extra_records must hold at least one record (another block "
+                               "count separates the fixed cost from the per-block cost)")
+        extra = [(r.blocks, r.state_dim) for r in self.extra_records]
+        for blocks, width in extra:
+            if blocks == self.config.blocks or width not in widths:
+                raise ProfileError(
+                    f"an extra record needs a block count other than config.blocks="
+                    f"{self.config.blocks} and a width in {widths}, got {blocks=}, {width=}"
+                )
+        if extra != sorted(set(extra)):
             raise ProfileError(
-                f"overhead_record width {self.overhead_record.state_dim} is not in {widths}"
+                f"extra_records must be distinct and sorted by (blocks, width), got {extra}"
             )
+
+    @property
+    def all_records(self) -> tuple[ModelRecord, ...]:
+        """``records`` followed by ``extra_records``: every measured model."""
+        return (*self.records, *self.extra_records)
 
     @property
     def widths(self) -> list[int]:
@@ -191,21 +219,26 @@ class Profile:
     def from_dict(cls, data: Any) -> Profile:
         """Validate and rebuild a profile from :meth:`to_dict` output.
 
+        Version 1 documents are migrated (:func:`_migrate_v1`) and then validated as
+        version 2.
+
         Raises
         ------
         ProfileError
-            Foreign document, other schema version, or a missing, extra or ill-typed field
-            (the message names its path).
+            Foreign document, unsupported schema version, or a missing, extra or ill-typed
+            field (the message names its path).
         """
         if not isinstance(data, dict) or data.get("schema") != SCHEMA_NAME:
             raise ProfileError(f"not a compressm-tune hardware profile (no schema={SCHEMA_NAME!r})")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version not in _READABLE_VERSIONS:
             raise ProfileError(
                 f"profile schema_version {version!r} is not supported (this version reads "
-                f"{SCHEMA_VERSION}); re-run `compressm-tune profile`"
+                f"{', '.join(map(str, _READABLE_VERSIONS))}); re-run `compressm-tune profile`"
             )
         body = {k: v for k, v in data.items() if k not in ("schema", "schema_version")}
+        if version == 1:
+            body = _migrate_v1(body)
         return _decode(cls, body, "profile")
 
     def fast_widths(self, metric: str = "latency_ms", tolerance: float = 0.1) -> list[int]:
@@ -217,6 +250,26 @@ class Profile:
         """Measured widths at which ``metric`` jumps by more than ``tolerance`` over the
         previous width (see :func:`~compressm_tune.hardware.step_up_widths`)."""
         return step_up_widths(self.widths, self.values(metric), tolerance)
+
+
+def _migrate_v1(body: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite a version-1 profile body as version 2.
+
+    Version 1 measured one extra model, ``overhead_record`` (another block count at the
+    smallest width); version 2 keeps it as the only entry of ``extra_records`` and records its
+    block count as ``config.extra_blocks``. The latency model then splits fixed and per-block
+    cost exactly as version 1 did.
+    """
+    body = dict(body)
+    if "overhead_record" not in body:
+        raise ProfileError("profile.overhead_record: missing (schema_version 1)")
+    extra = body.pop("overhead_record")
+    body["extra_records"] = [extra]
+    config = body.get("config")
+    dims = extra.get("state_dims") if isinstance(extra, dict) else None
+    if isinstance(config, dict) and "extra_blocks" not in config and isinstance(dims, list):
+        body["config"] = {**config, "extra_blocks": [len(dims)]}
+    return body
 
 
 def _decode(tp: Any, value: Any, path: str) -> Any:

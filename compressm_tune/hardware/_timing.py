@@ -10,15 +10,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["TimingStats", "fixed_threads", "time_repeats", "time_samples", "warm_up",
-           "TIMING_METHOD"]
+__all__ = ["CallTimes", "TimingStats", "fixed_threads", "time_calls", "time_repeats",
+           "time_samples", "warm_up", "TIMING_METHOD"]
 
 TIMING_METHOD = (
     "wall clock (time.perf_counter) per call; {warmup} warm-up call(s) per model, then "
     "{rounds} interleaved round(s) over all models in shuffled order, together at least "
-    "{min_time_s:g} s of work and {min_repeats} calls per metric; the device is synchronized "
+    "{min_time_s:g} s of work and {min_repeats} calls per metric; in every round the batch-1 "
+    "latency and step timings start with one untimed call (caches are cold after the other "
+    "models ran), so all their timed calls are warm; the device is synchronized "
     "before and after every call; median (p50), IQR (p75-p25), p90, p99 reported; "
     "torch intra-op threads fixed to {threads}"
+)
+CPU_TIMING_METHOD = (
+    "; batch-1 inference also timed in CPU time of the timed thread "
+    "(time.thread_time_ns) around each call: latency_cpu, the time the thread was on a core, "
+    "which waiting for a core shared with other processes does not inflate"
 )
 
 
@@ -88,6 +95,70 @@ def warm_up(fn: Callable[[], object], calls: int) -> None:
         fn()
 
 
+@dataclass(frozen=True)
+class CallTimes:
+    """Per-call times of :func:`time_calls`, in call order.
+
+    Attributes
+    ----------
+    wall_ms : numpy.ndarray
+        ``(repeats,)`` float64 wall-clock time of each call, ms.
+    thread_cpu_ms : numpy.ndarray
+        ``(repeats,)`` float64 CPU time the calling thread consumed during each call, ms
+        (``time.thread_time_ns``, read just outside the wall-clock window). With all work on
+        the calling thread (a CPU with one intra-op thread) it is the call's time on a core:
+        ``wall_ms - thread_cpu_ms`` is time spent waiting, e.g. for a core other processes
+        held. Work on other threads or on a GPU does not count in it.
+    """
+
+    wall_ms: np.ndarray
+    thread_cpu_ms: np.ndarray
+
+
+def time_calls(
+    fn: Callable[[], object],
+    *,
+    min_time_s: float,
+    min_repeats: int = 5,
+    max_repeats: int = 100_000,
+    sync: Callable[[], None] = lambda: None,
+) -> CallTimes:
+    """Time ``fn`` call by call, in wall-clock and thread CPU time, until at least
+    ``min_time_s`` of (wall-clock) work and ``min_repeats`` calls.
+
+    Parameters are those of :func:`time_samples`.
+
+    Returns
+    -------
+    CallTimes
+
+    Examples
+    --------
+    >>> times = time_calls(lambda: sum(range(10_000)), min_time_s=0.0, min_repeats=3)
+    >>> times.wall_ms.shape, times.thread_cpu_ms.shape
+    ((3,), (3,))
+    """
+    if min_time_s < 0 or not 1 <= min_repeats <= max_repeats:
+        raise ValueError(
+            "min_time_s >= 0 and 1 <= min_repeats <= max_repeats must hold, got "
+            f"{min_time_s=}, {min_repeats=}, {max_repeats=}"
+        )
+    wall_ms: list[float] = []
+    cpu_ms: list[float] = []
+    total_s = 0.0
+    while len(wall_ms) < max_repeats and (total_s < min_time_s or len(wall_ms) < min_repeats):
+        sync()
+        cpu_start_ns = time.thread_time_ns()
+        start_s = time.perf_counter()
+        fn()
+        sync()
+        elapsed_s = time.perf_counter() - start_s
+        cpu_ms.append((time.thread_time_ns() - cpu_start_ns) / 1e6)
+        wall_ms.append(elapsed_s * 1e3)
+        total_s += elapsed_s
+    return CallTimes(np.array(wall_ms), np.array(cpu_ms))
+
+
 def time_samples(
     fn: Callable[[], object],
     *,
@@ -120,22 +191,8 @@ def time_samples(
     >>> time_samples(lambda: sum(range(100)), min_time_s=0.0, min_repeats=7).shape
     (7,)
     """
-    if min_time_s < 0 or not 1 <= min_repeats <= max_repeats:
-        raise ValueError(
-            "min_time_s >= 0 and 1 <= min_repeats <= max_repeats must hold, got "
-            f"{min_time_s=}, {min_repeats=}, {max_repeats=}"
-        )
-    samples_ms: list[float] = []
-    total_s = 0.0
-    while len(samples_ms) < max_repeats and (total_s < min_time_s or len(samples_ms) < min_repeats):
-        sync()
-        start_s = time.perf_counter()
-        fn()
-        sync()
-        elapsed_s = time.perf_counter() - start_s
-        samples_ms.append(elapsed_s * 1e3)
-        total_s += elapsed_s
-    return np.array(samples_ms)
+    return time_calls(fn, min_time_s=min_time_s, min_repeats=min_repeats,
+                      max_repeats=max_repeats, sync=sync).wall_ms
 
 
 def time_repeats(
