@@ -124,3 +124,12 @@ def test_corrupt_profile_is_one_line_error_and_writes_no_study(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.json" in err[0]
     assert not (tmp_path / "run" / "study.db").exists()
+
+
+def test_a_profile_of_another_arch_is_one_line_error(tmp_path, capsys, profile_path):
+    """An LRU profile says nothing about selective layers' cost: refuse, say how to fix."""
+    assert _tune(tmp_path, "--budget-ms", "5", "--arch", "selective",
+                 "--profile", str(profile_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "profile --arch selective" in err[0]
+    assert not (tmp_path / "run" / "study.db").exists()

@@ -199,3 +199,23 @@ def postgres_url(tmp_path_factory):
 def test_two_workers_share_one_postgresql_study(tmp_path, profile_path, postgres_url):
     pytest.importorskip("psycopg")
     _two_workers(tmp_path, profile_path, postgres_url)
+
+
+def test_selective_search_meets_its_budget_with_a_selective_profile(tmp_path):
+    """--arch selective end to end: its own onnxruntime profile, training with data-driven
+    truncation, export of a selective bundle, and a measured latency within the budget."""
+    from compressm_tune.search import TuneConfig, run_tune
+
+    profile = save_profile(profile_device(ProfilerConfig(
+        device="cpu", runtime="onnxruntime", arch="selective", widths=(1, 4, 16), hidden=8,
+        blocks=1, seq_len=40, min_time_s=0.05, rounds=2, min_repeats=5, warmup=2, threads=1),
+        progress=False), tmp_path / "selective.json")
+    out = tmp_path / "run"
+    summary = run_tune(TuneConfig(budget_ms=50, arch="selective", blocks=1, hidden=8,
+                                  state_dims=(8, 16), trials=2, steps=12, profile=str(profile),
+                                  out=str(out)))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert summary["arch"] == "selective" and manifest["model"]["arch"] == "selective"
+    assert summary["meets_budget"] and _ort_p50_ms(out / "model.onnx", seq_len=40) <= 50
+    assert manifest["model"]["state_dims"] == summary["final_state_dims"]
+    assert (out / "hsv.png").stat().st_size > 0

@@ -60,6 +60,10 @@ def resolve_profile(config: TuneConfig, d_input: int, d_output: int,
     here = fingerprint("cpu")
     if config.profile:
         profile = load_profile(config.profile)
+        if profile.config.arch != config.arch:
+            raise ConfigError(f"profile {config.profile} times {profile.config.arch} models, "
+                              f"but the search trains {config.arch} models (--arch); profile "
+                              f"them with: compressm-tune profile --arch {config.arch}")
         if profile.device.slug != here.slug:
             note = (f"profile {config.profile} was measured on {profile.device.label}, not on "
                     f"this machine ({here.label}); predictions may be off")
@@ -68,13 +72,15 @@ def resolve_profile(config: TuneConfig, d_input: int, d_output: int,
     else:
         widths = tuple(w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
                        if w <= 2 * max(config.state_dims))
+        arch = "" if config.arch == "lru" else f"-{config.arch}"
         cache = _profile_cache() / (f"{here.slug}-H{config.hidden}-K{config.blocks}"
-                                    f"-L{seq_len}-onnxruntime.json")
+                                    f"-L{seq_len}-onnxruntime{arch}.json")
         if cache.exists():
             return load_profile(cache), notes
         # The budget is onnxruntime latency, so the profile times the same engine.
         profile = profile_device(ProfilerConfig(
-            device="cpu", runtime="onnxruntime", widths=widths, hidden=config.hidden,
+            device="cpu", runtime="onnxruntime", arch=config.arch, widths=widths,
+            hidden=config.hidden,
             blocks=config.blocks, seq_len=seq_len, d_input=d_input, d_output=d_output,
             threads=config.ort_threads, min_time_s=0.1, rounds=3))
         save_profile(profile, cache)

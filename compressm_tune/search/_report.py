@@ -108,7 +108,7 @@ def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any]
         "notes": notes, "parity": chosen["manifest"].get("parity"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _plots(study, config, out)
+    _plots(study, config, out, data)
     (out / "report.md").write_text(_markdown(summary, metric) + "\n")
     return summary
 
@@ -152,14 +152,14 @@ def _markdown(s: dict[str, Any], metric: str) -> str:
     return "\n".join(lines)
 
 
-def _plots(study: optuna.Study, config: TuneConfig, out: Path) -> None:
+def _plots(study: optuna.Study, config: TuneConfig, out: Path, data: Dataset) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from compressm_tune.reduction import layer_hsv
+    from compressm_tune.training.reducer import CALIBRATION, spectrum_record
 
     with warnings.catch_warnings():  # optuna's matplotlib plots are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -173,10 +173,13 @@ def _plots(study: optuna.Study, config: TuneConfig, out: Path) -> None:
         plt.close("all")
     model = model_from_checkpoint(out / "checkpoint.pt")
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for k, block in enumerate(model.blocks):
-        g = layer_hsv(block.ssm)
-        ax.semilogy(np.arange(1, len(g) + 1), g / g[0], marker=".", label=f"layer {k}")
-    ax.set(xlabel="balanced state", ylabel="HSV / largest", title="chosen model: HSV spectra")
+    for record in spectrum_record(model, data.x_train[:CALIBRATION]):
+        g = np.asarray(record["hsv"])  # LRU: HSVs; selective: data importance, descending
+        ax.semilogy(np.arange(1, len(g) + 1), g / g[0], marker=".",
+                    label=f"layer {record['layer']}")
+    kind = "HSV" if config.arch == "lru" else "state importance"
+    ax.set(xlabel="state (by rank)", ylabel=f"{kind} / largest",
+           title=f"chosen model: {kind} spectra")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "hsv.png", dpi=110)
