@@ -21,7 +21,10 @@ from compressm_tune.errors import CompressmError, ConfigError
 __all__ = ["open_storage", "StorageError"]
 
 _OPEN_TRIES = 5
-_TRANSIENT = ("already exists", "database is locked", "duplicate key")
+# what a worker that lost the schema-creation race sees (PostgreSQL, SQLite tables, SQLite's
+# alembic_version row)
+_TRANSIENT = ("already exists", "database is locked", "duplicate key",
+              "UNIQUE constraint failed")
 HEARTBEAT_S = 4  # a RUNNING trial silent for GRACE_S seconds belonged to a dead process
 GRACE_S = 12
 
