@@ -517,3 +517,18 @@ def test_lru_trains_on_selective_copy(copy_task, tmp_path):
         pred = model(copy_task.x_test)[:, -_COPY.n_copy:].argmax(-1)  # (50, M)
     assert summary["test_last"]["accuracy"] == pytest.approx(
         (pred == copy_task.y_test).float().mean().item())
+
+
+def test_a_checkpoint_from_before_the_ssm_rename_still_loads(tmp_path):
+    """Session-1 checkpoints named each block's layer `lru` (blocks.K.lru.*)."""
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(d_model=8, state_dims=[6, 4], dropout=0.0))
+    save_checkpoint(tmp_path / "new.pt", model)
+    payload = load_checkpoint(tmp_path / "new.pt")
+    payload["model"] = {k.replace(".ssm.", ".lru."): v for k, v in payload["model"].items()}
+    assert any(".lru." in k for k in payload["model"])
+    old = model_from_checkpoint(payload)
+    x = torch.randn(2, 9, 1)
+    model.eval()
+    old.eval()
+    assert torch.equal(old(x), model(x))

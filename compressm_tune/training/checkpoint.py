@@ -86,7 +86,9 @@ def model_from_checkpoint(payload_or_path: dict[str, Any] | str | Path) -> SSMMo
         payload_or_path)
     try:
         model = SSMModel(SSMConfig(**payload["model_config"]))
-        model.load_state_dict(payload["model"])
+        # checkpoints written before blocks held either layer kind named it `lru`
+        model.load_state_dict({k.replace(".lru.", ".ssm."): v
+                               for k, v in payload["model"].items()})
     except (TypeError, ConfigError, RuntimeError) as exc:
         first = str(exc).splitlines()[0]
         raise CheckpointError(f"checkpoint does not describe a valid model: {first}") from None
