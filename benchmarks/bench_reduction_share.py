@@ -223,7 +223,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     reducer = None
     if "tau" in job:
         reducer = TimedReducer(ReduceConfig(
-            policy=ReductionPolicy("tau", job["tau"]), window=job.get("window", 0.1),
+            policy=ReductionPolicy("tau", job["tau"], weighting=job.get("weighting", "none")),
+            window=job.get("window", 0.1),
             every=job.get("every"), max_drop=job.get("max_drop", 0.02)))
     out = Path(tempfile.mkdtemp(prefix="bench-share-"))
     trainer = TimedTrainer(mcfg, tcfg, data, out, reducer=reducer, progress=False)
@@ -253,6 +254,7 @@ def _diagnose(out: Path, job: dict[str, Any], data) -> dict[str, Any]:
 
     from compressm_tune.reduction import layer_hsv, truncate_layer
     from compressm_tune.training import evaluate, model_from_checkpoint
+    from compressm_tune.training.reducer import CALIBRATION, layer_inputs
 
     metric = "accuracy" if data.task == "classification" else "loss"
     diag: dict[str, Any] = {}
@@ -273,10 +275,7 @@ def _diagnose(out: Path, job: dict[str, Any], data) -> dict[str, Any]:
     if job.get("analyze_order"):  # full lti model: HSV spectrum and post-training truncation
         best = model_from_checkpoint(out / "best.pt")
         layer = _layer(best.blocks[0])
-        hsv = layer_hsv(layer)
-        diag["hsv_head"] = [float(g) for g in hsv[:16] / hsv[0]]
-        diag["hsv_share"] = {str(r): float(np.cumsum(hsv)[r - 1] / hsv.sum())
-                             for r in (2, 4, 8, 16, 32)}
+        calib = layer_inputs(best, data.x_train[:CALIBRATION], lru=True)[0]
         lam, b, c, _ = layer.system()
         lam, b, c = lam.detach().numpy(), b.detach().numpy(), c.detach().numpy()
         mode = np.linalg.norm(b, axis=1) * np.linalg.norm(c, axis=0) / (1 - np.abs(lam) ** 2)
@@ -286,12 +285,17 @@ def _diagnose(out: Path, job: dict[str, Any], data) -> dict[str, Any]:
                                                                       [0, 0.5, 1])]
         poles = np.array([complex(*p) for p in data.info["poles"]])
         diag["true_pole_abs"] = sorted({round(float(v), 4) for v in np.abs(poles)})
-        diag["post_trunc"] = {}
-        for r in (4, 8, 16):
-            model = model_from_checkpoint(out / "best.pt")
-            truncate_layer(_layer(model.blocks[0]), r)
-            diag["post_trunc"][str(r)] = evaluate(model, data.x_test, data.y_test,
-                                                  data.task)[metric]
+        for suffix, inputs in (("", None), ("_weighted", calib)):  # unweighted, input-weighted
+            hsv = layer_hsv(layer, inputs)
+            diag["hsv_head" + suffix] = [float(g) for g in hsv[:16] / hsv[0]]
+            diag["hsv_share" + suffix] = {str(r): float(np.cumsum(hsv)[r - 1] / hsv.sum())
+                                          for r in (2, 4, 8, 16, 32)}
+            diag["post_trunc" + suffix] = {}
+            for r in (4, 8, 16):
+                model = model_from_checkpoint(out / "best.pt")
+                truncate_layer(_layer(model.blocks[0]), r, inputs=inputs)
+                diag["post_trunc" + suffix][str(r)] = evaluate(model, data.x_test, data.y_test,
+                                                               data.task)[metric]
     return diag
 
 
@@ -334,6 +338,16 @@ ORDER_SETTINGS = [  # (method, hidden, extra job keys); all: 1 block, N=256, no 
     ("tau0.1-window0.5", 4, {"tau": 0.1, "every": 5, "window": 0.5}),
     ("tau0.2-window0.5-nodrop", 4, {"tau": 0.2, "every": 5, "window": 0.5,
                                     "max_drop": float("inf")}),
+    # input-weighted HSVs (--weighting input): the same schedules
+    ("w-tau0.04", 16, {"tau": 0.04, "every": 5, "weighting": "input"}),
+    ("w-tau0.1-window0.5", 16, {"tau": 0.1, "every": 5, "window": 0.5, "weighting": "input"}),
+    ("w-tau0.1-window0.5-drop0.5", 16, {"tau": 0.1, "every": 5, "window": 0.5,
+                                        "weighting": "input", "max_drop": 0.5}),
+    ("w-tau0.2-window0.5-nodrop", 16, {"tau": 0.2, "every": 5, "window": 0.5,
+                                       "weighting": "input", "max_drop": float("inf")}),
+    ("w-tau0.1-window0.5", 4, {"tau": 0.1, "every": 5, "window": 0.5, "weighting": "input"}),
+    ("w-tau0.2-window0.5-nodrop", 4, {"tau": 0.2, "every": 5, "window": 0.5,
+                                      "weighting": "input", "max_drop": float("inf")}),
 ]
 
 
@@ -581,14 +595,47 @@ def _order_reading(results) -> str:
             f"{sum('tau' in r for r in rows)} reduction runs were stopped by a rollback "
             f"(which freezes the only layer); their final N: "
             f"{min(r['final_dims'][0] for r in kept)}-{max(r['final_dims'][0] for r in kept)}.")
-    nodrop = [r for r in rows if "nodrop" in r["method"]]
-    if nodrop:
+    weighted = [r for r in rows if r.get("weighting") == "input" and "drop" not in r["method"]]
+    unweighted = [r for r in rows if "tau" in r and r.get("weighting", "none") == "none"
+                  and "nodrop" not in r["method"]]
+    if weighted and unweighted:
+        def span(sel):
+            ns = [r["final_dims"][0] for r in sel]
+            return (f"N={min(ns)}-{max(ns)}, test MSE {min(r['test'] for r in sel):.1e}-"
+                    f"{max(r['test'] for r in sel):.1e}")
+        lines.append(
+            f"- Input-weighted HSVs (`--weighting input`, the *w-* rows), with a safety net: "
+            f"{span(weighted)}; the same schedules unweighted: {span(unweighted)}. The "
+            "layer's input is the 1-D signal spread over H channels by the encoder, so the "
+            "unweighted Gramian counts H-1 input directions the data never excites.")
+    loose = [r for r in rows if "drop0.5" in r["method"]]
+    if loose:
+        lines.append(
+            "- Input-weighted with a looser safety net (max-drop 0.5): N=" +
+            "; ".join(str(r["final_dims"][0]) for r in loose) + ", test MSE " +
+            "; ".join(f"{r['test']:.1e}" for r in loose) + ".")
+    for r in full:
+        if "post_trunc_weighted" in r:
+            lines.append(
+                f"- Full model (H={r['net']['hidden']}, seed {r['seed']}) truncated after "
+                "training without fine-tuning, to 4 / 8 / 16 states: unweighted MSE " +
+                " / ".join(f"{r['post_trunc'][k]:.2g}" for k in ("4", "8", "16")) +
+                ", input-weighted " +
+                " / ".join(f"{r['post_trunc_weighted'][k]:.2g}" for k in ("4", "8", "16")) +
+                f" (full: {r['test']:.2g}).")
+    nodrops = [r for r in rows if "nodrop" in r["method"]]
+    for label, nodrop in (("", [r for r in nodrops if r.get("weighting", "none") == "none"]),
+                          (" (input-weighted)", [r for r in nodrops
+                                                 if r.get("weighting") == "input"])):
+        if not nodrop:
+            continue
         ns = [r["final_dims"][0] for r in nodrop]
         cuts = [c for r in nodrop for c in r.get("cut_log", []) if c[4] == "cut"]
         lines.append(
-            f"- Without it, tau=0.2 over a 50% window cuts to N={min(ns)}-{max(ns)} with test "
-            f"MSE {min(r['test'] for r in nodrop):.2f}-{max(r['test'] for r in nodrop):.2f} "
-            "(predicting 0 scores ~1). Every cut falls in steps "
+            f"- Without it{label}, tau=0.2 over a 50% window cuts to N={min(ns)}-{max(ns)} "
+            f"with test MSE {min(r['test'] for r in nodrop):.2f}-"
+            f"{max(r['test'] for r in nodrop):.2f} (predicting 0 scores ~1). Every cut falls in "
+            "steps "
             f"{min(c[0] for c in cuts)}-{max(c[0] for c in cuts)}, at validation MSE "
             f"{min(c[5] for c in cuts):.2f}-{max(c[5] for c in cuts):.2f}: before the model "
             "has learned the system, so the HSVs describe the initialization.")
@@ -668,15 +715,18 @@ def _order_md(results) -> str:
         cuts = [c for r in sel for c in r.get("cut_log", []) if c[4] == "cut"]
         when = (f"steps {min(c[0] for c in cuts)}-{max(c[0] for c in cuts)}, val MSE "
                 f"{min(c[5] for c in cuts):.2f}-{max(c[5] for c in cuts):.2f}") if cuts else "-"
-        if "post_trunc" in sel[0]:
-            extra = "; ".join(
-                f"r={k}: {mean_std([r['post_trunc'][k] for r in sel])[0]:.2e}"
-                for k in sel[0]["post_trunc"])
-            extra += "; HSV share of top 4/8: " + "/".join(
-                f"{mean_std([r['hsv_share'][k] for r in sel])[0]:.2f}" for k in ("4", "8"))
-            if "top_modes_abs" in sel[0]:
-                tops = [v for r in sel for v in r["top_modes_abs"]]
-                extra += f"; |lambda| of the 8 top-scored modes: {min(tops):.3f}-{max(tops):.3f}"
+        for suffix, label in (("", "unweighted"), ("_weighted", "input-weighted")):
+            if "post_trunc" + suffix not in sel[0]:
+                continue
+            extra += f"{'; ' if extra else ''}{label}: " + ", ".join(
+                f"r={k}: {mean_std([r['post_trunc' + suffix][k] for r in sel])[0]:.2e}"
+                for k in sel[0]["post_trunc" + suffix])
+            extra += ", HSV share of top 4/8: " + "/".join(
+                f"{mean_std([r['hsv_share' + suffix][k] for r in sel])[0]:.2f}"
+                for k in ("4", "8"))
+        if "top_modes_abs" in sel[0]:
+            tops = [v for r in sel for v in r["top_modes_abs"]]
+            extra += f"; |lambda| of the 8 top-scored modes: {min(tops):.3f}-{max(tops):.3f}"
         out.append([
             method, hidden, f"{mse[0]:.2e} ± {mse[1]:.1e}",
             "; ".join(str(r["final_dims"][0]) for r in sel),
@@ -822,7 +872,7 @@ def _report(results, meta, groups, prefix=""):
               "", _share_md(sel), "", _SHARE_FIX_NOTES, "", _share_fix_md(sel), "",
               _share_reading(sel)]
         write(prefix + "reduction_share", {**meta, "results": sel}, "\n".join(md))
-    if "mnist1d" in groups:
+    if any(r["group"] == "mnist1d" and r["method"] == "full" for r in results):
         sel = [r for r in results if r["group"] == "mnist1d"]
         md = ["# CompreSSM on mnist1d with the default network at the default length", "",
               head, "", _COMPRESSION_NOTES.format(steps=steps.get("mnist1d")), "",
@@ -857,6 +907,9 @@ def main() -> None:
                     help="mnist1d: also tau=0.04 at evaluations every 50 steps")
     ap.add_argument("--no-scratch", dest="scratch", action="store_false",
                     help="mnist1d: skip small-from-scratch at the final widths")
+    ap.add_argument("--methods", default=None,
+                    help="run only these methods (comma-separated, e.g. tau0.04-every5); "
+                         "compression_default is rewritten only when 'full' runs")
     ap.add_argument("--quick", action="store_true", help="a few steps: smoke test only")
     ap.add_argument("--snapshot", action="store_true",
                     help="run the package as committed at HEAD (not the working tree)")
@@ -900,6 +953,8 @@ def main() -> None:
         jobs += _lti_share_jobs(range(args.lti_seeds), steps["lti-share"])
     if "mnist1d" in groups:
         jobs = _mnist_jobs(range(args.seeds), steps["mnist1d"], args.extra) + jobs  # longest first
+    if args.methods:
+        jobs = [j for j in jobs if j["method"] in args.methods.split(",")]
     if args.quick:  # evaluations (and so the paper-schedule attempts) inside the short window
         for j in jobs:
             j["eval_every"] = 2
@@ -910,7 +965,7 @@ def main() -> None:
             "wall_s": wall, "workers": args.workers, "quick": args.quick,
             "code": "HEAD (snapshot)" if args.snapshot else "working tree",
             "code_commit": code_commit, "steps": steps}
-    if "mnist1d" in groups:
+    if any(r["group"] == "mnist1d" and r["method"] == "full" for r in results):
         meta["step_uptime"] = _uptime()
         meta["step_ms"] = _step_times(DEFAULT_NET, repeats=1 if args.quick else 3)
     _report(results, meta, groups, prefix)
@@ -965,7 +1020,8 @@ moduli 0.6-0.95), output noise std 0.01 (MSE floor 1e-4; predicting 0 gives ~1).
 outputs Re(C x) with complex diagonal states, so one complex state realizes one conjugate pair:
 the true order in LRU states is 4. Network: 1 block (N=256 at start), no pooling, H as listed,
 {steps} steps, batch 32, eval every 50, window 10% unless stated, attempts every 5 steps in the
-window, max-drop 0.02 (relative loss increase) unless *nodrop* (no rollback). *fixed-k*: trained
+window, max-drop 0.02 (relative loss increase) unless *nodrop* (no rollback) or *drop0.5*; *w-*:
+input-weighted HSVs (`--weighting input`), the others unweighted (the paper's). *fixed-k*: trained
 at N=k from the start. For the full model, the columns on the right give the test MSE after
 truncating its best checkpoint to 4, 8, 16 states (no fine-tune) and the share of the HSV sum
 held by its top 4 / 8 HSVs (tau = 1 - that share would cut to that width)."""

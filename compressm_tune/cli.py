@@ -30,7 +30,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     from compressm_tune.models import ARCHS, SSMConfig
-    from compressm_tune.reduction._policies import SELECTS
+    from compressm_tune.reduction._policies import SELECTS, WEIGHTINGS
     from compressm_tune.training import TrainConfig
     from compressm_tune.training.reducer import MOMENT_POLICIES, ReduceConfig
 
@@ -73,6 +73,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                         f"loss) than this and freeze the layer ({r.max_drop})")
     p.add_argument("--select", default=None, choices=SELECTS,
                    help="which states to keep (default: largest; others are ablations)")
+    p.add_argument("--weighting", default=None, choices=WEIGHTINGS,
+                   help="LRU layers: rank states by their own HSVs (none, the paper's) or by "
+                        "HSVs weighted with the covariance of the layer's inputs on the "
+                        "calibration sequences (input); default: none")
     p.add_argument("--moments", default=r.moments, choices=MOMENT_POLICIES,
                    help=f"Adam moments of a cut layer ({r.moments})")
     p.add_argument("--log-spectrum", action="store_true",
@@ -136,6 +140,8 @@ def _reducer(args: argparse.Namespace):
     policy = ReductionPolicy.parse(args.reduce)
     if args.select:
         policy = replace(policy, select=args.select)
+    if args.weighting:
+        policy = replace(policy, weighting=args.weighting)
     return Reducer(ReduceConfig(policy=policy, window=args.window, every=args.reduce_every,
                                 max_drop=args.max_drop, moments=args.moments))
 

@@ -82,6 +82,7 @@ def test_rank_for_tolerance_rejects_bad_spectrum(g):
         ("fraction=0.25", ReductionPolicy("fraction", 0.25)),
         (" tau = 0.1 , gate=0.9 ", ReductionPolicy("tau", 0.1, gate=0.9)),
         ("rank=8,select=random,seed=3", ReductionPolicy("rank", 8, select="random", seed=3)),
+        ("tau=0.1,weighting=input", ReductionPolicy("tau", 0.1, weighting="input")),
     ],
 )
 def test_parse_valid(spec, expected):
@@ -89,7 +90,7 @@ def test_parse_valid(spec, expected):
 
 
 def test_defaults_match_the_paper():
-    assert ReductionPolicy() == ReductionPolicy("tau", 0.04, 0.95, "largest", None)
+    assert ReductionPolicy() == ReductionPolicy("tau", 0.04, 0.95, "largest", None, "none")
 
 
 @pytest.mark.parametrize(
@@ -114,6 +115,7 @@ def test_defaults_match_the_paper():
         ("tau=0.1,gate=0", "0 < gate <= 1"),
         ("tau=0.1,gate=1.2", "0 < gate <= 1"),
         ("tau=0.1,select=best", "select must be one of"),
+        ("tau=0.1,weighting=output", "weighting must be one of"),
     ],
 )
 def test_parse_errors_are_config_errors(spec, match):

@@ -175,6 +175,25 @@ def test_cli_train_with_reduction_end_to_end(tmp_path, capsys):
     assert "test loss" in capsys.readouterr().out
 
 
+def test_cli_weighting_flag_reaches_the_reducer(tmp_path):
+    """Same seed, same weights at the first attempt: only the weighting differs, so the
+    logged spectra must differ (input-weighted: the encoder's 1-D input spans one direction)."""
+    from compressm_tune.cli import main
+
+    spectra = {}
+    for weighting in ("none", "input"):
+        out = tmp_path / weighting
+        code = main(["train", "--dataset", "lti-sysid", "--blocks", "1", "--hidden", "8",
+                     "--state-dim", "24", "--steps", "5", "--eval-every", "5", "--batch-size",
+                     "16", "--reduce", "tau=0.01", "--window", "1", "--max-drop", "10",
+                     "--weighting", weighting, "--no-progress", "--out", str(out)])
+        assert code == 0
+        spectra[weighting] = read_metrics(out / "metrics.jsonl")[0]["reduction"][0]["hsv"]
+    none, weighted = np.array(spectra["none"]), np.array(spectra["input"])
+    assert len(none) == len(weighted) == 24
+    assert not np.allclose(none / none[0], weighted / weighted[0], rtol=1e-3)
+
+
 def test_cli_rejects_a_bad_policy_in_one_line(tmp_path, capsys):
     from compressm_tune.cli import main
 
@@ -248,3 +267,40 @@ def test_attempts_between_evaluations_validate_only_when_they_cut(mnist1d, tmp_p
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 21))  # every attempt is logged
     assert all("val" not in r for r in records if r["step"] % 10)
+
+
+def _one_channel_trainer(data, tmp_path, weighting):
+    """A 1-block network on a 1-input task whose encoder writes to channel 0 only; the LRU
+    layer's states 0-3 listen to channel 0, states 4-11 to the silent channels 1-3."""
+    cfg = SSMConfig(d_input=data.d_input, d_output=data.d_output, d_model=4, state_dims=[12],
+                    pooling="none", dropout=0.0)
+    tcfg = TrainConfig(steps=1, batch_size=8, eval_every=1, seed=0, threads=1)
+    reducer = Reducer(ReduceConfig(policy=ReductionPolicy("tau", 1e-9, weighting=weighting),
+                                   max_drop=1e9))
+    trainer = Trainer(cfg, tcfg, data, tmp_path, reducer=reducer, progress=False)
+    model = trainer.model
+    with torch.no_grad():
+        model.encoder.weight[1:] = 0.0
+        model.encoder.bias.zero_()
+        layer = model.blocks[0].ssm
+        for B in (layer.B_re, layer.B_im):
+            B[:4, 1:] = 0.0
+            B[4:, 0] = 0.0
+    return trainer, reducer
+
+
+def test_input_weighted_reduction_cuts_states_the_data_never_drives(lti_sysid, tmp_path):
+    trainer, reducer = _one_channel_trainer(lti_sysid, tmp_path, "input")
+    x = lti_sysid.x_val[:16]
+    before = _outputs(trainer.model, x)
+    records, _ = reducer.attempt(trainer, trainer.validate())
+    assert records[0]["action"] == "cut" and trainer.model.state_dims == [4]
+    after = _outputs(trainer.model, x)
+    np.testing.assert_allclose(after, before, atol=1e-4 * before.abs().max().item())
+
+
+def test_unweighted_reduction_keeps_the_states_of_silent_channels(lti_sysid, tmp_path):
+    """The converse: without the data's weighting the silent channels' states count."""
+    trainer, reducer = _one_channel_trainer(lti_sysid, tmp_path, "none")
+    reducer.attempt(trainer, trainer.validate())
+    assert trainer.model.state_dims[0] > 4

@@ -457,3 +457,87 @@ def test_from_lru_params_rejects_bad_shapes():
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+# ---------------------------------------------------------------- input-weighted balancing
+
+
+def _input_cov(rng, H, rank):
+    """A random (H, H) covariance of the given rank and its factor W (H, rank)."""
+    W = rng.normal(size=(H, rank))  # (H, rank)
+    return W @ W.T, W
+
+
+@pytest.mark.parametrize("cov_rank", [1, 2, 4])
+def test_input_weighted_hsv_match_scipy_lyapunov_with_input_covariance(cov_rank):
+    rng = np.random.default_rng(11)
+    lam, B, C = lru_system(rng, 24, 4)
+    R, _ = _input_cov(rng, 4, cov_rank)
+    A = np.diag(lam)
+    P = scipy.linalg.solve_discrete_lyapunov(A, B @ R @ B.conj().T)  # P = A P A^H + B R B^H
+    Q = scipy.linalg.solve_discrete_lyapunov(A.conj().T, C.conj().T @ C)
+    ref = np.sqrt(np.clip(np.sort(np.linalg.eigvals(P @ Q).real)[::-1], 0, None))
+    g = hankel_singular_values(lam, B, C, input_cov=R)
+    np.testing.assert_allclose(g, ref, atol=1e-7 * ref[0])
+    P_ours, _ = gramians(lam, B, C, input_cov=R)
+    np.testing.assert_allclose(P_ours, P, atol=1e-9 * np.abs(P).max())
+    assert not np.allclose(g, hankel_singular_values(lam, B, C))  # the weight matters
+
+
+def test_identity_input_covariance_is_the_unweighted_case():
+    lam, B, C = CASES["random"]
+    H = B.shape[1]
+    np.testing.assert_allclose(hankel_singular_values(lam, B, C, input_cov=np.eye(H)),
+                               hankel_singular_values(lam, B, C), rtol=1e-10)
+    red_w = balanced_truncation(lam, B, C, 10, input_cov=np.eye(H))
+    red = balanced_truncation(lam, B, C, 10)
+    z = np.exp(1j * np.linspace(0, 2 * np.pi, 128, endpoint=False))
+    np.testing.assert_allclose(transfer(*red_w, z), transfer(*red, z), atol=1e-9)
+
+
+@pytest.mark.parametrize("cov_rank", [1, 3])
+def test_weighted_truncation_error_on_the_input_subspace_within_twice_discarded_sum(cov_rank):
+    rng = np.random.default_rng(12)
+    lam, B, C = lru_system(rng, 40, 4, r_min=0.5, r_max=0.99)
+    R, W = _input_cov(rng, 4, cov_rank)
+    g = hankel_singular_values(lam, B, C, input_cov=R)
+    for rank in (2, 6, 12):
+        red = balanced_truncation(lam, B, C, rank, input_cov=R)
+        assert_stable_finite(*red, rank, 4)
+        # || (G - G_r) W ||_inf <= 2 sum(discarded weighted HSVs): the system (A, B W, C)
+        full_w = (lam, B @ W, C)
+        red_w = (red[0], red[1] @ W, red[2])
+        assert hinf_error(full_w, red_w, np.angle(lam)) <= 2 * g[rank:].sum() + 1e-7 * g[0]
+
+
+def test_states_driven_only_through_unexcited_inputs_score_zero_when_weighted():
+    """Inputs confined to channel 0: states driven only by channel 1 are invisible in the
+    data; weighted HSVs find the order reached from channel 0, unweighted ones do not."""
+    rng = np.random.default_rng(13)
+    k, N, H = 4, 32, 2
+    lam, B, C = lru_system(rng, N, H, r_min=0.5, r_max=0.95)
+    B[:k, 1] = 0.0  # states 0..k-1: channel 0 only
+    B[k:, 0] = 0.0  # states k..N-1: channel 1 only
+    R = np.diag([1.0, 0.0])  # the data excites channel 0 only
+    g_w = hankel_singular_values(lam, B, C, input_cov=R)
+    g = hankel_singular_values(lam, B, C)
+    assert g_w[k:].max() <= 1e-12 * g_w[0] and g_w[k - 1] > 1e-3 * g_w[0]
+    assert g[k:].max() > 1e-2 * g[0]  # unweighted: the channel-1 states count
+    lam_r, B_r, C_r = balanced_truncation(lam, B, C, k, input_cov=R)
+    z = np.exp(1j * np.linspace(0, 2 * np.pi, 256, endpoint=False))
+    col0 = transfer(lam, B, C, z)[:, :, 0]  # (Z, H): the response to channel 0
+    np.testing.assert_allclose(transfer(lam_r, B_r, C_r, z)[:, :, 0], col0,
+                               atol=1e-8 * np.abs(col0).max())
+    np.testing.assert_allclose(np.sort_complex(lam_r), np.sort_complex(lam[:k]), atol=1e-8)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.eye(3), "shape"),
+    (np.array([[1.0, 2.0], [0.0, 1.0]]), "Hermitian"),
+    (np.diag([1.0, -1.0]), "positive semidefinite"),
+    (np.array([[1.0, np.nan], [np.nan, 1.0]]), "finite"),
+])
+def test_bad_input_covariance_raises(bad, match):
+    lam, B, C = lru_system(np.random.default_rng(14), 6, 2)
+    with pytest.raises(ReductionError, match=match):
+        hankel_singular_values(lam, B, C, input_cov=bad)

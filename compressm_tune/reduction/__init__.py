@@ -15,6 +15,7 @@ from compressm_tune.reduction._policies import (
 )
 from compressm_tune.reduction._selective import select_states, state_importance
 from compressm_tune.reduction._surgery import (
+    input_covariance,
     layer_hsv,
     reduce_layer,
     state_scores,
@@ -32,6 +33,7 @@ __all__ = [
     "from_lru_params",
     "gramians",
     "hankel_singular_values",
+    "input_covariance",
     "layer_hsv",
     "plan_rank",
     "rank_for_tolerance",

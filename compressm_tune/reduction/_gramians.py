@@ -3,6 +3,16 @@
 The system is ``x_k = lam * x_{k-1} + B u_k``, ``y_k = C x_k`` with ``lam`` (N,) complex,
 ``|lam| < 1``, ``B`` (N, H) complex (gamma already folded in) and ``C`` (H, N) complex. All
 arithmetic is complex128 numpy; torch tensors are accepted and answered in kind.
+
+Input weighting (optional ``input_cov``, the (H, H) covariance ``R`` of the inputs): the
+controllability Gramian then solves ``P = A P A^H + B R B^H``, the state covariance under
+white inputs of covariance ``R`` instead of unit white noise in every input channel. Why:
+a layer inside a network sees inputs that span only part of its H channels (on lti-sysid a
+rank-1 signal after a 1 -> H encoder), and the unweighted Gramian counts states driven only
+through directions the data never excites. Weighting with ``R = W W^H`` is balancing the
+system ``(A, B W, C)``, so stability of the reduced system and the error bound carry over to
+the weighted transfer function ``G(z) W`` (Enns' frequency-weighted balanced truncation, with
+a constant weight).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ class _System(NamedTuple):
     B: np.ndarray  # (N, H) complex128
     C: np.ndarray  # (H, N) complex128
     device: torch.device | None  # None: inputs were numpy; else return torch tensors here
+    Bw: np.ndarray  # (N, m) complex128: B W with R = W W^H, or B itself without weighting
 
 
 class _Balancing(NamedTuple):
@@ -60,14 +71,41 @@ def _wrap(x: np.ndarray, device: torch.device | None) -> np.ndarray | torch.Tens
     return x if device is None else torch.from_numpy(x).to(device)
 
 
-def _validate(lam: Any, B: Any, C: Any) -> _System:
+def _input_factor(input_cov: Any, H: int) -> np.ndarray:
+    """``W`` (H, m) with ``input_cov = W W^H``: a validated Hermitian PSD (H, H) matrix.
+
+    Eigen-decomposition factor, eigenvalues below roundoff dropped, so a rank-deficient
+    covariance (inputs confined to a subspace) gives a thin ``W``.
+    """
+    try:
+        R = _to_numpy(input_cov)
+    except (TypeError, ValueError) as exc:
+        raise ReductionError(f"input_cov must be a numeric (H, H) matrix: {exc}") from exc
+    if R.shape != (H, H):
+        raise ReductionError(f"input_cov must have shape (H, H) = {(H, H)}, got {R.shape}")
+    if not np.isfinite(R).all():
+        raise ReductionError("input_cov must be finite")
+    scale = max(float(np.abs(R).max()), 1e-300)
+    if np.abs(R - R.conj().T).max() > 1e-8 * scale:
+        raise ReductionError("input_cov must be Hermitian (symmetric), a covariance matrix")
+    w, V = np.linalg.eigh(0.5 * (R + R.conj().T))  # (H,), (H, H) ascending
+    if w[0] < -1e-8 * max(w[-1], 1e-300):
+        raise ReductionError(
+            f"input_cov must be positive semidefinite, a covariance matrix; got eigenvalue "
+            f"{w[0]:.3e} (largest {w[-1]:.3e})"
+        )
+    kept = w > H * np.finfo(float).eps * max(w[-1], 0.0)  # (H,)
+    return V[:, kept] * np.sqrt(w[kept])[None, :]  # (H, m)
+
+
+def _validate(lam: Any, B: Any, C: Any, input_cov: Any = None) -> _System:
     """Check shapes, finiteness and stability; return complex128 copies.
 
     Raises
     ------
     ReductionError
         If ``lam`` is not (N,), ``B`` not (N, H), ``C`` not (H, N), any entry is not finite,
-        or some ``|lam_i| >= 1``.
+        some ``|lam_i| >= 1``, or ``input_cov`` is not a Hermitian PSD (H, H) matrix.
     """
     device = _torch_device(lam, B, C)
     try:
@@ -99,7 +137,8 @@ def _validate(lam: Any, B: Any, C: Any) -> _System:
             f"the system must be stable, |lam_i| < 1, got {unstable.size} states with "
             f"|lam| >= 1 at indices {unstable[:8].tolist()}: |lam|={mag[unstable[:8]].tolist()}"
         )
-    return _System(lam_np, B_np, C_np, device)
+    Bw = B_np if input_cov is None else B_np @ _input_factor(input_cov, H)  # (N, m)
+    return _System(lam_np, B_np, C_np, device, Bw)
 
 
 def _gramians_np(lam: np.ndarray, B: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +166,7 @@ def _sqrt_factor(M: np.ndarray) -> np.ndarray:
 
 def _factors(sys: _System) -> tuple[np.ndarray, np.ndarray]:
     """Square-root factors ``Lc``, ``Lo`` with ``P = Lc Lc^H`` and ``Q = Lo Lo^H``."""
-    P, Q = _gramians_np(sys.lam, sys.B, sys.C)
+    P, Q = _gramians_np(sys.lam, sys.Bw, sys.C)
     return _sqrt_factor(P), _sqrt_factor(Q)  # (N, N), (N, N)
 
 
@@ -161,7 +200,7 @@ def _balance(sys: _System) -> _Balancing:
     """
     global _last_balancing
     digest = hashlib.blake2b(digest_size=16)
-    for a in (sys.lam, sys.B, sys.C):
+    for a in (sys.lam, sys.Bw, sys.C):
         digest.update(repr(a.shape).encode())
         digest.update(np.ascontiguousarray(a).tobytes())
     key = digest.digest()
@@ -174,13 +213,15 @@ def _balance(sys: _System) -> _Balancing:
 
 
 @one_blas_thread
-def gramians(lam: Any, B: Any, C: Any) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, ...]:
+def gramians(lam: Any, B: Any, C: Any, input_cov: Any = None
+             ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, ...]:
     """Controllability and observability Gramians of a diagonal discrete-time system.
 
     Closed form, no Lyapunov solver: for ``A = diag(lam)``,
 
     ``P_ij = (B B^H)_ij / (1 - lam_i conj(lam_j))`` solves ``P = A P A^H + B B^H`` and
     ``Q_ij = (C^H C)_ij / (1 - conj(lam_i) lam_j)`` solves ``Q = A^H Q A + C^H C``.
+    With ``input_cov = R``, ``B B^H`` becomes ``B R B^H`` (see the module docstring).
 
     Parameters
     ----------
@@ -190,6 +231,9 @@ def gramians(lam: Any, B: Any, C: Any) -> tuple[np.ndarray, np.ndarray] | tuple[
         Input matrix (including the LRU's gamma normalization).
     C : array_like or torch.Tensor, shape (H, N), complex
         Output matrix.
+    input_cov : array_like or torch.Tensor, shape (H, H), optional
+        Covariance (second moment) of the inputs, Hermitian positive semidefinite; None
+        weights every input channel alike (the identity).
 
     Returns
     -------
@@ -209,13 +253,14 @@ def gramians(lam: Any, B: Any, C: Any) -> tuple[np.ndarray, np.ndarray] | tuple[
     >>> P.real, Q.real  # 1 / (1 - 0.25), 4 / (1 - 0.25)
     (array([[1.33333333]]), array([[5.33333333]]))
     """
-    sys = _validate(lam, B, C)
-    P, Q = _gramians_np(sys.lam, sys.B, sys.C)
+    sys = _validate(lam, B, C, input_cov)
+    P, Q = _gramians_np(sys.lam, sys.Bw, sys.C)
     return _wrap(P, sys.device), _wrap(Q, sys.device)
 
 
 @one_blas_thread
-def hankel_singular_values(lam: Any, B: Any, C: Any) -> np.ndarray | torch.Tensor:
+def hankel_singular_values(lam: Any, B: Any, C: Any, input_cov: Any = None
+                           ) -> np.ndarray | torch.Tensor:
     """Hankel singular values of a diagonal discrete-time system, in DESCENDING order.
 
     ``g = sqrt(eig(P Q))`` computed stably by the square-root method: ``P = Lc Lc^H`` and
@@ -232,6 +277,8 @@ def hankel_singular_values(lam: Any, B: Any, C: Any) -> np.ndarray | torch.Tenso
         Input matrix (including gamma).
     C : array_like or torch.Tensor, shape (H, N), complex
         Output matrix.
+    input_cov : array_like or torch.Tensor, shape (H, H), optional
+        Input covariance for input-weighted HSVs (module docstring); None: unweighted.
 
     Returns
     -------
@@ -253,5 +300,5 @@ def hankel_singular_values(lam: Any, B: Any, C: Any) -> np.ndarray | torch.Tenso
     >>> np.round(hankel_singular_values(lam, B, C), 4)
     array([5.2642, 0.0118])
     """
-    sys = _validate(lam, B, C)
+    sys = _validate(lam, B, C, input_cov)
     return _wrap(_balance(sys).s, sys.device)  # (N,) descending; memoized for the truncation

@@ -16,6 +16,7 @@ from compressm_tune.reduction._truncation import SELECTS
 __all__ = ["ReductionPolicy", "plan_rank", "rank_for_tolerance", "round_up_to"]
 
 KINDS = ("tau", "rank", "fraction")
+WEIGHTINGS = ("none", "input")
 RoundTo = Callable[[int, int], int]
 
 
@@ -90,11 +91,19 @@ class ReductionPolicy:
         Passed to :func:`balanced_truncation`.
     seed : int or None
         Seed for ``select="random"``.
+    weighting : {"none", "input"}
+        LRU layers: ``"none"`` ranks states by the layer's own HSVs (as the paper);
+        ``"input"`` weights the controllability Gramian with the second moment of the
+        layer's inputs on the calibration sequences, so that states reached only through
+        input directions the data leaves unexcited count for nothing (see
+        :func:`~compressm_tune.reduction.hankel_singular_values`). Selective layers are always
+        scored on data.
 
     Examples
     --------
     >>> ReductionPolicy.parse("tau=0.04")
-    ReductionPolicy(kind='tau', value=0.04, gate=0.95, select='largest', seed=None)
+    ReductionPolicy(kind='tau', value=0.04, gate=0.95, select='largest', seed=None, \
+weighting='none')
     >>> ReductionPolicy.parse("rank=16,select=random,seed=3").seed
     3
     """
@@ -104,6 +113,7 @@ class ReductionPolicy:
     gate: float = 0.95  # skip cuts that would remove fewer than 5% of the states (paper)
     select: str = "largest"
     seed: int | None = None
+    weighting: str = "none"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -121,6 +131,9 @@ class ReductionPolicy:
             raise ConfigError(f"gate must satisfy 0 < gate <= 1, got gate={self.gate!r}")
         if self.select not in SELECTS:
             raise ConfigError(f"select must be one of {SELECTS}, got select={self.select!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(
+                f"weighting must be one of {WEIGHTINGS}, got weighting={self.weighting!r}")
 
     @classmethod
     def parse(cls, spec: str) -> ReductionPolicy:
@@ -130,8 +143,8 @@ class ReductionPolicy:
         ----------
         spec : str
             Comma-separated ``key=value`` pairs: exactly one of ``tau=``, ``rank=`` or
-            ``fraction=``, optionally ``gate=``, ``select=``, ``seed=``; e.g. ``"tau=0.04"``,
-            ``"fraction=0.25,gate=0.9"``.
+            ``fraction=``, optionally ``gate=``, ``select=``, ``seed=``, ``weighting=``; e.g.
+            ``"tau=0.04"``, ``"fraction=0.25,gate=0.9"``, ``"tau=0.1,weighting=input"``.
 
         Returns
         -------
@@ -148,10 +161,10 @@ class ReductionPolicy:
             key, sep, val = (part.strip() for part in item.partition("="))
             if not sep or not key or not val:
                 raise ConfigError(f"reduction policy must be key=value pairs, got {spec=}")
-            if key not in (*KINDS, "gate", "select", "seed") or key in fields:
+            if key not in (*KINDS, "gate", "select", "seed", "weighting") or key in fields:
                 raise ConfigError(
-                    f"reduction policy keys are one of {KINDS} plus gate, select, seed, each "
-                    f"at most once; got {key=} in {spec=}"
+                    f"reduction policy keys are one of {KINDS} plus gate, select, seed, "
+                    f"weighting, each at most once; got {key=} in {spec=}"
                 )
             fields[key] = val
         kinds = [k for k in KINDS if k in fields]
@@ -163,7 +176,8 @@ class ReductionPolicy:
             seed = int(fields["seed"]) if "seed" in fields else None
         except ValueError as exc:
             raise ConfigError(f"reduction policy has a non-numeric value in {spec=}") from exc
-        return cls(kinds[0], value, gate, fields.get("select", cls.select), seed)
+        return cls(kinds[0], value, gate, fields.get("select", cls.select), seed,
+                   fields.get("weighting", cls.weighting))
 
 
 def round_up_to(widths: Sequence[int]) -> RoundTo:

@@ -42,8 +42,9 @@ _TWO_PI = 2.0 * np.pi
 
 
 def _magnitude_scores(sys: _System) -> np.ndarray:
-    """``|b_i| |c_i| / (1 - |lam_i|^2)`` per diagonal state (row / column 2-norms), (N,)."""
-    b = np.linalg.norm(sys.B, axis=1)  # (N,)
+    """``|b_i| |c_i| / (1 - |lam_i|^2)`` per diagonal state (row / column 2-norms, ``b`` of
+    the input-weighted ``B W`` when weighted), (N,)."""
+    b = np.linalg.norm(sys.Bw, axis=1)  # (N,)
     c = np.linalg.norm(sys.C, axis=0)  # (N,)
     return b * c / (1.0 - np.abs(sys.lam) ** 2)  # (N,)
 
@@ -113,6 +114,7 @@ def balanced_truncation(
     rank: int,
     select: str = "largest",
     seed: int | None = None,
+    input_cov: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[torch.Tensor, ...]:
     """Reduce a diagonal discrete-time system to ``rank`` states; the result is diagonal again.
 
@@ -125,10 +127,14 @@ def balanced_truncation(
 
     For ``select="largest"`` the transfer function error obeys
     ``max_|z|=1 ||G(z) - G_r(z)||_2 <= 2 * sum(g[rank:])``, plus at most ``2e-11 * g[0]`` per
-    inert state. Balanced states with ``g_i <= 1e-11 * g[0]`` cannot be balanced accurately;
-    when such a state is kept (``rank`` above the numerical order, or the ``"smallest"`` /
-    ``"random"`` ablations) it is replaced by an inert state that leaves the transfer function
-    unchanged: the eigenvalue and ``C`` column of one of the original diagonal states (lowest
+    inert state. With ``input_cov = R = W W^H`` the balancing uses ``P`` of ``B R B^H`` (and
+    ``g`` are the input-weighted HSVs) while the projection still acts on ``B``: the bound then
+    holds for ``||(G(z) - G_r(z)) W||_2``, the error on inputs shaped like the data.
+
+    Balanced states with ``g_i <= 1e-11 * g[0]`` cannot be balanced accurately; when such a
+    state is kept (``rank`` above the numerical order, or the ``"smallest"`` / ``"random"``
+    ablations) it is replaced by an inert state that leaves the transfer function unchanged:
+    the eigenvalue and ``C`` column of one of the original diagonal states (lowest
     ``|b_i| |c_i| / (1 - |lam_i|^2)`` first) with a zero ``B`` row, which training can revive
     through the gradient of ``B``.
 
@@ -153,6 +159,9 @@ def balanced_truncation(
         (``|b_i|``, ``|c_i|`` row / column 2-norms), returned in their original order.
     seed : int or None, default None
         Seed of ``numpy.random.default_rng`` for ``select="random"``; ignored otherwise.
+    input_cov : array_like or torch.Tensor, shape (H, H), optional
+        Input covariance for input-weighted balancing (see
+        :func:`~compressm_tune.reduction.hankel_singular_values`); None: unweighted.
 
     Returns
     -------
@@ -187,7 +196,7 @@ def balanced_truncation(
     >>> bool(abs(lam_r[0] - 0.9) < 1e-3)
     True
     """
-    sys = _validate(lam, B, C)
+    sys = _validate(lam, B, C, input_cov)
     N = len(sys.lam)
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ReductionError(

@@ -51,7 +51,8 @@ class ReduceConfig:
     # Optional budget check on the per-layer widths; when the window closes and it fails, the
     # weakest balanced states (smallest normalized HSVs, across layers) are cut until it holds.
     fits: Callable[[list[int]], bool] | None = None
-    # Selective layers only: training sequences whose layer inputs score the states.
+    # Training sequences whose layer inputs score the states (selective layers, and LRU
+    # layers under an input-weighted policy).
     calibration: int = CALIBRATION
 
     def __post_init__(self) -> None:
@@ -68,13 +69,16 @@ class ReduceConfig:
 
 
 @torch.no_grad()
-def layer_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
-    """What each block's SSM layer receives for model inputs ``x`` (eval mode), for the
-    selective layers' data-driven scores; None for LRU layers, whose scores need no data."""
+def layer_inputs(model: torch.nn.Module, x: torch.Tensor, lru: bool = False
+                 ) -> list[torch.Tensor | None]:
+    """What each block's SSM layer receives for model inputs ``x`` (eval mode): for the
+    selective layers' data-driven scores, and with ``lru`` for the LRU layers' input-weighted
+    HSVs too; None for the layers left out."""
     captured: list[torch.Tensor | None] = [None] * len(model.blocks)
     hooks = [block.ssm.register_forward_pre_hook(
         lambda _module, args, k=k: captured.__setitem__(k, args[0].detach()))
-        for k, block in enumerate(model.blocks) if isinstance(block.ssm, SelectiveLayer)]
+        for k, block in enumerate(model.blocks)
+        if lru or isinstance(block.ssm, SelectiveLayer)]
     if hooks:
         was_training = model.training
         model.eval()
@@ -87,17 +91,20 @@ def layer_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor |
     return captured
 
 
-def spectrum_record(model: torch.nn.Module, x: torch.Tensor | None = None) -> list[dict[str, Any]]:
+def spectrum_record(model: torch.nn.Module, x: torch.Tensor | None = None,
+                    weighting: str = "none") -> list[dict[str, Any]]:
     """Per layer: its state scores, descending (``hsv``) and per current state (``mode_score``).
 
-    LRU: the Hankel singular values, and each diagonal mode's own Hankel score
+    LRU: the Hankel singular values (input-weighted on ``x`` with ``weighting="input"``), and
+    each diagonal mode's own Hankel score
     ``sqrt(P_ii Q_ii) = |b_i| |c_i| / (1 - |lambda_i|^2)`` (the HSV of mode ``i`` taken alone);
     unlike the HSVs, it keeps the identity of each state between evaluations, so its ranking
     can be compared over training (Kendall tau). Selective: the data importance of every state
     index on calibration inputs ``x`` (model inputs, required), sorted and in state order.
     """
     records = []
-    inputs = layer_inputs(model, x) if x is not None else [None] * len(model.blocks)
+    inputs = (layer_inputs(model, x, lru=weighting == "input") if x is not None
+              else [None] * len(model.blocks))
     for k, block in enumerate(model.blocks):
         scores = state_scores(block.ssm, inputs[k])
         if isinstance(block.ssm, SelectiveLayer):
@@ -175,20 +182,23 @@ class Reducer:
         if val is None:
             val = trainer.validate()
         if len(plans) > 1:
-            after = self._cut_together(trainer, plans, val)
+            after = self._cut_together(trainer, plans, inputs, val)
             if after is not None:
                 for k in plans:
                     records[k].update(action="cut", val_before=val, val_after=after)
                 return records, after
         for k, (rank, scores) in plans.items():  # one at a time, each with its own check
             layer = trainer.model.ssm_layers()[k]
-            if len(plans) > 1 and isinstance(layer, SelectiveLayer):
-                scores = state_scores(layer, self._layer_inputs(trainer)[k])  # inputs moved
-            val = self._cut(trainer, k, rank, val, records[k], scores)
+            if len(plans) > 1 and inputs[k] is not None:  # earlier cuts moved the inputs
+                inputs[k] = self._layer_inputs(trainer)[k]
+                if isinstance(layer, SelectiveLayer):
+                    scores = state_scores(layer, inputs[k])
+            val = self._cut(trainer, k, rank, val, records[k], scores, inputs[k])
         return records, val
 
     def _cut_together(self, trainer: Any, plans: dict[int, tuple[int, np.ndarray]],
-                      val: dict[str, float]) -> dict[str, float] | None:
+                      inputs: list[torch.Tensor | None], val: dict[str, float]
+                      ) -> dict[str, float] | None:
         """Cut every planned layer, rebuild the optimizer once, validate once; on a failed
         check restore the pre-cut state and return None."""
         snapshot = trainer.save("pre_cut.pt")
@@ -200,7 +210,7 @@ class Reducer:
             layer = layers[k]
             old_params = {name: getattr(layer, name) for name in layer.state_axes}
             keep = reduce_layer(layer, rank, select=policy.select, seed=policy.seed,
-                                scores=scores)
+                                scores=scores, inputs=inputs[k])
             cut.append((layer, old_params, rank, keep))
         trainer.rebuild_optimizer()
         for layer, old_params, rank, keep in cut:
@@ -238,8 +248,8 @@ class Reducer:
                 break
             ranks[min(weakest)[1]] -= 1
         policy = self.config.policy
-        for layer, rank, g in zip(layers, ranks, scores, strict=True):
-            reduce_layer(layer, rank, select=policy.select, seed=policy.seed, scores=g)
+        for layer, rank, g, x in zip(layers, ranks, scores, inputs, strict=True):
+            reduce_layer(layer, rank, select=policy.select, seed=policy.seed, scores=g, inputs=x)
         trainer.rebuild_optimizer()  # fresh moments: every layer may have changed
         trainer.best_score = float("-inf")
         return ranks
@@ -251,17 +261,21 @@ class Reducer:
 
     def _layer_inputs(self, trainer: Any) -> list[torch.Tensor | None]:
         """Each layer's inputs on the calibration slice: the first ``calibration`` training
-        sequences, the same every time, so score changes reflect the model, not the data."""
-        return layer_inputs(trainer.model, trainer.dataset.x_train[:self.config.calibration])
+        sequences, the same every time, so score changes reflect the model, not the data.
+        LRU layers' inputs only for an input-weighted policy."""
+        return layer_inputs(trainer.model, trainer.dataset.x_train[:self.config.calibration],
+                            lru=self.config.policy.weighting == "input")
 
     def _cut(self, trainer: Any, k: int, rank: int, val: dict[str, float],
-             record: dict[str, Any], scores: np.ndarray | None = None) -> dict[str, float]:
+             record: dict[str, Any], scores: np.ndarray | None = None,
+             inputs: torch.Tensor | None = None) -> dict[str, float]:
         snapshot = trainer.save("pre_cut.pt")
         layer = trainer.model.blocks[k].ssm
         old_params = {name: getattr(layer, name) for name in layer.state_axes}
         old_state = trainer.optimizer.state
         policy = self.config.policy
-        keep = reduce_layer(layer, rank, select=policy.select, seed=policy.seed, scores=scores)
+        keep = reduce_layer(layer, rank, select=policy.select, seed=policy.seed, scores=scores,
+                            inputs=inputs)
         trainer.rebuild_optimizer()
         self._carry_moments(trainer.optimizer, old_state, layer, old_params, rank, keep)
         after = trainer.validate()

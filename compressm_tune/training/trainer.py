@@ -283,8 +283,9 @@ class Trainer:
                 val = self.validate()
                 record["val"], record["state_dims"] = val, self.model.state_dims
         if self.config.log_spectrum:
-            record["spectrum"] = spectrum_record(self.model,
-                                                 self.dataset.x_train[:CALIBRATION])
+            weighting = "none" if self.reducer is None else self.reducer.config.policy.weighting
+            record["spectrum"] = spectrum_record(self.model, self.dataset.x_train[:CALIBRATION],
+                                                 weighting)
         if score(val) > self.best_score:
             self.best_score = score(val)
             self.save("best.pt")
