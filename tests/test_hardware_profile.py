@@ -4,6 +4,7 @@ and ``compare`` on two real profiles (eager torch and TorchScript)."""
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
 from pathlib import Path
 
@@ -17,9 +18,12 @@ from compressm_tune.hardware import (
     Profile,
     add_compare_parser,
     add_profile_parser,
+    check_drift,
     config_from_args,
     load_profile,
     measure_models,
+    reference_widths,
+    save_profile,
 )
 
 # Leave-one-out tolerance on the real quick profile: the mean absolute error of predicting each
@@ -150,3 +154,56 @@ def test_compare_two_real_profiles(quick_profile, tmp_path: Path, capsys) -> Non
     assert "[torch]" in out and "[torchscript]" in out and "steps up at" in out
     assert markdown.read_text() == out
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def _slowed(profile: Profile, factor: float) -> Profile:
+    """The profile as if measured on a machine ``factor`` times slower (latency fields)."""
+    data = json.loads(json.dumps(profile.to_dict()))  # tuples as lists, as from_dict reads
+    for record in data["records"] + data["extra_records"]:
+        record["latency"] = {k: v * factor if k.endswith("_ms") else v
+                             for k, v in record["latency"].items()}
+    return Profile.from_dict(data)
+
+
+def test_drift_check_sees_a_machine_that_changed_since_its_profile(quick_profile) -> None:
+    """A profile whose latencies are doubled looks like a machine now 2x faster: the check
+    re-measures its reference models and must report about 0.5 (loose: shared machine)."""
+    _, profile = quick_profile
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # shared-machine notes
+        drift = check_drift(_slowed(profile, 2.0), rounds=3)
+    assert drift.widths == reference_widths(profile) and len(drift.widths) == 3
+    assert 0.3 < drift.scale < 0.75, drift
+    scaled = LatencyModel.from_profile(profile, scale=drift.scale)
+    plain = LatencyModel.from_profile(profile)
+    assert scaled.predict([8, 64]) == pytest.approx(drift.scale * plain.predict([8, 64]))
+    assert scaled.predict([8, 64], "peak_mem_mb") == plain.predict([8, 64], "peak_mem_mb")
+
+
+def test_cli_drift_check(quick_profile, tmp_path: Path, capsys) -> None:
+    path, profile = quick_profile
+    slowed = tmp_path / "slowed.json"
+    save_profile(_slowed(profile, 2.0), slowed)
+    capsys.readouterr()
+    assert _run(["profile", "--check", str(slowed), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "latency_ms now / profile" in out and "faster than when profiled" in out
+
+
+def test_drift_check_rejects_widths_or_metrics_the_profile_lacks(quick_profile) -> None:
+    _, profile = quick_profile
+    with pytest.raises(ConfigError, match="profiled widths"):
+        check_drift(profile, widths=[5])
+    with pytest.raises(ConfigError, match="time metric"):
+        check_drift(profile, metric="peak_mem_mb")
+
+
+def test_cli_drift_check_refuses_another_machine_in_one_line(quick_profile, tmp_path) -> None:
+    from compressm_tune.cli import main
+
+    path, profile = quick_profile
+    data = json.loads(json.dumps(profile.to_dict()))
+    data["device"]["cpu_model"] = "Some Other CPU 9000"
+    foreign = tmp_path / "foreign.json"
+    save_profile(Profile.from_dict(data), foreign)
+    assert main(["profile", "--check", str(foreign), "--quiet"]) == 2

@@ -16,13 +16,14 @@ from compressm_tune.cli import main
 from compressm_tune.errors import ConfigError
 from compressm_tune.hardware import (
     LatencyModel,
+    Profile,
     ProfilerConfig,
     load_profile,
     profile_device,
     save_profile,
 )
 from compressm_tune.search import StorageError, TuneConfig, open_storage
-from compressm_tune.search._job import resolve_profile
+from compressm_tune.search._job import drift_scale, resolve_profile
 
 SMALL = {"blocks": 1, "hidden": 8}
 
@@ -145,3 +146,22 @@ def test_cli_unknown_arch_exits_2_without_a_run(tmp_path, capsys):
         _tune(tmp_path, "--budget-ms", "1", "--arch", "mamba2")
     assert info.value.code == 2 and "mamba2" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stale_profile_of_this_machine_is_rescaled_and_noted(profile_path):
+    """Latencies tripled in the file = a machine that now runs 3x faster than profiled."""
+    data = json.loads(profile_path.read_text())
+    for record in data["records"] + data["extra_records"]:
+        record["latency"] = {k: v * 3 if k.endswith("_ms") else v
+                             for k, v in record["latency"].items()}
+    notes: list[str] = []
+    scale = drift_scale(Profile.from_dict(data), "latency_ms", notes)
+    assert 0.15 < scale < 0.6
+    assert len(notes) == 1 and "faster than when its profile was measured" in notes[0]
+
+
+def test_a_profile_of_another_machine_is_not_drift_checked(profile_path):
+    data = json.loads(profile_path.read_text())
+    data["device"]["cpu_model"] = "Some Other CPU 9000"
+    notes: list[str] = []
+    assert drift_scale(Profile.from_dict(data), "latency_ms", notes) == 1.0 and notes == []

@@ -1,10 +1,11 @@
 """Hardware profiling: per-state-width latency, throughput, memory and energy; profiles.
 
 Measure a device with :func:`profile_device`, store it with :func:`save_profile`, predict
-any per-layer widths with :class:`LatencyModel`, and put devices side by side with
-:func:`compare`. Energy and time are read in named windows (:class:`MeasurementMonitor`)
-from a backend chosen by :func:`select_energy_backend`: NVML on NVIDIA GPUs, RAPL on CPUs,
-else an estimate from CPU time that is labelled as one.
+any per-layer widths with :class:`LatencyModel` (rescaled by :func:`check_drift` when the
+machine has changed since), and put devices side by side with :func:`compare`. Energy and
+time are read in named windows (:class:`MeasurementMonitor`) from a backend chosen by
+:func:`select_energy_backend`: NVML on NVIDIA GPUs, RAPL on CPUs, else an estimate from CPU
+time that is labelled as one.
 """
 
 from compressm_tune.hardware._commands import (
@@ -19,6 +20,7 @@ from compressm_tune.hardware._config import (
     parse_block_counts,
     parse_widths,
 )
+from compressm_tune.hardware._drift import DRIFT_TOLERANCE, Drift, check_drift, reference_widths
 from compressm_tune.hardware._energy import ENERGY_CHOICES, select_energy_backend
 from compressm_tune.hardware._energy_base import (
     DEFAULT_WATTS_PER_CORE,
@@ -28,7 +30,12 @@ from compressm_tune.hardware._energy_base import (
     NullEnergyBackend,
 )
 from compressm_tune.hardware._fingerprint import DeviceFingerprint, fingerprint
-from compressm_tune.hardware._latency_model import INTERPOLATIONS, HoldoutError, LatencyModel
+from compressm_tune.hardware._latency_model import (
+    INTERPOLATIONS,
+    TIME_METRICS,
+    HoldoutError,
+    LatencyModel,
+)
 from compressm_tune.hardware._memory import MemoryUsage, measure_peak_memory, param_mb
 from compressm_tune.hardware._monitor import Measurement, MeasurementMonitor, synchronize
 from compressm_tune.hardware._nvml import NvmlCounterBackend, NvmlPowerSamplingBackend
@@ -59,15 +66,18 @@ from compressm_tune.hardware._timing import (
 
 __all__ = [
     "DEFAULT_WATTS_PER_CORE",
+    "DRIFT_TOLERANCE",
     "ENERGY_CHOICES",
     "INTERPOLATIONS",
     "METRICS",
     "RUNTIMES",
     "SCHEMA_VERSION",
+    "TIME_METRICS",
     "CallTimes",
     "ComparisonTable",
     "CpuTimeEstimateBackend",
     "DeviceFingerprint",
+    "Drift",
     "EnergyBackend",
     "EnergyBackendError",
     "HoldoutError",
@@ -86,6 +96,7 @@ __all__ = [
     "ModelRecord",
     "add_compare_parser",
     "add_profile_parser",
+    "check_drift",
     "compare",
     "config_from_args",
     "fast_widths",
@@ -100,6 +111,7 @@ __all__ = [
     "plot_comparison",
     "prepare_runtime",
     "profile_device",
+    "reference_widths",
     "save_profile",
     "select_energy_backend",
     "step_up_widths",

@@ -12,6 +12,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from compressm_tune.errors import ConfigError
 from compressm_tune.hardware._compare import compare, plot_comparison
 from compressm_tune.hardware._config import (
     RUNTIMES,
@@ -19,7 +20,9 @@ from compressm_tune.hardware._config import (
     parse_block_counts,
     parse_widths,
 )
+from compressm_tune.hardware._drift import DRIFT_TOLERANCE, check_drift
 from compressm_tune.hardware._energy import ENERGY_CHOICES
+from compressm_tune.hardware._fingerprint import fingerprint
 from compressm_tune.hardware._latency_model import LatencyModel
 from compressm_tune.hardware._profiler import profile_device
 from compressm_tune.hardware._schema import load_profile, save_profile
@@ -76,6 +79,10 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                         help="remark stored in the profile (repeatable), e.g. 'machine shared'")
     parser.add_argument("--out", type=Path, default=None,
                         help="output JSON (default: profiles/<device-slug>[-<runtime>].json)")
+    parser.add_argument("--check", type=Path, default=None, metavar="PROFILE.json",
+                        help="instead of profiling: re-measure three widths of this machine's "
+                             "profile with its own settings and print how much slower or "
+                             "faster the machine runs now (the factor predictions need)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run_profile)
     return parser
@@ -99,7 +106,24 @@ def config_from_args(args: argparse.Namespace) -> ProfilerConfig:
     return ProfilerConfig(**values)
 
 
+def _run_check(path: Path, progress: bool) -> int:
+    profile = load_profile(path)
+    here = fingerprint(profile.config.device)
+    if here.slug != profile.device.slug:
+        raise ConfigError(f"{path} was measured on {profile.device.label}, this machine is "
+                          f"{here.label}: a drift check compares a machine with itself")
+    drift = check_drift(profile, progress=progress)
+    print(f"{path}: {drift.summary()}")
+    if abs(drift.scale - 1.0) > DRIFT_TOLERANCE:
+        print(f"this machine runs {abs(drift.scale - 1):.0%} "
+              f"{'slower' if drift.scale > 1 else 'faster'} than when profiled: re-profile, or "
+              f"scale predictions by {drift.scale:.3f} (LatencyModel(scale=...))")
+    return 0
+
+
 def _run_profile(args: argparse.Namespace) -> int:
+    if args.check is not None:
+        return _run_check(args.check, progress=not args.quiet)
     config = config_from_args(args)
     profile = profile_device(config, progress=not args.quiet, notes=args.note)
     out = args.out

@@ -22,9 +22,12 @@ import numpy as np
 
 from compressm_tune.hardware._schema import METRICS, Profile
 
-__all__ = ["HoldoutError", "LatencyModel", "INTERPOLATIONS"]
+__all__ = ["HoldoutError", "LatencyModel", "INTERPOLATIONS", "TIME_METRICS"]
 
 INTERPOLATIONS = ("piecewise", "quadratic")
+# Metrics that a machine running slower or faster than when profiled moves by one factor.
+TIME_METRICS = ("latency_ms", "latency_min_ms", "latency_cpu_ms", "step_ms", "batch_ms",
+                "train_step_ms")
 
 
 def _piecewise(widths: np.ndarray, costs: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -91,13 +94,21 @@ class LatencyModel:
     interpolation : {"auto", "piecewise", "quadratic"}
         How per-layer costs are interpolated across widths; ``"auto"`` picks, per metric,
         the one with the lower mean leave-one-out error on the profile's interior widths.
+    scale : float
+        Factor on every time metric's prediction (:data:`TIME_METRICS`), for a machine that
+        runs slower or faster than when it was profiled: :meth:`Drift.scale` of
+        :func:`check_drift`. Energy and memory are not scaled.
     """
 
-    def __init__(self, profile: Profile, interpolation: str = "auto") -> None:
+    def __init__(self, profile: Profile, interpolation: str = "auto",
+                 scale: float = 1.0) -> None:
         if interpolation not in ("auto", *INTERPOLATIONS):
             raise ValueError(
                 f"interpolation must be 'auto' or one of {INTERPOLATIONS}, got {interpolation!r}"
             )
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite factor, got {scale!r}")
+        self.scale = float(scale)
         if len(profile.widths) < 3 and interpolation == "auto":
             interpolation = "piecewise"  # nothing to hold out
         self.profile = profile
@@ -114,7 +125,8 @@ class LatencyModel:
             self._fits[metric] = (overhead, costs, method)
 
     @classmethod
-    def from_profile(cls, profile: Profile, interpolation: str = "auto") -> LatencyModel:
+    def from_profile(cls, profile: Profile, interpolation: str = "auto",
+                     scale: float = 1.0) -> LatencyModel:
         """Build the model of ``profile`` (see the class docstring).
 
         Examples
@@ -124,7 +136,7 @@ class LatencyModel:
         >>> model.predict([47, 31, 12], metric="latency_ms")  # doctest: +SKIP
         3.1
         """
-        return cls(profile, interpolation)
+        return cls(profile, interpolation, scale)
 
     @property
     def metrics(self) -> list[str]:
@@ -226,14 +238,16 @@ class LatencyModel:
         Returns
         -------
         float
-            In the metric's unit, at the profile's hidden width, sequence length and batches.
+            In the metric's unit, at the profile's hidden width, sequence length and batches;
+            time metrics times ``scale``.
         """
         dims = [int(n) for n in state_dims]
         if not dims or min(dims) < 1:
             raise ValueError(f"state_dims must list at least one width >= 1, got {state_dims!r}")
         overhead, costs, method = self._fit(metric)
         per_layer = _INTERPOLATORS[method](self._widths, costs, np.array(dims, dtype=float))
-        return float(overhead + per_layer.sum())
+        scale = self.scale if metric in TIME_METRICS else 1.0
+        return float(scale * (overhead + per_layer.sum()))
 
     def holdout_error(self, metric: str = "latency_ms", interpolation: str | None = None
                       ) -> HoldoutError:

@@ -3,7 +3,9 @@
     compressm-tune --budget-ms 2.0
 
 1. A latency model of this machine from a profile (``--profile``, else the cached profile of
-   this device and model shape, else a short measurement that is then cached).
+   this device and model shape, else a short measurement that is then cached). A profile
+   measured before this run is first drift-checked (three of its models re-timed): a machine
+   that now runs more than 5 % slower or faster gets its predictions scaled by the ratio.
 2. An Optuna study over in-training reduction schedules; a trial is feasible when the profile
    predicts its final widths meet the budget (trials are steered there by budget-aware
    truncation when their reduction window closes).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,13 @@ from compressm_tune.hardware import (
     LatencyModel,
     Profile,
     ProfilerConfig,
+    check_drift,
     fingerprint,
     load_profile,
     profile_device,
     save_profile,
 )
+from compressm_tune.hardware._drift import DRIFT_TOLERANCE
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._objective import Objective, constraints_of
 from compressm_tune.search._storage import open_storage
@@ -92,6 +97,26 @@ def resolve_profile(config: TuneConfig, d_input: int, d_output: int,
     return profile, notes
 
 
+def drift_scale(profile: Profile, metric: str, notes: list[str]) -> float:
+    """The factor on the profile's time predictions for this machine as it runs now.
+
+    A profile of this machine is re-checked (:func:`check_drift`, a few seconds): if its
+    reference models now run more than ``DRIFT_TOLERANCE`` slower or faster, the measured
+    ratio, else 1. A profile of another machine cannot be checked against itself: 1.
+    """
+    if profile.device.slug != fingerprint(profile.config.device).slug:
+        return 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # shared-machine notes: the check's ratio absorbs them
+        drift = check_drift(profile, metric=metric)
+    if abs(drift.scale - 1.0) <= DRIFT_TOLERANCE:
+        return 1.0
+    notes.append(f"this machine runs {abs(drift.scale - 1):.0%} "
+                 f"{'slower' if drift.scale > 1 else 'faster'} than when its profile was "
+                 f"measured ({drift.summary()}); predictions are scaled by {drift.scale:.3f}")
+    return drift.scale
+
+
 def _open_study(config: TuneConfig) -> optuna.Study:
     storage = open_storage(config.storage, Path(config.out))
     # Optuna 5 samplers read constraints recorded with trial.set_constraint; Optuna 4 needs them
@@ -145,8 +170,10 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(config.dataset, path=config.data_path, data_dir=config.data_dir,
                         seed=config.seed)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     profile, notes = resolve_profile(config, data.d_input, data.d_output, data.seq_len)
-    latency = LatencyModel.from_profile(profile)
+    scale = drift_scale(profile, config.metric, notes) if profile.created_utc < started else 1.0
+    latency = LatencyModel.from_profile(profile, scale=scale)
     fastest, width = min((latency.predict([w] * config.blocks, config.metric), w)
                          for w in {1, *profile.widths})
     if config.budget_ms < fastest:
