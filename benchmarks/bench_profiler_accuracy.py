@@ -8,6 +8,9 @@ between grid points), measures them with the profiler's own method (:func:`measu
 same settings, threads, interleaved rounds) and compares with two predictions:
 
 * from the given profile (measured earlier: the way the search uses it);
+* from the given profile after a drift check: scaled by the median ratio, re-measured /
+  profiled, of its K-block models at three reference widths (what ``profile --check`` and the
+  budgeted job compute; here those models are taken from the control, no extra timing);
 * from a control profile whose equal-width models are re-measured in the same interleaved
   session as the combinations, so that a change in machine load between the profile and the
   benchmark does not count as model error.
@@ -44,17 +47,19 @@ from matplotlib.figure import Figure
 
 from compressm_tune.hardware import (
     INTERPOLATIONS,
+    TIME_METRICS,
     LatencyModel,
     Profile,
     load_profile,
     measure_models,
+    reference_widths,
 )
 
 TARGET_WITHIN = 0.10  # +-10 %
 TARGET_FRACTION = 0.90  # of the combinations
 METRICS = ("latency_ms", "latency_min_ms", "latency_cpu_ms", "step_ms", "batch_ms",
            "train_step_ms", "energy_mj", "peak_mem_mb")
-PREDICTORS = ("profile", "control")
+PREDICTORS = ("profile", "checked", "control")
 
 
 def draw_combinations(profile: Profile, count: int, seed: int) -> list[list[int]]:
@@ -138,6 +143,39 @@ def evaluate(profile: Profile, combos: list[list[int]], records) -> dict:
     return {"rows": rows, "summary": summary}
 
 
+def drift_scales(profile: Profile, control: Profile) -> dict[str, float]:
+    """Per time metric, the factor :func:`check_drift` gives: the median ratio, re-measured /
+    profiled, of the profile's K-block models at :func:`reference_widths` (three of the
+    control's models, so no extra measurement)."""
+    widths = reference_widths(profile)
+    old = {r.state_dim: r for r in profile.records}
+    new = {r.state_dim: r for r in control.records}
+    return {m: float(np.median([new[w].metric(m) / old[w].metric(m) for w in widths]))
+            for m in TIME_METRICS if all(old[w].metric(m) is not None for w in widths)}
+
+
+def rescaled(result: dict, scales: dict[str, float]) -> dict:
+    """``result`` of :func:`evaluate` with every prediction of a metric in ``scales`` times
+    its factor: the profile file's predictor after a drift check."""
+    rows = []
+    for row in result["rows"]:
+        predicted = {m: {n: v * scales.get(m, 1.0) for n, v in by.items()}
+                     for m, by in row["predicted"].items()}
+        rows.append({**row, "predicted": predicted, "rel_error": {
+            m: {n: v / row["measured"][m] - 1 for n, v in by.items()}
+            for m, by in predicted.items()}})
+    summary = {}
+    for metric, s in result["summary"].items():
+        summary[metric] = dict(s)
+        for name in (*INTERPOLATIONS, "auto"):
+            errors = np.abs([r["rel_error"][metric][name] for r in rows])
+            summary[metric][name] = {**s[name],
+                                     "within_10pct": float(np.mean(errors <= TARGET_WITHIN)),
+                                     "median_abs_rel_error": float(np.median(errors)),
+                                     "max_abs_rel_error": float(np.max(errors))}
+    return {"rows": rows, "summary": summary, "scales": scales}
+
+
 def _headline(result: dict, what: str, metric: str = "latency_ms") -> str:
     if metric not in result["summary"]:
         return f"- {what}: `{metric}` not in this profile."
@@ -216,6 +254,11 @@ def write_markdown(path: Path, profile_path: Path, profile: Profile, results: di
         "`latency_ms`, median wall-clock time (the target):",
         "",
         _headline(results["profile"], "predicted from the profile file"),
+        _headline(results["checked"], "predicted from the profile file after a drift check "
+                  f"(x {results['checked']['scales'].get('latency_ms', 1):.3f}: "
+                  "the median ratio, now / profiled, of the K-block models at widths "
+                  f"{list(reference_widths(profile))} re-measured in this session, as "
+                  "`compressm-tune profile --check` and the budgeted job compute it)"),
         _headline(results["control"], "predicted from equal-width models re-measured in the "
                   "same session (control for load drift)"),
         "",
@@ -223,6 +266,9 @@ def write_markdown(path: Path, profile_path: Path, profile: Profile, results: di
         "for a core that other processes hold does not count):",
         "",
         _headline(results["profile"], "predicted from the profile file", "latency_cpu_ms"),
+        _headline(results["checked"], "predicted from the profile file after a drift check "
+                  f"(x {results['checked']['scales'].get('latency_cpu_ms', 1):.3f})",
+                  "latency_cpu_ms"),
         _headline(results["control"], "predicted from the co-measured control",
                   "latency_cpu_ms"),
         "",
@@ -254,6 +300,10 @@ def write_markdown(path: Path, profile_path: Path, profile: Profile, results: di
         "### From the profile file",
         "",
         *_summary_table(results["profile"]),
+        "",
+        "### From the profile file after a drift check",
+        "",
+        *_summary_table(results["checked"]),
         "",
         "### From the co-measured control",
         "",
@@ -288,7 +338,7 @@ def write_plot(path: Path, results: dict) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     values = []
-    for name, marker in zip(PREDICTORS, ("o", "x"), strict=True):
+    for name, marker in zip(PREDICTORS, ("o", "^", "x"), strict=True):
         rows = results[name]["rows"]
         measured = np.array([r["measured"]["latency_ms"] for r in rows])
         predicted = np.array([r["predicted"]["latency_ms"]["auto"] for r in rows])
@@ -367,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         created = payload.get("profile_created_utc", profile.created_utc)
         if (payload["config"], created) != (config, profile.created_utc):
             raise SystemExit(f"{args.out}.json was not measured with {args.profile}")
-        results = {name: payload[name] for name in PREDICTORS}
+        results = {name: payload[name] for name in ("profile", "control")}
         meta = payload["meta"]
         control_records = payload["control_records"]
     else:
@@ -399,13 +449,15 @@ def main(argv: list[str] | None = None) -> int:
                    "energy_method": profile.energy_method,
                    "target": {"within": TARGET_WITHIN, "fraction": TARGET_FRACTION},
                    "control_records": control_records,
-                   "combo_records": [dataclasses.asdict(r) for r in records[m:]], **results}
+                   "combo_records": [dataclasses.asdict(r) for r in records[m:]]}
     plain = json.loads(json.dumps(profile.to_dict()))  # tuples as lists, as from_dict reads
     control = Profile.from_dict({**plain, "records": json.loads(json.dumps(control_records[:n])),
                                  "extra_records": json.loads(json.dumps(control_records[n:m]))})
     meta["drift"] = drift(profile, control)
+    results["checked"] = rescaled(results["profile"], drift_scales(profile, control))
+    results = {name: results[name] for name in PREDICTORS}
     payload.update(meta=meta, profile_path=str(args.profile),
-                   profile_created_utc=profile.created_utc)
+                   profile_created_utc=profile.created_utc, **results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     write_markdown(args.out.with_suffix(".md"), args.profile, profile, results, meta)

@@ -14,6 +14,10 @@ Three groups of training runs (one torch thread per run, ``--workers`` runs in p
             true order (8 real states = 4 complex-conjugate pairs, i.e. 4 complex LRU states)?
             Sweeps tau, window, H and the safety net; full and fixed-width references; the full
             model's HSV spectrum, leading modes and post-training truncation to 4, 8, 16 states.
+  vs-scratch mnist1d, default network and length, harder compression (tau=0.1 every 5 steps,
+            unweighted and input-weighted): each run against a model trained from scratch at
+            its final widths, paired by seed. Does CompreSSM beat small-from-scratch where the
+            small width costs accuracy?
 
 Time is measured from the benchmark side: the Reducer and the Trainer are subclassed and the
 functions the reducer module calls (``layer_hsv``/``state_scores``, ``truncate_layer``/
@@ -21,7 +25,8 @@ functions the reducer module calls (``layer_hsv``/``state_scores``, ``truncate_l
 exclusive (a nested phase's time is not counted again in its parent).
 
 Outputs: bench_results/reduction_share.{json,md} (time shares), compression_default.{json,md,png}
-(mnist1d at the default length), sysid_order.{json,md,png} (lti-sysid order). ``--render``
+(mnist1d at the default length), sysid_order.{json,md,png} (lti-sysid order),
+compression_vs_scratch.{json,md} (harder compression against scratch). ``--render``
 rewrites the Markdown and plots from the JSON without training.
 
     python benchmarks/bench_reduction_share.py --snapshot [--groups mnist1d,lti-share,order]
@@ -50,7 +55,7 @@ if os.environ.get("BENCH_CODE"):  # --snapshot: the committed package, not a tre
 from _common import RESULTS, machine, mean_std, write  # noqa: E402
 
 DEFAULT_NET = {"blocks": 4, "hidden": 64, "state": 256, "batch": 64}
-GROUPS = ("mnist1d", "lti-share", "order")
+GROUPS = ("mnist1d", "lti-share", "order", "vs-scratch")
 TRUE_COMPLEX_ORDER = 4  # lti-sysid: 8 real states in 4 conjugate pairs -> 4 complex states
 # Phases timed inside Reducer.attempt, and what each one is.
 CORE = ("hsv", "plan", "truncate", "optimizer", "attempt_other")
@@ -361,13 +366,28 @@ def _order_jobs(seeds, steps):
     return jobs
 
 
+VS_SCRATCH = (("tau0.1-every5", {"tau": 0.1, "every": 5}),
+              ("w-tau0.1-every5", {"tau": 0.1, "every": 5, "weighting": "input"}))
+
+
+def _vs_scratch_jobs(seeds, steps):
+    base = {"dataset": "mnist1d", "group": "vs-scratch", "net": DEFAULT_NET, "steps": steps,
+            "eval_every": 100}
+    return [{**base, "seed": seed, "method": method, **extra}
+            for seed in seeds for method, extra in VS_SCRATCH]
+
+
 def _scratch_job(r):
     """Small-from-scratch at the final widths of a finished mnist1d reduction run, or None."""
-    if r["group"] != "mnist1d" or r["method"] not in ("tau0.04-every5", "tau0.04-evals"):
+    if r["group"] == "vs-scratch" and "tau" in r:
+        method = "scratch-" + r["method"]
+    elif r["group"] == "mnist1d" and r["method"] in ("tau0.04-every5", "tau0.04-evals"):
+        method = "scratch-" + r["method"].split("-", 1)[1]
+    else:
         return None
     return {"dataset": r["dataset"], "group": r["group"], "net": r["net"], "steps": r["steps"],
-            "eval_every": r["eval_every"], "seed": r["seed"],
-            "method": "scratch-" + r["method"].split("-", 1)[1], "dims": r["final_dims"]}
+            "eval_every": r["eval_every"], "seed": r["seed"], "method": method,
+            "dims": r["final_dims"]}
 
 
 def _pool_map(jobs, workers, follow_up):
@@ -695,6 +715,40 @@ def _compression_md(results, step_ms=None) -> str:
     return markdown_table(headers, out)
 
 
+def _vs_md(results) -> str:
+    """Per reduction method: its accuracy, the scratch model's at the same widths, and the
+    paired difference per seed."""
+    from compressm_tune._table import markdown_table
+
+    out, reading = [], ["## Reading it", ""]
+    for method, _ in VS_SCRATCH:
+        ours = {r["seed"]: r for r in results if r["method"] == method}
+        theirs = {r["seed"]: r for r in results if r["method"] == "scratch-" + method}
+        seeds = sorted(set(ours) & set(theirs))
+        if not seeds:
+            continue
+        diff = [100 * (ours[s]["test"] - theirs[s]["test"]) for s in seeds]
+        out.append([
+            method, len(seeds), _pct([ours[s]["test"] for s in seeds]),
+            _pct([theirs[s]["test"] for s in seeds]),
+            " / ".join(f"{d:+.2f}" for d in diff), f"{mean_std(diff)[0]:+.2f}",
+            "; ".join(",".join(map(str, ours[s]["final_dims"])) for s in seeds),
+            _ms([ours[s]["train_time_s"] for s in seeds]),
+            _ms([theirs[s]["train_time_s"] for s in seeds]),
+        ])
+        wins = sum(d > 0 for d in diff)
+        reading.append(
+            f"- {method}: CompreSSM {mean_std([100 * ours[s]['test'] for s in seeds])[0]:.2f}% "
+            f"vs scratch {mean_std([100 * theirs[s]['test'] for s in seeds])[0]:.2f}% at the "
+            f"same widths; ahead in {wins} of {len(seeds)} seeds, by "
+            f"{mean_std(diff)[0]:+.2f} ± {mean_std(diff)[1]:.2f} points.")
+    table = markdown_table(
+        ["method", "seeds", "CompreSSM test acc %", "scratch at its final widths %",
+         "difference per seed (points)", "mean difference", "final widths per seed",
+         "CompreSSM train s", "scratch train s"], out)
+    return table + "\n\n" + "\n".join(reading)
+
+
 def _reduction_s(r: dict[str, Any]) -> float:
     """Seconds spent in or because of reduction in a run (all phases but eval/summarize)."""
     return sum(r["phase_s"].get(p, 0.0) for p in CORE[:-1] + ("attempt",) + SAFETY + CAUSED)
@@ -884,6 +938,11 @@ def _report(results, meta, groups, prefix=""):
         md += ["", _compression_reading(sel)]
         write(prefix + "compression_default", {**meta, "results": sel}, "\n".join(md))
         _plot_compression(sel, RESULTS / f"{prefix}compression_default.png", meta.get("step_ms"))
+    if "vs-scratch" in groups:
+        sel = [r for r in results if r["group"] == "vs-scratch"]
+        md = ["# CompreSSM vs small-from-scratch at the same widths, harder compression", "",
+              head, "", _VS_NOTES.format(steps=steps.get("mnist1d")), "", _vs_md(sel)]
+        write(prefix + "compression_vs_scratch", {**meta, "results": sel}, "\n".join(md))
     if "order" in groups:
         sel = [r for r in results if r["group"] == "order"]
         md = ["# lti-sysid: does the final width land near the true order?", "", head, "",
@@ -922,7 +981,8 @@ def main() -> None:
     prefix = "quick_" if args.quick else ""
     if args.render:
         results, meta = [], None
-        for name in ("reduction_share", "compression_default", "sysid_order"):
+        for name in ("reduction_share", "compression_default", "sysid_order",
+                     "compression_vs_scratch"):
             path = RESULTS / f"{prefix}{name}.json"
             if path.exists():
                 payload = json.loads(path.read_text())
@@ -951,6 +1011,8 @@ def main() -> None:
         jobs += _order_jobs(range(args.order_seeds), steps["order"])
     if "lti-share" in groups:
         jobs += _lti_share_jobs(range(args.lti_seeds), steps["lti-share"])
+    if "vs-scratch" in groups:
+        jobs = _vs_scratch_jobs(range(args.seeds), steps["mnist1d"]) + jobs
     if "mnist1d" in groups:
         jobs = _mnist_jobs(range(args.seeds), steps["mnist1d"], args.extra) + jobs  # longest first
     if args.methods:
@@ -1013,6 +1075,14 @@ every 50 (attempts at steps 50, 100, 150). *scratch-X*: trained from scratch at 
 tau0.04-X, same seed. Test accuracy at the best validation checkpoint of the final widths (as
 `compression.md`); "last" is the final model. Points lost and speed-ups are paired by seed
 (full / method), mean ± sd. Train time excludes evaluation and includes reduction."""
+
+_VS_NOTES = """\
+mnist1d, the default network (4 blocks, H=64, N=256 at start, batch 64), {steps} steps, eval every
+100, window 10%, attempts every 5 steps in the window, tau=0.1 (2.5x the default), max-drop 0.02;
+*w-*: input-weighted HSVs (`--weighting input`). Scratch: the same network trained from the
+start at the CompreSSM run's final widths, same seed, same steps. Test accuracy of the best
+validation checkpoint. Train time: `train_time_s` (steps and reduction, on a shared machine)."""
+
 
 _ORDER_NOTES = """\
 lti-sysid: white noise through a fixed real system of order 8 (4 complex-conjugate pole pairs,
