@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 
 from compressm_tune.errors import ConfigError
@@ -112,8 +113,12 @@ def _run_check(path: Path, progress: bool) -> int:
     if here.slug != profile.device.slug:
         raise ConfigError(f"{path} was measured on {profile.device.label}, this machine is "
                           f"{here.label}: a drift check compares a machine with itself")
-    drift = check_drift(profile, progress=progress)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        drift = check_drift(profile, progress=progress)
     print(f"{path}: {drift.summary()}")
+    for note in sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)}):
+        print(f"note: {note}", file=sys.stderr)
     if abs(drift.scale - 1.0) > DRIFT_TOLERANCE:
         print(f"this machine runs {abs(drift.scale - 1):.0%} "
               f"{'slower' if drift.scale > 1 else 'faster'} than when profiled: re-profile, or "
