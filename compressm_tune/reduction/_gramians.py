@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
@@ -172,7 +173,11 @@ def _factors(sys: _System) -> tuple[np.ndarray, np.ndarray]:
 
 P = ParamSpec("P")
 R = TypeVar("R")
-_last_balancing: tuple[bytes, _Balancing] | None = None
+# Recent balancings by system hash, least recently used first, within a byte budget: a
+# reduction step scores every layer (HSVs) and then truncates the layers it cuts, so each
+# layer's factorization must survive the other layers' scoring to be reused.
+_BALANCING_CACHE_BYTES = 64 * 2**20
+_balancings: OrderedDict[bytes, _Balancing] = OrderedDict()
 
 
 def one_blas_thread(fn: Callable[P, R]) -> Callable[P, R]:
@@ -194,22 +199,26 @@ def one_blas_thread(fn: Callable[P, R]) -> Callable[P, R]:
 def _balance(sys: _System) -> _Balancing:
     """Square-root factors of P and Q and the SVD ``Lo^H Lc = U diag(s) Vh``.
 
-    The last result is memoized by a hash of the system: a reduction step asks for the HSVs
-    (to choose the rank) and then truncates the same system, and the factorizations are its
-    O(N^3) cost while hashing is O(N H). Results are never modified in place by callers.
+    Recent results are memoized by a hash of the system: a reduction step asks for every
+    layer's HSVs (to choose the ranks) and then truncates the same systems, and the
+    factorizations are its O(N^3) cost while hashing is O(N H). Results are never modified in
+    place by callers.
     """
-    global _last_balancing
     digest = hashlib.blake2b(digest_size=16)
     for a in (sys.lam, sys.Bw, sys.C):
         digest.update(repr(a.shape).encode())
         digest.update(np.ascontiguousarray(a).tobytes())
     key = digest.digest()
-    if _last_balancing is not None and _last_balancing[0] == key:
-        return _last_balancing[1]
+    if key in _balancings:
+        _balancings.move_to_end(key)
+        return _balancings[key]
     Lc, Lo = _factors(sys)  # (N, N), (N, N)
     U, s, Vh = np.linalg.svd(Lo.conj().T @ Lc)  # (N, N), (N,) descending, (N, N)
-    _last_balancing = (key, _Balancing(Lc, Lo, U, s, Vh))
-    return _last_balancing[1]
+    _balancings[key] = _Balancing(Lc, Lo, U, s, Vh)
+    while len(_balancings) > 1 and sum(
+            sum(a.nbytes for a in b) for b in _balancings.values()) > _BALANCING_CACHE_BYTES:
+        _balancings.popitem(last=False)  # least recently used
+    return _balancings[key]
 
 
 @one_blas_thread
