@@ -907,7 +907,8 @@ def _modelled_train_s(r: dict[str, Any], grid: dict[str, float]) -> float:
     return total
 
 
-def _report(results, meta, groups, prefix=""):
+def _report(results, meta, groups, prefix="", only=None):
+    """Write the outputs of ``groups`` (``only``: just that one file's)."""
     steps = meta["steps"]
     commit = meta.get("code_commit") or meta["machine"]["git_commit"]
     head = (f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, torch "
@@ -918,7 +919,7 @@ def _report(results, meta, groups, prefix=""):
             f"before: `{meta['uptime_before']}`; after: `{meta['uptime_after']}`; 1-min load "
             "at the end of each run is in the JSON (`load_avg_1m`). Reproduce: "
             "`python benchmarks/bench_reduction_share.py --snapshot`.")
-    if "mnist1d" in groups or "lti-share" in groups:
+    if ("mnist1d" in groups or "lti-share" in groups) and only in (None, "reduction_share"):
         sel = [r for r in results if r["group"] in ("mnist1d", "lti-share")]
         md = ["# In-training reduction: share of training time, measured in real runs", "",
               head, "", _SHARE_NOTES.format(m=steps.get("mnist1d"), lti=steps.get("lti-share"),
@@ -926,7 +927,8 @@ def _report(results, meta, groups, prefix=""):
               "", _share_md(sel), "", _SHARE_FIX_NOTES, "", _share_fix_md(sel), "",
               _share_reading(sel)]
         write(prefix + "reduction_share", {**meta, "results": sel}, "\n".join(md))
-    if any(r["group"] == "mnist1d" and r["method"] == "full" for r in results):
+    if (any(r["group"] == "mnist1d" and r["method"] == "full" for r in results)
+            and only in (None, "compression_default")):
         sel = [r for r in results if r["group"] == "mnist1d"]
         md = ["# CompreSSM on mnist1d with the default network at the default length", "",
               head, "", _COMPRESSION_NOTES.format(steps=steps.get("mnist1d")), "",
@@ -938,12 +940,12 @@ def _report(results, meta, groups, prefix=""):
         md += ["", _compression_reading(sel)]
         write(prefix + "compression_default", {**meta, "results": sel}, "\n".join(md))
         _plot_compression(sel, RESULTS / f"{prefix}compression_default.png", meta.get("step_ms"))
-    if "vs-scratch" in groups:
+    if "vs-scratch" in groups and only in (None, "compression_vs_scratch"):
         sel = [r for r in results if r["group"] == "vs-scratch"]
         md = ["# CompreSSM vs small-from-scratch at the same widths, harder compression", "",
               head, "", _VS_NOTES.format(steps=steps.get("mnist1d")), "", _vs_md(sel)]
         write(prefix + "compression_vs_scratch", {**meta, "results": sel}, "\n".join(md))
-    if "order" in groups:
+    if "order" in groups and only in (None, "sysid_order"):
         sel = [r for r in results if r["group"] == "order"]
         md = ["# lti-sysid: does the final width land near the true order?", "", head, "",
               _ORDER_NOTES.format(steps=steps.get("order")), "", _order_md(sel), "",
@@ -979,23 +981,19 @@ def main() -> None:
     args = ap.parse_args()
     groups = args.groups.split(",")
     prefix = "quick_" if args.quick else ""
-    if args.render:
-        results, meta = [], None
+    if args.render:  # each file from its own JSON, with the meta of the run that wrote it
         for name in ("reduction_share", "compression_default", "sysid_order",
                      "compression_vs_scratch"):
             path = RESULTS / f"{prefix}{name}.json"
-            if path.exists():
-                payload = json.loads(path.read_text())
-                meta = meta or {k: v for k, v in payload.items() if k != "results"}
-                results += [r for r in payload["results"]
-                            if (r["group"], r["method"], r["seed"], r["net"]["hidden"]) not in
-                            {(q["group"], q["method"], q["seed"], q["net"]["hidden"])
-                             for q in results}]
-        groups = sorted({r["group"] for r in results})
-        if args.step_times or ("mnist1d" in groups and not meta.get("step_ms")):
-            meta["step_uptime"] = _uptime()
-            meta["step_ms"] = _step_times(DEFAULT_NET)
-        _report(results, meta, groups, prefix)
+            if not path.exists():
+                continue
+            payload = json.loads(path.read_text())
+            meta = {k: v for k, v in payload.items() if k != "results"}
+            results = payload["results"]
+            if name == "compression_default" and (args.step_times or not meta.get("step_ms")):
+                meta["step_uptime"] = _uptime()
+                meta["step_ms"] = _step_times(DEFAULT_NET)
+            _report(results, meta, sorted({r["group"] for r in results}), prefix, only=name)
         return
     code_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True, cwd=RESULTS.parent).stdout.strip()
@@ -1047,12 +1045,14 @@ on lti-sysid, L=200): {lti} steps, eval every {lti_eval} (so that one evaluation
 10% window; at the default 100 none would)."""
 
 _SHARE_FIX_NOTES = """\
-What would bring it down: the same runs re-costed with their own measured per-call times
-(estimates, not measured runs). *A*: the safety net validates (and checkpoints) once per
-attempt that cuts, after cutting every layer that wants to (rolling back on a failed check),
-instead of once per layer. *B*: A, and the trainer neither re-validates after an attempt nor
-evaluates/saves at the extra `every` points; a cutting attempt pays two validations (before and
-after). *core alone*: the floor if the safety net were free."""
+The same runs re-costed with their own measured per-call times (estimates, not measured runs).
+*A*: the safety net validates (and checkpoints) once per attempt that cuts, after cutting every
+layer that wants to (rolling back on a failed check). *B*: A, and the trainer neither
+re-validates after an attempt nor evaluates/saves at the extra `every` points; a cutting
+attempt pays two validations (before and after). The code measured in runs from commit 390a941
+on does B (earlier runs validated once per layer cut and re-validated in the trainer), so there
+the measured column should match B: a check of the accounting. *core alone*: the floor if the
+safety net were free."""
 
 _STEP_NOTES = """\
 The loaded train times above drift with the machine's load (the runs of one seed ran at
