@@ -269,6 +269,21 @@ def test_attempts_between_evaluations_validate_only_when_they_cut(mnist1d, tmp_p
     assert all("val" not in r for r in records if r["step"] % 10)
 
 
+def test_without_a_safety_net_cuts_validate_only_for_evaluations(mnist1d, tmp_path):
+    """max_drop=inf: no checkpoint and no validation around a cut between evaluations (attempts
+    at steps 3 and 6; the evaluation at step 10 is past the window and validates as always)."""
+    reducer = _Scripted([30, 30], every=3, window=0.5, max_drop=float("inf"))
+    trainer = _trainer(mnist1d, tmp_path, reducer, steps=10)
+    calls = _count_validations(trainer)
+    trainer.fit()
+    assert calls == [10]
+    assert trainer.model.state_dims == [30, 30]  # cut at step 3
+    assert not (tmp_path / "pre_cut.pt").exists()
+    first = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert first["step"] == 3 and [r["action"] for r in first["reduction"]] == ["cut", "cut"]
+    assert "val" not in first
+
+
 def _one_channel_trainer(data, tmp_path, weighting):
     """A 1-block network on a 1-input task whose encoder writes to channel 0 only; the LRU
     layer's states 0-3 listen to channel 0, states 4-11 to the silent channels 1-3."""

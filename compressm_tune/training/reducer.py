@@ -6,7 +6,10 @@ data importance on a fixed calibration slice of the training inputs), asks the r
 a new width, and cuts (LRU: balanced truncation; selective: keeps the best state indices).
 Before each cut the full training state is checkpointed (``pre_cut.pt``); after it the model is
 validated, and if the validation score fell by more than ``max_drop`` the cut is rolled back
-and that layer is frozen at its width.
+and that layer is frozen at its width. ``max_drop=inf`` turns the safety net off: no
+checkpoint and no validation around a cut (validation passes are most of what reduction costs,
+``bench_results/reduction_share.md``); an attempt at an evaluation still validates the model it
+leaves, for the evaluation's record.
 
 Adam moments after a cut: a reduced LRU layer's parameters live in a new basis (balancing then
 re-diagonalization mixes all old states), so the old per-coordinate moments no longer belong
@@ -19,6 +22,7 @@ compares the two LRU policies.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -179,6 +183,11 @@ class Reducer:
             records.append(record)
         if not plans:
             return records, val
+        if not self.checked:  # no safety net: cut, and validate only for an evaluation
+            self._cut_together(trainer, plans, inputs, None)
+            for k in plans:
+                records[k]["action"] = "cut"
+            return records, None if val is None else trainer.validate()
         if val is None:
             val = trainer.validate()
         if len(plans) > 1:
@@ -196,12 +205,18 @@ class Reducer:
             val = self._cut(trainer, k, rank, val, records[k], scores, inputs[k])
         return records, val
 
+    @property
+    def checked(self) -> bool:
+        """Whether cuts are checked (and rolled back): ``max_drop`` is finite."""
+        return math.isfinite(self.config.max_drop)
+
     def _cut_together(self, trainer: Any, plans: dict[int, tuple[int, np.ndarray]],
-                      inputs: list[torch.Tensor | None], val: dict[str, float]
+                      inputs: list[torch.Tensor | None], val: dict[str, float] | None
                       ) -> dict[str, float] | None:
         """Cut every planned layer, rebuild the optimizer once, validate once; on a failed
-        check restore the pre-cut state and return None."""
-        snapshot = trainer.save("pre_cut.pt")
+        check restore the pre-cut state and return None. Unchecked (``val`` None): no
+        snapshot, no validation, returns None."""
+        snapshot = trainer.save("pre_cut.pt") if val is not None else None
         old_state = trainer.optimizer.state
         layers = trainer.model.ssm_layers()
         cut = []
@@ -215,11 +230,13 @@ class Reducer:
         trainer.rebuild_optimizer()
         for layer, old_params, rank, keep in cut:
             self._carry_moments(trainer.optimizer, old_state, layer, old_params, rank, keep)
+        trainer.best_score = float("-inf")  # "best" now means best at the new widths
+        if val is None:
+            return None
         after = trainer.validate()
         if _drop(val, after) > self.config.max_drop:
-            trainer.restore(snapshot)
+            trainer.restore(snapshot)  # restores best_score too
             return None
-        trainer.best_score = float("-inf")  # "best" now means best at the new widths
         return after
 
     def close_window(self, trainer: Any) -> list[int] | None:
