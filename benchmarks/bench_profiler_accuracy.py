@@ -46,6 +46,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from compressm_tune.hardware import (
+    DRIFT_TOLERANCE,
     INTERPOLATIONS,
     TIME_METRICS,
     LatencyModel,
@@ -144,14 +145,16 @@ def evaluate(profile: Profile, combos: list[list[int]], records) -> dict:
 
 
 def drift_scales(profile: Profile, control: Profile) -> dict[str, float]:
-    """Per time metric, the factor :func:`check_drift` gives: the median ratio, re-measured /
-    profiled, of the profile's K-block models at :func:`reference_widths` (three of the
-    control's models, so no extra measurement)."""
+    """Per time metric, the factor the budgeted job applies after :func:`check_drift`: the
+    median ratio, re-measured / profiled, of the profile's K-block models at
+    :func:`reference_widths` (three of the control's models, so no extra measurement), or 1
+    when it is within ``DRIFT_TOLERANCE``."""
     widths = reference_widths(profile)
     old = {r.state_dim: r for r in profile.records}
     new = {r.state_dim: r for r in control.records}
-    return {m: float(np.median([new[w].metric(m) / old[w].metric(m) for w in widths]))
-            for m in TIME_METRICS if all(old[w].metric(m) is not None for w in widths)}
+    scales = {m: float(np.median([new[w].metric(m) / old[w].metric(m) for w in widths]))
+              for m in TIME_METRICS if all(old[w].metric(m) is not None for w in widths)}
+    return {m: v if abs(v - 1.0) > DRIFT_TOLERANCE else 1.0 for m, v in scales.items()}
 
 
 def rescaled(result: dict, scales: dict[str, float]) -> dict:
@@ -257,8 +260,8 @@ def write_markdown(path: Path, profile_path: Path, profile: Profile, results: di
         _headline(results["checked"], "predicted from the profile file after a drift check "
                   f"(x {results['checked']['scales'].get('latency_ms', 1):.3f}: "
                   "the median ratio, now / profiled, of the K-block models at widths "
-                  f"{list(reference_widths(profile))} re-measured in this session, as "
-                  "`compressm-tune profile --check` and the budgeted job compute it)"),
+                  f"{list(reference_widths(profile))} re-measured in this session, applied "
+                  f"only beyond +-{DRIFT_TOLERANCE:.0%}, as the budgeted job does)"),
         _headline(results["control"], "predicted from equal-width models re-measured in the "
                   "same session (control for load drift)"),
         "",
