@@ -2,10 +2,11 @@
 
 A profile is a snapshot. On a shared machine the same models ran 17 % slower ten minutes
 after one profile was taken (a neighbour on the other core; ``latency_cpu_ms`` moved as much,
-so it was not waiting for a core), and 3.5 % faster in another session
-(``bench_results/profiler_accuracy.md``). No latency model predicts that, but a few seconds of
-measurement see it: :func:`check_drift` re-times the profile's own equal-width models at a few
-widths, with the profile's settings, and :class:`Drift` gives the ratio to scale predictions by
+so it was not waiting for a core; ``bench_results/profiler_accuracy_drift.md``), and 8 %
+faster two hours after another (``bench_results/profiler_accuracy.md``). No latency model
+predicts that, but a few seconds of measurement see it: :func:`check_drift` re-times the
+profile's own equal-width models at a few widths, with the profile's settings, and
+:class:`Drift` gives the ratio to scale predictions by
 (:class:`~compressm_tune.hardware.LatencyModel` ``scale=``).
 """
 
