@@ -113,6 +113,14 @@ class LoadSampler:
         self.samples.append(os.getloadavg()[0])
 
 
+def _combo_errors(rows: list[dict], metric: str, name: str) -> dict[str, float]:
+    """Share within +-10 %, median and max |relative error| of predictor ``name``."""
+    errors = np.abs([r["rel_error"][metric][name] for r in rows])
+    return {"within_10pct": float(np.mean(errors <= TARGET_WITHIN)),
+            "median_abs_rel_error": float(np.median(errors)),
+            "max_abs_rel_error": float(np.max(errors))}
+
+
 def evaluate(profile: Profile, combos: list[list[int]], records) -> dict:
     """Predictions of every interpolation against the measurements, per metric."""
     models = {name: LatencyModel.from_profile(profile, name) for name in INTERPOLATIONS}
@@ -132,12 +140,9 @@ def evaluate(profile: Profile, combos: list[list[int]], records) -> dict:
     for metric in metrics:
         summary[metric] = {"auto_interpolation": models["auto"].interpolation(metric)}
         for name, lm in models.items():
-            errors = np.abs([r["rel_error"][metric][name] for r in rows])
             holdout = lm.holdout_error(metric)
             summary[metric][name] = {
-                "within_10pct": float(np.mean(errors <= TARGET_WITHIN)),
-                "median_abs_rel_error": float(np.median(errors)),
-                "max_abs_rel_error": float(np.max(errors)),
+                **_combo_errors(rows, metric, name),
                 "holdout_mean_abs_rel_error": holdout.mean_abs_rel_error,
                 "holdout_max_abs_rel_error": holdout.max_abs_rel_error,
             }
@@ -171,11 +176,7 @@ def rescaled(result: dict, scales: dict[str, float]) -> dict:
     for metric, s in result["summary"].items():
         summary[metric] = dict(s)
         for name in (*INTERPOLATIONS, "auto"):
-            errors = np.abs([r["rel_error"][metric][name] for r in rows])
-            summary[metric][name] = {**s[name],
-                                     "within_10pct": float(np.mean(errors <= TARGET_WITHIN)),
-                                     "median_abs_rel_error": float(np.median(errors)),
-                                     "max_abs_rel_error": float(np.max(errors))}
+            summary[metric][name] = {**s[name], **_combo_errors(rows, metric, name)}
     return {"rows": rows, "summary": summary, "scales": scales}
 
 

@@ -441,34 +441,39 @@ def _pct(values) -> str:
     return f"{m:.2f} ± {sd:.2f}"
 
 
+def _share_runs(results):
+    """The seeds of each share run (group, method), in table order; empty ones skipped."""
+    for group in ("mnist1d", "lti-share"):
+        for method in ("tau0.04-every5", "tau0.04-evals", "tau0.04-evals50"):
+            sel = [r for r in results if r["group"] == group and r["method"] == method]
+            if sel:
+                yield sel
+
+
 def _share_md(results) -> str:
     from compressm_tune._table import markdown_table
 
     rows = []
-    for group in ("mnist1d", "lti-share"):
-        for method in ("tau0.04-every5", "tau0.04-evals", "tau0.04-evals50"):
-            sel = [r for r in results if r["group"] == group and r["method"] == method]
-            if not sel:
-                continue
+    for sel in _share_runs(results):
 
-            def part(r, names):
-                return sum(r["phase_s"].get(p, 0.0) for p in names)
+        def part(r, names):
+            return sum(r["phase_s"].get(p, 0.0) for p in names)
 
-            def core(r):
-                return part(r, CORE[:-1]) + r["phase_s"].get("attempt", 0.0)
+        def core(r):
+            return part(r, CORE[:-1]) + r["phase_s"].get("attempt", 0.0)
 
-            rows.append([
-                f"{sel[0]['dataset']} {method}", len(sel), sel[0]["steps"],
-                _ms([r["fit_wall_s"] for r in sel]),
-                sum(r["actions"].get("cut", 0) for r in sel) / len(sel),
-                sum(r["actions"].get("rollback", 0) for r in sel) / len(sel),
-                _pct([core(r) / r["fit_wall_s"] for r in sel]),
-                _pct([part(r, SAFETY) / r["fit_wall_s"] for r in sel]),
-                _pct([(core(r) + part(r, SAFETY)) / r["fit_wall_s"] for r in sel]),
-                _pct([part(r, CAUSED) / r["fit_wall_s"] for r in sel]),
-                _pct([(core(r) + part(r, SAFETY) + part(r, CAUSED)) / r["fit_wall_s"]
-                      for r in sel]),
-            ])
+        rows.append([
+            f"{sel[0]['dataset']} {sel[0]['method']}", len(sel), sel[0]["steps"],
+            _ms([r["fit_wall_s"] for r in sel]),
+            sum(r["actions"].get("cut", 0) for r in sel) / len(sel),
+            sum(r["actions"].get("rollback", 0) for r in sel) / len(sel),
+            _pct([core(r) / r["fit_wall_s"] for r in sel]),
+            _pct([part(r, SAFETY) / r["fit_wall_s"] for r in sel]),
+            _pct([(core(r) + part(r, SAFETY)) / r["fit_wall_s"] for r in sel]),
+            _pct([part(r, CAUSED) / r["fit_wall_s"] for r in sel]),
+            _pct([(core(r) + part(r, SAFETY) + part(r, CAUSED)) / r["fit_wall_s"]
+                  for r in sel]),
+        ])
     table = markdown_table(
         ["run", "seeds", "steps", "fit wall s", "cuts/run", "rollbacks/run",
          "core % (HSV+plan+truncate+optimizer)", "safety net % (pre-cut ckpt+validate+restore)",
@@ -481,7 +486,7 @@ def _share_md(results) -> str:
             sel = [r for r in results if r["group"] == group and r["method"] == method]
             if not sel:
                 continue
-            cells = [f"{sel[0]['dataset']} {method}"]
+            cells = [f"{sel[0]['dataset']} {sel[0]['method']}"]
             for p in phases:
                 ms = [1e3 * r["phase_s"].get(p, 0.0) / max(1, r["phase_n"].get(p, 0))
                       for r in sel]
@@ -510,33 +515,29 @@ def _share_fix_md(results) -> str:
     from compressm_tune._table import markdown_table
 
     rows = []
-    for group in ("mnist1d", "lti-share"):
-        for method in ("tau0.04-every5", "tau0.04-evals", "tau0.04-evals50"):
-            sel = [r for r in results if r["group"] == group and r["method"] == method]
-            if not sel:
-                continue
-            measured, once, lean, core = [], [], [], []
-            for r in sel:
-                ph, n = r["phase_s"], r["phase_n"]
+    for sel in _share_runs(results):
+        measured, once, lean, core = [], [], [], []
+        for r in sel:
+            ph, n = r["phase_s"], r["phase_n"]
 
-                def per_call(name, ph=ph, n=n):
-                    return ph.get(name, 0.0) / max(1, n.get(name, 0))
+            def per_call(name, ph=ph, n=n):
+                return ph.get(name, 0.0) / max(1, n.get(name, 0))
 
-                core_s = sum(ph.get(p, 0.0) for p in ("hsv", "plan", "truncate", "optimizer",
-                                                      "attempt"))
-                k = _cutting_attempts(r)
-                safety_once = k * (per_call("safety_validate") + per_call("checkpoint")) + ph.get(
-                    "restore", 0.0)
-                caused = sum(ph.get(p, 0.0) for p in CAUSED)
-                total = core_s + sum(ph.get(p, 0.0) for p in SAFETY) + caused
-                wall = r["fit_wall_s"]
-                measured.append(total / wall)
-                once.append((core_s + safety_once + caused) / wall)
-                lean.append((core_s + safety_once + k * per_call("safety_validate")) / wall)
-                core.append(core_s / wall)
-            rows.append([f"{sel[0]['dataset']} {method}",
-                         f"{mean_std([_cutting_attempts(r) for r in sel])[0]:.0f}",
-                         _pct(measured), _pct(once), _pct(lean), _pct(core)])
+            core_s = sum(ph.get(p, 0.0) for p in ("hsv", "plan", "truncate", "optimizer",
+                                                  "attempt"))
+            k = _cutting_attempts(r)
+            safety_once = k * (per_call("safety_validate") + per_call("checkpoint")) + ph.get(
+                "restore", 0.0)
+            caused = sum(ph.get(p, 0.0) for p in CAUSED)
+            total = core_s + sum(ph.get(p, 0.0) for p in SAFETY) + caused
+            wall = r["fit_wall_s"]
+            measured.append(total / wall)
+            once.append((core_s + safety_once + caused) / wall)
+            lean.append((core_s + safety_once + k * per_call("safety_validate")) / wall)
+            core.append(core_s / wall)
+        rows.append([f"{sel[0]['dataset']} {sel[0]['method']}",
+                     f"{mean_std([_cutting_attempts(r) for r in sel])[0]:.0f}",
+                     _pct(measured), _pct(once), _pct(lean), _pct(core)])
     return markdown_table(
         ["run", "attempts that cut or roll back", "measured (all reduction-caused) %",
          "A: one safety validation + checkpoint per cutting attempt %",
@@ -563,7 +564,7 @@ def _share_reading(results) -> str:
         n_val = mean_std([r["phase_n"].get("safety_validate", 0) for r in sel])[0]
         n_att = mean_std([r["phase_n"].get("attempt", 0) for r in sel])[0]
         lines.append(
-            f"- {sel[0]['dataset']} {method} ({len(sel)} seed(s), {n_att:.0f} attempts, "
+            f"- {sel[0]['dataset']} {sel[0]['method']} ({len(sel)} seed(s), {n_att:.0f} attempts, "
             f"{n_val:.0f} safety validations per run): everything reduction causes is "
             f"{total[0]:.1f} ± {total[1]:.1f}% of the fit wall time; whole-split validation "
             f"passes (safety net, re-validation, extra evaluation points) are "

@@ -20,7 +20,13 @@ from compressm_tune.hardware._config import (
     parse_block_counts,
     parse_widths,
 )
-from compressm_tune.hardware._drift import DRIFT_TOLERANCE, Drift, check_drift, reference_widths
+from compressm_tune.hardware._drift import (
+    DRIFT_TOLERANCE,
+    Drift,
+    check_drift,
+    measured_here,
+    reference_widths,
+)
 from compressm_tune.hardware._energy import ENERGY_CHOICES, select_energy_backend
 from compressm_tune.hardware._energy_base import (
     DEFAULT_WATTS_PER_CORE,
@@ -105,6 +111,7 @@ __all__ = [
     "load_profile",
     "measure_models",
     "measure_peak_memory",
+    "measured_here",
     "param_mb",
     "parse_block_counts",
     "parse_widths",

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from compressm_tune.errors import ConfigError
+from compressm_tune.hardware._fingerprint import fingerprint
 from compressm_tune.hardware._latency_model import TIME_METRICS
 from compressm_tune.hardware._profiler import measure_models
 from compressm_tune.hardware._schema import Profile
 
-__all__ = ["Drift", "check_drift", "reference_widths"]
+__all__ = ["Drift", "check_drift", "measured_here", "reference_widths"]
 
 DRIFT_ROUNDS = 10  # interleaved rounds of the check: a third of a profile's, a few seconds
 # A drift beyond this is worth acting on: the latency model's own error on this machine is
@@ -62,10 +63,24 @@ class Drift:
         move it."""
         return float(np.median(self.ratios))
 
+    @property
+    def significant(self) -> bool:
+        """Whether the machine moved by more than ``DRIFT_TOLERANCE``: worth acting on."""
+        return abs(self.scale - 1.0) > DRIFT_TOLERANCE
+
+    def change(self) -> str:
+        """``"17% slower"`` or ``"8% faster"``."""
+        return f"{abs(self.scale - 1):.0%} {'slower' if self.scale > 1 else 'faster'}"
+
     def summary(self) -> str:
         """One line: the scale and the per-width ratios."""
         per = ", ".join(f"N={w}: {r:.3f}" for w, r in zip(self.widths, self.ratios, strict=True))
         return (f"{self.metric} now / profile = {self.scale:.3f} (median of {per})")
+
+
+def measured_here(profile: Profile) -> bool:
+    """Whether ``profile`` describes this machine (its device fingerprint's slug)."""
+    return profile.device.slug == fingerprint(profile.config.device).slug
 
 
 def reference_widths(profile: Profile, count: int = 3) -> tuple[int, ...]:
@@ -100,8 +115,13 @@ def check_drift(profile: Profile, widths: Sequence[int] | None = None,
     Raises
     ------
     ConfigError
-        A width the profile did not measure, or a metric it does not hold.
+        The profile is of another machine (a drift check compares a machine with itself), a
+        width the profile did not measure, or a metric it does not hold.
     """
+    if not measured_here(profile):
+        raise ConfigError(f"the profile was measured on {profile.device.label}, this machine "
+                          f"is {fingerprint(profile.config.device).label}: a drift check "
+                          "compares a machine with itself")
     widths = tuple(int(w) for w in (widths or reference_widths(profile)))
     by_width = {r.state_dim: r for r in profile.records}
     missing = [w for w in widths if w not in by_width]

@@ -31,10 +31,10 @@ from compressm_tune.hardware import (
     check_drift,
     fingerprint,
     load_profile,
+    measured_here,
     profile_device,
     save_profile,
 )
-from compressm_tune.hardware._drift import DRIFT_TOLERANCE
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._objective import Objective, constraints_of
 from compressm_tune.search._storage import open_storage
@@ -104,16 +104,15 @@ def drift_scale(profile: Profile, metric: str, notes: list[str]) -> float:
     reference models now run more than ``DRIFT_TOLERANCE`` slower or faster, the measured
     ratio, else 1. A profile of another machine cannot be checked against itself: 1.
     """
-    if profile.device.slug != fingerprint(profile.config.device).slug:
+    if not measured_here(profile):
         return 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # shared-machine notes: the check's ratio absorbs them
         drift = check_drift(profile, metric=metric)
-    if abs(drift.scale - 1.0) <= DRIFT_TOLERANCE:
+    if not drift.significant:
         return 1.0
-    notes.append(f"this machine runs {abs(drift.scale - 1):.0%} "
-                 f"{'slower' if drift.scale > 1 else 'faster'} than when its profile was "
-                 f"measured ({drift.summary()}); predictions are scaled by {drift.scale:.3f}")
+    notes.append(f"this machine runs {drift.change()} than when its profile was measured "
+                 f"({drift.summary()}); predictions are scaled by {drift.scale:.3f}")
     return drift.scale
 
 
