@@ -207,3 +207,22 @@ def test_cli_drift_check_refuses_another_machine_in_one_line(quick_profile, tmp_
     foreign = tmp_path / "foreign.json"
     save_profile(Profile.from_dict(data), foreign)
     assert main(["profile", "--check", str(foreign), "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"schema": "something else"}', ""])
+def test_cli_drift_check_of_a_bad_file_is_one_line(tmp_path, capsys, content) -> None:
+    from compressm_tune.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert main(["profile", "--check", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("compressm-tune: error:")
+    assert bad.read_text() == content  # read, never rewritten
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_latency_model_rejects_a_bad_scale(quick_profile, scale) -> None:
+    _, profile = quick_profile
+    with pytest.raises(ValueError, match="scale must be a positive finite factor"):
+        LatencyModel.from_profile(profile, scale=scale)
