@@ -171,6 +171,9 @@ def _add_tune_args(parser: argparse.ArgumentParser) -> None:
                         f"({','.join(map(str, d.state_dims))})")
     g.add_argument("--profile", default=None, help="profile JSON (default: this device's, "
                    "cached or measured)")
+    g.add_argument("--no-drift-check", dest="drift_check", action="store_false",
+                   help="predict from the profile as stored: skip re-timing three of its "
+                        "models and rescaling when this machine has drifted from it")
     g.add_argument("--storage", default=None, help="Optuna storage: SQLAlchemy URL or "
                    "journal:PATH (default: OUT/study.db); rerunning resumes the study")
     g.add_argument("--study", default=d.study, help=f"study name ({d.study})")
@@ -198,8 +201,8 @@ def _tune(args: argparse.Namespace) -> int:
         arch=args.arch, dataset=args.dataset, data_path=args.data_path, data_dir=args.data_dir,
         trials=args.trials, steps=args.steps, blocks=args.blocks, hidden=args.hidden,
         state_dims=_widths(args.state_dims),
-        profile=args.profile, storage=args.storage, study=args.study, out=args.out,
-        seed=args.seed, pareto=args.pareto, threads=args.threads)
+        profile=args.profile, drift_check=args.drift_check, storage=args.storage,
+        study=args.study, out=args.out, seed=args.seed, pareto=args.pareto, threads=args.threads)
     summary = run_tune(config)
     print()
     print(open(f"{config.out}/report.md").read().split("\n![")[0])

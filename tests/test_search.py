@@ -52,7 +52,8 @@ def test_nonpositive_budget_is_one_line_error(tmp_path, capsys, budget):
 def test_budget_below_the_fastest_model_names_the_minimum(tmp_path, capsys, profile_path):
     latency = LatencyModel.from_profile(load_profile(profile_path))
     fastest = min(latency.predict([w], "latency_ms") for w in (1, 4, 16, 64))  # its widths
-    code = _tune(tmp_path, "--budget-ms", f"{fastest / 10:.6f}", "--profile", str(profile_path))
+    code = _tune(tmp_path, "--budget-ms", f"{fastest / 10:.6f}", "--profile", str(profile_path),
+                 "--no-drift-check")  # the numbers as stored, not rescaled by a noisy re-time
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "below the fastest model" in err[0] and f"{fastest:.4g} ms" in err[0]
@@ -165,3 +166,26 @@ def test_a_profile_of_another_machine_is_not_drift_checked(profile_path):
     data["device"]["cpu_model"] = "Some Other CPU 9000"
     notes: list[str] = []
     assert drift_scale(Profile.from_dict(data), "latency_ms", notes) == 1.0 and notes == []
+
+
+def test_the_job_rescales_a_stale_profile_unless_told_not_to(tmp_path, capsys, profile_path):
+    """Stored latencies tripled: the job's drift check scales its predictions by about 1/3,
+    visible in the fastest-model error; --no-drift-check keeps the stored numbers."""
+    data = json.loads(profile_path.read_text())
+    data["created_utc"] = "2026-01-01T00:00:00+00:00"  # measured before this run: stale
+    for record in data["records"] + data["extra_records"]:
+        record["latency"] = {k: v * 3 if k.endswith("_ms") else v
+                             for k, v in record["latency"].items()}
+    stale = save_profile(Profile.from_dict(data), tmp_path / "stale.json")
+    stored = min(LatencyModel.from_profile(load_profile(stale)).predict([w], "latency_ms")
+                 for w in (1, 4, 16, 64))
+    budget = f"{stored / 30:.6f}"  # below the fastest model either way
+
+    def fastest_named(*extra):
+        assert _tune(tmp_path, "--budget-ms", budget, "--profile", str(stale), *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "below the fastest model" in err[0]
+        return float(err[0].split("runs: ")[1].split(" ms")[0])
+
+    assert fastest_named("--no-drift-check") == pytest.approx(stored, rel=1e-3)
+    assert 0.15 < fastest_named() / stored < 0.6

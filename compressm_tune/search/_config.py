@@ -33,6 +33,7 @@ class TuneConfig:
     state_dims: tuple[int, ...] = (64, 128, 256)  # initial widths the search may start from
     batch_size: int = 64
     profile: str | None = None  # a profile JSON; default: cached for this device, or measured
+    drift_check: bool = True  # re-time an older profile of this machine, rescale if it moved
     storage: str | None = None  # SQLAlchemy URL or journal:PATH; default: OUT/study.db
     study: str = "compressm-tune"
     out: str = "runs/tune"

@@ -4,8 +4,9 @@
 
 1. A latency model of this machine from a profile (``--profile``, else the cached profile of
    this device and model shape, else a short measurement that is then cached). A profile
-   measured before this run is first drift-checked (three of its models re-timed): a machine
-   that now runs more than 5 % slower or faster gets its predictions scaled by the ratio.
+   measured before this run is first drift-checked (three of its models re-timed; off with
+   ``--no-drift-check``): a machine that now runs more than 5 % slower or faster gets its
+   predictions scaled by the ratio.
 2. An Optuna study over in-training reduction schedules; a trial is feasible when the profile
    predicts its final widths meet the budget (trials are steered there by budget-aware
    truncation when their reduction window closes).
@@ -171,7 +172,8 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
                         seed=config.seed)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     profile, notes = resolve_profile(config, data.d_input, data.d_output, data.seq_len)
-    scale = drift_scale(profile, config.metric, notes) if profile.created_utc < started else 1.0
+    stale = config.drift_check and profile.created_utc < started
+    scale = drift_scale(profile, config.metric, notes) if stale else 1.0
     latency = LatencyModel.from_profile(profile, scale=scale)
     fastest, width = min((latency.predict([w] * config.blocks, config.metric), w)
                          for w in {1, *profile.widths})
