@@ -39,9 +39,11 @@ def profile_path(tmp_path_factory):
 
 
 def _args(out: Path, profile: Path, trials: int, *extra: str) -> list[str]:
+    """The job's arguments. The drift check stays off: runs that compare or resume
+    predictions need the same ones every time, not a fresh re-time's (tested in test_search)."""
     return ["--budget-ms", "50", "--dataset", "mnist1d", "--blocks", "1", "--hidden", "8",
             "--state-dims", "16,32", "--trials", str(trials), "--steps", "12",
-            "--profile", str(profile), "--out", str(out), *extra]
+            "--profile", str(profile), "--no-drift-check", "--out", str(out), *extra]
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
@@ -88,7 +90,7 @@ def test_search_exports_a_model_whose_measured_latency_meets_the_budget(tmp_path
     probe = tmp_path / "probe"
     summary = run_tune(TuneConfig(budget_ms=50, blocks=1, hidden=8, state_dims=(16, 32),
                                   trials=2, steps=12, profile=str(profile_path),
-                                  out=str(probe)))
+                                  drift_check=False, out=str(probe)))
     # the budget the test sets: above the smallest trial's prediction (with a margin for the
     # latency model's error on this tiny, quickly profiled shape), below the full's
     budget = summary["predicted_ms"] * 1.6
