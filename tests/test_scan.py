@@ -1,5 +1,6 @@
-"""The diagonal complex scan: C kernel and chunked torch path against a numpy loop, and its
-hand-written backward against autograd through a plain torch loop."""
+"""The diagonal complex scan: C kernel, Triton kernel (CUDA, or Triton's interpreter on CPU) and
+chunked torch path against a numpy loop, and its hand-written backward against autograd through
+a plain torch loop."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from conftest import np_scan, to_complex
 
-from compressm_tune.models import _scan
+from compressm_tune.models import _scan, _triton
 from compressm_tune.models._scan import kernel_available, linear_scan
 
 needs_kernel = pytest.mark.skipif(
@@ -16,6 +17,12 @@ needs_kernel = pytest.mark.skipif(
 )
 
 LENGTHS = [1, 63, 64, 65, 1000]  # around the torch path's chunk length (64) and a long one
+
+needs_triton = pytest.mark.skipif(not _triton.available(), reason="triton is not installed")
+# Triton runs on CUDA where there is one, else in its interpreter (tests/conftest.py)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# around the Triton kernel's chunk (32 steps) and the issue's 257 and 1030
+TRITON_LENGTHS = [1, 31, 32, 33, 257, 1030]
 
 
 def _inputs(length, batch=3, n=5, dtype=torch.float32, seed=0, with_x0=False):
@@ -92,6 +99,32 @@ def test_c_kernel_accepts_non_contiguous_inputs():
     _assert_close(linear_scan(lam.double(), v_strided.double()), want, rtol=1e-6)
 
 
+@needs_triton
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_x0", [False, True])
+@pytest.mark.parametrize("length", TRITON_LENGTHS)
+def test_triton_kernel_matches_numpy_loop(length, with_x0, reverse):
+    # 45 states: one full block of 32 and a ragged one; fewer on the longest sequence
+    n = 5 if length > 500 else 45
+    lam, v, x0 = _inputs(length, n=n, with_x0=with_x0, seed=length)
+    dev = [None if t is None else t.to(TRITON_DEVICE) for t in (lam, v, x0)]
+    got = _triton.lru_scan(*dev, reverse)
+    assert got.shape == v.shape and got.dtype == torch.float32
+    _assert_close(got.cpu(), _expected(lam, v, x0, reverse), rtol=2e-5)
+
+
+@needs_triton
+def test_triton_kernel_poles_near_zero_and_one():
+    """|lam| = 0 (the state forgets at once), 1e-4, and 0.9999 over 1030 steps."""
+    lam, v, x0 = _inputs(1030, n=4, with_x0=True, seed=4)
+    lam[0] = torch.tensor([0.0, 0.0])
+    lam[1] = torch.tensor([1e-4, 0.0])
+    lam[2] = torch.tensor([0.9999 * np.cos(0.3), 0.9999 * np.sin(0.3)])
+    got = _triton.lru_scan(lam.to(TRITON_DEVICE), v.to(TRITON_DEVICE), x0.to(TRITON_DEVICE),
+                           False)
+    _assert_close(got.cpu(), _expected(lam, v, x0, False), rtol=2e-5)
+
+
 @needs_kernel
 def test_dispatch_float32_cpu_uses_kernel(monkeypatch):
     lam, v, x0 = _inputs(65, with_x0=True)
@@ -160,6 +193,30 @@ def test_c_path_gradients_match_loop_autograd(length):
         assert g.dtype == torch.float32
         err = (g.double() - w).abs().max().item()
         assert err <= 1e-4 * w.abs().max().item(), f"d/d{name}: max error {err:.3g}"
+
+
+@needs_triton
+@pytest.mark.parametrize("length", [1, 257, 1030])
+def test_triton_path_gradients_match_loop_autograd(length):
+    lam, v, x0 = _inputs(length, batch=2, n=37, with_x0=True, seed=20 + length)
+    weight = torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+
+    def triton_scan(lam, v, x0):
+        return linear_scan(lam, v, x0, backend="triton")
+
+    dev = [t.to(TRITON_DEVICE) for t in (lam, v, x0, weight)]
+    got = _grads(triton_scan, *dev)
+    want = _grads(_loop_scan, lam.double(), v.double(), x0.double(), weight.double())
+    for name, g, w in zip(("lam", "v", "x0"), got, want, strict=True):
+        assert g.dtype == torch.float32
+        err = (g.cpu().double() - w).abs().max().item()
+        assert err <= 1e-4 * w.abs().max().item(), f"d/d{name}: max error {err:.3g}"
+
+
+def test_dispatch_rejects_an_unknown_backend():
+    lam, v, _ = _inputs(3)
+    with pytest.raises(ValueError, match="backend"):
+        linear_scan(lam, v, backend="cuda")
 
 
 def test_torch_path_gradients_match_loop_autograd_across_chunks():

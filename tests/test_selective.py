@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from compressm_tune.errors import ConfigError, ReductionError
-from compressm_tune.models import SelectiveLayer, SSMConfig, SSMModel, selective_scan
+from compressm_tune.models import SelectiveLayer, SSMConfig, SSMModel, _triton, selective_scan
 from compressm_tune.models.selective import selective_scan_reference
 from compressm_tune.reduction import (
     ReductionPolicy,
@@ -285,5 +285,24 @@ def test_fused_importance_matches_the_float64_sums():
     u = torch.randn(5, 33, 6)
     got = state_importance(layer, u)
     want = state_importance(copy.deepcopy(layer).double(), u.double())  # torch path
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7 * want.max())
+    assert got[3] == 0.0
+
+
+@pytest.mark.skipif(not _triton.available(), reason="triton is not installed")
+@pytest.mark.parametrize("batch,length,h,n", [(5, 33, 6, 9), (2, 257, 3, 20)])
+def test_triton_importance_matches_the_float64_sums(batch, length, h, n):
+    """The Triton kernel's importance sums (CUDA, or the interpreter on CPU) against the torch
+    path in float64; a state that is never driven scores exactly 0."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = _layer(h=h, n=n, seed=3, dtype=torch.float32)
+    with torch.no_grad():
+        layer.B_proj[3] = 0.0
+    u = torch.randn(batch, length, h)
+    got = _triton.selective_importance(*(t.to(device) for t in layer.to(device).projections(
+        u.to(device))), u.to(device)).cpu()
+    layer = layer.cpu()
+    want = state_importance(copy.deepcopy(layer).double(), u.double())  # torch path
+    got = (got / (batch * length)).sqrt().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7 * want.max())
     assert got[3] == 0.0

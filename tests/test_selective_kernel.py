@@ -1,4 +1,5 @@
-"""The fused C kernel of the selective (S6) scan against the torch path in float64.
+"""The fused kernels of the selective (S6) scan (C on CPU, Triton on CUDA or in Triton's
+interpreter) against the torch path in float64.
 
 The torch path (``discretize`` + ``selective_scan`` + the read-out) is the reference: it is what
 runs on GPU, in float64 and without a compiler, and the selective-layer tests check it against a
@@ -13,14 +14,17 @@ import math
 import pytest
 import torch
 
-from compressm_tune.models import SelectiveLayer, selective
+from compressm_tune.models import SelectiveLayer, _triton, selective
 from compressm_tune.models.selective import selective_scan
 
 needs_kernel = pytest.mark.skipif(
     selective._scan_kernel is None,
     reason="selective C kernel not built (no compiler at install time, or a stale extension)",
 )
-pytestmark = needs_kernel
+needs_triton = pytest.mark.skipif(not _triton.available(), reason="triton is not installed")
+# Triton runs on CUDA where there is one, else in its interpreter (tests/conftest.py)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = [pytest.param("c", marks=needs_kernel), pytest.param("triton", marks=needs_triton)]
 
 # (batch, L, H, N, regime): decays a = exp(delta A) in (0, 1)
 #   "typical": delta log-uniform in [1e-3, 1e-1] (Mamba's init), A = -(1..N) (S4D-real init)
@@ -34,6 +38,8 @@ SHAPES = [
     (2, 500, 3, 16, "strong"),  # long L
     (2, 500, 3, 16, "near-1"),  # long L, slowly decaying states
     (5, 64, 6, 13, "near-1"),
+    (2, 257, 5, 12, "typical"),  # L not a multiple of any chunk, H and N not powers of 2
+    (1, 1030, 3, 7, "near-1"),  # long, slowly decaying
 ]
 
 
@@ -71,8 +77,10 @@ def _torch_path(delta, A_log, Bt, Ct, u):
     return (selective_scan(a, b) @ Ct[..., None]).squeeze(-1)  # (B, L, H)
 
 
-def _kernel_path(delta, A_log, Bt, Ct, u):
-    return selective._FusedSelectiveScan.apply(delta, -torch.exp(A_log), Bt, Ct, u)
+def _kernel_path(backend):
+    def path(delta, A_log, Bt, Ct, u):
+        return selective._FusedSelectiveScan.apply(delta, -torch.exp(A_log), Bt, Ct, u, backend)
+    return path
 
 
 def _run(path, leaves, grad_y):
@@ -89,21 +97,26 @@ def _assert_close(got, want, rtol, name):
     assert err <= rtol * scale + 1e-30, f"{name}: max error {err:.3g} > {rtol} * {scale:.3g}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch,length,h,n,regime", SHAPES)
-def test_kernel_forward_and_gradients_match_torch_path(batch, length, h, n, regime):
+def test_kernel_forward_and_gradients_match_torch_path(batch, length, h, n, regime, backend):
     ref_leaves = _inputs(batch, length, h, n, regime)
     grad_y = torch.randn(batch, length, h, generator=torch.Generator().manual_seed(1),
                          dtype=torch.float64)
     y_ref, g_ref = _run(_torch_path, ref_leaves, grad_y)
-    leaves = {k: v.detach().float().requires_grad_() for k, v in ref_leaves.items()}
-    y, g = _run(_kernel_path, leaves, grad_y.float())
+    device = "cpu" if backend == "c" else TRITON_DEVICE
+    leaves = {k: v.detach().float().to(device).requires_grad_() for k, v in ref_leaves.items()}
+    y, g = _run(_kernel_path(backend), leaves, grad_y.float().to(device))
     assert y.dtype == torch.float32 and y.shape == (batch, length, h)
-    _assert_close(y, y_ref, 2e-6, "y")
+    # on a GPU, tl.exp is the hardware's approximate exp2: a few ulp more than libm
+    rtol = 2e-6 if backend == "c" else 1e-5
+    _assert_close(y.cpu(), y_ref, rtol, "y")
     for name in ref_leaves:
         assert g[name].shape == g_ref[name].shape
-        _assert_close(g[name], g_ref[name], 2e-5, f"grad {name}")
+        _assert_close(g[name].cpu(), g_ref[name], 10 * rtol, f"grad {name}")
 
 
+@needs_kernel
 def test_decay_matches_exp_over_float32_range():
     """``a = exp(delta A)`` over the whole range: an impulse at t=0 read out at t=1 is
     ``exp(delta_1 A)`` per channel; below exp(-87.3) (under FLT_MIN) it is 0."""
@@ -115,7 +128,7 @@ def test_decay_matches_exp_over_float32_range():
     ones = torch.ones(1, 2, 1)  # (B, L, N)
     u = torch.zeros(1, 2, h)  # (B, L, H)
     u[:, 0] = 1.0  # impulse: x_0 = 1, x_1 = a_1
-    y = selective._FusedSelectiveScan.apply(delta, A, ones, ones, u)[0, 1].double()  # (H,)
+    y = selective._FusedSelectiveScan.apply(delta, A, ones, ones, u, "c")[0, 1].double()  # (H,)
     want = torch.exp(exponents.float().double())
     normal = want > 1.2e-38
     rel = ((y - want).abs() / want)[normal]
@@ -123,6 +136,7 @@ def test_decay_matches_exp_over_float32_range():
     assert (y[~normal].abs() <= 1.2e-38).all()
 
 
+@needs_kernel
 def test_threads_give_identical_results_except_summation_order_of_grad_A():
     """Parallel over the batch: per-sequence outputs and gradients are bit-identical for 1 and
     2 threads; grad A sums per-thread accumulators, so only its rounding may differ."""
@@ -134,7 +148,7 @@ def test_threads_give_identical_results_except_summation_order_of_grad_A():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             run = {k: v.clone().requires_grad_() for k, v in leaves.items()}
-            results.append(_run(_kernel_path, run, grad_y))
+            results.append(_run(_kernel_path("c"), run, grad_y))
     finally:
         torch.set_num_threads(old)
     (y1, g1), (y2, g2) = results
@@ -155,6 +169,7 @@ def _layer_grads(layer, u, grad_y):
     return y, dict(zip([*names, "u"], grads, strict=True))
 
 
+@needs_kernel
 @pytest.mark.parametrize("batch,length,h,n", [(3, 1, 4, 8), (2, 45, 5, 1), (1, 30, 17, 33),
                                               (4, 200, 8, 16)])
 def test_layer_uses_kernel_and_matches_float64_torch_path(batch, length, h, n, monkeypatch):
@@ -180,6 +195,27 @@ def test_layer_uses_kernel_and_matches_float64_torch_path(batch, length, h, n, m
         _assert_close(g[name], g_ref[name], 2e-5, f"grad {name}")
 
 
+@needs_triton
+@pytest.mark.parametrize("batch,length,h,n", [(2, 1, 4, 8), (3, 77, 6, 23)])
+def test_layer_triton_path_matches_float64_torch_path(batch, length, h, n, monkeypatch):
+    """The layer on the Triton path (CUDA, or the interpreter on CPU), every gradient."""
+    torch.manual_seed(length)
+    layer = SelectiveLayer(d_model=h, state_dim=n).to(TRITON_DEVICE)
+    ref = SelectiveLayer(d_model=h, state_dim=n, dtype=torch.float64)
+    ref.load_state_dict(layer.state_dict())
+    u64 = torch.randn(batch, length, h, dtype=torch.float64)
+    grad_y = torch.randn(batch, length, h, dtype=torch.float64)
+    y_ref, g_ref = _layer_grads(ref, u64, grad_y)
+    if TRITON_DEVICE == "cpu":  # the layer picks the C kernel on CPU: route it to Triton
+        monkeypatch.setattr(selective, "fused_backend", lambda *a: "triton")
+    monkeypatch.setattr(selective, "selective_scan", None)  # the torch path must not run
+    y, g = _layer_grads(layer, u64.float().to(TRITON_DEVICE), grad_y.float().to(TRITON_DEVICE))
+    _assert_close(y.cpu(), y_ref, 1e-5, "y")
+    for name in g_ref:
+        _assert_close(g[name].cpu(), g_ref[name], 1e-4, f"grad {name}")
+
+
+@needs_kernel
 def test_layer_without_kernel_gives_same_outputs(monkeypatch):
     """An install without a compiler (``_scan_kernel = None``) runs the torch path instead."""
     torch.manual_seed(0)

@@ -3,14 +3,16 @@
 Complex numbers are stored as real tensors with a trailing dimension of 2 (re, im), so the
 same code path exports to ONNX and TorchScript without complex dtypes.
 
-Two implementations compute the same scan:
+Three implementations compute the same scan:
 
 * the C kernel (``_scan_kernel``, built at install time, CPU float32): a sequential loop over
   time, vectorized over the state and parallel over the batch;
-* a pure-PyTorch chunked scan (any device/dtype): within a chunk of ``T`` steps a
+* the Triton kernel (:mod:`._triton`, CUDA float32): chunks of time scanned associatively in
+  registers, one launch per direction;
+* a pure-PyTorch chunked scan (any device/dtype; the fallback): within a chunk of ``T`` steps a
   ``lam^(t-s)`` Toeplitz product, across chunks a short sequential carry.
 
-Both sit behind one ``autograd.Function`` whose backward is the same recurrence run in reverse
+All sit behind one ``autograd.Function`` whose backward is the same recurrence run in reverse
 with ``conj(lam)``, so the backward never stores per-step intermediates beyond ``x`` itself.
 :func:`scan_reference` is the plain Python loop the tests compare against.
 """
@@ -20,12 +22,16 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from compressm_tune.models import _triton
+
 try:  # the fused kernel is optional: without a C compiler we fall back to the chunked scan
     from compressm_tune.models import _scan_kernel
 except ImportError:  # pragma: no cover - exercised only on installs without a compiler
     _scan_kernel = None
 
-__all__ = ["linear_scan", "scan_reference", "kernel_available"]
+__all__ = ["BACKENDS", "linear_scan", "scan_reference", "kernel_available", "scan_backend"]
+
+BACKENDS = ("c", "triton", "torch")
 
 _CHUNK = 64  # chunk length of the torch scan: T*T*N Toeplitz work vs L/T sequential carries
 
@@ -35,14 +41,15 @@ def kernel_available() -> bool:
     return _scan_kernel is not None
 
 
-def _use_kernel(lam: torch.Tensor, v: torch.Tensor) -> bool:
-    return (
-        _scan_kernel is not None
-        and v.device.type == "cpu"
-        and v.dtype == torch.float32
-        and lam.dtype == torch.float32
-        and not torch.jit.is_scripting()
-    )
+def scan_backend(lam: torch.Tensor, v: torch.Tensor) -> str:
+    """Which implementation :func:`linear_scan` picks for these tensors: ``c`` on CPU float32
+    with the kernel built, ``triton`` on CUDA float32, else ``torch``."""
+    fp32 = v.dtype == torch.float32 and lam.dtype == torch.float32
+    if fp32 and v.device.type == "cpu" and _scan_kernel is not None:
+        return "c"
+    if fp32 and v.device.type == "cuda" and _triton.available():
+        return "triton"
+    return "torch"
 
 
 def _scan_c(lam: torch.Tensor, v: torch.Tensor, x0: torch.Tensor | None, reverse: bool):
@@ -93,9 +100,12 @@ def _scan_torch(lam: torch.Tensor, v: torch.Tensor, x0: torch.Tensor | None, rev
     return torch.view_as_real(x_c.contiguous()).contiguous()  # (B, L, N, 2)
 
 
-def _scan(lam: torch.Tensor, v: torch.Tensor, x0: torch.Tensor | None, reverse: bool):
-    if _use_kernel(lam, v):
+def _scan(lam: torch.Tensor, v: torch.Tensor, x0: torch.Tensor | None, reverse: bool,
+          backend: str):
+    if backend == "c":
         return _scan_c(lam, v, x0, reverse)
+    if backend == "triton":
+        return _triton.lru_scan(lam, v, x0, reverse)
     return _scan_torch(lam, v, x0, reverse)
 
 
@@ -108,16 +118,18 @@ class _LinearScan(torch.autograd.Function):
     (d loss/d re + i d loss/d im), under which y = a*z back-propagates conj(a) * grad_y."""
 
     @staticmethod
-    def forward(ctx, lam, v, x0):
-        x = _scan(lam, v, x0, reverse=False)
+    def forward(ctx, lam, v, x0, backend):
+        x = _scan(lam, v, x0, reverse=False, backend=backend)
         ctx.save_for_backward(lam, x, x0)
+        ctx.backend = backend
         return x
 
     @staticmethod
     @once_differentiable  # the C kernel works on raw pointers: no graph for a 2nd derivative
     def backward(ctx, grad_x):
         lam, x, x0 = ctx.saved_tensors
-        g = _scan(_conj(lam), grad_x.contiguous(), None, reverse=True)  # (B, L, N, 2) dL/dx_t total
+        g = _scan(_conj(lam), grad_x.contiguous(), None, reverse=True,
+                  backend=ctx.backend)  # (B, L, N, 2) dL/dx_t total
         g_c = torch.view_as_complex(g)  # (B, L, N)
         x_c = torch.view_as_complex(x)  # (B, L, N)
         grad_lam = (x_c[:, :-1].conj() * g_c[:, 1:]).sum((0, 1))  # (N,)
@@ -128,10 +140,11 @@ class _LinearScan(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 lam_c = torch.view_as_complex(lam.contiguous())  # (N,)
                 grad_x0 = torch.view_as_real(lam_c.conj() * g_c[:, 0])  # (B, N, 2)
-        return torch.view_as_real(grad_lam), g, grad_x0
+        return torch.view_as_real(grad_lam), g, grad_x0, None
 
 
-def linear_scan(lam: torch.Tensor, v: torch.Tensor, x0: torch.Tensor | None = None):
+def linear_scan(lam: torch.Tensor, v: torch.Tensor, x0: torch.Tensor | None = None,
+                backend: str | None = None):
     """Run ``x_t = lam * x_{t-1} + v_t`` over a batch of sequences.
 
     Parameters
@@ -142,6 +155,8 @@ def linear_scan(lam: torch.Tensor, v: torch.Tensor, x0: torch.Tensor | None = No
         ``(B, L, N, 2)`` real: the driven input ``B u_t`` per step.
     x0 : torch.Tensor, optional
         ``(B, N, 2)`` initial state (``x_{-1}``); zero when omitted.
+    backend : {"c", "triton", "torch"}, optional
+        Force an implementation (tests, benchmarks); default :func:`scan_backend`'s choice.
 
     Returns
     -------
@@ -155,7 +170,11 @@ def linear_scan(lam: torch.Tensor, v: torch.Tensor, x0: torch.Tensor | None = No
     >>> linear_scan(lam, v)[0, :, 0, 0].tolist()
     [1.0, 1.5, 1.75]
     """
-    return _LinearScan.apply(lam, v, x0)
+    if backend is None:
+        backend = scan_backend(lam, v)
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return _LinearScan.apply(lam, v, x0, backend)
 
 
 def scan_reference(lam: torch.Tensor, v: torch.Tensor, x0: torch.Tensor | None = None):

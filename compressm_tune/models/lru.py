@@ -109,7 +109,8 @@ class LRULayer(nn.Module):
         """Run the layer over whole sequences: ``u (batch, L, H) -> y (batch, L, H)``."""
         batch, length, _ = u.shape
         v = (u @ self._input_matrix().T).view(batch, length, -1, 2)  # (B, L, N, 2)
-        x = linear_scan(self._lambda(), v)  # (B, L, N, 2)
+        lam = self._lambda()  # (N, 2) in the parameters' dtype, also under autocast
+        x = linear_scan(lam, v.to(lam.dtype))  # (B, L, N, 2): the scan accumulates in fp32+
         return x.view(batch, length, -1) @ self._output_matrix().T + self.D * u  # (B, L, H)
 
     def allocate_state(

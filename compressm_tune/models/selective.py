@@ -32,6 +32,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from compressm_tune.errors import ConfigError
+from compressm_tune.models import _triton
 
 try:  # the fused kernel is optional: without a C compiler the torch path below is used
     from compressm_tune.models import _scan_kernel
@@ -118,14 +119,21 @@ def selective_scan_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-def _use_kernel(*tensors: torch.Tensor) -> bool:
-    """The C kernel takes raw CPU float32 pointers; TorchScript and tracing cannot see into it."""
-    return (
-        _scan_kernel is not None
-        and not torch.jit.is_scripting()
-        and not torch.jit.is_tracing()
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-    )
+def fused_backend(state_dim: int, *tensors: torch.Tensor) -> str | None:
+    """Which fused kernel takes these float32 tensors: ``c`` (CPU, the C kernel built) or
+    ``triton`` (CUDA, state width within one register tile), else None (the torch path).
+    TorchScript and tracing cannot see into either."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or any(
+            t.dtype != torch.float32 for t in tensors):
+        return None
+    device = tensors[0].device.type
+    if any(t.device.type != device for t in tensors):
+        return None
+    if device == "cpu" and _scan_kernel is not None:
+        return "c"
+    if device == "cuda" and _triton.selective_supported(state_dim):
+        return "triton"
+    return None
 
 
 def _kernel_threads(batch: int) -> int:
@@ -134,62 +142,86 @@ def _kernel_threads(batch: int) -> int:
     return max(1, min(torch.get_num_threads(), batch))
 
 
+def _c_forward(delta, A, Bt, Ct, u) -> torch.Tensor:
+    batch, length, h = u.shape
+    n = A.shape[1]
+    threads = _kernel_threads(batch)
+    y = torch.empty_like(u)  # (B, L, H)
+    work = A.new_empty(threads, n)  # one state row per thread
+    _scan_kernel.selective_fwd(
+        delta.data_ptr(), A.data_ptr(), Bt.data_ptr(), Ct.data_ptr(), u.data_ptr(),
+        y.data_ptr(), work.data_ptr(), batch, length, h, n, threads,
+    )
+    return y
+
+
+def _c_backward(delta, A, Bt, Ct, u, grad_y):
+    batch, length, h = u.shape
+    n = A.shape[1]
+    threads = _kernel_threads(batch)
+    grad_delta = torch.empty_like(delta)  # (B, L, H) written by the kernel
+    grad_u = torch.empty_like(u)  # (B, L, H) written by the kernel
+    grad_B = torch.zeros_like(Bt)  # (B, L, N) accumulated over channels
+    grad_C = torch.zeros_like(Ct)  # (B, L, N) accumulated over channels
+    grad_A_parts = A.new_zeros(threads, h, n)  # one accumulator per thread, summed below
+    work = A.new_empty(threads, 2 * length * n + 2 * n)  # recomputed x and a of one channel
+    _scan_kernel.selective_bwd(
+        delta.data_ptr(), A.data_ptr(), Bt.data_ptr(), Ct.data_ptr(), u.data_ptr(),
+        grad_y.data_ptr(), grad_delta.data_ptr(), grad_A_parts.data_ptr(),
+        grad_B.data_ptr(), grad_C.data_ptr(), grad_u.data_ptr(), work.data_ptr(),
+        batch, length, h, n, threads,
+    )
+    return grad_delta, grad_A_parts.sum(0), grad_B, grad_C, grad_u
+
+
 class _FusedSelectiveScan(torch.autograd.Function):
     """``y_t[h] = sum_n x_t[h, n] C_t[n]`` with ``x_t = exp(delta_t A) x_{t-1} + delta_t u_t B_t``,
-    computed by the C kernel without forming any ``(B, L, H, N)`` tensor.
+    computed by a fused kernel without storing any ``(B, L, H, N)`` tensor.
 
     Inputs: ``delta (B, L, H)`` (after softplus, > 0), ``A (H, N)`` (< 0), ``Bt, Ct (B, L, N)``,
-    ``u (B, L, H)``; output ``(B, L, H)``. Only the inputs are saved: the backward recomputes the
-    states of one (sequence, channel) at a time inside the kernel, then runs the recurrence of
-    ``r_t = dL/dx_t`` in reverse (see ``selective_bwd_batch`` in ``_scan_kernel.c``).
+    ``u (B, L, H)``; output ``(B, L, H)`` in float32 (inputs of lower precision, as autocast
+    makes them, are upcast first: the scan accumulates in float32). The C kernel saves only the
+    inputs and recomputes the states of one (sequence, channel) at a time in the backward (see
+    ``selective_bwd_batch`` in ``_scan_kernel.c``); the Triton kernel also saves each time
+    chunk's starting state, ``(B, L / T, H, N)``, and recomputes within chunks (:mod:`._triton`).
     """
 
     @staticmethod
-    def forward(ctx, delta, A, Bt, Ct, u):
-        delta, A, Bt, Ct, u = (t.contiguous() for t in (delta, A, Bt, Ct, u))
-        batch, length, h = u.shape
-        n = A.shape[1]
-        threads = _kernel_threads(batch)
-        y = torch.empty_like(u)  # (B, L, H)
-        work = A.new_empty(threads, n)  # one state row per thread
-        _scan_kernel.selective_fwd(
-            delta.data_ptr(), A.data_ptr(), Bt.data_ptr(), Ct.data_ptr(), u.data_ptr(),
-            y.data_ptr(), work.data_ptr(), batch, length, h, n, threads,
-        )
-        ctx.save_for_backward(delta, A, Bt, Ct, u)
+    def forward(ctx, delta, A, Bt, Ct, u, backend):
+        dtypes = [t.dtype for t in (delta, A, Bt, Ct, u)]
+        delta, A, Bt, Ct, u = (t.float().contiguous() for t in (delta, A, Bt, Ct, u))
+        if backend == "c":
+            y, extra = _c_forward(delta, A, Bt, Ct, u), ()
+        else:
+            y, ckpt = _triton.selective_forward(delta, A, Bt, Ct, u)
+            extra = (ckpt,)
+        ctx.save_for_backward(delta, A, Bt, Ct, u, *extra)
+        ctx.backend, ctx.dtypes = backend, dtypes
         return y
 
     @staticmethod
-    @once_differentiable  # the C kernel works on raw pointers: no graph for a 2nd derivative
+    @once_differentiable  # the kernels work on raw pointers: no graph for a 2nd derivative
     def backward(ctx, grad_y):
-        delta, A, Bt, Ct, u = ctx.saved_tensors
-        grad_y = grad_y.contiguous()  # (B, L, H)
-        batch, length, h = u.shape
-        n = A.shape[1]
-        threads = _kernel_threads(batch)
-        grad_delta = torch.empty_like(delta)  # (B, L, H) written by the kernel
-        grad_u = torch.empty_like(u)  # (B, L, H) written by the kernel
-        grad_B = torch.zeros_like(Bt)  # (B, L, N) accumulated over channels
-        grad_C = torch.zeros_like(Ct)  # (B, L, N) accumulated over channels
-        grad_A_parts = A.new_zeros(threads, h, n)  # one accumulator per thread, summed below
-        work = A.new_empty(threads, 2 * length * n + 2 * n)  # recomputed x and a of one channel
-        _scan_kernel.selective_bwd(
-            delta.data_ptr(), A.data_ptr(), Bt.data_ptr(), Ct.data_ptr(), u.data_ptr(),
-            grad_y.data_ptr(), grad_delta.data_ptr(), grad_A_parts.data_ptr(),
-            grad_B.data_ptr(), grad_C.data_ptr(), grad_u.data_ptr(), work.data_ptr(),
-            batch, length, h, n, threads,
-        )
-        return grad_delta, grad_A_parts.sum(0), grad_B, grad_C, grad_u
+        saved = ctx.saved_tensors
+        grad_y = grad_y.float().contiguous()  # (B, L, H)
+        if ctx.backend == "c":
+            grads = _c_backward(*saved, grad_y)
+        else:
+            grads = _triton.selective_backward(*saved, grad_y)
+        return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None)
 
 
 def importance_sums(delta: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, Ct: torch.Tensor,
                     u: torch.Tensor) -> torch.Tensor | None:
-    """``sum_{b,t,h} x_t^2 q_t`` per state (float64, (N,)) by the C kernel, or None where the
-    kernel does not apply; see :mod:`compressm_tune.reduction._selective` for the definition.
+    """``sum_{b,t,h} x_t^2 q_t`` per state (float64, (N,)) by a fused kernel, or None where
+    none applies; see :mod:`compressm_tune.reduction._selective` for the definition.
     Takes :meth:`SelectiveLayer.projections` and the inputs, never a ``(B, L, H, N)`` tensor."""
-    if not _use_kernel(delta, A, Bt, Ct, u):
+    backend = fused_backend(A.shape[1], delta, A, Bt, Ct, u)
+    if backend is None:
         return None
     delta, A, Bt, Ct, u = (t.detach().contiguous() for t in (delta, A, Bt, Ct, u))
+    if backend == "triton":
+        return _triton.selective_importance(delta, A, Bt, Ct, u)
     batch, length, h = u.shape
     n = A.shape[1]
     threads = _kernel_threads(batch)
@@ -284,12 +316,14 @@ class SelectiveLayer(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Run the layer over whole sequences: ``u (batch, L, H) -> y (batch, L, H)``.
 
-        CPU float32 with the C kernel built: the fused scan. Otherwise (GPU, float64, no
-        compiler, TorchScript or tracing) the torch path, :meth:`discretize` +
-        :func:`selective_scan`, which is also the reference the kernel is tested against.
+        Float32 on CPU with the C kernel built, or on CUDA with Triton: a fused scan that
+        stores no ``(B, L, H, N)`` tensor. Otherwise (float64, no compiler, TorchScript or
+        tracing) the torch path, :meth:`discretize` + :func:`selective_scan`, which is also
+        the reference the kernels are tested against.
         """
-        if _use_kernel(u, self.A_log):
-            y = _FusedSelectiveScan.apply(*self.projections(u), u)  # (B, L, H)
+        backend = fused_backend(self.state_dim, u, self.A_log)
+        if backend is not None:
+            y = _FusedSelectiveScan.apply(*self.projections(u), u, backend)  # (B, L, H) fp32
             return y + self.D * u
         a, b, c = self.discretize(u)  # (B, L, H, N) x2, (B, L, N)
         x = selective_scan(a, b)  # (B, L, H, N)
