@@ -28,6 +28,18 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                         help="share of train held out for validation (default: 0.1)")
 
 
+def _add_device_args(parser: argparse.ArgumentParser) -> None:
+    from compressm_tune._device import PRECISIONS
+
+    parser.add_argument("--device", default="auto",
+                        help="where training runs: auto (a CUDA GPU if there is one), cpu, "
+                             "cuda or cuda:N (default: auto)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="training arithmetic: fp32; tf32 (CUDA: float32 products on the "
+                             "tensor cores); bf16 (autocast projections, scans in float32) "
+                             "(default: fp32)")
+
+
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     from compressm_tune.models import ARCHS, SSMConfig
     from compressm_tune.reduction._policies import SELECTS, WEIGHTINGS
@@ -59,6 +71,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=t.eval_every, help=f"({t.eval_every})")
     p.add_argument("--seed", type=int, default=t.seed, help=f"({t.seed})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    _add_device_args(p)
     p.add_argument("--reduce", default=None, metavar="SPEC",
                    help="in-training reduction policy: tau=0.04 (discard 4%% of the Hankel "
                         "singular value sum, or of the state importance sum for selective "
@@ -104,7 +117,8 @@ def _train(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         ssm_lr_factor=args.ssm_lr_factor, weight_decay=args.weight_decay,
         warmup_frac=args.warmup_frac, eval_every=args.eval_every, seed=args.seed,
-        threads=args.threads, log_spectrum=args.log_spectrum,
+        threads=args.threads, log_spectrum=args.log_spectrum, device=args.device,
+        precision=args.precision,
     )
     trainer = Trainer(model_config, config, data, args.out, reducer=_reducer(args),
                       resume=args.resume, progress=not args.no_progress)
@@ -182,6 +196,7 @@ def _add_tune_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pareto", action="store_true",
                    help="multi-objective search (accuracy vs latency, NSGA-II)")
     g.add_argument("--threads", type=int, default=None, help="torch threads for training")
+    _add_device_args(g)
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -202,7 +217,8 @@ def _tune(args: argparse.Namespace) -> int:
         trials=args.trials, steps=args.steps, blocks=args.blocks, hidden=args.hidden,
         state_dims=_widths(args.state_dims),
         profile=args.profile, drift_check=args.drift_check, storage=args.storage,
-        study=args.study, out=args.out, seed=args.seed, pareto=args.pareto, threads=args.threads)
+        study=args.study, out=args.out, seed=args.seed, pareto=args.pareto, threads=args.threads,
+        device=args.device, precision=args.precision)
     summary = run_tune(config)
     print()
     print(open(f"{config.out}/report.md").read().split("\n![")[0])

@@ -134,18 +134,20 @@ class LRULayer(nn.Module):
         return y, state
 
     def system(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The layer as an LTI system, detached, in complex128/float64.
+        """The layer as an LTI system, detached, in complex128/float64, on the CPU (the
+        reduction's Gramian algebra is float64 numpy wherever the layer trains).
 
         Returns
         -------
         lam : (N,) complex   B : (N, H) complex, gamma included   C : (H, N) complex   D : (H,) real
         """
         with torch.no_grad():
-            lam = torch.view_as_complex(self._lambda().double().contiguous())  # (N,)
-            gamma = torch.exp(self.gamma_log.double())[:, None]  # (N, 1)
-            b = torch.complex(self.B_re.double(), self.B_im.double()) * gamma  # (N, H)
-            c = torch.complex(self.C_re.double(), self.C_im.double())  # (H, N)
-            return lam, b, c, self.D.detach().double().clone()
+            p = {name: t.detach().cpu().double() for name, t in self.named_parameters()}
+            lam = torch.view_as_complex(self._lambda().cpu().double().contiguous())  # (N,)
+            gamma = torch.exp(p["gamma_log"])[:, None]  # (N, 1)
+            b = torch.complex(p["B_re"], p["B_im"]) * gamma  # (N, H)
+            c = torch.complex(p["C_re"], p["C_im"])  # (H, N)
+            return lam, b, c, p["D"].clone()
 
     def load_system_parameters(self, params: dict[str, torch.Tensor]) -> None:
         """Model surgery: replace the recurrence's parameters with ones of a new width.

@@ -27,7 +27,7 @@ def input_covariance(inputs: torch.Tensor) -> np.ndarray:
     """Second moment ``E[u u^T]`` of a layer's inputs ``(batch, L, H)`` over batch and time,
     (H, H) float64: the weight of input-weighted HSVs. Uncentered, because a constant input
     drives the states as much as a varying one."""
-    u = inputs.detach().reshape(-1, inputs.shape[-1]).double().cpu()  # (B * L, H)
+    u = inputs.detach().reshape(-1, inputs.shape[-1]).cpu().double()  # (B * L, H)
     return (u.T @ u / max(len(u), 1)).numpy()  # (H, H)
 
 

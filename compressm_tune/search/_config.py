@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compressm_tune._device import check_device_spec, check_precision
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import ARCHS
+from compressm_tune.training import TrainConfig
 
 __all__ = ["TuneConfig", "LATENCY_MODES"]
 
@@ -41,6 +43,9 @@ class TuneConfig:
     pareto: bool = False  # multi-objective (accuracy vs latency, NSGA-II) instead
     threads: int | None = None  # torch threads for training (None: torch's default)
     ort_threads: int = 1  # onnxruntime intra-op threads for the latency the budget is about
+    device: str = "cpu"  # where trials train (auto | cpu | cuda[:N]); export and latency
+    # measurement stay on the deployment runtime the profile describes
+    precision: str = "fp32"  # training arithmetic: fp32 | tf32 | bf16
 
     def __post_init__(self) -> None:
         if not self.budget_ms > 0:
@@ -57,6 +62,15 @@ class TuneConfig:
                 raise ConfigError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
         if not self.state_dims or min(self.state_dims) < 1:
             raise ConfigError(f"state_dims must be positive widths, got {self.state_dims}")
+        check_device_spec(self.device)
+        check_precision(self.precision)
+
+    def train_config(self, **settings) -> TrainConfig:
+        """Training settings shared by every trial and the full reference, plus ``settings``."""
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size,
+                           eval_every=max(1, self.steps // 10), seed=self.seed,
+                           threads=self.threads, device=self.device, precision=self.precision,
+                           **settings)
 
     @property
     def metric(self) -> str:

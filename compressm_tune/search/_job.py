@@ -24,6 +24,7 @@ from typing import Any
 
 import optuna
 
+from compressm_tune._device import check_precision, resolve_device
 from compressm_tune.errors import CompressmError, ConfigError
 from compressm_tune.hardware import (
     LatencyModel,
@@ -166,6 +167,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     """Run the whole job; returns (and writes) ``summary.json``. See the module docstring."""
     from compressm_tune.search._report import choose_and_export, write_report
 
+    check_precision(config.precision, resolve_device(config.device))  # fail before any work
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(config.dataset, path=config.data_path, data_dir=config.data_dir,

@@ -12,7 +12,7 @@ from compressm_tune.models import SSMConfig
 from compressm_tune.reduction import ReductionPolicy, round_up_to
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._space import suggest
-from compressm_tune.training import Dataset, TrainConfig, Trainer
+from compressm_tune.training import Dataset, Trainer
 from compressm_tune.training.reducer import ReduceConfig, Reducer
 from compressm_tune.training.trainer import score
 
@@ -60,9 +60,7 @@ class Objective:
             arch=cfg.arch, d_input=data.d_input, d_output=data.d_output, d_model=cfg.hidden,
             state_dims=[plan.state_dim] * cfg.blocks,
             pooling=data.pooling)
-        train_config = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=plan.lr,
-                                   warmup_frac=plan.window, eval_every=max(1, cfg.steps // 10),
-                                   seed=cfg.seed, threads=cfg.threads)
+        train_config = cfg.train_config(lr=plan.lr, warmup_frac=plan.window)
         reducer = Reducer(ReduceConfig(
             policy=ReductionPolicy("tau", plan.tau), window=plan.window,
             every=max(1, int(plan.window * cfg.steps) // 6),  # ~6 attempts in the window

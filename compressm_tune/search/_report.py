@@ -15,7 +15,7 @@ from compressm_tune.hardware import LatencyModel, Profile
 from compressm_tune.models import SSMConfig
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._job import BudgetMissedError
-from compressm_tune.training import Dataset, TrainConfig, Trainer, model_from_checkpoint
+from compressm_tune.training import Dataset, Trainer, model_from_checkpoint
 
 __all__ = ["choose_and_export", "write_report"]
 
@@ -71,10 +71,7 @@ def _full_reference(config: TuneConfig, data: Dataset) -> dict[str, Any]:
     model_config = SSMConfig(arch=config.arch, d_input=data.d_input, d_output=data.d_output,
                              d_model=config.hidden, state_dims=[width] * config.blocks,
                              pooling=data.pooling)
-    train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size,
-                               eval_every=max(1, config.steps // 10), seed=config.seed,
-                               threads=config.threads)
-    return Trainer(model_config, train_config, data, out, progress=False).fit()
+    return Trainer(model_config, config.train_config(), data, out, progress=False).fit()
 
 
 def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any], data: Dataset,

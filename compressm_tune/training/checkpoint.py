@@ -80,8 +80,10 @@ def _check_crc(path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} is corrupted: CRC mismatch in {bad}")
 
 
-def model_from_checkpoint(payload_or_path: dict[str, Any] | str | Path) -> SSMModel:
-    """Rebuild the exact model (widths and weights) stored in a checkpoint."""
+def model_from_checkpoint(payload_or_path: dict[str, Any] | str | Path,
+                          device: torch.device | str = "cpu") -> SSMModel:
+    """Rebuild the exact model (widths and weights) stored in a checkpoint, on ``device``
+    (a checkpoint written on either device loads on either)."""
     payload = payload_or_path if isinstance(payload_or_path, dict) else load_checkpoint(
         payload_or_path)
     try:
@@ -92,7 +94,7 @@ def model_from_checkpoint(payload_or_path: dict[str, Any] | str | Path) -> SSMMo
     except (TypeError, ConfigError, RuntimeError) as exc:
         first = str(exc).splitlines()[0]
         raise CheckpointError(f"checkpoint does not describe a valid model: {first}") from None
-    return model
+    return model.to(device)
 
 
 def file_sha256(path: str | Path) -> str:

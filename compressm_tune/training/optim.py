@@ -20,9 +20,11 @@ __all__ = ["build_optimizer", "lr_factor", "set_lr"]
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, ssm_lr_factor: float
+    model: nn.Module, lr: float, weight_decay: float, ssm_lr_factor: float,
+    fused: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over ``model`` with the SSM group first and the rest second."""
+    """AdamW over ``model`` with the SSM group first and the rest second; ``fused`` (CUDA):
+    one kernel for the whole update instead of a few per parameter."""
     ssm, rest = [], []
     for name, param in model.named_parameters():
         (ssm if name.rsplit(".", 1)[-1] in SSM_PARAMETERS else rest).append(param)
@@ -31,7 +33,7 @@ def build_optimizer(
         {"params": ssm, "lr": ssm_lr, "weight_decay": 0.0, "base_lr": ssm_lr},
         {"params": rest, "lr": lr, "weight_decay": weight_decay, "base_lr": lr},
     ]
-    return torch.optim.AdamW(groups)
+    return torch.optim.AdamW(groups, fused=fused or None)
 
 
 def lr_factor(step: int, total_steps: int, warmup_frac: float, min_lr_frac: float) -> float:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compressm_tune._device import module_device
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import SelectiveLayer
 from compressm_tune.reduction import ReductionPolicy, plan_rank, reduce_layer, state_scores
@@ -87,7 +88,7 @@ def layer_inputs(model: torch.nn.Module, x: torch.Tensor, lru: bool = False
         was_training = model.training
         model.eval()
         try:
-            model(x)
+            model(x.to(module_device(model)))
         finally:
             model.train(was_training)
             for hook in hooks:

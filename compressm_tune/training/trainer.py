@@ -21,6 +21,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from compressm_tune._device import (
+    PRECISIONS,
+    autocast,
+    check_device_spec,
+    check_precision,
+    matmul_precision,
+    module_device,
+    resolve_device,
+)
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import SSMConfig, SSMModel
 from compressm_tune.training.checkpoint import (
@@ -51,8 +60,13 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     log_spectrum: bool = False  # log every layer's HSVs at every evaluation (for plots)
+    device: str = "cpu"  # auto | cpu | cuda | cuda:N (the CLI's default is auto)
+    precision: str = "fp32"  # fp32 | tf32 | bf16 (see compressm_tune._device)
 
     def __post_init__(self) -> None:
+        check_device_spec(self.device)
+        if self.precision not in PRECISIONS:
+            check_precision(self.precision)
         rules = {
             "steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0, "ssm_lr_factor": self.ssm_lr_factor > 0,
@@ -67,21 +81,23 @@ class TrainConfig:
 
 
 def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
-             batch_size: int = 500) -> dict[str, float]:
+             batch_size: int = 500, precision: str = "fp32") -> dict[str, float]:
     """Mean loss (cross-entropy or MSE) and, for classification, accuracy on ``(x, y)``.
 
     Both are means over ``y``'s elements: per sequence for labels ``(n,)``, per answer token
     for labels ``(n, M)`` (scored at the model's last ``M`` output steps, see ``_loss``), per
-    value for regression targets.
+    value for regression targets. Runs on the model's device, ``batch_size`` rows at a time.
     """
     was_training = model.training
     model.eval()
+    device = module_device(model)
     loss_sum, correct = 0.0, 0
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
-            out = model(x[i:i + batch_size])
-            target = y[i:i + batch_size]
-            loss_sum += float(_loss(out, target, task, reduction="sum"))
+            target = y[i:i + batch_size].to(device)
+            with autocast(device, precision):
+                out = model(x[i:i + batch_size].to(device))
+                loss_sum += float(_loss(out.float(), target, task, reduction="sum"))
             if task == "classification":
                 correct += int((_scored(out, target).argmax(-1) == target).sum())
     model.train(was_training)
@@ -149,10 +165,11 @@ class Trainer:
         self.progress = progress
         if config.threads:
             torch.set_num_threads(config.threads)
-        torch.manual_seed(config.seed)
-        self.model = model if model is not None else SSMModel(model_config)
-        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay,
-                                         config.ssm_lr_factor)
+        self.device = resolve_device(config.device)
+        check_precision(config.precision, self.device)
+        torch.manual_seed(config.seed)  # seeds CUDA's generators too
+        self.model = (model if model is not None else SSMModel(model_config)).to(self.device)
+        self.optimizer = self._optimizer()
         self.step = 0
         self.best_score = float("-inf")
         self.train_time_s = 0.0
@@ -167,6 +184,8 @@ class Trainer:
         return {
             "optimizer": self.optimizer.state_dict(), "step": self.step,
             "rng": torch.get_rng_state(), "train_config": asdict(self.config),
+            "cuda_rng": (torch.cuda.get_rng_state(self.device)
+                         if self.device.type == "cuda" else None),
             "best_score": self.best_score, "train_time_s": self.train_time_s,
             "initial_state_dims": self.initial_state_dims,
             "reducer": self.reducer.state_dict() if self.reducer else None,
@@ -187,15 +206,17 @@ class Trainer:
     def restore(self, path: str | Path) -> None:
         """Return model and optimizer to a checkpoint of this run (the reducer's rollback)."""
         payload = load_checkpoint(path)
-        self.model = model_from_checkpoint(payload)
+        self.model = model_from_checkpoint(payload, device=self.device)
         self.model.train()
         self.rebuild_optimizer(payload["optimizer"])
 
     def _restore(self, payload: dict[str, Any]) -> None:
-        self.model = model_from_checkpoint(payload)
+        self.model = model_from_checkpoint(payload, device=self.device)
         self.rebuild_optimizer(payload["optimizer"])
         self.step = int(payload["step"])
         torch.set_rng_state(payload["rng"])
+        if self.device.type == "cuda" and payload.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(payload["cuda_rng"], self.device)
         self.best_score = float(payload["best_score"])
         self.train_time_s = float(payload["train_time_s"])
         self.initial_state_dims = list(payload["initial_state_dims"])
@@ -204,10 +225,14 @@ class Trainer:
 
     def rebuild_optimizer(self, state: dict[str, Any] | None = None) -> None:
         """A fresh optimizer over the current parameters (after surgery), optionally loaded."""
-        cfg = self.config
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.ssm_lr_factor)
+        self.optimizer = self._optimizer()
         if state is not None:
             self.optimizer.load_state_dict(state)
+
+    def _optimizer(self) -> torch.optim.AdamW:
+        cfg = self.config
+        return build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.ssm_lr_factor,
+                               fused=self.device.type == "cuda")
 
     # -- the loop ----------------------------------------------------------------------------
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,11 +242,13 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=gen)
         idx = order[index * self.config.batch_size:(index + 1) * self.config.batch_size]
-        return self.dataset.x_train[idx], self.dataset.y_train[idx]
+        return (self.dataset.x_train[idx].to(self.device, non_blocking=True),
+                self.dataset.y_train[idx].to(self.device, non_blocking=True))
 
     def validate(self) -> dict[str, float]:
         d = self.dataset
-        return evaluate(self.model, d.x_val, d.y_val, d.task, self.config.eval_batch_size)
+        return evaluate(self.model, d.x_val, d.y_val, d.task, self.config.eval_batch_size,
+                        self.config.precision)
 
     def fit(self) -> dict[str, Any]:
         """Train to ``config.steps``; return the summary also written to ``summary.json``."""
@@ -230,39 +257,46 @@ class Trainer:
         metrics_file = open(self.out_dir / "metrics.jsonl", "a" if self.step else "w")
         self.model.train()
         losses: list[float] = []
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train ({self.device.type})",
+                   disable=not self.progress, dynamic_ncols=True)
         try:
-            while self.step < cfg.steps:
-                t0 = time.perf_counter()
-                set_lr(self.optimizer, lr_factor(self.step, cfg.steps, cfg.warmup_frac,
-                                                 cfg.min_lr_frac))
-                x, y = self._batch(self.step)
-                loss = _loss(self.model(x), y, task)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.train_time_s += time.perf_counter() - t0
-                losses.append(loss.item())
-                self.step += 1
-                bar.update(1)
-                record = None
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    record = self._evaluate_and_save(losses)
-                    losses = []
-                    bar.set_postfix(val=f"{score(record['val']):.4f}",
-                                    dims=",".join(map(str, self.model.state_dims)))
-                    if self.on_eval is not None:
-                        self.on_eval(record)
-                elif self.reducer is not None and self.reducer.due(self.step, cfg.steps):
-                    record = self._reduce_between_evaluations()
-                if record is not None:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+            with matmul_precision(cfg.precision):
+                self._loop(metrics_file, bar, losses, task)
         finally:
             bar.close()
             metrics_file.close()
         return self.summarize()
+
+    def _loop(self, metrics_file: Any, bar: Any, losses: list[float], task: str) -> None:
+        cfg = self.config
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            set_lr(self.optimizer, lr_factor(self.step, cfg.steps, cfg.warmup_frac,
+                                             cfg.min_lr_frac))
+            x, y = self._batch(self.step)
+            with autocast(self.device, cfg.precision):
+                loss = _loss(self.model(x).float(), y, task)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            # .item() waits for the device: the step's time is its compute, not its launch
+            losses.append(loss.item())
+            self.train_time_s += time.perf_counter() - t0
+            self.step += 1
+            bar.update(1)
+            record = None
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                record = self._evaluate_and_save(losses)
+                losses = []
+                bar.set_postfix(val=f"{score(record['val']):.4f}",
+                                dims=",".join(map(str, self.model.state_dims)))
+                if self.on_eval is not None:
+                    self.on_eval(record)
+            elif self.reducer is not None and self.reducer.due(self.step, cfg.steps):
+                record = self._reduce_between_evaluations()
+            if record is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
 
     def _evaluate_and_save(self, losses: list[float]) -> dict[str, Any]:
         val = self.validate()
@@ -306,9 +340,12 @@ class Trainer:
 
     def summarize(self) -> dict[str, Any]:
         d = self.dataset
-        test_last = evaluate(self.model, d.x_test, d.y_test, d.task, self.config.eval_batch_size)
-        best = model_from_checkpoint(self.out_dir / "best.pt")
-        test_best = evaluate(best, d.x_test, d.y_test, d.task, self.config.eval_batch_size)
+        cfg = self.config
+        test_last = evaluate(self.model, d.x_test, d.y_test, d.task, cfg.eval_batch_size,
+                             cfg.precision)
+        best = model_from_checkpoint(self.out_dir / "best.pt", device=self.device)
+        test_best = evaluate(best, d.x_test, d.y_test, d.task, cfg.eval_batch_size,
+                             cfg.precision)
         summary = {
             "dataset": d.name, "task": d.task, "steps": self.step,
             "initial_state_dims": self.initial_state_dims,
@@ -317,6 +354,7 @@ class Trainer:
             "val_best": self.best_score, "test_last": test_last, "test_best": test_best,
             "train_time_s": round(self.train_time_s, 3),
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.device), "precision": cfg.precision,
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
