@@ -28,13 +28,17 @@ def machine() -> dict[str, Any]:
     import numpy
     import scipy
 
+    try:  # a copied tree (a lent GPU machine) has no .git, or no git at all
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=RESULTS.parent).stdout.strip() or None
+    except OSError:
+        commit = None
     return {
         "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__,
         "numpy": numpy.__version__, "scipy": scipy.__version__,
         "load_avg_1m": os.getloadavg()[0],
-        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True, cwd=RESULTS.parent).stdout.strip(),
+        "git_commit": commit,
     }
 
 

@@ -99,6 +99,7 @@ def test_c_kernel_accepts_non_contiguous_inputs():
     _assert_close(linear_scan(lam.double(), v_strided.double()), want, rtol=1e-6)
 
 
+@pytest.mark.triton
 @needs_triton
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("with_x0", [False, True])
@@ -113,6 +114,7 @@ def test_triton_kernel_matches_numpy_loop(length, with_x0, reverse):
     _assert_close(got.cpu(), _expected(lam, v, x0, reverse), rtol=2e-5)
 
 
+@pytest.mark.triton
 @needs_triton
 def test_triton_kernel_poles_near_zero_and_one():
     """|lam| = 0 (the state forgets at once), 1e-4, and 0.9999 over 1030 steps."""
@@ -195,6 +197,7 @@ def test_c_path_gradients_match_loop_autograd(length):
         assert err <= 1e-4 * w.abs().max().item(), f"d/d{name}: max error {err:.3g}"
 
 
+@pytest.mark.triton
 @needs_triton
 @pytest.mark.parametrize("length", [1, 257, 1030])
 def test_triton_path_gradients_match_loop_autograd(length):

@@ -289,6 +289,7 @@ def test_fused_importance_matches_the_float64_sums():
     assert got[3] == 0.0
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(not _triton.available(), reason="triton is not installed")
 @pytest.mark.parametrize("batch,length,h,n", [(5, 33, 6, 9), (2, 257, 3, 20)])
 def test_triton_importance_matches_the_float64_sums(batch, length, h, n):

@@ -24,7 +24,8 @@ needs_kernel = pytest.mark.skipif(
 needs_triton = pytest.mark.skipif(not _triton.available(), reason="triton is not installed")
 # Triton runs on CUDA where there is one, else in its interpreter (tests/conftest.py)
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = [pytest.param("c", marks=needs_kernel), pytest.param("triton", marks=needs_triton)]
+BACKENDS = [pytest.param("c", marks=needs_kernel),
+            pytest.param("triton", marks=[pytest.mark.triton, needs_triton])]
 
 # (batch, L, H, N, regime): decays a = exp(delta A) in (0, 1)
 #   "typical": delta log-uniform in [1e-3, 1e-1] (Mamba's init), A = -(1..N) (S4D-real init)
@@ -195,6 +196,7 @@ def test_layer_uses_kernel_and_matches_float64_torch_path(batch, length, h, n, m
         _assert_close(g[name], g_ref[name], 2e-5, f"grad {name}")
 
 
+@pytest.mark.triton
 @needs_triton
 @pytest.mark.parametrize("batch,length,h,n", [(2, 1, 4, 8), (3, 77, 6, 23)])
 def test_layer_triton_path_matches_float64_torch_path(batch, length, h, n, monkeypatch):

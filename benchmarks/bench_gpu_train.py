@@ -1,0 +1,367 @@
+"""GPU training step: ours (Triton kernels; fp32, tf32, bf16; the pure-torch path before the
+kernels) against the paper's JAX LRU, side by side in one process, interleaved.
+
+One step = forward + backward + AdamW update on random data with cross-entropy (dropout 0.1).
+Shapes (blocks x (N, H), L, batch) are issue #13's: the paper's sMNIST and sCIFAR shapes, a
+4-block one, each also at a reduced width, and the selective (S6) layer at N=128 and N=12.
+
+Implementations:
+
+``ours-fp32`` / ``ours-tf32`` / ``ours-bf16``  ``SSMModel`` on CUDA with the Triton scans and
+        fused AdamW, as ``compressm-tune train --device cuda --precision P`` runs it;
+``ours-torch-fp32``  the same with the Triton kernels switched off (the pure-PyTorch scans:
+        what ran on a GPU before them);
+``ours-bf16-graph``  ``ours-bf16`` with the whole step captured in one CUDA graph and replayed
+        (capturable fused AdamW, static batch): what launch overhead costs. ``train`` does not
+        do this yet;
+``jax`` the paper's own model code (``compressm/models/lru.py`` of camail-official/compressm,
+        from ``--peer-root``): ``LRU`` built with ``eqx.nn.make_with_state``, vmapped over the
+        batch (BatchNorm's ``axis_name="batch"``), ``optax.adamw``, ``eqx.filter_jit``; JAX's
+        default matmul precision (reported). Skipped with the reason if jax, equinox or optax
+        do not import or the peer code is not found.
+
+Timing: every implementation of a shape is built and warmed up (JAX: compiled) first; then
+``--rounds`` rounds each time ``--steps`` synchronized steps of every implementation, in a
+shuffled order per round. Reported: median of the rounds' per-step means, min and max, and the
+peak device memory of each implementation's steps.
+
+    python benchmarks/bench_gpu_train.py --peer-root PATH [--rounds 5] [--steps 3]
+
+Writes ``bench_results/gpu_train.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import machine, write  # noqa: E402
+
+from compressm_tune.models import SSMConfig, SSMModel, _scan, selective  # noqa: E402
+from compressm_tune.training.optim import build_optimizer  # noqa: E402
+
+CLASSES, DROPOUT, LR = 10, 0.1, 1e-3
+# (name, arch, blocks, N, H, L, batch, d_input)
+SHAPES = [
+    ("smnist", "lru", 1, 256, 8, 784, 50, 1),
+    ("smnist-reduced", "lru", 1, 16, 8, 784, 50, 1),
+    ("scifar", "lru", 6, 384, 512, 1024, 50, 3),
+    ("scifar-reduced", "lru", 6, 24, 512, 1024, 50, 3),
+    ("4-block", "lru", 4, 256, 64, 1024, 16, 1),
+    ("selective", "selective", 4, 128, 256, 1024, 16, 1),
+    ("selective-reduced", "selective", 4, 12, 256, 1024, 16, 1),
+]
+OURS = ("ours-fp32", "ours-tf32", "ours-bf16", "ours-bf16-graph", "ours-torch-fp32")
+
+
+@contextlib.contextmanager
+def _torch_scans():
+    """Switch the Triton kernels off: every scan takes the pure-PyTorch path."""
+    old = (_scan.scan_backend, selective.fused_backend)
+    _scan.scan_backend = lambda lam, v: "torch"
+    selective.fused_backend = lambda *a: None
+    try:
+        yield
+    finally:
+        _scan.scan_backend, selective.fused_backend = old
+
+
+class TorchStep:
+    """One of our implementations at one shape: ``step()`` runs one training step."""
+
+    def __init__(self, impl: str, shape: tuple) -> None:
+        _, arch, blocks, n, h, length, batch, d_in = shape
+        torch.manual_seed(0)
+        self.impl = impl
+        self.precision = impl.split("-")[1] if impl != "ours-torch-fp32" else "fp32"
+        self.model = SSMModel(SSMConfig(arch=arch, d_input=d_in, d_output=CLASSES, d_model=h,
+                                        state_dims=[n] * blocks, dropout=DROPOUT)).cuda()
+        graph = impl.endswith("-graph")
+        self.opt = build_optimizer(self.model, LR, 0.05, 0.5, fused=True)
+        if graph:  # a replayed step reads the LR from a tensor
+            for group in self.opt.param_groups:
+                group["capturable"] = True
+                group["lr"] = torch.tensor(group["lr"], device="cuda")
+        self.x = torch.randn(batch, length, d_in, device="cuda")
+        self.y = torch.randint(0, CLASSES, (batch,), device="cuda")
+        self.graph = None
+        if graph:
+            self._capture()
+
+    def _context(self):
+        if self.impl == "ours-torch-fp32":
+            return _torch_scans()
+        if self.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _eager(self) -> None:
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if self.precision == "tf32" else "highest")
+        try:
+            with self._context():
+                loss = F.cross_entropy(self.model(self.x).float(), self.y)
+            self.opt.zero_grad(set_to_none=False)
+            loss.backward()
+            self.opt.step()
+        finally:
+            torch.set_float32_matmul_precision(old)
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._eager()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._eager()
+
+    def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._eager()
+
+    @staticmethod
+    def sync() -> None:
+        torch.cuda.synchronize()
+
+
+class JaxStep:
+    """The paper's LRU (``--peer-root``) trained with optax AdamW under ``eqx.filter_jit``."""
+
+    def __init__(self, shape: tuple, peer_root: str) -> None:
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        LRU = _peer_lru(peer_root)
+
+        _, _, blocks, n, h, length, batch, d_in = shape
+        key = jax.random.PRNGKey(0)
+        model, state = eqx.nn.make_with_state(LRU)(
+            blocks, d_in, n, h, CLASSES, classification=True, drop_rate=DROPOUT, key=key)
+        opt = optax.adamw(LR, weight_decay=0.05)
+        opt_state = opt.init(eqx.filter(model, eqx.is_array))
+        batched = jax.vmap(model.__class__.__call__, axis_name="batch",
+                           in_axes=(None, 0, None, None), out_axes=(0, None))
+
+        @eqx.filter_jit
+        def train_step(model, state, opt_state, x, y, key):
+            def loss_fn(model, state):
+                probs, state = batched(model, x, state, key)  # softmax outputs, as the paper's
+                picked = jnp.take_along_axis(probs, y[:, None], axis=1)
+                return -jnp.mean(jnp.log(picked + 1e-9)), state
+
+            (loss, state), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
+                model, state)
+            updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+            return eqx.apply_updates(model, updates), state, opt_state, loss
+
+        self.jax, self.train_step = jax, train_step
+        self.carry = (model, state, opt_state)
+        self.x = jax.random.normal(jax.random.PRNGKey(1), (batch, length, d_in))
+        self.y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, CLASSES)
+        self.key = jax.random.PRNGKey(3)
+        self.loss = None
+
+    def step(self) -> None:
+        self.key, sub = self.jax.random.split(self.key)
+        *self.carry, self.loss = self.train_step(*self.carry, self.x, self.y, sub)
+
+    def sync(self) -> None:
+        self.jax.block_until_ready(self.loss)
+
+
+def _peer_lru(peer_root: str) -> type:
+    """The peer's ``LRU`` class. Its package ``__init__`` imports its training code, which the
+    model-only copy lacks, so the package is registered by path without running it."""
+    import importlib
+    import types
+
+    if "compressm" not in sys.modules:
+        package = types.ModuleType("compressm")
+        package.__path__ = [os.path.join(peer_root, "compressm")]
+        sys.modules["compressm"] = package
+    return importlib.import_module("compressm.models.lru").LRU
+
+
+def _jax_status(peer_root: str | None) -> str | None:
+    """None when the JAX peer can run, else why not."""
+    if not peer_root:
+        return "no --peer-root (a checkout of camail-official/compressm)"
+    if not os.path.isfile(os.path.join(peer_root, "compressm", "models", "lru.py")):
+        return f"{peer_root}/compressm/models/lru.py not found"
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
+    try:
+        import equinox  # noqa: F401
+        import jax
+        import optax  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} does not import"
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        return "jax sees no GPU"
+    return None
+
+
+def _peak_mib(impl: str, runner: Any) -> float | None:
+    if impl == "jax":
+        stats = runner.jax.devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        return None if peak is None else peak / 2**20
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def _time(runner: Any, steps: int) -> float:
+    runner.sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        runner.step()
+    runner.sync()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def measure_shape(shape: tuple, impls: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    row: dict[str, Any] = {"shape": shape[0], "arch": shape[1], "blocks": shape[2], "N": shape[3],
+                           "H": shape[4], "L": shape[5], "batch": shape[6]}
+    runners, peaks = {}, {}
+    for impl in impls:
+        if impl == "ours-torch-fp32" and shape[1] == "selective" and shape[3] > 32:
+            row[impl] = {"skipped": "the torch path stores (B, L, H, N) tensors: 369 ms and "
+                                    "33 GiB per step measured in issue #13"}
+            continue
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            runners[impl] = JaxStep(shape, args.peer_root) if impl == "jax" else TorchStep(
+                impl, shape)
+            for _ in range(args.warmup):
+                runners[impl].step()
+            runners[impl].sync()
+        except Exception as exc:  # a variant that cannot run here is reported, not fatal
+            row[impl] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            runners.pop(impl, None)
+            continue
+        row[impl] = {"setup_and_warmup_s": round(time.perf_counter() - t0, 2)}
+        peaks[impl] = 0.0
+    times: dict[str, list[float]] = {impl: [] for impl in runners}
+    order = list(runners)
+    for _ in range(args.rounds):
+        random.shuffle(order)
+        for impl in order:
+            torch.cuda.reset_peak_memory_stats()
+            times[impl].append(_time(runners[impl], args.steps))
+            peaks[impl] = max(peaks[impl], _peak_mib(impl, runners[impl]) or 0.0)
+    for impl, ms in times.items():
+        row[impl].update({"median_ms": float(np.median(ms)), "min_ms": float(min(ms)),
+                          "max_ms": float(max(ms)), "rounds_ms": [round(t, 3) for t in ms],
+                          "peak_mib": round(peaks[impl], 1)})
+    del runners
+    line = ", ".join(f"{i} {row[i]['median_ms']:.2f} ms" for i in impls if "median_ms" in row[i])
+    print(f"{shape[0]}: {line}", flush=True)
+    return row
+
+
+def _fmt(cell: dict[str, Any]) -> str:
+    if "median_ms" in cell:
+        return f"{cell['median_ms']:.2f} ({cell['min_ms']:.2f}-{cell['max_ms']:.2f})"
+    return "skipped" if "skipped" in cell else "failed"
+
+
+def _ratio(rows: dict[str, dict], a: tuple[str, str], b: tuple[str, str]) -> str:
+    x, y = rows.get(a[0], {}).get(a[1], {}), rows.get(b[0], {}).get(b[1], {})
+    if "median_ms" in x and "median_ms" in y:
+        return f"{x['median_ms'] / y['median_ms']:.2f}"
+    return "n/a"
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    m = payload["machine"]
+    impls = payload["impls"]
+    lines = [
+        "# GPU training step: ours (Triton) vs the paper's JAX LRU",
+        "",
+        f"GPU: {m.get('gpu')}; torch {m['torch']}, triton {m.get('triton')}, "
+        f"jax {m.get('jax')} (default matmul precision: {m.get('jax_matmul_precision')}); "
+        f"CPU load {m['load_avg_1m']:.2f} at the start. One step = forward + backward + AdamW, "
+        f"dropout {DROPOUT}. Median of {payload['rounds']} interleaved rounds of "
+        f"{payload['steps']} steps each (min-max in brackets), ms per step.",
+        "",
+        "| shape | blocks x (N, H), L, batch | " + " | ".join(impls) + " |",
+        "|---|---|" + "---|" * len(impls),
+    ]
+    for row in payload["results"]:
+        dims = f"{row['blocks']} x ({row['N']}, {row['H']}), {row['L']}, {row['batch']}"
+        lines.append(f"| {row['shape']} | {dims} | "
+                     + " | ".join(_fmt(row.get(i, {})) for i in impls) + " |")
+    lines += ["", "Peak device memory (MiB) during the timed steps:", "",
+              "| shape | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
+    for row in payload["results"]:
+        lines.append(f"| {row['shape']} | " + " | ".join(
+            str(row.get(i, {}).get("peak_mib", "-")) for i in impls) + " |")
+    rows = {row["shape"]: row for row in payload["results"]}
+    lines += ["", "Ratios (medians):", ""]
+    for shape in ("smnist", "scifar", "4-block"):
+        for impl in ("ours-fp32", "ours-tf32", "ours-bf16", "ours-bf16-graph"):
+            lines.append(f"- {shape}: {impl} / jax = {_ratio(rows, (shape, impl), (shape, 'jax'))}")
+    for impl in ("ours-fp32", "ours-bf16", "jax"):
+        lines.append(f"- compression, LRU sCIFAR N=24 / N=384 ({impl}): "
+                     f"{_ratio(rows, ('scifar-reduced', impl), ('scifar', impl))}")
+    for impl in ("ours-fp32", "ours-bf16"):
+        lines.append(f"- compression, selective N=12 / N=128 ({impl}): "
+                     f"{_ratio(rows, ('selective-reduced', impl), ('selective', impl))}")
+    if payload.get("jax_skipped"):
+        lines += ["", f"JAX peer not run: {payload['jax_skipped']}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peer-root", default=None,
+                        help="checkout of camail-official/compressm (its compressm/ package)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
+    parser.add_argument("--impls", default=",".join((*OURS, "jax")))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu_train: no CUDA device; nothing to measure")
+    jax_skipped = _jax_status(args.peer_root) if "jax" in args.impls else "not requested"
+    wanted = args.impls.split(",")
+    impls = [i for i in (*OURS, "jax") if i in wanted and not (i == "jax" and jax_skipped)]
+    mach = machine()
+    import triton
+
+    mach.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__,
+                cuda=torch.version.cuda)
+    if "jax" in impls:
+        import jax
+
+        mach.update(jax=jax.__version__,
+                    jax_matmul_precision=str(jax.config.jax_default_matmul_precision))
+    names = args.shapes.split(",")
+    results = [measure_shape(s, impls, args) for s in SHAPES if s[0] in names]
+    payload = {"benchmark": "gpu_train", "machine": mach, "rounds": args.rounds,
+               "steps": args.steps, "warmup": args.warmup, "impls": impls,
+               "jax_skipped": jax_skipped if "jax" in args.impls else None, "results": results}
+    write("gpu_train", payload, markdown(payload))
+    print(markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
