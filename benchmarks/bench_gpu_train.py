@@ -7,13 +7,13 @@ Shapes (blocks x (N, H), L, batch) are issue #13's: the paper's sMNIST and sCIFA
 
 Implementations:
 
-``ours-fp32`` / ``ours-tf32`` / ``ours-bf16``  ``SSMModel`` on CUDA with the Triton scans and
-        fused AdamW, as ``compressm-tune train --device cuda --precision P`` runs it;
-``ours-torch-fp32``  the same with the Triton kernels switched off (the pure-PyTorch scans:
+``ours-P-graph``  ``SSMModel`` on CUDA with the Triton scans, fused AdamW and the forward and
+        backward replayed from a captured CUDA graph, in precision P (fp32, tf32, bf16): the
+        package's ``TrainStep``, exactly what ``compressm-tune train --device cuda
+        --precision P`` runs;
+``ours-P``  the same launched eagerly (``--no-cuda-graphs``);
+``ours-torch-fp32``  eager, with the Triton kernels switched off (the pure-PyTorch scans:
         what ran on a GPU before them);
-``ours-bf16-graph``  ``ours-bf16`` with the whole step captured in one CUDA graph and replayed
-        (capturable fused AdamW, static batch): what launch overhead costs. ``train`` does not
-        do this yet;
 ``jax`` the paper's own model code (``compressm/models/lru.py`` of camail-official/compressm,
         from ``--peer-root``): ``LRU`` built with ``eqx.nn.make_with_state``, vmapped over the
         batch (BatchNorm's ``axis_name="batch"``), ``optax.adamw``, ``eqx.filter_jit``; JAX's
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import random
 import sys
@@ -47,8 +48,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, write  # noqa: E402
 
+from compressm_tune._device import matmul_precision  # noqa: E402
 from compressm_tune.models import SSMConfig, SSMModel, _scan, selective  # noqa: E402
 from compressm_tune.training.optim import build_optimizer  # noqa: E402
+from compressm_tune.training.step import TrainStep  # noqa: E402
 
 CLASSES, DROPOUT, LR = 10, 0.1, 1e-3
 # (name, arch, blocks, N, H, L, batch, d_input)
@@ -61,7 +64,9 @@ SHAPES = [
     ("selective", "selective", 4, 128, 256, 1024, 16, 1),
     ("selective-reduced", "selective", 4, 12, 256, 1024, 16, 1),
 ]
-OURS = ("ours-fp32", "ours-tf32", "ours-bf16", "ours-bf16-graph", "ours-torch-fp32")
+# eager, or replayed from a captured CUDA graph (-graph: what `train --device cuda` does)
+OURS = ("ours-fp32-graph", "ours-tf32-graph", "ours-bf16-graph", "ours-fp32", "ours-bf16",
+        "ours-torch-fp32")
 
 
 @contextlib.contextmanager
@@ -77,62 +82,27 @@ def _torch_scans():
 
 
 class TorchStep:
-    """One of our implementations at one shape: ``step()`` runs one training step."""
+    """One of our implementations at one shape: the package's own ``TrainStep`` (what
+    ``compressm-tune train --device cuda`` runs), ``step()`` = one training step."""
 
     def __init__(self, impl: str, shape: tuple) -> None:
         _, arch, blocks, n, h, length, batch, d_in = shape
         torch.manual_seed(0)
         self.impl = impl
         self.precision = impl.split("-")[1] if impl != "ours-torch-fp32" else "fp32"
+        device = torch.device("cuda")
         self.model = SSMModel(SSMConfig(arch=arch, d_input=d_in, d_output=CLASSES, d_model=h,
-                                        state_dims=[n] * blocks, dropout=DROPOUT)).cuda()
-        graph = impl.endswith("-graph")
+                                        state_dims=[n] * blocks, dropout=DROPOUT)).to(device)
         self.opt = build_optimizer(self.model, LR, 0.05, 0.5, fused=True)
-        if graph:  # a replayed step reads the LR from a tensor
-            for group in self.opt.param_groups:
-                group["capturable"] = True
-                group["lr"] = torch.tensor(group["lr"], device="cuda")
-        self.x = torch.randn(batch, length, d_in, device="cuda")
-        self.y = torch.randint(0, CLASSES, (batch,), device="cuda")
-        self.graph = None
-        if graph:
-            self._capture()
-
-    def _context(self):
-        if self.impl == "ours-torch-fp32":
-            return _torch_scans()
-        if self.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _eager(self) -> None:
-        old = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high" if self.precision == "tf32" else "highest")
-        try:
-            with self._context():
-                loss = F.cross_entropy(self.model(self.x).float(), self.y)
-            self.opt.zero_grad(set_to_none=False)
-            loss.backward()
-            self.opt.step()
-        finally:
-            torch.set_float32_matmul_precision(old)
-
-    def _capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._eager()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._eager()
+        self.step_fn = TrainStep(F.cross_entropy, device, self.precision,
+                                 graphs=impl.endswith("-graph"))
+        self.x = torch.randn(batch, length, d_in, device=device)
+        self.y = torch.randint(0, CLASSES, (batch,), device=device)
 
     def step(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._eager()
+        scans = _torch_scans() if self.impl == "ours-torch-fp32" else contextlib.nullcontext()
+        with scans, matmul_precision(self.precision):
+            self.step_fn(self.model, self.opt, self.x, self.y)
 
     @staticmethod
     def sync() -> None:
@@ -238,7 +208,11 @@ def measure_shape(shape: tuple, impls: list[str], args: argparse.Namespace) -> d
     row: dict[str, Any] = {"shape": shape[0], "arch": shape[1], "blocks": shape[2], "N": shape[3],
                            "H": shape[4], "L": shape[5], "batch": shape[6]}
     runners, peaks = {}, {}
+    gc.collect()
+    torch.cuda.empty_cache()
     for impl in impls:
+        if impl == "jax" and shape[1] != "lru":
+            continue
         if impl == "ours-torch-fp32" and shape[1] == "selective" and shape[3] > 32:
             row[impl] = {"skipped": "the torch path stores (B, L, H, N) tensors: 369 ms and "
                                     "33 GiB per step measured in issue #13"}
@@ -271,7 +245,8 @@ def measure_shape(shape: tuple, impls: list[str], args: argparse.Namespace) -> d
                           "max_ms": float(max(ms)), "rounds_ms": [round(t, 3) for t in ms],
                           "peak_mib": round(peaks[impl], 1)})
     del runners
-    line = ", ".join(f"{i} {row[i]['median_ms']:.2f} ms" for i in impls if "median_ms" in row[i])
+    line = ", ".join(f"{i} {row[i]['median_ms']:.2f} ms" for i in impls
+                     if "median_ms" in row.get(i, {}))
     print(f"{shape[0]}: {line}", flush=True)
     return row
 
@@ -279,6 +254,8 @@ def measure_shape(shape: tuple, impls: list[str], args: argparse.Namespace) -> d
 def _fmt(cell: dict[str, Any]) -> str:
     if "median_ms" in cell:
         return f"{cell['median_ms']:.2f} ({cell['min_ms']:.2f}-{cell['max_ms']:.2f})"
+    if not cell:
+        return "-"
     return "skipped" if "skipped" in cell else "failed"
 
 
@@ -316,12 +293,12 @@ def markdown(payload: dict[str, Any]) -> str:
     rows = {row["shape"]: row for row in payload["results"]}
     lines += ["", "Ratios (medians):", ""]
     for shape in ("smnist", "scifar", "4-block"):
-        for impl in ("ours-fp32", "ours-tf32", "ours-bf16", "ours-bf16-graph"):
+        for impl in ("ours-fp32-graph", "ours-tf32-graph", "ours-bf16-graph", "ours-fp32"):
             lines.append(f"- {shape}: {impl} / jax = {_ratio(rows, (shape, impl), (shape, 'jax'))}")
-    for impl in ("ours-fp32", "ours-bf16", "jax"):
+    for impl in ("ours-fp32-graph", "ours-bf16-graph", "jax"):
         lines.append(f"- compression, LRU sCIFAR N=24 / N=384 ({impl}): "
                      f"{_ratio(rows, ('scifar-reduced', impl), ('scifar', impl))}")
-    for impl in ("ours-fp32", "ours-bf16"):
+    for impl in ("ours-fp32-graph", "ours-bf16-graph"):
         lines.append(f"- compression, selective N=12 / N=128 ({impl}): "
                      f"{_ratio(rows, ('selective-reduced', impl), ('selective', impl))}")
     if payload.get("jax_skipped"):

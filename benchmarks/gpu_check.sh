@@ -8,6 +8,7 @@
 # camail-official/compressm; default ../shared/peers/compressm-official). With $OUT set (the
 # device tool), logs and results are copied there too. Each step is time-boxed; a failing step
 # is reported and the next one still runs; the exit status counts the failed steps.
+# SKIP="tune train" leaves those steps out (a rerun of what failed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PEER=${1:-../shared/peers/compressm-official}
@@ -20,6 +21,7 @@ failed=0
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
+    if [[ " ${SKIP:-} " == *" $name "* ]]; then echo "== $name: skipped" | tee -a "$LOG"; return; fi
     echo "== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$LOG"
     local t0=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee -a "$LOG"

@@ -80,7 +80,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     """The context of a forward pass: bfloat16 autocast for ``bf16``, nothing otherwise.
     (Backward passes run outside it, in the dtypes the forward recorded.)"""
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        # no cast cache: it must not outlive a CUDA graph capture, and weights are cast once
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 

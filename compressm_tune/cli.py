@@ -34,6 +34,9 @@ def _add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="where training runs: auto (a CUDA GPU if there is one), cpu, "
                              "cuda or cuda:N (default: auto)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="on CUDA, launch every kernel of every step from Python instead "
+                             "of replaying a captured graph (slower; for debugging)")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="training arithmetic: fp32; tf32 (CUDA: float32 products on the "
                              "tensor cores); bf16 (autocast projections, scans in float32) "
@@ -118,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
         ssm_lr_factor=args.ssm_lr_factor, weight_decay=args.weight_decay,
         warmup_frac=args.warmup_frac, eval_every=args.eval_every, seed=args.seed,
         threads=args.threads, log_spectrum=args.log_spectrum, device=args.device,
-        precision=args.precision,
+        precision=args.precision, cuda_graphs=args.cuda_graphs,
     )
     trainer = Trainer(model_config, config, data, args.out, reducer=_reducer(args),
                       resume=args.resume, progress=not args.no_progress)
@@ -218,7 +221,7 @@ def _tune(args: argparse.Namespace) -> int:
         state_dims=_widths(args.state_dims),
         profile=args.profile, drift_check=args.drift_check, storage=args.storage,
         study=args.study, out=args.out, seed=args.seed, pareto=args.pareto, threads=args.threads,
-        device=args.device, precision=args.precision)
+        device=args.device, precision=args.precision, cuda_graphs=args.cuda_graphs)
     summary = run_tune(config)
     print()
     print(open(f"{config.out}/report.md").read().split("\n![")[0])

@@ -120,11 +120,12 @@ def selective_scan_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def fused_backend(state_dim: int, *tensors: torch.Tensor) -> str | None:
-    """Which fused kernel takes these float32 tensors: ``c`` (CPU, the C kernel built) or
-    ``triton`` (CUDA, state width within one register tile), else None (the torch path).
-    TorchScript and tracing cannot see into either."""
+    """Which fused kernel takes these tensors: ``c`` (CPU, the C kernel built) or ``triton``
+    (CUDA, state width within one register tile), else None (the torch path). Both compute in
+    float32 (lower precisions, as autocast makes them, are upcast); float64 stays on the torch
+    path for its precision. TorchScript and tracing cannot see into either kernel."""
     if torch.jit.is_scripting() or torch.jit.is_tracing() or any(
-            t.dtype != torch.float32 for t in tensors):
+            t.dtype not in (torch.float32, torch.bfloat16, torch.float16) for t in tensors):
         return None
     device = tensors[0].device.type
     if any(t.device.type != device for t in tensors):

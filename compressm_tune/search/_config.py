@@ -46,6 +46,7 @@ class TuneConfig:
     device: str = "cpu"  # where trials train (auto | cpu | cuda[:N]); export and latency
     # measurement stay on the deployment runtime the profile describes
     precision: str = "fp32"  # training arithmetic: fp32 | tf32 | bf16
+    cuda_graphs: bool = True  # on CUDA, replay each training step from a captured graph
 
     def __post_init__(self) -> None:
         if not self.budget_ms > 0:
@@ -70,7 +71,7 @@ class TuneConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size,
                            eval_every=max(1, self.steps // 10), seed=self.seed,
                            threads=self.threads, device=self.device, precision=self.precision,
-                           **settings)
+                           cuda_graphs=self.cuda_graphs, **settings)
 
     @property
     def metric(self) -> str:

@@ -40,6 +40,7 @@ from compressm_tune.training.checkpoint import (
 from compressm_tune.training.data import Dataset
 from compressm_tune.training.optim import build_optimizer, lr_factor, set_lr
 from compressm_tune.training.reducer import CALIBRATION, spectrum_record
+from compressm_tune.training.step import TrainStep
 
 __all__ = ["TrainConfig", "Trainer", "evaluate"]
 
@@ -62,6 +63,7 @@ class TrainConfig:
     log_spectrum: bool = False  # log every layer's HSVs at every evaluation (for plots)
     device: str = "cpu"  # auto | cpu | cuda | cuda:N (the CLI's default is auto)
     precision: str = "fp32"  # fp32 | tf32 | bf16 (see compressm_tune._device)
+    cuda_graphs: bool = True  # on CUDA, replay each step from a captured graph (training/step.py)
 
     def __post_init__(self) -> None:
         check_device_spec(self.device)
@@ -170,6 +172,8 @@ class Trainer:
         torch.manual_seed(config.seed)  # seeds CUDA's generators too
         self.model = (model if model is not None else SSMModel(model_config)).to(self.device)
         self.optimizer = self._optimizer()
+        self._step = TrainStep(lambda out, y: _loss(out, y, dataset.task), self.device,
+                               config.precision, graphs=config.cuda_graphs)
         self.step = 0
         self.best_score = float("-inf")
         self.train_time_s = 0.0
@@ -252,7 +256,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to ``config.steps``; return the summary also written to ``summary.json``."""
-        cfg, task = self.config, self.dataset.task
+        cfg = self.config
         # a fresh run starts a new log; a resumed one continues it
         metrics_file = open(self.out_dir / "metrics.jsonl", "a" if self.step else "w")
         self.model.train()
@@ -261,24 +265,20 @@ class Trainer:
                    disable=not self.progress, dynamic_ncols=True)
         try:
             with matmul_precision(cfg.precision):
-                self._loop(metrics_file, bar, losses, task)
+                self._loop(metrics_file, bar, losses)
         finally:
             bar.close()
             metrics_file.close()
         return self.summarize()
 
-    def _loop(self, metrics_file: Any, bar: Any, losses: list[float], task: str) -> None:
+    def _loop(self, metrics_file: Any, bar: Any, losses: list[float]) -> None:
         cfg = self.config
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             set_lr(self.optimizer, lr_factor(self.step, cfg.steps, cfg.warmup_frac,
                                              cfg.min_lr_frac))
             x, y = self._batch(self.step)
-            with autocast(self.device, cfg.precision):
-                loss = _loss(self.model(x).float(), y, task)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss = self._step(self.model, self.optimizer, x, y)
             # .item() waits for the device: the step's time is its compute, not its launch
             losses.append(loss.item())
             self.train_time_s += time.perf_counter() - t0
