@@ -26,8 +26,11 @@ shuffled order per round. Reported: median of the rounds' per-step means, min an
 peak device memory of each implementation's steps.
 
     python benchmarks/bench_gpu_train.py --peer-root PATH [--rounds 5] [--steps 3]
+    python benchmarks/bench_gpu_train.py --profile scifar:ours-bf16   # where a step's time goes
 
-Writes ``bench_results/gpu_train.{json,md}``.
+Writes ``bench_results/gpu_train.{json,md}``; ``--profile SHAPE:IMPL`` instead writes the CUDA
+kernels of 3 steps of one eager implementation by total device time (torch.profiler; a graph
+replay hides its kernels from the profiler) to ``bench_results/gpu_profile_SHAPE.md``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _common import RESULTS as RESULTS_DIR  # noqa: E402
 from _common import machine, write  # noqa: E402
 
 from compressm_tune._device import matmul_precision  # noqa: E402
@@ -251,6 +255,28 @@ def measure_shape(shape: tuple, impls: list[str], args: argparse.Namespace) -> d
     return row
 
 
+def profile(spec: str) -> None:
+    """Profile 3 eager steps of ``SHAPE:IMPL`` and write the kernel table."""
+    name, impl = spec.split(":")
+    shape = next(s for s in SHAPES if s[0] == name)
+    runner = TorchStep(impl, shape)
+    for _ in range(3):
+        runner.step()
+    runner.sync()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            runner.step()
+        runner.sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30,
+                                      max_name_column_width=60)
+    text = (f"# Where a training step's time goes: {name}, {impl} (3 steps, eager)\n\n"
+            f"{torch.cuda.get_device_name()}, torch {torch.__version__}. torch.profiler's "
+            "table, by total CUDA time.\n\n```\n" + table + "\n```\n")
+    (RESULTS_DIR / f"gpu_profile_{name}.md").write_text(text)
+    print(table)
+
+
 def _fmt(cell: dict[str, Any]) -> str:
     if "median_ms" in cell:
         return f"{cell['median_ms']:.2f} ({cell['min_ms']:.2f}-{cell['max_ms']:.2f})"
@@ -315,9 +341,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--impls", default=",".join((*OURS, "jax")))
+    parser.add_argument("--profile", metavar="SHAPE:IMPL", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu_train: no CUDA device; nothing to measure")
+    if args.profile:
+        profile(args.profile)
+        return
     jax_skipped = _jax_status(args.peer_root) if "jax" in args.impls else "not requested"
     wanted = args.impls.split(",")
     impls = [i for i in (*OURS, "jax") if i in wanted and not (i == "jax" and jax_skipped)]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, in a few minutes (a lent GPU's time is short):
-#   1. the training-step benchmark against the paper's JAX LRU -> bench_results/gpu_train.*
+#   1. the training-step benchmark against the paper's JAX LRU -> bench_results/gpu_train.*,
+#      and where the sCIFAR step's time goes -> bench_results/gpu_profile_scifar.md
 #   2. the Triton kernels against their references on CUDA, and the tests marked gpu
 #   3. a default `train --device cuda --reduce tau=0.04` run on MNIST-1D
 #   4. the budgeted job with --device cuda (trials train on the GPU; latency is onnxruntime's)
@@ -37,12 +38,14 @@ torch.version.cuda, 'triton', triton.__version__)"; } 2>&1 | tee -a "$LOG"
 python setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "C kernels not built" | tee -a "$LOG"
 
 step bench 240 python benchmarks/bench_gpu_train.py --peer-root "$PEER"
+step profile 60 python benchmarks/bench_gpu_train.py --profile scifar:ours-bf16
 step tests 150 python -m pytest -q -m "gpu or triton" tests/ -p no:cacheprovider
 step train 90 python -m compressm_tune.cli train --device cuda --reduce tau=0.04 --no-progress \
     --out runs/gpu-train
 step tune 150 python -m compressm_tune.cli --budget-ms 5 --device cuda --trials 3 --steps 150 \
     --no-drift-check --out runs/gpu-tune
-cp bench_results/gpu_train.json bench_results/gpu_train.md "$DEST"/ 2>/dev/null
+cp bench_results/gpu_train.json bench_results/gpu_train.md bench_results/gpu_profile_scifar.md \
+    "$DEST"/ 2>/dev/null
 cp runs/gpu-train/summary.json "$DEST"/train_summary.json 2>/dev/null
 cp runs/gpu-tune/report.md "$DEST"/tune_report.md 2>/dev/null
 echo "gpu_check: $failed step(s) failed" | tee -a "$LOG"
