@@ -103,6 +103,8 @@ def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any]
         "profile": {"device": profile.device.label, "runtime": profile.config.runtime,
                     "created_utc": profile.created_utc},
         "notes": notes, "parity": chosen["manifest"].get("parity"),
+        "training": {"device": full.get("device", "cpu"),
+                     "precision": full.get("precision", "fp32")},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plots(study, config, out, data)
@@ -134,7 +136,9 @@ def _markdown(s: dict[str, Any], metric: str) -> str:
         f"{1 - s['train_time_s'] / max(full['train_time_s'], 1e-9):.0%}. Trials: "
         + ", ".join(f"{k} {v}" for k, v in s["trials"].items() if v),
         "",
-        f"Search parameters: `{json.dumps(s['params'])}`.",
+        f"Search parameters: `{json.dumps(s['params'])}`. Trials trained on "
+        f"{s['training']['device']} ({s['training']['precision']}); latency is onnxruntime's on "
+        "the profiled machine.",
         "",
         "![optimization history](history.png)",
         "",
