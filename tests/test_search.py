@@ -189,3 +189,44 @@ def test_the_job_rescales_a_stale_profile_unless_told_not_to(tmp_path, capsys, p
 
     assert fastest_named("--no-drift-check") == pytest.approx(stored, rel=1e-3)
     assert 0.15 < fastest_named() / stored < 0.6
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _propose(study: optuna.Study, config: TuneConfig, finish: bool = True) -> tuple:
+    """One trial's proposal, as a worker would get it (told a value unless ``finish`` is off,
+    which leaves the trial RUNNING as a killed worker does)."""
+    from compressm_tune.search._space import suggest
+
+    trial = study.ask()
+    suggest(trial, config)
+    if finish:
+        study.tell(trial, 0.5)
+    return tuple(sorted(trial.params.items()))
+
+
+@pytest.mark.parametrize("pareto", [False, True])
+def test_workers_sharing_a_study_propose_distinct_configurations(tmp_path, pareto):
+    """Three workers (three samplers built alike on one SQLite study, asking in turn) get
+    nine different configurations; each worker used to replay the same first proposals."""
+    from compressm_tune.search._job import _open_study
+
+    config = TuneConfig(budget_ms=1.0, out=str(tmp_path), trials=9, pareto=pareto)
+    workers = [_open_study(config) for _ in range(3)]
+    proposals = [_propose(w, config, finish=not pareto) for _ in range(3) for w in workers]
+    assert len(set(proposals)) == 9, proposals
+
+
+def test_a_rerun_after_a_kill_proposes_new_configurations_and_runs_stay_reproducible(tmp_path):
+    from compressm_tune.search._job import _open_study
+
+    config = TuneConfig(budget_ms=1.0, out=str(tmp_path / "a"), trials=5)
+    first = _open_study(config)
+    seen = [_propose(first, config), _propose(first, config, finish=False)]  # then killed
+    rerun = _open_study(config)
+    seen += [_propose(rerun, config) for _ in range(3)]
+    assert len(set(seen)) == 5, seen
+    # the same command in a fresh folder proposes the same first trials: reproducible
+    again = _open_study(dataclasses.replace(config, out=str(tmp_path / "b")))
+    assert [_propose(again, config) for _ in range(2)] == seen[:2]

@@ -118,6 +118,40 @@ def drift_scale(profile: Profile, metric: str, notes: list[str]) -> float:
     return drift.scale
 
 
+def _reseed(sampler: Any, seed: int) -> None:
+    """Seed a sampler's random streams (its own and its startup sampler's) to ``seed``."""
+    for depth, obj in enumerate((sampler, getattr(sampler, "_random_sampler", None))):
+        rng = getattr(obj, "_rng", None)
+        if rng is not None and hasattr(rng, "rng"):
+            rng.rng.seed((seed + 7919 * depth) % 2**32)
+
+
+class _TrialSeeded:
+    """Reseed the sampler from (study seed, trial number) before every trial.
+
+    Why: a sampler seeded once per process proposes the same first points in every process,
+    so each worker sharing a study, and each rerun after a kill, replayed the same trials.
+    Trial numbers are unique across workers and continue after a resume, so every trial gets
+    its own stream, and a single uninterrupted run still proposes exactly the same trials.
+    """
+
+    def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+        super().__init__(*args, seed=seed, **kwargs)
+        self._study_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        super().before_trial(study, trial)
+        _reseed(self, self._study_seed * 1_000_003 + trial.number)
+
+
+class _TPESampler(_TrialSeeded, optuna.samplers.TPESampler):
+    pass
+
+
+class _NSGAIISampler(_TrialSeeded, optuna.samplers.NSGAIISampler):
+    pass
+
+
 def _open_study(config: TuneConfig) -> optuna.Study:
     storage = open_storage(config.storage, Path(config.out))
     # Optuna 5 samplers read constraints recorded with trial.set_constraint; Optuna 4 needs them
@@ -127,11 +161,11 @@ def _open_study(config: TuneConfig) -> optuna.Study:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if config.pareto:
-            sampler = optuna.samplers.NSGAIISampler(seed=config.seed, **legacy)
+            sampler = _NSGAIISampler(seed=config.seed, **legacy)
             kw: dict[str, Any] = {"directions": ["maximize", "minimize"]}
         else:
-            sampler = optuna.samplers.TPESampler(seed=config.seed,
-                                                 n_startup_trials=min(4, config.trials), **legacy)
+            sampler = _TPESampler(seed=config.seed, n_startup_trials=min(4, config.trials),
+                                  **legacy)
             kw = {"direction": "maximize"}
     study = optuna.create_study(
         storage=storage, study_name=config.study, load_if_exists=True, sampler=sampler,
