@@ -223,6 +223,8 @@ def _tune(args: argparse.Namespace) -> int:
         study=args.study, out=args.out, seed=args.seed, pareto=args.pareto, threads=args.threads,
         device=args.device, precision=args.precision, cuda_graphs=args.cuda_graphs)
     summary = run_tune(config)
+    if summary.get("finalized") is False:
+        return 0  # another worker of the same study exports and reports (it said so)
     print()
     print(open(f"{config.out}/report.md").read().split("\n![")[0])
     print(f"run directory: {config.out} (model.onnx, model.ts, manifest.json, summary.json, "

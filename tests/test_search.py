@@ -230,3 +230,38 @@ def test_a_rerun_after_a_kill_proposes_new_configurations_and_runs_stay_reproduc
     # the same command in a fresh folder proposes the same first trials: reproducible
     again = _open_study(dataclasses.replace(config, out=str(tmp_path / "b")))
     assert [_propose(again, config) for _ in range(2)] == seen[:2]
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def test_a_worker_leaves_export_and_report_to_the_one_still_running(tmp_path, capsys,
+                                                                    profile_path):
+    """Another worker holds trial 0 RUNNING (alive: its heartbeat is not stale): this worker
+    runs trial 1, then exits 0 saying so, and writes no model, full reference or report."""
+    from compressm_tune.search._job import _open_study
+
+    config = TuneConfig(budget_ms=1.0, out=str(tmp_path / "run"), trials=2, dataset="lti-sysid",
+                        **SMALL)
+    (tmp_path / "run").mkdir()
+    other = _open_study(config)
+    held = other.ask()  # the other worker's trial, still running
+    code = _tune(tmp_path, "--budget-ms", "50", "--trials", "2", "--profile",
+                 str(profile_path), "--no-drift-check")
+    err = capsys.readouterr().err
+    assert code == 0 and f"trial(s) [{held.number}] still run in other workers" in err
+    run = tmp_path / "run"
+    assert not (run / "model.onnx").exists() and not (run / "report.md").exists()
+    assert not (run / "full").exists()
+    states = [t.state.name for t in other.get_trials(deepcopy=False)]
+    assert states.count("COMPLETE") == 1 and states.count("RUNNING") == 1  # (+ a surplus FAIL)
+
+
+def test_the_finalize_lock_admits_one_process_at_a_time(tmp_path):
+    from compressm_tune.search._job import _finalize_lock
+
+    with _finalize_lock(tmp_path) as first:
+        with _finalize_lock(tmp_path) as second:  # another open file: as another process
+            assert first and not second
+    with _finalize_lock(tmp_path) as again:
+        assert again  # released on exit

@@ -12,12 +12,21 @@
    truncation when their reduction window closes).
 3. The best feasible trial is exported (ONNX + TorchScript, parity checked) and its latency is
    measured in onnxruntime; if the measurement misses the budget, the next best is tried.
+
+Several workers may share one study (``--storage``) and one ``--out``. Step 3, the full
+reference model and the report are done once, by the last worker to finish while no trial is
+still running elsewhere, under an exclusive lock on ``OUT/.finalize.lock`` (released by the
+kernel if that worker dies); every other worker says who finishes the job and exits 0.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,7 +48,7 @@ from compressm_tune.hardware import (
 )
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._objective import Objective, constraints_of
-from compressm_tune.search._storage import open_storage
+from compressm_tune.search._storage import GRACE_S, open_storage
 from compressm_tune.training import load_dataset
 
 __all__ = ["run_tune", "resolve_profile", "BudgetMissedError"]
@@ -198,9 +207,8 @@ def _feasible(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def run_tune(config: TuneConfig) -> dict[str, Any]:
-    """Run the whole job; returns (and writes) ``summary.json``. See the module docstring."""
-    from compressm_tune.search._report import choose_and_export, write_report
-
+    """Run the whole job; returns (and writes) ``summary.json``, or ``{"finalized": False}``
+    in a worker that leaves the export to another. See the module docstring."""
     check_precision(config.precision, resolve_device(config.device))  # fail before any work
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +242,21 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study.optimize(_slot_guard(objective, config.trials), n_trials=config.trials - finished,
                        catch=(_Surplus,), show_progress_bar=True, gc_after_trial=True)
+    others = _still_running(study)
+    if others:
+        return _left_to_others(config, f"trial(s) {others} still run in other workers; the "
+                                       "last of them to finish exports and reports (if a worker "
+                                       f"died, rerun this command after {GRACE_S} s)")
+    with _finalize_lock(out) as mine:
+        if not mine:
+            return _left_to_others(config, "another worker is exporting and reporting")
+        return _finalize(config, study, data, profile, latency, notes)
+
+
+def _finalize(config: TuneConfig, study: optuna.Study, data: Any, profile: Profile,
+              latency: LatencyModel, notes: list[str]) -> dict[str, Any]:
+    from compressm_tune.search._report import choose_and_export, write_report
+
     feasible = _feasible(study)
     if not feasible:
         raise BudgetMissedError(
@@ -241,3 +264,31 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
             "raise --budget-ms or --trials")
     chosen = choose_and_export(config, feasible, data)
     return write_report(config, study, chosen, data, profile, latency, notes)
+
+
+def _still_running(study: optuna.Study) -> list[int]:
+    """Trials other workers are still running (stale ones of dead workers are failed first)."""
+    optuna.storages.fail_stale_trials(study)
+    active = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    return [t.number for t in study.get_trials(deepcopy=False, states=active)]
+
+
+def _left_to_others(config: TuneConfig, why: str) -> dict[str, Any]:
+    print(f"compressm-tune: this worker's trials are done; {why}; results will be in "
+          f"{config.out}", file=sys.stderr)
+    return {"finalized": False, "meets_budget": None}
+
+
+@contextlib.contextmanager
+def _finalize_lock(out: Path) -> Iterator[bool]:
+    """Yield True for the one process that holds ``OUT/.finalize.lock``, False for others."""
+    with open(out / ".finalize.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
