@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "atomic_write_text", "read_json"]
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object], mode: int | None = None
@@ -32,3 +34,17 @@ def atomic_write(path: str | Path, write: Callable[[str], object], mode: int | N
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The JSON in ``path``, or None when the file is missing, unreadable or not valid JSON
+    (a file cut short by a crash of an older version reads as absent, not as a traceback)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None

@@ -265,3 +265,28 @@ def test_the_finalize_lock_admits_one_process_at_a_time(tmp_path):
             assert first and not second
     with _finalize_lock(tmp_path) as again:
         assert again  # released on exit
+
+
+def test_the_full_reference_resumes_and_a_cut_summary_is_not_trusted(tmp_path, lti_sysid):
+    """A kill while the full reference trains: the rerun continues from its last checkpoint
+    (the run's log is appended to, not restarted); a summary cut short is retrained from
+    there, never a JSONDecodeError."""
+    from compressm_tune.models import SSMConfig
+    from compressm_tune.search._report import _full_reference
+    from compressm_tune.training import Trainer
+
+    config = TuneConfig(budget_ms=1.0, out=str(tmp_path), steps=4, dataset="lti-sysid",
+                        state_dims=(8,), **SMALL)
+    full = tmp_path / "full"
+    model_config = SSMConfig(d_input=lti_sysid.d_input, d_output=lti_sysid.d_output, d_model=8,
+                             state_dims=[8], pooling=lti_sysid.pooling)
+    Trainer(model_config, dataclasses.replace(config.train_config(), steps=2), lti_sysid, full,
+            progress=False).fit()  # then "killed": no final summary of the 4-step run
+    (full / "summary.json").write_text('{"final_state_dims": [8], "test_be')  # cut short
+    with open(full / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": 2, "marker": "written before the kill"}) + "\n")
+    summary = _full_reference(config, lti_sysid)
+    assert summary["steps"] == 4
+    assert json.loads((full / "summary.json").read_text())["steps"] == 4
+    log = (full / "metrics.jsonl").read_text()
+    assert "written before the kill" in log  # appended to: resumed, not restarted

@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 
+from compressm_tune._io import atomic_write_text, read_json
 from compressm_tune._table import markdown_table
 from compressm_tune.hardware import LatencyModel, Profile
 from compressm_tune.models import SSMConfig
@@ -63,15 +64,21 @@ def choose_and_export(config: TuneConfig, feasible: list[optuna.trial.FrozenTria
 
 
 def _full_reference(config: TuneConfig, data: Dataset) -> dict[str, Any]:
-    """Train (once; cached in OUT/full) the uncompressed model the report compares with."""
+    """Train (once; cached in OUT/full) the uncompressed model the report compares with.
+
+    A run killed while training it resumes from its last checkpoint; a summary that is not a
+    complete one (cut short, edited) is treated as absent."""
     out = Path(config.out) / "full"
-    if (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
+    summary = read_json(out / "summary.json")
+    if isinstance(summary, dict) and {"final_state_dims", "test_best", "train_time_s"} <= set(
+            summary):
+        return summary
     width = max(config.state_dims)
     model_config = SSMConfig(arch=config.arch, d_input=data.d_input, d_output=data.d_output,
                              d_model=config.hidden, state_dims=[width] * config.blocks,
                              pooling=data.pooling)
-    return Trainer(model_config, config.train_config(), data, out, progress=False).fit()
+    return Trainer(model_config, config.train_config(), data, out, progress=False,
+                   resume=True).fit()
 
 
 def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any], data: Dataset,
@@ -106,7 +113,7 @@ def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any]
         "training": {"device": full.get("device", "cpu"),
                      "precision": full.get("precision", "fp32")},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _plots(study, config, out, data)
     (out / "report.md").write_text(_markdown(summary, metric) + "\n")
     return summary

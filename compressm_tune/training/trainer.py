@@ -30,6 +30,7 @@ from compressm_tune._device import (
     module_device,
     resolve_device,
 )
+from compressm_tune._io import atomic_write_text
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import SSMConfig, SSMModel
 from compressm_tune.training.checkpoint import (
@@ -356,5 +357,5 @@ class Trainer:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "device": str(self.device), "precision": cfg.precision,
         }
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
