@@ -226,3 +226,19 @@ def test_latency_model_rejects_a_bad_scale(quick_profile, scale) -> None:
     _, profile = quick_profile
     with pytest.raises(ValueError, match="scale must be a positive finite factor"):
         LatencyModel.from_profile(profile, scale=scale)
+
+
+@pytest.mark.parametrize("value", [-0.5, 0.0, 1e308])
+def test_a_profile_with_impossible_latencies_is_refused_in_one_line(quick_profile, tmp_path,
+                                                                    value) -> None:
+    """Zero, negative or astronomically large times were never measured: refused on load,
+    before a search runs to its end on them or the latency model's fit fails on them."""
+    from compressm_tune.errors import ProfileError
+
+    data = json.loads(quick_profile[0].read_text())
+    data["records"][1]["latency"]["p50_ms"] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=r"latency_ms must be > 0 and < 1e\+07 ms") as err:
+        load_profile(bad)
+    assert len(str(err.value).splitlines()) == 1

@@ -43,6 +43,10 @@ METRICS = {
 }
 
 
+_TIMES = ("latency_ms", "latency_min_ms", "step_ms", "batch_ms", "train_step_ms")
+_MAX_MS = 1e7  # about three hours per call
+
+
 @dataclass(frozen=True)
 class ModelRecord:
     """Measurements of one model whose blocks have state widths ``state_dims``.
@@ -171,6 +175,11 @@ class Profile:
         for r in self.all_records:
             if not r.state_dims or len(set(r.state_dims)) != 1 or r.state_dims[0] < 1:
                 raise ProfileError(f"a record must have equal widths >= 1, got {r.state_dims}")
+            for name in _TIMES:  # a time of 0, below 0 or of centuries was never measured
+                value = r.metric(name)
+                if not 0 < value < _MAX_MS:
+                    raise ProfileError(f"record {list(r.state_dims)}: {name} must be > 0 and "
+                                       f"< {_MAX_MS:g} ms, got {value!r}")
         widths = [r.state_dim for r in self.records]
         if widths != sorted(set(widths)) or len(widths) < 2:
             raise ProfileError(f"records must hold >= 2 distinct ascending widths, got {widths}")
