@@ -105,7 +105,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from compressm_tune._table import markdown_table
+    from compressm_tune.errors import ConfigError
     from compressm_tune.models import SSMConfig
     from compressm_tune.training import TrainConfig, Trainer, load_dataset
 
@@ -123,6 +126,9 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads, log_spectrum=args.log_spectrum, device=args.device,
         precision=args.precision, cuda_graphs=args.cuda_graphs,
     )
+    if args.resume and not (Path(args.out) / "last.pt").is_file():
+        raise ConfigError(f"--resume: there is no {Path(args.out) / 'last.pt'} to continue "
+                          "from; run without --resume to start")
     trainer = Trainer(model_config, config, data, args.out, reducer=_reducer(args),
                       resume=args.resume, progress=not args.no_progress)
     s = trainer.fit()
@@ -136,8 +142,6 @@ def _train(args: argparse.Namespace) -> int:
           s["test_best"][metric], s["test_last"][metric], s["train_time_s"]]],
     ))
     if args.log_spectrum or args.reduce:
-        from pathlib import Path
-
         from compressm_tune.training.plots import plot_hsv_trajectories, read_metrics
 
         records = read_metrics(Path(args.out) / "metrics.jsonl")

@@ -82,6 +82,49 @@ def test_resume_flag_continues_a_run(tmp_path):
     assert load_checkpoint(out / "last.pt")["step"] == 10
 
 
+@pytest.mark.parametrize("change,needle", [
+    (["--hidden", "16"], "d_model"),
+    (["--blocks", "2"], "blocks"),
+    (["--state-dim", "9"], "state_dims"),
+    (["--arch", "selective"], "arch"),
+    (["--dataset", "mnist1d"], "dataset lti-sysid (asked mnist1d)"),
+])
+def test_resume_of_another_run_is_refused_in_one_line(tmp_path, capsys, change, needle):
+    """The checkpoint used to win silently over the flags (or a traceback, for another
+    dataset): the user learns what differs."""
+    out = tmp_path / "r"
+    args = ["train", "--dataset", "lti-sysid", "--out", str(out), *TINY]
+    assert main([*args, "--steps", "3"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--steps", "6", "--resume", *change]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--resume" in line and needle in line
+    assert load_checkpoint(out / "last.pt")["step"] == 3  # untouched
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
+    code = main(["train", "--dataset", "lti-sysid", "--out", str(tmp_path / "none"), "--steps",
+                 "3", "--resume", *TINY])
+    assert code == 2
+    assert "no " in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "none" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("field,value", [("step", "abc"), ("optimizer", {"state": {}})])
+def test_a_checkpoint_that_cannot_resume_is_one_line(tmp_path, capsys, field, value):
+    import torch
+
+    out = tmp_path / "r"
+    args = ["train", "--dataset", "lti-sysid", "--out", str(out), *TINY]
+    assert main([*args, "--steps", "3"]) == 0
+    payload = load_checkpoint(out / "last.pt")
+    payload[field] = value
+    torch.save(payload, out / "last.pt")
+    capsys.readouterr()
+    assert main([*args, "--steps", "6", "--resume"]) == 2
+    assert "cannot resume" in _one_error_line(capsys.readouterr().err)
+
+
 def test_unknown_dataset_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--dataset", "imagenet"])

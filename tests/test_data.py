@@ -423,6 +423,10 @@ def _bad_cases():
         ),
         ("empty steps", only(x=np.zeros((20, 0)), y=y), ["x in", "non-empty", "(20, 0)"]),
         ("one class", with_(y=np.zeros(20, int)), ["at least 2 classes"]),
+        # would size the output layer by the largest id: 1e9 or 2^40 classes, 32 GB to 35 TB
+        ("huge class id", with_(y=np.where(y == 2, 10**9, y)), ["1000000000", "3 distinct"]),
+        ("2^40 class id", with_(y=np.where(y == 2, 2**40, y)), ["more than 65536", "0..K-1"]),
+        ("overflowing x", with_(x=x * 1e300), ["too large to normalize", "rescale"]),
         ("test too small", only(x=x[:5], y=y[:5]), ["at least 2", "'test'", "5 samples"]),
         ("val too small", only(x=x[:10], y=y[:10]), ["at least 2", "'val'", "8 samples"]),
         ("regression length", only(x=reg_x, y=np.zeros((20, 5, 2))), ["y in", "length 6"]),

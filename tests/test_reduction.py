@@ -541,3 +541,19 @@ def test_bad_input_covariance_raises(bad, match):
     lam, B, C = lru_system(np.random.default_rng(14), 6, 2)
     with pytest.raises(ReductionError, match=match):
         hankel_singular_values(lam, B, C, input_cov=bad)
+
+
+@pytest.mark.parametrize("how", ["hsv", "truncation"])
+def test_overflowing_inputs_are_a_reduction_error_not_a_linalg_traceback(how):
+    """Input covariances near the float64 limit (a diverged model's activations) overflow the
+    Gramians: one ReductionError, not numpy's LinAlgError."""
+    rng = np.random.default_rng(0)
+    lam = 0.9 * np.exp(1j * rng.uniform(0, 6, 6))
+    B = rng.normal(size=(6, 3)) + 0j
+    C = rng.normal(size=(3, 6)) + 0j
+    R = np.eye(3) * 1e307
+    with pytest.raises(ReductionError, match="too large"):
+        if how == "hsv":
+            hankel_singular_values(lam, B, C, input_cov=R)
+        else:
+            balanced_truncation(lam, B, C, 2, input_cov=R)

@@ -89,7 +89,11 @@ def _input_factor(input_cov: Any, H: int) -> np.ndarray:
     scale = max(float(np.abs(R).max()), 1e-300)
     if np.abs(R - R.conj().T).max() > 1e-8 * scale:
         raise ReductionError("input_cov must be Hermitian (symmetric), a covariance matrix")
-    w, V = np.linalg.eigh(0.5 * (R + R.conj().T))  # (H,), (H, H) ascending
+    try:
+        w, V = np.linalg.eigh(0.5 * (R + R.conj().T))  # (H,), (H, H) ascending
+    except np.linalg.LinAlgError as exc:  # entries near the float64 limit
+        raise ReductionError(f"input_cov cannot be factorized ({exc}): the layer's inputs are "
+                             "too large; the model's activations diverged") from None
     if w[0] < -1e-8 * max(w[-1], 1e-300):
         raise ReductionError(
             f"input_cov must be positive semidefinite, a covariance matrix; got eigenvalue "
@@ -212,8 +216,16 @@ def _balance(sys: _System) -> _Balancing:
     if key in _balancings:
         _balancings.move_to_end(key)
         return _balancings[key]
-    Lc, Lo = _factors(sys)  # (N, N), (N, N)
-    U, s, Vh = np.linalg.svd(Lo.conj().T @ Lc)  # (N, N), (N,) descending, (N, N)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below, in one line
+        try:
+            Lc, Lo = _factors(sys)  # (N, N), (N, N)
+            U, s, Vh = np.linalg.svd(Lo.conj().T @ Lc)  # (N, N), (N,) descending, (N, N)
+        except (np.linalg.LinAlgError, ValueError) as exc:
+            raise ReductionError(f"balancing failed ({exc}): the layer's weights or inputs "
+                                 "are too large; the model diverged") from None
+    if not np.isfinite(s).all():
+        raise ReductionError("balancing overflowed: the layer's weights or inputs are too "
+                             "large; the model diverged")
     _balancings[key] = _Balancing(Lc, Lo, U, s, Vh)
     while len(_balancings) > 1 and sum(
             sum(a.nbytes for a in b) for b in _balancings.values()) > _BALANCING_CACHE_BYTES:

@@ -39,6 +39,7 @@ DATASETS = ("mnist1d", "lti-sysid", "selective-copy", "npz", "smnist")
 _STD_FLOOR = 1e-8  # keeps constant input channels finite after normalization
 _CACHE_LAYOUT = 1  # bump when the cached array layout changes; it is part of the cache key
 _NPZ_TEST_FRACTION = 0.2  # test split carved from an .npz that has no x_test/y_test
+_MAX_CLASSES = 2**16  # class ids beyond this are an encoding bug, not a label space
 _LTI_SYSTEM_SEED = 7  # fixed system for every `seed`; its smallest Hankel SV is 3% of its largest
 _LTI_ORDER = 8
 _LTI_SEQ_LEN = 200
@@ -266,8 +267,13 @@ def _build(name, task, train, test, d_output, info, *, val_fraction, rng,
     (x_tr, y_tr), (x_val, y_val) = _split(*train, val_fraction, rng, "val")
     x_test, y_test = test
     if normalize:
-        mean = x_tr.mean(axis=(0, 1), dtype=np.float64)  # (d,)
-        std = np.maximum(x_tr.std(axis=(0, 1), dtype=np.float64), _STD_FLOOR)  # (d,)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            mean = x_tr.mean(axis=(0, 1), dtype=np.float64)  # (d,)
+            std = np.maximum(x_tr.std(axis=(0, 1), dtype=np.float64), _STD_FLOOR)  # (d,)
+        if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+            raise DataError(f"inputs of {name} are too large to normalize (their standard "
+                            f"deviation overflows float64, max |x| {np.abs(x_tr).max():.3g}); "
+                            "rescale them")
     else:
         mean, std = np.zeros(x_tr.shape[2]), np.ones(x_tr.shape[2])  # (d,) each
     y_dtype = np.int64 if task == "classification" else np.float32
@@ -472,6 +478,11 @@ def _npz(path: str | None, rng: np.random.Generator):
     d_output = int(y.max()) + 1 if task == "classification" else y.shape[2]
     if task == "classification" and d_output < 2:
         raise DataError(f"classification needs at least 2 classes (max(y) + 1), got 1 in {path}")
+    if task == "classification" and d_output > _MAX_CLASSES:
+        raise DataError(
+            f"class ids in {path} go up to {int(y.max())}: {d_output} classes, more than "
+            f"{_MAX_CLASSES} (the output layer would not fit); map the {len(np.unique(y))} "
+            "distinct labels to 0..K-1")
     if "x_test" in arrays:
         x_test, y_test = _check_pair(arrays["x_test"], arrays["y_test"], "_test", path)
         if x_test.shape[1:] != x.shape[1:] or y_test.shape[1:] != y.shape[1:]:

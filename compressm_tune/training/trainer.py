@@ -31,7 +31,7 @@ from compressm_tune._device import (
     resolve_device,
 )
 from compressm_tune._io import atomic_write_text
-from compressm_tune.errors import ConfigError
+from compressm_tune.errors import CheckpointError, ConfigError
 from compressm_tune.models import SSMConfig, SSMModel
 from compressm_tune.training.checkpoint import (
     load_checkpoint,
@@ -131,6 +131,27 @@ def _scored(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return out[:, -target.shape[1]:]  # (batch, M, C)
 
 
+def _check_resumable(payload: dict[str, Any], model_config: SSMConfig, dataset: Dataset,
+                     path: Path) -> None:
+    """Refuse, in one line, to resume a run of another model shape or another dataset (the
+    checkpoint would silently win over the flags)."""
+    saved = payload["model_config"]
+    initial = payload.get("initial_state_dims", saved.get("state_dims"))
+    wanted = {"arch": model_config.arch, "d_model": model_config.d_model,
+              "blocks": len(model_config.state_dims), "state_dims": list(model_config.state_dims),
+              "d_input": model_config.d_input, "d_output": model_config.d_output}
+    have = {"arch": saved.get("arch", "lru"), "d_model": saved.get("d_model"),
+            "blocks": len(saved.get("state_dims", [])), "state_dims": list(initial or []),
+            "d_input": saved.get("d_input"), "d_output": saved.get("d_output")}
+    diff = [f"{k} {have[k]} (asked {wanted[k]})" for k in wanted if have[k] != wanted[k]]
+    name = (payload.get("dataset") or {}).get("name")
+    if name is not None and name != dataset.name:
+        diff.insert(0, f"dataset {name} (asked {dataset.name})")
+    if diff:
+        raise ConfigError(f"--resume: {path} holds another run: " + ", ".join(diff)
+                          + "; use its settings or another --out")
+
+
 def score(metrics: dict[str, float]) -> float:
     """Higher is better: accuracy for classification, minus the loss otherwise."""
     return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
@@ -181,7 +202,10 @@ class Trainer:
         self.initial_state_dims = self.model.state_dims
         last = self.out_dir / "last.pt"
         if resume and last.exists():
-            self._restore(load_checkpoint(last))
+            payload = load_checkpoint(last)
+            if model is None:
+                _check_resumable(payload, model_config, dataset, last)
+            self._restore(payload)
 
     # -- checkpoints -------------------------------------------------------------------------
     def payload(self) -> dict[str, Any]:
@@ -217,16 +241,20 @@ class Trainer:
 
     def _restore(self, payload: dict[str, Any]) -> None:
         self.model = model_from_checkpoint(payload, device=self.device)
-        self.rebuild_optimizer(payload["optimizer"])
-        self.step = int(payload["step"])
-        torch.set_rng_state(payload["rng"])
-        if self.device.type == "cuda" and payload.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(payload["cuda_rng"], self.device)
-        self.best_score = float(payload["best_score"])
-        self.train_time_s = float(payload["train_time_s"])
-        self.initial_state_dims = list(payload["initial_state_dims"])
-        if self.reducer and payload.get("reducer"):
-            self.reducer.load_state_dict(payload["reducer"])
+        try:
+            self.rebuild_optimizer(payload["optimizer"])
+            self.step = int(payload["step"])
+            torch.set_rng_state(payload["rng"])
+            if self.device.type == "cuda" and payload.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(payload["cuda_rng"], self.device)
+            self.best_score = float(payload["best_score"])
+            self.train_time_s = float(payload["train_time_s"])
+            self.initial_state_dims = [int(n) for n in payload["initial_state_dims"]]
+            if self.reducer and payload.get("reducer"):
+                self.reducer.load_state_dict(payload["reducer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"checkpoint cannot resume training: {first}") from None
 
     def rebuild_optimizer(self, state: dict[str, Any] | None = None) -> None:
         """A fresh optimizer over the current parameters (after surgery), optionally loaded."""
