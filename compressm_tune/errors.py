@@ -47,5 +47,9 @@ class ExportError(CompressmError, RuntimeError):
     """An export failed its parity check or its bundle is inconsistent."""
 
 
+class OutputError(CompressmError, OSError):
+    """A result cannot be written: disk full, no permission, read-only or missing folder."""
+
+
 class MissingDependencyError(CompressmError, ImportError):
     """An optional dependency is missing; the message names the package to install."""

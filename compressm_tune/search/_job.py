@@ -34,6 +34,7 @@ from typing import Any
 import optuna
 
 from compressm_tune._device import check_precision, resolve_device
+from compressm_tune._io import ensure_dir
 from compressm_tune.errors import CompressmError, ConfigError
 from compressm_tune.hardware import (
     LatencyModel,
@@ -210,8 +211,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     """Run the whole job; returns (and writes) ``summary.json``, or ``{"finalized": False}``
     in a worker that leaves the export to another. See the module docstring."""
     check_precision(config.precision, resolve_device(config.device))  # fail before any work
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(config.out)
     data = load_dataset(config.dataset, path=config.data_path, data_dir=config.data_dir,
                         seed=config.seed)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")

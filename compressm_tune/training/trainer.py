@@ -30,7 +30,7 @@ from compressm_tune._device import (
     module_device,
     resolve_device,
 )
-from compressm_tune._io import atomic_write_text
+from compressm_tune._io import atomic_write_text, ensure_dir
 from compressm_tune.errors import CheckpointError, ConfigError
 from compressm_tune.models import SSMConfig, SSMModel
 from compressm_tune.training.checkpoint import (
@@ -184,8 +184,9 @@ class Trainer:
                  on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.config, self.dataset, self.reducer = config, dataset, reducer
         self.on_eval = on_eval
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = ensure_dir(out_dir)
+        for debris in self.out_dir.glob(".*.tmp"):  # left by a kill during a write
+            debris.unlink(missing_ok=True)
         self.progress = progress
         if config.threads:
             torch.set_num_threads(config.threads)
