@@ -7,6 +7,7 @@ are printed as one line and exit with status 2 (an interrupt exits 130 and says 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -263,15 +264,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    # SIGTERM (schedulers, `docker stop`) ends a run as Ctrl-C does: the running trial and
+    # checkpoint bookkeeping finish through the same KeyboardInterrupt path
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except CompressmError as exc:
         print(f"compressm-tune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("compressm-tune: interrupted; the last checkpoint is intact (rerun with --resume)",
+        how = ("rerun with --resume" if args.command == "train" else
+               "rerun the same command: finished trials are kept" if args.command is None else
+               "rerun the command")
+        print(f"compressm-tune: interrupted; what was finished is saved ({how})",
               file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -194,3 +194,93 @@ def test_console_script_runs(tmp_path, mnist1d):
     assert proc.returncode == 0, proc.stderr
     assert (out / "best.pt").is_file() and (out / "summary.json").is_file()
     assert "mnist1d" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+class _Payload:
+    """A class: pickling an instance records a global to import, i.e. code to run."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def _png(tmp_path):
+    path = tmp_path / "picture.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    return path
+
+
+@pytest.mark.parametrize("name,argv,needles", [
+    ("infinite budget", lambda t: ["--budget-ms", "inf", "--out", str(t / "o")],
+     ["--budget-ms must be > 0 and finite"]),
+    ("nan budget", lambda t: ["--budget-ms", "nan", "--out", str(t / "o")], ["finite"]),
+    ("journal on a folder", lambda t: ["--budget-ms", "1", "--storage", f"journal:{t}",
+                                       "--out", str(t / "o")], ["journal:PATH", "folder"]),
+    ("journal without a path", lambda t: ["--budget-ms", "1", "--storage", "journal:",
+                                          "--out", str(t / "o")], ["journal:PATH"]),
+    ("export a picture", lambda t: ["export", str(_png(t)), "--out", str(t / "b")],
+     ["picture.png", "not a torch checkpoint"]),
+    ("profile a picture", lambda t: ["--budget-ms", "1", "--profile", str(_png(t)),
+                                     "--out", str(t / "o")], ["picture.png", "binary"]),
+    ("--data without npz", lambda t: ["train", "--dataset", "lti-sysid", "--data", "x.npz",
+                                      "--out", str(t / "o")], ["--data", "--dataset npz"]),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, name, argv, needles):
+    code = main(argv(tmp_path))
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2, name
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert "weights_only" not in line and "Traceback" not in line
+
+
+def test_a_pickle_with_code_is_refused_without_torchs_advice(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "hostile.pt"
+    torch.save({"format": "compressm-tune/checkpoint", "payload": _Payload()}, path)
+    code = main(["export", str(path), "--out", str(tmp_path / "b")])
+    out = capsys.readouterr()
+    line = _one_error_line(out.err)
+    assert code == 2 and "refusing to unpickle code" in line
+    assert "weights_only" not in line and "this ran" not in out.out
+
+
+def test_a_checkpoint_with_a_string_width_is_one_line(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "r"
+    assert main(["train", "--dataset", "lti-sysid", "--steps", "2", "--out", str(out),
+                 *TINY]) == 0
+    payload = load_checkpoint(out / "last.pt")
+    payload["model_config"]["state_dims"] = ["abc"]
+    torch.save(payload, out / "bad.pt")
+    capsys.readouterr()
+    assert main(["export", str(out / "bad.pt"), "--out", str(tmp_path / "b")]) == 2
+    assert "does not describe a valid model" in _one_error_line(capsys.readouterr().err)
+
+
+def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
+    """What schedulers and `docker stop` send: exit 130 with the interrupt line and an intact
+    checkpoint, not status 143 with nothing said."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compressm_tune.cli", "train", "--dataset", "lti-sysid",
+         "--steps", "100000", "--out", str(out), *TINY, "--eval-every", "2"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err
+    assert load_checkpoint(out / "last.pt")["step"] >= 2

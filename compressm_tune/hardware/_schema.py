@@ -349,8 +349,10 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ProfileError(f"cannot read profile {path}: {err}") from err
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path} is not a profile (a binary file, not JSON text)") from None
+    except OSError as err:
+        raise ProfileError(f"cannot read profile {path}: {err.strerror or err}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

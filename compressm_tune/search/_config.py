@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from compressm_tune._device import check_device_spec, check_precision
@@ -49,10 +50,10 @@ class TuneConfig:
     cuda_graphs: bool = True  # on CUDA, replay each training step from a captured graph
 
     def __post_init__(self) -> None:
-        if not self.budget_ms > 0:
-            raise ConfigError(f"--budget-ms must be > 0, got budget_ms={self.budget_ms}")
-        if self.budget_mj is not None and not self.budget_mj > 0:
-            raise ConfigError(f"--budget-mj must be > 0, got budget_mj={self.budget_mj}")
+        if not 0 < self.budget_ms < math.inf:
+            raise ConfigError(f"--budget-ms must be > 0 and finite, got budget_ms={self.budget_ms}")
+        if self.budget_mj is not None and not 0 < self.budget_mj < math.inf:
+            raise ConfigError(f"--budget-mj must be > 0 and finite, got budget_mj={self.budget_mj}")
         if self.arch not in ARCHS:
             raise ConfigError(f"--arch must be one of {ARCHS}, got arch={self.arch!r}")
         if self.latency_mode not in LATENCY_MODES:

@@ -49,7 +49,7 @@ from compressm_tune.hardware import (
 )
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._objective import Objective, constraints_of
-from compressm_tune.search._storage import GRACE_S, open_storage
+from compressm_tune.search._storage import GRACE_S, check_storage, open_storage
 from compressm_tune.training import load_dataset
 
 __all__ = ["run_tune", "resolve_profile", "BudgetMissedError"]
@@ -211,6 +211,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     """Run the whole job; returns (and writes) ``summary.json``, or ``{"finalized": False}``
     in a worker that leaves the export to another. See the module docstring."""
     check_precision(config.precision, resolve_device(config.device))  # fail before any work
+    check_storage(config.storage)
     out = ensure_dir(config.out)
     data = load_dataset(config.dataset, path=config.data_path, data_dir=config.data_dir,
                         seed=config.seed)

@@ -16,6 +16,7 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
+from compressm_tune._io import ensure_dir
 from compressm_tune.errors import CompressmError, ConfigError
 
 __all__ = ["open_storage", "StorageError"]
@@ -33,6 +34,19 @@ class StorageError(CompressmError, RuntimeError):
     """The study storage cannot be reached or opened."""
 
 
+def check_storage(url: str | None) -> None:
+    """Refuse a ``--storage`` value that cannot name a storage, before any work is done."""
+    if url is None:
+        return
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        if not url.removeprefix("journal:") or path.is_dir():
+            raise ConfigError(f"--storage journal:PATH needs a file path, got {url!r}"
+                              + (" (a folder)" if path.is_dir() else ""))
+    elif "://" not in url:
+        raise ConfigError(f"storage must be a SQLAlchemy URL or journal:PATH, got {url!r}")
+
+
 def open_storage(url: str | None, out_dir: Path) -> optuna.storages.BaseStorage:
     """Open ``url`` (``None``: ``sqlite:///OUT/study.db``; ``journal:PATH``: a journal file).
 
@@ -42,14 +56,16 @@ def open_storage(url: str | None, out_dir: Path) -> optuna.storages.BaseStorage:
         The database cannot be reached (the message names the URL, without its password).
     """
     if url is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out_dir)
         url = f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    check_storage(url)
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    if "://" not in url:
-        raise ConfigError(f"storage must be a SQLAlchemy URL or journal:PATH, got {url!r}")
+        ensure_dir(path.parent)
+        try:
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as exc:
+            raise StorageError(f"cannot open journal {path}: {exc.strerror}") from None
     attempt = 0
     while True:
         try:

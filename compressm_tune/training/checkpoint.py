@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from compressm_tune._io import atomic_write
-from compressm_tune.errors import CheckpointError, ConfigError
+from compressm_tune.errors import CheckpointError
 from compressm_tune.models import SSMConfig, SSMModel
 
 __all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "file_sha256"]
@@ -52,7 +52,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = str(exc)
+        if not zipfile.is_zipfile(path):  # every torch.save since torch 1.6 writes a zip
+            raise CheckpointError(f"{path} is not a torch checkpoint (not a zip archive)") from None
+        if "weights_only" in text or "Unsupported global" in text:
+            # a pickle that names code to run: torch's message goes on to suggest loading it
+            # with weights_only=False, which would run that code; never pass that on
+            raise CheckpointError(f"refusing to unpickle code from {path}: it is not a plain "
+                                  "checkpoint of tensors and numbers") from None
+        reason = text.splitlines()[0] if text else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a compressm-tune checkpoint")
@@ -91,8 +99,8 @@ def model_from_checkpoint(payload_or_path: dict[str, Any] | str | Path,
         # checkpoints written before blocks held either layer kind named it `lru`
         model.load_state_dict({k.replace(".lru.", ".ssm."): v
                                for k, v in payload["model"].items()})
-    except (TypeError, ConfigError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0]
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"checkpoint does not describe a valid model: {first}") from None
     return model.to(device)
 

@@ -218,9 +218,10 @@ def load_dataset(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed=}")
     if path is not None and name != "npz":
-        raise ConfigError(f"path= is only used by dataset 'npz', got {path=} for {name!r}")
+        raise ConfigError(f"--data (path=) is only used with --dataset npz, not {name!r}")
     if data_dir is not None and name != "smnist":
-        raise ConfigError(f"data_dir= is only used by dataset 'smnist', got {data_dir=}")
+        raise ConfigError(f"--data-dir (data_dir=) is only used with --dataset smnist, not "
+                          f"{name!r}")
     if copy_config is not None and name != "selective-copy":
         raise ConfigError(f"copy_config= is only used by dataset 'selective-copy', not {name!r}")
     if copy_config is not None and not isinstance(copy_config, SelectiveCopyConfig):
