@@ -568,8 +568,8 @@ def test_smnist_missing_file_or_folder_names_expected_files(tmp_path):
         ({"name": "lti-sysid", "val_fraction": 0.51}, "(0, 0.5]"),
         ({"name": "lti-sysid", "val_fraction": float("nan")}, "val_fraction=nan"),
         ({"name": "lti-sysid", "seed": -1}, "seed=-1"),
-        ({"name": "lti-sysid", "path": "x.npz"}, "path='x.npz'"),
-        ({"name": "npz", "data_dir": "mnist"}, "data_dir='mnist'"),
+        ({"name": "lti-sysid", "path": "x.npz"}, "--data (path=)"),
+        ({"name": "npz", "data_dir": "mnist"}, "--data-dir (data_dir=)"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs, needle):

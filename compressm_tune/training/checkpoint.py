@@ -54,7 +54,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # torch raises many types for corrupt files
         text = str(exc)
         if not zipfile.is_zipfile(path):  # every torch.save since torch 1.6 writes a zip
-            raise CheckpointError(f"{path} is not a torch checkpoint (not a zip archive)") from None
+            raise CheckpointError(f"cannot read checkpoint {path}: not a zip archive (cut short, "
+                                  "or not a torch checkpoint)") from None
         if "weights_only" in text or "Unsupported global" in text:
             # a pickle that names code to run: torch's message goes on to suggest loading it
             # with weights_only=False, which would run that code; never pass that on
