@@ -146,7 +146,8 @@ def _train(args: argparse.Namespace) -> int:
         from compressm_tune.training.plots import plot_hsv_trajectories, read_metrics
 
         records = read_metrics(Path(args.out) / "metrics.jsonl")
-        print(f"HSV plot: {plot_hsv_trajectories(records, Path(args.out) / 'hsv.png')}")
+        plot = plot_hsv_trajectories(records, Path(args.out) / "hsv.png")
+        print(f"HSV plot: {plot}" if plot else "HSV plot: none (no spectrum was logged)")
     print(f"\ncheckpoints, metrics.jsonl and summary.json in {args.out}")
     return 0
 
@@ -154,11 +155,15 @@ def _train(args: argparse.Namespace) -> int:
 def _reducer(args: argparse.Namespace):
     from dataclasses import replace
 
+    from compressm_tune.errors import ConfigError
     from compressm_tune.reduction import ReductionPolicy
     from compressm_tune.training.reducer import ReduceConfig, Reducer
 
     if args.reduce is None:
         return None
+    if int(args.window * args.steps) < 1:
+        raise ConfigError(f"--reduce: the window ({args.window:g} of {args.steps} steps) holds "
+                          "no step to cut at; raise --window or --steps")
     policy = ReductionPolicy.parse(args.reduce)
     if args.select:
         policy = replace(policy, select=args.select)

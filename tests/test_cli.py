@@ -284,3 +284,24 @@ def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "--resume" in err
     assert load_checkpoint(out / "last.pt")["step"] >= 2
+
+
+def test_a_reduction_window_without_evaluations_still_attempts_cuts(tmp_path, capsys):
+    """--steps 200 --eval-every 100: no evaluation in the 20-step window. The request used to
+    be ignored, then the HSV plot crashed on no data; now cuts are attempted inside the window
+    (said in a note) and the run reports what it did."""
+    out = tmp_path / "r"
+    code = main(["train", "--dataset", "lti-sysid", "--steps", "200", "--eval-every", "100",
+                 "--reduce", "rank=3", "--max-drop", "inf", "--out", str(out), *TINY[:-3],
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "attempting cuts every 6 steps" in captured.err
+    assert load_checkpoint(out / "last.pt")["model_config"]["state_dims"] == [3]
+    assert "HSV plot: " in captured.out
+
+
+def test_a_window_with_no_step_is_refused(tmp_path, capsys):
+    code = main(["train", "--dataset", "lti-sysid", "--steps", "5", "--reduce", "tau=0.04",
+                 "--out", str(tmp_path / "r"), *TINY])
+    assert code == 2 and "holds no step" in _one_error_line(capsys.readouterr().err)

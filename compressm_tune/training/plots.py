@@ -43,15 +43,18 @@ def ranking_stability(records: list[dict[str, Any]]) -> dict[int, list[tuple[int
 
 
 def plot_hsv_trajectories(records: list[dict[str, Any]], path: str | Path,
-                          top: int = 16) -> Path:
+                          top: int = 16) -> Path | None:
     """PNG: per layer, the ``top`` largest HSVs over training (log scale), the width, and
-    (when mode scores were logged) the ranking stability."""
+    (when mode scores were logged) the ranking stability. None when no record holds a
+    spectrum (no reduction attempt was made): there is nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     hsv = _spectra(records, "hsv")
+    if not hsv:
+        return None
     stability = ranking_stability(records)
     layers = sorted(hsv)
     cols = 3 if stability else 2

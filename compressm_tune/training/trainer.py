@@ -11,9 +11,10 @@ same data it would have seen without the interrupt.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,20 @@ def _scored(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return out[:, -target.shape[1]:]  # (batch, M, C)
 
 
+def _schedule_attempts(reducer: Any, config: TrainConfig) -> None:
+    """Make sure the reduction window holds cut attempts: with attempts only at evaluations
+    and no evaluation inside the window (``--steps 200 --eval-every 100``, window 10%), a
+    ``--reduce`` request was silently never tried. Then attempt every third of the window
+    instead, and say so."""
+    window_steps = int(reducer.config.window * config.steps)
+    if window_steps >= 1 and reducer.config.every is None and config.eval_every > window_steps:
+        every = max(1, window_steps // 3)
+        reducer.config = replace(reducer.config, every=every)
+        print(f"compressm-tune: note: no evaluation falls in the reduction window (steps 1-"
+              f"{window_steps}, evaluations every {config.eval_every}); attempting cuts every "
+              f"{every} steps inside it (--reduce-every {every})", file=sys.stderr)
+
+
 def _check_resumable(payload: dict[str, Any], model_config: SSMConfig, dataset: Dataset,
                      path: Path) -> None:
     """Refuse, in one line, to resume a run of another model shape or another dataset (the
@@ -195,6 +210,8 @@ class Trainer:
         torch.manual_seed(config.seed)  # seeds CUDA's generators too
         self.model = (model if model is not None else SSMModel(model_config)).to(self.device)
         self.optimizer = self._optimizer()
+        if reducer is not None:
+            _schedule_attempts(reducer, config)
         self._step = TrainStep(lambda out, y: _loss(out, y, dataset.task), self.device,
                                config.precision, graphs=config.cuda_graphs)
         self.step = 0
