@@ -305,3 +305,19 @@ def test_a_window_with_no_step_is_refused(tmp_path, capsys):
     code = main(["train", "--dataset", "lti-sysid", "--steps", "5", "--reduce", "tau=0.04",
                  "--out", str(tmp_path / "r"), *TINY])
     assert code == 2 and "holds no step" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--budget-ms", "1", "--state-dims", "10000000"],
+    ["train", "--state-dim", "10000000", "--steps", "2"],
+])
+def test_a_width_the_machine_cannot_hold_is_refused_before_allocating(tmp_path, capsys, argv):
+    """--state-dims 100000 once grew to 22 GB and was killed by the kernel, taking other
+    processes with it; a width that cannot fit is refused up front, with the numbers."""
+    import time
+
+    t0 = time.perf_counter()
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "needs about" in line and "GiB is available" in line
+    assert time.perf_counter() - t0 < 30  # refused, not attempted

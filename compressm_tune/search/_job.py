@@ -47,10 +47,12 @@ from compressm_tune.hardware import (
     profile_device,
     save_profile,
 )
+from compressm_tune.models import SSMConfig
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._objective import Objective, constraints_of
 from compressm_tune.search._storage import GRACE_S, check_storage, open_storage
-from compressm_tune.training import load_dataset
+from compressm_tune.training import TrainConfig, load_dataset
+from compressm_tune.training.trainer import check_training_memory
 
 __all__ = ["run_tune", "resolve_profile", "BudgetMissedError"]
 
@@ -215,6 +217,10 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     out = ensure_dir(config.out)
     data = load_dataset(config.dataset, path=config.data_path, data_dir=config.data_dir,
                         seed=config.seed)
+    widest = SSMConfig(arch=config.arch, d_input=data.d_input, d_output=data.d_output,
+                       d_model=config.hidden, state_dims=[max(config.state_dims)] * config.blocks)
+    check_training_memory(widest, config.batch_size, data.seq_len,
+                          TrainConfig().eval_batch_size, resolve_device(config.device))
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     profile, notes = resolve_profile(config, data.d_input, data.d_output, data.seq_len)
     stale = config.drift_check and profile.created_utc < started

@@ -132,6 +132,45 @@ def _scored(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return out[:, -target.shape[1]:]  # (batch, M, C)
 
 
+def training_memory_bytes(model_config: SSMConfig, batch_size: int, seq_len: int,
+                          eval_batch_size: int) -> int:
+    """A rough upper estimate of what training ``model_config`` holds at its peak, in bytes.
+
+    Parameters with their gradients and two Adam moments (16 bytes each); per block, the
+    scan's float32 ``(B, L, N, 2)`` drive, states and their gradients (about five such
+    tensors), and about ten ``(B, L, H)`` activations; evaluation batches hold the forward
+    tensors only. Rough on purpose: it exists to refuse, before allocating, a width the
+    machine cannot hold (``--state-dims 100000`` grew to 22 GB and was killed)."""
+    h, n_sum = model_config.d_model, sum(model_config.state_dims)
+    params = sum(4 * n * h + 4 * n for n in model_config.state_dims) + len(
+        model_config.state_dims) * (2 * h * h + 4 * h) + h * (model_config.d_input
+                                                               + model_config.d_output)
+    per_sample = 5 * 8 * n_sum + 10 * 4 * h * len(model_config.state_dims)  # bytes per step
+    train = batch_size * seq_len * per_sample
+    evaluation = eval_batch_size * seq_len * 2 * 8 * max(model_config.state_dims)
+    return 16 * params + max(train, evaluation)
+
+
+def check_training_memory(model_config: SSMConfig, batch_size: int, seq_len: int,
+                          eval_batch_size: int, device: torch.device) -> None:
+    """Refuse in one line, naming the numbers, what :func:`training_memory_bytes` says the
+    device cannot hold (90% of its available memory)."""
+    need = training_memory_bytes(model_config, batch_size, seq_len, eval_batch_size)
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    if need > 0.9 * available:
+        raise ConfigError(
+            f"training {len(model_config.state_dims)} block(s) of up to "
+            f"{max(model_config.state_dims)} states (H={model_config.d_model}, batch "
+            f"{batch_size}, length {seq_len}) needs about {need / 2**30:.1f} GiB; "
+            f"{available / 2**30:.1f} GiB is available on {device.type}: use smaller state "
+            "widths, --hidden or --batch-size")
+
+
 def _schedule_attempts(reducer: Any, config: TrainConfig) -> None:
     """Make sure the reduction window holds cut attempts: with attempts only at evaluations
     and no evaluation inside the window (``--steps 200 --eval-every 100``, window 10%), a
@@ -207,6 +246,9 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         check_precision(config.precision, self.device)
+        check_training_memory(model.config if model is not None else model_config,
+                              config.batch_size, dataset.seq_len, config.eval_batch_size,
+                              self.device)
         torch.manual_seed(config.seed)  # seeds CUDA's generators too
         self.model = (model if model is not None else SSMModel(model_config)).to(self.device)
         self.optimizer = self._optimizer()
