@@ -241,8 +241,8 @@ def test_a_worker_leaves_export_and_report_to_the_one_still_running(tmp_path, ca
     runs trial 1, then exits 0 saying so, and writes no model, full reference or report."""
     from compressm_tune.search._job import _open_study
 
-    config = TuneConfig(budget_ms=1.0, out=str(tmp_path / "run"), trials=2, dataset="lti-sysid",
-                        **SMALL)
+    config = TuneConfig(budget_ms=50.0, out=str(tmp_path / "run"), trials=2, steps=4,
+                        dataset="lti-sysid", **SMALL)  # the settings of the command below
     (tmp_path / "run").mkdir()
     other = _open_study(config)
     held = other.ask()  # the other worker's trial, still running
@@ -290,3 +290,17 @@ def test_the_full_reference_resumes_and_a_cut_summary_is_not_trusted(tmp_path, l
     assert json.loads((full / "summary.json").read_text())["steps"] == 4
     log = (full / "metrics.jsonl").read_text()
     assert "written before the kill" in log  # appended to: resumed, not restarted
+
+
+def test_a_rerun_with_another_budget_is_refused_not_silently_resumed(tmp_path):
+    """The study's trials were cut to fit the first budget: reusing them under another one
+    reported 'budget 1.5 ms' for trials that fit 1.0."""
+    from compressm_tune.search._job import _open_study
+
+    first = TuneConfig(budget_ms=1.0, out=str(tmp_path), trials=2)
+    _propose(_open_study(first), first)
+    _open_study(first)  # the same command resumes
+    with pytest.raises(ConfigError, match=r"budget_ms 1.0 \(now 1.5\).*another --out or --study"):
+        _open_study(dataclasses.replace(first, budget_ms=1.5))
+    with pytest.raises(ConfigError, match=r"steps 300 \(now 100\)"):
+        _open_study(dataclasses.replace(first, steps=100))

@@ -185,7 +185,26 @@ def _open_study(config: TuneConfig) -> optuna.Study:
     if len(study.directions) != (2 if config.pareto else 1):
         raise ConfigError(f"study {config.study!r} exists with {len(study.directions)} "
                           "objective(s); use another --study name to switch --pareto")
+    settings = _settings(config)
+    saved = study.user_attrs.get("settings")
+    if saved is None:
+        study.set_user_attr("settings", settings)
+    elif saved != settings:
+        diff = ", ".join(f"{k} {saved.get(k)} (now {v})" for k, v in settings.items()
+                         if saved.get(k) != v)
+        raise ConfigError(f"study {config.study!r} in this storage was run with {diff}: its "
+                          "trials answer another question; use another --out or --study")
     return study
+
+
+def _settings(config: TuneConfig) -> dict[str, Any]:
+    """What a study's trials depend on: rerunning with other values is another study (a rerun
+    with another --budget-ms used to reuse trials that were cut to fit the old budget)."""
+    return {"budget_ms": config.budget_ms, "budget_mj": config.budget_mj,
+            "latency_mode": config.latency_mode, "arch": config.arch, "dataset": config.dataset,
+            "steps": config.steps, "blocks": config.blocks, "hidden": config.hidden,
+            "state_dims": sorted(config.state_dims), "batch_size": config.batch_size,
+            "seed": config.seed}
 
 
 def _slot_guard(objective: Objective, trials: int):
@@ -225,7 +244,13 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     profile, notes = resolve_profile(config, data.d_input, data.d_output, data.seq_len)
     stale = config.drift_check and profile.created_utc < started
     scale = drift_scale(profile, config.metric, notes) if stale else 1.0
-    latency = LatencyModel.from_profile(profile, scale=scale)
+    notes += [f"profile measurement: {n}" for n in profile.notes]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        latency = LatencyModel.from_profile(profile, scale=scale)
+    notes += [f"profile fit: {str(w.message).split('. Re-profile')[0]}; re-measure with "
+              "`compressm-tune profile --min-time-s 0.5 --out FILE` and pass --profile FILE"
+              for w in caught]
     fastest, width = min((latency.predict([w] * config.blocks, config.metric), w)
                          for w in {1, *profile.widths})
     if config.budget_ms < fastest:
@@ -275,7 +300,9 @@ def _finalize(config: TuneConfig, study: optuna.Study, data: Any, profile: Profi
 
 def _still_running(study: optuna.Study) -> list[int]:
     """Trials other workers are still running (stale ones of dead workers are failed first)."""
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     active = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
     return [t.number for t in study.get_trials(deepcopy=False, states=active)]
 

@@ -101,15 +101,22 @@ def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any]
         "meets_budget": measured["p50_ms"] <= config.budget_ms,
         "val": trial.user_attrs["val"], f"test_{metric}": trial.user_attrs["test"],
         "train_time_s": trial.user_attrs["train_time_s"],
+        "modelled_train_s": _modelled_train_s(
+            Path(trial.user_attrs["checkpoint"]).parent / "metrics.jsonl", latency,
+            [trial.params["state_dim"]] * config.blocks, config.steps),
         "full": {"state_dims": full_dims, f"test_{metric}": full["test_best"][metric],
                  "predicted_ms": latency.predict(full_dims, config.metric),
-                 "train_time_s": full["train_time_s"]},
+                 "train_time_s": full["train_time_s"],
+                 "modelled_train_s": _modelled_train_s(out / "full" / "metrics.jsonl", latency,
+                                                       full_dims, config.steps)},
+        "trial_table": _trial_rows(study),
         "fallbacks": chosen["fallbacks"],
         "trials": {s.name.lower(): len(study.get_trials(states=(s,)))
                    for s in optuna.trial.TrialState},
         "profile": {"device": profile.device.label, "runtime": profile.config.runtime,
                     "created_utc": profile.created_utc},
         "notes": notes, "parity": chosen["manifest"].get("parity"),
+        "pareto": config.pareto,
         "training": {"device": full.get("device", "cpu"),
                      "precision": full.get("precision", "fp32")},
     }
@@ -119,45 +126,109 @@ def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any]
     return summary
 
 
+def _modelled_train_s(metrics: Path, latency: LatencyModel, initial: list[int],
+                      steps: int) -> float | None:
+    """Training cost of a run as the profile models it: every step costs the profile's
+    training-step time at the widths in effect then (read from the run's ``metrics.jsonl``).
+    Why not wall clock: trials run at different times on a shared machine, and their wall
+    clocks differed by more than any saving (-136% to +74% "saved" in four identical runs)."""
+    records = [r for r in _read_records(metrics) if "state_dims" in r]
+    total, step, dims = 0.0, 0, list(initial)
+    for record in sorted(records, key=lambda r: r["step"]):
+        total += (record["step"] - step) * latency.predict(dims, "train_step_ms")
+        step, dims = record["step"], record["state_dims"]
+    total += max(0, steps - step) * latency.predict(dims, "train_step_ms")
+    return round(total / 1e3, 3)
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    return out
+
+
+def _trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """What was tried: one row per trial (also the report's trial table)."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        constraints = t.user_attrs.get("constraints", {})
+        state = t.state.name.lower()
+        if t.state == optuna.trial.TrialState.COMPLETE and any(
+                v > 0 for v in constraints.values()):
+            state = "infeasible"
+        rows.append({"trial": t.number, "state": state,
+                     **{k: t.params.get(k) for k in ("state_dim", "tau", "window", "lr")},
+                     "final_state_dims": t.user_attrs.get("state_dims"),
+                     "predicted_ms": t.user_attrs.get("predicted_ms"),
+                     "val": t.user_attrs.get("val")})
+    return rows
+
+
 def _markdown(s: dict[str, Any], metric: str) -> str:
     full = s["full"]
     rows = [
         ["full", full["state_dims"], full[f"test_{metric}"], full["predicted_ms"], "-",
-         full["train_time_s"]],
+         full.get("modelled_train_s")],
         [f"chosen (trial {s['chosen_trial']})", s["final_state_dims"], s[f"test_{metric}"],
-         s["predicted_ms"], s["measured_ms"], s["train_time_s"]],
+         s["predicted_ms"], s["measured_ms"], s.get("modelled_train_s")],
     ]
+    m = s["latency_measurement"]
+    saved = (1 - s["modelled_train_s"] / full["modelled_train_s"]
+             if s.get("modelled_train_s") and full.get("modelled_train_s") else None)
+    trials = [[r["trial"], r["state"], r["state_dim"], _fmt(r["tau"]), _fmt(r["window"]),
+               _fmt(r["lr"]), r["final_state_dims"] or "-", _fmt(r["predicted_ms"]),
+               _fmt(r["val"])] for r in s.get("trial_table", [])]
     lines = [
         f"# compressm-tune: budget {s['budget_ms']:g} ms per "
         f"{'sequence' if s['latency_mode'] == 'sequence' else 'token'}",
         "",
         f"Chosen model **{'meets' if s['meets_budget'] else 'MISSES'}** the budget: measured "
-        f"{s['measured_ms']:.4g} ms (onnxruntime, batch 1, "
-        f"{s['latency_measurement'].get('threads', '?')} thread(s), p50) vs predicted "
-        f"{s['predicted_ms']:.4g} ms.",
+        f"p50 {s['measured_ms']:.4g} ms, p90 {m.get('p90_ms', float('nan')):.4g} ms, p99 "
+        f"{m.get('p99_ms', float('nan')):.4g} ms over {m.get('n_samples', '?')} calls "
+        f"(onnxruntime, batch 1, {m.get('threads', '?')} thread(s); 1-minute load "
+        f"{m.get('machine', {}).get('loadavg_1min', float('nan')):.2f} on "
+        f"{m.get('machine', {}).get('cpu_count', '?')} cores) vs predicted "
+        f"{s['predicted_ms']:.4g} ms. The budget is checked against p50.",
         "",
         markdown_table(["model", "state dims", f"test {metric}", "predicted ms", "measured ms",
-                        "train time s"], rows),
+                        "modelled train s"], rows),
         "",
-        f"Training time saved vs the full model: "
-        f"{1 - s['train_time_s'] / max(full['train_time_s'], 1e-9):.0%}. Trials: "
+        ("Training cost " + (f"{saved:.0%} lower" if saved >= 0 else f"{-saved:.0%} higher")
+         + " than the full model's" if saved is not None else "Training cost: not modelled")
+        + " (modelled: each step costs the profile's training-step time at the widths then in "
+        "effect; wall-clock times of trials on a shared machine are in summary.json). Trials: "
         + ", ".join(f"{k} {v}" for k, v in s["trials"].items() if v),
+        "",
+        markdown_table(["trial", "state", "N start", "tau", "window", "lr", "final widths",
+                        "predicted ms", "val"], trials),
         "",
         f"Search parameters: `{json.dumps(s['params'])}`. Trials trained on "
         f"{s['training']['device']} ({s['training']['precision']}); latency is onnxruntime's on "
         "the profiled machine.",
         "",
-        "![optimization history](history.png)",
-        "",
-        "![HSV spectra of the chosen model](hsv.png)",
     ]
     if s["fallbacks"]:
-        lines += ["", "Fell back past trials whose measured latency missed the budget: "
+        lines += ["Fell back past trials whose measured latency missed the budget: "
                   + ", ".join(f"trial {f['trial']} ({f['measured_ms']:.3g} ms)"
-                              for f in s["fallbacks"])]
+                              for f in s["fallbacks"]), ""]
     if s["notes"]:
-        lines += ["", "Notes:", *[f"- {n}" for n in s["notes"]]]
+        lines += ["Notes:", *[f"- {n}" for n in s["notes"]], ""]
+    lines += ["![Pareto front](pareto.png)" if s.get("pareto") else
+              "![validation score per trial](history.png)",
+              "", "![HSV spectra of the chosen model](hsv.png)"]
     return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _plots(study: optuna.Study, config: TuneConfig, out: Path, data: Dataset) -> None:
@@ -176,7 +247,14 @@ def _plots(study: optuna.Study, config: TuneConfig, out: Path, data: Dataset) ->
                 study, target_names=["val score", "predicted ms"])
             ax.figure.savefig(out / "pareto.png", dpi=110, bbox_inches="tight")
         else:
-            ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+            ax = optuna.visualization.matplotlib.plot_optimization_history(
+                study, target_name="validation score")
+            metric = "accuracy" if data.task == "classification" else "minus loss"
+            ax.set(title=f"Search: validation {metric} per trial (feasible and not)",
+                   ylabel=f"validation {metric}")
+            for text in ax.get_legend().get_texts() if ax.get_legend() else ():
+                if text.get_text() == "Best Value":
+                    text.set_text("best so far")
             ax.figure.savefig(out / "history.png", dpi=110, bbox_inches="tight")
         plt.close("all")
     model = model_from_checkpoint(out / "checkpoint.pt")
