@@ -304,3 +304,18 @@ def test_a_rerun_with_another_budget_is_refused_not_silently_resumed(tmp_path):
         _open_study(dataclasses.replace(first, budget_ms=1.5))
     with pytest.raises(ConfigError, match=r"steps 300 \(now 100\)"):
         _open_study(dataclasses.replace(first, steps=100))
+
+
+def test_an_energy_budget_that_binds_is_named_not_blamed_on_latency(tmp_path):
+    """With 4 mJ the job said 'none of 2 trials is predicted to meet 1 ms; raise --budget-ms'."""
+    from compressm_tune.search._job import _infeasible_message, _open_study
+
+    config = TuneConfig(budget_ms=1.0, budget_mj=4.0, out=str(tmp_path), trials=2)
+    study = _open_study(config)
+    for latency, energy in ((-0.2, 1.5), (0.1, 0.5)):  # excess over each budget
+        trial = study.ask()
+        trial.set_user_attr("constraints", {"latency_ms": latency, "energy_mj": energy})
+        study.tell(trial, 0.5)
+    message = _infeasible_message(config, study)
+    assert "1 ms (--budget-ms) met by some, closest 0.8 ms" in message
+    assert "4 mJ (--budget-mj) missed by all, closest 4.5 mJ" in message

@@ -291,11 +291,29 @@ def _finalize(config: TuneConfig, study: optuna.Study, data: Any, profile: Profi
 
     feasible = _feasible(study)
     if not feasible:
-        raise BudgetMissedError(
-            f"none of {len(study.trials)} trials is predicted to meet {config.budget_ms:g} ms; "
-            "raise --budget-ms or --trials")
+        raise BudgetMissedError(_infeasible_message(config, study))
     chosen = choose_and_export(config, feasible, data)
     return write_report(config, study, chosen, data, profile, latency, notes)
+
+
+def _infeasible_message(config: TuneConfig, study: optuna.Study) -> str:
+    """Which budget no trial met, with the closest predictions: an energy budget that binds
+    must not be reported as a latency problem."""
+    done = [t for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.COMPLETE]
+    closest = []
+    for key, flag, unit, budget in (("latency_ms", "--budget-ms", "ms", config.budget_ms),
+                                    ("energy_mj", "--budget-mj", "mJ", config.budget_mj)):
+        excess = [t.user_attrs.get("constraints", {}).get(key) for t in done]
+        excess = [e for e in excess if e is not None]
+        if budget is None or not excess:
+            continue
+        best = budget + min(excess)
+        state = "met by some" if min(excess) <= 0 else "missed by all"
+        closest.append(f"{budget:g} {unit} ({flag}) {state}, closest {best:.4g} {unit}")
+    detail = "; ".join(closest) if closest else "no trial completed"
+    return (f"none of {len(study.trials)} trials is predicted to meet every budget: {detail}; "
+            "raise the budget that binds, or --trials")
 
 
 def _still_running(study: optuna.Study) -> list[int]:

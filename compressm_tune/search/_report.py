@@ -97,6 +97,8 @@ def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any]
         "initial_state_dims": [trial.params["state_dim"]] * config.blocks,
         "final_state_dims": trial.user_attrs["state_dims"],
         "predicted_ms": trial.user_attrs["predicted_ms"], "measured_ms": measured["p50_ms"],
+        "predicted_mj": latency.predict(trial.user_attrs["state_dims"], "energy_mj"),
+        "energy_method": profile.records[0].energy_method,
         "latency_measurement": measured,
         "meets_budget": measured["p50_ms"] <= config.budget_ms,
         "val": trial.user_attrs["val"], f"test_{metric}": trial.user_attrs["test"],
@@ -198,6 +200,9 @@ def _markdown(s: dict[str, Any], metric: str) -> str:
         f"{m.get('machine', {}).get('cpu_count', '?')} cores) vs predicted "
         f"{s['predicted_ms']:.4g} ms. The budget is checked against p50.",
         "",
+        *([f"Energy budget {s['budget_mj']:g} mJ: predicted {s['predicted_mj']:.4g} mJ per "
+           f"inference from the profile ({s['energy_method']}); not measured on the exported "
+           "model.", ""] if s.get("budget_mj") is not None else []),
         markdown_table(["model", "state dims", f"test {metric}", "predicted ms", "measured ms",
                         "modelled train s"], rows),
         "",
