@@ -161,10 +161,10 @@ def _reducer(args: argparse.Namespace):
 
     if args.reduce is None:
         return None
+    policy = ReductionPolicy.parse(args.reduce)
     if int(args.window * args.steps) < 1:
         raise ConfigError(f"--reduce: the window ({args.window:g} of {args.steps} steps) holds "
                           "no step to cut at; raise --window or --steps")
-    policy = ReductionPolicy.parse(args.reduce)
     if args.select:
         policy = replace(policy, select=args.select)
     if args.weighting:

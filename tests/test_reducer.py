@@ -140,7 +140,9 @@ def test_reducer_state_survives_resume(mnist1d, tmp_path):
                                    max_drop=0.0))
     _trainer(mnist1d, tmp_path, reducer, steps=10).fit()
     resumed = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 1), window=1.0))
-    trainer = Trainer(SSMConfig(), TrainConfig(steps=20, batch_size=32, eval_every=10),
+    same = SSMConfig(d_input=mnist1d.d_input, d_output=mnist1d.d_output, d_model=16,
+                     state_dims=[32, 32])  # the run's own shape: another one is refused
+    trainer = Trainer(same, TrainConfig(steps=20, batch_size=32, eval_every=10),
                       mnist1d, tmp_path, reducer=resumed, resume=True, progress=False)
     assert resumed.frozen == {0, 1} and trainer.step == 10
 

@@ -350,7 +350,7 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ProfileError(f"{path} is not a profile (a binary file, not JSON text)") from None
+        raise ProfileError(f"cannot read profile {path}: a binary file, not JSON text") from None
     except OSError as err:
         raise ProfileError(f"cannot read profile {path}: {err.strerror or err}") from None
     try:

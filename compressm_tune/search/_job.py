@@ -199,12 +199,12 @@ def _open_study(config: TuneConfig) -> optuna.Study:
 
 def _settings(config: TuneConfig) -> dict[str, Any]:
     """What a study's trials depend on: rerunning with other values is another study (a rerun
-    with another --budget-ms used to reuse trials that were cut to fit the old budget)."""
+    with another --budget-ms used to reuse trials that were cut to fit the old budget). The
+    seed is not among them: workers of one study may use their own."""
     return {"budget_ms": config.budget_ms, "budget_mj": config.budget_mj,
             "latency_mode": config.latency_mode, "arch": config.arch, "dataset": config.dataset,
             "steps": config.steps, "blocks": config.blocks, "hidden": config.hidden,
-            "state_dims": sorted(config.state_dims), "batch_size": config.batch_size,
-            "seed": config.seed}
+            "state_dims": sorted(config.state_dims), "batch_size": config.batch_size}
 
 
 def _slot_guard(objective: Objective, trials: int):
