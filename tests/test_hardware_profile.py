@@ -152,8 +152,13 @@ def test_compare_two_real_profiles(quick_profile, tmp_path: Path, capsys) -> Non
                  "--markdown", str(markdown)]) == 0
     out = capsys.readouterr().out
     assert "[torch]" in out and "[torchscript]" in out and "steps up at" in out
+    # H=32, L=64 vs H=16, L=16: the ratios are not about the devices, and the table says so
+    assert "measured different things" in out and "H=16, L=16" in out
     assert markdown.read_text() == out
     assert plot.read_bytes()[:4] == b"\x89PNG"
+    before = set(Path.cwd().iterdir())
+    assert _run(["compare", str(torch_path), str(script_path)]) == 0
+    assert set(Path.cwd().iterdir()) == before  # no compare.png in the working directory
 
 
 def _slowed(profile: Profile, factor: float) -> Profile:
@@ -242,3 +247,20 @@ def test_a_profile_with_impossible_latencies_is_refused_in_one_line(quick_profil
     with pytest.raises(ProfileError, match=r"latency_ms must be > 0 and < 1e\+07 ms") as err:
         load_profile(bad)
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_profile_without_out_never_overwrites_a_profile(quick_profile, tmp_path, monkeypatch):
+    """It used to write profiles/<device>.json, replacing the committed profile of the
+    machine; now each run writes a new, time-stamped file."""
+    from compressm_tune.hardware import _commands
+
+    _, profile = quick_profile
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(_commands, "profile_device", lambda *a, **k: profile)
+    committed = tmp_path / "profiles" / f"{profile.device.slug}.json"
+    committed.parent.mkdir()
+    committed.write_text("the committed profile")
+    assert _run(["profile", "--device", "cpu", "--quiet"]) == 0
+    assert committed.read_text() == "the committed profile"
+    written = [p for p in committed.parent.iterdir() if p != committed]
+    assert len(written) == 1 and load_profile(written[0]).widths == profile.widths

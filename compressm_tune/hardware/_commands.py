@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from compressm_tune._io import atomic_write_text
 from compressm_tune.hardware._compare import compare, plot_comparison
 from compressm_tune.hardware._config import (
     RUNTIMES,
@@ -24,7 +25,7 @@ from compressm_tune.hardware._drift import check_drift
 from compressm_tune.hardware._energy import ENERGY_CHOICES
 from compressm_tune.hardware._latency_model import LatencyModel
 from compressm_tune.hardware._profiler import profile_device
-from compressm_tune.hardware._schema import load_profile, save_profile
+from compressm_tune.hardware._schema import Profile, load_profile, save_profile
 from compressm_tune.models import ARCHS
 
 __all__ = ["add_compare_parser", "add_profile_parser", "config_from_args"]
@@ -77,7 +78,8 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument("--note", action="append", default=[],
                         help="remark stored in the profile (repeatable), e.g. 'machine shared'")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output JSON (default: profiles/<device-slug>[-<runtime>].json)")
+                        help="output JSON (default: profiles/<device-slug>[-<runtime>]-<UTC "
+                             "time>.json: a new file, never an existing profile)")
     parser.add_argument("--check", type=Path, default=None, metavar="PROFILE.json",
                         help="instead of profiling: re-measure three widths of this machine's "
                              "profile with its own settings and print how much slower or "
@@ -128,7 +130,8 @@ def _run_profile(args: argparse.Namespace) -> int:
     if out is None:
         suffix = "" if profile.config.runtime == "torch" else f"-{profile.config.runtime}"
         suffix += "" if profile.config.arch == "lru" else f"-{profile.config.arch}"
-        out = Path("profiles") / f"{profile.device.slug}{suffix}.json"
+        stamp = profile.created_utc.replace(":", "").replace("-", "")[:15]
+        out = Path("profiles") / f"{profile.device.slug}{suffix}-{stamp}.json"
     save_profile(profile, out)
     print(f"wrote {out} ({profile.device.label}, {len(profile.widths)} widths, "
           f"energy: {profile.energy_method}); fast widths {profile.fast_widths()}")
@@ -149,8 +152,8 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         description="Compare profiles; the first one is the reference for ratios.",
     )
     parser.add_argument("profiles", nargs="+", type=Path, help="profile JSON files")
-    parser.add_argument("--plot", type=Path, default=Path("compare.png"),
-                        help="PNG of latency vs width per device (default: compare.png)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="also plot latency vs width per device into this PNG")
     parser.add_argument("--markdown", type=Path, default=None,
                         help="also write the table to this Markdown file")
     parser.add_argument("--tolerance", type=float, default=0.1,
@@ -160,12 +163,26 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    table = compare([load_profile(p) for p in args.profiles], tolerance=args.tolerance)
+    profiles = [load_profile(p) for p in args.profiles]
+    table = compare(profiles, tolerance=args.tolerance)
     text = table.to_markdown()
+    shapes = {_measured(p) for p in profiles}
+    if len(shapes) > 1:  # a ratio between these says nothing about the devices
+        warning = ("note: these profiles measured different things ("
+                   + "; ".join(f"{path.name}: {_measured(p)}"
+                               for path, p in zip(args.profiles, profiles, strict=True))
+                   + "): the ratios compare those, not only the devices")
+        text += f"\n{warning}\n"
+        print(warning, file=sys.stderr)
     print(text, end="")
     if args.markdown is not None:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text, encoding="utf-8")
-    plot_comparison(table, args.plot)
-    print(f"wrote {args.plot}", file=sys.stderr)
+        atomic_write_text(args.markdown, text)
+    if args.plot is not None:
+        plot_comparison(table, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _measured(profile: Profile) -> str:
+    c = profile.config
+    return f"{c.runtime}, {c.arch}, H={c.hidden}, L={c.seq_len}, {c.blocks} blocks"
