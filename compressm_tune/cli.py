@@ -227,6 +227,7 @@ def _tune(args: argparse.Namespace) -> int:
     config = TuneConfig(
         budget_ms=args.budget_ms, budget_mj=args.budget_mj, latency_mode=args.latency_mode,
         arch=args.arch, dataset=args.dataset, data_path=args.data_path, data_dir=args.data_dir,
+        val_fraction=args.val_fraction,
         trials=args.trials, steps=args.steps, blocks=args.blocks, hidden=args.hidden,
         state_dims=_widths(args.state_dims),
         profile=args.profile, drift_check=args.drift_check, storage=args.storage,

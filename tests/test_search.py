@@ -319,3 +319,19 @@ def test_an_energy_budget_that_binds_is_named_not_blamed_on_latency(tmp_path):
     message = _infeasible_message(config, study)
     assert "1 ms (--budget-ms) met by some, closest 0.8 ms" in message
     assert "4 mJ (--budget-mj) missed by all, closest 4.5 mJ" in message
+
+
+def test_the_job_holds_out_the_validation_share_it_is_given(tmp_path, monkeypatch):
+    """--val-fraction was accepted by the job and never passed on."""
+    from compressm_tune.search import _job
+
+    seen = {}
+
+    def load(name, **kwargs):
+        seen.update(kwargs)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(_job, "load_dataset", load)
+    with pytest.raises(ConfigError, match="stop here"):
+        _job.run_tune(TuneConfig(budget_ms=1.0, out=str(tmp_path), val_fraction=0.3))
+    assert seen["val_fraction"] == 0.3

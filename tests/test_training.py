@@ -532,3 +532,20 @@ def test_a_checkpoint_from_before_the_ssm_rename_still_loads(tmp_path):
     model.eval()
     old.eval()
     assert torch.equal(old(x), model(x))
+
+
+def test_best_checkpoint_ties_go_to_the_lower_validation_loss(lti_sysid, tmp_path, monkeypatch):
+    """A small validation split gives few distinct accuracies: the first maximum used to win
+    a tie; the lower loss does now."""
+    from compressm_tune.training import load_checkpoint
+
+    trainer = Trainer(SSMConfig(d_input=1, d_output=1, d_model=4, state_dims=[3],
+                                pooling="none"),
+                      TrainConfig(steps=3, eval_every=1, batch_size=8), lti_sysid, tmp_path,
+                      progress=False)
+    scripted = iter([{"loss": 1.0, "accuracy": 0.5}, {"loss": 0.8, "accuracy": 0.5},
+                     {"loss": 0.9, "accuracy": 0.5}])
+    monkeypatch.setattr(trainer, "validate", lambda: next(scripted))
+    monkeypatch.setattr(trainer, "summarize", lambda: None)
+    trainer.fit()
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 2

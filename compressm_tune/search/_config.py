@@ -29,6 +29,7 @@ class TuneConfig:
     dataset: str = "mnist1d"
     data_path: str | None = None
     data_dir: str | None = None
+    val_fraction: float = 0.1  # share of train held out to rank trials and pick checkpoints
     trials: int = 8  # trials completed (or pruned) in the study, summed over all workers
     steps: int = 300  # training steps per trial
     blocks: int = 2

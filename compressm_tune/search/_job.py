@@ -204,7 +204,8 @@ def _settings(config: TuneConfig) -> dict[str, Any]:
     return {"budget_ms": config.budget_ms, "budget_mj": config.budget_mj,
             "latency_mode": config.latency_mode, "arch": config.arch, "dataset": config.dataset,
             "steps": config.steps, "blocks": config.blocks, "hidden": config.hidden,
-            "state_dims": sorted(config.state_dims), "batch_size": config.batch_size}
+            "state_dims": sorted(config.state_dims), "batch_size": config.batch_size,
+            "val_fraction": config.val_fraction}
 
 
 def _slot_guard(objective: Objective, trials: int):
@@ -235,7 +236,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     check_storage(config.storage)
     out = ensure_dir(config.out)
     data = load_dataset(config.dataset, path=config.data_path, data_dir=config.data_dir,
-                        seed=config.seed)
+                        val_fraction=config.val_fraction, seed=config.seed)
     widest = SSMConfig(arch=config.arch, d_input=data.d_input, d_output=data.d_output,
                        d_model=config.hidden, state_dims=[max(config.state_dims)] * config.blocks)
     check_training_memory(widest, config.batch_size, data.seq_len,

@@ -132,6 +132,9 @@ def _scored(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return out[:, -target.shape[1]:]  # (batch, M, C)
 
 
+_SMALL_VAL = 50  # validation sequences below which best.pt's choice is mostly noise
+
+
 def training_memory_bytes(model_config: SSMConfig, batch_size: int, seq_len: int,
                           eval_batch_size: int) -> int:
     """A rough upper estimate of what training ``model_config`` holds at its peak, in bytes.
@@ -258,7 +261,12 @@ class Trainer:
                                config.precision, graphs=config.cuda_graphs)
         self.step = 0
         self.best_score = float("-inf")
+        self.best_loss = float("inf")  # of the best checkpoint: breaks ties in the score
         self.train_time_s = 0.0
+        if len(dataset.x_val) < _SMALL_VAL:
+            print(f"compressm-tune: note: the validation split holds {len(dataset.x_val)} "
+                  "sequences; best.pt is chosen on them (ties go to the lower loss), so its "
+                  "test score is noisy: raise --val-fraction or bring more data", file=sys.stderr)
         self.initial_state_dims = self.model.state_dims
         last = self.out_dir / "last.pt"
         if resume and last.exists():
@@ -275,7 +283,8 @@ class Trainer:
             "rng": torch.get_rng_state(), "train_config": asdict(self.config),
             "cuda_rng": (torch.cuda.get_rng_state(self.device)
                          if self.device.type == "cuda" else None),
-            "best_score": self.best_score, "train_time_s": self.train_time_s,
+            "best_score": self.best_score, "best_loss": self.best_loss,
+            "train_time_s": self.train_time_s,
             "initial_state_dims": self.initial_state_dims,
             "reducer": self.reducer.state_dict() if self.reducer else None,
             "dataset": self.dataset_info(),
@@ -308,6 +317,7 @@ class Trainer:
             if self.device.type == "cuda" and payload.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(payload["cuda_rng"], self.device)
             self.best_score = float(payload["best_score"])
+            self.best_loss = float(payload.get("best_loss", float("inf")))
             self.train_time_s = float(payload["train_time_s"])
             self.initial_state_dims = [int(n) for n in payload["initial_state_dims"]]
             if self.reducer and payload.get("reducer"):
@@ -409,8 +419,10 @@ class Trainer:
             weighting = "none" if self.reducer is None else self.reducer.config.policy.weighting
             record["spectrum"] = spectrum_record(self.model, self.dataset.x_train[:CALIBRATION],
                                                  weighting)
-        if score(val) > self.best_score:
-            self.best_score = score(val)
+        # ties (common on a small validation split: a handful of samples gives few distinct
+        # accuracies) go to the lower validation loss, not to the first maximum
+        if (score(val), -val["loss"]) > (self.best_score, -self.best_loss):
+            self.best_score, self.best_loss = score(val), val["loss"]
             self.save("best.pt")
         self.save("last.pt")
         return record
