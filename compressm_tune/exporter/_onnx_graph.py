@@ -34,14 +34,15 @@ the token count ``(1,)``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from compressm_tune.errors import ExportError
+from compressm_tune.exporter._chunked import CHUNK_KEY, check_chunk, chunk_label
 from compressm_tune.exporter._errors import ExportOptionError
+from compressm_tune.exporter._onnx_chunked import ChunkedLRU, ChunkFrame
+from compressm_tune.exporter._onnx_ops import Graph as _Graph
 from compressm_tune.exporter._weights import (
     BlockWeights,
     LRUWeights,
@@ -94,63 +95,6 @@ def step_io_names(n_blocks: int, pooling: str) -> tuple[list[str], list[str]]:
     if pooling == "mean":
         states += ["pool_sum", "pool_count"]
     return ["x_t", *states], ["y_t", *[f"next_{s}" for s in states]]
-
-
-class _Graph:
-    """Accumulates nodes and initializers with unique names (``prefix`` keeps a Scan body's
-    names apart from the outer graph's, which the body can see)."""
-
-    def __init__(self, prefix: str = "") -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.prefix = prefix
-        self._count = 0
-
-    def name(self, hint: str) -> str:
-        self._count += 1
-        return f"{self.prefix}{hint}_{self._count}"
-
-    def const(self, hint: str, value: np.ndarray) -> str:
-        name = self.name(hint)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1,
-           outputs: list[str] | None = None, **attrs) -> str | list[str]:
-        outs = outputs or [self.name(hint or op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
-        return outs[0] if len(outs) == 1 else outs
-
-    # -- composite layers ----------------------------------------------------------------------
-    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, hint: str) -> str:
-        y = self.op("MatMul", [x, self.const(f"{hint}_w", weight)], f"{hint}_mm")
-        return y if bias is None else self.op("Add", [y, self.const(f"{hint}_b", bias)], hint)
-
-    def affine(self, x: str, scale: np.ndarray, shift: np.ndarray, hint: str) -> str:
-        y = self.op("Mul", [x, self.const(f"{hint}_scale", scale)])
-        return self.op("Add", [y, self.const(f"{hint}_shift", shift)], hint)
-
-    def gelu(self, x: str) -> str:
-        """Exact GELU, ``0.5 * x * (1 + erf(x / sqrt(2)))``."""
-        inv_sqrt2 = self.const("inv_sqrt2", np.array(1.0 / math.sqrt(2.0), np.float32))
-        half = self.const("half", np.array(0.5, np.float32))
-        one = self.const("one", np.array(1.0, np.float32))
-        erf = self.op("Erf", [self.op("Mul", [x, inv_sqrt2])])
-        return self.op("Mul", [self.op("Mul", [x, half]), self.op("Add", [erf, one])], "gelu")
-
-    def zeros(self, batch: str, shape: tuple[int, ...]) -> str:
-        """A float32 zero tensor ``(batch, *shape)``; ``batch`` is a ``(1,)`` int64 tensor."""
-        full = self.op("Concat", [batch, self.const("shape", np.array(shape, np.int64))], axis=0)
-        return self.op("ConstantOfShape", [full], "zeros",
-                       value=numpy_helper.from_array(np.zeros(1, np.float32)))
-
-    def block_tail(self, x: str, hn: str, y: str, w: BlockWeights) -> str:
-        """``x + GLU(GELU(y + D hn))`` given the layer's read-out ``y`` (any leading dims)."""
-        y = self.op("Add", [y, self.op("Mul", [hn, self.const("d", w.d)])], "ssm_out")
-        g = self.gelu(y)
-        a = self.linear(g, w.glu_a, w.glu_a_bias, "glu_a")
-        gate = self.op("Sigmoid", [self.linear(g, w.glu_b, w.glu_b_bias, "glu_b")])
-        return self.op("Add", [x, self.op("Mul", [a, gate])], "block_out")
 
 
 class _LRUWriter:
@@ -319,29 +263,34 @@ def _scan_body(layer: _LRUWriter | _SelectiveWriter, k: int) -> onnx.GraphProto:
                              states_out + emit_out)
 
 
-def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
+                         chunk: int | None = None) -> onnx.ModelProto:
     """The whole-sequence graph: ``x (batch, length, d_input)`` -> ``y``.
 
     ``y`` is ``(batch, d_output)`` with mean pooling, ``(batch, length, d_output)`` without.
-    Batch and length are dynamic; the graph holds one ``Scan`` per block.
+    Batch and length are dynamic. ``chunk=None``: one per-token ``Scan`` per block (the graph
+    of bundles before chunking); ``chunk=T``: the chunked graph of :mod:`._onnx_chunked`
+    (LRU networks only). The graph records its variant in the metadata ``compressm.chunk``.
     """
     opset = check_opset(opset)
+    chunk = check_chunk(chunk, w.arch)
     g = _Graph()
-    h = g.linear("x", w.encoder, w.encoder_bias, "encoder")  # (B, L, H)
-    batch = g.op("Slice", [g.op("Shape", ["x"]),
-                           g.const("zero", np.array([0], np.int64)),
-                           g.const("one_i", np.array([1], np.int64))], "batch")  # (1,) int64
+    frame = None if chunk is None else ChunkFrame(g, "x", chunk, w.d_input)
+    h = g.linear("x" if frame is None else frame.x, w.encoder, w.encoder_bias,
+                 "encoder")  # (B, L, H), or padded and flat (B*C*T, H)
+    batch = None
     for k, bw in enumerate(w.blocks):
-        layer = _writer(g, bw, k)
         hn = g.affine(h, bw.bn_scale, bw.bn_shift, f"bn{k}")  # (B, L, H)
-        drive = layer.drive(g, hn)  # each (B, L, ...)
-        zeros = [g.zeros(batch, shape) for shape in layer.state_shapes]
-        outs = g.op("Scan", [*zeros, *drive], f"scan{k}",
-                    n_out=len(zeros) + len(layer.emit_shapes), body=_scan_body(layer, k),
-                    num_scan_inputs=len(drive), scan_input_axes=[1] * len(drive),
-                    scan_output_axes=[1] * len(layer.emit_shapes))
-        emitted = outs[len(zeros):]  # per-step values, (B, L, ...) each
-        h = g.block_tail(h, hn, layer.readout(g, emitted), bw)  # (B, L, H)
+        if frame is not None:
+            y = ChunkedLRU(g, bw.ssm, k, frame).apply(g, hn)
+        else:
+            batch = batch or g.op("Slice", [g.op("Shape", ["x"]),
+                                            g.const("zero", np.array([0], np.int64)),
+                                            g.const("one_i", np.array([1], np.int64))], "batch")
+            y = _scan_layer(g, _writer(g, bw, k), hn, batch, k)
+        h = g.block_tail(h, hn, y, bw)  # (B, L, H)
+    if frame is not None:
+        h = frame.cut(g, h, w.d_model)  # (B, L, H): padding never enters pool or output
     if w.pooling == "mean":
         if opset >= 18:
             h = g.op("ReduceMean", [h, g.const("time_axis", np.array([1], np.int64))], "pool",
@@ -353,10 +302,23 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.Mo
     x_info = helper.make_tensor_value_info("x", _FLOAT, ["batch", "length", w.d_input])
     y_shape = ["batch", w.d_output] if w.pooling == "mean" else ["batch", "length", w.d_output]
     y_info = helper.make_tensor_value_info("y", _FLOAT, y_shape)
-    doc = (f"{w.arch} SSM network, sequence mode: x (batch, length, d_input), normalized as in "
-           "manifest.json -> y")
-    return _finish(g, "compressm_sequence", [x_info], [y_info], opset, doc,
-                   _metadata(w, "sequence"))
+    variant = "scan" if chunk is None else f"chunked T={chunk}"
+    doc = (f"{w.arch} SSM network, sequence mode ({variant}): x (batch, length, d_input), "
+           "normalized as in manifest.json -> y")
+    meta = {**_metadata(w, "sequence"), CHUNK_KEY: chunk_label(chunk)}
+    return _finish(g, "compressm_sequence", [x_info], [y_info], opset, doc, meta)
+
+
+def _scan_layer(g: _Graph, layer: _LRUWriter | _SelectiveWriter, hn: str, batch: str,
+                k: int) -> str:
+    """The layer's read-out ``(B, L, H)`` from one per-token ``Scan``."""
+    drive = layer.drive(g, hn)  # each (B, L, ...)
+    zeros = [g.zeros(batch, shape) for shape in layer.state_shapes]
+    outs = g.op("Scan", [*zeros, *drive], f"scan{k}",
+                n_out=len(zeros) + len(layer.emit_shapes), body=_scan_body(layer, k),
+                num_scan_inputs=len(drive), scan_input_axes=[1] * len(drive),
+                scan_output_axes=[1] * len(layer.emit_shapes))
+    return layer.readout(g, outs[len(zeros):])  # per-step values, (B, L, ...) each
 
 
 def build_step_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:

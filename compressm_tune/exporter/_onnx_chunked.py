@@ -1,0 +1,174 @@
+"""Chunked sequence graphs: a layer's states from a few large ops per chunk of ``T`` tokens.
+
+The per-token ``Scan`` of :mod:`._onnx_graph` pays onnxruntime's per-iteration cost L times per
+block, which at small widths dwarfs the O(N H) arithmetic (bench_results/export_latency.md), so
+a smaller state bought almost no latency. Here the sequence is padded at the end to ``C * T``
+tokens (padding is causal: it never reaches an earlier token, and the outputs are cut back to
+``L`` before pooling) and each block computes
+
+* LRU (:class:`ChunkedLRU`): the states of every chunk at once with one batched ``MatMul`` by
+  the constant decay matrix of :class:`._chunked.LRUChunk`, then, only when there is more than
+  one chunk (an ``If``), the carries from chunk to chunk in a ``Scan`` over the C chunks (two
+  nodes per iteration) and their effect on every token in one more ``MatMul``. A sequence of at
+  most ``T`` tokens runs no loop at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from compressm_tune.exporter._chunked import lru_chunk
+from compressm_tune.exporter._onnx_ops import Graph
+from compressm_tune.exporter._weights import LRUWeights
+
+__all__ = ["ChunkFrame", "ChunkedLRU"]
+
+_FLOAT = TensorProto.FLOAT
+
+
+class ChunkFrame:
+    """The padded sequence every chunked block shares: ``x (B, L, d)`` -> ``(B*C*T, d)``.
+
+    Tokens stay flattened to 2-D between the blocks, so onnxruntime fuses each projection's
+    ``MatMul + Add`` into one ``Gemm`` (it does not for 3-D inputs). Holds the int64 ``(1,)``
+    tensors ``batch``, ``length`` and ``chunks`` (C) and the bool ``multi`` (C > 1), so each
+    block reads them instead of recomputing them.
+    """
+
+    def __init__(self, g: Graph, x: str, chunk: int, d_input: int) -> None:
+        self.chunk = chunk
+        shape = g.op("Shape", [x])
+        zero, one, two = (g.const("int", np.array([i], np.int64)) for i in (0, 1, 2))
+        self.batch = g.op("Slice", [shape, zero, one], "batch")  # (1,)
+        self.length = g.op("Slice", [shape, one, two], "length")  # (1,)
+        up = g.op("Add", [self.length, g.const("t_minus_1", np.array([chunk - 1], np.int64))])
+        self.chunks = g.op("Div", [up, g.const("t", np.array([chunk], np.int64))], "chunks")
+        padded = g.op("Mul", [self.chunks, g.const("t", np.array([chunk], np.int64))])
+        pad = g.op("Sub", [padded, self.length], "pad")  # (1,)  0 .. T-1 tokens
+        pads = g.op("Concat", [g.const("pads_head", np.zeros(4, np.int64)), pad, zero], axis=0)
+        padded = g.op("Pad", [x, pads], "x_padded")  # (B, C*T, d), zeros at the end
+        self.x = g.op("Reshape", [padded, g.const("shape", np.array([-1, d_input], np.int64))])
+        self.multi = g.op("Greater", [self.chunks, one], "multi_chunk")  # (1,) bool
+
+    def cut(self, g: Graph, h: str, width: int) -> str:
+        """``(B*C*T, width)`` -> the real tokens ``(B, L, width)``."""
+        shape = g.op("Concat", [self.batch, g.const("shape", np.array([-1, width], np.int64))],
+                     axis=0)
+        h = g.op("Reshape", [h, shape])  # (B, C*T, width)
+        return g.op("Slice", [h, g.const("zero_i", np.array([0], np.int64)), self.length,
+                              g.const("time_axis", np.array([1], np.int64))], "unpadded")
+
+
+def _subgraph(g: Graph, name: str, inputs: list[onnx.ValueInfoProto],
+              outputs: list[onnx.ValueInfoProto]) -> onnx.GraphProto:
+    return helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
+
+
+def _info(name: str, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, _FLOAT, shape)
+
+
+class ChunkedLRU:
+    """One LRU layer over the padded, flattened sequence.
+
+    Layout: the drive ``(B*C*T, 2N)`` is regrouped to ``(N, B*C, 2T)`` (one matrix per
+    state, columns ``(part, t)``), so a chunk's states are ``v[n] @ decay[n]``, one batched
+    ``MatMul`` for every chunk at once.
+    """
+
+    def __init__(self, g: Graph, w: LRUWeights, k: int, frame: ChunkFrame) -> None:
+        c = lru_chunk(w, frame.chunk)
+        self.n, self.t, self.k, self.frame = c.state_dim, c.chunk, k, frame
+        self.b_cat, self.c_cat = g.const(f"b_cat{k}", c.b_cat), g.const(f"c_cat{k}", c.c_cat)
+        self.decay = g.const(f"decay{k}", c.decay)  # (N, 2T, 2T)
+        self.carry_in = g.const(f"carry_in{k}", c.carry_in)  # (N, 2, 2T)
+        self.carry_step = g.const(f"carry_step{k}", c.carry_step)  # (N, 1, 2, 2)
+        self.groups = c.groups
+        self.carries = g.const(f"carries{k}", c.carries)  # (N, G, 2, G, 2)
+        self.few = g.op("LessOrEqual", [frame.chunks, g.const(
+            "groups", np.array([c.groups], np.int64))], "few_chunks")  # (1,) bool: C <= G
+
+    def apply(self, g: Graph, hn: str) -> str:
+        """``hn (B*C*T, H)`` -> the read-out ``Re(C x)`` ``(B*C*T, H)``."""
+        n, t = self.n, self.t
+        v = g.op("MatMul", [hn, self.b_cat], "v")  # (B*C*T, 2N)
+        v4 = g.op("Reshape", [v, g.const("shape", np.array([-1, t, 2, n], np.int64))])
+        v4 = g.op("Transpose", [v4], perm=[3, 0, 2, 1])  # (N, B*C, 2, T)
+        v3 = g.op("Reshape", [v4, g.const("shape", np.array([n, -1, 2 * t], np.int64))])
+        x = g.op("MatMul", [v3, self.decay], "x_local")  # (N, B*C, 2T), zero carry
+        x = g.op("If", [self.frame.multi], f"x{self.k}",
+                 then_branch=self._carried(x), else_branch=self._alone(x))
+        x = g.op("Reshape", [x, g.const("shape", np.array([n, -1, 2, t], np.int64))])
+        x = g.op("Transpose", [x], perm=[1, 3, 2, 0])  # (B*C, T, 2, N)
+        x = g.op("Reshape", [x, g.const("shape", np.array([-1, 2 * n], np.int64))])
+        return g.op("MatMul", [x, self.c_cat], "y")  # (B*C*T, H)
+
+    def _alone(self, x: str) -> onnx.GraphProto:
+        """One chunk: nothing carries in."""
+        sub = Graph(prefix=f"alone{self.k}_")
+        out = sub.op("Identity", [x], "x")
+        return _subgraph(sub, f"alone{self.k}", [], [_info(out, [self.n, "bc", 2 * self.t])])
+
+    def _carried(self, x: str) -> onnx.GraphProto:
+        """Several chunks: each token gains ``lam^(t+1)`` times the carry into its chunk, which
+        depends on the chunks' zero-carry last states ``ends``: in closed form for up to G
+        chunks (:attr:`LRUChunk.carries`), else from a Scan over the chunks."""
+        n, t, k = self.n, self.t, self.k
+        sub = Graph(prefix=f"carry{k}_")
+        x4 = sub.op("Reshape", [x, sub.const("shape", np.array([n, -1, 2, t], np.int64))])
+        ends = sub.op("Gather", [x4, sub.const("last", np.array(t - 1, np.int64))],
+                      axis=3)  # (N, B*C, 2)
+        carries = sub.op("If", [self.few], "carries", then_branch=self._closed(ends),
+                         else_branch=self._scanned(ends))  # (N, B*C, 2): carry into each chunk
+        effect = sub.op("MatMul", [carries, self.carry_in], "effect")  # (N, B*C, 2T)
+        out = sub.op("Add", [x, effect], "x")
+        return _subgraph(sub, f"carried{k}", [], [_info(out, [n, "bc", 2 * t])])
+
+    def _closed(self, ends: str) -> onnx.GraphProto:
+        """Carries of up to G chunks: one ``MatMul`` by the top-left ``(2C, 2C)`` corner of
+        the chunk-to-chunk matrix."""
+        n, k, frame = self.n, self.k, self.frame
+        sub = Graph(prefix=f"closed{k}_")
+        per_seq = sub.op("Concat", [sub.const("n", np.array([n], np.int64)), frame.batch,
+                                    sub.const("rest", np.array([-1], np.int64))], axis=0)
+        rows = sub.op("Reshape", [ends, per_seq], "ends")  # (N, B, 2C), ordered (c, q)
+        zeros = sub.const("zeros", np.array([0, 0], np.int64))
+        corner = sub.op("Slice", [self.carries, zeros, sub.op("Concat", [
+            frame.chunks, frame.chunks], axis=0), sub.const("axes", np.array([1, 3], np.int64))])
+        square = sub.op("Mul", [frame.chunks, sub.const("two", np.array([2], np.int64))])
+        corner = sub.op("Reshape", [corner, sub.op("Concat", [
+            sub.const("n", np.array([n], np.int64)), square, square], axis=0)])  # (N, 2C, 2C)
+        carried = sub.op("MatMul", [rows, corner], "carried")  # (N, B, 2C), ordered (c, p)
+        out = sub.op("Reshape", [carried, sub.const("shape", np.array([n, -1, 2], np.int64))])
+        return _subgraph(sub, f"closed{k}", [], [_info(out, [n, "bc", 2])])
+
+    def _scanned(self, ends: str) -> onnx.GraphProto:
+        """Carries of more than G chunks: a Scan over the chunks."""
+        n, k, frame = self.n, self.k, self.frame
+        sub = Graph(prefix=f"scanned{k}_")
+        ends_shape = sub.op("Concat", [sub.const("n", np.array([n], np.int64)), frame.batch,
+                                       sub.const("shape", np.array([-1, 2], np.int64))], axis=0)
+        ends = sub.op("Reshape", [ends, ends_shape], "ends")  # (N, B, C, 2)
+        zeros_shape = sub.op("Concat", [sub.const("n", np.array([n], np.int64)), frame.batch,
+                                        sub.const("two", np.array([2], np.int64))], axis=0)
+        zeros = sub.op("ConstantOfShape", [zeros_shape], "zeros",
+                       value=onnx.numpy_helper.from_array(np.zeros(1, np.float32)))
+        _, carries = sub.op("Scan", [zeros, ends], "carries", n_out=2, body=self._body(),
+                            num_scan_inputs=1, scan_input_axes=[2], scan_output_axes=[2])
+        out = sub.op("Reshape", [carries, sub.const("shape", np.array([n, -1, 2], np.int64))])
+        return _subgraph(sub, f"scanned{k}", [], [_info(out, [n, "bc", 2])])
+
+    def _body(self) -> onnx.GraphProto:
+        """carry, chunk end ``(N, B, 2)`` -> ``lam^T carry + end``, and the old carry."""
+        sub = Graph(prefix=f"chunkscan{self.k}_")
+        carry, end = f"chunkscan{self.k}_carry", f"chunkscan{self.k}_end"
+        column = sub.op("Unsqueeze", [carry, sub.const("axes", np.array([2], np.int64))])
+        turned = sub.op("ReduceSum", [sub.op("Mul", [self.carry_step, column]),  # (N,B,2,2)
+                                      sub.const("axes", np.array([3], np.int64))], keepdims=0)
+        new = sub.op("Add", [turned, end], "new")  # (N, B, 2)
+        emit = sub.op("Identity", [carry], "emit")
+        dims = [self.n, "batch", 2]
+        return _subgraph(sub, f"chunkscan{self.k}", [_info(carry, dims), _info(end, dims)],
+                         [_info(new, dims), _info(emit, dims)])
