@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from compressm_tune.exporter import _edge
 from compressm_tune.exporter._errors import ExportOptionError
 from compressm_tune.exporter._weights import LRUWeights
 
 __all__ = ["CHUNK_ARCHS", "CHUNK_CHOICES", "CHUNK_KEY", "LRUChunk", "check_chunk",
            "chunk_label", "lru_chunk", "max_chunk"]
 
-CHUNK_KEY = "compressm.chunk"  # ONNX metadata: "scan" or the chunk length T
+CHUNK_KEY = _edge.CHUNK_KEY  # ONNX metadata: "scan" or the chunk length T
 CHUNK_ARCHS = ("lru",)  # layers with a chunked sequence graph
 
 CHUNK_CHOICES = (8, 16, 32, 64)  # chunk lengths the export measures (see _chunk_choice)
