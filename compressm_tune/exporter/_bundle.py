@@ -123,11 +123,11 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _write_torchscript(weights, path: Path) -> None:
+def _write_torchscript(weights, path: Path, chunk: int | None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)  # TorchScript is deprecated
         warnings.simplefilter("ignore", category=DeprecationWarning)
-        torch.jit.save(script_model(weights), str(path))
+        torch.jit.save(script_model(weights, chunk), str(path))
 
 
 def _load_torchscript(path: Path):
@@ -263,7 +263,8 @@ def export_bundle(
         raise ExportOptionError(f"threads must be an integer >= 1, got {threads=}")
     if not tolerance > 0:
         raise ExportOptionError(f"tolerance must be > 0, got {tolerance=}")
-    if not (chunk in ("auto", "scan", None) or isinstance(chunk, int)):
+    if not (chunk in ("auto", "scan", None) or (
+            isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1)):
         raise ExportOptionError(f"chunk must be 'auto', 'scan', None or an integer >= 1, "
                                 f"got {chunk=}")
     checkpoint = Path(checkpoint)
@@ -307,7 +308,7 @@ def export_bundle(
             scripted = None
             if "torchscript" in formats:
                 path = stage / FILE_NAMES["torchscript"]
-                _write_torchscript(weights, path)
+                _write_torchscript(weights, path, graph["chunk"])
                 scripted = _load_torchscript(path)
                 files["torchscript"] = file_entry(path, **_torchscript_doc(weights))
             parity = run_parity(model, onnx_sequence=sessions.get("sequence"),
