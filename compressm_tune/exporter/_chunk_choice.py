@@ -57,13 +57,16 @@ def candidates(w: ModelWeights, seq_len: int) -> list[int | None]:
 
 
 def choose_chunk(w: ModelWeights, seq_len: int, threads: int = 1, opset: int = DEFAULT_OPSET,
-                 *, rounds: int = 3, calls: int = 15, seed: int = 0) -> dict:
+                 *, rounds: int = 3, calls: int = 15, round_s: float = 0.05,
+                 seed: int = 0) -> dict:
     """Time every :func:`candidates` graph on one ``(1, seq_len, d_input)`` input; pick the
     fastest.
 
-    Candidates are timed in ``rounds`` interleaved rounds of ``calls`` calls each (after two
-    warm-up calls), so a change in machine load hits all alike; the statistic is the median
-    over all calls.
+    Candidates are timed in ``rounds`` interleaved rounds (after two warm-up calls), so a
+    change in machine load hits all alike; a round of one candidate is ``calls`` calls or
+    ``round_s`` seconds, whichever ends first, but at least two calls (slow graphs of long
+    sequences would otherwise make an export take minutes). The statistic is the median over
+    all calls.
 
     Returns
     -------
@@ -82,14 +85,19 @@ def choose_chunk(w: ModelWeights, seq_len: int, threads: int = 1, opset: int = D
     samples: dict[int | None, list[float]] = {c: [] for c in options}
     for _ in range(rounds):
         for chunk, session in sessions.items():
-            for _ in range(calls):
+            spent = 0.0
+            for i in range(calls):
+                if i >= 2 and spent >= round_s:
+                    break
                 t0 = time.perf_counter()
                 session.run(None, {"x": x})
                 samples[chunk].append(time.perf_counter() - t0)
+                spent += samples[chunk][-1]
     median = {c: float(np.median(s)) * 1e3 for c, s in samples.items()}
     best = min(options, key=median.__getitem__) if len(options) > 1 else None
     return {"chunk": best, "variant": "scan" if best is None else "chunked",
             "median_ms": {chunk_label(c): round(m, 4) for c, m in median.items()},
             "seq_len": seq_len, "threads": threads,
             "method": f"onnxruntime CPU, batch 1, {threads} intra-op thread(s); median of "
-                      f"{rounds} interleaved rounds x {calls} calls after 2 warm-up calls"}
+                      f"{rounds} interleaved rounds of {calls} calls or {round_s} s (>= 2 "
+                      "calls) per candidate, after 2 warm-up calls"}

@@ -31,7 +31,8 @@ CHUNK_ARCHS = ("lru",)  # layers with a chunked sequence graph
 
 CHUNK_CHOICES = (8, 16, 32, 64)  # chunk lengths the export measures (see _chunk_choice)
 MAX_DECAY_FLOATS = 1 << 20  # cap per block on the (N, 2T, 2T) decay: 4 MB of float32
-MAX_CARRY_FLOATS = 1 << 18  # cap per block on the (N, 2G, 2G) chunk-to-chunk matrix: 1 MB
+MAX_CARRY_FLOATS = 1 << 16  # cap per block on the (N, 2G, 2G) chunk-to-chunk matrix: 256 kB
+MAX_GROUPS = 64  # G, chunks whose carries come in closed form, at most
 
 
 def chunk_label(chunk: int | None) -> str:
@@ -116,7 +117,7 @@ class LRUChunk:
         self.carry_in = _rot(powers[1:]).transpose(1, 3, 2, 0).reshape(n, 2, 2 * t).astype(
             np.float32)  # (T, N, 2, 2) [t, n, p, q] -> [n, q, (p, t)]
         self.carry_step = _rot(powers[t])[:, None].astype(np.float32)  # (N, 1, 2, 2)
-        self.groups = g = max(2, int(np.sqrt(MAX_CARRY_FLOATS / (4 * n))))
+        self.groups = g = min(MAX_GROUPS, max(2, int(np.sqrt(MAX_CARRY_FLOATS / (4 * n)))))
         hops = np.empty((g, n), np.complex128)  # lam^(T j), j = 0 .. G-1
         hops[0] = 1.0
         for j in range(1, g):

@@ -1,0 +1,285 @@
+"""Old per-token Scan graph vs the chunked sequence graph, onnxruntime, batch 1, 1 thread.
+
+Models: 4 LRU blocks, d_input=1, 10 classes, mean pooling, every block at width N, residual
+width H (random weights, BatchNorm statistics away from (0, 1), as bench_export_latency.py).
+For each (H, N, L) the graph an export would write is chosen as ``export_bundle(chunk="auto")``
+chooses it, by :func:`compressm_tune.exporter._chunk_choice.choose_chunk` at that length (its
+own short timing, separate from the rounds below, so the comparison does not pick its own
+winner); then ``scan`` (the graph every bundle held before, ``chunk=None``) and the chosen
+graph are timed side by side in interleaved rounds: each round visits every (H, N, L, graph)
+in a fresh random order, and a round of one graph is the median call in >= ``--min-time-s``
+of calls (>= 3 calls) after 2 warm-up calls. Reported: median over rounds and half-IQR, the
+ratio scan / chosen, each graph's parity against eager torch on the timed input, node count
+(outer graph) and session-creation time, and per (H, L, graph) a least-squares line
+``ms = fixed + slope * N`` with its knee ``N* = fixed / slope``.
+
+    python benchmarks/bench_export_chunked.py                # ~10 minutes on 2 shared cores
+    python benchmarks/bench_export_chunked.py --quick --out /tmp/ec   # smoke test
+
+Writes ``bench_results/export_latency_chunked.{json,md,png}`` (or the ``--out`` prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine  # noqa: E402
+
+from compressm_tune._table import markdown_table  # noqa: E402
+from compressm_tune.exporter import build_sequence_model, extract_weights  # noqa: E402
+from compressm_tune.exporter._chunk_choice import choose_chunk, ort_session  # noqa: E402
+from compressm_tune.exporter._edge import time_calls  # noqa: E402
+from compressm_tune.models import SSMConfig, SSMModel  # noqa: E402
+
+BLOCKS, CLASSES = 4, 10
+GRAPHS = ("scan", "chosen")
+
+
+def build_model(h: int, n: int, seed: int = 0) -> SSMModel:
+    torch.manual_seed(seed)
+    model = SSMModel(SSMConfig(d_input=1, d_output=CLASSES, d_model=h, state_dims=[n] * BLOCKS))
+    for block in model.blocks:
+        block.norm.running_mean.normal_(0, 0.5)
+        block.norm.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def prepare(h: int, n: int, length: int, x: np.ndarray) -> dict:
+    """Both graphs of one (H, N, L): sessions, choice, parity, size and load time."""
+    model = build_model(h, n)
+    w = extract_weights(model)
+    choice = choose_chunk(w, length)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    entry = {"choice": choice, "sessions": {}, "graphs": {}}
+    for graph, chunk in (("scan", None), ("chosen", choice["chunk"])):
+        proto = build_sequence_model(w, chunk=chunk)
+        raw = proto.SerializeToString()
+        t0 = time.perf_counter()
+        session = ort_session(raw, 1)
+        load_ms = (time.perf_counter() - t0) * 1e3
+        got = session.run(None, {"x": x})[0]
+        entry["sessions"][graph] = session
+        entry["graphs"][graph] = {
+            "chunk": chunk, "nodes": len(proto.graph.node), "bytes": len(raw),
+            "session_create_ms": load_ms, "parity_max_abs_error": float(np.abs(got - want).max())}
+    return entry
+
+
+def summarize(values: list[float]) -> dict:
+    q25, med, q75 = np.percentile(values, [25, 50, 75])
+    return {"median_ms": float(med), "iqr_ms": float(q75 - q25), "rounds_ms": values}
+
+
+def line_fit(widths: list[int], ms: list[float]) -> dict:
+    slope, fixed = np.polyfit(widths, ms, 1)  # ms = fixed + slope * N
+    return {"fixed_ms": float(fixed), "us_per_state": float(slope) * 1e3,
+            "knee_N": float(fixed / slope) if slope > 0 and fixed > 0 else None}
+
+
+def run(args) -> dict:
+    torch.set_num_threads(1)
+    started, load_before = time.time(), os.getloadavg()[0]
+    configs = [(h, n, length) for h in args.hidden for length in args.lengths
+               for n in args.widths if (h, n, length) not in args.skip]
+    inputs = {length: np.random.default_rng(0).standard_normal((1, length, 1)).astype(np.float32)
+              for length in args.lengths}
+    prepared = {}
+    for cfg in configs:
+        prepared[cfg] = prepare(*cfg, inputs[cfg[2]])
+        print(f"prepared H={cfg[0]} N={cfg[1]} L={cfg[2]}: chosen "
+              f"{prepared[cfg]['choice']['chunk'] or 'scan'}", flush=True)
+    raw: dict[tuple, list[float]] = {}
+    loads, rng = [], np.random.default_rng(1)
+    for r in range(args.rounds):
+        jobs = [(cfg, graph) for cfg in configs for graph in GRAPHS]
+        for i in rng.permutation(len(jobs)):
+            cfg, graph = jobs[i]
+            session, x = prepared[cfg]["sessions"][graph], inputs[cfg[2]]
+            times = time_calls(lambda _, s=session, x=x: s.run(None, {"x": x}),
+                               args.min_time_s, 2, 3)
+            raw.setdefault((*cfg, graph), []).append(float(np.median(times)) * 1e3)
+        loads.append(os.getloadavg()[0])
+        print(f"round {r + 1}/{args.rounds} done (load {loads[-1]:.2f})", flush=True)
+    results = []
+    for cfg in configs:
+        row = {"H": cfg[0], "N": cfg[1], "L": cfg[2], "choice": prepared[cfg]["choice"],
+               "graphs": prepared[cfg]["graphs"]}
+        for graph in GRAPHS:
+            row[graph] = summarize(raw[(*cfg, graph)])
+        row["scan_over_chosen"] = row["scan"]["median_ms"] / row["chosen"]["median_ms"]
+        results.append(row)
+    fits = {}
+    for h in args.hidden:
+        for length in args.lengths:
+            rows = [r for r in results if r["H"] == h and r["L"] == length]
+            if len(rows) >= 2:
+                for graph in GRAPHS:
+                    fits[f"H={h} L={length} {graph}"] = line_fit(
+                        [r["N"] for r in rows], [r[graph]["median_ms"] for r in rows])
+    return {
+        "benchmark": "export_latency_chunked",
+        "settings": {"hidden": args.hidden, "widths": args.widths, "lengths": args.lengths,
+                     "blocks": BLOCKS, "batch": 1, "threads": 1, "rounds": args.rounds,
+                     "min_time_s_per_round": args.min_time_s,
+                     "skipped": [list(s) for s in sorted(args.skip)],
+                     "statistic": "median over rounds of each round's median call; IQR over "
+                                  "rounds"},
+        "machine": {**machine(), "load_avg_1m_before": load_before,
+                    "load_avg_1m_per_round": loads, "load_avg_1m_after": os.getloadavg()[0]},
+        "results": results, "fits": fits, "wall_time_s": round(time.time() - started, 1),
+    }
+
+
+def _targets(payload: dict) -> str:
+    res = payload["results"]
+
+    def pick(h, length, n):
+        return next((r for r in res if (r["H"], r["L"], r["N"]) == (h, length, n)), None)
+
+    lines = []
+    small = [r for r in res if r["H"] == 64 and r["L"] == 40 and r["N"] <= 32]
+    if small:
+        ratios = [r["scan_over_chosen"] for r in small]
+        lines.append(f"- H=64, L=40, N <= 32: scan / chosen = {min(ratios):.2f}x .. "
+                     f"{max(ratios):.2f}x (target >= 4x: "
+                     f"{'met' if min(ratios) >= 4 else 'NOT met'}).")
+    r16, r256 = pick(64, 40, 16), pick(64, 40, 256)
+    if r16 and r256:
+        for graph in GRAPHS:
+            q = r256[graph]["median_ms"] / r16[graph]["median_ms"]
+            lines.append(f"- H=64, L=40, latency(N=256) / latency(N=16), {graph} graph: "
+                         f"{q:.2f}" + (f" (target >= 2: {'met' if q >= 2 else 'NOT met'})"
+                                       if graph == "chosen" else ""))
+    for h in payload["settings"]["hidden"]:
+        long = [r for r in res if r["H"] == h and r["L"] == 2000]
+        if long:
+            ratios = [r["scan_over_chosen"] for r in long]
+            lines.append(f"- H={h}, L=2000: scan / chosen = {min(ratios):.2f}x .. "
+                         f"{max(ratios):.2f}x over N = {[r['N'] for r in long]} (target: "
+                         f"chosen not slower, i.e. >= 1 within noise).")
+    return "\n".join(lines)
+
+
+def markdown(payload: dict) -> str:
+    s, m = payload["settings"], payload["machine"]
+
+    def cell(d):
+        return f"{d['median_ms']:.3f} ± {d['iqr_ms'] / 2:.3f}"
+
+    tables = []
+    for h in s["hidden"]:
+        for length in s["lengths"]:
+            rows = [[r["N"], cell(r["scan"]), cell(r["chosen"]),
+                     r["choice"]["chunk"] or "scan", f"{r['scan_over_chosen']:.2f}x",
+                     f"{r['graphs']['scan']['nodes']} / {r['graphs']['chosen']['nodes']}",
+                     f"{r['graphs']['scan']['session_create_ms']:.0f} / "
+                     f"{r['graphs']['chosen']['session_create_ms']:.0f}",
+                     f"{r['graphs']['chosen']['bytes'] / 1e6:.2f}",
+                     f"{max(g['parity_max_abs_error'] for g in r['graphs'].values()):.1e}"]
+                    for r in payload["results"] if r["H"] == h and r["L"] == length]
+            if rows:
+                tables.append(f"### H = {h}, L = {length}\n\n" + markdown_table(
+                    ["N", "scan ms", "chosen ms", "chosen T", "scan / chosen",
+                     "nodes scan / chosen", "session ms scan / chosen", "chosen MB",
+                     "parity err"], rows))
+    fit_rows = [[k, f"{v['fixed_ms']:.3f}", f"{v['us_per_state']:.2f}",
+                 "-" if v["knee_N"] is None else f"{v['knee_N']:.0f}"]
+                for k, v in payload["fits"].items()]
+    loads = ", ".join(f"{x:.2f}" for x in m["load_avg_1m_per_round"])
+    skipped = f" Skipped (too slow for the time box): {s['skipped']}." if s["skipped"] else ""
+    tables_md = "\n\n".join(tables)
+    fits_md = markdown_table(["H / L / graph", "fixed ms", "µs per state", "knee N*"], fit_rows)
+    return f"""# Sequence graphs: per-token Scan vs chunked (onnxruntime, batch 1, 1 thread)
+
+Models: {s['blocks']} LRU blocks, 10 classes, mean pooling, every block at width N, residual
+width H. `scan` = the per-token Scan graph every bundle held before chunking; `chosen` = the
+graph `export_bundle(chunk="auto")` picks for this length (`choose_chunk`, timed separately
+before the rounds; `chosen T` = scan when the Scan won). Both graphs share the block code
+(including the fused GELU written for this change). Cells: ms per sequence, median ± half-IQR
+over {s['rounds']} interleaved rounds (each: median call in >= {s['min_time_s_per_round']} s,
+>= 3 calls, after 2 warm-ups), `session.run` from Python included. `nodes`: outer-graph node
+count; `session ms`: `InferenceSession` creation; `parity err`: max abs error against eager
+torch on the timed input.{skipped}
+
+Machine: {m['cpu']}, {m['cores']} cores, **shared with other jobs**; torch {m['torch']};
+1-minute load average {m['load_avg_1m_before']:.2f} before, per round [{loads}],
+{m['load_avg_1m_after']:.2f} after. Wall time {payload['wall_time_s']} s.
+
+**Targets**
+
+{_targets(payload)}
+
+{tables_md}
+
+**Latency against state width**: least-squares `ms = fixed + slope * N` over the widths
+measured; knee `N* = fixed / slope`, the width at which state work equals the fixed cost.
+
+{fits_md}
+"""
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = payload["settings"]
+    fig, axes = plt.subplots(len(s["hidden"]), len(s["lengths"]),
+                             figsize=(5 * len(s["lengths"]), 4 * len(s["hidden"])), squeeze=False)
+    for i, h in enumerate(s["hidden"]):
+        for j, length in enumerate(s["lengths"]):
+            ax = axes[i][j]
+            rows = [r for r in payload["results"] if r["H"] == h and r["L"] == length]
+            for graph, marker in zip(GRAPHS, "os", strict=True):
+                ax.errorbar([r["N"] for r in rows], [r[graph]["median_ms"] for r in rows],
+                            yerr=[r[graph]["iqr_ms"] / 2 for r in rows], marker=marker,
+                            capsize=3, label=graph)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("state width N per block")
+            ax.set_ylabel(f"ms per sequence (L={length})")
+            ax.set_title(f"H={h}, L={length}, batch 1, 1 thread")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    p.add_argument("--widths", type=ints, default=[4, 8, 16, 32, 64, 128, 256, 512, 1024])
+    p.add_argument("--hidden", type=ints, default=[64, 256])
+    p.add_argument("--lengths", type=ints, default=[40, 256, 2000])
+    p.add_argument("--skip", default="", help="H:N:L triples to leave out, comma-separated")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--min-time-s", type=float, default=0.1)
+    p.add_argument("--quick", action="store_true", help="H=16, N 4,64, L 40,100; 2 rounds")
+    p.add_argument("--out", type=Path, default=RESULTS / "export_latency_chunked")
+    args = p.parse_args()
+    args.skip = {tuple(int(v) for v in t.split(":")) for t in args.skip.split(",") if t}
+    if args.quick:
+        args.hidden, args.widths, args.lengths = [16], [4, 64], [40, 100]
+        args.rounds, args.min_time_s = 2, 0.02
+    payload = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(payload))
+    plot(payload, args.out.with_suffix(".png"))
+    print(markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
