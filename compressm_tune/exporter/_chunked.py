@@ -86,10 +86,14 @@ class LRUChunk:
         ``[c_re; c_im]``: the read-out ``y = [x_re | x_im] @ c_cat``.
     decay : (N, 2T, 2T)
         Per state, the right factor of a chunk's states ``x[n] = v[n] @ decay[n]`` with
-        ``v[n]`` of shape ``(rows, 2T)``: entry ``[(q, s), (p, t)]`` is part ``p`` of
+        ``v[n]`` of shape ``(rows, 2T)``: entry ``[(s, q), (t, p)]`` is part ``p`` of
         ``lam_n^(t-s)`` acting on part ``q`` (0 = re, 1 = im) for ``s <= t``, zero otherwise.
+        Time is the outer and the part the inner index, so that a drive ``(tokens, 2, N)``
+        reaches this layout by one 2-D transpose (onnxruntime's 4-D transposes cost more
+        than the matmul at these sizes, measured while writing this).
     carry_in : (N, 2, 2T)
-        ``lam^(t+1)``: how the previous chunk's last state ``(rows, 2)`` enters token ``t``.
+        ``lam^(t+1)``: how the previous chunk's last state ``(rows, 2)`` enters token ``t``,
+        columns ``(t, p)``.
     carry_step : (N, 1, 2, 2)
         ``lam^T`` as ``[n, 0, p, q]``: how the carry passes a whole chunk.
     groups : int
@@ -112,10 +116,10 @@ class LRUChunk:
         toeplitz = np.where((lag >= 0)[..., None], powers[np.clip(lag, 0, None)], 0)  # (T, T, N)
         self.chunk, self.state_dim = t, n
         blocks = _rot(toeplitz)  # (T, T, N, 2, 2)  [t, s, n, p, q]
-        self.decay = blocks.transpose(2, 4, 1, 3, 0).reshape(n, 2 * t, 2 * t).astype(
-            np.float32)  # [n, (q, s), (p, t)]
-        self.carry_in = _rot(powers[1:]).transpose(1, 3, 2, 0).reshape(n, 2, 2 * t).astype(
-            np.float32)  # (T, N, 2, 2) [t, n, p, q] -> [n, q, (p, t)]
+        self.decay = blocks.transpose(2, 1, 4, 0, 3).reshape(n, 2 * t, 2 * t).astype(
+            np.float32)  # [n, (s, q), (t, p)]
+        self.carry_in = _rot(powers[1:]).transpose(1, 3, 0, 2).reshape(n, 2, 2 * t).astype(
+            np.float32)  # (T, N, 2, 2) [t, n, p, q] -> [n, q, (t, p)]
         self.carry_step = _rot(powers[t])[:, None].astype(np.float32)  # (N, 1, 2, 2)
         self.groups = g = min(MAX_GROUPS, max(2, int(np.sqrt(MAX_CARRY_FLOATS / (4 * n)))))
         hops = np.empty((g, n), np.complex128)  # lam^(T j), j = 0 .. G-1
@@ -138,7 +142,7 @@ def lru_chunk(w: LRUWeights, chunk: int) -> LRUChunk:
     >>> w = LRUWeights(lam_re=np.array([0.5], np.float32), lam_im=np.array([0.0], np.float32),
     ...                b_re=np.ones((1, 1), np.float32), b_im=np.zeros((1, 1), np.float32),
     ...                c_re=np.ones((1, 1), np.float32), c_im=np.zeros((1, 1), np.float32))
-    >>> lru_chunk(w, 3).decay[0, :3, :3]  # real part [s, t]: 0.5^(t-s) for s <= t
+    >>> lru_chunk(w, 3).decay[0, ::2, ::2]  # real part [s, t]: 0.5^(t-s) for s <= t
     array([[1.  , 0.5 , 0.25],
            [0.  , 1.  , 0.5 ],
            [0.  , 0.  , 1.  ]], dtype=float32)

@@ -51,6 +51,12 @@ class ChunkFrame:
         padded = g.op("Pad", [x, pads], "x_padded")  # (B, C*T, d), zeros at the end
         self.x = g.op("Reshape", [padded, g.const("shape", np.array([-1, d_input], np.int64))])
         self.multi = g.op("Greater", [self.chunks, one], "multi_chunk")  # (1,) bool
+        # shapes of the closed-form carries, shared by every block ("0" keeps N)
+        self.rows_shape = g.op("Concat", [zero, self.batch, g.const("int", np.array(
+            [-1], np.int64))], axis=0)  # [0, B, -1]
+        self.corner_end = g.op("Concat", [self.chunks, self.chunks], axis=0)  # [C, C]
+        square = g.op("Mul", [self.chunks, two])
+        self.corner_shape = g.op("Concat", [zero, square, square], axis=0)  # [0, 2C, 2C]
 
     def cut(self, g: Graph, h: str, width: int) -> str:
         """``(B*C*T, width)`` -> the real tokens ``(B, L, width)``."""
@@ -74,8 +80,8 @@ class ChunkedLRU:
     """One LRU layer over the padded, flattened sequence.
 
     Layout: the drive ``(B*C*T, 2N)`` is regrouped to ``(N, B*C, 2T)`` (one matrix per
-    state, columns ``(part, t)``), so a chunk's states are ``v[n] @ decay[n]``, one batched
-    ``MatMul`` for every chunk at once.
+    state, columns ``(t, part)``) by one 2-D transpose, so a chunk's states are
+    ``v[n] @ decay[n]``, one batched ``MatMul`` for every chunk at once.
     """
 
     def __init__(self, g: Graph, w: LRUWeights, k: int, frame: ChunkFrame) -> None:
@@ -93,15 +99,15 @@ class ChunkedLRU:
     def apply(self, g: Graph, hn: str) -> str:
         """``hn (B*C*T, H)`` -> the read-out ``Re(C x)`` ``(B*C*T, H)``."""
         n, t = self.n, self.t
-        v = g.op("MatMul", [hn, self.b_cat], "v")  # (B*C*T, 2N)
-        v4 = g.op("Reshape", [v, g.const("shape", np.array([-1, t, 2, n], np.int64))])
-        v4 = g.op("Transpose", [v4], perm=[3, 0, 2, 1])  # (N, B*C, 2, T)
-        v3 = g.op("Reshape", [v4, g.const("shape", np.array([n, -1, 2 * t], np.int64))])
-        x = g.op("MatMul", [v3, self.decay], "x_local")  # (N, B*C, 2T), zero carry
+        v = g.op("MatMul", [hn, self.b_cat], "v")  # (B*C*T, 2N), columns (part, n)
+        v = g.op("Reshape", [v, g.const("shape", np.array([-1, n], np.int64))])
+        v = g.op("Transpose", [v], perm=[1, 0])  # (N, B*C*T*2)
+        v = g.op("Reshape", [v, g.const("shape", np.array([n, -1, 2 * t], np.int64))])
+        x = g.op("MatMul", [v, self.decay], "x_local")  # (N, B*C, 2T), zero carry
         x = g.op("If", [self.frame.multi], f"x{self.k}",
                  then_branch=self._carried(x), else_branch=self._alone(x))
-        x = g.op("Reshape", [x, g.const("shape", np.array([n, -1, 2, t], np.int64))])
-        x = g.op("Transpose", [x], perm=[1, 3, 2, 0])  # (B*C, T, 2, N)
+        x = g.op("Reshape", [x, g.const("shape", np.array([n, -1], np.int64))])
+        x = g.op("Transpose", [x], perm=[1, 0])  # (B*C*T*2, N)
         x = g.op("Reshape", [x, g.const("shape", np.array([-1, 2 * n], np.int64))])
         return g.op("MatMul", [x, self.c_cat], "y")  # (B*C*T, H)
 
@@ -117,9 +123,9 @@ class ChunkedLRU:
         chunks (:attr:`LRUChunk.carries`), else from a Scan over the chunks."""
         n, t, k = self.n, self.t, self.k
         sub = Graph(prefix=f"carry{k}_")
-        x4 = sub.op("Reshape", [x, sub.const("shape", np.array([n, -1, 2, t], np.int64))])
+        x4 = sub.op("Reshape", [x, sub.const("shape", np.array([n, -1, t, 2], np.int64))])
         ends = sub.op("Gather", [x4, sub.const("last", np.array(t - 1, np.int64))],
-                      axis=3)  # (N, B*C, 2)
+                      axis=2)  # (N, B*C, 2)
         carries = sub.op("If", [self.few], "carries", then_branch=self._closed(ends),
                          else_branch=self._scanned(ends))  # (N, B*C, 2): carry into each chunk
         effect = sub.op("MatMul", [carries, self.carry_in], "effect")  # (N, B*C, 2T)
@@ -131,15 +137,10 @@ class ChunkedLRU:
         the chunk-to-chunk matrix."""
         n, k, frame = self.n, self.k, self.frame
         sub = Graph(prefix=f"closed{k}_")
-        per_seq = sub.op("Concat", [sub.const("n", np.array([n], np.int64)), frame.batch,
-                                    sub.const("rest", np.array([-1], np.int64))], axis=0)
-        rows = sub.op("Reshape", [ends, per_seq], "ends")  # (N, B, 2C), ordered (c, q)
-        zeros = sub.const("zeros", np.array([0, 0], np.int64))
-        corner = sub.op("Slice", [self.carries, zeros, sub.op("Concat", [
-            frame.chunks, frame.chunks], axis=0), sub.const("axes", np.array([1, 3], np.int64))])
-        square = sub.op("Mul", [frame.chunks, sub.const("two", np.array([2], np.int64))])
-        corner = sub.op("Reshape", [corner, sub.op("Concat", [
-            sub.const("n", np.array([n], np.int64)), square, square], axis=0)])  # (N, 2C, 2C)
+        rows = sub.op("Reshape", [ends, frame.rows_shape], "ends")  # (N, B, 2C), (c, q)
+        corner = sub.op("Slice", [self.carries, sub.const("zeros", np.array([0, 0], np.int64)),
+                                  frame.corner_end, sub.const("axes", np.array([1, 3], np.int64))])
+        corner = sub.op("Reshape", [corner, frame.corner_shape])  # (N, 2C, 2C)
         carried = sub.op("MatMul", [rows, corner], "carried")  # (N, B, 2C), ordered (c, p)
         out = sub.op("Reshape", [carried, sub.const("shape", np.array([n, -1, 2], np.int64))])
         return _subgraph(sub, f"closed{k}", [], [_info(out, [n, "bc", 2])])

@@ -73,10 +73,10 @@ class _ScriptedLRU(nn.Module):
         b, length, t, n = hn.shape[0], hn.shape[1], self.chunk, self.lam_re.shape[0]
         c = (length + t - 1) // t
         v = F.pad(hn @ self.b_cat, [0, 0, 0, c * t - length])  # (B, C*T, 2N), zeros at the end
-        v = v.reshape(b * c, t, 2, n).permute(3, 0, 2, 1).reshape(n, b * c, 2 * t)
+        v = v.reshape(-1, n).t().reshape(n, b * c, 2 * t)  # columns (t, part)
         x = torch.bmm(v, self.decay)  # (N, B*C, 2T), zero carry
         if c > 1:
-            ends = x.reshape(n, b, c, 2, t)[:, :, :, :, t - 1]  # (N, B, C, 2)
+            ends = x.reshape(n, b, c, t, 2)[:, :, :, t - 1]  # (N, B, C, 2)
             carry = torch.zeros_like(ends[:, :, 0])  # (N, B, 2)
             carries: list[torch.Tensor] = []
             for i in range(c):
@@ -84,7 +84,7 @@ class _ScriptedLRU(nn.Module):
                 carry = (self.carry_step[:, None] * carry[:, :, None, :]).sum(-1) + ends[:, :, i]
             into = torch.stack(carries, 2).reshape(n, b * c, 2)  # carry into each chunk
             x = x + torch.bmm(into, self.carry_in)
-        x = x.reshape(n, b * c, 2, t).permute(1, 3, 2, 0).reshape(b, c * t, 2 * n)
+        x = x.reshape(n, -1).t().reshape(b, c * t, 2 * n)
         return x[:, :length] @ self.c_cat
 
     def step(self, hn: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
