@@ -215,9 +215,9 @@ def test_sequence_graph_size_does_not_depend_on_length(exported):
     _, _, bundle, manifest = exported
     graph = onnx.load(str(bundle / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
-    if manifest["sequence_graph"]["chunk"] is None:  # per-token Scan, one per block
-        assert ops.count("Scan") == 2
-    else:  # chunked: no loop outside the per-block If that adds carries between chunks
+    if manifest["sequence_graph"]["chunk"] is None or manifest["model"]["arch"] == "selective":
+        assert ops.count("Scan") == 2  # one per block, over tokens or (selective) chunks
+    else:  # chunked LRU: no loop outside the per-block If that adds carries between chunks
         assert ops.count("If") == 2 and "Scan" not in ops
     assert "Loop" not in ops
     assert len(graph.node) < 120  # a length-unrolled graph would hold thousands

@@ -46,10 +46,11 @@ def _lengths(chunk: int) -> list[int]:
                    if n >= 1})
 
 
+@pytest.mark.parametrize("arch", ["lru", "selective"])
 @pytest.mark.parametrize("pooling", ["mean", "none"])
-@pytest.mark.parametrize("chunk", [1, 4, 16])  # 1: the carries take the Scan over > G chunks
-def test_chunked_onnx_and_torchscript_match_eager_torch(pooling, chunk):
-    model = _reduced_model(pooling)  # LRU widths [5, 6]: unequal, after real cuts
+@pytest.mark.parametrize("chunk", [1, 4, 16])  # LRU, 1: the carries take the Scan over > G chunks
+def test_chunked_onnx_and_torchscript_match_eager_torch(arch, pooling, chunk):
+    model = _reduced_model(pooling, arch=arch)  # unequal widths, after real cuts
     w = extract_weights(model)
     sequence = _session(build_sequence_model(w, chunk=chunk))
     scripted = script_model(w, chunk)
@@ -66,8 +67,9 @@ def test_chunked_onnx_and_torchscript_match_eager_torch(pooling, chunk):
             assert (got_ts - want).abs().max() <= 1e-4, (batch, length)
 
 
-def test_streaming_equals_the_chunked_sequence_graph():
-    model = _reduced_model("none")
+@pytest.mark.parametrize("arch", ["lru", "selective"])
+def test_streaming_equals_the_chunked_sequence_graph(arch):
+    model = _reduced_model("none", arch=arch)
     w = extract_weights(model)
     x = torch.randn(3, 37, 2, generator=torch.Generator().manual_seed(3)).numpy()
     sequence = _session(build_sequence_model(w, chunk=8)).run(None, {"x": x})[0]
@@ -195,13 +197,19 @@ def test_bad_chunk_option_is_one_clear_error(chunked_bundle, tmp_path, chunk):
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
 
 
-def test_selective_layers_refuse_a_chunk_length(tmp_path):
+def test_selective_chunked_graph_loops_over_chunks_not_tokens(tmp_path):
     model = _reduced_model("mean", arch="selective")
-    with pytest.raises(ExportError, match="chunked sequence graph exists for"):
-        export_bundle(_checkpoint(tmp_path / "s.pt", model), tmp_path / "b", chunk=8)
-    manifest = export_bundle(tmp_path / "s.pt", tmp_path / "a", formats="onnx",
-                             modes="sequence", parity_lengths=(1, 9))
-    assert manifest["sequence_graph"]["chunk"] is None  # auto: the Scan is the only candidate
+    w = extract_weights(model)
+    graph = build_sequence_model(w, chunk=16).graph
+    scans = [n for n in graph.node if n.op_type == "Scan"]
+    assert len(scans) == 2 and "Loop" not in [n.op_type for n in graph.node]
+    x = np.zeros((1, 40, 2), np.float32)  # 40 tokens: 3 iterations of the chunk Scan
+    body_inputs = [i.name for i in scans[0].attribute[0].g.input]
+    assert len(body_inputs) == 5  # state + delta, du, B_t, C_t of one chunk
+    manifest = export_bundle(_checkpoint(tmp_path / "s.pt", model), tmp_path / "a",
+                             formats="onnx", modes="sequence", parity_lengths=(1, 16, 17, 163))
+    assert manifest["parity"]["max_abs_error"] <= 1e-4
+    assert _session(build_sequence_model(w, chunk=16)).run(None, {"x": x})[0].shape == (1, 3)
 
 
 def test_cli_export_chunk_option(tmp_path, capsys):
@@ -215,3 +223,20 @@ def test_cli_export_chunk_option(tmp_path, capsys):
     assert main(["export", str(ckpt), "--out", str(tmp_path / "c"), "--chunk", "big"]) == 2
     err = capsys.readouterr().err
     assert "--chunk must be auto, scan or an integer" in err and "Traceback" not in err
+
+
+def test_profiler_runtime_times_the_graph_an_export_would_choose():
+    """The profiler's onnxruntime runner picks the sequence graph as an export does (timed at
+    the inputs' length), and it still equals eager torch."""
+    from compressm_tune.exporter import onnxruntime_functions
+    from compressm_tune.hardware._runtimes import prepare_runtime
+
+    model = _reduced_model("mean")
+    x = torch.randn(2, 40, 2, generator=torch.Generator().manual_seed(6))
+    forward, _ = onnxruntime_functions(model, chunk="auto", seq_len=40)
+    with torch.no_grad():
+        assert (forward(x) - model(x)).abs().max() <= 1e-4
+        runner = prepare_runtime("onnxruntime", model, [x], (x[:1, 0], model.allocate_state(1)))
+        assert (runner.forward(x) - model(x)).abs().max() <= 1e-4
+    with pytest.raises(ExportError, match="give seq_len"):
+        onnxruntime_functions(model, chunk="auto")

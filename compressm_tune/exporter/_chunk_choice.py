@@ -36,8 +36,8 @@ def ort_session(model_bytes: bytes, threads: int):
 def candidates(w: ModelWeights, seq_len: int) -> list[int | None]:
     """``None`` (the per-token Scan) and every chunk length worth timing for ``w``.
 
-    Chunks longer than the sequence only pad (so at most one, the shortest that holds it),
-    and none beyond the size cap of the widest block's decay matrix (:func:`max_chunk`).
+    Chunks longer than the sequence only pad (so none; the sequence's own length instead),
+    and none beyond the size cap of any block (:func:`max_chunk`).
 
     Examples
     --------
@@ -49,7 +49,7 @@ def candidates(w: ModelWeights, seq_len: int) -> list[int | None]:
     """
     if w.arch not in CHUNK_ARCHS:
         return [None]
-    top = max_chunk(max(w.state_dims))
+    top = min(max_chunk(block.ssm) for block in w.blocks)
     chunks = {t for t in CHUNK_CHOICES if t < seq_len and t <= top}
     if seq_len <= top:
         chunks.add(seq_len)  # one chunk, no padding, no carry

@@ -21,18 +21,19 @@ import numpy as np
 
 from compressm_tune.exporter import _edge
 from compressm_tune.exporter._errors import ExportOptionError
-from compressm_tune.exporter._weights import LRUWeights
+from compressm_tune.exporter._weights import LRUWeights, SelectiveWeights
 
 __all__ = ["CHUNK_ARCHS", "CHUNK_CHOICES", "CHUNK_KEY", "LRUChunk", "check_chunk",
-           "chunk_label", "lru_chunk", "max_chunk"]
+           "chunk_label", "lru_chunk", "max_chunk", "segment_sums"]
 
 CHUNK_KEY = _edge.CHUNK_KEY  # ONNX metadata: "scan" or the chunk length T
-CHUNK_ARCHS = ("lru",)  # layers with a chunked sequence graph
+CHUNK_ARCHS = ("lru", "selective")  # layers with a chunked sequence graph
 
 CHUNK_CHOICES = (8, 16, 32, 64)  # chunk lengths the export measures (see _chunk_choice)
 MAX_DECAY_FLOATS = 1 << 20  # cap per block on the (N, 2T, 2T) decay: 4 MB of float32
 MAX_CARRY_FLOATS = 1 << 16  # cap per block on the (N, 2G, 2G) chunk-to-chunk matrix: 256 kB
 MAX_GROUPS = 64  # G, chunks whose carries come in closed form, at most
+MAX_SEGMENT_FLOATS = 1 << 20  # cap on a selective chunk's (T, T, H, N) decays per sequence
 
 
 def chunk_label(chunk: int | None) -> str:
@@ -58,16 +59,46 @@ def check_chunk(chunk: int | None, arch: str) -> int | None:
     return int(chunk)
 
 
-def max_chunk(state_dim: int) -> int:
-    """The largest chunk in :data:`CHUNK_CHOICES` whose decay matrix fits the size cap.
+def max_chunk(layer: LRUWeights | SelectiveWeights) -> int:
+    """The largest chunk in :data:`CHUNK_CHOICES` whose constants (LRU: the ``(N, 2T, 2T)``
+    decay) or per-chunk temporaries (selective: ``(T, T, H, N)`` decays per sequence) fit the
+    size cap.
 
     Examples
     --------
-    >>> max_chunk(16), max_chunk(256), max_chunk(1024)
+    >>> w = lambda n: LRUWeights(*[np.zeros(n, np.float32)] * 2, *[np.zeros((1, n))] * 2,
+    ...                          *[np.zeros((n, 1))] * 2)
+    >>> max_chunk(w(16)), max_chunk(w(256)), max_chunk(w(1024))
     (64, 32, 16)
     """
-    fits = [t for t in CHUNK_CHOICES if state_dim * 4 * t * t <= MAX_DECAY_FLOATS]
+    if isinstance(layer, SelectiveWeights):
+        size = layer.a.size  # H * N
+        fits = [t for t in CHUNK_CHOICES if t * t * size <= MAX_SEGMENT_FLOATS]
+    else:
+        fits = [t for t in CHUNK_CHOICES if layer.state_dim * 4 * t * t <= MAX_DECAY_FLOATS]
     return max(fits) if fits else min(CHUNK_CHOICES)
+
+
+def segment_sums(chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Constants of a selective chunk: ``sums (T*T, T)`` and ``keep (T, T, 1, 1)``.
+
+    ``(sums @ delta)[(t, s)] = sum_{s < r <= t} delta_r``, the step sizes from token ``s`` to
+    token ``t``, added term by term rather than as a difference of cumulative sums, whose
+    cancellation would cost precision in ``exp(A * sum)``; ``keep`` is 1 where ``s <= t``.
+
+    Examples
+    --------
+    >>> sums, keep = segment_sums(3)
+    >>> (sums @ np.array([1.0, 2.0, 4.0])).reshape(3, 3)  # [t, s]
+    array([[0., 0., 0.],
+           [2., 0., 0.],
+           [6., 4., 0.]])
+    """
+    t = np.arange(chunk)
+    r = t[None, None, :]
+    sums = (t[None, :, None] < r) & (r <= t[:, None, None])  # (T, T, T)  [t, s, r]
+    keep = (t[None, :] <= t[:, None]).astype(np.float32)[:, :, None, None]  # (T, T, 1, 1)
+    return sums.reshape(chunk * chunk, chunk).astype(np.float32), keep
 
 
 def _rot(z: np.ndarray) -> np.ndarray:

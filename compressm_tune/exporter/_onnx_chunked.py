@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from compressm_tune.exporter._chunked import lru_chunk
+from compressm_tune.exporter._chunked import lru_chunk, segment_sums
 from compressm_tune.exporter._onnx_ops import Graph
-from compressm_tune.exporter._weights import LRUWeights
+from compressm_tune.exporter._weights import LRUWeights, SelectiveWeights
 
-__all__ = ["ChunkFrame", "ChunkedLRU"]
+__all__ = ["ChunkFrame", "ChunkedLRU", "ChunkedSelective"]
 
 _FLOAT = TensorProto.FLOAT
 
@@ -173,3 +173,80 @@ class ChunkedLRU:
         dims = [self.n, "batch", 2]
         return _subgraph(sub, f"chunkscan{self.k}", [_info(carry, dims), _info(end, dims)],
                          [_info(new, dims), _info(emit, dims)])
+
+
+class ChunkedSelective:
+    """One selective layer over the padded, flattened sequence: a ``Scan`` over the C chunks
+    (not the L tokens) with the state ``x (B, H, N)`` as carry.
+
+    Inside a chunk, with ``seg[t, s] = sum_{s < r <= t} delta_r`` (:func:`segment_sums`) and
+    ``cum[t] = sum_{r <= t} delta_r`` (per channel h)::
+
+        y_t = sum_{s <= t} du_s sum_n C_t[n] B_s[n] exp(A seg[t, s])     within the chunk
+            + sum_n C_t[n] exp(A cum[t]) x_carry                            from the carry
+        x_end = exp(A cum[T-1]) x_carry + sum_s exp(A seg[T-1, s]) du_s B_s
+
+    (the Mamba-2 "SSD" form with a decay per channel and state). Memory per iteration is the
+    ``(B, T, T, H, N)`` decays of one chunk, bounded by the choice of T (:func:`max_chunk`).
+    """
+
+    def __init__(self, g: Graph, w: SelectiveWeights, k: int, frame: ChunkFrame) -> None:
+        self.w, self.k, self.frame, self.t = w, k, frame, frame.chunk
+        self.h, self.n = w.state_shape
+        sums, keep = segment_sums(frame.chunk)
+        self.a = g.const(f"a{k}", w.a)  # (H, N)
+        self.sums, self.keep = g.const(f"sums{k}", sums), g.const(f"keep{k}", keep)
+
+    def apply(self, g: Graph, hn: str) -> str:
+        """``hn (B*C*T, H)`` -> the read-out ``(B*C*T, H)`` (without ``D``)."""
+        h, n, t, frame = self.h, self.n, self.t, self.frame
+        chunked = []
+        for value, width in zip(g.selective_drive(self.w, hn), (h, h, n, n), strict=True):
+            shape = g.op("Concat", [frame.batch, g.const("shape", np.array(
+                [-1, t, width], np.int64))], axis=0)
+            chunked.append(g.op("Reshape", [value, shape]))  # (B, C, T, width)
+        zeros = g.op("ConstantOfShape", [g.op("Concat", [frame.batch, g.const(
+            "shape", np.array([h, n], np.int64))], axis=0)], "zeros",
+            value=onnx.numpy_helper.from_array(np.zeros(1, np.float32)))  # (B, H, N)
+        _, y = g.op("Scan", [zeros, *chunked], f"chunks{self.k}", n_out=2, body=self._body(),
+                    num_scan_inputs=4, scan_input_axes=[1] * 4, scan_output_axes=[1])
+        return g.op("Reshape", [y, g.const("shape", np.array([-1, h], np.int64))], "y")
+
+    def _body(self) -> onnx.GraphProto:
+        """x (B, H, N) and one chunk's delta, du (B, T, H), B_t, C_t (B, T, N) -> new x and
+        the chunk's read-out (B, T, H)."""
+        h, n, t, k = self.h, self.n, self.t, self.k
+        sub = Graph(prefix=f"chunk{k}_")
+        names = [f"chunk{k}_{v}" for v in ("x", "delta", "du", "b", "c")]
+        x, delta, du, b, c = names
+
+        def axes(*values):
+            return sub.const("axes", np.array(values, np.int64))
+
+        seg = sub.op("Reshape", [sub.op("MatMul", [self.sums, delta]), sub.const(
+            "shape", np.array([-1, t, t, h, 1], np.int64))])  # (B, T, T, H, 1)
+        decay = sub.op("Mul", [sub.op("Exp", [sub.op("Mul", [seg, self.a])]),
+                               self.keep], "decay")  # (B, T, T, H, N), 0 for s > t
+        c_t = sub.op("Unsqueeze", [c, axes(2, 3)])  # (B, T, 1, 1, N)
+        b_s = sub.op("Unsqueeze", [b, axes(1, 3)])  # (B, 1, T, 1, N)
+        mix = sub.op("ReduceSum", [sub.op("Mul", [decay, sub.op("Mul", [c_t, b_s])]), axes(4)],
+                     keepdims=0)  # (B, T, T, H)
+        y_in = sub.op("ReduceSum", [sub.op("Mul", [mix, sub.op("Unsqueeze", [du, axes(1)])]),
+                                    axes(2)], keepdims=0)  # (B, T, H)
+        cum = sub.op("CumSum", [delta, sub.const("axis", np.array(1, np.int64))])  # (B, T, H)
+        into = sub.op("Exp", [sub.op("Mul", [sub.op("Unsqueeze", [cum, axes(3)]),
+                                             self.a])])  # (B, T, H, N)
+        seen = sub.op("Mul", [into, sub.op("Unsqueeze", [x, axes(1)])])  # (B, T, H, N)
+        y_carry = sub.op("ReduceSum", [sub.op("Mul", [seen, sub.op("Unsqueeze", [
+            c, axes(2)])]), axes(3)], keepdims=0)  # (B, T, H)
+        y = sub.op("Add", [y_in, y_carry], "y")
+        last = sub.const("last", np.array(t - 1, np.int64))
+        pushed = sub.op("Mul", [sub.op("Gather", [decay, last], axis=1),  # (B, T, H, N)
+                                sub.op("Mul", [sub.op("Unsqueeze", [du, axes(3)]),
+                                               sub.op("Unsqueeze", [b, axes(2)])])])
+        new_x = sub.op("Add", [sub.op("Gather", [seen, last], axis=1),
+                               sub.op("ReduceSum", [pushed, axes(1)], keepdims=0)], "x")
+        ins = [_info(x, ["batch", h, n]), _info(delta, ["batch", t, h]),
+               _info(du, ["batch", t, h]), _info(b, ["batch", t, n]), _info(c, ["batch", t, n])]
+        return _subgraph(sub, f"chunk{k}", ins, [_info(new_x, ["batch", h, n]),
+                                                _info(y, ["batch", t, h])])

@@ -41,7 +41,7 @@ from onnx import TensorProto, helper
 from compressm_tune.errors import ExportError
 from compressm_tune.exporter._chunked import CHUNK_KEY, check_chunk, chunk_label
 from compressm_tune.exporter._errors import ExportOptionError
-from compressm_tune.exporter._onnx_chunked import ChunkedLRU, ChunkFrame
+from compressm_tune.exporter._onnx_chunked import ChunkedLRU, ChunkedSelective, ChunkFrame
 from compressm_tune.exporter._onnx_ops import Graph as _Graph
 from compressm_tune.exporter._weights import (
     BlockWeights,
@@ -106,14 +106,16 @@ class _LRUWriter:
     steps at once or one token). ``update(g, states, drive)`` is one step on ``(batch, ...)``
     tensors, in a Scan body or the step graph, returning the new states and the values to
     emit. ``state_shapes``, ``drive_shapes``, ``emit_shapes`` give their shapes per sequence
-    (no batch axis) for the Scan body's signature; ``unpack`` / ``pack`` convert the streaming
-    state (one tensor per block, in ``allocate_state``'s layout) to and from ``states``.
-    Constants live in the outer graph, where a Scan body can see them.
+    (no batch axis) for the Scan body's signature; ``stream(g, hn, state, out)`` is one token
+    of the step graph on the streaming state (one tensor per block, in ``allocate_state``'s
+    layout). Constants live in the outer graph, where a Scan body can see them.
     """
 
-    def __init__(self, g: _Graph, w: LRUWeights, k: int) -> None:
+    def __init__(self, g: _Graph, w: LRUWeights, k: int, scan: bool = True) -> None:
         self.w = w
-        self.lam_re, self.lam_im = g.const(f"lam_re{k}", w.lam_re), g.const(f"lam_im{k}", w.lam_im)
+        if scan:  # the Scan body's constants (the step graph has its own, in stream())
+            self.lam_re = g.const(f"lam_re{k}", w.lam_re)
+            self.lam_im = g.const(f"lam_im{k}", w.lam_im)
         n = w.state_dim
         self.state_shapes = [(n,), (n,)]  # s_re, s_im, per sequence
         self.drive_shapes = [(n,), (n,)]  # v_re_t, v_im_t
@@ -148,15 +150,25 @@ class _LRUWriter:
         return g.op("Add", [g.linear(s_re, self.w.c_re, None, "c_re"),
                             g.linear(s_im, self.w.c_im, None, "c_im")])
 
-    def unpack(self, g: _Graph, state: str) -> list[str]:
-        """Streaming state ``(batch, N, 2)`` -> (s_re, s_im)."""
-        return [g.op("Gather", [state, g.const("idx", np.array(i, np.int64))], "s", axis=2)
-                for i in (0, 1)]
-
-    def pack(self, g: _Graph, states: list[str], name: str) -> None:
-        last_axis = g.const("last_axis", np.array([-1], np.int64))
-        g.op("Concat", [g.op("Unsqueeze", [s, last_axis]) for s in states], outputs=[name],
-             axis=-1)
+    def stream(self, g: _Graph, hn: str, state: str, out: str) -> str:
+        """One token of the step graph in the state's own layout ``(batch, N, 2)``: the
+        complex product by lambda as a ``(N, 2, 2)`` rotation (``Mul`` + ``ReduceSum``), with
+        interleaved ``(n, part)`` projections, so no unpacking or packing of re/im (8 nodes
+        instead of 18). Writes the new state to ``out``; returns ``Re(C x)`` ``(batch, H)``.
+        """
+        w, n = self.w, self.w.state_dim
+        lam = np.stack([np.stack([w.lam_re, -w.lam_im], -1),
+                        np.stack([w.lam_im, w.lam_re], -1)], -2)  # (N, 2, 2)  [n, p, q]
+        b_int = np.stack([w.b_re, w.b_im], -1).reshape(w.b_re.shape[0], 2 * n)  # (H, 2N)
+        c_int = np.stack([w.c_re, w.c_im], 1).reshape(2 * n, -1)  # (2N, H)
+        column = g.op("Unsqueeze", [state, g.const("axes", np.array([2], np.int64))])
+        turned = g.op("ReduceSum", [g.op("Mul", [g.const("lam", lam), column]),  # (B, N, 2, 2)
+                                    g.const("axes", np.array([3], np.int64))], keepdims=0)
+        v = g.op("Reshape", [g.op("MatMul", [hn, g.const("b_int", b_int)]),
+                             g.const("shape", np.array([0, n, 2], np.int64))])  # (B, N, 2)
+        new = g.op("Add", [turned, v], outputs=[out])  # (B, N, 2)
+        flat = g.op("Reshape", [new, g.const("shape", np.array([0, 2 * n], np.int64))])
+        return g.op("MatMul", [flat, g.const("c_int", c_int)], "y")  # (B, H)
 
 
 class _SelectiveWriter:
@@ -174,7 +186,7 @@ class _SelectiveWriter:
     but holds two ``(batch, L, H, N)`` tensors, too much memory for an edge device.
     """
 
-    def __init__(self, g: _Graph, w: SelectiveWeights, k: int) -> None:
+    def __init__(self, g: _Graph, w: SelectiveWeights, k: int, scan: bool = True) -> None:
         self.w = w
         self.a = g.const(f"a{k}", w.a)  # (H, N)
         h, n = w.state_shape
@@ -186,12 +198,7 @@ class _SelectiveWriter:
     def drive(self, g: _Graph, hn: str) -> list[str]:
         """delta, delta * hn ``(..., H, 1)``, B_t ``(..., 1, N)``, C_t ``(..., N, 1)``, for
         every step at once."""
-        w = self.w
-        low = g.linear(hn, w.dt_down, None, "dt_down")  # (..., R)
-        delta = g.op("Softplus", [g.linear(low, w.dt_up, w.dt_bias, "dt_up")], "delta")
-        delta_u = g.op("Mul", [delta, hn], "delta_u")  # (..., H)
-        b_t = g.linear(hn, w.b_proj, None, "b_t")  # (..., N)
-        c_t = g.linear(hn, w.c_proj, None, "c_t")  # (..., N)
+        delta, delta_u, b_t, c_t = g.selective_drive(self.w, hn)
         second_last = g.const("second_last_axis", np.array([-2], np.int64))
         return [g.op("Unsqueeze", [delta, self.last]), g.op("Unsqueeze", [delta_u, self.last]),
                 g.op("Unsqueeze", [b_t, second_last]), g.op("Unsqueeze", [c_t, self.last])]
@@ -212,16 +219,17 @@ class _SelectiveWriter:
     def readout(self, g: _Graph, emitted: list[str]) -> str:
         return g.op("Squeeze", [emitted[0], self.last])  # (..., H)
 
-    def unpack(self, g: _Graph, state: str) -> list[str]:
-        return [state]
+    def stream(self, g: _Graph, hn: str, state: str, out: str) -> str:
+        """One token of the step graph: writes the new state to ``out``, returns ``y``."""
+        states, emitted = self.update(g, [state], self.drive(g, hn))
+        g.op("Identity", states, outputs=[out])
+        return self.readout(g, emitted)
 
-    def pack(self, g: _Graph, states: list[str], name: str) -> None:
-        g.op("Identity", states, outputs=[name])
 
-
-def _writer(g: _Graph, w: BlockWeights, k: int) -> _LRUWriter | _SelectiveWriter:
+def _writer(g: _Graph, w: BlockWeights, k: int, scan: bool = True
+            ) -> _LRUWriter | _SelectiveWriter:
     cls = _SelectiveWriter if isinstance(w.ssm, SelectiveWeights) else _LRUWriter
-    return cls(g, w.ssm, k)
+    return cls(g, w.ssm, k, scan)
 
 
 def _finish(g: _Graph, name: str, inputs, outputs, opset: int, doc: str,
@@ -269,8 +277,8 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
 
     ``y`` is ``(batch, d_output)`` with mean pooling, ``(batch, length, d_output)`` without.
     Batch and length are dynamic. ``chunk=None``: one per-token ``Scan`` per block (the graph
-    of bundles before chunking); ``chunk=T``: the chunked graph of :mod:`._onnx_chunked`
-    (LRU networks only). The graph records its variant in the metadata ``compressm.chunk``.
+    of bundles before chunking); ``chunk=T``: the chunked graph of :mod:`._onnx_chunked`.
+    The graph records its variant in the metadata ``compressm.chunk``.
     """
     opset = check_opset(opset)
     chunk = check_chunk(chunk, w.arch)
@@ -282,7 +290,8 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
     for k, bw in enumerate(w.blocks):
         hn = g.affine(h, bw.bn_scale, bw.bn_shift, f"bn{k}")  # (B, L, H)
         if frame is not None:
-            y = ChunkedLRU(g, bw.ssm, k, frame).apply(g, hn)
+            chunked = ChunkedSelective if isinstance(bw.ssm, SelectiveWeights) else ChunkedLRU
+            y = chunked(g, bw.ssm, k, frame).apply(g, hn)
         else:
             batch = batch or g.op("Slice", [g.op("Shape", ["x"]),
                                             g.const("zero", np.array([0], np.int64)),
@@ -336,11 +345,10 @@ def build_step_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelP
     g = _Graph()
     h = g.linear("x_t", w.encoder, w.encoder_bias, "encoder")  # (B, H)
     for k, bw in enumerate(w.blocks):
-        layer = _writer(g, bw, k)
+        layer = _writer(g, bw, k, scan=False)
         hn = g.affine(h, bw.bn_scale, bw.bn_shift, f"bn{k}")  # (B, H)
-        states, emitted = layer.update(g, layer.unpack(g, f"state_{k}"), layer.drive(g, hn))
-        layer.pack(g, states, f"next_state_{k}")
-        h = g.block_tail(h, hn, layer.readout(g, emitted), bw)  # (B, H)
+        y = layer.stream(g, hn, f"state_{k}", f"next_state_{k}")  # (B, H)
+        h = g.block_tail(h, hn, y, bw)  # (B, H)
     if w.pooling == "mean":
         total = g.op("Add", ["pool_sum", h], outputs=["next_pool_sum"])  # (B, H)
         count = g.op("Add", ["pool_count", g.const("one", np.array([1.0], np.float32))],

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compressm_tune.exporter._weights import BlockWeights
+from compressm_tune.exporter._weights import BlockWeights, SelectiveWeights
 
 __all__ = ["Graph"]
 
@@ -65,6 +65,16 @@ class Graph:
         full = self.op("Concat", [batch, self.const("shape", np.array(shape, np.int64))], axis=0)
         return self.op("ConstantOfShape", [full], "zeros",
                        value=numpy_helper.from_array(np.zeros(1, np.float32)))
+
+    def selective_drive(self, w: SelectiveWeights, hn: str) -> list[str]:
+        """A selective layer's inputs for every token: delta, delta * hn ``(..., H)``, B_t and
+        C_t ``(..., N)``."""
+        low = self.linear(hn, w.dt_down, None, "dt_down")  # (..., R)
+        delta = self.op("Softplus", [self.linear(low, w.dt_up, w.dt_bias, "dt_up")], "delta")
+        delta_u = self.op("Mul", [delta, hn], "delta_u")  # (..., H)
+        b_t = self.linear(hn, w.b_proj, None, "b_t")  # (..., N)
+        c_t = self.linear(hn, w.c_proj, None, "c_t")  # (..., N)
+        return [delta, delta_u, b_t, c_t]
 
     def block_tail(self, x: str, hn: str, y: str, w: BlockWeights) -> str:
         """``x + GLU(GELU(y + D hn))`` given the layer's read-out ``y`` (any leading dims)."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressm_tune.exporter._chunked import check_chunk, lru_chunk
+from compressm_tune.exporter._chunked import check_chunk, lru_chunk, segment_sums
 from compressm_tune.exporter._weights import (
     BlockWeights,
     LRUWeights,
@@ -95,12 +95,20 @@ class _ScriptedLRU(nn.Module):
         return new_re @ self.c_re + new_im @ self.c_im, torch.stack((new_re, new_im), -1)
 
 class _ScriptedSelective(nn.Module):
-    """The selective layer without ``D``; see :class:`SelectiveWeights` for the equations."""
+    """The selective layer without ``D``; see :class:`SelectiveWeights` for the equations.
 
-    def __init__(self, w: SelectiveWeights) -> None:
+    ``chunk = T > 0``: ``forward`` loops over chunks of T tokens in the segment-sum form of
+    :class:`._onnx_chunked.ChunkedSelective`, with the same constants.
+    """
+
+    def __init__(self, w: SelectiveWeights, chunk: int | None) -> None:
         super().__init__()
         for name in ("a", "b_proj", "c_proj", "dt_down", "dt_up", "dt_bias"):
             _buf(self, name, getattr(w, name))
+        self.chunk = int(chunk or 0)
+        sums, keep = segment_sums(self.chunk or 1)
+        _buf(self, "sums", sums)  # (T*T, T)
+        _buf(self, "keep", keep)  # (T, T, 1, 1)
 
     def _drive(self, hn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor]:
@@ -116,6 +124,8 @@ class _ScriptedSelective(nn.Module):
 
     def forward(self, hn: torch.Tensor) -> torch.Tensor:
         """``(batch, L, H) -> (batch, L, H)``."""
+        if self.chunk > 0:
+            return self._chunked(hn)
         delta, delta_u, b_t, c_t = self._drive(hn)  # (B, L, H) x2, (B, L, N) x2
         x = hn.new_zeros(hn.shape[0], self.a.shape[0], self.a.shape[1])  # (B, H, N)
         out = torch.empty_like(hn)  # (B, L, H)
@@ -123,6 +133,26 @@ class _ScriptedSelective(nn.Module):
             x, y = self._update(x, delta[:, t], delta_u[:, t], b_t[:, t], c_t[:, t])
             out[:, t] = y
         return out
+
+    def _chunked(self, hn: torch.Tensor) -> torch.Tensor:
+        b, length, t = hn.shape[0], hn.shape[1], self.chunk
+        h, n = self.a.shape[0], self.a.shape[1]
+        c = (length + t - 1) // t
+        drive = self._drive(F.pad(hn, [0, 0, 0, c * t - length]))  # padded at the end
+        delta, du, b_t, c_t = [v.reshape(b, c, t, -1) for v in drive]  # (B, C, T, H or N)
+        x = hn.new_zeros(b, h, n)  # (B, H, N)
+        out: list[torch.Tensor] = []
+        for i in range(c):
+            d = delta[:, i]  # (B, T, H)
+            seg = (self.sums @ d).reshape(b, t, t, h, 1)  # (B, T, T, H, 1)
+            decay = torch.exp(seg * self.a) * self.keep  # (B, T, T, H, N)
+            mix = (decay * (c_t[:, i, :, None, None, :] * b_t[:, i, None, :, None, :])).sum(-1)
+            y = (mix * du[:, i, None]).sum(2)  # (B, T, H)
+            seen = torch.exp(d.cumsum(1)[..., None] * self.a) * x[:, None]  # (B, T, H, N)
+            out.append(y + (seen * c_t[:, i, :, None, :]).sum(-1))
+            pushed = decay[:, t - 1] * du[:, i, :, :, None] * b_t[:, i, :, None, :]
+            x = seen[:, t - 1] + pushed.sum(1)
+        return torch.stack(out, 1).reshape(b, c * t, h)[:, :length]
 
     def step(self, hn: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``hn (batch, H)``, ``state (batch, H, N)`` -> ``(y (batch, H), state)``."""
@@ -138,7 +168,7 @@ class _ScriptedBlock(nn.Module):
         super().__init__()
         for name in ("bn_scale", "bn_shift", "d", "glu_a", "glu_a_bias", "glu_b", "glu_b_bias"):
             _buf(self, name, getattr(w, name))
-        self.ssm = (_ScriptedSelective(w.ssm) if isinstance(w.ssm, SelectiveWeights)
+        self.ssm = (_ScriptedSelective(w.ssm, chunk) if isinstance(w.ssm, SelectiveWeights)
                     else _ScriptedLRU(w.ssm, chunk))
 
     def _tail(self, x: torch.Tensor, hn: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
