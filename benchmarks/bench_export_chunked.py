@@ -22,7 +22,6 @@ Writes ``bench_results/export_latency_chunked.{json,md,png}`` (or the ``--out`` 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine  # noqa: E402
+from _common import RESULTS, int_list, loglog_panel, machine, write_prefix  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
 from compressm_tune.exporter import build_sequence_model, extract_weights  # noqa: E402
@@ -245,13 +244,8 @@ def plot(payload: dict, path: Path) -> None:
                 ax.errorbar([r["N"] for r in rows], [r[graph]["median_ms"] for r in rows],
                             yerr=[r[graph]["iqr_ms"] / 2 for r in rows], marker=marker,
                             capsize=3, label=graph)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("state width N per block")
-            ax.set_ylabel(f"ms per sequence (L={length})")
-            ax.set_title(f"H={h}, L={length}, batch 1, 1 thread")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            loglog_panel(ax, "state width N per block", f"ms per sequence (L={length})",
+                         f"H={h}, L={length}, batch 1, 1 thread")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -259,10 +253,9 @@ def plot(payload: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
-    p.add_argument("--widths", type=ints, default=[4, 8, 16, 32, 64, 128, 256, 512, 1024])
-    p.add_argument("--hidden", type=ints, default=[64, 256])
-    p.add_argument("--lengths", type=ints, default=[40, 256, 2000])
+    p.add_argument("--widths", type=int_list, default=[4, 8, 16, 32, 64, 128, 256, 512, 1024])
+    p.add_argument("--hidden", type=int_list, default=[64, 256])
+    p.add_argument("--lengths", type=int_list, default=[40, 256, 2000])
     p.add_argument("--skip", default="", help="H:N:L triples to leave out, comma-separated")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-time-s", type=float, default=0.1)
@@ -273,12 +266,7 @@ def main() -> None:
     if args.quick:
         args.hidden, args.widths, args.lengths = [16], [4, 64], [40, 100]
         args.rounds, args.min_time_s = 2, 0.02
-    payload = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(payload))
-    plot(payload, args.out.with_suffix(".png"))
-    print(markdown(payload))
+    write_prefix(args.out, run(args), markdown, plot)
 
 
 if __name__ == "__main__":
