@@ -23,6 +23,10 @@ exporter's decompositions and optimizer passes. Writing the graph by hand from t
   against the alternatives in :class:`_SelectiveWriter`);
 * mean pooling as ``ReduceMean`` over time.
 
+That is the per-token graph (``chunk=None``), which bundles held before chunking and which an
+export still writes where it measures fastest; ``build_sequence_model(w, chunk=T)`` writes the
+chunked graph of :mod:`._onnx_chunked` instead (a few large ops per chunk of T tokens).
+
 Both architectures go through the same builders: a layer writer (:class:`_LRUWriter`,
 :class:`_SelectiveWriter`) says how to compute the layer's drive from its input, one step of
 its recurrence and its read-out; the sequence graph puts the step into a ``Scan`` body, the
