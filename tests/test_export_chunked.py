@@ -148,8 +148,12 @@ def test_manifest_chunk_that_does_not_match_the_graph_is_refused(chunked_bundle,
 def test_int8_chunked_graph_keeps_its_chunk_and_loads(chunked_bundle):
     _, bundle = chunked_bundle
     load_bundle(bundle, int8=True, modes=("sequence",))  # its metadata says chunk 8 too
-    meta = onnx.load(str(bundle / "model.int8.onnx")).metadata_props
-    assert {p.key: p.value for p in meta}["compressm.chunk"] == "8"
+    model = onnx.load(str(bundle / "model.int8.onnx"))
+    assert {p.key: p.value for p in model.metadata_props}["compressm.chunk"] == "8"
+    # the recurrence's constants (powers of lambda) stay float32: still plain MatMuls
+    decays = [n for n in model.graph.node if n.name.startswith("recurrence_decay")]
+    assert [n.op_type for n in decays] == ["MatMul", "MatMul"]
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in model.graph.node)
 
 
 def test_bundle_written_before_chunking_still_runs(chunked_bundle, tmp_path):

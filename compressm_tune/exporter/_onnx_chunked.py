@@ -23,9 +23,12 @@ from compressm_tune.exporter._chunked import lru_chunk, segment_sums
 from compressm_tune.exporter._onnx_ops import Graph
 from compressm_tune.exporter._weights import LRUWeights, SelectiveWeights
 
-__all__ = ["ChunkFrame", "ChunkedLRU", "ChunkedSelective"]
+__all__ = ["RECURRENCE", "ChunkFrame", "ChunkedLRU", "ChunkedSelective"]
 
 _FLOAT = TensorProto.FLOAT
+# Name prefix of MatMuls whose constant is part of the recurrence (powers of lambda), not a
+# projection: int8 quantization must leave them float32 (``_quantize``).
+RECURRENCE = "recurrence_"
 
 
 class ChunkFrame:
@@ -103,7 +106,8 @@ class ChunkedLRU:
         v = g.op("Reshape", [v, g.const("shape", np.array([-1, n], np.int64))])
         v = g.op("Transpose", [v], perm=[1, 0])  # (N, B*C*T*2)
         v = g.op("Reshape", [v, g.const("shape", np.array([n, -1, 2 * t], np.int64))])
-        x = g.op("MatMul", [v, self.decay], "x_local")  # (N, B*C, 2T), zero carry
+        x = g.op("MatMul", [v, self.decay], "x_local",
+                 name=f"{RECURRENCE}decay{self.k}")  # (N, B*C, 2T), zero carry
         x = g.op("If", [self.frame.multi], f"x{self.k}",
                  then_branch=self._carried(x), else_branch=self._alone(x))
         x = g.op("Reshape", [x, g.const("shape", np.array([n, -1], np.int64))])
@@ -128,7 +132,8 @@ class ChunkedLRU:
                       axis=2)  # (N, B*C, 2)
         carries = sub.op("If", [self.few], "carries", then_branch=self._closed(ends),
                          else_branch=self._scanned(ends))  # (N, B*C, 2): carry into each chunk
-        effect = sub.op("MatMul", [carries, self.carry_in], "effect")  # (N, B*C, 2T)
+        effect = sub.op("MatMul", [carries, self.carry_in], "effect",
+                        name=f"{RECURRENCE}carry_in{k}")  # (N, B*C, 2T)
         out = sub.op("Add", [x, effect], "x")
         return _subgraph(sub, f"carried{k}", [], [_info(out, [n, "bc", 2 * t])])
 
