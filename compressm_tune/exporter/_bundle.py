@@ -28,8 +28,7 @@ import torch
 from compressm_tune import __version__
 from compressm_tune.errors import CheckpointError
 from compressm_tune.exporter import _edge
-from compressm_tune.exporter._chunk_choice import choose_chunk
-from compressm_tune.exporter._chunked import check_chunk
+from compressm_tune.exporter._chunk_choice import sequence_graph
 from compressm_tune.exporter._dataset import rebuild_dataset
 from compressm_tune.exporter._edge import FORMAT, MANIFEST, VERSION
 from compressm_tune.exporter._errors import ExportOptionError
@@ -277,7 +276,7 @@ def export_bundle(
         raise ExportOptionError(f"parity lengths and batches must be >= 1, got {lengths} "
                                 f"and {batches}")
     weights = extract_weights(model)
-    graph = _sequence_graph(weights, chunk, seq_len, threads, opset)
+    graph = sequence_graph(weights, chunk, seq_len, threads, opset)
     train_seed = (payload.get("train_config") or {}).get("seed", 0)
     rebuilt = rebuild_dataset(dataset, train_seed, model.config.d_input)  # (ds, None) | (None, why)
     ds = rebuilt[0]
@@ -337,17 +336,6 @@ def export_bundle(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return manifest
-
-
-def _sequence_graph(weights, chunk, seq_len: int, threads: int, opset: int) -> dict[str, Any]:
-    """The manifest's ``sequence_graph``: which graph the bundle holds and why."""
-    if chunk == "auto":
-        choice = choose_chunk(weights, seq_len, threads, opset)
-        return {"variant": choice["variant"], "chunk": choice["chunk"],
-                "chosen_by": "measured at export", "timings": choice}
-    chunk = check_chunk(None if chunk == "scan" else chunk, weights.arch)
-    return {"variant": "scan" if chunk is None else "chunked", "chunk": chunk,
-            "chosen_by": "given"}
 
 
 def _torchscript_doc(weights) -> dict[str, Any]:

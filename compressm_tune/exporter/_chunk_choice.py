@@ -14,11 +14,17 @@ import time
 
 import numpy as np
 
-from compressm_tune.exporter._chunked import CHUNK_ARCHS, CHUNK_CHOICES, chunk_label, max_chunk
+from compressm_tune.exporter._chunked import (
+    CHUNK_ARCHS,
+    CHUNK_CHOICES,
+    check_chunk,
+    chunk_label,
+    max_chunk,
+)
 from compressm_tune.exporter._onnx_graph import DEFAULT_OPSET, build_sequence_model
 from compressm_tune.exporter._weights import ModelWeights
 
-__all__ = ["candidates", "choose_chunk", "ort_session"]
+__all__ = ["candidates", "choose_chunk", "ort_session", "sequence_graph"]
 
 
 def ort_session(model_bytes: bytes, threads: int):
@@ -101,3 +107,16 @@ def choose_chunk(w: ModelWeights, seq_len: int, threads: int = 1, opset: int = D
             "method": f"onnxruntime CPU, batch 1, {threads} intra-op thread(s); median of "
                       f"{rounds} interleaved rounds of {calls} calls or {round_s} s (>= 2 "
                       "calls) per candidate, after 2 warm-up calls"}
+
+
+def sequence_graph(weights: ModelWeights, chunk: int | str | None, seq_len: int, threads: int,
+                   opset: int) -> dict:
+    """The manifest's ``sequence_graph``: which graph a bundle holds and why (``chunk``:
+    ``"auto"`` measures with :func:`choose_chunk`, ``"scan"``/None or T are taken as given)."""
+    if chunk == "auto":
+        choice = choose_chunk(weights, seq_len, threads, opset)
+        return {"variant": choice["variant"], "chunk": choice["chunk"],
+                "chosen_by": "measured at export", "timings": choice}
+    chunk = check_chunk(None if chunk == "scan" else chunk, weights.arch)
+    return {"variant": "scan" if chunk is None else "chunked", "chunk": chunk,
+            "chosen_by": "given"}

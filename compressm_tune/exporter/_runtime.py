@@ -12,8 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from compressm_tune.exporter._chunk_choice import choose_chunk, ort_session
-from compressm_tune.exporter._chunked import check_chunk
+from compressm_tune.exporter._chunk_choice import ort_session, sequence_graph
 from compressm_tune.exporter._errors import ExportOptionError
 from compressm_tune.exporter._onnx_graph import (
     DEFAULT_OPSET,
@@ -58,8 +57,7 @@ def onnxruntime_functions(model: SSMModel, threads: int = 1, opset: int = DEFAUL
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ExportOptionError(f"chunk='auto' times the graphs at seq_len tokens; give "
                                     f"seq_len >= 1, got {seq_len=}")
-        chunk = choose_chunk(weights, seq_len, threads, opset)["chunk"]
-    chunk = check_chunk(None if chunk == "scan" else chunk, weights.arch)
+    chunk = sequence_graph(weights, chunk, seq_len or 1, threads, opset)["chunk"]
     seq = ort_session(build_sequence_model(weights, opset, chunk).SerializeToString(), threads)
     stp = ort_session(build_step_model(weights, opset).SerializeToString(), threads)
     step_names = [i.name for i in stp.get_inputs()]
