@@ -1,5 +1,10 @@
 """Old per-token Scan graph vs the chunked sequence graph, onnxruntime, batch 1, 1 thread.
 
+``old`` is today's graph exactly: ``build_sequence_model`` of the exporter as it was before
+chunking (``--old-rev``, default the merge base with ``main``, loaded from git), so the ratio
+is against what bundles held, not against the per-token graph as rebuilt by this change
+(which shares the new block code, e.g. the fused GELU).
+
 Models: 4 LRU blocks, d_input=1, 10 classes, mean pooling, every block at width N, residual
 width H (random weights, BatchNorm statistics away from (0, 1), as bench_export_latency.py).
 For each (H, N, L) the graph an export would write is chosen as ``export_bundle(chunk="auto")``
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +49,22 @@ BLOCKS, CLASSES = 4, 10
 GRAPHS = ("scan", "chosen")
 
 
+def old_builder(rev: str):
+    """``build_sequence_model`` of the exporter at git revision ``rev`` (today's graph)."""
+    import types
+
+    repo = Path(__file__).resolve().parent.parent
+    if rev == "merge-base":
+        rev = subprocess.run(["git", "merge-base", "HEAD", "main"], capture_output=True,
+                             text=True, cwd=repo, check=True).stdout.strip()
+    source = subprocess.run(["git", "show", f"{rev}:compressm_tune/exporter/_onnx_graph.py"],
+                            capture_output=True, text=True, cwd=repo, check=True).stdout
+    module = types.ModuleType("_old_onnx_graph")
+    exec(compile(source, f"{rev}:compressm_tune/exporter/_onnx_graph.py", "exec"),
+         module.__dict__)
+    return rev, module.build_sequence_model
+
+
 def build_model(h: int, n: int, seed: int = 0) -> SSMModel:
     torch.manual_seed(seed)
     model = SSMModel(SSMConfig(d_input=1, d_output=CLASSES, d_model=h, state_dims=[n] * BLOCKS))
@@ -52,7 +74,7 @@ def build_model(h: int, n: int, seed: int = 0) -> SSMModel:
     return model.eval()
 
 
-def prepare(h: int, n: int, length: int, x: np.ndarray) -> dict:
+def prepare(h: int, n: int, length: int, x: np.ndarray, old) -> dict:
     """Both graphs of one (H, N, L): sessions, choice, parity, size and load time."""
     model = build_model(h, n)
     w = extract_weights(model)
@@ -61,7 +83,7 @@ def prepare(h: int, n: int, length: int, x: np.ndarray) -> dict:
         want = model(torch.from_numpy(x)).numpy()
     entry = {"choice": choice, "sessions": {}, "graphs": {}}
     for graph, chunk in (("scan", None), ("chosen", choice["chunk"])):
-        proto = build_sequence_model(w, chunk=chunk)
+        proto = old(w) if graph == "scan" else build_sequence_model(w, chunk=chunk)
         raw = proto.SerializeToString()
         t0 = time.perf_counter()
         session = ort_session(raw, 1)
@@ -92,9 +114,10 @@ def run(args) -> dict:
                for n in args.widths if (h, n, length) not in args.skip]
     inputs = {length: np.random.default_rng(0).standard_normal((1, length, 1)).astype(np.float32)
               for length in args.lengths}
+    old_rev, old = old_builder(args.old_rev)
     prepared = {}
     for cfg in configs:
-        prepared[cfg] = prepare(*cfg, inputs[cfg[2]])
+        prepared[cfg] = prepare(*cfg, inputs[cfg[2]], old)
         print(f"prepared H={cfg[0]} N={cfg[1]} L={cfg[2]}: chosen "
               f"{prepared[cfg]['choice']['chunk'] or 'scan'}", flush=True)
     raw: dict[tuple, list[float]] = {}
@@ -130,7 +153,7 @@ def run(args) -> dict:
         "settings": {"hidden": args.hidden, "widths": args.widths, "lengths": args.lengths,
                      "blocks": BLOCKS, "batch": 1, "threads": 1, "rounds": args.rounds,
                      "min_time_s_per_round": args.min_time_s,
-                     "skipped": [list(s) for s in sorted(args.skip)],
+                     "skipped": [list(s) for s in sorted(args.skip)], "old_rev": old_rev,
                      "statistic": "median over rounds of each round's median call; IQR over "
                                   "rounds"},
         "machine": {**machine(), "load_avg_1m_before": load_before,
@@ -201,10 +224,11 @@ def markdown(payload: dict) -> str:
     return f"""# Sequence graphs: per-token Scan vs chunked (onnxruntime, batch 1, 1 thread)
 
 Models: {s['blocks']} LRU blocks, 10 classes, mean pooling, every block at width N, residual
-width H. `scan` = the per-token Scan graph every bundle held before chunking; `chosen` = the
-graph `export_bundle(chunk="auto")` picks for this length (`choose_chunk`, timed separately
-before the rounds; `chosen T` = scan when the Scan won). Both graphs share the block code
-(including the fused GELU written for this change). Cells: ms per sequence, median ± half-IQR
+width H. `scan` = today's graph: the per-token Scan graph built by the exporter at git
+revision {s['old_rev'][:10]} (before chunking), what every bundle held; `chosen` = the graph
+`export_bundle(chunk="auto")` picks for this length (`choose_chunk`, timed separately before
+the rounds; `chosen T` = scan when the per-token Scan won, then as rebuilt by this change,
+with the fused GELU). Cells: ms per sequence, median ± half-IQR
 over {s['rounds']} interleaved rounds (each: median call in >= {s['min_time_s_per_round']} s,
 >= 3 calls, after 2 warm-ups), `session.run` from Python included. `nodes`: outer-graph node
 count; `session ms`: `InferenceSession` creation; `parity err`: max abs error against eager
@@ -257,6 +281,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int_list, default=[64, 256])
     p.add_argument("--lengths", type=int_list, default=[40, 256, 2000])
     p.add_argument("--skip", default="", help="H:N:L triples to leave out, comma-separated")
+    p.add_argument("--old-rev", default="merge-base",
+                   help="git revision whose exporter builds the old graph (default: the merge "
+                        "base with main)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-time-s", type=float, default=0.1)
     p.add_argument("--quick", action="store_true", help="H=16, N 4,64, L 40,100; 2 rounds")

@@ -292,10 +292,12 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
                  "encoder")  # (B, L, H), or padded and flat (B*C*T, H)
     batch = None
     for k, bw in enumerate(w.blocks):
+        if frame is not None and isinstance(bw.ssm, LRUWeights):  # BatchNorm folded in
+            h = g.block_tail(h, None, ChunkedLRU(g, bw.ssm, k, frame).block(g, h, bw), bw)
+            continue
         hn = g.affine(h, bw.bn_scale, bw.bn_shift, f"bn{k}")  # (B, L, H)
         if frame is not None:
-            chunked = ChunkedSelective if isinstance(bw.ssm, SelectiveWeights) else ChunkedLRU
-            y = chunked(g, bw.ssm, k, frame).apply(g, hn)
+            y = ChunkedSelective(g, bw.ssm, k, frame).apply(g, hn)
         else:
             batch = batch or g.op("Slice", [g.op("Shape", ["x"]),
                                             g.const("zero", np.array([0], np.int64)),

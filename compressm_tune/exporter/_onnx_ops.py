@@ -76,9 +76,11 @@ class Graph:
         c_t = self.linear(hn, w.c_proj, None, "c_t")  # (..., N)
         return [delta, delta_u, b_t, c_t]
 
-    def block_tail(self, x: str, hn: str, y: str, w: BlockWeights) -> str:
-        """``x + GLU(GELU(y + D hn))`` given the layer's read-out ``y`` (any leading dims)."""
-        y = self.op("Add", [y, self.op("Mul", [hn, self.const("d", w.d)])], "ssm_out")
+    def block_tail(self, x: str, hn: str | None, y: str, w: BlockWeights) -> str:
+        """``x + GLU(GELU(y + D hn))`` given the layer's read-out ``y`` (any leading dims);
+        ``hn=None``: ``y`` already holds ``D hn``."""
+        if hn is not None:
+            y = self.op("Add", [y, self.op("Mul", [hn, self.const("d", w.d)])], "ssm_out")
         g = self.gelu(y)
         a = self.linear(g, w.glu_a, w.glu_a_bias, "glu_a")
         gate = self.op("Sigmoid", [self.linear(g, w.glu_b, w.glu_b_bias, "glu_b")])
