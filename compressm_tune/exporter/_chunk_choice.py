@@ -69,10 +69,10 @@ def choose_chunk(w: ModelWeights, seq_len: int, threads: int = 1, opset: int = D
     fastest.
 
     Candidates are timed in ``rounds`` interleaved rounds (after two warm-up calls), so a
-    change in machine load hits all alike; a round of one candidate is ``calls`` calls or
-    ``round_s`` seconds, whichever ends first, but at least two calls (slow graphs of long
-    sequences would otherwise make an export take minutes). The statistic is the median over
-    all calls.
+    change in machine load hits all alike; with one thread by the calling thread's CPU time.
+    A round of one candidate is ``calls`` calls or ``round_s`` seconds, whichever ends first,
+    but at least two calls (slow graphs of long sequences would otherwise make an export take
+    minutes). The statistic is the median over all calls.
 
     Returns
     -------
@@ -81,6 +81,10 @@ def choose_chunk(w: ModelWeights, seq_len: int, threads: int = 1, opset: int = D
         ``median_ms`` per candidate label, ``seq_len``, ``threads`` and ``method``.
     """
     x = np.random.default_rng(seed).standard_normal((1, seq_len, w.d_input)).astype(np.float32)
+    # With one intra-op thread onnxruntime computes on the calling thread, so its CPU time is
+    # the call's cost without the time other processes held the core (a shared machine's
+    # load moved wall-clock choices by up to 2x); with more threads, wall time.
+    clock = time.thread_time if threads == 1 else time.perf_counter
     options = candidates(w, seq_len)
     sessions = {}
     for chunk in options:
@@ -95,18 +99,19 @@ def choose_chunk(w: ModelWeights, seq_len: int, threads: int = 1, opset: int = D
             for i in range(calls):
                 if i >= 2 and spent >= round_s:
                     break
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), clock()
                 session.run(None, {"x": x})
-                samples[chunk].append(time.perf_counter() - t0)
-                spent += samples[chunk][-1]
+                samples[chunk].append(clock() - c0)
+                spent += time.perf_counter() - t0
     median = {c: float(np.median(s)) * 1e3 for c, s in samples.items()}
     best = min(options, key=median.__getitem__) if len(options) > 1 else None
     return {"chunk": best, "variant": "scan" if best is None else "chunked",
             "median_ms": {chunk_label(c): round(m, 4) for c, m in median.items()},
             "seq_len": seq_len, "threads": threads,
-            "method": f"onnxruntime CPU, batch 1, {threads} intra-op thread(s); median of "
-                      f"{rounds} interleaved rounds of {calls} calls or {round_s} s (>= 2 "
-                      "calls) per candidate, after 2 warm-up calls"}
+            "method": f"onnxruntime CPU, batch 1, {threads} intra-op thread(s); median "
+                      f"{'thread CPU' if threads == 1 else 'wall-clock'} time of {rounds} "
+                      f"interleaved rounds of {calls} calls or {round_s} s (>= 2 calls) per "
+                      "candidate, after 2 warm-up calls"}
 
 
 def sequence_graph(weights: ModelWeights, chunk: int | str | None, seq_len: int, threads: int,
