@@ -1,7 +1,7 @@
 """Old per-token Scan graph vs the chunked sequence graph, onnxruntime, batch 1, 1 thread.
 
 ``old`` is today's graph exactly: ``build_sequence_model`` of the exporter as it was before
-chunking (``--old-rev``, default the merge base with ``main``, loaded from git), so the ratio
+chunking (``--old-rev``, default :data:`OLD_REV`, loaded from git), so the ratio
 is against what bundles held, not against the per-token graph as rebuilt by this change
 (which shares the new block code, e.g. the fused GELU).
 
@@ -45,6 +45,7 @@ from compressm_tune.exporter._chunk_choice import choose_chunk, ort_session  # n
 from compressm_tune.models import SSMConfig, SSMModel  # noqa: E402
 
 BLOCKS, CLASSES = 4, 10
+OLD_REV = "36f5b93"  # the last commit before chunked graphs: its exporter built today's graph
 GRAPHS = ("scan", "chosen")
 
 
@@ -304,9 +305,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int_list, default=[64, 256])
     p.add_argument("--lengths", type=int_list, default=[40, 256, 2000])
     p.add_argument("--skip", default="", help="H:N:L triples to leave out, comma-separated")
-    p.add_argument("--old-rev", default="merge-base",
-                   help="git revision whose exporter builds the old graph (default: the merge "
-                        "base with main)")
+    p.add_argument("--old-rev", default=OLD_REV,
+                   help="git revision whose exporter builds the old graph (default: the last "
+                        f"commit before chunked graphs, {OLD_REV}; 'merge-base': with main)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-time-s", type=float, default=0.1)
     p.add_argument("--quick", action="store_true", help="H=16, N 4,64, L 40,100; 2 rounds")
