@@ -103,9 +103,10 @@ def test_export_records_the_measured_choice_and_every_engine_uses_it(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.jit.load(str(tmp_path / "b" / "model.ts")).chunk == (graph["chunk"] or 0)
-    given = export_bundle(ckpt, tmp_path / "g", chunk=8, parity_lengths=(1, 9))
+    given = export_bundle(ckpt, tmp_path / "g", chunk=8)
     assert given["sequence_graph"] == {"variant": "chunked", "chunk": 8, "chosen_by": "given"}
     assert given["parity"]["max_abs_error"] <= 1e-4
+    assert given["parity"]["lengths"] == [1, 7, 8, 9, 40, 2000]  # around the chunk boundary
     verify_bundle(tmp_path / "g")
 
 

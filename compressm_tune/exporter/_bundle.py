@@ -220,7 +220,8 @@ def export_bundle(
     threads : int
         torch and onnxruntime intra-op threads during the checks.
     parity_lengths : iterable of int, optional
-        Default: 1, the training length and ``max(2000, 4 * training length)``.
+        Default: 1, the training length and ``max(2000, 4 * training length)``, and with a
+        chunked sequence graph of chunk T also T-1, T and T+1.
     parity_batches : iterable of int
     tolerance : float
         Largest absolute output error any exported engine may show against eager torch.
@@ -277,6 +278,9 @@ def export_bundle(
                                 f"and {batches}")
     weights = extract_weights(model)
     graph = sequence_graph(weights, chunk, seq_len, threads, opset)
+    if not parity_lengths and graph["chunk"]:  # also both sides of a chunk boundary
+        lengths = tuple(sorted({*lengths, *(n for n in (graph["chunk"] - 1, graph["chunk"],
+                                                       graph["chunk"] + 1) if n >= 1)}))
     train_seed = (payload.get("train_config") or {}).get("seed", 0)
     rebuilt = rebuild_dataset(dataset, train_seed, model.config.d_input)  # (ds, None) | (None, why)
     ds = rebuilt[0]
