@@ -196,7 +196,7 @@ def test_bundle_written_before_chunking_still_runs(chunked_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("chunk", [0, -2, "eight", 2.5])
-def test_bad_chunk_option_is_one_clear_error(chunked_bundle, tmp_path, chunk):
+def test_bad_chunk_option_is_one_clear_error(tmp_path, chunk):
     with pytest.raises(ExportError, match="chunk must be") as info:
         export_bundle(tmp_path / "missing.pt", tmp_path / "b", chunk=chunk)
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
