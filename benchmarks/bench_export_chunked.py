@@ -65,18 +65,19 @@ def old_builder(rev: str):
     return rev, module.build_sequence_model
 
 
-def build_model(h: int, n: int, seed: int = 0) -> SSMModel:
+def build_model(h: int, n: int, arch: str = "lru", seed: int = 0) -> SSMModel:
     torch.manual_seed(seed)
-    model = SSMModel(SSMConfig(d_input=1, d_output=CLASSES, d_model=h, state_dims=[n] * BLOCKS))
+    model = SSMModel(SSMConfig(arch=arch, d_input=1, d_output=CLASSES, d_model=h,
+                               state_dims=[n] * BLOCKS))
     for block in model.blocks:
         block.norm.running_mean.normal_(0, 0.5)
         block.norm.running_var.uniform_(0.5, 2.0)
     return model.eval()
 
 
-def prepare(h: int, n: int, length: int, x: np.ndarray, old) -> dict:
+def prepare(h: int, n: int, length: int, x: np.ndarray, old, arch: str) -> dict:
     """Both graphs of one (H, N, L): sessions, choice, parity, size and load time."""
-    model = build_model(h, n)
+    model = build_model(h, n, arch)
     w = extract_weights(model)
     choice = choose_chunk(w, length)
     with torch.no_grad():
@@ -132,7 +133,7 @@ def run(args) -> dict:
     old_rev, old = old_builder(args.old_rev)
     prepared = {}
     for cfg in configs:
-        prepared[cfg] = prepare(*cfg, inputs[cfg[2]], old)
+        prepared[cfg] = prepare(*cfg, inputs[cfg[2]], old, args.arch)
         print(f"prepared H={cfg[0]} N={cfg[1]} L={cfg[2]}: chosen "
               f"{prepared[cfg]['choice']['chunk'] or 'scan'}", flush=True)
     raw: dict[tuple, list[float]] = {}
@@ -168,7 +169,8 @@ def run(args) -> dict:
                         [r["N"] for r in rows], [r[graph]["median_ms"] for r in rows])
     return {
         "benchmark": "export_latency_chunked",
-        "settings": {"hidden": args.hidden, "widths": args.widths, "lengths": args.lengths,
+        "settings": {"arch": args.arch, "hidden": args.hidden, "widths": args.widths,
+                     "lengths": args.lengths,
                      "blocks": BLOCKS, "batch": 1, "threads": 1, "rounds": args.rounds,
                      "min_time_s_per_round": args.min_time_s,
                      "skipped": [list(s) for s in sorted(args.skip)], "old_rev": old_rev,
@@ -182,6 +184,8 @@ def run(args) -> dict:
 
 def _targets(payload: dict) -> str:
     res = payload["results"]
+    if payload["settings"].get("arch", "lru") != "lru":
+        return "- (issue 12's targets are for LRU networks; see the LRU run)"
 
     def pick(h, length, n):
         return next((r for r in res if (r["H"], r["L"], r["N"]) == (h, length, n)), None)
@@ -235,6 +239,9 @@ def markdown(payload: dict) -> str:
                      "scan CPU ms", "chosen CPU ms", "CPU: scan / chosen",
                      "nodes scan / chosen", "session ms scan / chosen", "chosen MB",
                      "parity err"], rows))
+    choice_rows = [[r["H"], r["N"], r["L"], ", ".join(
+        f"{k}: {v:.3f}" for k, v in r["choice"]["median_ms"].items())]
+        for r in payload["results"]]
     fit_rows = [[k, f"{v['fixed_ms']:.3f}", f"{v['us_per_state']:.2f}",
                  "-" if v["knee_N"] is None else f"{v['knee_N']:.0f}"]
                 for k, v in payload["fits"].items()]
@@ -242,9 +249,10 @@ def markdown(payload: dict) -> str:
     skipped = f" Skipped (too slow for the time box): {s['skipped']}." if s["skipped"] else ""
     tables_md = "\n\n".join(tables)
     fits_md = markdown_table(["H / L / graph", "fixed ms", "µs per state", "knee N*"], fit_rows)
+    choices_md = markdown_table(["H", "N", "L", "candidate: median ms"], choice_rows)
     return f"""# Sequence graphs: per-token Scan vs chunked (onnxruntime, batch 1, 1 thread)
 
-Models: {s['blocks']} LRU blocks, 10 classes, mean pooling, every block at width N, residual
+Models: {s['blocks']} {s['arch']} blocks, 10 classes, mean pooling, every block at width N, residual
 width H. `scan` = today's graph: the per-token Scan graph built by the exporter at git
 revision {s['old_rev'][:10]} (before chunking), what every bundle held; `chosen` = the graph
 `export_bundle(chunk="auto")` picks for this length (`choose_chunk`, timed separately before
@@ -272,6 +280,11 @@ Machine: {m['cpu']}, {m['cores']} cores, **shared with other jobs**; torch {m['t
 measured; knee `N* = fixed / slope`, the width at which state work equals the fixed cost.
 
 {fits_md}
+
+**The choice** (`choose_chunk`, before the rounds: every candidate graph of this change, `scan`
+= its per-token Scan; {payload['results'][0]['choice']['method'] if payload['results'] else ''}):
+
+{choices_md}
 """
 
 
@@ -303,6 +316,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", type=int_list, default=[4, 8, 16, 32, 64, 128, 256, 512, 1024])
     p.add_argument("--hidden", type=int_list, default=[64, 256])
+    p.add_argument("--arch", choices=("lru", "selective"), default="lru")
     p.add_argument("--lengths", type=int_list, default=[40, 256, 2000])
     p.add_argument("--skip", default="", help="H:N:L triples to leave out, comma-separated")
     p.add_argument("--old-rev", default=OLD_REV,
