@@ -51,3 +51,30 @@ def write(name: str, payload: dict[str, Any], markdown: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type for comma-separated integers: ``"4,8,16"`` -> ``[4, 8, 16]``."""
+    return [int(v) for v in text.split(",")]
+
+
+def loglog_panel(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-log axes (base 2 in x) with labels, grid and legend, as the latency plots use."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def write_prefix(out: Path, payload: dict[str, Any], markdown, plot) -> None:
+    """Write ``out.json``, ``out.md`` (``markdown(payload)``) and ``out.png`` (``plot``), and
+    print the Markdown: the outputs of a benchmark with an ``--out`` prefix."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    text = markdown(payload)
+    out.with_suffix(".md").write_text(text)
+    plot(payload, out.with_suffix(".png"))
+    print(text)

@@ -1,10 +1,11 @@
 """Export: reduced SSM networks (LRU or selective) to ONNX and TorchScript, checked in onnxruntime.
 
 ``export_bundle(checkpoint, out_dir)`` writes ``model.onnx`` (whole sequences, dynamic batch and
-length, one ``Scan`` per block), ``model_step.onnx`` (streaming, explicit states), ``model.ts``
-(TorchScript), ``run.py`` (the numpy + onnxruntime edge runner) and ``manifest.json``, after
-checking every engine against eager torch. ``load_bundle`` / ``verify_bundle`` reject a bundle
-whose files do not match its manifest; ``measure_latency`` times a bundle on this machine.
+length; chunked or one per-token ``Scan`` per block, as measured faster), ``model_step.onnx``
+(streaming, explicit states), ``model.ts`` (TorchScript), ``run.py`` (the numpy + onnxruntime
+edge runner) and ``manifest.json``, after checking every engine against eager torch.
+``load_bundle`` / ``verify_bundle`` reject a bundle whose files do not match its manifest;
+``measure_latency`` times a bundle on this machine.
 """
 
 from compressm_tune.exporter._bundle import FILE_NAMES, FORMATS, MODES, export_bundle

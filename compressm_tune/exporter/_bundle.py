@@ -28,6 +28,7 @@ import torch
 from compressm_tune import __version__
 from compressm_tune.errors import CheckpointError
 from compressm_tune.exporter import _edge
+from compressm_tune.exporter._chunk_choice import sequence_graph
 from compressm_tune.exporter._dataset import rebuild_dataset
 from compressm_tune.exporter._edge import FORMAT, MANIFEST, VERSION
 from compressm_tune.exporter._errors import ExportOptionError
@@ -121,11 +122,11 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _write_torchscript(weights, path: Path) -> None:
+def _write_torchscript(weights, path: Path, chunk: int | None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)  # TorchScript is deprecated
         warnings.simplefilter("ignore", category=DeprecationWarning)
-        torch.jit.save(script_model(weights), str(path))
+        torch.jit.save(script_model(weights, chunk), str(path))
 
 
 def _load_torchscript(path: Path):
@@ -180,6 +181,7 @@ def export_bundle(
     opset: int = DEFAULT_OPSET,
     quantize: str | None = None,
     *,
+    chunk: int | str | None = "auto",
     threads: int = 1,
     parity_lengths: Iterable[int] | None = None,
     parity_batches: Iterable[int] = (1, 3),
@@ -209,10 +211,17 @@ def export_bundle(
         ONNX opset, within :data:`SUPPORTED_OPSETS` (13..24, default 17).
     quantize : {None, "int8"}
         Add dynamically int8-quantized ONNX graphs; records size and accuracy change.
+    chunk : "auto", "scan", None or int
+        The sequence graph (ONNX and TorchScript): ``"auto"`` times the per-token Scan and
+        every chunk length worth trying at the training length (batch 1, ``threads``) and
+        keeps the fastest (:func:`~._chunk_choice.choose_chunk`); ``"scan"`` or ``None`` the
+        per-token Scan; an integer T the chunked graph with chunks of T tokens (LRU only).
+        The manifest's ``sequence_graph`` records the choice and its timings.
     threads : int
         torch and onnxruntime intra-op threads during the checks.
     parity_lengths : iterable of int, optional
-        Default: 1, the training length and ``max(2000, 4 * training length)``.
+        Default: 1, the training length and ``max(2000, 4 * training length)``, and with a
+        chunked sequence graph of chunk T also T-1, T and T+1.
     parity_batches : iterable of int
     tolerance : float
         Largest absolute output error any exported engine may show against eager torch.
@@ -254,6 +263,10 @@ def export_bundle(
         raise ExportOptionError(f"threads must be an integer >= 1, got {threads=}")
     if not tolerance > 0:
         raise ExportOptionError(f"tolerance must be > 0, got {tolerance=}")
+    if not (chunk in ("auto", "scan", None) or (
+            isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1)):
+        raise ExportOptionError(f"chunk must be 'auto', 'scan', None or an integer >= 1, "
+                                f"got {chunk=}")
     checkpoint = Path(checkpoint)
     payload, model, dataset = _load_model(checkpoint)
     source_sha = file_sha256(checkpoint)  # the file just read (load_checkpoint checked it exists)
@@ -264,6 +277,10 @@ def export_bundle(
         raise ExportOptionError(f"parity lengths and batches must be >= 1, got {lengths} "
                                 f"and {batches}")
     weights = extract_weights(model)
+    graph = sequence_graph(weights, chunk, seq_len, threads, opset)
+    if not parity_lengths and graph["chunk"]:  # also both sides of a chunk boundary
+        lengths = tuple(sorted({*lengths, *(n for n in (graph["chunk"] - 1, graph["chunk"],
+                                                       graph["chunk"] + 1) if n >= 1)}))
     train_seed = (payload.get("train_config") or {}).get("seed", 0)
     rebuilt = rebuild_dataset(dataset, train_seed, model.config.d_input)  # (ds, None) | (None, why)
     ds = rebuilt[0]
@@ -282,7 +299,8 @@ def export_bundle(
         sessions: dict[str, Any] = {}
         with _torch_threads(threads):
             if "onnx" in formats:
-                builders = {"sequence": build_sequence_model, "step": build_step_model}
+                builders = {"sequence": lambda w, o: build_sequence_model(w, o, graph["chunk"]),
+                            "step": build_step_model}
                 for mode in modes:
                     key = f"onnx_{mode}"
                     proto = builders[mode](weights, opset)
@@ -293,7 +311,7 @@ def export_bundle(
             scripted = None
             if "torchscript" in formats:
                 path = stage / FILE_NAMES["torchscript"]
-                _write_torchscript(weights, path)
+                _write_torchscript(weights, path, graph["chunk"])
                 scripted = _load_torchscript(path)
                 files["torchscript"] = file_entry(path, **_torchscript_doc(weights))
             parity = run_parity(model, onnx_sequence=sessions.get("sequence"),
@@ -317,6 +335,7 @@ def export_bundle(
         files["runner"] = file_entry(runner, needs="python3, numpy, onnxruntime")
         manifest = _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len,
                              opset, formats, modes, files, parity, quant, started)
+        manifest["sequence_graph"] = graph
         _install(stage, out_dir, files, manifest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

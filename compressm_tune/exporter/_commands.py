@@ -36,6 +36,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="also write dynamically int8-quantized ONNX graphs and record their "
                         "size and test-split accuracy change")
+    p.add_argument("--chunk", default="auto",
+                   help="sequence graph: auto (time the candidates, keep the fastest), scan "
+                        "(per-token Scan) or a chunk length T (default: auto)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch / onnxruntime intra-op threads for the checks (default: 1)")
     p.add_argument("--tolerance", type=float, default=1e-4,
@@ -49,6 +52,19 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return p
 
 
+def _chunk_arg(text: str) -> int | str:
+    """``--chunk``: "auto", "scan" or an integer (checked by ``export_bundle``)."""
+    if text in ("auto", "scan"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        from compressm_tune.exporter._errors import ExportOptionError
+
+        raise ExportOptionError(f"--chunk must be auto, scan or an integer >= 1, got "
+                                f"{text!r}") from None
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from compressm_tune._table import markdown_table
     from compressm_tune.exporter._bundle import export_bundle
@@ -57,6 +73,7 @@ def _run_export(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "bundle"
     m = export_bundle(args.checkpoint, out, formats=args.formats, modes=args.modes,
                       opset=args.opset, quantize=args.quantize, threads=args.threads,
+                      chunk=_chunk_arg(args.chunk),
                       tolerance=args.tolerance)
     rows = [[e["path"], e["bytes"], e["sha256"][:12]] for e in m["files"].values()]
     print(markdown_table(["file", "bytes", "sha256"], rows))
@@ -66,6 +83,9 @@ def _run_export(args: argparse.Namespace) -> int:
           f"{len(par['checks'])} checks, max abs error {par['max_abs_error']:.3g} "
           f"(tolerance {par['tolerance']:g}; worst {worst['engine']} {worst['mode']} "
           f"batch={worst['batch']} length={worst['length']})")
+    graph = m["sequence_graph"]
+    print(f"sequence graph: {graph['variant']}"
+          + (f" (T={graph['chunk']})" if graph["chunk"] else "") + f", {graph['chosen_by']}")
     q = m["quantization"]
     if q:
         acc = q["accuracy"]

@@ -33,12 +33,13 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["BundleError", "EdgeBundle", "Streamer", "latency_stats", "load_manifest",
-           "measure_latency", "main", "sha256_file"]
+           "manifest_chunk", "measure_latency", "main", "sha256_file"]
 
 MANIFEST = "manifest.json"
 FORMAT = "compressm-tune/bundle"
 VERSION = 1
 MODES = ("sequence", "step")
+CHUNK_KEY = "compressm.chunk"  # graph metadata: "scan" or the chunk length (no key: "scan")
 
 
 class BundleError(ValueError):
@@ -116,6 +117,34 @@ def _check_session(session, manifest: dict, key: str) -> None:
     if meta.get("compressm.arch", "lru") != arch:
         raise BundleError(f"{entry['path']} holds a {meta.get('compressm.arch', 'lru')!r} "
                           f"network but the manifest says {arch!r}")
+    if key.startswith("onnx_sequence"):
+        want, got = manifest_chunk(manifest), meta.get(CHUNK_KEY, "scan")
+        if got != want:
+            raise BundleError(f"{entry['path']} is a {_variant(got)} sequence graph but the "
+                              f"manifest's sequence_graph says {_variant(want)}; re-export the "
+                              "bundle with `compressm-tune export`")
+
+
+def _variant(label: str) -> str:
+    return "per-token Scan" if label == "scan" else f"chunked (T={label})"
+
+
+def manifest_chunk(manifest: dict) -> str:
+    """The sequence graph the manifest promises: ``"scan"`` or the chunk length as text.
+
+    Bundles from before chunked graphs have no ``sequence_graph`` entry: their graph is the
+    per-token Scan.
+    """
+    graph = manifest.get("sequence_graph")
+    if graph is None:
+        return "scan"
+    chunk = graph.get("chunk", "missing") if isinstance(graph, dict) else "missing"
+    if chunk is None:
+        return "scan"
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise BundleError(f"manifest sequence_graph.chunk must be null (per-token Scan) or an "
+                          f"integer >= 1, got {chunk!r}; re-export the bundle")
+    return str(chunk)
 
 
 def _session(path: Path, threads: int):

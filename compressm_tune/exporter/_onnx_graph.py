@@ -23,6 +23,10 @@ exporter's decompositions and optimizer passes. Writing the graph by hand from t
   against the alternatives in :class:`_SelectiveWriter`);
 * mean pooling as ``ReduceMean`` over time.
 
+That is the per-token graph (``chunk=None``), which bundles held before chunking and which an
+export still writes where it measures fastest; ``build_sequence_model(w, chunk=T)`` writes the
+chunked graph of :mod:`._onnx_chunked` instead (a few large ops per chunk of T tokens).
+
 Both architectures go through the same builders: a layer writer (:class:`_LRUWriter`,
 :class:`_SelectiveWriter`) says how to compute the layer's drive from its input, one step of
 its recurrence and its read-out; the sequence graph puts the step into a ``Scan`` body, the
@@ -34,14 +38,15 @@ the token count ``(1,)``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from compressm_tune.errors import ExportError
+from compressm_tune.exporter._chunked import CHUNK_KEY, check_chunk, chunk_label
 from compressm_tune.exporter._errors import ExportOptionError
+from compressm_tune.exporter._onnx_chunked import ChunkedLRU, ChunkedSelective, ChunkFrame
+from compressm_tune.exporter._onnx_ops import Graph as _Graph
 from compressm_tune.exporter._weights import (
     BlockWeights,
     LRUWeights,
@@ -96,63 +101,6 @@ def step_io_names(n_blocks: int, pooling: str) -> tuple[list[str], list[str]]:
     return ["x_t", *states], ["y_t", *[f"next_{s}" for s in states]]
 
 
-class _Graph:
-    """Accumulates nodes and initializers with unique names (``prefix`` keeps a Scan body's
-    names apart from the outer graph's, which the body can see)."""
-
-    def __init__(self, prefix: str = "") -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.prefix = prefix
-        self._count = 0
-
-    def name(self, hint: str) -> str:
-        self._count += 1
-        return f"{self.prefix}{hint}_{self._count}"
-
-    def const(self, hint: str, value: np.ndarray) -> str:
-        name = self.name(hint)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1,
-           outputs: list[str] | None = None, **attrs) -> str | list[str]:
-        outs = outputs or [self.name(hint or op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
-        return outs[0] if len(outs) == 1 else outs
-
-    # -- composite layers ----------------------------------------------------------------------
-    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, hint: str) -> str:
-        y = self.op("MatMul", [x, self.const(f"{hint}_w", weight)], f"{hint}_mm")
-        return y if bias is None else self.op("Add", [y, self.const(f"{hint}_b", bias)], hint)
-
-    def affine(self, x: str, scale: np.ndarray, shift: np.ndarray, hint: str) -> str:
-        y = self.op("Mul", [x, self.const(f"{hint}_scale", scale)])
-        return self.op("Add", [y, self.const(f"{hint}_shift", shift)], hint)
-
-    def gelu(self, x: str) -> str:
-        """Exact GELU, ``0.5 * x * (1 + erf(x / sqrt(2)))``."""
-        inv_sqrt2 = self.const("inv_sqrt2", np.array(1.0 / math.sqrt(2.0), np.float32))
-        half = self.const("half", np.array(0.5, np.float32))
-        one = self.const("one", np.array(1.0, np.float32))
-        erf = self.op("Erf", [self.op("Mul", [x, inv_sqrt2])])
-        return self.op("Mul", [self.op("Mul", [x, half]), self.op("Add", [erf, one])], "gelu")
-
-    def zeros(self, batch: str, shape: tuple[int, ...]) -> str:
-        """A float32 zero tensor ``(batch, *shape)``; ``batch`` is a ``(1,)`` int64 tensor."""
-        full = self.op("Concat", [batch, self.const("shape", np.array(shape, np.int64))], axis=0)
-        return self.op("ConstantOfShape", [full], "zeros",
-                       value=numpy_helper.from_array(np.zeros(1, np.float32)))
-
-    def block_tail(self, x: str, hn: str, y: str, w: BlockWeights) -> str:
-        """``x + GLU(GELU(y + D hn))`` given the layer's read-out ``y`` (any leading dims)."""
-        y = self.op("Add", [y, self.op("Mul", [hn, self.const("d", w.d)])], "ssm_out")
-        g = self.gelu(y)
-        a = self.linear(g, w.glu_a, w.glu_a_bias, "glu_a")
-        gate = self.op("Sigmoid", [self.linear(g, w.glu_b, w.glu_b_bias, "glu_b")])
-        return self.op("Add", [x, self.op("Mul", [a, gate])], "block_out")
-
-
 class _LRUWriter:
     """The LRU layer (:class:`LRUWeights`) as graph pieces.
 
@@ -162,14 +110,16 @@ class _LRUWriter:
     steps at once or one token). ``update(g, states, drive)`` is one step on ``(batch, ...)``
     tensors, in a Scan body or the step graph, returning the new states and the values to
     emit. ``state_shapes``, ``drive_shapes``, ``emit_shapes`` give their shapes per sequence
-    (no batch axis) for the Scan body's signature; ``unpack`` / ``pack`` convert the streaming
-    state (one tensor per block, in ``allocate_state``'s layout) to and from ``states``.
-    Constants live in the outer graph, where a Scan body can see them.
+    (no batch axis) for the Scan body's signature; ``stream(g, hn, state, out)`` is one token
+    of the step graph on the streaming state (one tensor per block, in ``allocate_state``'s
+    layout). Constants live in the outer graph, where a Scan body can see them.
     """
 
-    def __init__(self, g: _Graph, w: LRUWeights, k: int) -> None:
+    def __init__(self, g: _Graph, w: LRUWeights, k: int, scan: bool = True) -> None:
         self.w = w
-        self.lam_re, self.lam_im = g.const(f"lam_re{k}", w.lam_re), g.const(f"lam_im{k}", w.lam_im)
+        if scan:  # the Scan body's constants (the step graph has its own, in stream())
+            self.lam_re = g.const(f"lam_re{k}", w.lam_re)
+            self.lam_im = g.const(f"lam_im{k}", w.lam_im)
         n = w.state_dim
         self.state_shapes = [(n,), (n,)]  # s_re, s_im, per sequence
         self.drive_shapes = [(n,), (n,)]  # v_re_t, v_im_t
@@ -204,15 +154,25 @@ class _LRUWriter:
         return g.op("Add", [g.linear(s_re, self.w.c_re, None, "c_re"),
                             g.linear(s_im, self.w.c_im, None, "c_im")])
 
-    def unpack(self, g: _Graph, state: str) -> list[str]:
-        """Streaming state ``(batch, N, 2)`` -> (s_re, s_im)."""
-        return [g.op("Gather", [state, g.const("idx", np.array(i, np.int64))], "s", axis=2)
-                for i in (0, 1)]
-
-    def pack(self, g: _Graph, states: list[str], name: str) -> None:
-        last_axis = g.const("last_axis", np.array([-1], np.int64))
-        g.op("Concat", [g.op("Unsqueeze", [s, last_axis]) for s in states], outputs=[name],
-             axis=-1)
+    def stream(self, g: _Graph, hn: str, state: str, out: str) -> str:
+        """One token of the step graph in the state's own layout ``(batch, N, 2)``: the
+        complex product by lambda as a ``(N, 2, 2)`` rotation (``Mul`` + ``ReduceSum``), with
+        interleaved ``(n, part)`` projections, so no unpacking or packing of re/im (8 nodes
+        instead of 18). Writes the new state to ``out``; returns ``Re(C x)`` ``(batch, H)``.
+        """
+        w, n = self.w, self.w.state_dim
+        lam = np.stack([np.stack([w.lam_re, -w.lam_im], -1),
+                        np.stack([w.lam_im, w.lam_re], -1)], -2)  # (N, 2, 2)  [n, p, q]
+        b_int = np.stack([w.b_re, w.b_im], -1).reshape(w.b_re.shape[0], 2 * n)  # (H, 2N)
+        c_int = np.stack([w.c_re, w.c_im], 1).reshape(2 * n, -1)  # (2N, H)
+        column = g.op("Unsqueeze", [state, g.const("axes", np.array([2], np.int64))])
+        turned = g.op("ReduceSum", [g.op("Mul", [g.const("lam", lam), column]),  # (B, N, 2, 2)
+                                    g.const("axes", np.array([3], np.int64))], keepdims=0)
+        v = g.op("Reshape", [g.op("MatMul", [hn, g.const("b_int", b_int)]),
+                             g.const("shape", np.array([0, n, 2], np.int64))])  # (B, N, 2)
+        new = g.op("Add", [turned, v], outputs=[out])  # (B, N, 2)
+        flat = g.op("Reshape", [new, g.const("shape", np.array([0, 2 * n], np.int64))])
+        return g.op("MatMul", [flat, g.const("c_int", c_int)], "y")  # (B, H)
 
 
 class _SelectiveWriter:
@@ -230,7 +190,7 @@ class _SelectiveWriter:
     but holds two ``(batch, L, H, N)`` tensors, too much memory for an edge device.
     """
 
-    def __init__(self, g: _Graph, w: SelectiveWeights, k: int) -> None:
+    def __init__(self, g: _Graph, w: SelectiveWeights, k: int, scan: bool = True) -> None:
         self.w = w
         self.a = g.const(f"a{k}", w.a)  # (H, N)
         h, n = w.state_shape
@@ -242,12 +202,7 @@ class _SelectiveWriter:
     def drive(self, g: _Graph, hn: str) -> list[str]:
         """delta, delta * hn ``(..., H, 1)``, B_t ``(..., 1, N)``, C_t ``(..., N, 1)``, for
         every step at once."""
-        w = self.w
-        low = g.linear(hn, w.dt_down, None, "dt_down")  # (..., R)
-        delta = g.op("Softplus", [g.linear(low, w.dt_up, w.dt_bias, "dt_up")], "delta")
-        delta_u = g.op("Mul", [delta, hn], "delta_u")  # (..., H)
-        b_t = g.linear(hn, w.b_proj, None, "b_t")  # (..., N)
-        c_t = g.linear(hn, w.c_proj, None, "c_t")  # (..., N)
+        delta, delta_u, b_t, c_t = g.selective_drive(self.w, hn)
         second_last = g.const("second_last_axis", np.array([-2], np.int64))
         return [g.op("Unsqueeze", [delta, self.last]), g.op("Unsqueeze", [delta_u, self.last]),
                 g.op("Unsqueeze", [b_t, second_last]), g.op("Unsqueeze", [c_t, self.last])]
@@ -268,16 +223,17 @@ class _SelectiveWriter:
     def readout(self, g: _Graph, emitted: list[str]) -> str:
         return g.op("Squeeze", [emitted[0], self.last])  # (..., H)
 
-    def unpack(self, g: _Graph, state: str) -> list[str]:
-        return [state]
+    def stream(self, g: _Graph, hn: str, state: str, out: str) -> str:
+        """One token of the step graph: writes the new state to ``out``, returns ``y``."""
+        states, emitted = self.update(g, [state], self.drive(g, hn))
+        g.op("Identity", states, outputs=[out])
+        return self.readout(g, emitted)
 
-    def pack(self, g: _Graph, states: list[str], name: str) -> None:
-        g.op("Identity", states, outputs=[name])
 
-
-def _writer(g: _Graph, w: BlockWeights, k: int) -> _LRUWriter | _SelectiveWriter:
+def _writer(g: _Graph, w: BlockWeights, k: int, scan: bool = True
+            ) -> _LRUWriter | _SelectiveWriter:
     cls = _SelectiveWriter if isinstance(w.ssm, SelectiveWeights) else _LRUWriter
-    return cls(g, w.ssm, k)
+    return cls(g, w.ssm, k, scan)
 
 
 def _finish(g: _Graph, name: str, inputs, outputs, opset: int, doc: str,
@@ -319,29 +275,37 @@ def _scan_body(layer: _LRUWriter | _SelectiveWriter, k: int) -> onnx.GraphProto:
                              states_out + emit_out)
 
 
-def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
+                         chunk: int | None = None) -> onnx.ModelProto:
     """The whole-sequence graph: ``x (batch, length, d_input)`` -> ``y``.
 
     ``y`` is ``(batch, d_output)`` with mean pooling, ``(batch, length, d_output)`` without.
-    Batch and length are dynamic; the graph holds one ``Scan`` per block.
+    Batch and length are dynamic. ``chunk=None``: one per-token ``Scan`` per block (the graph
+    of bundles before chunking); ``chunk=T``: the chunked graph of :mod:`._onnx_chunked`.
+    The graph records its variant in the metadata ``compressm.chunk``.
     """
     opset = check_opset(opset)
+    chunk = check_chunk(chunk, w.arch)
     g = _Graph()
-    h = g.linear("x", w.encoder, w.encoder_bias, "encoder")  # (B, L, H)
-    batch = g.op("Slice", [g.op("Shape", ["x"]),
-                           g.const("zero", np.array([0], np.int64)),
-                           g.const("one_i", np.array([1], np.int64))], "batch")  # (1,) int64
+    frame = None if chunk is None else ChunkFrame(g, "x", chunk, w.d_input)
+    h = g.linear("x" if frame is None else frame.x, w.encoder, w.encoder_bias,
+                 "encoder")  # (B, L, H), or padded and flat (B*C*T, H)
+    batch = None
     for k, bw in enumerate(w.blocks):
-        layer = _writer(g, bw, k)
+        if frame is not None and isinstance(bw.ssm, LRUWeights):  # BatchNorm folded in
+            h = g.block_tail(h, None, ChunkedLRU(g, bw.ssm, k, frame).block(g, h, bw), bw)
+            continue
         hn = g.affine(h, bw.bn_scale, bw.bn_shift, f"bn{k}")  # (B, L, H)
-        drive = layer.drive(g, hn)  # each (B, L, ...)
-        zeros = [g.zeros(batch, shape) for shape in layer.state_shapes]
-        outs = g.op("Scan", [*zeros, *drive], f"scan{k}",
-                    n_out=len(zeros) + len(layer.emit_shapes), body=_scan_body(layer, k),
-                    num_scan_inputs=len(drive), scan_input_axes=[1] * len(drive),
-                    scan_output_axes=[1] * len(layer.emit_shapes))
-        emitted = outs[len(zeros):]  # per-step values, (B, L, ...) each
-        h = g.block_tail(h, hn, layer.readout(g, emitted), bw)  # (B, L, H)
+        if frame is not None:
+            y = ChunkedSelective(g, bw.ssm, k, frame).apply(g, hn)
+        else:
+            batch = batch or g.op("Slice", [g.op("Shape", ["x"]),
+                                            g.const("zero", np.array([0], np.int64)),
+                                            g.const("one_i", np.array([1], np.int64))], "batch")
+            y = _scan_layer(g, _writer(g, bw, k), hn, batch, k)
+        h = g.block_tail(h, hn, y, bw)  # (B, L, H)
+    if frame is not None:
+        h = frame.cut(g, h, w.d_model)  # (B, L, H): padding never enters pool or output
     if w.pooling == "mean":
         if opset >= 18:
             h = g.op("ReduceMean", [h, g.const("time_axis", np.array([1], np.int64))], "pool",
@@ -353,10 +317,23 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.Mo
     x_info = helper.make_tensor_value_info("x", _FLOAT, ["batch", "length", w.d_input])
     y_shape = ["batch", w.d_output] if w.pooling == "mean" else ["batch", "length", w.d_output]
     y_info = helper.make_tensor_value_info("y", _FLOAT, y_shape)
-    doc = (f"{w.arch} SSM network, sequence mode: x (batch, length, d_input), normalized as in "
-           "manifest.json -> y")
-    return _finish(g, "compressm_sequence", [x_info], [y_info], opset, doc,
-                   _metadata(w, "sequence"))
+    variant = "scan" if chunk is None else f"chunked T={chunk}"
+    doc = (f"{w.arch} SSM network, sequence mode ({variant}): x (batch, length, d_input), "
+           "normalized as in manifest.json -> y")
+    meta = {**_metadata(w, "sequence"), CHUNK_KEY: chunk_label(chunk)}
+    return _finish(g, "compressm_sequence", [x_info], [y_info], opset, doc, meta)
+
+
+def _scan_layer(g: _Graph, layer: _LRUWriter | _SelectiveWriter, hn: str, batch: str,
+                k: int) -> str:
+    """The layer's read-out ``(B, L, H)`` from one per-token ``Scan``."""
+    drive = layer.drive(g, hn)  # each (B, L, ...)
+    zeros = [g.zeros(batch, shape) for shape in layer.state_shapes]
+    outs = g.op("Scan", [*zeros, *drive], f"scan{k}",
+                n_out=len(zeros) + len(layer.emit_shapes), body=_scan_body(layer, k),
+                num_scan_inputs=len(drive), scan_input_axes=[1] * len(drive),
+                scan_output_axes=[1] * len(layer.emit_shapes))
+    return layer.readout(g, outs[len(zeros):])  # per-step values, (B, L, ...) each
 
 
 def build_step_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
@@ -374,11 +351,10 @@ def build_step_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelP
     g = _Graph()
     h = g.linear("x_t", w.encoder, w.encoder_bias, "encoder")  # (B, H)
     for k, bw in enumerate(w.blocks):
-        layer = _writer(g, bw, k)
+        layer = _writer(g, bw, k, scan=False)
         hn = g.affine(h, bw.bn_scale, bw.bn_shift, f"bn{k}")  # (B, H)
-        states, emitted = layer.update(g, layer.unpack(g, f"state_{k}"), layer.drive(g, hn))
-        layer.pack(g, states, f"next_state_{k}")
-        h = g.block_tail(h, hn, layer.readout(g, emitted), bw)  # (B, H)
+        y = layer.stream(g, hn, f"state_{k}", f"next_state_{k}")  # (B, H)
+        h = g.block_tail(h, hn, y, bw)  # (B, H)
     if w.pooling == "mean":
         total = g.op("Add", ["pool_sum", h], outputs=["next_pool_sum"])  # (B, H)
         count = g.op("Add", ["pool_count", g.const("one", np.array([1.0], np.float32))],

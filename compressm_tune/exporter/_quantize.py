@@ -3,8 +3,10 @@
 ``onnxruntime.quantization.quantize_dynamic`` stores the MatMul weights (encoder, GLU, head and
 the layers' input projections: LRU ``B``, ``C``; selective ``dt_down``, ``dt_up``, ``B_proj``,
 ``C_proj``) as int8 with per-tensor scales and quantizes activations on the fly; the recurrence
-inside ``Scan`` stays float32 (it has no weights to quantize). The accuracy change is measured
-on the test split of the checkpoint's dataset when ``load_dataset`` can rebuild it here.
+inside ``Scan`` stays float32 (it has no weights to quantize), and so do the chunked graphs'
+recurrence constants (MatMuls named with :data:`._onnx_chunked.RECURRENCE`). The accuracy
+change is measured on the test split of the checkpoint's dataset when ``load_dataset`` can
+rebuild it here.
 """
 
 from __future__ import annotations
@@ -16,11 +18,27 @@ from typing import Any
 import numpy as np
 
 from compressm_tune.errors import ExportError, MissingDependencyError
+from compressm_tune.exporter._onnx_chunked import RECURRENCE
 
 __all__ = ["QUANTIZE_CHOICES", "quantize_file", "evaluate_test_split"]
 
 QUANTIZE_CHOICES = ("int8",)
 _EVAL_BATCH = 250
+
+
+def _recurrence_nodes(path: Path) -> list[str]:
+    """Names of the chunked graphs' recurrence MatMuls (their constants are powers of lambda,
+    which int8 would round to a few digits), in the graph and its subgraphs."""
+    import onnx
+
+    names, graphs = [], [onnx.load(str(path)).graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            if node.name.startswith(RECURRENCE):
+                names.append(node.name)
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return names
 
 
 def quantize_file(src: Path, dst: Path) -> None:
@@ -34,7 +52,8 @@ def quantize_file(src: Path, dst: Path) -> None:
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # it logs a pre-processing hint at WARNING
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                         nodes_to_exclude=_recurrence_nodes(src))
     except Exception as exc:  # onnxruntime raises bare exceptions for unsupported graphs
         raise ExportError(f"int8 quantization of {src.name} failed: {exc}") from exc
     finally:

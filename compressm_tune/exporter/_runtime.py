@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from compressm_tune.exporter._chunk_choice import ort_session, sequence_graph
 from compressm_tune.exporter._errors import ExportOptionError
 from compressm_tune.exporter._onnx_graph import (
     DEFAULT_OPSET,
@@ -27,14 +28,18 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 Step = Callable[[torch.Tensor, list[torch.Tensor]], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
-def onnxruntime_functions(model: SSMModel, threads: int = 1,
-                          opset: int = DEFAULT_OPSET) -> tuple[Forward, Step]:
+def onnxruntime_functions(model: SSMModel, threads: int = 1, opset: int = DEFAULT_OPSET,
+                          chunk: int | str | None = None,
+                          seq_len: int | None = None) -> tuple[Forward, Step]:
     """``(forward, step)`` running ``model``'s exported graphs in onnxruntime.
 
     ``forward(x (batch, L, d_input))`` and ``step(x_t (batch, d_input), state)`` take and return
     torch tensors exactly like ``model(x)`` and ``model.step(x_t, state)`` (``state`` as from
     ``model.allocate_state``), so they drop into code written for the eager model. Weights are
-    read once, now: later changes to ``model`` are not seen.
+    read once, now: later changes to ``model`` are not seen. ``chunk`` picks the sequence graph
+    as in :func:`~compressm_tune.exporter.export_bundle`: ``"auto"`` times the candidates at
+    ``seq_len`` tokens (as an export does, so a profile times the graph a bundle would hold),
+    ``None`` or ``"scan"`` the per-token Scan, an integer T chunks of T tokens.
 
     Examples
     --------
@@ -45,19 +50,16 @@ def onnxruntime_functions(model: SSMModel, threads: int = 1,
     >>> bool(torch.allclose(forward(x), model(x), atol=1e-5))
     True
     """
-    import onnxruntime as ort
-
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ExportOptionError(f"threads must be an integer >= 1, got {threads=}")
     weights = extract_weights(model)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    seq = ort.InferenceSession(build_sequence_model(weights, opset).SerializeToString(),
-                               options, providers=["CPUExecutionProvider"])
-    stp = ort.InferenceSession(build_step_model(weights, opset).SerializeToString(),
-                               options, providers=["CPUExecutionProvider"])
+    if chunk == "auto":
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ExportOptionError(f"chunk='auto' times the graphs at seq_len tokens; give "
+                                    f"seq_len >= 1, got {seq_len=}")
+    chunk = sequence_graph(weights, chunk, seq_len or 1, threads, opset)["chunk"]
+    seq = ort_session(build_sequence_model(weights, opset, chunk).SerializeToString(), threads)
+    stp = ort_session(build_step_model(weights, opset).SerializeToString(), threads)
     step_names = [i.name for i in stp.get_inputs()]
 
     def _np(t: torch.Tensor) -> np.ndarray:

@@ -7,8 +7,9 @@ scripted module re-states the inference arithmetic of
 length) and a ``step`` method in :meth:`SSMModel.allocate_state`'s layout. A block is the
 shared part (BatchNorm fold, ``D``, GELU, GLU, residual) around one layer module,
 :class:`_ScriptedLRU` or :class:`_ScriptedSelective`, each with ``forward`` over a sequence and
-``step`` over one token. The saved file needs only ``torch.jit.load``: no compressm_tune import
-on the loading side.
+``step`` over one token; with a chunk length the LRU's ``forward`` is chunked like the ONNX
+sequence graph (:mod:`._chunked`). The saved file needs only ``torch.jit.load``: no
+compressm_tune import on the loading side.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressm_tune.exporter._chunked import check_chunk, lru_chunk, segment_sums
 from compressm_tune.exporter._weights import (
     BlockWeights,
     LRUWeights,
@@ -33,15 +35,27 @@ def _buf(module: nn.Module, name: str, value: np.ndarray) -> None:
 
 
 class _ScriptedLRU(nn.Module):
-    """The LRU layer without ``D``; see :class:`LRUWeights` for the equations."""
+    """The LRU layer without ``D``; see :class:`LRUWeights` for the equations.
 
-    def __init__(self, w: LRUWeights) -> None:
+    ``chunk = 0``: ``forward`` walks the sequence token by token. ``chunk = T``: the chunked
+    form of :class:`._chunked.LRUChunk` (the same constants as the ONNX graph): every chunk's
+    states in one ``bmm``, then a loop over the chunks (not the tokens) for the carries.
+    """
+
+    def __init__(self, w: LRUWeights, chunk: int | None) -> None:
         super().__init__()
         for name in ("lam_re", "lam_im", "b_re", "b_im", "c_re", "c_im"):
             _buf(self, name, getattr(w, name))
+        self.chunk = int(chunk or 0)
+        c = lru_chunk(w, self.chunk or 1)
+        for name in ("b_cat", "c_cat", "decay", "carry_in"):
+            _buf(self, name, getattr(c, name))
+        _buf(self, "carry_step", c.carry_step[:, 0])  # (N, 2, 2)
 
     def forward(self, hn: torch.Tensor) -> torch.Tensor:
         """``(batch, L, H) -> (batch, L, H)``."""
+        if self.chunk > 0:
+            return self._chunked(hn)
         v_re = hn @ self.b_re  # (B, L, N)
         v_im = hn @ self.b_im  # (B, L, N)
         s_re = torch.zeros_like(v_re[:, 0])  # (B, N)
@@ -55,6 +69,24 @@ class _ScriptedLRU(nn.Module):
             out_im[:, t] = s_im
         return out_re @ self.c_re + out_im @ self.c_im
 
+    def _chunked(self, hn: torch.Tensor) -> torch.Tensor:
+        b, length, t, n = hn.shape[0], hn.shape[1], self.chunk, self.lam_re.shape[0]
+        c = (length + t - 1) // t
+        v = F.pad(hn @ self.b_cat, [0, 0, 0, c * t - length])  # (B, C*T, 2N), zeros at the end
+        v = v.reshape(-1, n).t().reshape(n, b * c, 2 * t)  # columns (t, part)
+        x = torch.bmm(v, self.decay)  # (N, B*C, 2T), zero carry
+        if c > 1:
+            ends = x.reshape(n, b, c, t, 2)[:, :, :, t - 1]  # (N, B, C, 2)
+            carry = torch.zeros_like(ends[:, :, 0])  # (N, B, 2)
+            carries: list[torch.Tensor] = []
+            for i in range(c):
+                carries.append(carry)
+                carry = (self.carry_step[:, None] * carry[:, :, None, :]).sum(-1) + ends[:, :, i]
+            into = torch.stack(carries, 2).reshape(n, b * c, 2)  # carry into each chunk
+            x = x + torch.bmm(into, self.carry_in)
+        x = x.reshape(n, -1).t().reshape(b, c * t, 2 * n)
+        return x[:, :length] @ self.c_cat
+
     def step(self, hn: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``hn (batch, H)``, ``state (batch, N, 2)`` -> ``(y (batch, H), state)``."""
         s_re, s_im = state[:, :, 0], state[:, :, 1]  # (B, N) each
@@ -62,14 +94,21 @@ class _ScriptedLRU(nn.Module):
         new_im = self.lam_re * s_im + self.lam_im * s_re + hn @ self.b_im  # (B, N)
         return new_re @ self.c_re + new_im @ self.c_im, torch.stack((new_re, new_im), -1)
 
-
 class _ScriptedSelective(nn.Module):
-    """The selective layer without ``D``; see :class:`SelectiveWeights` for the equations."""
+    """The selective layer without ``D``; see :class:`SelectiveWeights` for the equations.
 
-    def __init__(self, w: SelectiveWeights) -> None:
+    ``chunk = T > 0``: ``forward`` loops over chunks of T tokens in the segment-sum form of
+    :class:`._onnx_chunked.ChunkedSelective`, with the same constants.
+    """
+
+    def __init__(self, w: SelectiveWeights, chunk: int | None) -> None:
         super().__init__()
         for name in ("a", "b_proj", "c_proj", "dt_down", "dt_up", "dt_bias"):
             _buf(self, name, getattr(w, name))
+        self.chunk = int(chunk or 0)
+        sums, keep = segment_sums(self.chunk or 1)
+        _buf(self, "sums", sums)  # (T*T, T)
+        _buf(self, "keep", keep)  # (T, T, 1, 1)
 
     def _drive(self, hn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor]:
@@ -85,6 +124,8 @@ class _ScriptedSelective(nn.Module):
 
     def forward(self, hn: torch.Tensor) -> torch.Tensor:
         """``(batch, L, H) -> (batch, L, H)``."""
+        if self.chunk > 0:
+            return self._chunked(hn)
         delta, delta_u, b_t, c_t = self._drive(hn)  # (B, L, H) x2, (B, L, N) x2
         x = hn.new_zeros(hn.shape[0], self.a.shape[0], self.a.shape[1])  # (B, H, N)
         out = torch.empty_like(hn)  # (B, L, H)
@@ -92,6 +133,26 @@ class _ScriptedSelective(nn.Module):
             x, y = self._update(x, delta[:, t], delta_u[:, t], b_t[:, t], c_t[:, t])
             out[:, t] = y
         return out
+
+    def _chunked(self, hn: torch.Tensor) -> torch.Tensor:
+        b, length, t = hn.shape[0], hn.shape[1], self.chunk
+        h, n = self.a.shape[0], self.a.shape[1]
+        c = (length + t - 1) // t
+        drive = self._drive(F.pad(hn, [0, 0, 0, c * t - length]))  # padded at the end
+        delta, du, b_t, c_t = [v.reshape(b, c, t, -1) for v in drive]  # (B, C, T, H or N)
+        x = hn.new_zeros(b, h, n)  # (B, H, N)
+        out: list[torch.Tensor] = []
+        for i in range(c):
+            d = delta[:, i]  # (B, T, H)
+            seg = (self.sums @ d).reshape(b, t, t, h, 1)  # (B, T, T, H, 1)
+            decay = torch.exp(seg * self.a) * self.keep  # (B, T, T, H, N)
+            mix = (decay * (c_t[:, i, :, None, None, :] * b_t[:, i, None, :, None, :])).sum(-1)
+            y = (mix * du[:, i, None]).sum(2)  # (B, T, H)
+            seen = torch.exp(d.cumsum(1)[..., None] * self.a) * x[:, None]  # (B, T, H, N)
+            out.append(y + (seen * c_t[:, i, :, None, :]).sum(-1))
+            pushed = decay[:, t - 1] * du[:, i, :, :, None] * b_t[:, i, :, None, :]
+            x = seen[:, t - 1] + pushed.sum(1)
+        return torch.stack(out, 1).reshape(b, c * t, h)[:, :length]
 
     def step(self, hn: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``hn (batch, H)``, ``state (batch, H, N)`` -> ``(y (batch, H), state)``."""
@@ -103,12 +164,12 @@ class _ScriptedSelective(nn.Module):
 class _ScriptedBlock(nn.Module):
     """One block around its layer; see :class:`BlockWeights` for the equations."""
 
-    def __init__(self, w: BlockWeights) -> None:
+    def __init__(self, w: BlockWeights, chunk: int | None) -> None:
         super().__init__()
         for name in ("bn_scale", "bn_shift", "d", "glu_a", "glu_a_bias", "glu_b", "glu_b_bias"):
             _buf(self, name, getattr(w, name))
-        self.ssm = (_ScriptedSelective(w.ssm) if isinstance(w.ssm, SelectiveWeights)
-                    else _ScriptedLRU(w.ssm))
+        self.ssm = (_ScriptedSelective(w.ssm, chunk) if isinstance(w.ssm, SelectiveWeights)
+                    else _ScriptedLRU(w.ssm, chunk))
 
     def _tail(self, x: torch.Tensor, hn: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         g = F.gelu(y + self.d * hn)  # (..., H)
@@ -136,13 +197,15 @@ class ScriptedSSM(nn.Module):
     normalized as in the bundle's manifest.
     """
 
-    def __init__(self, w: ModelWeights) -> None:
+    def __init__(self, w: ModelWeights, chunk: int | None = None) -> None:
         super().__init__()
         _buf(self, "encoder", w.encoder)
         _buf(self, "encoder_bias", w.encoder_bias)
         _buf(self, "head", w.head)
         _buf(self, "head_bias", w.head_bias)
-        self.blocks = nn.ModuleList(_ScriptedBlock(b) for b in w.blocks)
+        chunk = check_chunk(chunk, w.arch)
+        self.blocks = nn.ModuleList(_ScriptedBlock(b, chunk) for b in w.blocks)
+        self.chunk = int(chunk or 0)  # 0: token by token; T: chunks of T tokens
         self.mean_pool = w.pooling == "mean"
         self.d_model = w.d_model
         self.arch = w.arch  # "lru" or "selective"
@@ -185,6 +248,7 @@ class ScriptedSSM(nn.Module):
         return h @ self.head + self.head_bias, new_state
 
 
-def script_model(w: ModelWeights) -> torch.jit.ScriptModule:
-    """Script (not trace) a :class:`ScriptedSSM`, so the time loop keeps a dynamic length."""
-    return torch.jit.script(ScriptedSSM(w).eval())
+def script_model(w: ModelWeights, chunk: int | None = None) -> torch.jit.ScriptModule:
+    """Script (not trace) a :class:`ScriptedSSM`, so the time or chunk loop keeps a dynamic
+    length; ``chunk`` as in :func:`~._onnx_graph.build_sequence_model`."""
+    return torch.jit.script(ScriptedSSM(w, chunk).eval())

@@ -322,6 +322,9 @@ def profile_device(
                                   min_repeats=cfg.min_repeats, threads=threads)
     if cfg.runtime != "torch":
         timing += f"; inference in {cfg.runtime}, training steps in eager torch"
+    if cfg.runtime == "onnxruntime":
+        timing += ("; sequence graph per model chosen as export_bundle(chunk='auto') chooses "
+                   "it (per-token Scan or chunked, timed at seq_len)")
     if session.monitor.device.type == "cpu" and cfg.threads == 1:
         timing += CPU_TIMING_METHOD
     if session.allocator is not None:

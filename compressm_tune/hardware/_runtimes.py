@@ -87,10 +87,13 @@ def _onnxruntime_runner(
     model: nn.Module, seq_inputs: list[torch.Tensor], step_inputs: tuple[torch.Tensor, list]
 ) -> InferenceRunner:
     """The exporter's ONNX graphs in onnxruntime (the engine budgets are measured in), with
-    as many intra-op threads as torch has here; output checked against eager torch."""
+    as many intra-op threads as torch has here; output checked against eager torch. The
+    sequence graph is chosen as an export chooses it (timed at the inputs' length), so the
+    profile times the graph a bundle of this model would hold."""
     from compressm_tune.exporter import onnxruntime_functions
 
-    forward, step = onnxruntime_functions(model, threads=torch.get_num_threads())
+    forward, step = onnxruntime_functions(model, threads=torch.get_num_threads(),
+                                          chunk="auto", seq_len=int(seq_inputs[0].shape[1]))
     with torch.no_grad():
         for x in seq_inputs:
             _check_parity("onnxruntime forward", forward(x), model(x))

@@ -92,8 +92,10 @@ def resolve_profile(config: TuneConfig, d_input: int, d_output: int,
         widths = tuple(w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
                        if w <= 2 * max(config.state_dims))
         arch = "" if config.arch == "lru" else f"-{config.arch}"
+        # "-chunked": profiles that time the sequence graph an export chooses (issue 12);
+        # a cache from before timed the per-token Scan graph only and is not reused
         cache = _profile_cache() / (f"{here.slug}-H{config.hidden}-K{config.blocks}"
-                                    f"-L{seq_len}-onnxruntime{arch}.json")
+                                    f"-L{seq_len}-onnxruntime-chunked{arch}.json")
         if cache.exists():
             return load_profile(cache), notes
         # The budget is onnxruntime latency, so the profile times the same engine.
