@@ -171,14 +171,15 @@ def _slowed(profile: Profile, factor: float) -> Profile:
 
 
 def test_drift_check_sees_a_machine_that_changed_since_its_profile(quick_profile) -> None:
-    """A profile whose latencies are doubled looks like a machine now 2x faster: the check
-    re-measures its reference models and must report about 0.5 (loose: shared machine)."""
+    """A profile whose latencies are 10x looks like a machine now 10x faster: the check
+    re-measures its reference models and must report about 0.1. The factor is large because
+    on a shared 2-core machine the same models ran 2x slower minutes apart (seen in CI)."""
     _, profile = quick_profile
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # shared-machine notes
-        drift = check_drift(_slowed(profile, 2.0), rounds=3)
+        drift = check_drift(_slowed(profile, 10.0), rounds=3)
     assert drift.widths == reference_widths(profile) and len(drift.widths) == 3
-    assert 0.3 < drift.scale < 0.75, drift
+    assert 0.03 < drift.scale < 0.4, drift
     scaled = LatencyModel.from_profile(profile, scale=drift.scale)
     plain = LatencyModel.from_profile(profile)
     assert scaled.predict([8, 64]) == pytest.approx(drift.scale * plain.predict([8, 64]))

@@ -150,14 +150,15 @@ def test_cli_unknown_arch_exits_2_without_a_run(tmp_path, capsys):
 
 
 def test_a_stale_profile_of_this_machine_is_rescaled_and_noted(profile_path):
-    """Latencies tripled in the file = a machine that now runs 3x faster than profiled."""
+    """Latencies x10 in the file = a machine that now runs 10x faster than profiled (a large
+    factor: load on a shared machine alone moved the same models 2x minutes apart)."""
     data = json.loads(profile_path.read_text())
     for record in data["records"] + data["extra_records"]:
-        record["latency"] = {k: v * 3 if k.endswith("_ms") else v
+        record["latency"] = {k: v * 10 if k.endswith("_ms") else v
                              for k, v in record["latency"].items()}
     notes: list[str] = []
     scale = drift_scale(Profile.from_dict(data), "latency_ms", notes)
-    assert 0.15 < scale < 0.6
+    assert 0.03 < scale < 0.4
     assert len(notes) == 1 and "faster than when its profile was measured" in notes[0]
 
 
@@ -169,17 +170,17 @@ def test_a_profile_of_another_machine_is_not_drift_checked(profile_path):
 
 
 def test_the_job_rescales_a_stale_profile_unless_told_not_to(tmp_path, capsys, profile_path):
-    """Stored latencies tripled: the job's drift check scales its predictions by about 1/3,
+    """Stored latencies x10: the job's drift check scales its predictions by about 1/10,
     visible in the fastest-model error; --no-drift-check keeps the stored numbers."""
     data = json.loads(profile_path.read_text())
     data["created_utc"] = "2026-01-01T00:00:00+00:00"  # measured before this run: stale
     for record in data["records"] + data["extra_records"]:
-        record["latency"] = {k: v * 3 if k.endswith("_ms") else v
+        record["latency"] = {k: v * 10 if k.endswith("_ms") else v
                              for k, v in record["latency"].items()}
     stale = save_profile(Profile.from_dict(data), tmp_path / "stale.json")
     stored = min(LatencyModel.from_profile(load_profile(stale)).predict([w], "latency_ms")
                  for w in (1, 4, 16, 64))
-    budget = f"{stored / 30:.6f}"  # below the fastest model either way
+    budget = f"{stored / 100:.6f}"  # below the fastest model either way
 
     def fastest_named(*extra):
         assert _tune(tmp_path, "--budget-ms", budget, "--profile", str(stale), *extra) == 2
@@ -188,7 +189,7 @@ def test_the_job_rescales_a_stale_profile_unless_told_not_to(tmp_path, capsys, p
         return float(err[0].split("runs: ")[1].split(" ms")[0])
 
     assert fastest_named("--no-drift-check") == pytest.approx(stored, rel=1e-3)
-    assert 0.15 < fastest_named() / stored < 0.6
+    assert 0.03 < fastest_named() / stored < 0.4
 
 
 # ----------------------------------------------------------------------------- sampling
