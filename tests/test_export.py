@@ -573,3 +573,48 @@ def test_measure_latency_reports_percentiles_and_method(exported_lru, tmp_path):
         warnings.simplefilter("error")  # recording rewrites only the manifest: still verifies
         measure_latency(bundle, "step", min_time_s=0.01, record=True)
     assert "step" in verify_bundle(bundle)["latency"]
+
+
+def test_a_manifest_naming_a_file_outside_the_bundle_is_refused(exported_lru, tmp_path):
+    bundle = _copy(exported_lru[2], tmp_path)
+    (tmp_path / "outside.onnx").write_bytes((bundle / "model.onnx").read_bytes())
+
+    def escape(m):
+        m["files"]["onnx_sequence"]["path"] = "../outside.onnx"
+
+    _edit_manifest(bundle, escape)
+    np.save(tmp_path / "x.npy", np.zeros((1, SEQ_LEN, 2)))
+    done = _run([bundle / "run.py", "--input", tmp_path / "x.npy"], _blocker(tmp_path), tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "'../outside.onnx'" in done.stderr and "refusing" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_to_the_edge_runner_is_one_line(exported_lru, tmp_path, bad):
+    """A NaN gave 'class=0, prob=nan' and exit 0."""
+    x = np.random.default_rng(0).normal(size=(2, SEQ_LEN, 2))
+    x[1, 3, 0] = bad
+    np.save(tmp_path / "x.npy", x)
+    done = _run([exported_lru[2] / "run.py", "--input", tmp_path / "x.npy"],
+                _blocker(tmp_path), tmp_path)
+    assert done.returncode == 2
+    assert "non-finite value" in done.stderr and "(1, 3, 0)" in done.stderr
+
+
+def test_a_killed_exports_staging_folder_is_cleaned_by_the_next(exported_lru, tmp_path):
+    import os
+    import time
+
+    _, ckpt, _, _ = exported_lru
+    out = tmp_path / "bundle"
+    out.mkdir()
+    stale, fresh = out / ".export-killed", out / ".export-running"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"half")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    export_bundle(ckpt, out)
+    assert not stale.exists()  # left by a kill hours ago
+    assert fresh.exists()  # could be another export at work: left alone

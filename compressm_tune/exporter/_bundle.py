@@ -63,6 +63,21 @@ FILE_NAMES = {  # manifest key -> file name inside the bundle
 _DEFAULT_SEQ_LEN = 64  # parity length when the checkpoint records no dataset
 
 
+
+_STALE_STAGE_S = 3600  # an export's staging folder older than this was left by a killed one
+
+
+def _remove_stale_stages(out_dir: Path) -> None:
+    """Remove staging folders that interrupted exports left behind (a live export's folder
+    is minutes old at most, so it is left alone)."""
+    now = time.time()
+    for stage in out_dir.glob(".export-*"):
+        try:
+            if stage.is_dir() and now - stage.stat().st_mtime > _STALE_STAGE_S:
+                shutil.rmtree(stage, ignore_errors=True)
+        except OSError:
+            continue
+
 def _choices(value: str | Iterable[str], allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
     bad = [v for v in items if v not in allowed]
@@ -293,6 +308,7 @@ def export_bundle(
         inputs_doc = f"N(0, 1) in normalized space ({rebuilt[1]})"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_stages(out_dir)
     stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
         files: dict[str, Any] = {}

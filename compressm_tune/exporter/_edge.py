@@ -89,7 +89,11 @@ def check_file(bundle_dir: str | Path, manifest: dict, key: str) -> Path:
     if not isinstance(entry, dict) or "path" not in entry or "sha256" not in entry:
         have = sorted(manifest["files"])
         raise BundleError(f"bundle has no {key!r} file (manifest lists {have})")
-    path = Path(bundle_dir) / entry["path"]
+    name = str(entry["path"])
+    if Path(name).name != name or name in ("", ".", ".."):  # e.g. "../outside.onnx"
+        raise BundleError(f"the manifest names {name!r} for {key!r}: a bundle's files are plain "
+                          "names inside its folder; refusing to read outside it")
+    path = Path(bundle_dir) / name
     if not path.is_file():
         raise BundleError(f"{path} is listed in the manifest but missing")
     digest = sha256_file(path)
@@ -370,14 +374,20 @@ def _read_input(path: str, key: str | None) -> np.ndarray:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise BundleError(f"cannot read {path}: {exc}") from None
-    if isinstance(data, np.ndarray):
-        return data
-    with data:
-        names = list(data.files)
-        key = key or ("x" if "x" in names else names[0] if len(names) == 1 else None)
-        if key not in names:
-            raise BundleError(f"{path} holds {names}; choose one with --key")
-        return data[key]
+    if not isinstance(data, np.ndarray):
+        with data:
+            names = list(data.files)
+            key = key or ("x" if "x" in names else names[0] if len(names) == 1 else None)
+            if key not in names:
+                raise BundleError(f"{path} holds {names}; choose one with --key")
+            data = data[key]
+    if not np.issubdtype(data.dtype, np.number):
+        raise BundleError(f"{path} holds {data.dtype} values, not numbers")
+    bad = ~np.isfinite(data)
+    if bad.any():  # a NaN in gave class 0 with probability nan, and exit 0
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise BundleError(f"{path} holds a non-finite value ({data[first]}) at {first}")
+    return data
 
 
 def _describe(bundle: EdgeBundle, y: np.ndarray) -> list[dict]:
