@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from compressm_tune._device import (
-    PRECISIONS,
     autocast,
     check_device_spec,
     check_precision,
@@ -69,8 +68,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_device_spec(self.device)
-        if self.precision not in PRECISIONS:
-            check_precision(self.precision)
+        check_precision(self.precision)
         rules = {
             "steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0, "ssm_lr_factor": self.ssm_lr_factor > 0,
