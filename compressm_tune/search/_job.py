@@ -57,6 +57,7 @@ from compressm_tune.training.trainer import check_training_memory
 __all__ = ["run_tune", "resolve_profile", "BudgetMissedError"]
 
 _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+_SEARCH_PASSES = 3  # a search pass, then retries of trials found dead after it
 
 
 class BudgetMissedError(CompressmError, RuntimeError):
@@ -273,12 +274,18 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     objective = Objective(config, data, lambda dims, m: latency.predict(dims, m),
                           profile.fast_widths())
     study = _open_study(config)
-    finished = len(study.get_trials(states=_FINISHED))
-    if finished < config.trials:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(_slot_guard(objective, config.trials), n_trials=config.trials - finished,
-                       catch=(_Surplus,), show_progress_bar=True, gc_after_trial=True)
-    others = _still_running(study)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for _ in range(_SEARCH_PASSES):
+        finished = len(study.get_trials(states=_FINISHED))
+        if finished < config.trials:
+            study.optimize(_slot_guard(objective, config.trials),
+                           n_trials=config.trials - finished, catch=(_Surplus,),
+                           show_progress_bar=True, gc_after_trial=True)
+        others = _still_running(study)
+        # a dead worker's trial found stale only now is queued for a retry (WAITING):
+        # this worker runs it, unless live workers still hold trials of their own
+        if others or not _waiting(study):
+            break
     if others:
         return _left_to_others(config, f"trial(s) {others} still run in other workers; the "
                                        "last of them to finish exports and reports (if a worker "
@@ -321,12 +328,18 @@ def _infeasible_message(config: TuneConfig, study: optuna.Study) -> str:
 
 
 def _still_running(study: optuna.Study) -> list[int]:
-    """Trials other workers are still running (stale ones of dead workers are failed first)."""
+    """Trials other workers are still running (stale ones of dead workers are failed first,
+    which queues their retry as a WAITING trial)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    active = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-    return [t.number for t in study.get_trials(deepcopy=False, states=active)]
+    running = (optuna.trial.TrialState.RUNNING,)
+    return [t.number for t in study.get_trials(deepcopy=False, states=running)]
+
+
+def _waiting(study: optuna.Study) -> list[int]:
+    waiting = (optuna.trial.TrialState.WAITING,)
+    return [t.number for t in study.get_trials(deepcopy=False, states=waiting)]
 
 
 def _left_to_others(config: TuneConfig, why: str) -> dict[str, Any]:
