@@ -17,6 +17,7 @@ from compressm_tune.models import SSMConfig
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._job import BudgetMissedError
 from compressm_tune.training import Dataset, Trainer, model_from_checkpoint
+from compressm_tune.training.plots import read_metrics
 
 __all__ = ["choose_and_export", "write_report"]
 
@@ -134,27 +135,14 @@ def _modelled_train_s(metrics: Path, latency: LatencyModel, initial: list[int],
     training-step time at the widths in effect then (read from the run's ``metrics.jsonl``).
     Why not wall clock: trials run at different times on a shared machine, and their wall
     clocks differed by more than any saving (-136% to +74% "saved" in four identical runs)."""
-    records = [r for r in _read_records(metrics) if "state_dims" in r]
+    records = [r for r in (read_metrics(metrics) if metrics.is_file() else [])
+               if "state_dims" in r]
     total, step, dims = 0.0, 0, list(initial)
     for record in sorted(records, key=lambda r: r["step"]):
         total += (record["step"] - step) * latency.predict(dims, "train_step_ms")
         step, dims = record["step"], record["state_dims"]
     total += max(0, steps - step) * latency.predict(dims, "train_step_ms")
     return round(total / 1e3, 3)
-
-
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-    return out
 
 
 def _trial_rows(study: optuna.Study) -> list[dict[str, Any]]:

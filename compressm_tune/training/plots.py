@@ -13,8 +13,15 @@ __all__ = ["read_metrics", "ranking_stability", "plot_hsv_trajectories"]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The evaluation records of a run, in order (one JSON object per line)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The evaluation records of a run, in order (one JSON object per line); a line cut short
+    by a kill is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # blank, or cut short
+    return records
 
 
 def _spectra(records: list[dict[str, Any]], key: str) -> dict[int, list[tuple[int, list]]]:
