@@ -26,6 +26,7 @@ from compressm_tune.hardware import (
     ProfilerConfig,
     RaplBackend,
     fixed_threads,
+    measure_models,
     measure_peak_memory,
     prepare_runtime,
     profile_device,
@@ -192,6 +193,46 @@ def test_nvml_falls_back_to_power_sampling_and_integrates(monkeypatch) -> None:
     assert backend._thread is None  # sampler stops when no window is open
     monitor.close()
     assert fake.inits == 0
+
+
+def _stepping_pynvml(power_w: float, refresh_s: float) -> types.ModuleType:
+    """A board drawing ``power_w`` whose energy counter advances only every ``refresh_s``
+    (real boards: 20-100 ms), as NVML's does."""
+    nvml = _fake_pynvml()
+    origin = time.perf_counter()
+
+    def energy(handle) -> int:
+        elapsed = time.perf_counter() - origin
+        return int((elapsed // refresh_s) * refresh_s * power_w * 1e3)  # mJ
+
+    nvml.nvmlDeviceGetTotalEnergyConsumption = energy
+    return nvml
+
+
+def test_a_slowly_refreshing_counter_is_read_over_long_windows(monkeypatch) -> None:
+    """Timing windows of a few ms read a 50 ms counter as 0; the profiler's own >= 1 s
+    windows read it to within the error it states (one refresh period over the window)."""
+    fake = _stepping_pynvml(power_w=200.0, refresh_s=0.05)
+    backend = NvmlCounterBackend(fake, ("handle", 0))
+    assert backend.refresh_s == pytest.approx(0.05, rel=0.2)
+    assert backend.long_window_s() >= max(1.0, backend.refresh_s / 0.05)
+    assert "refreshes every" in backend.note
+    from compressm_tune.hardware import _profiler
+
+    monkeypatch.setattr(_profiler, "select_energy_backend", lambda *a, **k: backend)
+    config = ProfilerConfig(device="cpu", widths=(4, 8), hidden=8, blocks=1, extra_blocks=(2,),
+                            seq_len=16, batch=2, throughput_batch=2, threads=1,
+                            min_time_s=0.02, warmup=1, rounds=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short timing windows: the zero-energy warning
+        records = measure_models([[4], [4, 4]], config, progress=False)
+    for rec in records:
+        # constant 200 W: a call costs 200 W x its time, at least the fastest timed call's
+        # (short windows read this counter as 0); the mean call in the window, loop and
+        # synchronization included, is slower than the median under load, not 3x slower
+        assert 0.95 * 200.0 * rec.latency.min_ms <= rec.energy_mj
+        assert rec.energy_mj <= 3.0 * 200.0 * rec.latency.mean_ms
+        assert 0.0 < rec.energy_error_mj <= 0.06 * rec.energy_mj
 
 
 def test_nvml_without_power_or_library(monkeypatch) -> None:

@@ -23,6 +23,10 @@ __all__ = [
 # Rough share of package power per busy core: a server part draws ~3.5 W/core
 # (225 W / 64 cores), a desktop part 10+ W/core. Figures from it are labelled "estimate".
 DEFAULT_WATTS_PER_CORE = 5.0
+# Sources refreshing this slowly (NVML: every 20-100 ms) get energy windows of their own.
+LONG_WINDOW_REFRESH_S = 0.01
+MIN_ENERGY_WINDOW_S = 1.0
+ENERGY_WINDOW_ERROR = 0.05  # one refresh period at most this share of an energy window
 
 
 class EnergyBackendError(CompressmError, RuntimeError):
@@ -43,6 +47,18 @@ class EnergyBackend(abc.ABC):
 
     method: str = "abstract"
     note: str = ""
+    # How often the reading advances, in seconds (0: read exactly at call time). A window
+    # shorter than a few refresh periods reads 0 or one jump: the profiler gives a source that
+    # refreshes every >= LONG_WINDOW_REFRESH_S windows of its own (see long_window_s).
+    refresh_s: float = 0.0
+
+    def long_window_s(self) -> float | None:
+        """Shortest energy window that reads this source to within ``ENERGY_WINDOW_ERROR``,
+        and at least ``MIN_ENERGY_WINDOW_S`` (Zeus measures >= 1 s windows for the same
+        reason); ``None`` when the timing windows themselves are long enough."""
+        if self.refresh_s < LONG_WINDOW_REFRESH_S:
+            return None
+        return max(MIN_ENERGY_WINDOW_S, self.refresh_s / ENERGY_WINDOW_ERROR)
 
     @property
     def is_estimate(self) -> bool:

@@ -7,12 +7,15 @@ milliwatts) taken on a thread and integrated over each window.
 
 from __future__ import annotations
 
+import abc
 import os
 import threading
 import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
+
+import numpy as np
 
 from compressm_tune.errors import MissingDependencyError
 from compressm_tune.hardware._energy_base import EnergyBackend, EnergyBackendError
@@ -89,6 +92,30 @@ def nvml_device_info(cuda_index: int) -> dict[str, Any]:
         pynvml.nvmlShutdown()
 
 
+# Assumed when the reading does not move while probed (an idle board's constant power).
+_DEFAULT_REFRESH_S = 0.1
+
+
+def refresh_period(read: Callable[[], float], timeout_s: float = 1.0) -> float:
+    """How often ``read()`` returns a new value, in seconds: the median time between the
+    changes seen while polling it for up to ``timeout_s`` (three changes suffice).
+
+    NVML's counter and power readings advance in steps of 20-100 ms depending on the board;
+    a window of that length reads zero or one step, which is why energy needs longer windows.
+    """
+    changes: list[float] = []
+    last = read()
+    deadline = time.perf_counter() + timeout_s
+    while len(changes) < 4 and time.perf_counter() < deadline:
+        value = read()
+        if value != last:
+            changes.append(time.perf_counter())
+            last = value
+    if len(changes) < 2:
+        return _DEFAULT_REFRESH_S
+    return float(np.median(np.diff(changes)))
+
+
 class _NvmlBackend(EnergyBackend):
     """Holds one NVML handle; :meth:`close` shuts the library reference down once."""
 
@@ -96,6 +123,15 @@ class _NvmlBackend(EnergyBackend):
         self._pynvml = pynvml
         self._handle = handle
         self._closed = False
+        self.refresh_s = refresh_period(lambda: self._read())
+        window_s = self.long_window_s()
+        if window_s is not None:
+            self.note += (f"; the reading refreshes every {self.refresh_s * 1e3:.0f} ms, so "
+                          f"energy is read over windows of >= {window_s:g} s")
+
+    @abc.abstractmethod
+    def _read(self) -> float:
+        """The raw reading whose refresh period bounds the error of a window."""
 
     def close(self) -> None:
         """Drop this backend's NVML reference (NVML counts ``nvmlInit`` calls)."""
@@ -109,6 +145,9 @@ class NvmlCounterBackend(_NvmlBackend):
 
     method = "nvml_total_energy"
     note = "NVML total-energy counter (nvmlDeviceGetTotalEnergyConsumption), GPU board only"
+
+    def _read(self) -> float:
+        return float(self._pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
 
     def begin(self) -> object:
         """Return the counter in millijoules."""
@@ -135,14 +174,17 @@ class NvmlPowerSamplingBackend(_NvmlBackend):
     method = "nvml_power_sampling"
 
     def __init__(self, pynvml: ModuleType, handle: Any, interval_s: float = 0.01) -> None:
-        super().__init__(pynvml, handle)
         self.interval_s = interval_s
         self.note = f"NVML power samples every {interval_s * 1e3:g} ms, integrated per window"
+        super().__init__(pynvml, handle)
         self._samples: list[tuple[float, float]] = []  # (perf_counter s, power mW)
         self._open_windows = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _read(self) -> float:
+        return float(self._pynvml.nvmlDeviceGetPowerUsage(self._handle))
 
     def _sample(self) -> None:
         power_mw = float(self._pynvml.nvmlDeviceGetPowerUsage(self._handle))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ class _ModelBench:
         # Thread CPU time is a call's time on a core only when the timed thread does all work.
         self.on_core_timing = device.type == "cpu" and cfg.threads == 1
         self.energy_mj: float | None = 0.0
+        self.energy_calls = 0  # inferences in the energy windows (long_window_s sources)
+        self.energy_error_mj: float | None = None
         self.window_ms = {"wall": 0.0, "cpu": 0.0}  # summed over the latency windows
         self.energy_method = monitor.energy_backend.method
 
@@ -130,19 +133,47 @@ class _ModelBench:
             window = self.monitor.end_window(key)
             self.window_ms["wall"] += window.latency_ms
             self.window_ms["cpu"] += window.cpu_time_ms
-            if window.energy_mj is None or self.energy_mj is None:
-                self.energy_mj = None
-            else:
-                self.energy_mj += window.energy_mj
+            if self.monitor.energy_backend.long_window_s() is None:
+                self._add_energy(window.energy_mj)
             self._time("step", self._step, rewarm=True)
             self._time("batch", self._batch)
+
+    def _add_energy(self, energy_mj: float | None) -> None:
+        if energy_mj is None or self.energy_mj is None:
+            self.energy_mj = None
+        else:
+            self.energy_mj += energy_mj
+
+    def measure_energy(self, window_s: float) -> None:
+        """Batch-1 inferences, each synchronized as when timed, in one energy window of at
+        least ``window_s``: a source that refreshes every ~0.1 s (NVML) reads a window of a
+        few calls as 0 or one step. The figure's error is at most one refresh period of the
+        window's mean power, spread over its calls."""
+        device = self.monitor.device
+        self.model.eval()
+        with torch.inference_mode():
+            self._one()
+            key = f"energy {list(self.state_dims)}"
+            self.monitor.begin_window(key)
+            calls, start = 0, time.perf_counter()
+            while calls == 0 or time.perf_counter() - start < window_s:
+                self._one()
+                synchronize(device)
+                calls += 1
+            window = self.monitor.end_window(key)
+        self._add_energy(window.energy_mj)
+        self.energy_calls += calls
+        if window.energy_mj is not None:
+            power_w = window.energy_mj / window.latency_ms  # mJ/ms = W
+            self.energy_error_mj = power_w * self.monitor.energy_backend.refresh_s * 1e3 / calls
 
     def record(self) -> ModelRecord:
         """Summarize all rounds."""
         stats = {name: TimingStats.from_samples(np.concatenate(chunks))
                  for name, chunks in self.samples_ms.items()}
         latency_cpu = stats["latency_cpu"] if self.on_core_timing else None
-        energy = None if self.energy_mj is None else self.energy_mj / stats["latency"].repeats
+        calls = self.energy_calls or stats["latency"].repeats
+        energy = None if self.energy_mj is None else self.energy_mj / calls
         return ModelRecord(
             state_dims=self.state_dims,
             latency=stats["latency"],
@@ -152,6 +183,7 @@ class _ModelBench:
             throughput_samples_per_s=self.cfg.throughput_batch / (stats["batch"].p50_ms / 1e3),
             energy_mj=energy,
             energy_method=self.energy_method,
+            energy_error_mj=self.energy_error_mj,
             param_mb=param_mb(self.model),
             train_peak_mem_mb=self.train_mem.peak_mb,
             infer_peak_mem_mb=self.infer_mem.peak_mb,
@@ -196,8 +228,9 @@ class _Session:
     def measure(self, models: Sequence[Sequence[int]], progress: bool, desc: str
                 ) -> list[ModelRecord]:
         """Set every model up, then time them in interleaved rounds."""
-        bar = tqdm(total=len(models) * (self.cfg.rounds + 1), desc=desc, unit="model",
-                   disable=not progress)
+        energy_window_s = self.monitor.energy_backend.long_window_s()
+        passes = self.cfg.rounds + 1 + (energy_window_s is not None)
+        bar = tqdm(total=len(models) * passes, desc=desc, unit="model", disable=not progress)
         with bar:
             # A throwaway model absorbs one-time costs (thread pools, allocator growth, lazy
             # init), so they do not inflate the first model's memory and times.
@@ -215,6 +248,11 @@ class _Session:
                     bench = benches[i]
                     bar.set_postfix(round=r + 1, dims=str(list(bench.state_dims)))
                     bench.run_round()
+                    bar.update()
+            if energy_window_s is not None:  # after the timings, so they are not slowed
+                for i in rng.permutation(len(benches)):
+                    bar.set_postfix(energy=str(list(benches[i].state_dims)))
+                    benches[i].measure_energy(energy_window_s)
                     bar.update()
         self._check_starvation(benches)
         return [bench.record() for bench in benches]

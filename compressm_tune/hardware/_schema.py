@@ -78,6 +78,9 @@ class ModelRecord:
         CPU time of the timed thread during each call of ``latency``, ms per sample: the call's
         time on a core, which other processes holding the cores do not inflate. ``None``
         unless measured on a CPU with one thread (other threads' work would not count).
+    energy_error_mj : float or None
+        Bound on the error of ``energy_mj`` from the source's refresh period (one period of the
+        window's mean power over its calls); ``None`` where not stated (estimates, RAPL).
     """
 
     state_dims: tuple[int, ...]
@@ -92,6 +95,7 @@ class ModelRecord:
     train_peak_mem_mb: float
     infer_peak_mem_mb: float
     latency_cpu: TimingStats | None = None
+    energy_error_mj: float | None = None
 
     @property
     def blocks(self) -> int:

@@ -100,6 +100,7 @@ def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any]
         "predicted_ms": trial.user_attrs["predicted_ms"], "measured_ms": measured["p50_ms"],
         "predicted_mj": latency.predict(trial.user_attrs["state_dims"], "energy_mj"),
         "energy_method": profile.records[0].energy_method,
+        "energy_rel_error": _energy_rel_error(profile),
         "latency_measurement": measured,
         "meets_budget": measured["p50_ms"] <= config.budget_ms,
         "val": trial.user_attrs["val"], f"test_{metric}": trial.user_attrs["test"],
@@ -127,6 +128,14 @@ def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any]
     _plots(study, config, out, data)
     (out / "report.md").write_text(_markdown(summary, metric) + "\n")
     return summary
+
+
+def _energy_rel_error(profile: Profile) -> float | None:
+    """The largest relative error the profile states for its energy figures (NVML windows),
+    ``None`` where it states none (estimates, RAPL)."""
+    errors = [r.energy_error_mj / r.energy_mj for r in (*profile.records, *profile.extra_records)
+              if r.energy_error_mj is not None and r.energy_mj]
+    return max(errors) if errors else None
 
 
 def _modelled_train_s(metrics: Path, latency: LatencyModel, initial: list[int],
@@ -189,8 +198,11 @@ def _markdown(s: dict[str, Any], metric: str) -> str:
         f"{s['predicted_ms']:.4g} ms. The budget is checked against p50.",
         "",
         *([f"Energy budget {s['budget_mj']:g} mJ: predicted {s['predicted_mj']:.4g} mJ per "
-           f"inference from the profile ({s['energy_method']}); not measured on the exported "
-           "model.", ""] if s.get("budget_mj") is not None else []),
+           f"inference from the profile ({s['energy_method']}"
+           + (f", each profiled figure within ±{s['energy_rel_error']:.0%}: one refresh of the "
+              "source over the profile's energy window" if s.get("energy_rel_error") else "")
+           + "); not measured on the exported model.", ""]
+          if s.get("budget_mj") is not None else []),
         markdown_table(["model", "state dims", f"test {metric}", "predicted ms", "measured ms",
                         "modelled train s"], rows),
         "",
