@@ -192,6 +192,34 @@ def test_the_job_rescales_a_stale_profile_unless_told_not_to(tmp_path, capsys, p
     assert 0.03 < fastest_named() / stored < 0.4
 
 
+def test_a_cached_profile_far_off_is_remeasured_and_replaced(tmp_path, capsys, monkeypatch):
+    """A cache measured while the machine was loaded (here: its times x10) is not rescaled
+    but measured again and replaced; the job then predicts from the new measurement."""
+    monkeypatch.setenv("COMPRESSM_CACHE", str(tmp_path / "cache"))
+
+    def fastest_named() -> float:
+        assert _tune(tmp_path, "--budget-ms", "0.000001", "--state-dims", "2") == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the profile's bar
+        assert "below the fastest model" in err
+        return float(err.split("runs: ")[1].split(" ms")[0])
+
+    first = fastest_named()  # measures and caches a profile (fresh: no drift check)
+    (cache,) = (tmp_path / "cache" / "profiles").glob("*.json")
+    data = json.loads(cache.read_text())
+    data["created_utc"] = "2026-01-01T00:00:00+00:00"
+    for record in data["records"] + data["extra_records"]:
+        record["latency"] = {k: v * 10 if k.endswith("_ms") else v
+                             for k, v in record["latency"].items()}
+    cache.write_text(json.dumps(data))
+    second = fastest_named()
+    replaced = load_profile(cache)
+    assert replaced.created_utc > "2026-01-01T00:00:00+00:00"
+    stored = [r.metric("latency_ms") for r in replaced.records]
+    edited = [r["latency"]["p50_ms"] for r in data["records"]]
+    assert all(s < e / 3 for s, e in zip(stored, edited, strict=True))  # not the x10 file
+    assert 0.4 < second / first < 2.5  # a shared machine's spread, far from 10x
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

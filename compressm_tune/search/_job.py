@@ -6,7 +6,8 @@
    this device and model shape, else a short measurement that is then cached). A profile
    measured before this run is first drift-checked (three of its models re-timed; off with
    ``--no-drift-check``): a machine that now runs more than 5 % slower or faster gets its
-   predictions scaled by the ratio.
+   predictions scaled by the ratio; a cached profile off by more than ``REMEASURE_FACTOR``
+   (measured under other load) is re-measured and replaced instead.
 2. An Optuna study over in-training reduction schedules; a trial is feasible when the profile
    predicts its final widths meet the budget (trials are steered there by budget-aware
    truncation when their reduction window closes).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import sys
 import warnings
@@ -57,6 +59,8 @@ from compressm_tune.training.trainer import check_training_memory
 __all__ = ["run_tune", "resolve_profile", "BudgetMissedError"]
 
 _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# A cached profile whose re-timed models moved more than this factor is re-measured.
+REMEASURE_FACTOR = 1.25
 _SEARCH_PASSES = 3  # a search pass, then retries of trials found dead after it
 
 
@@ -90,28 +94,38 @@ def resolve_profile(config: TuneConfig, d_input: int, d_output: int,
             warnings.warn(note, stacklevel=2)
             notes.append(note)
     else:
-        widths = tuple(w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-                       if w <= 2 * max(config.state_dims))
-        arch = "" if config.arch == "lru" else f"-{config.arch}"
-        # "-chunked": profiles that time the sequence graph an export chooses (issue 12);
-        # a cache from before timed the per-token Scan graph only and is not reused
-        cache = _profile_cache() / (f"{here.slug}-H{config.hidden}-K{config.blocks}"
-                                    f"-L{seq_len}-onnxruntime-chunked{arch}.json")
+        cache = _cache_path(config, seq_len)
         if cache.exists():
             return load_profile(cache), notes
-        # The budget is onnxruntime latency, so the profile times the same engine.
-        profile = profile_device(ProfilerConfig(
-            device="cpu", runtime="onnxruntime", arch=config.arch, widths=widths,
-            hidden=config.hidden,
-            blocks=config.blocks, seq_len=seq_len, d_input=d_input, d_output=d_output,
-            threads=config.ort_threads, min_time_s=0.1, rounds=3))
-        save_profile(profile, cache)
+        profile = measure_cached_profile(config, d_input, d_output, seq_len)
         notes.append(f"measured an onnxruntime profile of this machine, cached in {cache}")
     cfg = profile.config
     if (cfg.hidden, cfg.seq_len) != (config.hidden, seq_len):
         notes.append(f"profile measured at H={cfg.hidden}, L={cfg.seq_len}; the model has "
                      f"H={config.hidden}, L={seq_len}: predictions are extrapolated")
     return profile, notes
+
+
+def _cache_path(config: TuneConfig, seq_len: int) -> Path:
+    arch = "" if config.arch == "lru" else f"-{config.arch}"
+    # "-chunked": profiles that time the sequence graph an export chooses (issue 12);
+    # a cache from before timed the per-token Scan graph only and is not reused
+    return _profile_cache() / (f"{fingerprint('cpu').slug}-H{config.hidden}-K{config.blocks}"
+                               f"-L{seq_len}-onnxruntime-chunked{arch}.json")
+
+
+def measure_cached_profile(config: TuneConfig, d_input: int, d_output: int,
+                           seq_len: int) -> Profile:
+    """Measure this machine at the job's model shape and (re)place the cached profile."""
+    widths = tuple(w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+                   if w <= 2 * max(config.state_dims))
+    # The budget is onnxruntime latency, so the profile times the same engine.
+    profile = profile_device(ProfilerConfig(
+        device="cpu", runtime="onnxruntime", arch=config.arch, widths=widths,
+        hidden=config.hidden, blocks=config.blocks, seq_len=seq_len, d_input=d_input,
+        d_output=d_output, threads=config.ort_threads, min_time_s=0.1, rounds=3))
+    save_profile(profile, _cache_path(config, seq_len))
+    return profile
 
 
 def drift_scale(profile: Profile, metric: str, notes: list[str]) -> float:
@@ -248,7 +262,19 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     profile, notes = resolve_profile(config, data.d_input, data.d_output, data.seq_len)
     stale = config.drift_check and profile.created_utc < started
-    scale = drift_scale(profile, config.metric, notes) if stale else 1.0
+    moved: list[str] = []
+    scale = drift_scale(profile, config.metric, moved) if stale else 1.0
+    if config.profile is None and abs(math.log(scale)) > math.log(REMEASURE_FACTOR):
+        # A cached profile this far off was measured under other load (or another machine
+        # state): its shape over widths is off too, not only its scale. Users' own --profile
+        # files are never replaced, only rescaled.
+        profile = measure_cached_profile(config, data.d_input, data.d_output, data.seq_len)
+        notes.append(f"the cached profile's models ran {scale:.2f}x their stored times when "
+                     f"re-timed: it no longer describes this machine, so it was re-measured "
+                     f"and replaced ({_cache_path(config, data.seq_len)})")
+        scale = 1.0
+    else:
+        notes += moved
     notes += [f"profile measurement: {n}" for n in profile.notes]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
