@@ -4,7 +4,8 @@
 #      and where the sCIFAR step's time goes -> bench_results/gpu_profile_scifar.md
 #   2. the Triton kernels against their references on CUDA, and the tests marked gpu
 #   3. a default `train --device cuda --reduce tau=0.04` run on MNIST-1D
-#   4. the budgeted job with --device cuda (trials train on the GPU; latency is onnxruntime's)
+#   4. a GPU profile: energy per width over NVML windows of >= 1 s, with error bounds
+#   5. the budgeted job with --device cuda (trials train on the GPU; latency is onnxruntime's)
 # Usage: benchmarks/gpu_check.sh [PEER_ROOT]   (PEER_ROOT: a checkout of
 # camail-official/compressm; default ../shared/peers/compressm-official). With $OUT set (the
 # device tool), logs and results are copied there too. Each step is time-boxed; a failing step
@@ -40,12 +41,17 @@ python setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "C kernels not bu
 step bench 240 python benchmarks/bench_gpu_train.py --peer-root "$PEER"
 step profile 60 python benchmarks/bench_gpu_train.py --profile scifar:ours-bf16
 step tests 150 python -m pytest -q -m "gpu or triton" tests/ -p no:cacheprovider
+# energy per width from NVML over >= 1 s windows, with each figure's stated error bound
+step energy 120 python -m compressm_tune.cli profile --device cuda --widths 16,64,256,1024 \
+    --hidden 64 --blocks 4 --seq-len 256 --rounds 5 --min-time-s 0.2 --quiet \
+    --out runs/gpu-profile.json
 step train 90 python -m compressm_tune.cli train --device cuda --reduce tau=0.04 --no-progress \
     --out runs/gpu-train
 step tune 150 python -m compressm_tune.cli --budget-ms 5 --device cuda --trials 3 --steps 150 \
     --no-drift-check --out runs/gpu-tune
 cp bench_results/gpu_train.json bench_results/gpu_train.md bench_results/gpu_profile_scifar.md \
     "$DEST"/ 2>/dev/null
+cp runs/gpu-profile.json "$DEST"/gpu_profile_energy.json 2>/dev/null
 cp runs/gpu-train/summary.json "$DEST"/train_summary.json 2>/dev/null
 cp runs/gpu-tune/report.md "$DEST"/tune_report.md 2>/dev/null
 echo "gpu_check: $failed step(s) failed" | tee -a "$LOG"
