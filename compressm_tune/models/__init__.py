@@ -2,6 +2,7 @@
 
 from compressm_tune.models._scan import kernel_available, linear_scan, scan_reference
 from compressm_tune.models.config import ARCHS, SSMConfig
+from compressm_tune.models.hf import from_hf_mamba
 from compressm_tune.models.lru import LRULayer
 from compressm_tune.models.mamba import MambaLayer
 from compressm_tune.models.network import (
@@ -28,6 +29,7 @@ __all__ = [
     "SSMModel",
     "SSM_PARAMETERS",
     "SelectiveLayer",
+    "from_hf_mamba",
     "kernel_available",
     "linear_scan",
     "scan_reference",
