@@ -1,4 +1,5 @@
-"""Export: reduced SSM networks (LRU, selective or Mamba) to ONNX and TorchScript, checked in onnxruntime.
+"""Export: reduced SSM networks (LRU, selective or Mamba) to ONNX and TorchScript, checked in
+onnxruntime.
 
 ``export_bundle(checkpoint, out_dir)`` writes ``model.onnx`` (whole sequences, dynamic batch and
 length; chunked or one per-token ``Scan`` per block, as measured faster), ``model_step.onnx``

@@ -30,11 +30,11 @@ chunked graph of :mod:`._onnx_chunked` instead (a few large ops per chunk of T t
 Both architectures go through the same builders: a layer writer (:class:`_LRUWriter`,
 :class:`_SelectiveWriter`) says how to compute the layer's drive from its input, one step of
 its recurrence and its read-out (a Mamba block wraps the selective writer on its inner
-channels in :class:`._onnx_mamba.MambaParts`); the sequence graph puts the step into a ``Scan`` body, the
-streaming graph applies it once. The streaming graph's states are explicit inputs and outputs
-in :meth:`SSMModel.allocate_state`'s layout: per block ``(batch, N_k, 2)`` (LRU),
-``(batch, H, N_k)`` (selective) or ``(batch, E, K - 1 + N_k)`` (Mamba), then, with mean pooling, the running sum ``(batch, H)`` and
-the token count ``(1,)``.
+channels in :class:`._onnx_mamba.MambaParts`); the sequence graph puts the step into a
+``Scan`` body, the streaming graph applies it once. The streaming graph's states are explicit
+inputs and outputs in :meth:`SSMModel.allocate_state`'s layout: per block ``(batch, N_k, 2)`` (LRU),
+``(batch, H, N_k)`` (selective) or ``(batch, E, K - 1 + N_k)`` (Mamba), then, with mean
+pooling, the running sum ``(batch, H)`` and the token count ``(1,)``.
 """
 
 from __future__ import annotations

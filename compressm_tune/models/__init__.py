@@ -1,4 +1,5 @@
-"""SSM layers and networks: the LRU, selective and Mamba layers, the block, the network, the config."""
+"""SSM layers and networks: the LRU, selective and Mamba layers, the blocks, the network, the
+config, and the Hugging Face Mamba import."""
 
 from compressm_tune.models._scan import kernel_available, linear_scan, scan_reference
 from compressm_tune.models.config import ARCHS, SSMConfig
