@@ -16,15 +16,19 @@ import torch
 
 from compressm_tune.errors import ExportError
 from compressm_tune.exporter import (
+    EdgeBundle,
+    ExportOptionError,
     build_sequence_model,
     build_step_model,
+    export_bundle,
     extract_weights,
     run_parity,
     script_model,
+    verify_bundle,
 )
 from compressm_tune.models import MambaLayer, SSMConfig, SSMModel
 from compressm_tune.reduction import ReductionPolicy, reduce_layer, state_scores
-from compressm_tune.training import TrainConfig, Trainer, model_from_checkpoint
+from compressm_tune.training import TrainConfig, Trainer, model_from_checkpoint, save_checkpoint
 from compressm_tune.training.reducer import ReduceConfig, Reducer
 
 
@@ -235,3 +239,31 @@ def test_chunked_graph_is_refused_in_one_line():
     with pytest.raises(ValueError, match="not 'mamba'; use chunk=None") as info:
         build_sequence_model(w, chunk=8)
     assert "\n" not in str(info.value)
+
+
+def test_bundle_of_a_mamba_checkpoint_runs_on_the_edge_runner(tmp_path):
+    torch.manual_seed(2)
+    model = SSMModel(SSMConfig(arch="mamba", d_output=4, d_model=8, state_dims=[6, 3])).eval()
+    save_checkpoint(tmp_path / "m.pt", model)
+    manifest = export_bundle(tmp_path / "m.pt", tmp_path / "b", parity_lengths=(1, 30))
+    assert manifest["sequence_graph"]["variant"] == "scan"  # chunk="auto" keeps the Scan
+    assert manifest["model"]["state_shapes"] == [["batch", 16, 9], ["batch", 16, 6]]
+    verify_bundle(tmp_path / "b")
+    x = torch.randn(2, 25, 1)
+    with torch.no_grad():
+        want = model(x).numpy()
+    edge = EdgeBundle(tmp_path / "b")
+    np.testing.assert_allclose(edge.predict(x.numpy(), normalized=True), want, atol=1e-5)
+    streamed = edge.streamer(batch=2).run(x.numpy(), normalized=True)[:, -1]
+    np.testing.assert_allclose(streamed, want, atol=1e-5)
+    with pytest.raises(ExportOptionError, match="not 'mamba'"):
+        export_bundle(tmp_path / "m.pt", tmp_path / "c", chunk=8)
+
+
+def test_bundle_refuses_a_token_model_in_one_line(tmp_path):
+    model = SSMModel(SSMConfig(arch="mamba", d_output=7, d_model=8, state_dims=[3],
+                               vocab_size=7, pooling="none"))
+    save_checkpoint(tmp_path / "t.pt", model)
+    with pytest.raises(ExportOptionError, match="token model") as info:
+        export_bundle(tmp_path / "t.pt", tmp_path / "b")
+    assert "\n" not in str(info.value) and not (tmp_path / "b").exists()
