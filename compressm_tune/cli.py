@@ -54,11 +54,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an SSM network, optionally compressing it in training",
                        description="Train an SSM network; with --reduce, shrink its state "
                                    "widths during the first steps (LRU: balanced truncation; "
-                                   "selective: data-driven state selection).")
+                                   "selective, mamba: data-driven state selection).")
     _add_data_args(p)
     p.add_argument("--arch", default=m.arch, choices=ARCHS,
-                   help=f"SSM layer: lru (LTI, complex diagonal) or selective (Mamba-style "
-                        f"S6) ({m.arch})")
+                   help=f"SSM layer: lru (LTI, complex diagonal), selective (a bare S6 "
+                        f"layer) or mamba (Mamba's block: expansion, conv, gate, S6) ({m.arch})")
     p.add_argument("--blocks", type=int, default=m.n_blocks, help=f"SSM blocks ({m.n_blocks})")
     p.add_argument("--hidden", type=int, default=m.d_model, help=f"H, model width ({m.d_model})")
     p.add_argument("--state-dim", type=int, default=m.state_dims[0],
@@ -187,7 +187,7 @@ def _add_tune_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--budget-mj", type=float, default=None, help="per-sample energy budget, mJ")
     g.add_argument("--latency-mode", choices=LATENCY_MODES, default=d.latency_mode)
     g.add_argument("--arch", choices=ARCHS, default=d.arch,
-                   help=f"SSM layer of every trial: lru or selective ({d.arch})")
+                   help=f"SSM layer of every trial: lru, selective or mamba ({d.arch})")
     _add_data_args(g)
     g.add_argument("--trials", type=int, default=d.trials, help=f"({d.trials})")
     g.add_argument("--steps", type=int, default=d.steps, help=f"steps per trial ({d.steps})")

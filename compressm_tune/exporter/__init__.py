@@ -1,11 +1,14 @@
-"""Export: reduced SSM networks (LRU or selective) to ONNX and TorchScript, checked in onnxruntime.
+"""Export: reduced SSM networks (LRU, selective or Mamba) to ONNX and TorchScript, checked in
+onnxruntime.
 
 ``export_bundle(checkpoint, out_dir)`` writes ``model.onnx`` (whole sequences, dynamic batch and
 length; chunked or one per-token ``Scan`` per block, as measured faster), ``model_step.onnx``
 (streaming, explicit states), ``model.ts`` (TorchScript), ``run.py`` (the numpy + onnxruntime
 edge runner) and ``manifest.json``, after checking every engine against eager torch.
 ``load_bundle`` / ``verify_bundle`` reject a bundle whose files do not match its manifest;
-``measure_latency`` times a bundle on this machine.
+``measure_latency`` times a bundle on this machine. The pieces are public too, for models
+a bundle does not take (token models): ``extract_weights`` -> ``build_sequence_model`` /
+``build_step_model`` / ``script_model``, checked with ``run_parity``.
 """
 
 from compressm_tune.exporter._bundle import FILE_NAMES, FORMATS, MODES, export_bundle
@@ -19,11 +22,13 @@ from compressm_tune.exporter._onnx_graph import (
     build_sequence_model,
     build_step_model,
 )
+from compressm_tune.exporter._parity import run_parity
 from compressm_tune.exporter._runtime import onnxruntime_functions
 from compressm_tune.exporter._torchscript import ScriptedSSM, script_model
 from compressm_tune.exporter._weights import (
     BlockWeights,
     LRUWeights,
+    MambaBlockWeights,
     ModelWeights,
     SelectiveWeights,
     extract_weights,
@@ -40,6 +45,7 @@ __all__ = [
     "EdgeBundle",
     "ExportOptionError",
     "LRUWeights",
+    "MambaBlockWeights",
     "ModelWeights",
     "ScriptedSSM",
     "SelectiveWeights",
@@ -53,6 +59,7 @@ __all__ = [
     "load_bundle",
     "measure_latency",
     "onnxruntime_functions",
+    "run_parity",
     "script_model",
     "verify_bundle",
 ]

@@ -230,7 +230,8 @@ def export_bundle(
         The sequence graph (ONNX and TorchScript): ``"auto"`` times the per-token Scan and
         every chunk length worth trying at the training length (batch 1, ``threads``) and
         keeps the fastest (:func:`~._chunk_choice.choose_chunk`); ``"scan"`` or ``None`` the
-        per-token Scan; an integer T the chunked graph with chunks of T tokens (LRU only).
+        per-token Scan; an integer T the chunked graph with chunks of T tokens (LRU and
+        selective; a Mamba network always gets the per-token Scan).
         The manifest's ``sequence_graph`` records the choice and its timings.
     threads : int
         torch and onnxruntime intra-op threads during the checks.
@@ -284,6 +285,11 @@ def export_bundle(
                                 f"got {chunk=}")
     checkpoint = Path(checkpoint)
     payload, model, dataset = _load_model(checkpoint)
+    if model.config.vocab_size is not None:
+        raise ExportOptionError(
+            f"{checkpoint} holds a token model (vocab_size={model.config.vocab_size}): bundles "
+            "and the edge runner take float inputs; export its graphs with "
+            "build_sequence_model / build_step_model / script_model and check run_parity")
     source_sha = file_sha256(checkpoint)  # the file just read (load_checkpoint checked it exists)
     seq_len = int((dataset or {}).get("seq_len") or _DEFAULT_SEQ_LEN)
     lengths = tuple(sorted(set(parity_lengths))) if parity_lengths else default_lengths(seq_len)
@@ -379,13 +385,14 @@ def _install(stage: Path, out_dir: Path, files: dict, manifest: dict) -> None:
     write_manifest(out_dir, manifest)
 
 
-_NAMES = {"lru": ("LRU network", "LRU"), "selective": ("selective SSM network", "S6")}
+_BLOCKS = {"lru": "LRU network (encoder -> BatchNorm/LRU/GELU/GLU blocks",
+           "selective": "selective SSM network (encoder -> BatchNorm/S6/GELU/GLU blocks",
+           "mamba": "Mamba network (encoder -> RMSNorm/Mamba mixer blocks -> RMSNorm"}
 
 
 def _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len, opset, formats,
               modes, files, parity, quant, started) -> dict[str, Any]:
     config = model.config
-    network, layer = _NAMES[weights.arch]
     task = (dataset or {}).get("task")
     mean = list((dataset or {}).get("norm_mean") or [0.0] * config.d_input)
     std = list((dataset or {}).get("norm_std") or [1.0] * config.d_input)
@@ -396,13 +403,13 @@ def _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len,
         "source": {"checkpoint": str(checkpoint.resolve()), "sha256": source_sha,
                    "step": payload.get("step")},
         "model": {"arch": weights.arch,
-                  "architecture": f"{network} (encoder -> BatchNorm/{layer}/GELU/GLU "
-                                  f"blocks -> {'mean pool -> ' if config.pooling == 'mean' else ''}"
-                                  "head)",
+                  "architecture": f"{_BLOCKS[weights.arch]} -> "
+                                  f"{'mean pool -> ' if config.pooling == 'mean' else ''}head)",
                   "d_input": config.d_input, "d_model": config.d_model,
                   "d_output": config.d_output, "n_blocks": config.n_blocks,
                   "state_dims": model.state_dims,
-                  # streaming state per block (LRU (batch, N, 2), selective (batch, H, N))
+                  # streaming state per block (LRU (batch, N, 2), selective (batch, H, N),
+                  # Mamba (batch, E, d_conv - 1 + N))
                   "state_shapes": [["batch", *shape] for shape in weights.state_shapes],
                   "pooling": config.pooling, "config": config.to_dict()},
         "task": {"task": task, "dataset": (dataset or {}).get("name"),

@@ -55,7 +55,7 @@ def check_chunk(chunk: int | None, arch: str) -> int | None:
         raise ExportOptionError(f"chunk must be None or an integer >= 1, got {chunk=}")
     if arch not in CHUNK_ARCHS:
         raise ExportOptionError(f"a chunked sequence graph exists for {CHUNK_ARCHS} layers, "
-                                f"not {arch!r}; use chunk=None")
+                                f"not {arch!r}; use chunk=None (--chunk scan)")
     return int(chunk)
 
 

@@ -29,11 +29,12 @@ chunked graph of :mod:`._onnx_chunked` instead (a few large ops per chunk of T t
 
 Both architectures go through the same builders: a layer writer (:class:`_LRUWriter`,
 :class:`_SelectiveWriter`) says how to compute the layer's drive from its input, one step of
-its recurrence and its read-out; the sequence graph puts the step into a ``Scan`` body, the
-streaming graph applies it once. The streaming graph's states are explicit inputs and outputs
-in :meth:`SSMModel.allocate_state`'s layout: per block ``(batch, N_k, 2)`` (LRU) or
-``(batch, H, N_k)`` (selective), then, with mean pooling, the running sum ``(batch, H)`` and
-the token count ``(1,)``.
+its recurrence and its read-out (a Mamba block wraps the selective writer on its inner
+channels in :class:`._onnx_mamba.MambaParts`); the sequence graph puts the step into a
+``Scan`` body, the streaming graph applies it once. The streaming graph's states are explicit
+inputs and outputs in :meth:`SSMModel.allocate_state`'s layout: per block ``(batch, N_k, 2)`` (LRU),
+``(batch, H, N_k)`` (selective) or ``(batch, E, K - 1 + N_k)`` (Mamba), then, with mean
+pooling, the running sum ``(batch, H)`` and the token count ``(1,)``.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ from compressm_tune.errors import ExportError
 from compressm_tune.exporter._chunked import CHUNK_KEY, check_chunk, chunk_label
 from compressm_tune.exporter._errors import ExportOptionError
 from compressm_tune.exporter._onnx_chunked import ChunkedLRU, ChunkedSelective, ChunkFrame
+from compressm_tune.exporter._onnx_mamba import MambaParts
 from compressm_tune.exporter._onnx_ops import Graph as _Graph
 from compressm_tune.exporter._weights import (
     BlockWeights,
     LRUWeights,
+    MambaBlockWeights,
     ModelWeights,
     SelectiveWeights,
 )
@@ -230,10 +233,22 @@ class _SelectiveWriter:
         return self.readout(g, emitted)
 
 
-def _writer(g: _Graph, w: BlockWeights, k: int, scan: bool = True
+def _writer(g: _Graph, w: BlockWeights | MambaBlockWeights, k: int, scan: bool = True
             ) -> _LRUWriter | _SelectiveWriter:
     cls = _SelectiveWriter if isinstance(w.ssm, SelectiveWeights) else _LRUWriter
     return cls(g, w.ssm, k, scan)
+
+
+def _final_norm(g: _Graph, h: str, w: ModelWeights) -> str:
+    """Mamba's ``norm_f`` (no-op for the other architectures)."""
+    return h if w.norm_f is None else g.rms_norm(h, w.norm_f, w.norm_eps, "norm_f")
+
+
+def _x_info(name: str, w: ModelWeights, dims: list) -> onnx.ValueInfoProto:
+    """The model input: float ``(*dims, d_input)``, or int64 token ids ``dims``."""
+    if w.tokens:
+        return helper.make_tensor_value_info(name, TensorProto.INT64, dims)
+    return helper.make_tensor_value_info(name, _FLOAT, [*dims, w.d_input])
 
 
 def _finish(g: _Graph, name: str, inputs, outputs, opset: int, doc: str,
@@ -288,10 +303,16 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
     chunk = check_chunk(chunk, w.arch)
     g = _Graph()
     frame = None if chunk is None else ChunkFrame(g, "x", chunk, w.d_input)
-    h = g.linear("x" if frame is None else frame.x, w.encoder, w.encoder_bias,
-                 "encoder")  # (B, L, H), or padded and flat (B*C*T, H)
+    h = g.encode("x" if frame is None else frame.x, w)  # (B, L, H), or padded, flat (B*C*T, H)
     batch = None
     for k, bw in enumerate(w.blocks):
+        if isinstance(bw, MambaBlockWeights):  # chunk is None: check_chunk refuses mamba
+            batch = batch or _batch(g)
+            parts = MambaParts(g, bw, k)
+            xc, z = parts.sequence_input(g, h)  # (B, L, E) each
+            y = _scan_layer(g, _writer(g, bw, k), xc, batch, k)  # (B, L, E)
+            h = parts.output(g, h, y, xc, z)  # (B, L, H)
+            continue
         if frame is not None and isinstance(bw.ssm, LRUWeights):  # BatchNorm folded in
             h = g.block_tail(h, None, ChunkedLRU(g, bw.ssm, k, frame).block(g, h, bw), bw)
             continue
@@ -299,13 +320,12 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
         if frame is not None:
             y = ChunkedSelective(g, bw.ssm, k, frame).apply(g, hn)
         else:
-            batch = batch or g.op("Slice", [g.op("Shape", ["x"]),
-                                            g.const("zero", np.array([0], np.int64)),
-                                            g.const("one_i", np.array([1], np.int64))], "batch")
+            batch = batch or _batch(g)
             y = _scan_layer(g, _writer(g, bw, k), hn, batch, k)
         h = g.block_tail(h, hn, y, bw)  # (B, L, H)
     if frame is not None:
         h = frame.cut(g, h, w.d_model)  # (B, L, H): padding never enters pool or output
+    h = _final_norm(g, h, w)
     if w.pooling == "mean":
         if opset >= 18:
             h = g.op("ReduceMean", [h, g.const("time_axis", np.array([1], np.int64))], "pool",
@@ -314,7 +334,7 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
             h = g.op("ReduceMean", [h], "pool", axes=[1], keepdims=0)  # (B, H)
     g.op("Add", [g.linear(h, w.head, None, "head"), g.const("head_b", w.head_bias)],
          outputs=["y"])
-    x_info = helper.make_tensor_value_info("x", _FLOAT, ["batch", "length", w.d_input])
+    x_info = _x_info("x", w, ["batch", "length"])
     y_shape = ["batch", w.d_output] if w.pooling == "mean" else ["batch", "length", w.d_output]
     y_info = helper.make_tensor_value_info("y", _FLOAT, y_shape)
     variant = "scan" if chunk is None else f"chunked T={chunk}"
@@ -322,6 +342,12 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
            "normalized as in manifest.json -> y")
     meta = {**_metadata(w, "sequence"), CHUNK_KEY: chunk_label(chunk)}
     return _finish(g, "compressm_sequence", [x_info], [y_info], opset, doc, meta)
+
+
+def _batch(g: _Graph) -> str:
+    """The batch size of input ``x`` as a ``(1,)`` int64 tensor."""
+    return g.op("Slice", [g.op("Shape", ["x"]), g.const("zero", np.array([0], np.int64)),
+                          g.const("one_i", np.array([1], np.int64))], "batch")
 
 
 def _scan_layer(g: _Graph, layer: _LRUWriter | _SelectiveWriter, hn: str, batch: str,
@@ -349,12 +375,20 @@ def build_step_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelP
     opset = check_opset(opset)
     in_names, out_names = step_io_names(len(w.blocks), w.pooling)
     g = _Graph()
-    h = g.linear("x_t", w.encoder, w.encoder_bias, "encoder")  # (B, H)
+    h = g.encode("x_t", w)  # (B, H)
     for k, bw in enumerate(w.blocks):
         layer = _writer(g, bw, k, scan=False)
+        if isinstance(bw, MambaBlockWeights):
+            parts = MambaParts(g, bw, k)
+            xc, z, conv_in, s6 = parts.step_input(g, h, f"state_{k}")  # (B, E) x2, ...
+            states, emitted = layer.update(g, [s6], layer.drive(g, xc))
+            g.op("Concat", [conv_in, states[0]], axis=2, outputs=[f"next_state_{k}"])
+            h = parts.output(g, h, layer.readout(g, emitted), xc, z)  # (B, H)
+            continue
         hn = g.affine(h, bw.bn_scale, bw.bn_shift, f"bn{k}")  # (B, H)
         y = layer.stream(g, hn, f"state_{k}", f"next_state_{k}")  # (B, H)
         h = g.block_tail(h, hn, y, bw)  # (B, H)
+    h = _final_norm(g, h, w)
     if w.pooling == "mean":
         total = g.op("Add", ["pool_sum", h], outputs=["next_pool_sum"])  # (B, H)
         count = g.op("Add", ["pool_count", g.const("one", np.array([1.0], np.float32))],
@@ -362,13 +396,14 @@ def build_step_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelP
         h = g.op("Div", [total, count], "pool")  # (B, H)
     g.op("Add", [g.linear(h, w.head, None, "head"), g.const("head_b", w.head_bias)],
          outputs=["y_t"])
-    shapes = {"x_t": ["batch", w.d_input], "y_t": ["batch", w.d_output],
+    shapes = {"y_t": ["batch", w.d_output],
               "pool_sum": ["batch", w.d_model], "pool_count": [1]}
     for k, shape in enumerate(w.state_shapes):
         shapes[f"state_{k}"] = ["batch", *shape]
     for name in list(shapes):
         shapes[f"next_{name}"] = shapes[name]
-    inputs = [helper.make_tensor_value_info(n, _FLOAT, shapes[n]) for n in in_names]
+    inputs = [_x_info("x_t", w, ["batch"])]
+    inputs += [helper.make_tensor_value_info(n, _FLOAT, shapes[n]) for n in in_names[1:]]
     outputs = [helper.make_tensor_value_info(n, _FLOAT, shapes[n]) for n in out_names]
     doc = f"{w.arch} SSM network, streaming mode: one token + states -> output so far + states"
     return _finish(g, "compressm_step", inputs, outputs, opset, doc, _metadata(w, "step"))

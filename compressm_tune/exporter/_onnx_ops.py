@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compressm_tune.exporter._weights import BlockWeights, SelectiveWeights
+from compressm_tune.exporter._weights import BlockWeights, ModelWeights, SelectiveWeights
 
 __all__ = ["Graph"]
 
@@ -59,6 +59,26 @@ class Graph:
         one = self.const("one", np.array(1.0, np.float32))
         erf = self.op("Erf", [self.op("Div", [x, sqrt2])])
         return self.op("Mul", [self.op("Mul", [x, self.op("Add", [erf, one])]), half], "gelu")
+
+    def silu(self, x: str) -> str:
+        """``x * sigmoid(x)``."""
+        return self.op("Mul", [x, self.op("Sigmoid", [x])], "silu")
+
+    def rms_norm(self, x: str, weight: np.ndarray, eps: float, hint: str) -> str:
+        """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis (any leading dims). The
+        mean is a ``MatMul`` with a ``(H, 1)`` column of ``1/H``: no opset-dependent
+        ``ReduceMean`` signature."""
+        h = len(weight)
+        mean = self.op("MatMul", [self.op("Mul", [x, x]),
+                                  self.const("inv_h", np.full((h, 1), 1.0 / h, np.float32))])
+        root = self.op("Sqrt", [self.op("Add", [mean, self.const("eps", np.float32(eps))])])
+        return self.op("Mul", [self.op("Div", [x, root]), self.const(f"{hint}_w", weight)], hint)
+
+    def encode(self, x: str, w: ModelWeights) -> str:
+        """The encoder: ``Gather`` from the embedding table for token ids, else a linear map."""
+        if w.tokens:
+            return self.op("Gather", [self.const("embedding", w.encoder), x], "encoder", axis=0)
+        return self.linear(x, w.encoder, w.encoder_bias, "encoder")
 
     def zeros(self, batch: str, shape: tuple[int, ...]) -> str:
         """A float32 zero tensor ``(batch, *shape)``; ``batch`` is a ``(1,)`` int64 tensor."""

@@ -27,9 +27,9 @@ from compressm_tune.errors import ExportError
 from compressm_tune.models import SSMModel
 
 __all__ = ["ParityCheck", "data_inputs", "default_lengths", "gaussian_inputs", "run_parity",
-           "stream_onnx", "stream_torchscript"]
+           "stream_onnx", "stream_torchscript", "token_inputs"]
 
-# (batch, length, generator) -> normalized input (batch, length, d_input)
+# (batch, length, generator) -> normalized input (batch, length, d_input), or token ids
 Inputs = Callable[[int, int, torch.Generator], torch.Tensor]
 
 _LONG_MIN = 2000  # the long check runs at least this many steps...
@@ -62,6 +62,11 @@ def default_lengths(seq_len: int) -> tuple[int, ...]:
 def gaussian_inputs(d_input: int) -> Inputs:
     """N(0, 1) inputs ``(batch, length, d_input)`` in normalized space."""
     return lambda batch, length, gen: torch.randn(batch, length, d_input, generator=gen)
+
+
+def token_inputs(vocab_size: int) -> Inputs:
+    """Uniformly drawn token ids ``(batch, length)`` int64, for models with an embedding."""
+    return lambda batch, length, gen: torch.randint(vocab_size, (batch, length), generator=gen)
 
 
 def data_inputs(x: torch.Tensor) -> Inputs:
@@ -119,7 +124,7 @@ def _check(engine: str, mode: str, length: int, got, want: torch.Tensor) -> Pari
 def run_parity(model: SSMModel, *, onnx_sequence=None, onnx_step=None, torchscript=None,
                lengths: tuple[int, ...], batches: tuple[int, ...] = (1, 3),
                tolerance: float = 1e-4, seed: int = 0, inputs: Inputs | None = None,
-               inputs_doc: str = "N(0, 1) in normalized space") -> dict:
+               inputs_doc: str | None = None) -> dict:
     """Compare every given engine with ``model`` (eval mode) and fail loudly past ``tolerance``.
 
     Sequence checks run at every (batch, length); streaming checks at every length for the
@@ -140,7 +145,8 @@ def run_parity(model: SSMModel, *, onnx_sequence=None, onnx_step=None, torchscri
         Seeds the inputs.
     inputs : callable, optional
         ``inputs(batch, length, generator)`` -> normalized ``(batch, length, d_input)``;
-        default :func:`gaussian_inputs`. ``inputs_doc`` says in the report what they are.
+        default :func:`gaussian_inputs` (token models: :func:`token_inputs`, and
+        ``inputs_doc`` should say so). ``inputs_doc`` says in the report what they are.
 
     Returns
     -------
@@ -156,7 +162,11 @@ def run_parity(model: SSMModel, *, onnx_sequence=None, onnx_step=None, torchscri
     """
     model.eval()
     mean_pool = model.config.pooling == "mean"
-    inputs = inputs or gaussian_inputs(model.config.d_input)
+    vocab = model.config.vocab_size
+    inputs = inputs or (gaussian_inputs(model.config.d_input) if vocab is None
+                        else token_inputs(vocab))
+    inputs_doc = inputs_doc or ("N(0, 1) in normalized space" if vocab is None
+                                else f"token ids uniform in [0, {vocab})")
     gen = torch.Generator().manual_seed(seed)
     longest, biggest = max(lengths), max(batches)
     checks: list[ParityCheck] = []

@@ -8,7 +8,8 @@ length) and a ``step`` method in :meth:`SSMModel.allocate_state`'s layout. A blo
 shared part (BatchNorm fold, ``D``, GELU, GLU, residual) around one layer module,
 :class:`_ScriptedLRU` or :class:`_ScriptedSelective`, each with ``forward`` over a sequence and
 ``step`` over one token; with a chunk length the LRU's ``forward`` is chunked like the ONNX
-sequence graph (:mod:`._chunked`). The saved file needs only ``torch.jit.load``: no
+sequence graph (:mod:`._chunked`). A Mamba block (:class:`_ScriptedMamba`) wraps
+:class:`_ScriptedSelective` on its inner channels. The saved file needs only ``torch.jit.load``: no
 compressm_tune import on the loading side.
 """
 
@@ -23,6 +24,7 @@ from compressm_tune.exporter._chunked import check_chunk, lru_chunk, segment_sum
 from compressm_tune.exporter._weights import (
     BlockWeights,
     LRUWeights,
+    MambaBlockWeights,
     ModelWeights,
     SelectiveWeights,
 )
@@ -188,6 +190,61 @@ class _ScriptedBlock(nn.Module):
         return self._tail(x_t, hn, y), state
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _affine(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x @ w if b is None else x @ w + b
+
+
+class _ScriptedMamba(nn.Module):
+    """One Mamba block; see :class:`MambaBlockWeights` for the equations. Absent biases are
+    ``None`` attributes (TorchScript refines ``Optional`` buffers)."""
+
+    def __init__(self, w: MambaBlockWeights) -> None:
+        super().__init__()
+        for name in ("norm", "in_x", "in_z", "conv", "d", "out_w"):
+            _buf(self, name, getattr(w, name))
+        for name in ("in_x_bias", "in_z_bias", "conv_bias", "out_bias"):
+            value = getattr(w, name)
+            if value is None:
+                self.register_buffer(name, None)
+            else:
+                _buf(self, name, value)
+        self.eps = float(w.eps)
+        self.keep = w.d_conv - 1  # conv inputs carried between tokens
+        self.ssm = _ScriptedSelective(w.ssm, None)
+
+    def _in(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hn = _rms_norm(h, self.norm, self.eps)
+        return _affine(hn, self.in_x, self.in_x_bias), _affine(hn, self.in_z, self.in_z_bias)
+
+    def _out(self, h: torch.Tensor, y: torch.Tensor, xc: torch.Tensor,
+             z: torch.Tensor) -> torch.Tensor:
+        return h + _affine((y + self.d * xc) * F.silu(z), self.out_w, self.out_bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``(batch, L, H) -> (batch, L, H)``."""
+        x, z = self._in(h)  # (B, L, E) each
+        xc = F.conv1d(x.transpose(1, 2), self.conv[:, None], self.conv_bias,
+                      padding=self.keep, groups=self.conv.shape[0])  # (B, E, L + K - 1)
+        xc = F.silu(xc[:, :, :h.shape[1]].transpose(1, 2))  # (B, L, E): causal part
+        return self._out(h, self.ssm(xc), xc, z)
+
+    def step(self, h: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h (batch, H)``, ``state (batch, E, K - 1 + N)`` -> ``(out (batch, H), state)``."""
+        x, z = self._in(h)  # (B, E) each
+        window = torch.cat((state[:, :, :self.keep], x[:, :, None]), -1)  # (B, E, K)
+        xc = (window * self.conv).sum(-1)  # (B, E)
+        conv_bias = self.conv_bias
+        if conv_bias is not None:
+            xc = xc + conv_bias
+        xc = F.silu(xc)
+        y, s6 = self.ssm.step(xc, state[:, :, self.keep:])
+        return self._out(h, y, xc, z), torch.cat((window[:, :, 1:], s6), -1)
+
+
 class ScriptedSSM(nn.Module):
     """Inference-only twin of an :class:`~compressm_tune.models.SSMModel`, scriptable.
 
@@ -204,19 +261,33 @@ class ScriptedSSM(nn.Module):
         _buf(self, "head", w.head)
         _buf(self, "head_bias", w.head_bias)
         chunk = check_chunk(chunk, w.arch)
-        self.blocks = nn.ModuleList(_ScriptedBlock(b, chunk) for b in w.blocks)
+        self.blocks = nn.ModuleList(_ScriptedMamba(b) if isinstance(b, MambaBlockWeights)
+                                    else _ScriptedBlock(b, chunk) for b in w.blocks)
+        self.tokens = w.tokens  # inputs are token ids: the encoder is an embedding table
+        self.final_norm = w.norm_f is not None
+        _buf(self, "norm_f", w.norm_f if w.norm_f is not None else np.ones(w.d_model))
+        self.norm_eps = float(w.norm_eps)
         self.chunk = int(chunk or 0)  # 0: token by token; T: chunks of T tokens
         self.mean_pool = w.pooling == "mean"
         self.d_model = w.d_model
-        self.arch = w.arch  # "lru" or "selective"
+        self.arch = w.arch  # "lru", "selective" or "mamba"
         self.state_dims = list(w.state_dims)  # list[int], one width per block
         # each block's streaming state without the batch axis: (N, 2) LRU, (H, N) selective
         self.state_shapes = [list(shape) for shape in w.state_shapes]
 
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens:
+            return F.embedding(x, self.encoder)
+        return x @ self.encoder + self.encoder_bias
+
+    def _final(self, h: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(h, self.norm_f, self.norm_eps) if self.final_norm else h
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x @ self.encoder + self.encoder_bias  # (B, L, H)
+        h = self._encode(x)  # (B, L, H)
         for block in self.blocks:
             h = block(h)  # (B, L, H)
+        h = self._final(h)
         if self.mean_pool:
             h = h.mean(dim=1)  # (B, H)
         return h @ self.head + self.head_bias
@@ -224,7 +295,7 @@ class ScriptedSSM(nn.Module):
     @torch.jit.export
     def allocate_state(self, batch: int) -> list[torch.Tensor]:
         """Zero state: one tensor per block (``(batch, N_k, 2)`` LRU, ``(batch, H, N_k)``
-        selective), then (mean pooling) sum and count."""
+        selective, ``(batch, E, K - 1 + N_k)`` Mamba), then (mean pooling) sum and count."""
         state = [torch.zeros([batch] + shape) for shape in self.state_shapes]
         if self.mean_pool:
             state.append(torch.zeros(batch, self.d_model))
@@ -234,11 +305,12 @@ class ScriptedSSM(nn.Module):
     @torch.jit.export
     def step(self, x_t: torch.Tensor,
              state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        h = x_t @ self.encoder + self.encoder_bias  # (B, H)
+        h = self._encode(x_t)  # (B, H)
         new_state: list[torch.Tensor] = []
         for k, block in enumerate(self.blocks):
             h, s = block.step(h, state[k])
             new_state.append(s)
+        h = self._final(h)
         if self.mean_pool:
             total = state[-2] + h  # (B, H)
             count = state[-1] + 1  # (1,)

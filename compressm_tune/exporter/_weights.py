@@ -7,9 +7,11 @@ float32 code* (``LRULayer._lambda`` etc.), so the exported constants are bit-ide
 eager torch uses. With |lambda| near 0.999 a one-ulp difference in lambda would otherwise grow
 ~1000x over a long sequence.
 
-A block is the part both architectures share (BatchNorm fold, ``D``, GELU, GLU, residual:
-:class:`BlockWeights`) around one SSM layer, :class:`LRUWeights` or :class:`SelectiveWeights`;
-each layer record knows its streaming state's shape (``state_shape``, without the batch axis).
+A block is the part the paper's architectures share (BatchNorm fold, ``D``, GELU, GLU,
+residual: :class:`BlockWeights`) around one SSM layer, :class:`LRUWeights` or
+:class:`SelectiveWeights`; a Mamba block (:class:`MambaBlockWeights`) holds its own norm,
+projections and convolution around a :class:`SelectiveWeights` S6 core. Each block record knows
+its streaming state's shape (``state_shape``, without the batch axis).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from compressm_tune.models import LRULayer, SelectiveLayer, SSMModel
+from compressm_tune.models import LRULayer, MambaBlock, SelectiveLayer, SSMModel
 
-__all__ = ["BlockWeights", "LRUWeights", "ModelWeights", "SelectiveWeights", "extract_weights"]
+__all__ = ["BlockWeights", "LRUWeights", "MambaBlockWeights", "ModelWeights", "SelectiveWeights",
+           "extract_weights"]
 
 
 @dataclass(frozen=True)
@@ -116,26 +119,84 @@ class BlockWeights:
         """N, the layer's state width."""
         return self.ssm.state_dim
 
+    @property
+    def arch(self) -> str:
+        return self.ssm.arch
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return self.ssm.state_shape
+
+
+@dataclass(frozen=True)
+class MambaBlockWeights:
+    """One Mamba block (:class:`~compressm_tune.models.MambaBlock`), all float32::
+
+        hn    = h / sqrt(mean(h^2) + eps) * norm              RMSNorm, (.., H)
+        x     = hn @ in_x (+ in_x_bias) ; z = hn @ in_z (+ in_z_bias)           (.., E)
+        xc    = silu(causal depthwise conv of x: sum_j conv[:, j] x_{t-K+1+j} + conv_bias)
+        y     = (s6(xc) + d * xc) * silu(z)                   S6 core on E channels
+        out   = h + y @ out_w (+ out_bias)
+
+    The streaming state is ``(E, K - 1 + N)``: the last ``K - 1`` conv inputs, then the S6
+    state.
+    """
+
+    arch: ClassVar[str] = "mamba"
+    norm: np.ndarray  # (H,)
+    eps: float
+    in_x: np.ndarray  # (H, E)  first half of in_proj, transposed
+    in_z: np.ndarray  # (H, E)  gate half, transposed
+    in_x_bias: np.ndarray | None  # (E,)
+    in_z_bias: np.ndarray | None  # (E,)
+    conv: np.ndarray  # (E, K)  depthwise kernel, oldest input first
+    conv_bias: np.ndarray | None  # (E,)
+    ssm: SelectiveWeights  # the S6 core, H = E
+    d: np.ndarray  # (E,)
+    out_w: np.ndarray  # (E, H)
+    out_bias: np.ndarray | None  # (H,)
+
+    @property
+    def state_dim(self) -> int:
+        """N, the S6 core's state width."""
+        return self.ssm.state_dim
+
+    @property
+    def d_conv(self) -> int:
+        return int(self.conv.shape[1])
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """Streaming state per sequence: ``(E, K - 1 + N)``."""
+        return (int(self.conv.shape[0]), self.d_conv - 1 + self.state_dim)
+
 
 @dataclass(frozen=True)
 class ModelWeights:
-    """The whole network: encoder -> blocks -> (mean pool) -> head, float32."""
+    """The whole network: encoder -> blocks -> (final norm) -> (mean pool) -> head, float32.
 
-    encoder: np.ndarray  # (d_input, H)  W^T
+    Token models (``tokens``): ``encoder`` is the embedding table ``(vocab, H)``, looked up by
+    id, and ``encoder_bias`` is zero."""
+
+    encoder: np.ndarray  # (d_input, H)  W^T, or (vocab, H) embedding table
     encoder_bias: np.ndarray  # (H,)
-    blocks: tuple[BlockWeights, ...]
+    blocks: tuple[BlockWeights | MambaBlockWeights, ...]
     head: np.ndarray  # (H, d_output)  W^T
     head_bias: np.ndarray  # (d_output,)
     pooling: str  # "mean" or "none"
+    tokens: bool = False  # inputs are token ids (batch, L) int64
+    norm_f: np.ndarray | None = None  # (H,)  final RMSNorm weight (Mamba)
+    norm_eps: float = 1e-5
 
     @property
     def arch(self) -> str:
-        """``"lru"`` or ``"selective"`` (every block has the same kind of layer)."""
-        return self.blocks[0].ssm.arch
+        """``"lru"``, ``"selective"`` or ``"mamba"`` (every block is of the same kind)."""
+        return self.blocks[0].arch
 
     @property
     def d_input(self) -> int:
-        return int(self.encoder.shape[0])
+        """Input channels (1 for token ids)."""
+        return 1 if self.tokens else int(self.encoder.shape[0])
 
     @property
     def d_model(self) -> int:
@@ -152,12 +213,30 @@ class ModelWeights:
     @property
     def state_shapes(self) -> list[tuple[int, ...]]:
         """Each block's streaming state without the batch axis (LRU ``(N, 2)``, selective
-        ``(H, N)``), as :meth:`SSMModel.allocate_state` lays it out."""
-        return [b.ssm.state_shape for b in self.blocks]
+        ``(H, N)``, Mamba ``(E, K - 1 + N)``), as :meth:`SSMModel.allocate_state` lays it out."""
+        return [b.state_shape for b in self.blocks]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to(torch.float32).cpu().numpy())
+
+
+def _opt(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else _np(t)
+
+
+def _mamba_block(block: MambaBlock) -> MambaBlockWeights:
+    layer = block.ssm
+    e = layer.d_inner
+    w, b = layer.in_proj.weight, layer.in_proj.bias  # (2E, H), (2E,) or None
+    return MambaBlockWeights(
+        norm=_np(block.norm.weight), eps=float(block.norm.eps),
+        in_x=_np(w[:e].T), in_z=_np(w[e:].T),
+        in_x_bias=None if b is None else _np(b[:e]), in_z_bias=None if b is None else _np(b[e:]),
+        conv=_np(layer.conv1d.weight[:, 0]), conv_bias=_opt(layer.conv1d.bias),
+        ssm=_layer_weights(layer.s6), d=_np(layer.s6.D),
+        out_w=_np(layer.out_proj.weight.T), out_bias=_opt(layer.out_proj.bias),
+    )
 
 
 def _layer_weights(layer: LRULayer | SelectiveLayer) -> SSMWeights:
@@ -190,9 +269,12 @@ def extract_weights(model: SSMModel) -> ModelWeights:
     >>> w.arch, w.state_shapes
     ('selective', [(4, 5), (4, 2)])
     """
-    blocks = []
+    blocks: list[BlockWeights | MambaBlockWeights] = []
     with torch.no_grad():
         for block in model.blocks:
+            if isinstance(block, MambaBlock):
+                blocks.append(_mamba_block(block))
+                continue
             norm = block.norm
             scale = torch.rsqrt(norm.running_var + norm.eps)  # (H,)  as torch's CPU batch_norm
             h = block.ssm.d_model
@@ -203,8 +285,15 @@ def extract_weights(model: SSMModel) -> ModelWeights:
                 glu_a=_np(w[:h].T), glu_a_bias=_np(b[:h]),
                 glu_b=_np(w[h:].T), glu_b_bias=_np(b[h:]),
             ))
+        config = model.config
+        tokens = config.vocab_size is not None
+        encoder = model.encoder.weight  # Linear (H, d_input) or Embedding (vocab, H)
+        norm_f = getattr(model.norm_f, "weight", None)  # RMSNorm (Mamba) or Identity
         return ModelWeights(
-            encoder=_np(model.encoder.weight.T), encoder_bias=_np(model.encoder.bias),
+            encoder=_np(encoder if tokens else encoder.T),
+            encoder_bias=np.zeros(config.d_model, np.float32) if tokens
+            else _np(model.encoder.bias),
             blocks=tuple(blocks), head=_np(model.head.weight.T), head_bias=_np(model.head.bias),
-            pooling=model.config.pooling,
+            pooling=config.pooling, tokens=tokens, norm_f=_opt(norm_f),
+            norm_eps=float(config.norm_eps),
         )

@@ -35,7 +35,7 @@ class ProfilerConfig:
 
     device: str = "auto"  # "auto": cuda:0 when CUDA is available, else cpu
     runtime: str = "torch"  # inference runtime; training steps always run in eager torch
-    arch: str = "lru"  # SSM layer of the measured models: "lru" or "selective"
+    arch: str = "lru"  # SSM layer of the measured models: "lru", "selective" or "mamba"
     widths: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256, 512)  # state widths N to measure
     hidden: int = 64  # H, the residual width of every block
     blocks: int = 2  # K equal-width blocks per measured model

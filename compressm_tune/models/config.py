@@ -10,7 +10,7 @@ from compressm_tune.errors import ConfigError
 __all__ = ["ARCHS", "SSMConfig"]
 
 POOLINGS = ("mean", "none")
-ARCHS = ("lru", "selective")
+ARCHS = ("lru", "selective", "mamba")
 
 
 @dataclass
@@ -26,7 +26,9 @@ class SSMConfig:
     2
     """
 
-    arch: str = "lru"  # "lru": diagonal complex LTI (CompreSSM); "selective": Mamba-style S6
+    # "lru": diagonal complex LTI (CompreSSM); "selective": a bare S6 layer in the LRU's block;
+    # "mamba": Mamba's own block (RMSNorm -> MambaLayer -> residual) and a final RMSNorm
+    arch: str = "lru"
     d_input: int = 1
     d_output: int = 10
     d_model: int = 64  # H: width of the residual stream
@@ -37,6 +39,15 @@ class SSMConfig:
     r_min: float = 0.9
     r_max: float = 0.999
     max_phase: float = 2 * math.pi  # phase uniform in [0, max_phase)
+    # Mamba only (defaults as Mamba / transformers' MambaConfig)
+    expand: int = 2  # inner width E = expand * d_model
+    d_conv: int = 4  # kernel of the causal depthwise convolution
+    dt_rank: int | None = None  # rank of the step-size projection; None: ceil(d_model / 16)
+    proj_bias: bool = False  # biases of in_proj and out_proj
+    conv_bias: bool = True
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    # Token models: an nn.Embedding over ids (batch, L) instead of a Linear over floats
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if any(isinstance(n, bool) or int(n) != n for n in self.state_dims):
@@ -60,6 +71,13 @@ class SSMConfig:
             raise ConfigError(
                 f"0 <= r_min < r_max < 1 must hold, got r_min={self.r_min} r_max={self.r_max}"
             )
+        for name in ("expand", "d_conv", "dt_rank", "vocab_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value
+                                      or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {name}={value!r}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps > 0 must hold, got norm_eps={self.norm_eps}")
         if not 0.0 < self.max_phase <= 2 * math.pi:
             raise ConfigError(f"0 < max_phase <= 2*pi must hold, got max_phase={self.max_phase}")
 

@@ -1,8 +1,11 @@
-"""The deep SSM network: encoder -> blocks -> (mean pool) -> head.
+"""The deep SSM network: encoder -> blocks -> (final norm) -> (mean pool) -> head.
 
-Each block holds one SSM layer, an :class:`LRULayer` or a :class:`SelectiveLayer` as
-``SSMConfig.arch`` says; both take ``(batch, L, H)`` to ``(batch, L, H)`` and stream with
-``allocate_state`` / ``step``, so the block and the network do not care which.
+Each block holds one SSM layer, an :class:`LRULayer`, a :class:`SelectiveLayer` or a
+:class:`MambaLayer` as ``SSMConfig.arch`` says; all take ``(batch, L, H)`` to ``(batch, L, H)``
+and stream with ``allocate_state`` / ``step`` (one state tensor each), so the network does not
+care which. LRU and selective layers sit in the paper's block (:class:`SSMBlock`); a Mamba
+layer in Mamba's own (:class:`MambaBlock`), and the network then ends with an RMSNorm
+(Mamba's ``norm_f``). With ``vocab_size`` the encoder is an embedding over token ids.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from torch import nn
 
 from compressm_tune.models.config import SSMConfig
 from compressm_tune.models.lru import LRULayer
+from compressm_tune.models.mamba import MambaLayer
 from compressm_tune.models.selective import SelectiveLayer
 
-__all__ = ["SSMBlock", "SSMModel", "SSM_PARAMETERS"]
+__all__ = ["MambaBlock", "SELECTIVE_LAYERS", "SSMBlock", "SSMModel", "SSM_PARAMETERS"]
 
-SSMLayer = LRULayer | SelectiveLayer
+SSMLayer = LRULayer | SelectiveLayer | MambaLayer
+# Layers whose states are scored from data and cut by keeping indices (their S6 core's).
+SELECTIVE_LAYERS = (SelectiveLayer, MambaLayer)
 # Names of the recurrence parameters of either layer (the optimizer's SSM group).
 SSM_PARAMETERS = LRULayer.recurrence_parameters + SelectiveLayer.recurrence_parameters
 
@@ -65,11 +71,32 @@ class SSMBlock(nn.Module):
         return x_t + self.glu(F.gelu(h)), state
 
 
+class MambaBlock(nn.Module):
+    """Mamba's residual block: RMSNorm -> :class:`MambaLayer` -> dropout -> residual."""
+
+    def __init__(self, config: SSMConfig, state_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.ssm = MambaLayer(config.d_model, state_dim, config.expand, config.d_conv,
+                              config.dt_rank, config.proj_bias, config.conv_bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, L, H) -> (batch, L, H)``."""
+        return x + self.drop(self.ssm(self.norm(x)))
+
+    def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token ``(batch, H)`` and the layer's state."""
+        y, state = self.ssm.step(self.norm(x_t), state)
+        return x_t + y, state
+
+
 class SSMModel(nn.Module):
     """A stack of SSM blocks for sequence classification or per-step regression.
 
     ``model(x)``: ``x (batch, L, d_input)`` -> ``(batch, d_output)`` with mean pooling, or
-    ``(batch, L, d_output)`` with ``pooling="none"``.
+    ``(batch, L, d_output)`` with ``pooling="none"``. With ``config.vocab_size`` the input is
+    token ids, ``x (batch, L)`` int64.
 
     Examples
     --------
@@ -81,8 +108,14 @@ class SSMModel(nn.Module):
     def __init__(self, config: SSMConfig) -> None:
         super().__init__()
         self._config = replace(config, state_dims=list(config.state_dims))
-        self.encoder = nn.Linear(config.d_input, config.d_model)
-        self.blocks = nn.ModuleList(SSMBlock(config, n) for n in config.state_dims)
+        self.encoder: nn.Module = (nn.Linear(config.d_input, config.d_model)
+                                   if config.vocab_size is None
+                                   else nn.Embedding(config.vocab_size, config.d_model))
+        block = MambaBlock if config.arch == "mamba" else SSMBlock
+        self.blocks = nn.ModuleList(block(config, n) for n in config.state_dims)
+        # Mamba's norm_f; an Identity (no parameters) keeps other checkpoints' keys unchanged
+        self.norm_f: nn.Module = (nn.RMSNorm(config.d_model, eps=config.norm_eps)
+                                  if config.arch == "mamba" else nn.Identity())
         self.head = nn.Linear(config.d_model, config.d_output)
 
     @property
@@ -103,13 +136,14 @@ class SSMModel(nn.Module):
         h = self.encoder(x)  # (B, L, H)
         for block in self.blocks:
             h = block(h)  # (B, L, H)
+        h = self.norm_f(h)  # (B, L, H)
         if self._config.pooling == "mean":
             h = h.mean(dim=1)  # (B, H)
         return self.head(h)
 
     def allocate_state(self, batch_size: int) -> list[torch.Tensor]:
         """Zero streaming state: one tensor per block (LRU ``(batch, N_k, 2)``, selective
-        ``(batch, H, N_k)``), then, with mean
+        ``(batch, H, N_k)``, Mamba ``(batch, E, d_conv - 1 + N_k)``), then, with mean
         pooling, the running sum ``(batch, H)`` and the token count ``(1,)``."""
         ref = self.head.weight
         state = [layer.allocate_state(batch_size) for layer in self.ssm_layers()]
@@ -122,7 +156,8 @@ class SSMModel(nn.Module):
     def step(
         self, x_t: torch.Tensor, state: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Consume one token ``x_t (batch, d_input)``; return the output so far and the state.
+        """Consume one token ``x_t (batch, d_input)`` (token ids: ``(batch,)``); return the
+        output so far and the state.
 
         With mean pooling the output is the head applied to the mean of the features seen so
         far, so after the last token it equals ``forward`` on the whole sequence.
@@ -132,6 +167,7 @@ class SSMModel(nn.Module):
         for block, s in zip(self.blocks, state, strict=False):
             h, s = block.step(h, s)
             new_state.append(s)
+        h = self.norm_f(h)  # (B, H)
         if self._config.pooling == "mean":
             total = state[-2] + h  # (B, H)
             count = state[-1] + 1  # (1,)

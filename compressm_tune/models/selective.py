@@ -306,6 +306,12 @@ class SelectiveLayer(nn.Module):
         delta = F.softplus(u @ self.dt_down.T @ self.dt_up.T + self.dt_bias)  # (..., H)
         return delta, -torch.exp(self.A_log), u @ self.B_proj.T, u @ self.C_proj.T
 
+    def selective_core(self, u: torch.Tensor) -> tuple[SelectiveLayer, torch.Tensor]:
+        """The S6 core and what it receives for layer inputs ``u``: this layer itself, ``u``
+        (:class:`~compressm_tune.models.MambaLayer` puts a projection and a convolution
+        before its core)."""
+        return self, u
+
     def discretize(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decay ``a = exp(delta A)``, drive ``b = delta u B`` and read-out ``C`` for inputs
         ``u (..., H)``: ``a, b (..., H, N)`` and ``C (..., N)``."""

@@ -96,8 +96,8 @@ class ReductionPolicy:
         ``"input"`` weights the controllability Gramian with the second moment of the
         layer's inputs on the calibration sequences, so that states reached only through
         input directions the data leaves unexcited count for nothing (see
-        :func:`~compressm_tune.reduction.hankel_singular_values`). Selective layers are always
-        scored on data.
+        :func:`~compressm_tune.reduction.hankel_singular_values`). Selective and Mamba layers are
+        always scored on data.
 
     Examples
     --------

@@ -1,5 +1,11 @@
 """Which states of a selective (time-varying) SSM layer matter: empirical Gramians from data.
 
+Both :class:`SelectiveLayer` and :class:`MambaLayer` are scored here: each names its S6 core
+and what the core receives for the layer's inputs (``selective_core``; for Mamba, the
+convolved, activated inner channels), and the score is the core's. Mamba's SiLU gate and
+``out_proj`` after the core are left out of the observability side, as the selective layer's
+GELU/GLU are.
+
 A selective layer has no fixed ``(A, B, C)``: ``delta_t``, ``B_t`` and ``C_t`` depend on the
 input, so the Hankel singular values of an LTI system do not exist. What does exist, for the
 inputs the model actually sees, are the two halves of the Hankel picture per state index ``n``:
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 
 from compressm_tune.errors import ReductionError
-from compressm_tune.models import SelectiveLayer
+from compressm_tune.models import MambaLayer, SelectiveLayer
 from compressm_tune.models.selective import _scan, importance_sums
 from compressm_tune.reduction._truncation import SELECTS
 
@@ -38,8 +44,9 @@ _CALIBRATION_CHUNK = 16  # sequences per pass: bounds the (chunk, L, H, N) tempo
 
 
 @torch.no_grad()
-def state_importance(layer: SelectiveLayer, inputs: torch.Tensor) -> np.ndarray:
-    """Importance of every state index of ``layer`` on calibration ``inputs (batch, L, H)``.
+def state_importance(layer: SelectiveLayer | MambaLayer, inputs: torch.Tensor) -> np.ndarray:
+    """Importance of every state index of ``layer`` on calibration ``inputs (batch, L, H)``
+    (the layer's own inputs).
 
     Returns an (N,) float64 array in state order (not sorted); see the module docstring.
 
@@ -57,9 +64,10 @@ def state_importance(layer: SelectiveLayer, inputs: torch.Tensor) -> np.ndarray:
             f"calibration inputs must be (batch >= 1, L, {layer.d_model}), "
             f"got {tuple(inputs.shape)}")
     inputs = inputs.to(device=layer.A_log.device, dtype=layer.A_log.dtype)
-    total = importance_sums(*layer.projections(inputs), inputs)  # the C kernel: no 4-D tensors
+    core, inputs = layer.selective_core(inputs)  # the S6 core and its inputs (batch, L, E)
+    total = importance_sums(*core.projections(inputs), inputs)  # the C kernel: no 4-D tensors
     if total is None:  # no kernel here (GPU, float64): the same sums from 4-D torch tensors
-        total = sum(_importance_sums_torch(layer, u) for u in inputs.split(_CALIBRATION_CHUNK))
+        total = sum(_importance_sums_torch(core, u) for u in inputs.split(_CALIBRATION_CHUNK))
     score = (total.cpu() / (inputs.shape[0] * inputs.shape[1])).sqrt().numpy()
     if not np.isfinite(score).all():
         raise ReductionError("state importance is not finite: the layer's weights diverged")
@@ -77,7 +85,7 @@ def _importance_sums_torch(layer: SelectiveLayer, u: torch.Tensor) -> torch.Tens
 
 
 def select_states(
-    layer: SelectiveLayer, importance: np.ndarray, rank: int, select: str = "largest",
+    layer: SelectiveLayer | MambaLayer, importance: np.ndarray, rank: int, select: str = "largest",
     seed: int | None = None,
 ) -> torch.Tensor:
     """The ``rank`` state indices to keep (ascending), chosen by ``select``.

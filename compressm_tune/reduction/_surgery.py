@@ -3,8 +3,9 @@
 * LRU (LTI): Hankel singular values and balanced truncation; the surviving states are a new,
   balanced-then-re-diagonalized basis. Given the layer's calibration inputs, both are
   input-weighted by their second moment (:func:`input_covariance`).
-* Selective (time-varying): data-driven state importance from calibration inputs (see
-  :mod:`._selective`); the surviving states are a subset of the old ones, basis unchanged.
+* Selective and Mamba (time-varying): data-driven state importance of the S6 core from
+  calibration inputs (see :mod:`._selective`); the surviving states are a subset of the old
+  ones, basis unchanged.
 
 :func:`state_scores` and :func:`reduce_layer` hide the difference from the trainer.
 """
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from compressm_tune.errors import ReductionError
-from compressm_tune.models import LRULayer, SelectiveLayer
+from compressm_tune.models import SELECTIVE_LAYERS, LRULayer, MambaLayer, SelectiveLayer
 from compressm_tune.reduction._gramians import hankel_singular_values
 from compressm_tune.reduction._selective import select_states, state_importance
 from compressm_tune.reduction._truncation import balanced_truncation, to_lru_params
@@ -81,16 +82,16 @@ def truncate_layer(
     )
 
 
-def state_scores(layer: LRULayer | SelectiveLayer,
+def state_scores(layer: LRULayer | SelectiveLayer | MambaLayer,
                  inputs: torch.Tensor | None = None) -> np.ndarray:
     """What the rank policy reads: one non-negative score per state, (N,) float64.
 
     LRU: the Hankel singular values (descending; they belong to balanced states, not to the
     layer's current ones), input-weighted when calibration ``inputs (batch, L, H)`` are given.
-    Selective: the data importance of each current state index, in state order, from
+    Selective and Mamba: the data importance of each current state index, in state order, from
     ``inputs`` (required).
     """
-    if isinstance(layer, SelectiveLayer):
+    if isinstance(layer, SELECTIVE_LAYERS):
         if inputs is None:
             raise ReductionError("a selective layer's state scores need calibration inputs")
         return state_importance(layer, inputs)
@@ -98,18 +99,18 @@ def state_scores(layer: LRULayer | SelectiveLayer,
 
 
 def reduce_layer(
-    layer: LRULayer | SelectiveLayer, rank: int, select: str = "largest",
+    layer: LRULayer | SelectiveLayer | MambaLayer, rank: int, select: str = "largest",
     seed: int | None = None, scores: np.ndarray | None = None,
     inputs: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Cut ``layer`` in place to ``rank`` states; ``rank >= N`` leaves it unchanged.
 
-    Returns the kept state indices when the survivors keep their basis (selective; their
+    Returns the kept state indices when the survivors keep their basis (selective, Mamba; their
     optimizer moments stay valid), None when the basis changed (LRU balanced truncation).
     ``scores`` are the selective layer's :func:`state_scores` (ignored for an LRU);
     ``inputs`` make an LRU's balancing input-weighted (ignored for a selective layer).
     """
-    if isinstance(layer, SelectiveLayer):
+    if isinstance(layer, SELECTIVE_LAYERS):
         if rank >= layer.state_dim:
             return None
         if scores is None:

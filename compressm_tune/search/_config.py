@@ -25,7 +25,7 @@ class TuneConfig:
     budget_ms: float  # per-sample latency of the exported model (onnxruntime, batch 1)
     budget_mj: float | None = None  # per-sample energy, where it can be measured or estimated
     latency_mode: str = "sequence"  # "sequence": per sequence; "step": per streamed token
-    arch: str = "lru"  # SSM layer of every trial: "lru" or "selective"
+    arch: str = "lru"  # SSM layer of every trial: "lru", "selective" or "mamba"
     dataset: str = "mnist1d"
     data_path: str | None = None
     data_dir: str | None = None

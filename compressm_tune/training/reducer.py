@@ -32,7 +32,7 @@ import torch
 
 from compressm_tune._device import module_device
 from compressm_tune.errors import ConfigError
-from compressm_tune.models import SelectiveLayer
+from compressm_tune.models import SELECTIVE_LAYERS
 from compressm_tune.reduction import ReductionPolicy, plan_rank, reduce_layer, state_scores
 
 __all__ = ["CALIBRATION", "MOMENT_POLICIES", "ReduceConfig", "Reducer", "layer_inputs",
@@ -83,7 +83,7 @@ def layer_inputs(model: torch.nn.Module, x: torch.Tensor, lru: bool = False
     hooks = [block.ssm.register_forward_pre_hook(
         lambda _module, args, k=k: captured.__setitem__(k, args[0].detach()))
         for k, block in enumerate(model.blocks)
-        if lru or isinstance(block.ssm, SelectiveLayer)]
+        if lru or isinstance(block.ssm, SELECTIVE_LAYERS)]
     if hooks:
         was_training = model.training
         model.eval()
@@ -112,7 +112,7 @@ def spectrum_record(model: torch.nn.Module, x: torch.Tensor | None = None,
               else [None] * len(model.blocks))
     for k, block in enumerate(model.blocks):
         scores = state_scores(block.ssm, inputs[k])
-        if isinstance(block.ssm, SelectiveLayer):
+        if isinstance(block.ssm, SELECTIVE_LAYERS):
             mode_score = scores
         else:
             lam, b, c, _ = block.ssm.system()
@@ -201,7 +201,7 @@ class Reducer:
             layer = trainer.model.ssm_layers()[k]
             if len(plans) > 1 and inputs[k] is not None:  # earlier cuts moved the inputs
                 inputs[k] = self._layer_inputs(trainer)[k]
-                if isinstance(layer, SelectiveLayer):
+                if isinstance(layer, SELECTIVE_LAYERS):
                     scores = state_scores(layer, inputs[k])
             val = self._cut(trainer, k, rank, val, records[k], scores, inputs[k])
         return records, val
@@ -224,7 +224,7 @@ class Reducer:
         policy = self.config.policy
         for k, (rank, scores) in plans.items():
             layer = layers[k]
-            old_params = {name: getattr(layer, name) for name in layer.state_axes}
+            old_params = {name: layer.get_parameter(name) for name in layer.state_axes}
             keep = reduce_layer(layer, rank, select=policy.select, seed=policy.seed,
                                 scores=scores, inputs=inputs[k])
             cut.append((layer, old_params, rank, keep))
@@ -289,7 +289,7 @@ class Reducer:
              inputs: torch.Tensor | None = None) -> dict[str, float]:
         snapshot = trainer.save("pre_cut.pt")
         layer = trainer.model.blocks[k].ssm
-        old_params = {name: getattr(layer, name) for name in layer.state_axes}
+        old_params = {name: layer.get_parameter(name) for name in layer.state_axes}
         old_state = trainer.optimizer.state
         policy = self.config.policy
         keep = reduce_layer(layer, rank, select=policy.select, seed=policy.seed, scores=scores,
@@ -312,7 +312,7 @@ class Reducer:
                        rank: int, keep: torch.Tensor | None) -> None:
         """Carry every untouched parameter's moments; for the cut ones, the kept states'
         moments (``keep``, exact) or, for an LRU with ``moments="slice"``, the first rows."""
-        new_params = {id(getattr(layer, name)) for name in layer.state_axes}
+        new_params = {id(layer.get_parameter(name)) for name in layer.state_axes}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if id(p) not in new_params and p in old_state:
@@ -324,7 +324,7 @@ class Reducer:
             old = old_state.get(old_params[name])
             if not old:
                 continue
-            optimizer.state[getattr(layer, name)] = {
+            optimizer.state[layer.get_parameter(name)] = {
                 key: value.index_select(axis, index.to(value.device)).clone()
                 if value.dim() > axis else value.clone()
                 for key, value in old.items()
