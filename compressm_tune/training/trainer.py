@@ -299,6 +299,24 @@ class Trainer:
         save_checkpoint(path, self.model, **self.payload())
         return path
 
+    # -- the ReductionHost interface (training/reducer.py) ---------------------------------
+    @property
+    def steps_done(self) -> int:
+        return self.step
+
+    def reducible_layers(self) -> list[torch.nn.Module]:
+        return self.model.ssm_layers()
+
+    def calibration_inputs(self, n: int) -> torch.Tensor:
+        return self.dataset.x_train[:n]
+
+    def snapshot(self) -> Path:
+        """The full training state before a cut, on disk (``pre_cut.pt``)."""
+        return self.save("pre_cut.pt")
+
+    def widths_changed(self) -> None:
+        self.best_score = float("-inf")  # "best" now means best at the new widths
+
     def restore(self, path: str | Path) -> None:
         """Return model and optimizer to a checkpoint of this run (the reducer's rollback)."""
         payload = load_checkpoint(path)
