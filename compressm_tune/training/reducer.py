@@ -18,6 +18,12 @@ to any coordinate. ``moments="reset"`` (default) starts them afresh for the cut 
 subset of its states unchanged, so their moments are carried over exactly, whatever
 ``moments`` says. Every other parameter keeps its moments. ``bench_results/compression.md``
 compares the two LRU policies.
+
+The reducer drives its training loop through a small :class:`ReductionHost` interface (the
+layers, the optimizer, a validation, a snapshot and its restore, the calibration inputs), which
+the :class:`~compressm_tune.training.Trainer` (checkpoints on disk) and the
+:class:`~compressm_tune.training.Compressor` (any user loop; in-memory snapshots, the user's
+optimizer rewritten in place) both implement, so the cut logic exists once.
 """
 
 from __future__ import annotations
