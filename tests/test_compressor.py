@@ -258,3 +258,23 @@ def test_the_readme_example_runs_as_written(capsys):
     printed = capsys.readouterr().out
     widths = re.findall(r"\d+", printed.splitlines()[-1])
     assert widths and all(int(w) < 32 for w in widths), printed  # it did compress
+
+
+def test_our_layer_inside_a_plain_container_with_sgd_momentum():
+    from compressm_tune.models import LRULayer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), LRULayer(8, 12), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(4, 10, 1), torch.randn(4, 10, 2)
+    c = Compressor(model, opt, reduce="rank=5", total_steps=20, window=0.1, every=2)
+    _loop(model, opt, x, y, 1, c, F.mse_loss)
+    kept = {name: opt.state[p]["momentum_buffer"].clone()
+            for name, p in model.named_parameters() if not name.startswith("1.")}
+    assert c.layer_names == ["1"] and c.step(2)[0]["n_after"] == 5
+    for name, p in model.named_parameters():
+        if name in kept:
+            assert torch.equal(opt.state[p]["momentum_buffer"], kept[name]), name
+    assert model[1].D is dict(model.named_parameters())["1.D"] and opt.state[model[1].D]
+    _loop(model, opt, x, y, 3, c, F.mse_loss)
+    assert opt.state[model[1].B_re]["momentum_buffer"].shape == (5, 8)
