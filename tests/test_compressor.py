@@ -278,3 +278,17 @@ def test_our_layer_inside_a_plain_container_with_sgd_momentum():
     assert model[1].D is dict(model.named_parameters())["1.D"] and opt.state[model[1].D]
     _loop(model, opt, x, y, 3, c, F.mse_loss)
     assert opt.state[model[1].B_re]["momentum_buffer"].shape == (5, 8)
+
+
+def test_a_budget_is_met_once_the_window_closes():
+    model, opt, x = _trained()
+    c = Compressor(model, opt, reduce="rank=16", total_steps=10, window=0.2, every=1,
+                   fits=lambda widths: sum(widths) <= 10)
+    assert c.step(1) == [] and c.step(2) == []  # inside the window rank=16 cuts nothing
+    events = c.step(3)  # the first step after it
+    assert {e["action"] for e in events} == {"budget_cut"} and sum(model.state_dims) <= 10
+    assert [e["n_after"] for e in events] == [w for w, e in zip(model.state_dims, [16, 4],
+                                                                strict=True) if w < e]
+    assert c.step(4) == []  # once
+    F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
+    opt.step()
