@@ -15,8 +15,12 @@ from compressm_tune.reduction._policies import (
 )
 from compressm_tune.reduction._selective import select_states, state_importance
 from compressm_tune.reduction._surgery import (
+    find_reducible,
     input_covariance,
+    is_reducible,
+    is_selective,
     layer_hsv,
+    layer_width,
     reduce_layer,
     state_scores,
     truncate_layer,
@@ -30,11 +34,15 @@ from compressm_tune.reduction._truncation import (
 __all__ = [
     "ReductionPolicy",
     "balanced_truncation",
+    "find_reducible",
     "from_lru_params",
     "gramians",
     "hankel_singular_values",
     "input_covariance",
+    "is_reducible",
+    "is_selective",
     "layer_hsv",
+    "layer_width",
     "plan_rank",
     "rank_for_tolerance",
     "reduce_layer",

@@ -6,10 +6,12 @@ from compressm_tune.training.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
+from compressm_tune.training.compressor import Compressor
 from compressm_tune.training.data import DATASETS, Dataset, load_dataset
 from compressm_tune.training.trainer import TrainConfig, Trainer, evaluate
 
 __all__ = [
+    "Compressor",
     "DATASETS",
     "Dataset",
     "TrainConfig",

@@ -2,11 +2,13 @@
 
 ``mnist1d`` (mnist1d's ``make_dataset`` with its published defaults, cached), ``lti-sysid``
 (white noise through one fixed stable order-8 system), ``selective-copy`` (Gu & Dao's selective
-copying task, generated from the seed), ``npz`` (user arrays) and ``smnist`` (sequential MNIST
-from the user's IDX files). Every loader returns a :class:`Dataset` whose inputs are float32
-``(n, L, d_input)``, normalized per channel with the statistics of the final train split (after
-validation is carved out), so ``norm_mean``/``norm_std`` are exactly what an edge user applies to
-raw input. The one exception is ``selective-copy``: its one-hot inputs are left as they are
+copying task, generated from the seed), ``npz`` (user arrays), ``smnist`` (sequential MNIST
+from the user's IDX files) and ``pystdlib-chars`` (next-character prediction on the Python
+standard library's sources, split by file; see :mod:`._pystdlib`). Every loader returns a
+:class:`Dataset` whose inputs are float32 ``(n, L, d_input)``, normalized per channel with the
+statistics of the final train split (after validation is carved out), so
+``norm_mean``/``norm_std`` are exactly what an edge user applies to raw input. The exceptions
+are the one-hot inputs of ``selective-copy`` and ``pystdlib-chars``, left as they are
 (``norm_mean`` 0, ``norm_std`` 1), since standardizing an indicator only rescales it and a
 token that happens to be absent from a small train split would get a near-zero std.
 """
@@ -31,10 +33,11 @@ from scipy.linalg import solve_discrete_lyapunov
 
 from compressm_tune._io import atomic_write
 from compressm_tune.errors import ConfigError, DataError, MissingDependencyError
+from compressm_tune.training._pystdlib import pystdlib_chars
 
 __all__ = ["DATASETS", "Dataset", "SelectiveCopyConfig", "load_dataset"]
 
-DATASETS = ("mnist1d", "lti-sysid", "selective-copy", "npz", "smnist")
+DATASETS = ("mnist1d", "lti-sysid", "selective-copy", "npz", "smnist", "pystdlib-chars")
 
 _STD_FLOOR = 1e-8  # keeps constant input channels finite after normalization
 _CACHE_LAYOUT = 1  # bump when the cached array layout changes; it is part of the cache key
@@ -177,14 +180,15 @@ def load_dataset(
     data_dir : str, optional
         Folder with the four MNIST IDX files; required by ``"smnist"``, rejected by the others.
     val_fraction : float
-        Share of the train split moved to validation, in ``(0, 0.5]``.
+        Share of the train split moved to validation, in ``(0, 0.5]`` (``pystdlib-chars``
+        has validation files of its own and ignores it).
     seed : int
         Non-negative; seeds the validation split, the ``npz`` test split, the ``lti-sysid``
         signals (its system is fixed) and the ``selective-copy`` sequences. The mnist1d arrays
         themselves always come from mnist1d's own published seed.
     cache_dir : str, optional
-        Where ``"mnist1d"`` caches its arrays; default ``$COMPRESSM_CACHE`` or
-        ``~/.cache/compressm-tune``.
+        Where ``"mnist1d"`` and ``"pystdlib-chars"`` cache their arrays; default
+        ``$COMPRESSM_CACHE`` or ``~/.cache/compressm-tune``.
     copy_config : SelectiveCopyConfig, optional
         Sizes of ``"selective-copy"`` (default ``SelectiveCopyConfig()``); rejected by the others.
 
@@ -234,6 +238,8 @@ def load_dataset(
     elif name == "selective-copy":
         raw = _selective_copy(copy_config or SelectiveCopyConfig(), rng)
         return _build(name, *raw, val_fraction=val_fraction, rng=rng, normalize=False)
+    elif name == "pystdlib-chars":
+        return _chars(_cache_root(cache_dir))
     elif name == "npz":
         raw = _npz(path, rng)
     else:
@@ -464,6 +470,29 @@ def _selective_copy(cfg: SelectiveCopyConfig, rng: np.random.Generator):
     }
     n_tr = cfg.n_train
     return "classification", (x[:n_tr], tokens[:n_tr]), (x[n_tr:], tokens[n_tr:]), k, info
+
+
+# ----------------------------------------------------------------------------- pystdlib-chars
+
+
+def _chars(cache_root: Path) -> Dataset:
+    """One-hot characters ``(n, L, V)`` and next-character labels ``(n, L)`` per split."""
+    ids, info = pystdlib_chars(cache_root, _savez_atomic)
+    vocab = len(info["vocab_bytes"]) + 1  # + the unknown id
+    eye = np.eye(vocab, dtype=np.float32)  # (V, V)
+
+    def x_tensor(split: str) -> torch.Tensor:
+        return torch.from_numpy(eye[ids[split][:, :-1]])  # (n, L, V)
+
+    def y_tensor(split: str) -> torch.Tensor:
+        return torch.from_numpy(ids[split][:, 1:].astype(np.int64))  # (n, L)
+
+    return Dataset(name="pystdlib-chars", task="classification",
+                   x_train=x_tensor("train"), y_train=y_tensor("train"),
+                   x_val=x_tensor("val"), y_val=y_tensor("val"),
+                   x_test=x_tensor("test"), y_test=y_tensor("test"),
+                   d_input=vocab, d_output=vocab, seq_len=ids["train"].shape[1] - 1,
+                   norm_mean=[0.0] * vocab, norm_std=[1.0] * vocab, info=info)
 
 
 # ----------------------------------------------------------------------------- npz

@@ -18,6 +18,12 @@ to any coordinate. ``moments="reset"`` (default) starts them afresh for the cut 
 subset of its states unchanged, so their moments are carried over exactly, whatever
 ``moments`` says. Every other parameter keeps its moments. ``bench_results/compression.md``
 compares the two LRU policies.
+
+The reducer drives its training loop through a small :class:`ReductionHost` interface (the
+layers, the optimizer, a validation, a snapshot and its restore, the calibration inputs), which
+the :class:`~compressm_tune.training.Trainer` (checkpoints on disk) and the
+:class:`~compressm_tune.training.Compressor` (any user loop; in-memory snapshots, the user's
+optimizer rewritten in place) both implement, so the cut logic exists once.
 """
 
 from __future__ import annotations
@@ -25,18 +31,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from compressm_tune._device import module_device
 from compressm_tune.errors import ConfigError
-from compressm_tune.models import SELECTIVE_LAYERS
-from compressm_tune.reduction import ReductionPolicy, plan_rank, reduce_layer, state_scores
+from compressm_tune.reduction import (
+    ReductionPolicy,
+    find_reducible,
+    is_selective,
+    layer_width,
+    plan_rank,
+    reduce_layer,
+    state_scores,
+)
 
-__all__ = ["CALIBRATION", "MOMENT_POLICIES", "ReduceConfig", "Reducer", "layer_inputs",
-           "spectrum_record"]
+__all__ = ["CALIBRATION", "MOMENT_POLICIES", "ReduceConfig", "ReductionHost", "Reducer",
+           "layer_inputs", "run_model", "spectrum_record"]
 
 MOMENT_POLICIES = ("reset", "slice")
 CALIBRATION = 128  # training sequences that score a selective layer's states
@@ -73,22 +87,88 @@ class ReduceConfig:
             raise ConfigError(f"moments must be one of {MOMENT_POLICIES}, got {self.moments!r}")
 
 
+class ReductionHost(Protocol):
+    """What a :class:`Reducer` drives: the training loop that owns model and optimizer.
+
+    :class:`~compressm_tune.training.Trainer` and :class:`~compressm_tune.training.Compressor`
+    implement it, so both run the one copy of the cut logic below.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def steps_done(self) -> int:
+        """Optimizer steps taken so far (what :meth:`Reducer.plan` is told)."""
+
+    def reducible_layers(self) -> list[nn.Module]:
+        """The layers the reducer may cut, in a fixed order (their index names them)."""
+
+    def calibration_inputs(self, n: int) -> Any:
+        """Model inputs of (at most ``n``) fixed calibration sequences, or None if there are
+        none (then only LTI layers without input weighting can be scored)."""
+
+    def validate(self) -> dict[str, float]:
+        """The validation record: ``"accuracy"`` (higher is better) or ``"loss"``."""
+
+    def snapshot(self) -> Any:
+        """Whatever :meth:`restore` needs to undo the next cut, model and optimizer."""
+
+    def restore(self, snapshot: Any) -> None:
+        """Return model and optimizer to ``snapshot``."""
+
+    def rebuild_optimizer(self) -> None:
+        """Point the optimizer at the current parameters (after surgery); the reducer then
+        carries the moments that still apply."""
+
+    def widths_changed(self) -> None:
+        """Called after cuts that stay: e.g. "best" now means best at the new widths."""
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
+
+
+def run_model(model: nn.Module, x: Any) -> Any:
+    """``model(x)`` on the model's device; a tuple or list of ``x`` is passed as positional
+    arguments, a dict as keyword arguments (calibration batches of any model's signature)."""
+    x = _to_device(x, module_device(model))
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+def _default_layers(model: nn.Module) -> list[nn.Module]:
+    if hasattr(model, "ssm_layers"):
+        return model.ssm_layers()
+    return [layer for _, layer in find_reducible(model)]
+
+
 @torch.no_grad()
-def layer_inputs(model: torch.nn.Module, x: torch.Tensor, lru: bool = False
-                 ) -> list[torch.Tensor | None]:
-    """What each block's SSM layer receives for model inputs ``x`` (eval mode): for the
-    selective layers' data-driven scores, and with ``lru`` for the LRU layers' input-weighted
-    HSVs too; None for the layers left out."""
-    captured: list[torch.Tensor | None] = [None] * len(model.blocks)
-    hooks = [block.ssm.register_forward_pre_hook(
-        lambda _module, args, k=k: captured.__setitem__(k, args[0].detach()))
-        for k, block in enumerate(model.blocks)
-        if lru or isinstance(block.ssm, SELECTIVE_LAYERS)]
+def layer_inputs(model: nn.Module, x: Any, lru: bool = False,
+                 layers: list[nn.Module] | None = None) -> list[torch.Tensor | None]:
+    """What each reducible layer receives (its first positional argument) for model inputs
+    ``x`` (eval mode, see :func:`run_model`): for the selective layers' data-driven scores,
+    and with ``lru`` for the LTI layers' input-weighted HSVs too; None for the layers left
+    out. ``layers`` default: ``model.ssm_layers()``, else every reducible layer inside."""
+    layers = _default_layers(model) if layers is None else layers
+    captured: list[torch.Tensor | None] = [None] * len(layers)
+    hooks = [layer.register_forward_pre_hook(
+        lambda _module, args, k=k: captured.__setitem__(k, args[0].detach() if args else None))
+        for k, layer in enumerate(layers) if lru or is_selective(layer)]
     if hooks:
         was_training = model.training
         model.eval()
         try:
-            model(x.to(module_device(model)))
+            run_model(model, x)
         finally:
             model.train(was_training)
             for hook in hooks:
@@ -108,14 +188,15 @@ def spectrum_record(model: torch.nn.Module, x: torch.Tensor | None = None,
     index on calibration inputs ``x`` (model inputs, required), sorted and in state order.
     """
     records = []
-    inputs = (layer_inputs(model, x, lru=weighting == "input") if x is not None
-              else [None] * len(model.blocks))
-    for k, block in enumerate(model.blocks):
-        scores = state_scores(block.ssm, inputs[k])
-        if isinstance(block.ssm, SELECTIVE_LAYERS):
+    layers = _default_layers(model)
+    inputs = (layer_inputs(model, x, lru=weighting == "input", layers=layers) if x is not None
+              else [None] * len(layers))
+    for k, layer in enumerate(layers):
+        scores = state_scores(layer, inputs[k])
+        if is_selective(layer):
             mode_score = scores
         else:
-            lam, b, c, _ = block.ssm.system()
+            lam, b, c, _ = layer.system()
             mode_score = (b.abs().norm(dim=1) * c.abs().norm(dim=0) / (1 - lam.abs() ** 2))
         records.append({"layer": k, "hsv": [float(g) for g in np.sort(scores)[::-1]],
                         "mode_score": [float(v) for v in mode_score]})
@@ -130,7 +211,8 @@ def _drop(before: dict[str, float], after: dict[str, float]) -> float:
 
 
 class Reducer:
-    """The trainer's reduction hook (see the module docstring)."""
+    """The reduction hook of a training loop, any :class:`ReductionHost` (see the module
+    docstring)."""
 
     def __init__(self, config: ReduceConfig) -> None:
         self.config = config
@@ -153,7 +235,7 @@ class Reducer:
         every = self.config.every
         return every is not None and step % every == 0 and self.active(step, total_steps)
 
-    def attempt(self, trainer: Any, val: dict[str, float] | None = None
+    def attempt(self, host: ReductionHost, val: dict[str, float] | None = None
                 ) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
         """Plan every layer's rank, cut all planned layers at once and validate once.
 
@@ -166,14 +248,14 @@ class Reducer:
         Returns the per-layer records (scores, rank, action) and the validation of the model
         as it is after the attempt (None when nothing was planned and ``val`` was None).
         """
-        inputs = self._layer_inputs(trainer)
+        inputs = self._layer_inputs(host)
         records, plans = [], {}
-        for k, layer in enumerate(trainer.model.ssm_layers()):
+        for k, layer in enumerate(host.reducible_layers()):
             scores = state_scores(layer, inputs[k])  # (N,)
             ranking = np.sort(scores)[::-1]  # descending, what the rank policy reads
-            record: dict[str, Any] = {"layer": k, "n": layer.state_dim,
+            record: dict[str, Any] = {"layer": k, "n": layer_width(layer),
                                       "hsv": [float(g) for g in ranking]}
-            rank = None if k in self.frozen else self.plan(k, ranking, trainer.step)
+            rank = None if k in self.frozen else self.plan(k, ranking, host.steps_done)
             if k in self.frozen:
                 record["action"] = "frozen"
             elif rank is None:
@@ -185,25 +267,25 @@ class Reducer:
         if not plans:
             return records, val
         if not self.checked:  # no safety net: cut, and validate only for an evaluation
-            self._cut_together(trainer, plans, inputs, None)
+            self._cut_together(host, plans, inputs, None)
             for k in plans:
                 records[k]["action"] = "cut"
-            return records, None if val is None else trainer.validate()
+            return records, None if val is None else host.validate()
         if val is None:
-            val = trainer.validate()
+            val = host.validate()
         if len(plans) > 1:
-            after = self._cut_together(trainer, plans, inputs, val)
+            after = self._cut_together(host, plans, inputs, val)
             if after is not None:
                 for k in plans:
                     records[k].update(action="cut", val_before=val, val_after=after)
                 return records, after
         for k, (rank, scores) in plans.items():  # one at a time, each with its own check
-            layer = trainer.model.ssm_layers()[k]
+            layer = host.reducible_layers()[k]
             if len(plans) > 1 and inputs[k] is not None:  # earlier cuts moved the inputs
-                inputs[k] = self._layer_inputs(trainer)[k]
-                if isinstance(layer, SELECTIVE_LAYERS):
+                inputs[k] = self._layer_inputs(host)[k]
+                if is_selective(layer):
                     scores = state_scores(layer, inputs[k])
-            val = self._cut(trainer, k, rank, val, records[k], scores, inputs[k])
+            val = self._cut(host, k, rank, val, records[k], scores, inputs[k])
         return records, val
 
     @property
@@ -211,36 +293,43 @@ class Reducer:
         """Whether cuts are checked (and rolled back): ``max_drop`` is finite."""
         return math.isfinite(self.config.max_drop)
 
-    def _cut_together(self, trainer: Any, plans: dict[int, tuple[int, np.ndarray]],
+    def _surgery(self, host: ReductionHost, plans: dict[int, tuple[int, np.ndarray]],
+                 inputs: list[torch.Tensor | None]) -> None:
+        """Cut every planned layer, point the optimizer at the new parameters once, and carry
+        the moments that still apply (see :meth:`_carry_moments`)."""
+        old_state = dict(host.optimizer.state)  # the host may rewrite the optimizer in place
+        layers = host.reducible_layers()
+        cut = []
+        policy = self.config.policy
+        for k, (rank, scores) in plans.items():
+            layer = layers[k]
+            before = dict(layer.named_parameters())
+            shapes = {name: p.shape for name, p in before.items()}
+            keep = reduce_layer(layer, rank, select=policy.select, seed=policy.seed,
+                                scores=scores, inputs=inputs[k])
+            cut.append((layer, before, shapes, rank, keep))
+        host.rebuild_optimizer()
+        for layer, before, shapes, rank, keep in cut:
+            self._carry_moments(host.optimizer, old_state, layer, before, shapes, rank, keep)
+
+    def _cut_together(self, host: ReductionHost, plans: dict[int, tuple[int, np.ndarray]],
                       inputs: list[torch.Tensor | None], val: dict[str, float] | None
                       ) -> dict[str, float] | None:
         """Cut every planned layer, rebuild the optimizer once, validate once; on a failed
         check restore the pre-cut state and return None. Unchecked (``val`` None): no
         snapshot, no validation, returns None."""
-        snapshot = trainer.save("pre_cut.pt") if val is not None else None
-        old_state = trainer.optimizer.state
-        layers = trainer.model.ssm_layers()
-        cut = []
-        policy = self.config.policy
-        for k, (rank, scores) in plans.items():
-            layer = layers[k]
-            old_params = {name: layer.get_parameter(name) for name in layer.state_axes}
-            keep = reduce_layer(layer, rank, select=policy.select, seed=policy.seed,
-                                scores=scores, inputs=inputs[k])
-            cut.append((layer, old_params, rank, keep))
-        trainer.rebuild_optimizer()
-        for layer, old_params, rank, keep in cut:
-            self._carry_moments(trainer.optimizer, old_state, layer, old_params, rank, keep)
-        trainer.best_score = float("-inf")  # "best" now means best at the new widths
+        snapshot = host.snapshot() if val is not None else None
+        self._surgery(host, plans, inputs)
+        host.widths_changed()
         if val is None:
             return None
-        after = trainer.validate()
+        after = host.validate()
         if _drop(val, after) > self.config.max_drop:
-            trainer.restore(snapshot)  # restores best_score too
+            host.restore(snapshot)
             return None
         return after
 
-    def close_window(self, trainer: Any) -> list[int] | None:
+    def close_window(self, host: ReductionHost) -> list[int] | None:
         """Budget-aware truncation, once, at the first evaluation after the window.
 
         If ``fits`` rejects the current widths, repeatedly drop the state with the smallest
@@ -251,11 +340,11 @@ class Reducer:
         """
         self.closed = True
         fits = self.config.fits
-        widths = trainer.model.state_dims
+        layers = host.reducible_layers()
+        widths = [layer_width(layer) for layer in layers]
         if fits is None or fits(widths):
             return None
-        layers = trainer.model.ssm_layers()
-        inputs = self._layer_inputs(trainer)
+        inputs = self._layer_inputs(host)
         scores = [state_scores(layer, x) for layer, x in zip(layers, inputs, strict=True)]
         ranking = [np.sort(g)[::-1] for g in scores]
         ranks = list(widths)
@@ -268,8 +357,11 @@ class Reducer:
         policy = self.config.policy
         for layer, rank, g, x in zip(layers, ranks, scores, inputs, strict=True):
             reduce_layer(layer, rank, select=policy.select, seed=policy.seed, scores=g, inputs=x)
-        trainer.rebuild_optimizer()  # fresh moments: every layer may have changed
-        trainer.best_score = float("-inf")
+        host.rebuild_optimizer()  # fresh moments: every layer may have changed
+        for group in host.optimizer.param_groups:
+            for p in group["params"]:
+                host.optimizer.state.pop(p, None)
+        host.widths_changed()
         return ranks
 
     def plan(self, layer: int, hsv: Any, step: int) -> int | None:
@@ -277,51 +369,57 @@ class Reducer:
         override to script cuts."""
         return plan_rank(hsv, self.config.policy, self.config.round_to)
 
-    def _layer_inputs(self, trainer: Any) -> list[torch.Tensor | None]:
+    def _layer_inputs(self, host: ReductionHost) -> list[torch.Tensor | None]:
         """Each layer's inputs on the calibration slice: the first ``calibration`` training
         sequences, the same every time, so score changes reflect the model, not the data.
-        LRU layers' inputs only for an input-weighted policy."""
-        return layer_inputs(trainer.model, trainer.dataset.x_train[:self.config.calibration],
-                            lru=self.config.policy.weighting == "input")
+        LTI layers' inputs only for an input-weighted policy."""
+        lru = self.config.policy.weighting == "input"
+        layers = host.reducible_layers()
+        x = host.calibration_inputs(self.config.calibration)
+        if x is None:
+            return [None] * len(layers)
+        return layer_inputs(host.model, x, lru=lru, layers=layers)
 
-    def _cut(self, trainer: Any, k: int, rank: int, val: dict[str, float],
+    def _cut(self, host: ReductionHost, k: int, rank: int, val: dict[str, float],
              record: dict[str, Any], scores: np.ndarray | None = None,
              inputs: torch.Tensor | None = None) -> dict[str, float]:
-        snapshot = trainer.save("pre_cut.pt")
-        layer = trainer.model.blocks[k].ssm
-        old_params = {name: layer.get_parameter(name) for name in layer.state_axes}
-        old_state = trainer.optimizer.state
-        policy = self.config.policy
-        keep = reduce_layer(layer, rank, select=policy.select, seed=policy.seed, scores=scores,
-                            inputs=inputs)
-        trainer.rebuild_optimizer()
-        self._carry_moments(trainer.optimizer, old_state, layer, old_params, rank, keep)
-        after = trainer.validate()
+        snapshot = host.snapshot()
+        self._surgery(host, {k: (rank, scores)}, {k: inputs})
+        after = host.validate()
         record["val_before"], record["val_after"] = val, after
         if _drop(val, after) > self.config.max_drop:
-            trainer.restore(snapshot)
+            host.restore(snapshot)
             self.frozen.add(k)
             record["action"] = "rollback"
             return val
         record["action"] = "cut"
-        trainer.best_score = float("-inf")  # "best" now means best at the new widths
+        host.widths_changed()
         return after
 
     def _carry_moments(self, optimizer: torch.optim.Optimizer, old_state: dict,
-                       layer: torch.nn.Module, old_params: dict[str, torch.Tensor],
-                       rank: int, keep: torch.Tensor | None) -> None:
+                       layer: nn.Module, before: dict[str, torch.Tensor],
+                       shapes: dict[str, torch.Size], rank: int,
+                       keep: torch.Tensor | None) -> None:
         """Carry every untouched parameter's moments; for the cut ones, the kept states'
-        moments (``keep``, exact) or, for an LRU with ``moments="slice"``, the first rows."""
-        new_params = {id(layer.get_parameter(name)) for name in layer.state_axes}
+        moments (``keep``, exact) or, for an LRU with ``moments="slice"``, the first rows.
+
+        A parameter of the cut layer counts as cut when it is a new object or changed shape
+        (``before``/``shapes``: the layer's parameters before the cut); the rest of it (an
+        LRU's ``D``) keeps its moments like every other parameter of the model."""
+        cut = {id(p) for name, p in layer.named_parameters()
+               if before.get(name) is not p or shapes.get(name) != p.shape}
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if id(p) not in new_params and p in old_state:
+                if id(p) not in cut and p in old_state:
                     optimizer.state[p] = old_state[p]
-        if keep is None and self.config.moments != "slice":
+                elif id(p) in cut:
+                    optimizer.state.pop(p, None)
+        axes = getattr(layer, "state_axes", None)
+        if axes is None or (keep is None and self.config.moments != "slice"):
             return
         index = keep if keep is not None else torch.arange(rank)
-        for name, axis in layer.state_axes.items():
-            old = old_state.get(old_params[name])
+        for name, axis in axes.items():
+            old = old_state.get(before[name])
             if not old:
                 continue
             optimizer.state[layer.get_parameter(name)] = {

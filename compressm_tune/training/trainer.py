@@ -11,6 +11,7 @@ same data it would have seen without the interrupt.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -83,12 +84,15 @@ class TrainConfig:
 
 
 def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
-             batch_size: int = 500, precision: str = "fp32") -> dict[str, float]:
+             batch_size: int = 500, precision: str = "fp32",
+             bits_name: str | None = None) -> dict[str, float]:
     """Mean loss (cross-entropy or MSE) and, for classification, accuracy on ``(x, y)``.
 
     Both are means over ``y``'s elements: per sequence for labels ``(n,)``, per answer token
     for labels ``(n, M)`` (scored at the model's last ``M`` output steps, see ``_loss``), per
     value for regression targets. Runs on the model's device, ``batch_size`` rows at a time.
+    With ``bits_name`` (a dataset's ``info["bits_name"]``, e.g. ``"bits_per_char"``) the
+    cross-entropy is also reported in bits under that key: ``loss / ln 2``.
     """
     was_training = model.training
     model.eval()
@@ -104,7 +108,10 @@ def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
                 correct += int((_scored(out, target).argmax(-1) == target).sum())
     model.train(was_training)
     if task == "classification":
-        return {"loss": loss_sum / y.numel(), "accuracy": correct / y.numel()}
+        out = {"loss": loss_sum / y.numel(), "accuracy": correct / y.numel()}
+        if bits_name:
+            out[bits_name] = out["loss"] / math.log(2)
+        return out
     return {"loss": loss_sum / y.numel()}
 
 
@@ -299,6 +306,24 @@ class Trainer:
         save_checkpoint(path, self.model, **self.payload())
         return path
 
+    # -- the ReductionHost interface (training/reducer.py) ---------------------------------
+    @property
+    def steps_done(self) -> int:
+        return self.step
+
+    def reducible_layers(self) -> list[torch.nn.Module]:
+        return self.model.ssm_layers()
+
+    def calibration_inputs(self, n: int) -> torch.Tensor:
+        return self.dataset.x_train[:n]
+
+    def snapshot(self) -> Path:
+        """The full training state before a cut, on disk (``pre_cut.pt``)."""
+        return self.save("pre_cut.pt")
+
+    def widths_changed(self) -> None:
+        self.best_score = float("-inf")  # "best" now means best at the new widths
+
     def restore(self, path: str | Path) -> None:
         """Return model and optimizer to a checkpoint of this run (the reducer's rollback)."""
         payload = load_checkpoint(path)
@@ -349,7 +374,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         d = self.dataset
         return evaluate(self.model, d.x_val, d.y_val, d.task, self.config.eval_batch_size,
-                        self.config.precision)
+                        self.config.precision, d.info.get("bits_name"))
 
     def fit(self) -> dict[str, Any]:
         """Train to ``config.steps``; return the summary also written to ``summary.json``."""
@@ -441,10 +466,10 @@ class Trainer:
         d = self.dataset
         cfg = self.config
         test_last = evaluate(self.model, d.x_test, d.y_test, d.task, cfg.eval_batch_size,
-                             cfg.precision)
+                             cfg.precision, d.info.get("bits_name"))
         best = model_from_checkpoint(self.out_dir / "best.pt", device=self.device)
         test_best = evaluate(best, d.x_test, d.y_test, d.task, cfg.eval_batch_size,
-                             cfg.precision)
+                             cfg.precision, d.info.get("bits_name"))
         summary = {
             "dataset": d.name, "task": d.task, "steps": self.step,
             "initial_state_dims": self.initial_state_dims,
