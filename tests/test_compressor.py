@@ -292,3 +292,27 @@ def test_a_budget_is_met_once_the_window_closes():
     assert c.step(4) == []  # once
     F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
     opt.step()
+
+
+def test_a_mamba_network_is_cut_at_its_mamba_layers_not_their_s6_cores() -> None:
+    """A MambaLayer holds a selective S6 core (``.s6``) that is reducible on its own; the
+    Compressor must cut the Mamba layer as a whole (its conv, gate and projections around the
+    core), once, and leave the optimizer holding exactly the model's parameters."""
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(arch="mamba", d_input=1, d_output=2, d_model=8,
+                               state_dims=[8, 8]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(32, 16, 1)
+    y = (x.sum(dim=(1, 2)) > 0).long()
+    c = Compressor(model, opt, reduce="rank=3", window=0.5, total_steps=4, every=1,
+                   calibration=x)
+    for step in range(1, 5):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        c.step(step)
+    assert model.state_dims == [3, 3]
+    assert [e["layer"] for e in c.events] == ["blocks.0.ssm", "blocks.1.ssm"]
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert held == {id(p) for p in model.parameters()}
