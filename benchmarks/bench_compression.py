@@ -67,9 +67,12 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="bench-"))
     reducer = None
     if "tau" in job:
-        reducer = Reducer(ReduceConfig(policy=ReductionPolicy("tau", job["tau"]),
-                                       every=s["reduce_every"],
-                                       moments=job.get("moments", "reset")))
+        reducer = Reducer(ReduceConfig(policy=ReductionPolicy(
+                                           "tau", job["tau"],
+                                           weighting=job.get("weighting", "none")),
+                                       every=job.get("every", s["reduce_every"]),
+                                       moments=job.get("moments", "reset"),
+                                       schedule=job.get("reduce_schedule", "window")))
     elif "schedule" in job:
         reducer = _Replay(job["schedule"], ReduceConfig(
             policy=ReductionPolicy("tau", 0.0, select=job["select"], seed=job["seed"]),
