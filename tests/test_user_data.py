@@ -55,7 +55,7 @@ def test_masked_regression_loss_and_evaluation_leave_padded_steps_out():
     assert np.isfinite(metrics["loss"])
 
 
-def test_padded_classification_trains_with_finite_loss(tmp_path):
+def test_padded_classification_trains_with_finite_loss(tmp_path, capsys):
     _padded_npz(tmp_path / "d.npz", ["b", "a"])
     ds = load_dataset("npz", path=str(tmp_path / "d.npz"))
     model_cfg = SSMConfig(d_input=1, d_output=ds.d_output, d_model=8, state_dims=[6])
@@ -64,6 +64,9 @@ def test_padded_classification_trains_with_finite_loss(tmp_path):
     summary = trainer.fit()
     assert np.isfinite(summary["test_last"]["loss"])
     assert summary["test_last"]["accuracy"] >= 0.8  # the padding did not drown the signal
+    n_val = len(ds.y_val)
+    assert f"validation split holds {n_val} sequences" in capsys.readouterr().err  # 4 of 38
+    assert sorted(ds.y_val.tolist()) == [0, 0, 1, 1]  # stratified: both classes, 2 each
 
 
 @pytest.fixture(scope="module")
