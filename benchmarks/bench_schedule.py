@@ -6,6 +6,8 @@ Methods, per dataset and seed (tau=0.04, window 10%, max-drop 0.02, moments rese
            every evaluation inside the window (eval every 50 of 600 steps: one attempt, step 50)
   settle   cut when the target width (the fixed point of repeated tau cuts) has settled,
            checks spread over the same window (training/_settle.py)
+  scratch  trained from scratch at settle's final widths, same seed: whether what settle
+           loses against window is the cuts or the width itself
 
 Runs use the small settings of ``bench_compression.py`` (600 steps; MNIST-1D 2 blocks H=32,
 lti-sysid 1 block H=16; N=256), one torch thread each, two in parallel, jobs interleaved by seed
@@ -28,7 +30,7 @@ from bench_compression import SETTINGS, _plot, _pool_map  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
 
-METHODS = ("full", "window", "settle")
+METHODS = ("full", "window", "settle", "scratch")
 TAU = 0.04
 
 
@@ -36,7 +38,7 @@ def _jobs(datasets: list[str], seeds: list[int]) -> list[dict]:
     jobs = []
     for seed in seeds:  # interleaved: every seed runs all methods on all datasets back to back
         for d in datasets:
-            for method in METHODS:
+            for method in METHODS[:3]:
                 job = {"dataset": d, "seed": seed, "method": method}
                 if method != "full":
                     job.update(tau=TAU, every=None, reduce_schedule=method)
@@ -92,6 +94,9 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     t0 = time.time()
     results = _pool_map(_jobs(datasets, seeds), args.workers)
+    results += _pool_map([{"dataset": r["dataset"], "seed": r["seed"], "method": "scratch",
+                           "dims": r["final_dims"]}
+                          for r in results if r["method"] == "settle"], args.workers)
     wall = time.time() - t0
     for r in results:
         r.pop("checkpoint", None)
