@@ -420,6 +420,19 @@ def test_validation_split_is_stratified_by_class(tmp_path):
                                                      seed=0).x_val)  # still a seeded draw
 
 
+def test_a_rare_class_keeps_a_sample_to_train_on(tmp_path):
+    """Half of 12 samples to validation: largest remainders would send the lone sample of
+    class 2 and both of class 1 there, leaving the model nothing of either to learn."""
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 9 + [1] * 2 + [2])
+    path = _npz(tmp_path, x=rng.normal(size=(12, 4)), y=y, x_test=np.zeros((2, 4)),
+                y_test=np.array([0, 1]))
+    for seed in range(5):
+        ds = load_dataset("npz", path=path, val_fraction=0.5, seed=seed)
+        assert np.bincount(ds.y_train.numpy(), minlength=3).tolist() == [4, 1, 1]
+        assert np.bincount(ds.y_val.numpy(), minlength=3).tolist() == [5, 1, 0]
+
+
 def test_npz_nan_padded_sequences_keep_their_padding_out_of_the_statistics(tmp_path):
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 13, size=40)  # (n,)

@@ -275,12 +275,16 @@ def _split(x: np.ndarray, y: np.ndarray, fraction: float, rng: np.random.Generat
 
 def _stratified(y: np.ndarray, n_held: int) -> np.ndarray:
     """Positions in ``y`` (already shuffled) of ``n_held`` samples, each class's first ones,
-    in proportion to its count (largest remainder rounding)."""
+    in proportion to its count (largest remainder rounding), leaving every class at least one
+    sample to train on (so the held-out split may fall short of ``n_held`` when nearly every
+    class is a singleton)."""
     classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     quota = n_held * counts / len(y)  # (K,) ideal held count per class
-    take = np.floor(quota).astype(int)
-    extra = np.argsort(-(quota - take), kind="stable")[:n_held - take.sum()]
-    take[extra] += 1
+    room = np.maximum(counts - 1, 0)  # a class keeps one sample on the training side
+    take = np.minimum(np.floor(quota).astype(int), room)
+    while take.sum() < n_held and (take < room).any():  # largest remainders first
+        left = np.where(take < room, quota - take, -np.inf)
+        take[np.argmax(left)] += 1
     rank = np.empty(len(y), dtype=int)  # position of each sample within its class
     for k in range(len(classes)):
         members = np.flatnonzero(inverse == k)
