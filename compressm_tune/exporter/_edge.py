@@ -16,7 +16,9 @@ Usage (inside a bundle folder, the bundle argument defaults to this file's folde
 
 Input is raw: it is normalized with the manifest's ``(raw - mean) / std`` unless
 ``--normalized``. Shapes: ``(batch, length, d_input)``; ``(length, d_input)`` is one sequence;
-with ``d_input == 1`` also ``(batch, length)`` or ``(length,)``.
+with ``d_input == 1`` also ``(batch, length)`` or ``(length,)``. Sequences of different lengths
+come padded with trailing all-NaN steps, as in training; each runs at its true length. When the
+manifest lists the training labels (``task.labels``), records print the user's label too.
 """
 
 from __future__ import annotations
