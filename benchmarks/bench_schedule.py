@@ -8,6 +8,9 @@ Methods, per dataset and seed (tau=0.04, window 10%, max-drop 0.02, moments rese
            checks spread over the same window (training/_settle.py)
   scratch  trained from scratch at settle's final widths, same seed: whether what settle
            loses against window is the cuts or the width itself
+  scratch-quarter  from scratch at a quarter of window's final widths (the issue's target:
+           >= 4x fewer states at <= 1 point lost): whether that width can hold the accuracy
+           at all at these settings
 
 Runs use the small settings of ``bench_compression.py`` (600 steps; MNIST-1D 2 blocks H=32,
 lti-sysid 1 block H=16; N=256), one torch thread each, two in parallel, jobs interleaved by seed
@@ -30,7 +33,7 @@ from bench_compression import SETTINGS, _plot, _pool_map  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
 
-METHODS = ("full", "window", "settle", "scratch")
+METHODS = ("full", "window", "settle", "scratch", "scratch-quarter")
 TAU = 0.04
 
 
@@ -96,7 +99,11 @@ def main() -> None:
     results = _pool_map(_jobs(datasets, seeds), args.workers)
     results += _pool_map([{"dataset": r["dataset"], "seed": r["seed"], "method": "scratch",
                            "dims": r["final_dims"]}
-                          for r in results if r["method"] == "settle"], args.workers)
+                          for r in results if r["method"] == "settle"]
+                         + [{"dataset": r["dataset"], "seed": r["seed"],
+                             "method": "scratch-quarter",
+                             "dims": [max(1, n // 4) for n in r["final_dims"]]}
+                            for r in results if r["method"] == "window"], args.workers)
     wall = time.time() - t0
     for r in results:
         r.pop("checkpoint", None)
