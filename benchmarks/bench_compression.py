@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, mean_std, write  # noqa: E402
 
-from compressm_tune.training.reducer import ReduceConfig, Reducer  # noqa: E402
+from compressm_tune.training.reducer import ReduceConfig, Reducer, SettleConfig  # noqa: E402
 
 TAUS = (0.01, 0.02, 0.04)
 SETTINGS = {  # small enough that ~70 runs fit in ~30 minutes on 2 cores
@@ -67,9 +67,13 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="bench-"))
     reducer = None
     if "tau" in job:
-        reducer = Reducer(ReduceConfig(policy=ReductionPolicy("tau", job["tau"]),
-                                       every=s["reduce_every"],
-                                       moments=job.get("moments", "reset")))
+        reducer = Reducer(ReduceConfig(policy=ReductionPolicy(
+                                           "tau", job["tau"],
+                                           weighting=job.get("weighting", "none")),
+                                       every=job.get("every", s["reduce_every"]),
+                                       moments=job.get("moments", "reset"),
+                                       schedule=job.get("reduce_schedule", "window"),
+                                       settle=SettleConfig(**job.get("settle", {}))))
     elif "schedule" in job:
         reducer = _Replay(job["schedule"], ReduceConfig(
             policy=ReductionPolicy("tau", 0.0, select=job["select"], seed=job["seed"]),

@@ -48,7 +48,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     from compressm_tune.models import ARCHS, SSMConfig
     from compressm_tune.reduction._policies import SELECTS, WEIGHTINGS
     from compressm_tune.training import TrainConfig
-    from compressm_tune.training.reducer import MOMENT_POLICIES, ReduceConfig
+    from compressm_tune.training.reducer import MOMENT_POLICIES, SCHEDULES, ReduceConfig
 
     m, t, r = SSMConfig(), TrainConfig(), ReduceConfig()
     p = sub.add_parser("train", help="train an SSM network, optionally compressing it in training",
@@ -85,6 +85,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reduce-every", type=int, default=None,
                    help="steps between cut attempts inside the window (default: every "
                         "evaluation)")
+    p.add_argument("--schedule", default=r.schedule, choices=SCHEDULES,
+                   help="when cuts happen inside the window: window (the paper's: a tau cut at "
+                        "every attempt) or settle (cut when the spectrum's target width has "
+                        f"settled, toward that width; see README) ({r.schedule})")
     p.add_argument("--max-drop", type=float, default=r.max_drop,
                    help="roll back a cut that loses more validation accuracy (or relative "
                         f"loss) than this and freeze the layer ({r.max_drop})")
@@ -170,7 +174,8 @@ def _reducer(args: argparse.Namespace):
     if args.weighting:
         policy = replace(policy, weighting=args.weighting)
     return Reducer(ReduceConfig(policy=policy, window=args.window, every=args.reduce_every,
-                                max_drop=args.max_drop, moments=args.moments))
+                                max_drop=args.max_drop, moments=args.moments,
+                                schedule=args.schedule))
 
 
 def _add_tune_args(parser: argparse.ArgumentParser) -> None:

@@ -343,3 +343,34 @@ def test_ssm_parameter_names_are_the_recurrence(arch):
     # read-outs, skips and the selective layer's input projections are ordinary weights
     assert {"C_re", "C_im", "D", "B_proj", "C_proj", "dt_down", "dt_up"}.isdisjoint(
         SSM_PARAMETERS)
+
+
+@pytest.mark.parametrize("arch", ["lru", "selective"])
+def test_padding_is_never_pooled_and_equals_running_each_sequence_unpadded(arch):
+    """Zero padding used to be mean-pooled into the features; the reference runs each
+    sequence alone at its true length."""
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(arch=arch, d_input=2, d_output=3, d_model=8,
+                               state_dims=[6, 5])).eval()
+    lengths = torch.tensor([9, 3, 1, 6])
+    x = torch.randn(4, 9, 2)
+    with torch.no_grad():
+        alone = torch.cat([model(x[i:i + 1, :n]) for i, n in enumerate(lengths.tolist())])
+        padded = x.clone()
+        padded[torch.arange(9)[None, :] >= lengths[:, None]] = float("nan")  # NaN steps
+        torch.testing.assert_close(model(padded), alone, rtol=1e-5, atol=1e-6)
+        zeros = x.clone()
+        zeros[torch.arange(9)[None, :] >= lengths[:, None]] = 0.0
+        torch.testing.assert_close(model(zeros, lengths=lengths), alone, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(model(zeros), alone, atol=1e-3)  # unmasked: padding pooled
+
+
+def test_per_step_outputs_at_real_steps_do_not_depend_on_padding():
+    torch.manual_seed(1)
+    model = SSMModel(SSMConfig(d_input=1, d_output=2, d_model=8, state_dims=[4],
+                               pooling="none")).eval()
+    x = torch.randn(1, 7, 1)
+    padded = torch.cat([x, torch.full((1, 5, 1), float("nan"))], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded)[:, :7], model(x), rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(model(padded)).all()

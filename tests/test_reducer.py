@@ -321,3 +321,100 @@ def test_unweighted_reduction_keeps_the_states_of_silent_channels(lti_sysid, tmp
     trainer, reducer = _one_channel_trainer(lti_sysid, tmp_path, "none")
     reducer.attempt(trainer, trainer.validate())
     assert trainer.model.state_dims[0] > 4
+
+
+# ----------------------------------------------------------------------------- settle schedule
+
+
+@pytest.mark.parametrize("tau", [0.04, 0.1])
+def test_target_rank_is_the_fixed_point_on_the_spectrum_and_real_cuts_go_further(tau):
+    """Reference: the fixed point by hand (cumulative shares, the 0.95 gate) on prefixes of
+    one spectrum. Real repeated cuts of a discrete-time layer, recomputing its HSVs after each,
+    go further still: truncation shrinks the tail HSVs of what it keeps, so each new cut finds
+    more to discard (the compounding the settle schedule's floor stops)."""
+    from compressm_tune.models import LRULayer
+    from compressm_tune.reduction import plan_rank, state_scores
+    from compressm_tune.training._settle import target_rank
+
+    torch.manual_seed(3)
+    layer = LRULayer(d_model=8, state_dim=48).double()
+    g = np.sort(state_scores(layer))[::-1]  # (48,)
+    r = len(g)
+    while True:
+        share = np.cumsum(g[:r]) / g[:r].sum()
+        new = int(np.argmax(share >= 1 - tau - 1e-12)) + 1
+        if new >= 0.95 * r:
+            break
+        r = new
+    policy = ReductionPolicy("tau", tau)
+    assert target_rank(g, policy) == r < 48
+    while (rank := plan_rank(state_scores(layer), policy)) is not None:
+        truncate_layer(layer, rank)
+    assert layer.state_dim <= r
+
+
+def _spectrum(n, target_share):
+    """A descending spectrum whose tau=0.04 target is about ``target_share * n``: a plateau of
+    large values, then a tail 1000x smaller."""
+    head = round(target_share * n)
+    return np.concatenate([np.linspace(2.0, 1.0, head), np.full(n - head, 1e-3)])
+
+
+def test_settle_waits_for_a_stable_target_then_cuts_toward_it():
+    from compressm_tune.training._settle import SettleConfig, SettleTracker, target_rank
+
+    policy = ReductionPolicy("tau", 0.04)
+    tracker = SettleTracker(SettleConfig(drift=0.03, patience=2, min_keep=0.5))
+    moving = [_spectrum(100, s) for s in (0.9, 0.7, 0.5)]  # the target is still falling
+    assert [tracker.plan(0, g, policy, None, last=False) for g in moving] == [None] * 3
+    stable = _spectrum(100, 0.3)
+    target = target_rank(stable, policy)
+    plans = [tracker.plan(0, stable, policy, None, last=False) for _ in range(3)]
+    assert plans[:2] == [None, None] and plans[2] == max(target, 50)  # min_keep caps the step
+    # after the cut (new width 50) the history restarts on the new basis
+    cut = stable[:50]
+    assert tracker.plan(0, cut, policy, None, last=False) is None
+    assert tracker.plan(0, cut, policy, None, last=True) == target  # the window's last check
+    # the first cut's target is a floor: a later, smaller target does not compound below it
+    smaller = _spectrum(target, 0.3)
+    assert target_rank(smaller, policy) < target
+    assert [tracker.plan(0, smaller, policy, None, last=True) for _ in range(3)] == [None] * 3
+
+
+def test_settle_state_survives_a_checkpoint_round_trip():
+    from compressm_tune.training._settle import SettleConfig, SettleTracker, target_rank
+
+    policy = ReductionPolicy("tau", 0.04)
+    tracker = SettleTracker(SettleConfig())
+    g = _spectrum(64, 0.4)
+    for _ in range(3):
+        tracker.plan(1, g, policy, None, last=False)
+    copy = SettleTracker(SettleConfig())
+    copy.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert copy.history == tracker.history and copy.floor == tracker.floor == {
+        1: target_rank(g, policy)}
+
+
+def test_settle_schedule_rejects_a_fraction_policy():
+    from compressm_tune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fixed point"):
+        ReduceConfig(policy=ReductionPolicy("fraction", 0.5), schedule="settle")
+
+
+def test_cli_settle_schedule_checks_across_the_window_and_cuts_when_settled(tmp_path):
+    """No --reduce-every: the settle schedule spreads its checks over the window itself, and
+    its first cut comes only after `patience` stable checks."""
+    from compressm_tune.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", "lti-sysid", "--blocks", "1", "--hidden", "8",
+                 "--state-dim", "48", "--steps", "48", "--eval-every", "48", "--batch-size",
+                 "16", "--reduce", "tau=0.1", "--window", "0.5", "--schedule", "settle",
+                 "--max-drop", "10", "--no-progress", "--out", str(out)])
+    assert code == 0
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "reduction" in r]
+    assert [r["step"] for r in records] == [2 * k for k in range(1, 13)]  # 12 checks in 24
+    actions = [r["reduction"][0]["action"] for r in records]
+    assert actions[:2] == ["keep", "keep"] and "cut" in actions
+    assert json.loads((out / "summary.json").read_text())["final_state_dims"][0] < 48

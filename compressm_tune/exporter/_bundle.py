@@ -414,6 +414,10 @@ def _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len,
                   "pooling": config.pooling, "config": config.to_dict()},
         "task": {"task": task, "dataset": (dataset or {}).get("name"),
                  "n_classes": config.d_output if task == "classification" else None,
+                 # the user's own label of each class id (npz data), printed by run.py
+                 "labels": ((dataset or {}).get("info") or {}).get("labels"),
+                 # variable-length input: trailing all-NaN steps are padding (run.py trims)
+                 "padding": ((dataset or {}).get("info") or {}).get("padding"),
                  "seq_len": seq_len if dataset else None,
                  "output": "logits per class" if task == "classification" else "values"},
         "normalization": {"mean": mean, "std": std, "formula": "x = (raw - mean) / std",

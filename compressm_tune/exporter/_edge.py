@@ -16,7 +16,9 @@ Usage (inside a bundle folder, the bundle argument defaults to this file's folde
 
 Input is raw: it is normalized with the manifest's ``(raw - mean) / std`` unless
 ``--normalized``. Shapes: ``(batch, length, d_input)``; ``(length, d_input)`` is one sequence;
-with ``d_input == 1`` also ``(batch, length)`` or ``(length,)``.
+with ``d_input == 1`` also ``(batch, length)`` or ``(length,)``. Sequences of different lengths
+come padded with trailing all-NaN steps, as in training; each runs at its true length. When the
+manifest lists the training labels (``task.labels``), records print the user's label too.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BundleError", "EdgeBundle", "Streamer", "latency_stats", "load_manifest",
-           "manifest_chunk", "measure_latency", "main", "sha256_file"]
+__all__ = ["BundleError", "EdgeBundle", "Streamer", "latency_stats", "lengths_of",
+           "load_manifest", "manifest_chunk", "measure_latency", "main", "run_ragged",
+           "sha256_file"]
 
 MANIFEST = "manifest.json"
 FORMAT = "compressm-tune/bundle"
@@ -383,24 +386,68 @@ def _read_input(path: str, key: str | None) -> np.ndarray:
             data = data[key]
     if not np.issubdtype(data.dtype, np.number):
         raise BundleError(f"{path} holds {data.dtype} values, not numbers")
-    bad = ~np.isfinite(data)
-    if bad.any():  # a NaN in gave class 0 with probability nan, and exit 0
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise BundleError(f"{path} holds a non-finite value ({data[first]}) at {first}")
     return data
 
 
-def _describe(bundle: EdgeBundle, y: np.ndarray) -> list[dict]:
-    """One record per sample: the class and its probability, or the output values."""
+def lengths_of(x: np.ndarray) -> np.ndarray:
+    """True lengths ``(batch,)`` of ``x (batch, L, d_input)`` padded with trailing NaN steps.
+
+    A step whose channels are all NaN is padding and must come after every real step (the
+    training data's convention, ``load_dataset("npz")``); any other non-finite value is refused
+    (a NaN fed to the model gave class 0 with probability nan, and exit 0).
+    """
+    pad = np.isnan(x).all(axis=2)  # (B, L)
+    lengths = (~pad).sum(axis=1)  # (B,)
+    trailing = np.arange(x.shape[1])[None, :] >= lengths[:, None]  # (B, L)
+    bad = ~np.isfinite(x) & ~(pad & trailing)[..., None]  # (B, L, d)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise BundleError(f"input holds a non-finite value ({x[first]}) at {first}; NaN is "
+                          "allowed only as trailing padding of whole steps")
+    if (lengths == 0).any():
+        raise BundleError(f"input sequence {int(np.flatnonzero(lengths == 0)[0])} is all "
+                          "NaN padding")
+    return lengths
+
+
+def run_ragged(x: np.ndarray, lengths: np.ndarray, run) -> np.ndarray:
+    """``run`` on each group of equal true length, at that length; outputs back in order.
+
+    ``run(x_group (b, l, d)) -> (b, C)`` or per step ``(b, l, C)``; per-step outputs are
+    NaN past each sequence's length in the result ``(batch, L, C)``.
+    """
+    out = None
+    for length in np.unique(lengths):
+        idx = np.flatnonzero(lengths == length)
+        part = run(x[idx, :length])
+        if out is None:
+            shape = (len(x), x.shape[1], *part.shape[2:]) if part.ndim == 3 else (
+                len(x), *part.shape[1:])
+            out = np.full(shape, np.nan, np.float32)
+        if part.ndim == 3:
+            out[idx, :length] = part
+        else:
+            out[idx] = part
+    return out
+
+
+def _describe(bundle: EdgeBundle, y: np.ndarray, lengths: np.ndarray) -> list[dict]:
+    """One record per sample: the class (and the user's label for it, when the manifest has
+    them) and its probability, or the output values; per-step records end at each length."""
     if bundle.task.get("task") == "classification":
+        labels = bundle.task.get("labels")
         z = y - y.max(-1, keepdims=True)
         p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)  # (B, C) or per step (B, L, C)
         cls, prob = p.argmax(-1), p.max(-1)
         if y.ndim == 2:
-            return [{"class": int(c), "prob": round(float(q), 4)}
+            return [dict({"class": int(c)}, **({"label": labels[c]} if labels else {}),
+                         prob=round(float(q), 4))
                     for c, q in zip(cls, prob)]  # noqa: B905 (runs on py3.8 devices)
-        return [{"class_per_step": c.tolist()} for c in cls]
-    return [{"output": np.round(v, 5).tolist()} for v in y]
+        return [{"class_per_step": c[:n].tolist()} if not labels else
+                {"label_per_step": [labels[k] for k in c[:n]]}
+                for c, n in zip(cls, lengths)]  # noqa: B905
+    return [{"output": np.round(v[:n] if y.ndim == 3 else v, 5).tolist()}
+            for v, n in zip(y, lengths)]  # noqa: B905
 
 
 def _print_records(records: list[dict], as_json: bool, label: str) -> None:
@@ -444,12 +491,16 @@ def _run(args: argparse.Namespace) -> int:
         modes = ("step",) if args.stream else ("sequence",)
         bundle = EdgeBundle(args.bundle, threads=args.threads, int8=args.int8, modes=modes)
         x = bundle.as_batch(_read_input(args.input, args.key))
+        lengths = lengths_of(x)  # (B,) variable-length input runs at its true lengths
         if args.stream:
-            y = bundle.streamer(len(x)).run(x, normalized=args.normalized)  # (B, L, d_out)
-            final = y[:, -1] if bundle.manifest["model"]["pooling"] == "mean" else y
+            y = run_ragged(x, lengths, lambda part: bundle.streamer(len(part)).run(
+                part, normalized=args.normalized))  # (B, L, d_out)
+            pooled = bundle.manifest["model"]["pooling"] == "mean"
+            final = y[np.arange(len(y)), lengths - 1] if pooled else y
         else:
-            y = final = bundle.predict(x, normalized=args.normalized)
-        _print_records(_describe(bundle, final), args.json, "sample")
+            y = final = run_ragged(x, lengths, lambda part: bundle.predict(
+                part, normalized=args.normalized))
+        _print_records(_describe(bundle, final, lengths), args.json, "sample")
         if args.output:
             np.save(args.output, y)
     if args.stdin:
@@ -469,7 +520,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise BundleError(f"each stdin line needs {stream.bundle.d_input} numbers, "
                                   f"got {values.size}: {line.strip()!r}")
             y = stream.push(values, normalized=args.normalized)
-            rec = _describe(stream.bundle, y)[0]
+            rec = _describe(stream.bundle, y, np.ones(len(y), dtype=int))[0]
             print(json.dumps({"token": t, **rec}) if args.json else
                   f"token {t}: " + ", ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
             t += 1

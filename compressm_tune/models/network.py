@@ -132,13 +132,33 @@ class SSMModel(nn.Module):
         """The SSM layer of every block, in order."""
         return [block.ssm for block in self.blocks]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (B, L, d_input)`` -> ``(B, d_output)`` (mean pooling) or ``(B, L, d_output)``.
+
+        Variable-length batches: ``lengths (B,)`` gives each sequence's true length, or,
+        without it, steps whose inputs are all NaN count as padding (trailing NaNs, as
+        ``load_dataset`` keeps them). Padded steps are fed as zeros and never pooled: the
+        layers are causal, so the mean over a sequence's first ``lengths[b]`` steps equals the
+        model run on that sequence unpadded (in eval mode; in training BatchNorm's batch
+        statistics still see the padded steps). Per-step outputs at padded steps are left to
+        the caller to ignore (the trainer's loss masks them).
+        """
+        tokens = not x.is_floating_point()  # (B, L) token ids of an embedding encoder
+        if lengths is not None:
+            steps = torch.arange(x.shape[1], device=x.device)  # (L,)
+            valid = steps[None, :] < lengths.to(x.device)[:, None]  # (B, L)
+        elif tokens:
+            valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # (B, L)
+        else:
+            valid = ~torch.isnan(x).all(dim=-1)  # (B, L) padded steps are all-NaN
+        x = x.masked_fill(~valid, 0) if tokens else x.masked_fill(~valid[..., None], 0.0)
         h = self.encoder(x)  # (B, L, H)
         for block in self.blocks:
             h = block(h)  # (B, L, H)
         h = self.norm_f(h)  # (B, L, H)
         if self._config.pooling == "mean":
-            h = h.mean(dim=1)  # (B, H)
+            weight = valid.to(h.dtype)[..., None]  # (B, L, 1)
+            h = (h * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)  # (B, H)
         return self.head(h)
 
     def allocate_state(self, batch_size: int) -> list[torch.Tensor]:

@@ -65,7 +65,9 @@ class Dataset:
     name, task : str
         Dataset name (one of ``DATASETS``) and ``"classification"`` or ``"regression"``.
     x_train, x_val, x_test : torch.Tensor
-        float32 ``(n, seq_len, d_input)``, normalized with the train statistics.
+        float32 ``(n, seq_len, d_input)``, normalized with the train statistics. Variable-length
+        ``npz`` sequences keep their trailing NaN padding (whole steps), which
+        :class:`~compressm_tune.models.SSMModel` masks (``info["padding"]`` says so).
     y_train, y_val, y_test : torch.Tensor
         Classification: int64 class ids in ``[0, d_output)``, either ``(n,)`` (one label per
         sequence) or ``(n, M)`` (one label per answer token, scored at the model's last ``M``
@@ -251,7 +253,14 @@ def load_dataset(
 
 
 def _split(x: np.ndarray, y: np.ndarray, fraction: float, rng: np.random.Generator, held: str):
-    """Randomly move ``round(n * fraction)`` samples to a held-out split; both keep >= 2."""
+    """Move ``round(n * fraction)`` samples to a held-out split; both keep >= 2.
+
+    Class labels ``y`` (n,) are split stratified: each class sends its share of the held-out
+    count (largest remainders settle the rounding), so a small validation split holds every
+    class in proportion instead of whatever a random draw gives (a handful of samples chosen
+    at random can miss a class entirely, and ``best.pt`` is picked on them). Other targets
+    are split at random.
+    """
     n = len(x)
     n_held = round(n * fraction)
     if n_held < 2 or n - n_held < 2:
@@ -260,8 +269,33 @@ def _split(x: np.ndarray, y: np.ndarray, fraction: float, rng: np.random.Generat
             f"'{held}' leaves {n - n_held} / {n_held}; provide more data"
         )
     perm = rng.permutation(n)
-    keep, out = perm[n_held:], perm[:n_held]
+    if y.ndim == 1 and y.dtype.kind in "iub":
+        out = _stratified(y[perm], n_held)
+        held_mask = np.zeros(n, dtype=bool)
+        held_mask[out] = True
+        keep, out = perm[~held_mask], perm[held_mask]
+    else:
+        keep, out = perm[n_held:], perm[:n_held]
     return (x[keep], y[keep]), (x[out], y[out])
+
+
+def _stratified(y: np.ndarray, n_held: int) -> np.ndarray:
+    """Positions in ``y`` (already shuffled) of ``n_held`` samples, each class's first ones,
+    in proportion to its count (largest remainder rounding), leaving every class at least one
+    sample to train on (so the held-out split may fall short of ``n_held`` when nearly every
+    class is a singleton)."""
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    quota = n_held * counts / len(y)  # (K,) ideal held count per class
+    room = np.maximum(counts - 1, 0)  # a class keeps one sample on the training side
+    take = np.minimum(np.floor(quota).astype(int), room)
+    while take.sum() < n_held and (take < room).any():  # largest remainders first
+        left = np.where(take < room, quota - take, -np.inf)
+        take[np.argmax(left)] += 1
+    rank = np.empty(len(y), dtype=int)  # position of each sample within its class
+    for k in range(len(classes)):
+        members = np.flatnonzero(inverse == k)
+        rank[members] = np.arange(len(members))
+    return np.flatnonzero(rank < take[inverse])
 
 
 def _build(name, task, train, test, d_output, info, *, val_fraction, rng,
@@ -275,11 +309,12 @@ def _build(name, task, train, test, d_output, info, *, val_fraction, rng,
     x_test, y_test = test
     if normalize:
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-            mean = x_tr.mean(axis=(0, 1), dtype=np.float64)  # (d,)
-            std = np.maximum(x_tr.std(axis=(0, 1), dtype=np.float64), _STD_FLOOR)  # (d,)
+            mean = np.nanmean(x_tr, axis=(0, 1), dtype=np.float64)  # (d,) padding left out
+            std = np.maximum(np.nanstd(x_tr, axis=(0, 1), dtype=np.float64), _STD_FLOOR)
         if not (np.isfinite(mean).all() and np.isfinite(std).all()):
             raise DataError(f"inputs of {name} are too large to normalize (their standard "
-                            f"deviation overflows float64, max |x| {np.abs(x_tr).max():.3g}); "
+                            f"deviation overflows float64, max |x| "
+                            f"{np.nanmax(np.abs(x_tr)):.3g}); "
                             "rescale them")
     else:
         mean, std = np.zeros(x_tr.shape[2]), np.ones(x_tr.shape[2])  # (d,) each
@@ -499,20 +534,33 @@ def _chars(cache_root: Path) -> Dataset:
 
 
 def _npz(path: str | None, rng: np.random.Generator):
-    """User arrays: classification when ``y`` is (n,), regression when it is (n, L, d_out)."""
+    """User arrays: classification when ``y`` is (n,), regression when it is (n, L, d_out).
+
+    Class labels may be of any kind (strings, 1..K, -1/+1, arbitrary integers): the distinct
+    labels of ``y``, sorted, become class ids 0..K-1, and ``info["labels"]`` lists them (id ->
+    original label), so a checkpoint and an export bundle can report the user's own labels.
+    Labels of ``y_test`` that ``y`` never has are refused: no model could learn them.
+    """
     if path is None:
         raise DataError("dataset 'npz' needs path= pointing to an .npz file with keys 'x', 'y'")
     arrays = _read_npz(path)
     x, y = _check_pair(arrays["x"], arrays["y"], "", path)
     task = "classification" if y.ndim == 1 else "regression"
-    d_output = int(y.max()) + 1 if task == "classification" else y.shape[2]
-    if task == "classification" and d_output < 2:
-        raise DataError(f"classification needs at least 2 classes (max(y) + 1), got 1 in {path}")
-    if task == "classification" and d_output > _MAX_CLASSES:
-        raise DataError(
-            f"class ids in {path} go up to {int(y.max())}: {d_output} classes, more than "
-            f"{_MAX_CLASSES} (the output layer would not fit); map the {len(np.unique(y))} "
-            "distinct labels to 0..K-1")
+    info: dict = {"path": str(Path(path).resolve())}
+    lengths = (~np.isnan(x).all(axis=2)).sum(axis=1)  # (n,) see _padding
+    if (lengths < x.shape[1]).any():
+        info["padding"] = {"kind": "trailing NaN", "min_length": int(lengths.min()),
+                           "max_length": int(x.shape[1])}
+    if task == "classification":
+        labels, y = np.unique(y, return_inverse=True)  # (K,) sorted; y -> ids (n,)
+        if len(labels) < 2:
+            raise DataError(f"classification needs at least 2 distinct labels in y, got only "
+                            f"{labels.tolist()} in {path}")
+        if len(labels) > _MAX_CLASSES:
+            raise DataError(f"y in {path} holds {len(labels)} distinct labels, more than "
+                            f"{_MAX_CLASSES} classes (the output layer would not fit)")
+        info["labels"] = labels.tolist()  # JSON-ready: str, int or float per class id
+    d_output = len(info["labels"]) if task == "classification" else y.shape[2]
     if "x_test" in arrays:
         x_test, y_test = _check_pair(arrays["x_test"], arrays["y_test"], "_test", path)
         if x_test.shape[1:] != x.shape[1:] or y_test.shape[1:] != y.shape[1:]:
@@ -520,15 +568,28 @@ def _npz(path: str | None, rng: np.random.Generator):
                 f"x_test/y_test in {path} must match x/y in all but the first axis: "
                 f"x {x.shape}, y {y.shape} vs x_test {x_test.shape}, y_test {y_test.shape}"
             )
+        if task == "classification":
+            y_test = _label_ids(y_test, labels, path)
         test_split = "file"
     else:
         (x, y), (x_test, y_test) = _split(x, y, _NPZ_TEST_FRACTION, rng, "test")
         test_split = f"random {_NPZ_TEST_FRACTION:.0%}"
-    if task == "classification" and y_test.max() >= d_output:
-        bad = int(y_test[y_test >= d_output][0])
-        raise DataError(f"labels must lie in [0, {d_output}), found {bad!r} in y_test of {path}")
-    info = {"path": str(Path(path).resolve()), "test_split": test_split}
+    info["test_split"] = test_split
     return task, (x, y), (x_test, y_test), d_output, info
+
+
+def _label_ids(y: np.ndarray, labels: np.ndarray, path: str) -> np.ndarray:
+    """Class ids of ``y`` under the train labels ``labels`` (sorted); unknown labels refused."""
+    if y.dtype.kind in "US" and labels.dtype.kind not in "US" or (
+            labels.dtype.kind in "US" and y.dtype.kind not in "US"):
+        raise DataError(f"y_test in {path} holds {y.dtype} labels but y holds {labels.dtype}; "
+                        "give both the same kind of label")
+    ids = np.clip(np.searchsorted(labels, y), 0, len(labels) - 1)  # (n,)
+    unknown = labels[ids] != y
+    if unknown.any():
+        raise DataError(f"y_test in {path} holds label {y[unknown][0].item()!r}, which y never has "
+                        f"(its labels: {labels.tolist()[:20]})")
+    return ids
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -558,18 +619,29 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray, suffix: str, path: str):
-    """Validate one (x, y) pair; return x float64 (n, L, d) and y int64 (n,) or float (n, L, d)."""
+    """Validate one (x, y) pair; return x float64 (n, L, d) and y, either class labels (n,)
+    as given (numbers, strings or booleans; mapped to ids by the caller) or float32 targets
+    (n, L, d). Trailing NaNs of a sequence are its padding (see :func:`_padding`)."""
     xn, yn = f"x{suffix}", f"y{suffix}"
     for key, arr, ndims in ((xn, x, (2, 3)), (yn, y, (1, 3))):
-        if arr.dtype.kind not in "iuf":
-            raise DataError(f"{key} in {path} must be a real numeric array, got dtype {arr.dtype}")
+        labels = key == yn and arr.ndim == 1
+        if arr.dtype.kind not in ("iufbUS" if labels else "iuf"):
+            kinds = "numbers, strings or booleans" if labels else "a real numeric array"
+            raise DataError(f"{key} in {path} must be {kinds}, got dtype {arr.dtype}")
         if arr.ndim not in ndims:
             raise DataError(f"{key} in {path} must have ndim in {ndims}, got shape {arr.shape}")
         if arr.size == 0:
             raise DataError(f"{key} in {path} must be non-empty, got shape {arr.shape}")
-        if not np.isfinite(arr).all():
-            first = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+        if key == xn or arr.dtype.kind not in "f":
+            continue  # x: see _padding
+        finite = np.isfinite(arr)
+        x3 = x if x.ndim == 3 else x[..., None]  # (n, L, d)
+        if arr.ndim == 3 and arr.shape[:2] == x3.shape[:2]:  # NaN targets where x is padding
+            finite |= np.isnan(arr) & np.isnan(x3).all(axis=2, keepdims=True)
+        if not finite.all():
+            first = tuple(int(i) for i in np.argwhere(~finite)[0])
             raise DataError(f"{key} in {path} must be finite, found {arr[first]} at {first}")
+    _padding(x, xn, path)
     x = x[..., None] if x.ndim == 2 else x  # (n, L) -> (n, L, 1)
     if len(x) != len(y):
         raise DataError(f"{xn} and {yn} in {path} must have equal length, got {len(x)} vs {len(y)}")
@@ -578,12 +650,39 @@ def _check_pair(x: np.ndarray, y: np.ndarray, suffix: str, path: str):
             raise DataError(
                 f"{yn} in {path} must have length {x.shape[1]} on axis 1, got {y.shape}"
             )
-        return x.astype(np.float64), y.astype(np.float32)
+        y = y.astype(np.float32)
+        y[np.isnan(x).all(axis=2)] = np.nan  # padded steps: left out of loss and metrics
+        return x.astype(np.float64), y
     if y.dtype.kind == "f" and (y != np.round(y)).any():
-        raise DataError(f"class ids {yn} in {path} must be whole, found {y[y != np.round(y)][0]}")
-    if (y < 0).any():
-        raise DataError(f"class ids {yn} in {path} must be >= 0, found {y[y < 0][0]!r}")
-    return x.astype(np.float64), y.astype(np.int64)
+        raise DataError(f"class labels {yn} in {path} must be whole numbers or strings, found "
+                        f"{y[y != np.round(y)][0]} (a regression target needs shape (n, L, d))")
+    if y.dtype.kind == "f":
+        y = y.astype(np.int64)  # whole-number labels: ids print as 1, not 1.0
+    return x.astype(np.float64), y
+
+
+def _padding(x: np.ndarray, name: str, path: str) -> np.ndarray:
+    """Each sequence's true length from trailing NaN padding of ``x`` (n, L, d).
+
+    Variable-length series are brought padded to the longest with NaN at the end: a step whose
+    channels are all NaN is padding; it must come after every real step, and a sequence needs
+    at least one real step. Any other non-finite value (inf, a NaN among real steps or in some
+    channels only) is refused, naming the first one. Returns lengths (n,) int64.
+    """
+    x3 = x if x.ndim == 3 else x[..., None]  # (n, L, d)
+    pad = np.isnan(x3).all(axis=2)  # (n, L) padded steps
+    lengths = (~pad).sum(axis=1)  # (n,)
+    trailing = np.arange(x.shape[1])[None, :] >= lengths[:, None]  # (n, L)
+    bad = ~np.isfinite(x3) & ~(pad & trailing)[..., None]  # (n, L, d)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])[:x.ndim]  # in the user's shape
+        hint = (" (NaN is allowed only as trailing padding of a whole step)"
+                if np.isnan(x[first]) else "")
+        raise DataError(f"{name} in {path} must be finite, found {x[first]} at {first}{hint}")
+    if (lengths == 0).any():
+        empty = int(np.flatnonzero(lengths == 0)[0])
+        raise DataError(f"{name} in {path}: sequence {empty} is all NaN padding (no real step)")
+    return lengths
 
 
 # ----------------------------------------------------------------------------- smnist

@@ -48,9 +48,10 @@ from compressm_tune.reduction import (
     reduce_layer,
     state_scores,
 )
+from compressm_tune.training._settle import SCHEDULES, SettleConfig, SettleTracker
 
-__all__ = ["CALIBRATION", "MOMENT_POLICIES", "ReduceConfig", "ReductionHost", "Reducer",
-           "layer_inputs", "run_model", "spectrum_record"]
+__all__ = ["CALIBRATION", "MOMENT_POLICIES", "SCHEDULES", "ReduceConfig", "ReductionHost",
+           "Reducer", "SettleConfig", "layer_inputs", "run_model", "spectrum_record"]
 
 MOMENT_POLICIES = ("reset", "slice")
 CALIBRATION = 128  # training sequences that score a selective layer's states
@@ -73,6 +74,10 @@ class ReduceConfig:
     # Training sequences whose layer inputs score the states (selective layers, and LRU
     # layers under an input-weighted policy).
     calibration: int = CALIBRATION
+    # "window": the paper's, a tau cut at every attempt in the window; "settle": cut when the
+    # spectrum has settled, toward the width repeated cuts would reach (training/_settle.py)
+    schedule: str = "window"
+    settle: SettleConfig = field(default_factory=SettleConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.window <= 1.0:
@@ -83,6 +88,11 @@ class ReduceConfig:
             raise ConfigError(f"max_drop >= 0 must hold, got max_drop={self.max_drop}")
         if self.calibration < 1:
             raise ConfigError(f"calibration >= 1 must hold, got calibration={self.calibration}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "settle" and self.policy.kind == "fraction":
+            raise ConfigError("schedule 'settle' needs a tau= or rank= policy: repeated "
+                              f"fraction={self.policy.value:g} cuts have no fixed point")
         if self.moments not in MOMENT_POLICIES:
             raise ConfigError(f"moments must be one of {MOMENT_POLICIES}, got {self.moments!r}")
 
@@ -218,22 +228,35 @@ class Reducer:
         self.config = config
         self.frozen: set[int] = set()
         self.closed = False  # whether the window's closing (budget) step has run
+        self.settle = SettleTracker(config.settle)
+        self._total_steps: int | None = None  # the run's length, seen by active/due
 
     def state_dict(self) -> dict[str, Any]:
-        return {"frozen": sorted(self.frozen), "closed": self.closed}
+        return {"frozen": sorted(self.frozen), "closed": self.closed,
+                "settle": self.settle.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.frozen = set(state["frozen"])
         self.closed = bool(state.get("closed", False))
+        self.settle.load_state_dict(state.get("settle", {}))
 
     def active(self, step: int, total_steps: int) -> bool:
         """Whether an evaluation at ``step`` lies inside the reduction window."""
+        self._total_steps = total_steps
         return step <= self.config.window * total_steps
 
     def due(self, step: int, total_steps: int) -> bool:
-        """Whether ``step`` is an extra attempt point (``every``) inside the window."""
-        every = self.config.every
+        """Whether ``step`` is an extra attempt point inside the window: every ``every``
+        steps, or for the settle schedule without ``every``, ``settle.checks`` points spread
+        over the window."""
+        every = self.cadence(total_steps)
         return every is not None and step % every == 0 and self.active(step, total_steps)
+
+    def cadence(self, total_steps: int) -> int | None:
+        """Steps between extra attempts inside the window (None: only at evaluations)."""
+        if self.config.every is not None or self.config.schedule != "settle":
+            return self.config.every
+        return max(1, int(self.config.window * total_steps) // self.config.settle.checks)
 
     def attempt(self, host: ReductionHost, val: dict[str, float] | None = None
                 ) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
@@ -367,6 +390,13 @@ class Reducer:
     def plan(self, layer: int, hsv: Any, step: int) -> int | None:
         """The new rank of ``layer`` at ``step`` (None: no cut) from its descending scores;
         override to script cuts."""
+        if self.config.schedule == "settle":
+            total = self._total_steps
+            every = self.cadence(total) if total else None
+            last = total is None or every is None or (
+                step + every > self.config.window * total)  # no later check in the window
+            return self.settle.plan(layer, hsv, self.config.policy, self.config.round_to,
+                                    last)
         return plan_rank(hsv, self.config.policy, self.config.round_to)
 
     def _layer_inputs(self, host: ReductionHost) -> list[torch.Tensor | None]:

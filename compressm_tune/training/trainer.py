@@ -98,6 +98,7 @@ def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
     model.eval()
     device = module_device(model)
     loss_sum, correct = 0.0, 0
+    scored = y.numel() if task == "classification" else int((~torch.isnan(y)).sum())
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
             target = y[i:i + batch_size].to(device)
@@ -108,11 +109,11 @@ def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
                 correct += int((_scored(out, target).argmax(-1) == target).sum())
     model.train(was_training)
     if task == "classification":
-        out = {"loss": loss_sum / y.numel(), "accuracy": correct / y.numel()}
+        out = {"loss": loss_sum / scored, "accuracy": correct / scored}
         if bits_name:
             out[bits_name] = out["loss"] / math.log(2)
         return out
-    return {"loss": loss_sum / y.numel()}
+    return {"loss": loss_sum / max(1, scored)}
 
 
 def _loss(out: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "mean"):
@@ -120,11 +121,16 @@ def _loss(out: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "
 
     Classification pairs labels ``(batch,)`` with pooled logits ``(batch, C)``, and per-token
     labels ``(batch, M)`` with the last ``M`` steps of per-step logits ``(batch, L, C)``.
+    Regression targets that are NaN (the padded steps of variable-length sequences) are left
+    out of the loss and of the mean's count.
     """
     if task == "classification":
         logits = _scored(out, target)  # (batch, C) or (batch, M, C)
         return F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction=reduction)
-    return F.mse_loss(out, target, reduction=reduction)
+    valid = ~torch.isnan(target)  # (batch, L, d_output)
+    err = torch.where(valid, out - target.nan_to_num(), 0.0).pow(2)  # no NaN, even in grads
+    total = err.sum()
+    return total if reduction == "sum" else total / valid.sum().clamp_min(1)
 
 
 def _scored(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -185,7 +191,8 @@ def _schedule_attempts(reducer: Any, config: TrainConfig) -> None:
     ``--reduce`` request was silently never tried. Then attempt every third of the window
     instead, and say so."""
     window_steps = int(reducer.config.window * config.steps)
-    if window_steps >= 1 and reducer.config.every is None and config.eval_every > window_steps:
+    if (window_steps >= 1 and reducer.cadence(config.steps) is None
+            and config.eval_every > window_steps):
         every = max(1, window_steps // 3)
         reducer.config = replace(reducer.config, every=every)
         print(f"compressm-tune: note: no evaluation falls in the reduction window (steps 1-"
