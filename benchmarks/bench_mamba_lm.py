@@ -12,7 +12,8 @@ training time excludes evaluation and includes reduction. One torch thread per r
 Output: bench_results/mamba_lm.{json,md,png}. Issue 15's target (for --arch mamba): the state
 cut to <= 1/4 with <= 2% relative bits/char loss against full.
 
-    python benchmarks/bench_mamba_lm.py [--arch lru,mamba] [--seeds 3] [--steps N] [--quick]
+    python benchmarks/bench_mamba_lm.py [--arch lru,mamba] [--seeds 3] [--steps N]
+        [--state mamba=64] [--tau 0.04] [--name mamba_lm] [--quick]
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _markdown(payload: dict[str, Any]) -> str:
              "train time excludes evaluation, includes reduction. Median [min, max] over "
              "seeds; ratios are per seed against that seed's full run.", ""]
     for arch, summ in payload["summary"].items():
-        lines += [f"## --arch {arch} (start: {STATE[arch]} states per layer)", "",
+        lines += [f"## --arch {arch} (start: {s['state'][arch]} states per layer)", "",
                   "| variant | final widths | state share | test bits/char | rel. vs full "
                   "| train time (s) | speed-up vs full |", "|---|---|---|---|---|---|---|"]
         for v in VARIANTS:
@@ -149,6 +150,10 @@ def main() -> None:
     ap.add_argument("--arch", default="lru", help="comma-separated, e.g. lru,mamba")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="override the steps per run")
+    ap.add_argument("--state", default="", help="starting widths, e.g. mamba=64 "
+                    f"(default {STATE})")
+    ap.add_argument("--tau", type=float, default=BASE["tau"], help="reduction tolerance")
+    ap.add_argument("--name", default="mamba_lm", help="bench_results/NAME.{json,md,png}")
     ap.add_argument("--quick", action="store_true",
                     help="30 steps, 1 seed, nothing written: a smoke test")
     args = ap.parse_args()
@@ -164,7 +169,14 @@ def main() -> None:
     if args.seeds < 1 or (args.steps is not None and args.steps < 1):
         print("bench_mamba_lm: error: --seeds and --steps must be >= 1", file=sys.stderr)
         sys.exit(2)
-    settings = dict(BASE)
+    settings = dict(BASE, tau=args.tau)
+    try:
+        settings["state"] = {**STATE, **{a: int(n) for a, n in (
+            item.split("=") for item in args.state.split(",") if item)}}
+    except ValueError:
+        print(f"bench_mamba_lm: error: --state takes ARCH=N,..., got {args.state!r}",
+              file=sys.stderr)
+        sys.exit(2)
     if args.steps:
         settings["steps"] = args.steps
     if args.quick:
@@ -176,8 +188,9 @@ def main() -> None:
     for arch in archs:
         for seed in seeds:
             compressed = _run(arch, "compressed", seed, settings, data,
-                              [STATE[arch]] * settings["blocks"])
-            full = _run(arch, "full", seed, settings, data, [STATE[arch]] * settings["blocks"])
+                              [settings["state"][arch]] * settings["blocks"])
+            full = _run(arch, "full", seed, settings, data,
+                        [settings["state"][arch]] * settings["blocks"])
             scratch = _run(arch, "scratch", seed, settings, data, compressed["final_dims"])
             for r in (compressed, full, scratch):
                 print(f"{arch} seed={seed} {r['variant']}: bits/char "
@@ -190,8 +203,8 @@ def main() -> None:
                "summary": {arch: _summary(results, arch) for arch in archs}}
     text = _markdown(payload)
     if not args.quick:  # a smoke test leaves bench_results alone
-        write("mamba_lm", payload, text)
-        _plot(payload, RESULTS / "mamba_lm.png")
+        write(args.name, payload, text)
+        _plot(payload, RESULTS / f"{args.name}.png")
     print(text)
 
 
