@@ -146,3 +146,15 @@ def lru_reference(layer, u, x0=None):
         state = lam * state + u[:, k] @ b.T  # (B, N)
         y[:, k] = (state @ c.T).real + d * u[:, k]
     return y
+
+
+def small_trainer(data, out, arch: str, d_model: int, state_dims: list[int], reducer=None,
+                  steps: int = 20):
+    """A quick Trainer over ``data`` (batch 32, evaluation every 10 steps, one thread)."""
+    from compressm_tune.models import SSMConfig
+    from compressm_tune.training import TrainConfig, Trainer
+
+    cfg = SSMConfig(arch=arch, d_input=data.d_input, d_output=data.d_output, d_model=d_model,
+                    state_dims=state_dims)
+    tcfg = TrainConfig(steps=steps, batch_size=32, eval_every=10, seed=0, threads=1)
+    return Trainer(cfg, tcfg, data, out, reducer=reducer, progress=False)

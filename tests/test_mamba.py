@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import small_trainer
 
 from compressm_tune.errors import ExportError
 from compressm_tune.exporter import (
@@ -28,7 +29,7 @@ from compressm_tune.exporter import (
 )
 from compressm_tune.models import MambaLayer, SSMConfig, SSMModel
 from compressm_tune.reduction import ReductionPolicy, reduce_layer, state_scores
-from compressm_tune.training import TrainConfig, Trainer, model_from_checkpoint, save_checkpoint
+from compressm_tune.training import model_from_checkpoint, save_checkpoint
 from compressm_tune.training.reducer import ReduceConfig, Reducer
 
 
@@ -168,10 +169,7 @@ def test_reduction_keeps_the_kept_states_outputs():
 
 
 def _trainer(data, tmp_path, reducer=None, steps=20):
-    cfg = SSMConfig(arch="mamba", d_input=data.d_input, d_output=data.d_output, d_model=8,
-                    state_dims=[8, 8])
-    tcfg = TrainConfig(steps=steps, batch_size=32, eval_every=10, seed=0, threads=1)
-    return Trainer(cfg, tcfg, data, tmp_path, reducer=reducer, progress=False)
+    return small_trainer(data, tmp_path, "mamba", 8, [8, 8], reducer, steps)
 
 
 def test_in_training_reduction_and_reload(mnist1d, tmp_path):

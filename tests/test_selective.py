@@ -12,6 +12,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import small_trainer
 
 from compressm_tune.errors import ConfigError, ReductionError
 from compressm_tune.models import SelectiveLayer, SSMConfig, SSMModel, _triton, selective_scan
@@ -22,7 +23,7 @@ from compressm_tune.reduction import (
     select_states,
     state_importance,
 )
-from compressm_tune.training import TrainConfig, Trainer, model_from_checkpoint
+from compressm_tune.training import model_from_checkpoint
 from compressm_tune.training.plots import read_metrics
 from compressm_tune.training.reducer import ReduceConfig, Reducer
 
@@ -238,10 +239,7 @@ def test_selection_ablations():
 
 
 def _trainer(data, tmp_path, reducer=None, steps=20):
-    cfg = SSMConfig(arch="selective", d_input=data.d_input, d_output=data.d_output,
-                    d_model=16, state_dims=[32, 32])
-    tcfg = TrainConfig(steps=steps, batch_size=32, eval_every=10, seed=0, threads=1)
-    return Trainer(cfg, tcfg, data, tmp_path, reducer=reducer, progress=False)
+    return small_trainer(data, tmp_path, "selective", 16, [32, 32], reducer, steps)
 
 
 def test_in_training_reduction_of_a_selective_model(mnist1d, tmp_path):
