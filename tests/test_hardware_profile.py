@@ -28,10 +28,14 @@ from compressm_tune.hardware import (
 )
 
 # Leave-one-out tolerance on the real quick profile: the mean absolute error of predicting each
-# interior width's latency from the others. Stated loosely (30 %) because CI machines are shared
-# and the quick settings time sub-millisecond calls; the committed profile and
-# bench_results/profiler_accuracy.md show the accuracy at the default settings.
-HOLDOUT_MEAN_TOLERANCE = 0.30
+# interior width's latency from the others. The quick settings time sub-millisecond calls in
+# 20 ms per model and round, and this machine runs in slow and fast spells lasting seconds
+# (the same model 0.42 then 0.69 ms, thread CPU time alike): five quick profiles taken back to
+# back on an idle machine gave p50 errors of 4-29 % (once 35 % in CI) but errors of 4-10 % on
+# each model's fastest call, which a slow spell cannot reach. So the interpolation is held to
+# the fastest calls, and the median only to a bound that catches a broken fit (a width's
+# latency off by half); bench_results/profiler_accuracy.md measures p50 accuracy properly.
+HOLDOUT_MEAN_TOLERANCE = {"latency_min_ms": 0.20, "latency_ms": 0.60}
 # Median error of predicting measured mixed-width models of 1-4 blocks from the quick profile,
 # loose for the same reason. Wall-clock latency gets the loosest bound: on a loaded machine a
 # long call waits for a core more often than a short one, which time on a core
@@ -115,9 +119,10 @@ def test_quick_profile_energy_is_labelled(quick_profile) -> None:
 def test_latency_model_predicts_held_out_widths_of_a_real_profile(quick_profile) -> None:
     _, profile = quick_profile
     model = LatencyModel.from_profile(profile)
-    holdout = model.holdout_error("latency_ms")
-    assert holdout.widths == (8, 16, 32, 64)
-    assert holdout.mean_abs_rel_error <= HOLDOUT_MEAN_TOLERANCE, holdout
+    for metric, tolerance in HOLDOUT_MEAN_TOLERANCE.items():
+        holdout = model.holdout_error(metric)
+        assert holdout.widths == (8, 16, 32, 64)
+        assert holdout.mean_abs_rel_error <= tolerance, holdout
     mixed = model.predict([128, 4, 32])
     assert model.predict([4, 4, 32]) < mixed < model.predict([128, 128, 128]) * 1.5
 
