@@ -16,7 +16,8 @@ Runs use the small settings of ``bench_compression.py`` (600 steps; MNIST-1D 2 b
 lti-sysid 1 block H=16; N=256), one torch thread each, two in parallel, jobs interleaved by seed
 so every method sees the same load. Output: bench_results/schedule.{json,md,png}.
 
-    python benchmarks/bench_schedule.py [--seeds 3] [--workers 2]
+    python benchmarks/bench_schedule.py [--seeds 3] [--workers 2] [--datasets mnist1d,lti-sysid]
+        [--steps N] [--name schedule]
 """
 
 from __future__ import annotations
@@ -92,7 +93,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--datasets", default="mnist1d,lti-sysid")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="override the steps per run (evaluations stay 12 per run)")
+    ap.add_argument("--name", default="schedule", help="bench_results/NAME.{json,md,png}")
     args = ap.parse_args()
+    if args.steps:
+        for s in SETTINGS.values():
+            s.update(steps=args.steps, eval_every=max(1, args.steps // 12))
     datasets, seeds = args.datasets.split(","), list(range(args.seeds))
     load_before = os.getloadavg()[0]
     t0 = time.time()
@@ -118,9 +125,9 @@ def main() -> None:
           "includes reduction. Paired columns compare runs of the same seed.", ""]
     for d in datasets:
         md += [f"## {d}", "", _table(results, d), ""]
-    write("schedule", {"machine": machine(), "settings": SETTINGS, "seeds": seeds, "tau": TAU,
+    write(args.name, {"machine": machine(), "settings": SETTINGS, "seeds": seeds, "tau": TAU,
                        "wall_s": wall, "results": results}, "\n".join(md))
-    _plot(results, RESULTS / "schedule.png", order=list(METHODS))
+    _plot(results, RESULTS / f"{args.name}.png", order=list(METHODS))
     print("\n".join(md))
 
 
