@@ -5,7 +5,8 @@
 #   2. the Triton kernels against their references on CUDA, and the tests marked gpu
 #   3. a default `train --device cuda --reduce tau=0.04` run on MNIST-1D
 #   4. a GPU profile: energy per width over NVML windows of >= 1 s, with error bounds
-#   5. the budgeted job with --device cuda (trials train on the GPU; latency is onnxruntime's)
+#   5. `train --arch mamba --reduce tau=0.1` on the GPU (the Mamba block on the S6 Triton kernel)
+#   6. the budgeted job with --device cuda (trials train on the GPU; latency is onnxruntime's)
 # Usage: benchmarks/gpu_check.sh [PEER_ROOT]   (PEER_ROOT: a checkout of
 # camail-official/compressm; default ../shared/peers/compressm-official). With $OUT set (the
 # device tool), logs and results are copied there too. Each step is time-boxed; a failing step
@@ -47,12 +48,15 @@ step energy 120 python -m compressm_tune.cli profile --device cuda --widths 16,6
     --out runs/gpu-profile.json
 step train 90 python -m compressm_tune.cli train --device cuda --reduce tau=0.04 --no-progress \
     --out runs/gpu-train
+step mamba 90 python -m compressm_tune.cli train --device cuda --arch mamba --state-dim 64 \
+    --steps 300 --reduce tau=0.1 --no-progress --out runs/gpu-mamba
 step tune 150 python -m compressm_tune.cli --budget-ms 5 --device cuda --trials 3 --steps 150 \
     --no-drift-check --out runs/gpu-tune
 cp bench_results/gpu_train.json bench_results/gpu_train.md bench_results/gpu_profile_scifar.md \
     "$DEST"/ 2>/dev/null
 cp runs/gpu-profile.json "$DEST"/gpu_profile_energy.json 2>/dev/null
 cp runs/gpu-train/summary.json "$DEST"/train_summary.json 2>/dev/null
+cp runs/gpu-mamba/summary.json "$DEST"/mamba_summary.json 2>/dev/null
 cp runs/gpu-tune/report.md "$DEST"/tune_report.md 2>/dev/null
 echo "gpu_check: $failed step(s) failed" | tee -a "$LOG"
 exit "$failed"

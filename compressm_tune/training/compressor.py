@@ -116,8 +116,8 @@ class Compressor:
         found = find_reducible(model)
         if not found:
             raise ConfigError(
-                f"{type(model).__name__} holds no reducible layer: use LRULayer or "
-                "SelectiveLayer, or give your layer system() -> (lam, B, C, D) and "
+                f"{type(model).__name__} holds no reducible layer: use LRULayer, "
+                "SelectiveLayer or MambaLayer, or give your layer system() -> (lam, B, C, D) and "
                 "load_system_parameters(lam, B, C, D) (see the README, 'Compress your own "
                 "training loop')")
         self.layer_names = [name for name, _ in found]
