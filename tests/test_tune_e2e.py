@@ -22,6 +22,7 @@ import optuna
 import pytest
 
 from compressm_tune.hardware import ProfilerConfig, profile_device, save_profile
+from compressm_tune.search._storage import open_storage
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,10 @@ def _wait(proc: subprocess.Popen, timeout: float) -> str:
 
 
 def _finished(storage: str, study: str = "compressm-tune") -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=study, storage=storage).get_trials(states=FINISHED)
+    # through the job's own opener: a test polling while the job creates the schema loses the
+    # same race a second worker would (a raw load_study raised IntegrityError in CI)
+    return optuna.load_study(study_name=study, storage=open_storage(storage, Path())).get_trials(
+        states=FINISHED)
 
 
 def _ort_p50_ms(model: Path, seq_len: int, repeats: int = 200) -> float:
