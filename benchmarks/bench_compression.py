@@ -72,6 +72,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
                                            weighting=job.get("weighting", "none")),
                                        every=job.get("every", s["reduce_every"]),
                                        moments=job.get("moments", "reset"),
+                                       max_drop=job.get("max_drop", 0.02),
                                        schedule=job.get("reduce_schedule", "window"),
                                        settle=SettleConfig(**job.get("settle", {}))))
     elif "schedule" in job:

@@ -6,6 +6,9 @@ Methods, per dataset and seed (tau=0.04, window 10%, max-drop 0.02, moments rese
            every evaluation inside the window (eval every 50 of 600 steps: one attempt, step 50)
   settle   cut when the target width (the fixed point of repeated tau cuts) has settled,
            checks spread over the same window (training/_settle.py)
+  settle-input   the same on input-weighted Hankel singular values (``weighting=input``)
+  settle-input-drop0.1   (regression only) the same with max-drop 0.1 (a cut may raise the
+           validation MSE by 10% before it is rolled back, instead of 2%)
   scratch  trained from scratch at settle's final widths, same seed: whether what settle
            loses against window is the cuts or the width itself
   scratch-quarter  from scratch at a quarter of window's final widths (the issue's target:
@@ -13,11 +16,13 @@ Methods, per dataset and seed (tau=0.04, window 10%, max-drop 0.02, moments rese
            at all at these settings
 
 Runs use the small settings of ``bench_compression.py`` (600 steps; MNIST-1D 2 blocks H=32,
-lti-sysid 1 block H=16; N=256), one torch thread each, two in parallel, jobs interleaved by seed
-so every method sees the same load. Output: bench_results/schedule.{json,md,png}.
+lti-sysid 1 block H=16; N=256) or, for the datasets named by ``--default-network``, the default
+``train`` network and schedule (4 blocks, H=64, N=256, 1500 steps, batch 64, eval every 100);
+one torch thread each, two in parallel, jobs interleaved by seed so every method sees the same
+load. Output: bench_results/NAME.{json,md,png}.
 
     python benchmarks/bench_schedule.py [--seeds 3] [--workers 2] [--datasets mnist1d,lti-sysid]
-        [--steps N] [--name schedule]
+        [--steps N] [--default-network mnist1d] [--methods full,window,settle] [--name schedule]
 """
 
 from __future__ import annotations
@@ -34,19 +39,32 @@ from bench_compression import SETTINGS, _plot, _pool_map  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
 
-METHODS = ("full", "window", "settle", "scratch", "scratch-quarter")
 TAU = 0.04
+_REDUCE = {"tau": TAU, "every": None}
+TRAINED = {  # method -> the job's reduction settings (None: no reduction)
+    "full": None,
+    "window": {**_REDUCE, "reduce_schedule": "window"},
+    "settle": {**_REDUCE, "reduce_schedule": "settle"},
+    "settle-input": {**_REDUCE, "reduce_schedule": "settle", "weighting": "input"},
+    "settle-input-drop0.1": {**_REDUCE, "reduce_schedule": "settle", "weighting": "input",
+                             "max_drop": 0.1},
+}
+REGRESSION_ONLY = {"settle-input-drop0.1"}
+METHODS = (*TRAINED, "scratch", "scratch-quarter")
+# the default `train` network and schedule (``--default-network``)
+DEFAULT_NETWORK = {"blocks": 4, "hidden": 64, "state": 256, "steps": 1500, "batch": 64,
+                   "eval_every": 100, "reduce_every": 5}
 
 
-def _jobs(datasets: list[str], seeds: list[int]) -> list[dict]:
+def _jobs(datasets: list[str], seeds: list[int], methods: list[str]) -> list[dict]:
     jobs = []
     for seed in seeds:  # interleaved: every seed runs all methods on all datasets back to back
         for d in datasets:
-            for method in METHODS[:3]:
-                job = {"dataset": d, "seed": seed, "method": method}
-                if method != "full":
-                    job.update(tau=TAU, every=None, reduce_schedule=method)
-                jobs.append(job)
+            for method in methods:
+                if method not in TRAINED or (method in REGRESSION_ONLY and d != "lti-sysid"):
+                    continue
+                jobs.append({"dataset": d, "seed": seed, "method": method,
+                             **(TRAINED[method] or {})})
     return jobs
 
 
@@ -94,23 +112,35 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--datasets", default="mnist1d,lti-sysid")
     ap.add_argument("--steps", type=int, default=None,
-                    help="override the steps per run (evaluations stay 12 per run)")
+                    help="override the steps per run of the small networks (evaluations stay "
+                         "12 per run)")
+    ap.add_argument("--default-network", default="",
+                    help="datasets (comma-separated) run at the default train network")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated subset of {', '.join(METHODS)}")
     ap.add_argument("--name", default="schedule", help="bench_results/NAME.{json,md,png}")
     args = ap.parse_args()
+    methods = args.methods.split(",")
+    if unknown := set(methods) - set(METHODS):
+        sys.exit(f"unknown --methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     if args.steps:
         for s in SETTINGS.values():
             s.update(steps=args.steps, eval_every=max(1, args.steps // 12))
+    for d in filter(None, args.default_network.split(",")):
+        SETTINGS[d] = dict(DEFAULT_NETWORK)
     datasets, seeds = args.datasets.split(","), list(range(args.seeds))
     load_before = os.getloadavg()[0]
     t0 = time.time()
-    results = _pool_map(_jobs(datasets, seeds), args.workers)
+    results = _pool_map(_jobs(datasets, seeds, methods), args.workers)
     results += _pool_map([{"dataset": r["dataset"], "seed": r["seed"], "method": "scratch",
                            "dims": r["final_dims"]}
-                          for r in results if r["method"] == "settle"]
+                          for r in results if r["method"] == "settle" and "scratch" in methods]
                          + [{"dataset": r["dataset"], "seed": r["seed"],
                              "method": "scratch-quarter",
                              "dims": [max(1, n // 4) for n in r["final_dims"]]}
-                            for r in results if r["method"] == "window"], args.workers)
+                            for r in results
+                            if r["method"] == "window" and "scratch-quarter" in methods],
+                         args.workers)
     wall = time.time() - t0
     for r in results:
         r.pop("checkpoint", None)
@@ -118,9 +148,11 @@ def main() -> None:
           f"Machine: {machine()['cpu']}, {machine()['cores']} cores, shared with other jobs "
           f"(1-min load {load_before:.1f} before, {os.getloadavg()[0]:.1f} after); one torch "
           f"thread per run, {args.workers} runs in parallel, jobs interleaved by seed; wall "
-          f"time {wall / 60:.1f} min. Settings (smaller than the default `train`, to fit the "
-          f"shared machine): `{SETTINGS}` with attempts as each schedule places them (no "
-          f"reduce_every), tau={TAU}, window 10%, max-drop 0.02. Test metric at the best "
+          f"time {wall / 60:.1f} min. Settings per dataset (the default `train` network is "
+          f"{DEFAULT_NETWORK}; smaller ones fit the shared machine): "
+          f"`{ {d: SETTINGS[d] for d in datasets} }` with attempts as each schedule places "
+          f"them (no reduce_every), tau={TAU}, window 10%, max-drop 0.02 unless the method "
+          "says otherwise. Test metric at the best "
           "validation checkpoint of the final widths; train time excludes evaluation and "
           "includes reduction. Paired columns compare runs of the same seed.", ""]
     for d in datasets:

@@ -365,6 +365,29 @@ def test_padding_is_never_pooled_and_equals_running_each_sequence_unpadded(arch)
         assert not torch.allclose(model(zeros), alone, atol=1e-3)  # unmasked: padding pooled
 
 
+@pytest.mark.parametrize("arch", ["lru", "selective"])
+def test_padded_training_batch_statistics_count_real_steps_only(arch):
+    """Reference: ``nn.BatchNorm1d`` fed only the real steps' rows."""
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(arch=arch, d_input=2, d_output=3, d_model=8, state_dims=[6, 5],
+                               dropout=0.0)).train()
+    model.padded_inputs = True
+    lengths = torch.tensor([9, 3, 1, 6])
+    x = torch.randn(4, 9, 2)
+    real = torch.arange(9)[None, :] < lengths[:, None]  # (4, 9)
+    reference = torch.nn.BatchNorm1d(8, affine=False)
+    with torch.no_grad():
+        reference(model.encoder(x)[real])  # (sum(lengths), 8) rows
+    padded = torch.full((4, 20, 2), float("nan"))
+    padded[:, :9][real] = x[real]
+    out = model(padded)
+    norm = model.blocks[0].norm
+    torch.testing.assert_close(norm.running_mean, reference.running_mean)
+    torch.testing.assert_close(norm.running_var, reference.running_var)
+    # the outputs of training mode do not depend on how far the batch was padded
+    torch.testing.assert_close(model(padded[:, :9]), out, rtol=1e-5, atol=1e-6)
+
+
 def test_per_step_outputs_at_real_steps_do_not_depend_on_padding():
     torch.manual_seed(1)
     model = SSMModel(SSMConfig(d_input=1, d_output=2, d_model=8, state_dims=[4],

@@ -69,6 +69,26 @@ def test_padded_classification_trains_with_finite_loss(tmp_path, capsys):
     assert sorted(ds.y_val.tolist()) == [0, 0, 1, 1]  # stratified: both classes, 2 each
 
 
+def test_training_does_not_depend_on_how_far_the_data_was_padded(tmp_path):
+    """BatchNorm's batch statistics used to include the padded steps (fed as zeros), so the
+    same series padded to 25 steps instead of 10 trained another model. Reference: the
+    run on the data padded only as far as its longest series."""
+    x, _ = _padded_npz(tmp_path / "short.npz", [0, 1], n=40)
+    wide = np.concatenate([x, np.full((len(x), 15), np.nan)], axis=1)  # (n, 25)
+    np.savez(tmp_path / "long.npz", x=wide, y=np.load(tmp_path / "short.npz")["y"])
+    finals = []
+    for name in ("short", "long"):
+        ds = load_dataset("npz", path=str(tmp_path / f"{name}.npz"))
+        model_cfg = SSMConfig(d_input=1, d_output=ds.d_output, d_model=8, state_dims=[6, 4],
+                              dropout=0.0)
+        trainer = Trainer(model_cfg, TrainConfig(steps=15, batch_size=16, eval_every=15,
+                                                 threads=1), ds, tmp_path / name,
+                          progress=False)
+        trainer.fit()
+        finals.append(trainer.model.blocks[1].norm.running_var.clone())
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-4, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def string_label_bundle(tmp_path_factory):
     """A model trained on NaN-padded series with string labels, checkpointed and exported."""

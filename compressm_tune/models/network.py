@@ -41,6 +41,25 @@ class GLU(nn.Module):
         return F.glu(self.proj(x), dim=-1)  # one kernel for a * sigmoid(b), forward and back
 
 
+def _masked_batch_norm(rows: torch.Tensor, valid: torch.Tensor,
+                       norm: nn.BatchNorm1d) -> torch.Tensor:
+    """Training-mode ``norm(rows)`` with the statistics of the ``valid`` rows only (running
+    statistics updated as ``nn.BatchNorm1d`` does: momentum, unbiased variance). Padded rows
+    are normalized with the same statistics; the layers are causal, so they never reach a
+    real step."""
+    x = rows.float()  # (R, H); BatchNorm computes in float32 under autocast too
+    w = valid.to(x.dtype)[:, None]  # (R, 1)
+    count = w.sum()
+    mean = (x * w).sum(dim=0) / count.clamp_min(1.0)  # (H,)
+    centred = x - mean  # (R, H)
+    var = (centred.square() * w).sum(dim=0) / count.clamp_min(1.0)  # (H,) biased
+    with torch.no_grad():
+        norm.running_mean.lerp_(mean, norm.momentum)
+        norm.running_var.lerp_(var * count / (count - 1).clamp_min(1.0), norm.momentum)
+        norm.num_batches_tracked.add_(1)
+    return centred * torch.rsqrt(var + norm.eps)
+
+
 class SSMBlock(nn.Module):
     """BatchNorm (no affine) -> SSM layer -> GELU -> dropout -> GLU -> dropout -> residual."""
 
@@ -55,11 +74,16 @@ class SSMBlock(nn.Module):
         self.glu = GLU(config.d_model)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(batch, L, H) -> (batch, L, H)``."""
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``(batch, L, H) -> (batch, L, H)``; in training, ``valid (batch, L)`` (bool) keeps
+        padded steps out of BatchNorm's statistics."""
         # statistics over batch and time per channel: BatchNorm1d on (B*L, H) rows computes
         # exactly what it computes on (B, H, L), without two transposed copies
-        h = self.norm(x.reshape(-1, x.shape[-1])).view_as(x)  # (B, L, H)
+        rows = x.reshape(-1, x.shape[-1])  # (B*L, H)
+        if valid is not None and self.training:
+            h = _masked_batch_norm(rows, valid.reshape(-1), self.norm).view_as(x)
+        else:
+            h = self.norm(rows).view_as(x)  # (B, L, H)
         h = self.drop(F.gelu(self.ssm(h)))  # (B, L, H)
         return x + self.drop(self.glu(h))
 
@@ -117,6 +141,9 @@ class SSMModel(nn.Module):
         self.norm_f: nn.Module = (nn.RMSNorm(config.d_model, eps=config.norm_eps)
                                   if config.arch == "mamba" else nn.Identity())
         self.head = nn.Linear(config.d_model, config.d_output)
+        # set (by the Trainer) when inputs may end in NaN padding: training-mode BatchNorm
+        # then takes its statistics over real steps only, at the cost of a few extra ops
+        self.padded_inputs = False
 
     @property
     def state_dims(self) -> list[int]:
@@ -139,9 +166,10 @@ class SSMModel(nn.Module):
         without it, steps whose inputs are all NaN count as padding (trailing NaNs, as
         ``load_dataset`` keeps them). Padded steps are fed as zeros and never pooled: the
         layers are causal, so the mean over a sequence's first ``lengths[b]`` steps equals the
-        model run on that sequence unpadded (in eval mode; in training BatchNorm's batch
-        statistics still see the padded steps). Per-step outputs at padded steps are left to
-        the caller to ignore (the trainer's loss masks them).
+        model run on that sequence unpadded (in eval mode; in training only with
+        ``padded_inputs`` set, which keeps padded steps out of BatchNorm's batch statistics).
+        Per-step outputs at padded steps are left to the caller to ignore (the trainer's loss
+        masks them).
         """
         tokens = not x.is_floating_point()  # (B, L) token ids of an embedding encoder
         if lengths is not None:
@@ -153,8 +181,12 @@ class SSMModel(nn.Module):
             valid = ~torch.isnan(x).all(dim=-1)  # (B, L) padded steps are all-NaN
         x = x.masked_fill(~valid, 0) if tokens else x.masked_fill(~valid[..., None], 0.0)
         h = self.encoder(x)  # (B, L, H)
+        # BatchNorm's batch statistics skip padded steps when the data can hold any (Mamba's
+        # RMSNorm normalizes each token alone and needs no mask)
+        masked = (self.padded_inputs and self.training and not tokens
+                  and self._config.arch != "mamba")
         for block in self.blocks:
-            h = block(h)  # (B, L, H)
+            h = block(h, valid) if masked else block(h)  # (B, L, H)
         h = self.norm_f(h)  # (B, L, H)
         if self._config.pooling == "mean":
             weight = valid.to(h.dtype)[..., None]  # (B, L, 1)

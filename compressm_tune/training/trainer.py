@@ -266,6 +266,7 @@ class Trainer:
                               self.device)
         torch.manual_seed(config.seed)  # seeds CUDA's generators too
         self.model = (model if model is not None else SSMModel(model_config)).to(self.device)
+        self.model.padded_inputs = "padding" in dataset.info  # see SSMModel.forward
         self.optimizer = self._optimizer()
         if reducer is not None:
             _schedule_attempts(reducer, config)
