@@ -251,6 +251,24 @@ def test_torchscript_matches_and_loads_with_torch_jit_load_alone(exported, tmp_p
     assert np.abs(np.load(tmp_path / "y_t.npy") - last).max() <= 1e-4
 
 
+def test_torchscript_runs_a_nan_padded_batch_as_each_sequence_alone(exported):
+    """A NaN-padded batch used to come out NaN from the TorchScript module (the torch model
+    masks it); the reference runs each sequence alone at its true length."""
+    model, _, bundle, _ = exported
+    m = torch.jit.load(str(bundle / "model.ts"))
+    x = torch.randn(3, 12, 2, generator=torch.Generator().manual_seed(7))
+    lengths = [12, 5, 1]
+    padded = x.clone()
+    for i, n in enumerate(lengths):
+        padded[i, n:] = float("nan")
+    with torch.no_grad():
+        out = m(padded)
+        for i, n in enumerate(lengths):
+            alone = m(x[i:i + 1, :n])[0]
+            got = out[i] if model.config.pooling == "mean" else out[i, :n]
+            torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("opset", list(SUPPORTED_OPSETS))
 def test_every_supported_opset_builds_and_runs(opset, arch):

@@ -284,12 +284,20 @@ class ScriptedSSM(nn.Module):
         return _rms_norm(h, self.norm_f, self.norm_eps) if self.final_norm else h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Trailing all-NaN steps of a float input are padding, as for ``SSMModel``: fed as
+        zeros (the layers are causal, so they never reach a real step) and never pooled."""
+        if self.tokens:
+            real = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+        else:
+            real = ~torch.isnan(x).all(dim=-1)  # (B, L)
+            x = x.masked_fill(~real.unsqueeze(-1), 0.0)
         h = self._encode(x)  # (B, L, H)
         for block in self.blocks:
             h = block(h)  # (B, L, H)
         h = self._final(h)
         if self.mean_pool:
-            h = h.mean(dim=1)  # (B, H)
+            weight = real.to(h.dtype).unsqueeze(-1)  # (B, L, 1)
+            h = (h * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)  # (B, H)
         return h @ self.head + self.head_bias
 
     @torch.jit.export
