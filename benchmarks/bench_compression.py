@@ -73,6 +73,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
                                        every=job.get("every", s["reduce_every"]),
                                        moments=job.get("moments", "reset"),
                                        max_drop=job.get("max_drop", 0.02),
+                                       window=job.get("window", 0.1),
                                        schedule=job.get("reduce_schedule", "window"),
                                        settle=SettleConfig(**job.get("settle", {}))))
     elif "schedule" in job:

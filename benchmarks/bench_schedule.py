@@ -9,6 +9,8 @@ Methods, per dataset and seed (tau=0.04, window 10%, max-drop 0.02, moments rese
   settle-input   the same on input-weighted Hankel singular values (``weighting=input``)
   settle-input-drop0.1   (regression only) the same with max-drop 0.1 (a cut may raise the
            validation MSE by 10% before it is rolled back, instead of 2%)
+  settle-input-window0.5   (regression only) settle-input with checks over the first half of
+           training (``--window 0.5``) instead of the first 10%
   scratch  trained from scratch at settle's final widths, same seed: whether what settle
            loses against window is the cuts or the width itself
   scratch-quarter  from scratch at a quarter of window's final widths (the issue's target:
@@ -48,8 +50,10 @@ TRAINED = {  # method -> the job's reduction settings (None: no reduction)
     "settle-input": {**_REDUCE, "reduce_schedule": "settle", "weighting": "input"},
     "settle-input-drop0.1": {**_REDUCE, "reduce_schedule": "settle", "weighting": "input",
                              "max_drop": 0.1},
+    "settle-input-window0.5": {**_REDUCE, "reduce_schedule": "settle", "weighting": "input",
+                               "window": 0.5},
 }
-REGRESSION_ONLY = {"settle-input-drop0.1"}
+REGRESSION_ONLY = {"settle-input-drop0.1", "settle-input-window0.5"}
 METHODS = (*TRAINED, "scratch", "scratch-quarter")
 # the default `train` network and schedule (``--default-network``)
 DEFAULT_NETWORK = {"blocks": 4, "hidden": 64, "state": 256, "steps": 1500, "batch": 64,

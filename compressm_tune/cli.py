@@ -88,7 +88,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", default=r.schedule, choices=SCHEDULES,
                    help="when cuts happen inside the window: window (the paper's: a tau cut at "
                         "every attempt) or settle (cut when the spectrum's target width has "
-                        f"settled, toward that width; see README) ({r.schedule})")
+                        "settled, toward that width; best measured with --weighting input; "
+                        f"see README) ({r.schedule})")
     p.add_argument("--max-drop", type=float, default=r.max_drop,
                    help="roll back a cut that loses more validation accuracy (or relative "
                         f"loss) than this and freeze the layer ({r.max_drop})")

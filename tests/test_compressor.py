@@ -316,3 +316,25 @@ def test_a_mamba_network_is_cut_at_its_mamba_layers_not_their_s6_cores() -> None
     assert [e["layer"] for e in c.events] == ["blocks.0.ssm", "blocks.1.ssm"]
     held = {id(p) for group in opt.param_groups for p in group["params"]}
     assert held == {id(p) for p in model.parameters()}
+
+
+def test_settle_schedule_cuts_toward_the_knee_once_the_spectrum_has_settled():
+    """Four states of equal decay and twelve whose input weights are 1e-6 of theirs: the
+    tau=0.04 target is the four. With a frozen model (lr 0) the spectrum is settled from the
+    start, so the rule of ``training/_settle.py`` cuts at its third check (patience 2), at
+    most halving: 16 -> 8, then after three checks on the new basis 8 -> 4, and stops."""
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(d_input=1, d_output=2, d_model=4, state_dims=[16]))
+    layer = model.blocks[0].ssm
+    with torch.no_grad():
+        layer.nu_log.fill_(float(layer.nu_log.mean()))
+        layer.B_re[4:] *= 1e-6
+        layer.B_im[4:] *= 1e-6
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    c = Compressor(model, opt, reduce="tau=0.04", total_steps=240, window=0.5,
+                   schedule="settle")  # 12 checks in 120 steps: every 10
+    for step in range(1, 241):
+        c.step(step)
+    cuts = [(e["step"], e["n_before"], e["n_after"]) for e in c.events if e["action"] == "cut"]
+    assert cuts == [(30, 16, 8), (60, 8, 4)]
+    assert c.widths == {"blocks.0.ssm": 4}

@@ -69,8 +69,10 @@ class Compressor:
         A fixed batch of model inputs (``model(x)``, ``model(*x)`` or ``model(**x)``) whose
         layer inputs score the states: required for selective layers and for
         ``weighting=input``; a tensor is cut to its first ``calibration_size`` rows.
-    max_drop, moments, round_to, fits, calibration_size
-        As :class:`~compressm_tune.training.reducer.ReduceConfig` (``calibration``).
+    max_drop, moments, round_to, fits, calibration_size, schedule
+        As :class:`~compressm_tune.training.reducer.ReduceConfig` (``calibration``);
+        ``schedule="settle"`` cuts each layer toward its settled target width
+        (``training/_settle.py``) at checks it spreads over the window (unless ``every``).
 
     Attributes
     ----------
@@ -98,7 +100,7 @@ class Compressor:
                  calibration: Any = None, max_drop: float = 0.02, moments: str = "reset",
                  round_to: Callable[[int, int], int] | None = None,
                  fits: Callable[[list[int]], bool] | None = None,
-                 calibration_size: int = CALIBRATION) -> None:
+                 calibration_size: int = CALIBRATION, schedule: str = "window") -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -127,7 +129,7 @@ class Compressor:
                    else "weighting=input")
             raise ConfigError(f"{why} score states on data: pass calibration= (a batch of "
                               "model inputs)")
-        if every is None:
+        if every is None and schedule != "settle":  # settle spreads its own checks
             every = max(1, int(window * total_steps) // _ATTEMPTS_IN_WINDOW)
         self.model, self.optimizer = model, optimizer
         self.total_steps = total_steps
@@ -135,7 +137,7 @@ class Compressor:
         self.reducer = Reducer(ReduceConfig(
             policy=policy, window=window, every=every,
             max_drop=max_drop if validate is not None else math.inf, moments=moments,
-            round_to=round_to, fits=fits, calibration=calibration_size))
+            round_to=round_to, fits=fits, calibration=calibration_size, schedule=schedule))
         self._step = 0
         self._params = dict(model.named_parameters())  # names of what the optimizer holds
         self.events: list[dict[str, Any]] = []
