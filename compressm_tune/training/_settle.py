@@ -15,6 +15,16 @@ what it keeps, so every new cut finds more to discard; a random 48-state layer a
 target 27 but ends at 13 after 13 cuts. That compounding is how the ``window`` schedule's width
 comes from its number of attempts.)
 
+What sets the target: a spectrum without a knee (``r`` similar values) keeps asking for cuts
+while its smallest value holds less than ``tau`` of the sum, so its fixed point sits just below
+``1 / tau`` (24 at tau=0.04); a knee stops it earlier. Which spectrum matters: in the first 10%
+of training the paper's (unweighted) HSVs of an LRU still show its initialization, not the
+data: with ``--log-spectrum`` the four layers' targets were 62, 100, 81, 62 at steps 15-120 on
+MNIST-1D and on lti-sysid alike (same seed), and moved only after step 135 on MNIST-1D.
+Input-weighted HSVs (``weighting=input``) see the layer's inputs from the first check; with
+them ``settle`` ended at 28-64 states per layer on MNIST-1D's default network, 5.4x fewer than
+``window`` at 0.27 points lost (``bench_results/schedule_default.md``).
+
 When to cut: at every check (an attempt point inside the window) each layer's target width is
 recorded; the layer is *settled* when its target moved by at most ``drift * N`` over the last
 ``patience`` check intervals on the same basis (a cut changes the basis, so the history starts
