@@ -166,8 +166,8 @@ class SSMModel(nn.Module):
         without it, steps whose inputs are all NaN count as padding (trailing NaNs, as
         ``load_dataset`` keeps them). Padded steps are fed as zeros and never pooled: the
         layers are causal, so the mean over a sequence's first ``lengths[b]`` steps equals the
-        model run on that sequence unpadded (in eval mode; in training only with
-        ``padded_inputs`` set, which keeps padded steps out of BatchNorm's batch statistics).
+        model run on that sequence unpadded (in eval mode; in training only with ``lengths`` or
+        ``padded_inputs`` set, which keep padded steps out of BatchNorm's batch statistics).
         Per-step outputs at padded steps are left to the caller to ignore (the trainer's loss
         masks them).
         """
@@ -183,7 +183,7 @@ class SSMModel(nn.Module):
         h = self.encoder(x)  # (B, L, H)
         # BatchNorm's batch statistics skip padded steps when the data can hold any (Mamba's
         # RMSNorm normalizes each token alone and needs no mask)
-        masked = (self.padded_inputs and self.training and not tokens
+        masked = ((self.padded_inputs or lengths is not None) and self.training and not tokens
                   and self._config.arch != "mamba")
         for block in self.blocks:
             h = block(h, valid) if masked else block(h)  # (B, L, H)
