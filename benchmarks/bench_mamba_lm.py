@@ -5,6 +5,8 @@ change of machine load hits every variant alike):
   full        the starting state width throughout
   compressed  in-training reduction (Hankel / importance tau rule) inside the first 10% of
               the steps, with the safety net
+  settle      the same window and tau with ``--schedule settle`` (cut toward each layer's
+              settled target width; LRU: input-weighted HSVs), issue 17's schedule
   scratch     a model of the compressed run's final widths trained from scratch
 Dataset ``pystdlib-chars`` (next character, split by file; no download). Metric: test bits
 per character (cross-entropy / ln 2) at the best validation checkpoint of the final widths;
@@ -34,7 +36,7 @@ from _common import RESULTS, machine, write  # noqa: E402
 BASE = {"blocks": 2, "hidden": 64, "steps": 1000, "batch": 32, "lr": 3e-3, "eval_every": 100,
         "reduce_every": 10, "tau": 0.04, "window": 0.1}
 STATE = {"lru": 64, "selective": 16, "mamba": 16}  # starting width per layer (Mamba: d_state)
-VARIANTS = ("full", "compressed", "scratch")
+VARIANTS = ("full", "compressed", "settle", "scratch")
 
 
 def _run(arch: str, variant: str, seed: int, s: dict[str, Any], data,
@@ -52,6 +54,9 @@ def _run(arch: str, variant: str, seed: int, s: dict[str, Any], data,
     if variant == "compressed":
         reducer = Reducer(ReduceConfig(policy=ReductionPolicy("tau", s["tau"]),
                                        window=s["window"], every=s["reduce_every"]))
+    elif variant == "settle":
+        reducer = Reducer(ReduceConfig(policy=ReductionPolicy("tau", s["tau"], weighting="input"),
+                                       window=s["window"], schedule="settle"))
     with tempfile.TemporaryDirectory(prefix="bench-lm-") as out:
         summary = Trainer(mcfg, tcfg, data, out, reducer=reducer, progress=False).fit()
     return {"arch": arch, "variant": variant, "seed": seed,
@@ -96,9 +101,10 @@ def _markdown(payload: dict[str, Any]) -> str:
              f"{s['batch']}, lr {s['lr']}, evaluation every {s['eval_every']} steps; "
              f"compressed: tau={s['tau']} attempted every {s['reduce_every']} steps in the "
              f"first {s['window']:.0%} of the steps, safety net max_drop 0.02 (relative "
-             "loss). Test bits/char at the best validation checkpoint of the final widths; "
-             "train time excludes evaluation, includes reduction. Median [min, max] over "
-             "seeds; ratios are per seed against that seed's full run.", ""]
+             "loss); settle: the same tau and window, schedule settle (12 checks; LRU "
+             "input-weighted HSVs). Test bits/char at the best validation checkpoint of the "
+             "final widths; train time excludes evaluation, includes reduction. Median "
+             "[min, max] over seeds; ratios are per seed against that seed's full run.", ""]
     for arch, summ in payload["summary"].items():
         lines += [f"## --arch {arch} (start: {s['state'][arch]} states per layer)", "",
                   "| variant | final widths | state share | test bits/char | rel. vs full "
@@ -115,10 +121,13 @@ def _markdown(payload: dict[str, Any]) -> str:
                          f"{fmt(r['relative_bpc_vs_full'], '{:+.1%}')} | "
                          f"{fmt(r['train_time_s'], '{:.1f}')} | "
                          f"{fmt(r['speedup_vs_full'], '{:.2f}x')} |")
-        c = summ["compressed"]
-        met = (c["state_share"]["max"] <= 0.25 and c["relative_bpc_vs_full"]["max"] <= 0.02)
+        met = {v: (summ[v]["state_share"]["max"] <= 0.25
+                   and summ[v]["relative_bpc_vs_full"]["max"] <= 0.02)
+               for v in ("compressed", "settle")}
         lines += ["", f"Issue 15 target (state <= 1/4, <= 2% relative bits/char loss, every "
-                  f"seed): {'met' if met else 'not met'} for --arch {arch}.", ""]
+                  f"seed) for --arch {arch}: compressed "
+                  f"{'met' if met['compressed'] else 'not met'}, settle "
+                  f"{'met' if met['settle'] else 'not met'}.", ""]
     return "\n".join(lines)
 
 
@@ -131,7 +140,7 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
     archs = list(payload["summary"])
     fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False)
     for ax, arch in zip(axes[0], archs, strict=True):
-        for v, marker in zip(VARIANTS, "o^s", strict=True):
+        for v, marker in zip(VARIANTS, "o^Ds", strict=True):
             rs = [r for r in payload["results"] if r["arch"] == arch and r["variant"] == v]
             ax.scatter([r["train_time_s"] for r in rs], [r["test_bits_per_char"] for r in rs],
                        marker=marker, label=v)
@@ -191,12 +200,14 @@ def main() -> None:
                               [settings["state"][arch]] * settings["blocks"])
             full = _run(arch, "full", seed, settings, data,
                         [settings["state"][arch]] * settings["blocks"])
+            settle = _run(arch, "settle", seed, settings, data,
+                          [settings["state"][arch]] * settings["blocks"])
             scratch = _run(arch, "scratch", seed, settings, data, compressed["final_dims"])
-            for r in (compressed, full, scratch):
+            for r in (compressed, full, settle, scratch):
                 print(f"{arch} seed={seed} {r['variant']}: bits/char "
                       f"{r['test_bits_per_char']:.3f} dims {r['final_dims']} "
                       f"{r['train_time_s']:.1f}s", flush=True)
-            results += [full, compressed, scratch]
+            results += [full, compressed, settle, scratch]
     payload = {"machine": machine(), "settings": settings, "seeds": seeds,
                "seq_len": data.seq_len, "vocab": data.d_input, "files": data.info["files"],
                "wall_s": time.time() - t0, "results": results,
