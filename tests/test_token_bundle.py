@@ -53,7 +53,8 @@ def token_bundle(request, tmp_path_factory):
         "name": "toy-chars", "task": "classification", "d_input": VOCAB, "seq_len": 12,
         "norm_mean": [0.0] * VOCAB, "norm_std": [1.0] * VOCAB,
         "info": {"vocab_bytes": BYTES, "unknown_id": len(BYTES)}})
-    manifest = export_bundle(ckpt, root / "bundle", chunk="scan", parity_lengths=(1, 12, 30))
+    # chunk "auto" times the candidate graphs on ids (LRU: chunked ones too)
+    manifest = export_bundle(ckpt, root / "bundle", parity_lengths=(1, 12, 30))
     return model, root / "bundle", manifest
 
 
