@@ -177,3 +177,77 @@ def test_data_inputs_keep_token_ids_two_dimensional():
     rows = {tuple(r.tolist()) for r in ids}
     for row in x:  # every full window of 4 is one of the sequences
         assert tuple(row[:4].tolist()) in rows and tuple(row[4:8].tolist()) in rows
+
+
+def _one_hot_bundle(root: Path) -> tuple[SSMModel, Path]:
+    """A float model over one-hot ids (as ``pystdlib-chars`` trains them) with a vocabulary."""
+    torch.manual_seed(5)
+    model = SSMModel(SSMConfig(arch="mamba", d_input=VOCAB, d_output=VOCAB, d_model=8,
+                               state_dims=[4, 4], pooling="none")).eval()
+    save_checkpoint(root / "onehot.pt", model, step=1, dataset={
+        "name": "toy-chars", "task": "classification", "d_input": VOCAB, "seq_len": 12,
+        "norm_mean": [0.0] * VOCAB, "norm_std": [1.0] * VOCAB,
+        "info": {"vocab_bytes": BYTES, "unknown_id": len(BYTES)}})
+    export_bundle(root / "onehot.pt", root / "b", formats="onnx", parity_lengths=(1, 12))
+    return model, root / "b"
+
+
+def test_one_hot_model_bundle_takes_ids_and_generates(tmp_path):
+    model, bundle = _one_hot_bundle(tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["input"]["encoding"] == "one-hot"
+    ids = _ids(2, 9, seed=4)
+    with torch.no_grad():
+        want = model(torch.nn.functional.one_hot(torch.as_tensor(ids), VOCAB).float()).numpy()
+    assert np.abs(EdgeBundle(bundle).predict(ids) - want).max() <= 1e-4
+    done = _run([bundle / "run.py", "--text", "x = f(", "--generate", "10"],
+                _blocker(tmp_path), tmp_path)
+    assert done.returncode == 0, done.stderr
+    lookup = {b: i for i, b in enumerate(BYTES)}
+    seq = [lookup[b] for b in b"x = f("]
+    for _ in range(10):  # plain loop over the whole prefix, one-hot as in training
+        x = torch.nn.functional.one_hot(torch.tensor([seq]), VOCAB).float()
+        with torch.no_grad():
+            seq.append(int(model(x)[0, -1].argmax()))
+    table = [chr(b) for b in BYTES] + ["\ufffd"]
+    assert done.stdout.rstrip("\n") == "x = f(" + "".join(table[i] for i in seq[6:])
+
+
+def test_manifest_without_input_section_is_a_float_bundle(tmp_path):
+    """Bundles written before token ids have no ``input`` section and no ``vocab_size``: the
+    runner reads them as float bundles, unchanged."""
+    model, bundle = _one_hot_bundle(tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["input"], manifest["model"]["vocab_size"], manifest["task"]["vocabulary"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    edge = EdgeBundle(bundle)
+    assert not edge.tokens
+    x = np.random.default_rng(0).standard_normal((2, 7, VOCAB)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.as_tensor(x)).numpy()
+    assert np.abs(edge.predict(x) - want).max() <= 1e-4
+
+
+def test_pystdlib_token_model_checks_parity_on_test_ids(tmp_path, session_cache):
+    """A token model whose checkpoint names pystdlib-chars: parity runs on the rebuilt
+    test split's ids, and the manifest carries the dataset's byte vocabulary."""
+    from compressm_tune.training import load_dataset
+
+    ds = load_dataset("pystdlib-chars", seed=0)
+    vocab = ds.d_input
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(arch="mamba", vocab_size=vocab, d_output=vocab, d_model=8,
+                               state_dims=[4], pooling="none")).eval()
+    save_checkpoint(tmp_path / "m.pt", model, step=1, dataset={
+        "name": ds.name, "task": ds.task, "d_input": ds.d_input, "d_output": ds.d_output,
+        "seq_len": ds.seq_len, "norm_mean": list(ds.norm_mean), "norm_std": list(ds.norm_std),
+        "info": ds.info}, train_config={"seed": 0})
+    manifest = export_bundle(tmp_path / "m.pt", tmp_path / "b", formats="onnx", modes="sequence",
+                             parity_lengths=(1, 70))
+    assert manifest["parity"]["inputs"].startswith("pystdlib-chars test-split sequences (token")
+    assert manifest["task"]["vocabulary"]["bytes"] == ds.info["vocab_bytes"]
+    edge = EdgeBundle(tmp_path / "b", modes=("sequence",))
+    ids = edge.text_ids("import os\n")
+    assert edge.decode(ids) == "import os\n"
+    want = _logits(model, ids[None])
+    assert np.abs(edge.predict(ids) - want).max() <= 1e-4
