@@ -346,7 +346,7 @@ def export_bundle(
                 quant = _quantize(
                     stage, modes, files, sessions, dataset=dataset,
                     rebuilt=rebuilt if vocab is None else (
-                        None, "not measured for token models (the test split is one-hot)"),
+                        None, "not measured for token models"),
                     inputs=inputs, inputs_doc=inputs_doc, seq_len=seq_len, threads=threads,
                     seed=seed)
                 for mode in modes:
@@ -425,6 +425,12 @@ def _input_section(config, vocabulary: dict | None) -> dict[str, Any]:
             "shape": ["batch", "length", config.d_input]}
 
 
+def _output_doc(config, task: str | None, inputs: dict) -> str:
+    if config.pooling == "none" and config.d_output == inputs.get("vocab_size"):
+        return "next-token logits over the vocabulary, per step"
+    return "logits per class" if task == "classification" else "values"
+
+
 def _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len, opset, formats,
               modes, files, parity, quant, started) -> dict[str, Any]:
     config = model.config
@@ -437,6 +443,7 @@ def _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len,
                      "source": f"dataset {dataset['name']!r} train split" if dataset
                      else "identity: the checkpoint records no dataset"}
     encoder = "embedding" if weights.tokens else "encoder"
+    inputs = _input_section(config, vocabulary)
     if config.vocab_size is not None:  # no mean/std: runners before token bundles refuse it
         normalization = {"kind": "none", "source": "token ids are looked up, not normalized"}
     return {
@@ -464,8 +471,8 @@ def _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len,
                  "padding": ((dataset or {}).get("info") or {}).get("padding"),
                  "seq_len": seq_len if dataset else None,
                  "vocabulary": vocabulary,
-                 "output": "logits per class" if task == "classification" else "values"},
-        "input": _input_section(config, vocabulary),
+                 "output": _output_doc(config, task, inputs)},
+        "input": inputs,
         "normalization": normalization,
         "opset": opset if "onnx" in formats else None,
         "formats": list(formats),
