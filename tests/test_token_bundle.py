@@ -8,6 +8,7 @@ and appends its argmax (no state, no step graph), so streaming errors cannot hid
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -156,7 +157,8 @@ def test_run_py_generate_equals_greedy_torch_loop(token_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--text", "def g("], "outside it: 'g'"),
+    (["--text", "def g("], "outside the bundle's vocabulary: 'g'"),
+    (["--text", ""], "text is empty"),
     (["--input", "{floats}"], "integer token ids"),
     (["--input", "{big}"], "outside the vocabulary"),
     (["--generate", "3"], "goes with --text"),
@@ -168,6 +170,17 @@ def test_run_py_bad_input_exits_2_one_line(token_bundle, tmp_path, args, match):
     done = _run([token_bundle[1] / "run.py", *args], _blocker(tmp_path), tmp_path)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and match in done.stderr, done.stderr
+
+
+def test_run_py_stdin_streams_ids(token_bundle, tmp_path):
+    model, bundle, _ = token_bundle
+    done = subprocess.run([sys.executable, bundle / "run.py", "--stdin", "--json"],
+                          input="3\n7\n\n3\n", env=_blocker(tmp_path), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = [json.loads(line)["next_id"] for line in done.stdout.splitlines()]
+    want = _logits(model, np.array([[3, 7]]))[0].argmax(-1).tolist()
+    assert got == [*want, want[0]]  # a blank line starts a new sequence
 
 
 def test_data_inputs_keep_token_ids_two_dimensional():

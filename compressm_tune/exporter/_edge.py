@@ -285,11 +285,13 @@ class EdgeBundle:
         if not vocab:
             raise BundleError("this bundle's manifest has no vocabulary: give token ids with "
                               "--input ids.npy")
+        if not text:
+            raise BundleError("the text is empty: give at least one character")
         lookup = {int(b): i for i, b in enumerate(vocab["bytes"])}
         outside = sorted({c for c in text if any(b not in lookup for b in c.encode("utf-8"))})
-        if outside or not text:
-            raise BundleError(f"text must be non-empty and made of the bundle's vocabulary; "
-                              f"outside it: {''.join(outside)!r}")
+        if outside:
+            raise BundleError(f"the text holds characters outside the bundle's vocabulary: "
+                              f"{''.join(outside)!r}")
         return np.array([lookup[b] for b in text.encode("utf-8")], np.int64)
 
     def decode(self, ids) -> str:
