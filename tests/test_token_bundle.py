@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from compressm_tune.exporter import export_bundle
+from compressm_tune.exporter import export_bundle, verify_bundle
 from compressm_tune.exporter._edge import BundleError, EdgeBundle, measure_latency
 from compressm_tune.exporter._parity import data_inputs
 from compressm_tune.models import SSMConfig, SSMModel
@@ -81,6 +81,7 @@ def test_manifest_says_token_ids(token_bundle):
     assert "token ids uniform" in manifest["parity"]["inputs"]
     assert {p.name for p in bundle.iterdir()} == {"model.onnx", "model_step.onnx", "model.ts",
                                                   "run.py", "manifest.json"}
+    verify_bundle(bundle)  # every file against the manifest, model.ts loaded by torch
 
 
 def test_predict_and_stream_match_eager_torch(token_bundle):
