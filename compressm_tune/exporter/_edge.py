@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BundleError", "EdgeBundle", "Streamer", "latency_stats", "lengths_of",
+__all__ = ["BundleError", "EdgeBundle", "Streamer", "input_spec", "latency_stats", "lengths_of",
            "load_manifest", "manifest_chunk", "measure_latency", "main", "run_ragged",
            "sha256_file"]
 
