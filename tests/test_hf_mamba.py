@@ -19,6 +19,7 @@ from compressm_tune.errors import ConfigError  # noqa: E402
 from compressm_tune.exporter import (  # noqa: E402
     build_sequence_model,
     build_step_model,
+    export_bundle,
     extract_weights,
     run_parity,
     script_model,
@@ -127,3 +128,22 @@ def test_imported_model_trains_reduces_and_exports():
                         onnx_step=session(build_step_model(w)), torchscript=script_model(w),
                         lengths=(1, 12), batches=(1, 2))
     assert report["max_abs_error"] <= 1e-4 and report["inputs"].startswith("token ids")
+
+
+def test_imported_model_exports_a_bundle_matching_transformers(tmp_path):
+    """The checkpoint of an imported model exports to a token bundle whose torch-free runner
+    gives ``transformers``' own logits, whole-sequence and token by token."""
+    from compressm_tune.exporter._edge import EdgeBundle
+    from compressm_tune.training import save_checkpoint
+
+    hf = _hf()
+    save_checkpoint(tmp_path / "hf.pt", from_hf_mamba(hf))
+    manifest = export_bundle(tmp_path / "hf.pt", tmp_path / "b", formats="onnx",
+                             parity_lengths=(1, 20))
+    assert manifest["input"]["vocab_size"] == VOCAB
+    ids = _ids(2, 15, seed=2)
+    with torch.no_grad():
+        want = hf(ids).logits.numpy()
+    edge = EdgeBundle(tmp_path / "b")
+    assert np.abs(edge.predict(ids.numpy()) - want).max() <= 1e-4
+    assert np.abs(edge.streamer(2).run(ids.numpy()) - want).max() <= 1e-4

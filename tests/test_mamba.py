@@ -256,12 +256,3 @@ def test_bundle_of_a_mamba_checkpoint_runs_on_the_edge_runner(tmp_path):
     np.testing.assert_allclose(streamed, want, atol=1e-5)
     with pytest.raises(ExportOptionError, match="not 'mamba'"):
         export_bundle(tmp_path / "m.pt", tmp_path / "c", chunk=8)
-
-
-def test_bundle_refuses_a_token_model_in_one_line(tmp_path):
-    model = SSMModel(SSMConfig(arch="mamba", d_output=7, d_model=8, state_dims=[3],
-                               vocab_size=7, pooling="none"))
-    save_checkpoint(tmp_path / "t.pt", model)
-    with pytest.raises(ExportOptionError, match="token model") as info:
-        export_bundle(tmp_path / "t.pt", tmp_path / "b")
-    assert "\n" not in str(info.value) and not (tmp_path / "b").exists()

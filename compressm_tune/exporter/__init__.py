@@ -6,9 +6,10 @@ length; chunked or one per-token ``Scan`` per block, as measured faster), ``mode
 (streaming, explicit states), ``model.ts`` (TorchScript), ``run.py`` (the numpy + onnxruntime
 edge runner) and ``manifest.json``, after checking every engine against eager torch.
 ``load_bundle`` / ``verify_bundle`` reject a bundle whose files do not match its manifest;
-``measure_latency`` times a bundle on this machine. The pieces are public too, for models
-a bundle does not take (token models): ``extract_weights`` -> ``build_sequence_model`` /
-``build_step_model`` / ``script_model``, checked with ``run_parity``.
+``measure_latency`` times a bundle on this machine. Token models (an embedding over int64 ids)
+get the same bundle; its manifest's ``input`` section says the runner takes ids. The pieces are
+public too: ``extract_weights`` -> ``build_sequence_model`` / ``build_step_model`` /
+``script_model``, checked with ``run_parity``.
 """
 
 from compressm_tune.exporter._bundle import FILE_NAMES, FORMATS, MODES, export_bundle

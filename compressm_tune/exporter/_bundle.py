@@ -45,6 +45,7 @@ from compressm_tune.exporter._parity import (
     gaussian_inputs,
     run_parity,
     stream_onnx,
+    token_inputs,
 )
 from compressm_tune.exporter._quantize import QUANTIZE_CHOICES, evaluate_test_split, quantize_file
 from compressm_tune.exporter._torchscript import script_model
@@ -112,8 +113,8 @@ def _load_model(checkpoint: Path):
     if bad:
         raise CheckpointError(f"{checkpoint} holds non-finite values in {bad[:3]}")
     dataset = payload.get("dataset") or None
-    if dataset is not None:
-        d_in = model.config.d_input
+    if dataset is not None:  # a token model's dataset gives its ids one-hot: V channels
+        d_in = model.config.vocab_size or model.config.d_input
         if dataset.get("d_input") != d_in or len(dataset.get("norm_mean", [])) != d_in or (
                 len(dataset.get("norm_std", [])) != d_in):
             raise CheckpointError(
@@ -285,11 +286,6 @@ def export_bundle(
                                 f"got {chunk=}")
     checkpoint = Path(checkpoint)
     payload, model, dataset = _load_model(checkpoint)
-    if model.config.vocab_size is not None:
-        raise ExportOptionError(
-            f"{checkpoint} holds a token model (vocab_size={model.config.vocab_size}): bundles "
-            "and the edge runner take float inputs; export its graphs with "
-            "build_sequence_model / build_step_model / script_model and check run_parity")
     source_sha = file_sha256(checkpoint)  # the file just read (load_checkpoint checked it exists)
     seq_len = int((dataset or {}).get("seq_len") or _DEFAULT_SEQ_LEN)
     lengths = tuple(sorted(set(parity_lengths))) if parity_lengths else default_lengths(seq_len)
@@ -303,12 +299,17 @@ def export_bundle(
         lengths = tuple(sorted({*lengths, *(n for n in (graph["chunk"] - 1, graph["chunk"],
                                                        graph["chunk"] + 1) if n >= 1)}))
     train_seed = (payload.get("train_config") or {}).get("seed", 0)
-    rebuilt = rebuild_dataset(dataset, train_seed, model.config.d_input)  # (ds, None) | (None, why)
-    ds = rebuilt[0]
+    vocab = model.config.vocab_size
+    rebuilt = rebuild_dataset(dataset, train_seed, vocab or model.config.d_input)
+    ds = rebuilt[0]  # (ds, None) | (None, why)
     if ds is not None:  # real sequences keep long parity runs in the model's input range
-        inputs = data_inputs(ds.x_test)
-        inputs_doc = (f"{ds.name} test-split sequences (normalized), drawn at random and laid "
-                      "end to end up to each length")
+        inputs = data_inputs(ds.x_test if vocab is None else _token_ids(ds.x_test))
+        kind = "normalized" if vocab is None else "token ids"
+        inputs_doc = (f"{ds.name} test-split sequences ({kind}), drawn at random and laid end "
+                      "to end up to each length")
+    elif vocab is not None:
+        inputs = token_inputs(vocab)
+        inputs_doc = f"token ids uniform in [0, {vocab}) ({rebuilt[1]})"
     else:
         inputs = gaussian_inputs(model.config.d_input)
         inputs_doc = f"N(0, 1) in normalized space ({rebuilt[1]})"
@@ -343,7 +344,9 @@ def export_bundle(
             quant = None
             if quantize:
                 quant = _quantize(
-                    stage, modes, files, sessions, dataset=dataset, rebuilt=rebuilt,
+                    stage, modes, files, sessions, dataset=dataset,
+                    rebuilt=rebuilt if vocab is None else (
+                        None, "not measured for token models"),
                     inputs=inputs, inputs_doc=inputs_doc, seq_len=seq_len, threads=threads,
                     seed=seed)
                 for mode in modes:
@@ -364,13 +367,21 @@ def export_bundle(
     return manifest
 
 
+def _token_ids(x: torch.Tensor) -> torch.Tensor:
+    """A dataset's test inputs as token ids ``(n, L)`` int64: ids as they are, one-hot rows
+    (the built-in token datasets, e.g. ``pystdlib-chars``) by their hot channel."""
+    return x.long() if not x.is_floating_point() else x.argmax(-1)
+
+
 def _torchscript_doc(weights) -> dict[str, Any]:
     y = "(batch, d_output)" if weights.pooling == "mean" else "(batch, length, d_output)"
+    x, x_t = (("token ids (batch, length) int64", "token ids (batch,) int64") if weights.tokens
+              else (f"x (batch, length, {weights.d_input}) normalized", "x_t (batch, d_input)"))
     return {"load": "torch.jit.load('model.ts')", "methods": {
-        "forward": f"x (batch, length, {weights.d_input}) normalized -> y {y}",
+        "forward": f"{x} -> y {y}",
         "allocate_state": "batch -> list of zero states (as model_step.onnx's state inputs, "
                           "model.state_shapes)",
-        "step": "x_t (batch, d_input), state -> (y_t (batch, d_output), new state)",
+        "step": f"{x_t}, state -> (y_t (batch, d_output), new state)",
     }}
 
 
@@ -385,17 +396,56 @@ def _install(stage: Path, out_dir: Path, files: dict, manifest: dict) -> None:
     write_manifest(out_dir, manifest)
 
 
-_BLOCKS = {"lru": "LRU network (encoder -> BatchNorm/LRU/GELU/GLU blocks",
-           "selective": "selective SSM network (encoder -> BatchNorm/S6/GELU/GLU blocks",
-           "mamba": "Mamba network (encoder -> RMSNorm/Mamba mixer blocks -> RMSNorm"}
+_BLOCKS = {"lru": "LRU network ({} -> BatchNorm/LRU/GELU/GLU blocks",
+           "selective": "selective SSM network ({} -> BatchNorm/S6/GELU/GLU blocks",
+           "mamba": "Mamba network ({} -> RMSNorm/Mamba mixer blocks -> RMSNorm"}
+
+
+def _vocabulary(info: dict) -> dict | None:
+    """The id -> character table of a byte-level text dataset (``pystdlib-chars``'s
+    ``vocab_bytes``), which ``run.py --text`` encodes with and prints decoded."""
+    if not isinstance(info.get("vocab_bytes"), list):
+        return None
+    return {"unit": "utf-8 byte", "bytes": info["vocab_bytes"],
+            "unknown_id": info.get("unknown_id", len(info["vocab_bytes"])),
+            "ids": "id i < unknown_id stands for byte bytes[i]; unknown_id for any other byte"}
+
+
+def _input_section(config, vocabulary: dict | None) -> dict[str, Any]:
+    """What the bundle's runner takes: float features, or token ids fed to an embedding
+    (token models) or one-hot encoded by the runner (a float model trained on one-hot ids of
+    a dataset with a vocabulary, e.g. ``pystdlib-chars``)."""
+    if config.vocab_size is not None:
+        return {"kind": "token_ids", "dtype": "int64", "shape": ["batch", "length"],
+                "vocab_size": config.vocab_size, "encoding": "embedding"}
+    if vocabulary is not None and vocabulary["unknown_id"] + 1 == config.d_input:
+        return {"kind": "token_ids", "dtype": "int64", "shape": ["batch", "length"],
+                "vocab_size": config.d_input, "encoding": "one-hot"}
+    return {"kind": "features", "dtype": "float32",
+            "shape": ["batch", "length", config.d_input]}
+
+
+def _output_doc(config, task: str | None, inputs: dict) -> str:
+    if config.pooling == "none" and config.d_output == inputs.get("vocab_size"):
+        return "next-token logits over the vocabulary, per step"
+    return "logits per class" if task == "classification" else "values"
 
 
 def _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len, opset, formats,
               modes, files, parity, quant, started) -> dict[str, Any]:
     config = model.config
     task = (dataset or {}).get("task")
+    vocabulary = _vocabulary((dataset or {}).get("info") or {})
     mean = list((dataset or {}).get("norm_mean") or [0.0] * config.d_input)
     std = list((dataset or {}).get("norm_std") or [1.0] * config.d_input)
+    normalization = {"mean": mean, "std": std, "formula": "x = (raw - mean) / std",
+                     "per": "input channel",
+                     "source": f"dataset {dataset['name']!r} train split" if dataset
+                     else "identity: the checkpoint records no dataset"}
+    encoder = "embedding" if weights.tokens else "encoder"
+    inputs = _input_section(config, vocabulary)
+    if config.vocab_size is not None:  # no mean/std: runners before token bundles refuse it
+        normalization = {"kind": "none", "source": "token ids are looked up, not normalized"}
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -403,10 +453,11 @@ def _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len,
         "source": {"checkpoint": str(checkpoint.resolve()), "sha256": source_sha,
                    "step": payload.get("step")},
         "model": {"arch": weights.arch,
-                  "architecture": f"{_BLOCKS[weights.arch]} -> "
+                  "architecture": f"{_BLOCKS[weights.arch].format(encoder)} -> "
                                   f"{'mean pool -> ' if config.pooling == 'mean' else ''}head)",
-                  "d_input": config.d_input, "d_model": config.d_model,
-                  "d_output": config.d_output, "n_blocks": config.n_blocks,
+                  "d_input": config.d_input, "vocab_size": config.vocab_size,
+                  "d_model": config.d_model, "d_output": config.d_output,
+                  "n_blocks": config.n_blocks,
                   "state_dims": model.state_dims,
                   # streaming state per block (LRU (batch, N, 2), selective (batch, H, N),
                   # Mamba (batch, E, d_conv - 1 + N))
@@ -419,11 +470,10 @@ def _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len,
                  # variable-length input: trailing all-NaN steps are padding (run.py trims)
                  "padding": ((dataset or {}).get("info") or {}).get("padding"),
                  "seq_len": seq_len if dataset else None,
-                 "output": "logits per class" if task == "classification" else "values"},
-        "normalization": {"mean": mean, "std": std, "formula": "x = (raw - mean) / std",
-                          "per": "input channel",
-                          "source": f"dataset {dataset['name']!r} train split" if dataset
-                          else "identity: the checkpoint records no dataset"},
+                 "vocabulary": vocabulary,
+                 "output": _output_doc(config, task, inputs)},
+        "input": inputs,
+        "normalization": normalization,
         "opset": opset if "onnx" in formats else None,
         "formats": list(formats),
         "modes": list(modes),

@@ -65,8 +65,8 @@ def candidates(w: ModelWeights, seq_len: int) -> list[int | None]:
 def choose_chunk(w: ModelWeights, seq_len: int, threads: int = 1, opset: int = DEFAULT_OPSET,
                  *, rounds: int = 3, calls: int = 15, round_s: float = 0.05,
                  seed: int = 0) -> dict:
-    """Time every :func:`candidates` graph on one ``(1, seq_len, d_input)`` input; pick the
-    fastest.
+    """Time every :func:`candidates` graph on one ``(1, seq_len, d_input)`` input (token
+    models: random ids ``(1, seq_len)``); pick the fastest.
 
     Candidates are timed in ``rounds`` interleaved rounds (after two warm-up calls), so a
     change in machine load hits all alike; with one thread by the calling thread's CPU time.
@@ -80,7 +80,9 @@ def choose_chunk(w: ModelWeights, seq_len: int, threads: int = 1, opset: int = D
         ``chunk`` (None = per-token Scan, else T), ``variant`` (``"scan"`` or ``"chunked"``),
         ``median_ms`` per candidate label, ``seq_len``, ``threads`` and ``method``.
     """
-    x = np.random.default_rng(seed).standard_normal((1, seq_len, w.d_input)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(w.encoder.shape[0], size=(1, seq_len)) if w.tokens  # ids into the table
+         else rng.standard_normal((1, seq_len, w.d_input)).astype(np.float32))
     # With one intra-op thread onnxruntime computes on the calling thread, so its CPU time is
     # the call's cost without the time other processes held the core (a shared machine's
     # load moved wall-clock choices by up to 2x); with more threads, wall time.

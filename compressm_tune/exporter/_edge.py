@@ -14,7 +14,16 @@ Usage (inside a bundle folder, the bundle argument defaults to this file's folde
     printf '0.1\\n0.3\\n\\n' | python3 run.py BUNDLE --stdin   # one token per line, blank = reset
     python3 run.py BUNDLE --bench --threads 1           # latency p50/p90/p99 per sample
 
-Input is raw: it is normalized with the manifest's ``(raw - mean) / std`` unless
+Token bundles (``manifest["input"]["kind"] == "token_ids"``: a model with an embedding, or one
+trained on one-hot ids) take integer ids ``(batch, length)`` or ``(length,)`` in
+``[0, vocab_size)`` and print the most likely next id per sequence; when the manifest has a
+vocabulary (``task.vocabulary``, byte-level text) also its character, and ``--text "def f("``
+(with ``--generate N``: greedy continuation of N characters through the step graph) works::
+
+    python3 run.py BUNDLE --input ids.npy [--stream]   # next id (and character) per sequence
+    python3 run.py BUNDLE --text "def f(" --generate 40
+
+Float input is raw: it is normalized with the manifest's ``(raw - mean) / std`` unless
 ``--normalized``. Shapes: ``(batch, length, d_input)``; ``(length, d_input)`` is one sequence;
 with ``d_input == 1`` also ``(batch, length)`` or ``(length,)``. Sequences of different lengths
 come padded with trailing all-NaN steps, as in training; each runs at its true length. When the
@@ -34,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BundleError", "EdgeBundle", "Streamer", "latency_stats", "lengths_of",
+__all__ = ["BundleError", "EdgeBundle", "Streamer", "input_spec", "latency_stats", "lengths_of",
            "load_manifest", "manifest_chunk", "measure_latency", "main", "run_ragged",
            "sha256_file"]
 
@@ -72,7 +81,7 @@ def load_manifest(bundle_dir: str | Path) -> dict:
     if manifest.get("version") != VERSION:
         raise BundleError(f"{path} has bundle version {manifest.get('version')!r}; "
                           f"this runner reads {VERSION}")
-    for key in ("files", "model", "normalization"):
+    for key in ("files", "model", "normalization"):  # token bundles: normalization "none"
         if not isinstance(manifest.get(key), dict):
             raise BundleError(f"{path} lacks its {key!r} section")
     return manifest
@@ -154,6 +163,24 @@ def manifest_chunk(manifest: dict) -> str:
     return str(chunk)
 
 
+def input_spec(manifest: dict) -> dict:
+    """The manifest's ``input`` section, checked; bundles from before token ids have none and
+    take float features."""
+    spec = manifest.get("input") or {"kind": "features"}
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "features":
+        return spec
+    vocab, encoding = spec.get("vocab_size"), spec.get("encoding")
+    if kind != "token_ids" or isinstance(vocab, bool) or not isinstance(vocab, int) or (
+            vocab < 1) or encoding not in ("embedding", "one-hot"):
+        raise BundleError(f"manifest input must be float features or token ids with an integer "
+                          f"vocab_size >= 1 and encoding 'embedding' or 'one-hot', got {spec!r}")
+    if encoding == "one-hot" and manifest["model"].get("d_input") != vocab:
+        raise BundleError(f"manifest input is one-hot over {vocab} ids but the model takes "
+                          f"{manifest['model'].get('d_input')} channels")
+    return spec
+
+
 def _session(path: Path, threads: int):
     ort = _import_ort()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -187,15 +214,20 @@ class EdgeBundle:
         self.dir = Path(bundle_dir)
         self.manifest = load_manifest(self.dir)
         self.threads = threads
-        norm = self.manifest["normalization"]
-        self.mean = np.asarray(norm["mean"], np.float32)  # (d_input,)
-        self.std = np.asarray(norm["std"], np.float32)  # (d_input,)
         model = self.manifest["model"]
         self.d_input, self.d_output = int(model["d_input"]), int(model["d_output"])
-        if self.mean.shape != (self.d_input,) or self.std.shape != (self.d_input,) or not (
-                np.all(self.std > 0) and np.all(np.isfinite(self.mean))):
-            raise BundleError(f"manifest normalization must give {self.d_input} finite means "
-                              f"and positive stds, got mean={norm['mean']} std={norm['std']}")
+        spec = input_spec(self.manifest)
+        self.vocab_size = spec.get("vocab_size")  # token bundles; None: float features
+        self.tokens = self.vocab_size is not None
+        self.encoding = spec.get("encoding")  # "embedding" (ids in the graph) or "one-hot"
+        if self.encoding != "embedding":  # a float graph: its inputs are normalized
+            norm = self.manifest["normalization"]
+            self.mean = np.asarray(norm.get("mean"), np.float32)  # (d_input,)
+            self.std = np.asarray(norm.get("std"), np.float32)  # (d_input,)
+            if self.mean.shape != (self.d_input,) or self.std.shape != (self.d_input,) or not (
+                    np.all(self.std > 0) and np.all(np.isfinite(self.mean))):
+                raise BundleError(f"manifest normalization must give {self.d_input} finite "
+                                  f"means and positive stds, got {norm}")
         self.sessions = {}
         for mode in modes:
             if mode not in MODES:
@@ -218,8 +250,61 @@ class EdgeBundle:
     def task(self) -> dict:
         return self.manifest.get("task", {})
 
+    @property
+    def vocabulary(self) -> dict | None:
+        """The id -> byte table of a text model (``task.vocabulary``), or None."""
+        return self.task.get("vocabulary") if self.tokens else None
+
+    def as_ids(self, ids) -> np.ndarray:
+        """Check token ids and return them as ``(batch, length)`` int64 (``(length,)``: one
+        sequence)."""
+        ids = np.asarray(ids)
+        if not (np.issubdtype(ids.dtype, np.integer) and ids.dtype != np.bool_):
+            raise BundleError(f"this bundle takes integer token ids, got {ids.dtype} values")
+        ids = ids[None] if ids.ndim == 1 else ids
+        if ids.ndim != 2 or ids.shape[1] < 1:
+            raise BundleError(f"token ids must have shape (batch, length) or (length,) with "
+                              f"length >= 1, got {tuple(np.shape(ids))}")
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise BundleError(f"token id {int(ids[first])} at {first} is outside the "
+                              f"vocabulary [0, {self.vocab_size})")
+        return ids.astype(np.int64)
+
+    def encode(self, ids: np.ndarray) -> np.ndarray:
+        """Checked ids ``(...)`` -> the graph's input: the ids themselves (embedding), or
+        one-hot float32 ``(..., vocab_size)``."""
+        if self.encoding == "embedding":
+            return ids
+        return np.eye(self.vocab_size, dtype=np.float32)[ids]
+
+    def text_ids(self, text: str) -> np.ndarray:
+        """UTF-8 ``text`` -> ids ``(length,)`` through the manifest's vocabulary."""
+        vocab = self.vocabulary
+        if not vocab:
+            raise BundleError("this bundle's manifest has no vocabulary: give token ids with "
+                              "--input ids.npy")
+        if not text:
+            raise BundleError("the text is empty: give at least one character")
+        lookup = {int(b): i for i, b in enumerate(vocab["bytes"])}
+        outside = sorted({c for c in text if any(b not in lookup for b in c.encode("utf-8"))})
+        if outside:
+            raise BundleError(f"the text holds characters outside the bundle's vocabulary: "
+                              f"{''.join(outside)!r}")
+        return np.array([lookup[b] for b in text.encode("utf-8")], np.int64)
+
+    def decode(self, ids) -> str:
+        """Ids -> text (the unknown id and broken UTF-8 show as U+FFFD)."""
+        table = self.vocabulary["bytes"]
+        raw = b"".join(bytes([table[i]]) if i < len(table) else "\ufffd".encode()
+                       for i in map(int, ids))
+        return raw.decode("utf-8", errors="replace")
+
     def as_batch(self, x: np.ndarray) -> np.ndarray:
         """Coerce raw input to ``(batch, length, d_input)`` float32 (see module docstring)."""
+        if self.tokens:
+            raise BundleError("this bundle takes token ids, not float features")
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 1 and self.d_input == 1:
             x = x[None, :, None]
@@ -235,11 +320,15 @@ class EdgeBundle:
         return ((np.asarray(raw, np.float32) - self.mean) / self.std).astype(np.float32)
 
     def predict(self, x: np.ndarray, normalized: bool = False, batch_size: int = 256):
-        """Whole sequences through ``model.onnx``: ``(batch, L, d_input)`` -> outputs."""
+        """Whole sequences through ``model.onnx``: ``(batch, L, d_input)`` -> outputs; token
+        bundles: int ids ``(batch, L)`` -> logits (``(batch, L, vocab)`` for a language model)."""
         if "sequence" not in self.sessions:
             raise BundleError("the bundle was opened without its sequence model")
-        x = self.as_batch(x)
-        x = x if normalized else self.normalize(x)
+        if self.tokens:
+            x = self.encode(self.as_ids(x))
+        else:
+            x = self.as_batch(x)
+            x = x if normalized else self.normalize(x)
         session = self.sessions["sequence"]
         parts = [session.run(None, {"x": x[i:i + batch_size]})[0]
                  for i in range(0, len(x), batch_size)]
@@ -266,18 +355,43 @@ class Streamer:
                       for _, shape in self.bundle.state_specs]
 
     def push(self, x_t: np.ndarray, normalized: bool = False) -> np.ndarray:
-        """One token ``(batch, d_input)`` (raw unless ``normalized``) -> ``(batch, d_output)``."""
-        x_t = np.asarray(x_t, np.float32).reshape(self.batch, self.bundle.d_input)
-        x_t = x_t if normalized else self.bundle.normalize(x_t)
+        """One token ``(batch, d_input)`` (raw unless ``normalized``), or token ids
+        ``(batch,)``, -> ``(batch, d_output)``."""
+        bundle = self.bundle
+        if bundle.tokens:
+            ids = np.asarray(x_t)
+            if ids.shape != (self.batch,):
+                raise BundleError(f"push takes {self.batch} token ids, got shape {ids.shape}")
+            x_t = bundle.encode(bundle.as_ids(ids[:, None])[:, 0])
+        else:
+            x_t = np.asarray(x_t, np.float32).reshape(self.batch, bundle.d_input)
+            x_t = x_t if normalized else bundle.normalize(x_t)
         feeds = dict(zip(self.bundle.step_inputs, [x_t, *self.state]))  # noqa: B905 (py3.8 devices)
         out = self.session.run(None, feeds)
         self.state = out[1:]
         return out[0]
 
     def run(self, x: np.ndarray, normalized: bool = False) -> np.ndarray:
-        """Stream sequences ``(batch, L, d_input)``; return every ``y_t`` ``(batch, L, d_out)``."""
+        """Stream sequences ``(batch, L, d_input)`` (token bundles: ids ``(batch, L)``);
+        return every ``y_t`` ``(batch, L, d_out)``."""
+        x = self.bundle.as_ids(x) if self.bundle.tokens else np.asarray(x)
         self.reset()
         return np.stack([self.push(x[:, t], normalized) for t in range(x.shape[1])], axis=1)
+
+    def generate(self, prompt: np.ndarray, n: int) -> list:
+        """Greedy continuation (batch 1): stream the ids ``prompt (L,)`` from zero state, then
+        feed back the most likely next id ``n`` times; returns those ``n`` ids."""
+        if self.batch != 1:
+            raise BundleError("generate runs one sequence (a streamer of batch 1)")
+        self.reset()
+        for t in np.asarray(prompt).reshape(-1):
+            y = self.push(np.array([t]))
+        out: list = []
+        while len(out) < n:
+            out.append(int(np.argmax(y[0])))
+            if len(out) < n:
+                y = self.push(np.array([out[-1]]))
+        return out
 
 
 # ----------------------------------------------------------------------------- latency
@@ -339,13 +453,17 @@ def measure_latency(bundle_dir: str | Path, mode: str = "sequence", seq_len: int
     if seq_len < 1:
         raise BundleError("the manifest records no training length; pass seq_len "
                           "(run.py: --seq-len)")
-    x = np.random.default_rng(seed).standard_normal((1, seq_len, bundle.d_input)).astype(
-        np.float32)
+    rng = np.random.default_rng(seed)
+    if bundle.tokens:  # random ids; the sequence graph gets them encoded once
+        x = rng.integers(bundle.vocab_size, size=(1, seq_len))
+        feed = bundle.encode(x)
+    else:
+        x = feed = rng.standard_normal((1, seq_len, bundle.d_input)).astype(np.float32)
     if mode == "sequence":
         session = bundle.sessions["sequence"]
 
         def call(i):
-            session.run(None, {"x": x})
+            session.run(None, {"x": feed})
     else:
         stream = bundle.streamer(1)
 
@@ -450,6 +568,24 @@ def _describe(bundle: EdgeBundle, y: np.ndarray, lengths: np.ndarray) -> list[di
             for v, n in zip(y, lengths)]  # noqa: B905
 
 
+def _next_tokens(bundle: EdgeBundle, y: np.ndarray) -> list | None:
+    """Per sequence the most likely next id after its last token (its character when the
+    manifest has a vocabulary) and its probability; None unless the bundle is a token
+    language model (per-step logits over its own vocabulary)."""
+    if not (bundle.tokens and y.ndim == 3 and y.shape[2] == bundle.vocab_size):
+        return None
+    z = y[:, -1] - y[:, -1].max(-1, keepdims=True)  # (B, V)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    records = []
+    for k, q in zip(p.argmax(-1), p.max(-1)):  # noqa: B905 (runs on py3.8 devices)
+        rec = {"next_id": int(k)}
+        if bundle.vocabulary:
+            rec["next_char"] = bundle.decode([k])
+        rec["prob"] = round(float(q), 4)
+        records.append(rec)
+    return records
+
+
 def _print_records(records: list[dict], as_json: bool, label: str) -> None:
     for i, rec in enumerate(records):
         print(json.dumps({label: i, **rec}) if as_json else
@@ -468,6 +604,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--normalized", action="store_true", help="input is already normalized")
     p.add_argument("--stream", action="store_true",
                    help="run --input token by token through the step model")
+    p.add_argument("--text", default=None,
+                   help="token bundles with a vocabulary: text to continue (its next character;"
+                   " with --generate N, N characters)")
+    p.add_argument("--generate", type=int, default=None,
+                   help="with --text: greedy continuation of N characters through the step model")
     p.add_argument("--stdin", action="store_true",
                    help="stream tokens from stdin, one per line (d_input numbers); blank = reset")
     p.add_argument("--output", help="save the raw outputs to this .npy file")
@@ -485,11 +626,18 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     if args.bundle is None:
         raise BundleError("give the bundle folder")
-    if not (args.input or args.stdin or args.bench):
-        raise BundleError("nothing to do: give --input, --stdin or --bench")
+    if args.generate is not None and (args.text is None or args.generate < 1):
+        raise BundleError("--generate N takes N >= 1 and goes with --text")
+    if not (args.input or args.stdin or args.bench or args.text is not None):
+        raise BundleError("nothing to do: give --input, --text, --stdin or --bench")
+    if args.text is not None:
+        _run_text(args)
     if args.input:
         modes = ("step",) if args.stream else ("sequence",)
         bundle = EdgeBundle(args.bundle, threads=args.threads, int8=args.int8, modes=modes)
+        if bundle.tokens:
+            _run_ids(bundle, _read_input(args.input, args.key), args)
+            return 0
         x = bundle.as_batch(_read_input(args.input, args.key))
         lengths = lengths_of(x)  # (B,) variable-length input runs at its true lengths
         if args.stream:
@@ -513,9 +661,18 @@ def _run(args: argparse.Namespace) -> int:
                 t = 0
                 continue
             try:
-                values = np.array(line.replace(",", " ").split(), dtype=np.float32)
+                values = np.array(line.replace(",", " ").split(),
+                                  dtype=np.int64 if stream.bundle.tokens else np.float32)
             except ValueError:
                 raise BundleError(f"stdin line is not numbers: {line.strip()!r}") from None
+            if stream.bundle.tokens:
+                y = stream.push(values)  # one id per line
+                rec = (_next_tokens(stream.bundle, y[:, None]) or
+                       _describe(stream.bundle, y, np.ones(len(y), dtype=int)))[0]
+                print(json.dumps({"token": t, **rec}) if args.json else
+                      f"token {t}: " + ", ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
+                t += 1
+                continue
             if values.size != stream.bundle.d_input:
                 raise BundleError(f"each stdin line needs {stream.bundle.d_input} numbers, "
                                   f"got {values.size}: {line.strip()!r}")
@@ -540,6 +697,39 @@ def _run(args: argparse.Namespace) -> int:
                       f"{r['p99_ms']:.4f} ({r['unit']}; {r['n_samples']} calls, threads="
                       f"{r['threads']}, batch 1{', int8' if args.int8 else ''})")
     return 0
+
+
+def _run_ids(bundle: EdgeBundle, data: np.ndarray, args: argparse.Namespace) -> None:
+    """``--input ids.npy`` on a token bundle: per sequence the most likely next id."""
+    ids = bundle.as_ids(data)  # (B, L)
+    y = bundle.streamer(len(ids)).run(ids) if args.stream else bundle.predict(ids)
+    records = _next_tokens(bundle, y)
+    if records is None:  # a token classifier: classes as for float input
+        final = y[:, -1] if (args.stream and bundle.manifest["model"]["pooling"] == "mean") else y
+        records = _describe(bundle, final, np.full(len(ids), ids.shape[1]))
+    _print_records(records, args.json, "sample")
+    if args.output:
+        np.save(args.output, y)
+
+
+def _run_text(args: argparse.Namespace) -> None:
+    """``--text`` (with ``--generate N``) on a token bundle with a vocabulary."""
+    stepwise = bool(args.generate) or args.stream
+    bundle = EdgeBundle(args.bundle, threads=args.threads, int8=args.int8,
+                        modes=("step",) if stepwise else ("sequence",))
+    ids = bundle.text_ids(args.text)
+    if not (bundle.manifest["model"].get("pooling") == "none"
+            and bundle.d_output == bundle.vocab_size):
+        raise BundleError("this bundle does not predict the next token (no per-step logits "
+                          "over its vocabulary)")
+    if args.generate:
+        new = bundle.streamer(1).generate(ids, args.generate)
+        text = bundle.decode(new)
+        print(json.dumps({"text": args.text, "generated": text, "ids": new}) if args.json
+              else args.text + text)
+        return
+    y = bundle.streamer(1).run(ids[None]) if stepwise else bundle.predict(ids[None])
+    _print_records(_next_tokens(bundle, y), args.json, "text")
 
 
 def main(argv: list[str] | None = None) -> int:

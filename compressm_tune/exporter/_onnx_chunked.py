@@ -37,7 +37,8 @@ RECURRENCE = "recurrence_"
 
 
 class ChunkFrame:
-    """The padded sequence every chunked block shares: ``x (B, L, d)`` -> ``(B*C*T, d)``.
+    """The padded sequence every chunked block shares: ``x (B, L, d)`` -> ``(B*C*T, d)``
+    (token ids ``(B, L)`` -> ``(B*C*T,)``, padded with id 0, cut off again by :meth:`cut`).
 
     Tokens stay flattened to 2-D between the blocks, so onnxruntime fuses each projection's
     ``MatMul + Add`` into one ``Gemm`` (it does not for 3-D inputs). Holds the int64 ``(1,)``
@@ -45,7 +46,8 @@ class ChunkFrame:
     block reads them instead of recomputing them.
     """
 
-    def __init__(self, g: Graph, x: str, chunk: int, d_input: int) -> None:
+    def __init__(self, g: Graph, x: str, chunk: int, d_input: int, tokens: bool = False
+                 ) -> None:
         self.chunk = chunk
         shape = g.op("Shape", [x])
         zero, one, two = (g.const("int", np.array([i], np.int64)) for i in (0, 1, 2))
@@ -55,9 +57,13 @@ class ChunkFrame:
         self.chunks = g.op("Div", [up, g.const("t", np.array([chunk], np.int64))], "chunks")
         padded = g.op("Mul", [self.chunks, g.const("t", np.array([chunk], np.int64))])
         pad = g.op("Sub", [padded, self.length], "pad")  # (1,)  0 .. T-1 tokens
-        pads = g.op("Concat", [g.const("pads_head", np.zeros(4, np.int64)), pad, zero], axis=0)
-        padded = g.op("Pad", [x, pads], "x_padded")  # (B, C*T, d), zeros at the end
-        self.x = g.op("Reshape", [padded, g.const("shape", np.array([-1, d_input], np.int64))])
+        # Pad's [begins..., ends...]: only the time axis' end, (B, C*T[, d]) zeros at the end
+        ends = [pad] if tokens else [pad, zero]
+        pads = g.op("Concat", [g.const("pads_head", np.zeros(3 if tokens else 4, np.int64)),
+                               *ends], axis=0)
+        padded = g.op("Pad", [x, pads], "x_padded")
+        flat = [-1] if tokens else [-1, d_input]
+        self.x = g.op("Reshape", [padded, g.const("shape", np.array(flat, np.int64))])
         self.multi = g.op("Greater", [self.chunks, one], "multi_chunk")  # (1,) bool
         # shapes of the closed-form carries, shared by every block ("0" keeps N)
         self.rows_shape = g.op("Concat", [zero, self.batch, g.const("int", np.array(

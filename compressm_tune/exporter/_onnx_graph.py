@@ -302,7 +302,7 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
     opset = check_opset(opset)
     chunk = check_chunk(chunk, w.arch)
     g = _Graph()
-    frame = None if chunk is None else ChunkFrame(g, "x", chunk, w.d_input)
+    frame = None if chunk is None else ChunkFrame(g, "x", chunk, w.d_input, w.tokens)
     h = g.encode("x" if frame is None else frame.x, w)  # (B, L, H), or padded, flat (B*C*T, H)
     batch = None
     for k, bw in enumerate(w.blocks):

@@ -70,21 +70,24 @@ def token_inputs(vocab_size: int) -> Inputs:
 
 
 def data_inputs(x: torch.Tensor) -> Inputs:
-    """Inputs made of real sequences ``x (n, L_data, d_input)`` (normalized): each row lays
-    randomly drawn sequences end to end and is cut to the requested length.
+    """Inputs made of real sequences ``x (n, L_data, d_input)`` (normalized) or token ids
+    ``x (n, L_data)`` (int): each row lays randomly drawn sequences end to end and is cut to
+    the requested length; ids keep their ``(batch, length)`` shape and dtype.
 
     Examples
     --------
     >>> x = torch.arange(6.0).reshape(2, 3, 1)  # two sequences of length 3
     >>> data_inputs(x)(4, 7, torch.Generator().manual_seed(0)).shape
     torch.Size([4, 7, 1])
+    >>> data_inputs(torch.arange(6).reshape(2, 3))(4, 7, torch.Generator()).shape
+    torch.Size([4, 7])
     """
     n, seq_len = x.shape[:2]
 
     def draw(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
         per_row = -(-length // seq_len)  # sequences per row, rounded up
         idx = torch.randint(n, (batch * per_row,), generator=gen)
-        rows = x[idx].reshape(batch, per_row * seq_len, -1)  # (B, per_row * L_data, d)
+        rows = x[idx].reshape(batch, per_row * seq_len, *x.shape[2:])  # (B, per_row * L, [d])
         return rows[:, :length].contiguous()
 
     return draw

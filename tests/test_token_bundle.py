@@ -1,0 +1,267 @@
+"""Bundles of token models (an embedding over int64 ids) and the torch-free runner on them.
+
+The references are eager torch on the checkpoint's model: its argmax for the next id, its
+logits, and for ``--generate`` a plain loop that re-runs the whole prefix through the model
+and appends its argmax (no state, no step graph), so streaming errors cannot hide.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compressm_tune.exporter import export_bundle, verify_bundle
+from compressm_tune.exporter._edge import BundleError, EdgeBundle, measure_latency
+from compressm_tune.exporter._parity import data_inputs
+from compressm_tune.models import SSMConfig, SSMModel
+from compressm_tune.training import save_checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_export import _blocker, _run  # noqa: E402
+
+VOCAB = 11
+# a byte-level vocabulary as pystdlib-chars records it: id i < 10 is byte BYTES[i], 10 unknown
+BYTES = [ord(c) for c in " ():=adefx"]
+ARCHS = ("mamba", "lru")
+
+
+def _token_model(arch: str) -> SSMModel:
+    torch.manual_seed(3)
+    config = SSMConfig(arch=arch, vocab_size=VOCAB, d_output=VOCAB, d_model=8,
+                       state_dims=[6, 4] if arch == "lru" else [4, 4], pooling="none")
+    model = SSMModel(config)
+    if arch == "lru":  # BatchNorm statistics far from (0, 1), as after training
+        for block in model.blocks:
+            block.norm.running_mean.normal_()
+            block.norm.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def token_bundle(request, tmp_path_factory):
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"tok-{arch}")
+    model = _token_model(arch)
+    ckpt = root / "model.pt"
+    # a dataset entry no loader can rebuild, carrying a text vocabulary (parity: random ids)
+    save_checkpoint(ckpt, model, step=3, dataset={
+        "name": "toy-chars", "task": "classification", "d_input": VOCAB, "seq_len": 12,
+        "norm_mean": [0.0] * VOCAB, "norm_std": [1.0] * VOCAB,
+        "info": {"vocab_bytes": BYTES, "unknown_id": len(BYTES)}})
+    # chunk "auto" times the candidate graphs on ids (LRU: chunked ones too)
+    manifest = export_bundle(ckpt, root / "bundle", parity_lengths=(1, 12, 30))
+    return model, root / "bundle", manifest
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(VOCAB, size=(batch, length))
+
+
+def _logits(model: SSMModel, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(ids, dtype=torch.long)).numpy()
+
+
+def test_manifest_says_token_ids(token_bundle):
+    model, bundle, manifest = token_bundle
+    assert manifest["model"]["vocab_size"] == VOCAB
+    assert manifest["input"] == {"kind": "token_ids", "dtype": "int64",
+                                 "shape": ["batch", "length"], "vocab_size": VOCAB,
+                                 "encoding": "embedding"}
+    assert "mean" not in manifest["normalization"]
+    assert manifest["task"]["vocabulary"]["bytes"] == BYTES
+    assert manifest["files"]["onnx_sequence"]["inputs"][0]["dtype"] == "int64"
+    assert manifest["parity"]["max_abs_error"] <= 1e-4
+    assert "token ids uniform" in manifest["parity"]["inputs"]
+    assert {p.name for p in bundle.iterdir()} == {"model.onnx", "model_step.onnx", "model.ts",
+                                                  "run.py", "manifest.json"}
+    verify_bundle(bundle)  # every file against the manifest, model.ts loaded by torch
+
+
+def test_predict_and_stream_match_eager_torch(token_bundle):
+    model, bundle, _ = token_bundle
+    edge = EdgeBundle(bundle)
+    ids = _ids(3, 17)
+    want = _logits(model, ids)  # (3, 17, V)
+    got = edge.predict(ids.astype(np.int32))
+    assert got.shape == (3, 17, VOCAB)
+    assert np.abs(got - want).max() <= 1e-4
+    streamed = edge.streamer(3).run(ids)
+    assert np.abs(streamed - got).max() <= 1e-4
+    one = edge.predict(ids[0])  # (L,) is one sequence
+    assert np.abs(one[0] - want[0]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.array([[1, VOCAB]]), "outside the vocabulary"),
+    (np.array([[-1, 2]]), "outside the vocabulary"),
+    (np.array([[0.0, 1.0]]), "integer token ids"),
+    (np.zeros((1, 2, 3), np.int64), "shape"),
+])
+def test_predict_refuses_bad_ids(token_bundle, bad, match):
+    with pytest.raises(BundleError, match=match):
+        EdgeBundle(token_bundle[1]).predict(bad)
+
+
+def test_streamer_push_checks_ids(token_bundle):
+    stream = EdgeBundle(token_bundle[1], modes=("step",)).streamer(2)
+    with pytest.raises(BundleError, match="outside"):
+        stream.push(np.array([0, VOCAB]))
+    with pytest.raises(BundleError, match="2 token ids"):
+        stream.push(np.array([0]))
+
+
+def test_measure_latency_draws_ids(token_bundle):
+    for mode in ("sequence", "step"):
+        r = measure_latency(token_bundle[1], mode, min_time_s=0.01, warmup=1, min_repeats=2)
+        assert r["seq_len"] == 12 and r["n_samples"] >= 2
+
+
+def test_run_py_without_torch_gives_torch_argmax(token_bundle, tmp_path):
+    model, bundle, _ = token_bundle
+    ids = _ids(4, 9, seed=1)
+    np.save(tmp_path / "ids.npy", ids)
+    want = _logits(model, ids)[:, -1].argmax(-1)
+    env = _blocker(tmp_path)
+    for extra in ([], ["--stream"]):
+        done = _run([bundle / "run.py", "--input", tmp_path / "ids.npy", "--json", *extra],
+                    env, tmp_path)
+        assert done.returncode == 0, done.stderr
+        records = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [r["next_id"] for r in records] == want.tolist()
+        table = [chr(b) for b in BYTES] + ["\ufffd"]
+        assert [r["next_char"] for r in records] == [table[k] for k in want]
+
+
+def _greedy_reference(model: SSMModel, prompt: str, n: int) -> str:
+    """Plain loop: the whole prefix through eager torch, append the argmax, repeat."""
+    lookup = {b: i for i, b in enumerate(BYTES)}
+    ids = [lookup[b] for b in prompt.encode()]
+    for _ in range(n):
+        ids.append(int(_logits(model, np.array([ids]))[0, -1].argmax()))
+    table = [chr(b) for b in BYTES] + ["\ufffd"]
+    return prompt + "".join(table[i] for i in ids[len(prompt):])
+
+
+def test_run_py_generate_equals_greedy_torch_loop(token_bundle, tmp_path):
+    model, bundle, _ = token_bundle
+    done = _run([bundle / "run.py", "--text", "def f(x", "--generate", "15"],
+                _blocker(tmp_path), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip("\n") == _greedy_reference(model, "def f(x", 15)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--text", "def g("], "outside the bundle's vocabulary: 'g'"),
+    (["--text", ""], "text is empty"),
+    (["--input", "{floats}"], "integer token ids"),
+    (["--input", "{big}"], "outside the vocabulary"),
+    (["--generate", "3"], "goes with --text"),
+])
+def test_run_py_bad_input_exits_2_one_line(token_bundle, tmp_path, args, match):
+    np.save(tmp_path / "floats.npy", np.zeros((2, 5), np.float32))
+    np.save(tmp_path / "big.npy", np.array([[0, 1, VOCAB + 3]]))
+    args = [a.format(floats=tmp_path / "floats.npy", big=tmp_path / "big.npy") for a in args]
+    done = _run([token_bundle[1] / "run.py", *args], _blocker(tmp_path), tmp_path)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and match in done.stderr, done.stderr
+
+
+def test_run_py_stdin_streams_ids(token_bundle, tmp_path):
+    model, bundle, _ = token_bundle
+    done = subprocess.run([sys.executable, bundle / "run.py", "--stdin", "--json"],
+                          input="3\n7\n\n3\n", env=_blocker(tmp_path), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = [json.loads(line)["next_id"] for line in done.stdout.splitlines()]
+    want = _logits(model, np.array([[3, 7]]))[0].argmax(-1).tolist()
+    assert got == [*want, want[0]]  # a blank line starts a new sequence
+
+
+def test_data_inputs_keep_token_ids_two_dimensional():
+    ids = torch.arange(12).reshape(3, 4)
+    x = data_inputs(ids)(2, 9, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 9) and x.dtype == torch.int64
+    rows = {tuple(r.tolist()) for r in ids}
+    for row in x:  # every full window of 4 is one of the sequences
+        assert tuple(row[:4].tolist()) in rows and tuple(row[4:8].tolist()) in rows
+
+
+def _one_hot_bundle(root: Path) -> tuple[SSMModel, Path]:
+    """A float model over one-hot ids (as ``pystdlib-chars`` trains them) with a vocabulary."""
+    torch.manual_seed(5)
+    model = SSMModel(SSMConfig(arch="mamba", d_input=VOCAB, d_output=VOCAB, d_model=8,
+                               state_dims=[4, 4], pooling="none")).eval()
+    save_checkpoint(root / "onehot.pt", model, step=1, dataset={
+        "name": "toy-chars", "task": "classification", "d_input": VOCAB, "seq_len": 12,
+        "norm_mean": [0.0] * VOCAB, "norm_std": [1.0] * VOCAB,
+        "info": {"vocab_bytes": BYTES, "unknown_id": len(BYTES)}})
+    export_bundle(root / "onehot.pt", root / "b", formats="onnx", parity_lengths=(1, 12))
+    return model, root / "b"
+
+
+def test_one_hot_model_bundle_takes_ids_and_generates(tmp_path):
+    model, bundle = _one_hot_bundle(tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["input"]["encoding"] == "one-hot"
+    ids = _ids(2, 9, seed=4)
+    with torch.no_grad():
+        want = model(torch.nn.functional.one_hot(torch.as_tensor(ids), VOCAB).float()).numpy()
+    assert np.abs(EdgeBundle(bundle).predict(ids) - want).max() <= 1e-4
+    done = _run([bundle / "run.py", "--text", "x = f(", "--generate", "10"],
+                _blocker(tmp_path), tmp_path)
+    assert done.returncode == 0, done.stderr
+    lookup = {b: i for i, b in enumerate(BYTES)}
+    seq = [lookup[b] for b in b"x = f("]
+    for _ in range(10):  # plain loop over the whole prefix, one-hot as in training
+        x = torch.nn.functional.one_hot(torch.tensor([seq]), VOCAB).float()
+        with torch.no_grad():
+            seq.append(int(model(x)[0, -1].argmax()))
+    table = [chr(b) for b in BYTES] + ["\ufffd"]
+    assert done.stdout.rstrip("\n") == "x = f(" + "".join(table[i] for i in seq[6:])
+
+
+def test_manifest_without_input_section_is_a_float_bundle(tmp_path):
+    """Bundles written before token ids have no ``input`` section and no ``vocab_size``: the
+    runner reads them as float bundles, unchanged."""
+    model, bundle = _one_hot_bundle(tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["input"], manifest["model"]["vocab_size"], manifest["task"]["vocabulary"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    edge = EdgeBundle(bundle)
+    assert not edge.tokens
+    x = np.random.default_rng(0).standard_normal((2, 7, VOCAB)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.as_tensor(x)).numpy()
+    assert np.abs(edge.predict(x) - want).max() <= 1e-4
+
+
+def test_pystdlib_token_model_checks_parity_on_test_ids(tmp_path, session_cache):
+    """A token model whose checkpoint names pystdlib-chars: parity runs on the rebuilt
+    test split's ids, and the manifest carries the dataset's byte vocabulary."""
+    from compressm_tune.training import load_dataset
+
+    ds = load_dataset("pystdlib-chars", seed=0)
+    vocab = ds.d_input
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(arch="mamba", vocab_size=vocab, d_output=vocab, d_model=8,
+                               state_dims=[4], pooling="none")).eval()
+    save_checkpoint(tmp_path / "m.pt", model, step=1, dataset={
+        "name": ds.name, "task": ds.task, "d_input": ds.d_input, "d_output": ds.d_output,
+        "seq_len": ds.seq_len, "norm_mean": list(ds.norm_mean), "norm_std": list(ds.norm_std),
+        "info": ds.info}, train_config={"seed": 0})
+    manifest = export_bundle(tmp_path / "m.pt", tmp_path / "b", formats="onnx", modes="sequence",
+                             parity_lengths=(1, 70))
+    assert manifest["parity"]["inputs"].startswith("pystdlib-chars test-split sequences (token")
+    assert manifest["task"]["vocabulary"]["bytes"] == ds.info["vocab_bytes"]
+    edge = EdgeBundle(tmp_path / "b", modes=("sequence",))
+    ids = edge.text_ids("import os\n")
+    assert edge.decode(ids) == "import os\n"
+    want = _logits(model, ids[None])
+    assert np.abs(edge.predict(ids) - want).max() <= 1e-4
