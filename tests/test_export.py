@@ -563,6 +563,18 @@ def test_quantize_int8_records_size_and_test_accuracy(mnist1d, tmp_path, capsys,
                                                      "run.py"]
 
 
+def test_cli_bench_of_a_checkpoint_without_its_dataset_times_the_export_length(tmp_path,
+                                                                                capsys):
+    """An imported model's checkpoint records no dataset; --bench used to exit 2 ("no
+    training length")."""
+    ckpt = tmp_path / "imported.pt"
+    save_checkpoint(ckpt, _reduced_model("mean"), step=0)
+    assert _cli([str(ckpt), "--out", str(tmp_path / "b"), "--format", "onnx", "--mode",
+                 "sequence", "--bench", "--min-time-s", "0.02"]) == 0
+    text = capsys.readouterr().out
+    assert "timed on 64-token sequences" in text and "latency sequence: p50" in text
+
+
 def test_cli_export_and_bench_record_latency(exported_lru, tmp_path, capsys):
     _, ckpt, _, _ = exported_lru
     out = tmp_path / "b"

@@ -67,7 +67,7 @@ def _chunk_arg(text: str) -> int | str:
 
 def _run_export(args: argparse.Namespace) -> int:
     from compressm_tune._table import markdown_table
-    from compressm_tune.exporter._bundle import export_bundle
+    from compressm_tune.exporter._bundle import _DEFAULT_SEQ_LEN, export_bundle
     from compressm_tune.exporter._manifest import measure_latency
 
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "bundle"
@@ -93,9 +93,14 @@ def _run_export(args: argparse.Namespace) -> int:
                   f"{acc['int8'][acc['metric']]:.4g}" if "metric" in acc else acc["skipped"])
         print(f"int8: {q['size']['float32_bytes']} -> {q['size']['int8_bytes']} bytes; {change}")
     if args.bench and "onnx" in m["formats"]:
+        # a checkpoint without its dataset (an imported model) records no training length:
+        # time the length the export chose its graph and checked parity at
+        seq_len = None if m["task"].get("seq_len") else _DEFAULT_SEQ_LEN
+        if seq_len:
+            print(f"no training length recorded: latency timed on {seq_len}-token sequences")
         for mode in m["modes"]:
-            r = measure_latency(out, mode, threads=args.threads, min_time_s=args.min_time_s,
-                                record=True)
+            r = measure_latency(out, mode, seq_len=seq_len, threads=args.threads,
+                                min_time_s=args.min_time_s, record=True)
             print(f"latency {mode}: p50 {r['p50_ms']:.4f}, p90 {r['p90_ms']:.4f} "
                   f"({r['unit']}; threads={r['threads']}, batch 1)")
     print(f"\nbundle in {out} (copy the folder to a device; run: python3 run.py --bench)")
