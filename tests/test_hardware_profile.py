@@ -42,7 +42,11 @@ HOLDOUT_MEAN_TOLERANCE = {"latency_min_ms": 0.20, "latency_ms": 0.60}
 # (latency_cpu_ms) does not count. A composition bug that breaks the scaling with the block
 # count (widths averaged instead of summed, per-block costs off by a factor of the profiled
 # block count) is off by 50 % or more on the multi-block models, beyond every bound here.
-MIXED_MEDIAN_TOLERANCE = {"latency_ms": 0.45, "latency_cpu_ms": 0.30, "train_step_ms": 0.30}
+# Training steps are not judged here: their wall clock (forward, backward and AdamW of a
+# few-millisecond step) moved by 27-63 % in both directions between the profile and the check
+# in one CI run, and uniformly by 0.66x in another; the composition itself is the same code
+# for every metric and is checked exactly on train_step_ms in test_hardware.py.
+MIXED_MEDIAN_TOLERANCE = {"latency_ms": 0.45, "latency_cpu_ms": 0.30}
 
 QUICK_MIN_TIME_S = 0.1
 QUICK = ["--device", "cpu", "--widths", "4,8,...,128", "--hidden", "32", "--blocks", "2",
