@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import optuna
 import pytest
+from optuna.storages._heartbeat import get_heartbeat_thread
 
 from compressm_tune.cli import main
 from compressm_tune.errors import ConfigError
@@ -274,9 +276,10 @@ def test_a_worker_leaves_export_and_report_to_the_one_still_running(tmp_path, ca
                         dataset="lti-sysid", **SMALL)  # the settings of the command below
     (tmp_path / "run").mkdir()
     other = _open_study(config)
-    held = other.ask()  # the other worker's trial, still running
-    code = _tune(tmp_path, "--budget-ms", "50", "--trials", "2", "--profile",
-                 str(profile_path), "--no-drift-check")
+    held = other.ask()  # the other worker's trial, still running: its heartbeat goes on
+    with get_heartbeat_thread(held._trial_id, other._storage):
+        code = _tune(tmp_path, "--budget-ms", "50", "--trials", "2", "--profile",
+                     str(profile_path), "--no-drift-check")
     err = capsys.readouterr().err
     assert code == 0 and f"trial(s) [{held.number}] still run in other workers" in err
     run = tmp_path / "run"
@@ -284,6 +287,37 @@ def test_a_worker_leaves_export_and_report_to_the_one_still_running(tmp_path, ca
     assert not (run / "full").exists()
     states = [t.state.name for t in other.get_trials(deepcopy=False)]
     assert states.count("COMPLETE") == 1 and states.count("RUNNING") == 1  # (+ a surplus FAIL)
+
+
+def test_a_worker_killed_before_its_first_heartbeat_is_found_dead(tmp_path, capsys,
+                                                                   profile_path, monkeypatch):
+    """A kill between creating a trial and its first heartbeat (right after the previous trial
+    finished) left the trial RUNNING with no heartbeat: Optuna never finds it stale, and every
+    rerun ended with "still run in other workers" and no model. The rerun must fail it, run
+    its retry with the same parameters, and finish the study."""
+    from compressm_tune.search import _storage
+    from compressm_tune.search._job import _open_study
+    from compressm_tune.search._space import suggest
+
+    monkeypatch.setattr(_storage, "GRACE_S", 1)
+    config = TuneConfig(budget_ms=50.0, out=str(tmp_path / "run"), trials=2, steps=4,
+                        dataset="lti-sysid", **SMALL)  # the settings of the command below
+    (tmp_path / "run").mkdir()
+    killed = _open_study(config)
+    _propose(killed, config)
+    held = killed.ask()  # created, then killed before its heartbeat thread started
+    suggest(held, config)
+    time.sleep(1.5)
+    code = _tune(tmp_path, "--budget-ms", "50", "--trials", "2", "--profile",
+                 str(profile_path), "--no-drift-check")
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "report.md").exists()
+    trials = killed.get_trials(deepcopy=False)
+    assert trials[held.number].state == optuna.trial.TrialState.FAIL
+    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                 optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == 2
+    assert finished[1].params == held.params  # its retry, not a new proposal
 
 
 def test_the_finalize_lock_admits_one_process_at_a_time(tmp_path):

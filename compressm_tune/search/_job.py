@@ -52,7 +52,12 @@ from compressm_tune.hardware import (
 from compressm_tune.models import SSMConfig
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._objective import Objective, constraints_of
-from compressm_tune.search._storage import GRACE_S, check_storage, open_storage
+from compressm_tune.search._storage import (
+    GRACE_S,
+    check_storage,
+    fail_dead_trials,
+    open_storage,
+)
 from compressm_tune.training import TrainConfig, load_dataset
 from compressm_tune.training.trainer import check_training_memory
 
@@ -302,6 +307,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     study = _open_study(config)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for _ in range(_SEARCH_PASSES):
+        fail_dead_trials(study)  # before the slot guard counts a dead worker's trial as live
         finished = len(study.get_trials(states=_FINISHED))
         if finished < config.trials:
             study.optimize(_slot_guard(objective, config.trials),
@@ -354,11 +360,9 @@ def _infeasible_message(config: TuneConfig, study: optuna.Study) -> str:
 
 
 def _still_running(study: optuna.Study) -> list[int]:
-    """Trials other workers are still running (stale ones of dead workers are failed first,
+    """Trials other workers are still running (those of dead workers are failed first,
     which queues their retry as a WAITING trial)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    fail_dead_trials(study)
     running = (optuna.trial.TrialState.RUNNING,)
     return [t.number for t in study.get_trials(deepcopy=False, states=running)]
 

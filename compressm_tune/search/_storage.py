@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -19,7 +20,7 @@ from optuna.storages.journal import JournalFileBackend
 from compressm_tune._io import ensure_dir
 from compressm_tune.errors import CompressmError, ConfigError
 
-__all__ = ["open_storage", "StorageError"]
+__all__ = ["open_storage", "fail_dead_trials", "StorageError"]
 
 _OPEN_TRIES = 5
 # what a worker that lost the schema-creation race sees (PostgreSQL, SQLite tables, SQLite's
@@ -84,6 +85,49 @@ def open_storage(url: str | None, out_dir: Path) -> optuna.storages.BaseStorage:
                 raise StorageError(
                     f"cannot open study storage {_redact(url)}: {reason}") from None
             time.sleep(0.5 * attempt)
+
+
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Fail the RUNNING trials of dead workers, each retried once as a WAITING trial.
+
+    Optuna fails those whose heartbeat went stale, but never one that has no heartbeat at all:
+    a worker killed between creating its trial and the first beat (milliseconds right after
+    the previous trial finished; a CI run's kill landed there) left it RUNNING for good, and
+    every rerun then waited on a "worker still running". A live worker beats within
+    milliseconds of creating its trial, so a heartbeat-less trial older than ``GRACE_S`` is
+    dead (its start time is the creating machine's clock: skew between machines must stay
+    well below ``GRACE_S``, as NTP keeps it).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    backend = getattr(study._storage, "_backend", study._storage)  # behind Optuna's cache
+    if not isinstance(backend, RDBStorage) or backend.heartbeat_interval is None:
+        return
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+
+    cutoff = datetime.now() - timedelta(seconds=GRACE_S)
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    old = [t for t in running if t.datetime_start is not None and t.datetime_start < cutoff]
+    if not old:
+        return
+    session = backend.scoped_session()
+    try:
+        beating = {row.trial_id for row in session.query(TrialHeartbeatModel.trial_id).filter(
+            TrialHeartbeatModel.trial_id.in_([t._trial_id for t in old]))}
+    finally:
+        session.close()
+    retry = backend.get_heartbeat_stale_trial_callback()
+    for trial in old:
+        if trial._trial_id in beating:
+            continue  # Optuna's own rule judged it above
+        try:
+            failed = study._storage.set_trial_state_values(
+                trial._trial_id, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed (or its owner finished) it first
+        if failed and retry is not None:
+            retry(study, study._storage.get_trial(trial._trial_id))
 
 
 def _retry_stale() -> dict:
