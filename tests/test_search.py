@@ -266,20 +266,37 @@ def test_a_rerun_after_a_kill_proposes_new_configurations_and_runs_stay_reproduc
 # ----------------------------------------------------------------------------- workers
 
 
+def _beating(trial: optuna.Trial, journal: bool):
+    """A live worker's heartbeat: Optuna's in a database, keep_alive's in a journal file."""
+    from compressm_tune.search._storage import keep_alive
+
+    return keep_alive(trial) if journal else get_heartbeat_thread(trial._trial_id,
+                                                                 trial.study._storage)
+
+
+@pytest.mark.parametrize("journal", [False, True])
 def test_a_worker_leaves_export_and_report_to_the_one_still_running(tmp_path, capsys,
-                                                                    profile_path):
-    """Another worker holds trial 0 RUNNING (alive: its heartbeat is not stale): this worker
-    runs trial 1, then exits 0 saying so, and writes no model, full reference or report."""
+                                                                    profile_path, journal,
+                                                                    monkeypatch):
+    """Another worker holds trial 0 RUNNING (alive: its heartbeat is not stale, though the
+    grace period is 1 s here): this worker runs trial 1, then exits 0 saying so, and writes no
+    model, full reference or report."""
+    from compressm_tune.search import _storage
     from compressm_tune.search._job import _open_study
 
+    monkeypatch.setattr(_storage, "GRACE_S", 1)
+    monkeypatch.setattr(_storage, "HEARTBEAT_S", 0.2)  # keep_alive's; Optuna's is set at open
+    storage = ["--storage", f"journal:{tmp_path / 'study.log'}"] if journal else []
     config = TuneConfig(budget_ms=50.0, out=str(tmp_path / "run"), trials=2, steps=4,
-                        dataset="lti-sysid", **SMALL)  # the settings of the command below
+                        dataset="lti-sysid", storage=storage[1] if journal else None,
+                        **SMALL)  # the settings of the command below
     (tmp_path / "run").mkdir()
     other = _open_study(config)
     held = other.ask()  # the other worker's trial, still running: its heartbeat goes on
-    with get_heartbeat_thread(held._trial_id, other._storage):
+    with _beating(held, journal):
+        time.sleep(1.5)  # older than the grace period: only its beats show it alive
         code = _tune(tmp_path, "--budget-ms", "50", "--trials", "2", "--profile",
-                     str(profile_path), "--no-drift-check")
+                     str(profile_path), "--no-drift-check", *storage)
     err = capsys.readouterr().err
     assert code == 0 and f"trial(s) [{held.number}] still run in other workers" in err
     run = tmp_path / "run"
@@ -289,19 +306,24 @@ def test_a_worker_leaves_export_and_report_to_the_one_still_running(tmp_path, ca
     assert states.count("COMPLETE") == 1 and states.count("RUNNING") == 1  # (+ a surplus FAIL)
 
 
+@pytest.mark.parametrize("journal", [False, True])
 def test_a_worker_killed_before_its_first_heartbeat_is_found_dead(tmp_path, capsys,
-                                                                   profile_path, monkeypatch):
+                                                                   profile_path, monkeypatch,
+                                                                   journal):
     """A kill between creating a trial and its first heartbeat (right after the previous trial
-    finished) left the trial RUNNING with no heartbeat: Optuna never finds it stale, and every
-    rerun ended with "still run in other workers" and no model. The rerun must fail it, run
-    its retry with the same parameters, and finish the study."""
+    finished) left the trial RUNNING with no heartbeat: Optuna never finds it stale (and a
+    journal file has no heartbeats at all), so every rerun ended with "still run in other
+    workers" and no model. The rerun must fail it, run its retry with the same parameters,
+    and finish the study."""
     from compressm_tune.search import _storage
     from compressm_tune.search._job import _open_study
     from compressm_tune.search._space import suggest
 
     monkeypatch.setattr(_storage, "GRACE_S", 1)
+    storage = ["--storage", f"journal:{tmp_path / 'study.log'}"] if journal else []
     config = TuneConfig(budget_ms=50.0, out=str(tmp_path / "run"), trials=2, steps=4,
-                        dataset="lti-sysid", **SMALL)  # the settings of the command below
+                        dataset="lti-sysid", storage=storage[1] if journal else None,
+                        **SMALL)  # the settings of the command below
     (tmp_path / "run").mkdir()
     killed = _open_study(config)
     _propose(killed, config)
@@ -309,7 +331,7 @@ def test_a_worker_killed_before_its_first_heartbeat_is_found_dead(tmp_path, caps
     suggest(held, config)
     time.sleep(1.5)
     code = _tune(tmp_path, "--budget-ms", "50", "--trials", "2", "--profile",
-                 str(profile_path), "--no-drift-check")
+                 str(profile_path), "--no-drift-check", *storage)
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "report.md").exists()
     trials = killed.get_trials(deepcopy=False)

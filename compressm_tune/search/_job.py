@@ -56,6 +56,7 @@ from compressm_tune.search._storage import (
     GRACE_S,
     check_storage,
     fail_dead_trials,
+    keep_alive,
     open_storage,
 )
 from compressm_tune.training import TrainConfig, load_dataset
@@ -240,7 +241,8 @@ def _slot_guard(objective: Objective, trials: int):
         if len(earlier) >= trials:
             trial.study.stop()
             raise _Surplus(f"the study already has {trials} trials")
-        return objective(trial)
+        with keep_alive(trial):
+            return objective(trial)
 
     return run
 
