@@ -108,6 +108,7 @@ def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any]
         "modelled_train_s": _modelled_train_s(
             Path(trial.user_attrs["checkpoint"]).parent / "metrics.jsonl", latency,
             [trial.params["state_dim"]] * config.blocks, config.steps),
+        "modelled_train_rel_error": _train_model_error(latency),
         "full": {"state_dims": full_dims, f"test_{metric}": full["test_best"][metric],
                  "predicted_ms": latency.predict(full_dims, config.metric),
                  "train_time_s": full["train_time_s"],
@@ -136,6 +137,28 @@ def _energy_rel_error(profile: Profile) -> float | None:
     errors = [r.energy_error_mj / r.energy_mj for r in (*profile.records, *profile.extra_records)
               if r.energy_error_mj is not None and r.energy_mj]
     return max(errors) if errors else None
+
+
+def _train_model_error(latency: LatencyModel) -> float | None:
+    """The largest leave-one-out error of the profile's training-step fit (``None`` with fewer
+    than three widths): how far a modelled training cost may be off."""
+    try:
+        return latency.holdout_error("train_step_ms").max_abs_rel_error
+    except ValueError:
+        return None
+
+
+def _training_cost_line(saved: float | None, error: float | None) -> str:
+    """The report's training-cost sentence; a saving within the model's error is not one."""
+    if saved is None:
+        return "Training cost: not modelled"
+    if error is not None and abs(saved) <= error:
+        return (f"Training cost within the model's error of the full model's ({saved:+.0%} "
+                f"modelled, leave-one-out error of the training-step fit up to {error:.0%})")
+    text = (f"Training cost {saved:.0%} lower" if saved >= 0 else
+            f"Training cost {-saved:.0%} higher") + " than the full model's"
+    return text + (f" (leave-one-out error of the training-step fit up to {error:.0%})"
+                   if error is not None else "")
 
 
 def _modelled_train_s(metrics: Path, latency: LatencyModel, initial: list[int],
@@ -206,8 +229,7 @@ def _markdown(s: dict[str, Any], metric: str) -> str:
         markdown_table(["model", "state dims", f"test {metric}", "predicted ms", "measured ms",
                         "modelled train s"], rows),
         "",
-        ("Training cost " + (f"{saved:.0%} lower" if saved >= 0 else f"{-saved:.0%} higher")
-         + " than the full model's" if saved is not None else "Training cost: not modelled")
+        _training_cost_line(saved, s.get("modelled_train_rel_error"))
         + " (modelled: each step costs the profile's training-step time at the widths then in "
         "effect; wall-clock times of trials on a shared machine are in summary.json). Trials: "
         + ", ".join(f"{k} {v}" for k, v in s["trials"].items() if v),
