@@ -265,3 +265,28 @@ def test_pystdlib_token_model_checks_parity_on_test_ids(tmp_path, session_cache)
     assert edge.decode(ids) == "import os\n"
     want = _logits(model, ids[None])
     assert np.abs(edge.predict(ids) - want).max() <= 1e-4
+
+
+def test_int8_accuracy_of_a_token_model_is_measured_on_test_ids(tmp_path):
+    """--quantize int8 on a token model whose dataset rebuilds: both graphs are scored on the
+    test split's ids (it used to say "not measured for token models"); the float32 figure is
+    eager torch's next-character accuracy on the same ids."""
+    from compressm_tune.training import load_dataset
+
+    ds = load_dataset("pystdlib-chars", seed=0)
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(arch="lru", vocab_size=ds.d_input, d_output=ds.d_input,
+                               d_model=8, state_dims=[6], pooling="none")).eval()
+    save_checkpoint(tmp_path / "m.pt", model, step=1, dataset={
+        "name": ds.name, "task": ds.task, "d_input": ds.d_input, "d_output": ds.d_output,
+        "seq_len": ds.seq_len, "norm_mean": list(ds.norm_mean), "norm_std": list(ds.norm_std),
+        "info": ds.info}, train_config={"seed": 0})
+    manifest = export_bundle(tmp_path / "m.pt", tmp_path / "b", formats="onnx",
+                             modes="sequence", quantize="int8", parity_lengths=(1, 70))
+    acc = manifest["quantization"]["accuracy"]
+    ids = ds.x_test.argmax(-1)  # (n, L) the one-hot test rows as ids
+    with torch.no_grad():
+        want = (model(ids).argmax(-1) == ds.y_test).double().mean().item()
+    assert acc["metric"] == "accuracy" and acc["n"] == len(ids)
+    assert acc["float32"]["accuracy"] == pytest.approx(want, abs=1e-3)
+    assert 0.0 <= acc["int8"]["accuracy"] <= 1.0 and "loss" in acc["int8"]

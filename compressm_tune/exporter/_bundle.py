@@ -154,7 +154,7 @@ def _load_torchscript(path: Path):
 
 def _quantize(stage: Path, modes: tuple[str, ...], files: dict, sessions: dict, *,
               dataset: dict | None, rebuilt: tuple, inputs, inputs_doc: str, seq_len: int,
-              threads: int, seed: int) -> dict[str, Any]:
+              threads: int, seed: int, tokens: bool) -> dict[str, Any]:
     """int8 copies of the ONNX graphs; their size, output deviation and accuracy change."""
     report: dict[str, Any] = {"method": "onnxruntime.quantization.quantize_dynamic, weights "
                               "QInt8 per tensor, activations quantized at run time",
@@ -182,8 +182,10 @@ def _quantize(stage: Path, modes: tuple[str, ...], files: dict, sessions: dict, 
     report["size"] = {"float32_bytes": f32, "int8_bytes": i8, "ratio": i8 / f32,
                       "change_bytes": i8 - f32}
     if "sequence" in modes:
-        report["accuracy"] = evaluate_test_split(*rebuilt, dataset, sessions["sequence"],
-                                                 q_sessions["sequence"])
+        ds = rebuilt[0]
+        report["accuracy"] = evaluate_test_split(
+            *rebuilt, dataset, sessions["sequence"], q_sessions["sequence"],
+            x=_token_ids(ds.x_test).numpy() if tokens and ds is not None else None)
     else:
         report["accuracy"] = {"skipped": "measured with the sequence graph, not exported"}
     return report
@@ -344,11 +346,9 @@ def export_bundle(
             quant = None
             if quantize:
                 quant = _quantize(
-                    stage, modes, files, sessions, dataset=dataset,
-                    rebuilt=rebuilt if vocab is None else (
-                        None, "not measured for token models"),
+                    stage, modes, files, sessions, dataset=dataset, rebuilt=rebuilt,
                     inputs=inputs, inputs_doc=inputs_doc, seq_len=seq_len, threads=threads,
-                    seed=seed)
+                    seed=seed, tokens=vocab is not None)
                 for mode in modes:
                     key = f"onnx_{mode}_int8"
                     files[key] = file_entry(stage / FILE_NAMES[key], opset=opset,

@@ -74,17 +74,18 @@ def _evaluate(session, x: np.ndarray, y: np.ndarray, task: str) -> dict[str, flo
 
 
 def evaluate_test_split(ds, skipped: str | None, dataset: dict | None, float_session,
-                        int8_session) -> dict[str, Any]:
+                        int8_session, x: np.ndarray | None = None) -> dict[str, Any]:
     """Accuracy (classification) or MSE (regression) of both models on the test split.
 
     ``ds, skipped`` come from :func:`~compressm_tune.exporter._dataset.rebuild_dataset`; with no
     dataset (none recorded, a user file that moved, ...) the result is ``{"skipped": reason}``.
     ``dataset`` is the checkpoint's entry (its normalization is compared with the rebuilt one).
+    ``x``: the test inputs as the graphs take them, when not ``ds.x_test`` (a token model's ids).
     """
     if ds is None:
         return {"skipped": skipped}
     name = ds.name
-    x = ds.x_test.numpy()
+    x = ds.x_test.numpy() if x is None else x
     y = ds.y_test.numpy()
     ref = _evaluate(float_session, x, y, ds.task)
     quant = _evaluate(int8_session, x, y, ds.task)
