@@ -46,7 +46,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     """One training run in a worker process (1 thread)."""
     import torch
 
-    from compressm_tune.models import SSMConfig
+    from compressm_tune.models import SSMConfig, dropout_for
     from compressm_tune.reduction import ReductionPolicy, truncate_layer
     from compressm_tune.training import (
         TrainConfig,
@@ -60,7 +60,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     data = load_dataset(job["dataset"], seed=job["seed"])
     dims = job.get("dims") or [s["state"]] * s["blocks"]
     mcfg = SSMConfig(arch=s.get("arch", "lru"), d_input=data.d_input, d_output=data.d_output,
-                     d_model=s["hidden"], state_dims=dims, pooling=data.pooling)
+                     d_model=s["hidden"], state_dims=dims, pooling=data.pooling,
+                     dropout=s.get("dropout", dropout_for(data.task)))
     tcfg = TrainConfig(steps=s["steps"], batch_size=s["batch"], eval_every=s["eval_every"],
                        seed=job["seed"], threads=1)
     metric = "accuracy" if data.task == "classification" else "loss"

@@ -156,7 +156,8 @@ def main() -> None:
           f"{DEFAULT_NETWORK}; smaller ones fit the shared machine): "
           f"`{ {d: SETTINGS[d] for d in datasets} }` with attempts as each schedule places "
           f"them (no reduce_every), tau={TAU}, window 10%, max-drop 0.02 unless the method "
-          "says otherwise. Test metric at the best "
+          "says otherwise; dropout as `train` sets it (0.1 for classification, 0 for "
+          "regression) unless the settings name it. Test metric at the best "
           "validation checkpoint of the final widths; train time excludes evaluation and "
           "includes reduction. Paired columns compare runs of the same seed.", ""]
     for d in datasets:

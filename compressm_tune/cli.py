@@ -63,7 +63,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=m.d_model, help=f"H, model width ({m.d_model})")
     p.add_argument("--state-dim", type=int, default=m.state_dims[0],
                    help=f"N, initial state width of every block ({m.state_dims[0]})")
-    p.add_argument("--dropout", type=float, default=m.dropout, help=f"({m.dropout})")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="(0.1 for classification, 0 for regression: on a real-valued target "
+                        "dropout's noise outweighs what is left to learn)")
     p.add_argument("--steps", type=int, default=t.steps, help=f"optimizer steps ({t.steps})")
     p.add_argument("--batch-size", type=int, default=t.batch_size, help=f"({t.batch_size})")
     p.add_argument("--lr", type=float, default=t.lr, help=f"peak learning rate ({t.lr})")
@@ -115,14 +117,15 @@ def _train(args: argparse.Namespace) -> int:
 
     from compressm_tune._table import markdown_table
     from compressm_tune.errors import ConfigError
-    from compressm_tune.models import SSMConfig
+    from compressm_tune.models import SSMConfig, dropout_for
     from compressm_tune.training import TrainConfig, Trainer, load_dataset
 
     data = load_dataset(args.dataset, path=args.data_path, data_dir=args.data_dir,
                         val_fraction=args.val_fraction, seed=args.seed)
     model_config = SSMConfig(
         arch=args.arch, d_input=data.d_input, d_output=data.d_output, d_model=args.hidden,
-        state_dims=[args.state_dim] * args.blocks, dropout=args.dropout,
+        state_dims=[args.state_dim] * args.blocks,
+        dropout=dropout_for(data.task) if args.dropout is None else args.dropout,
         pooling=data.pooling,
     )
     config = TrainConfig(

@@ -39,7 +39,7 @@ def test_train_end_to_end(tmp_path, capsys, mnist1d):
     payload = load_checkpoint(out / "last.pt")
     cfg = payload["model_config"]
     assert (cfg["d_model"], cfg["state_dims"], cfg["d_input"], cfg["d_output"]) == (8, [8], 1, 10)
-    assert cfg["pooling"] == "mean"
+    assert cfg["pooling"] == "mean" and cfg["dropout"] == 0.1  # classification's default
     assert payload["train_config"]["seed"] == 3 and payload["train_config"]["batch_size"] == 16
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10]
@@ -59,7 +59,11 @@ def test_train_regression_uses_per_step_outputs(tmp_path):
                  *TINY]) == 0
     cfg = load_checkpoint(out / "last.pt")["model_config"]
     assert cfg["pooling"] == "none" and cfg["d_output"] == 1
+    assert cfg["dropout"] == 0.0  # regression trains without dropout unless asked
     assert json.loads((out / "summary.json").read_text())["task"] == "regression"
+    assert main(["train", "--dataset", "lti-sysid", "--steps", "2", "--out", str(out / "d"),
+                 "--dropout", "0.2", *TINY]) == 0
+    assert load_checkpoint(out / "d" / "last.pt")["model_config"]["dropout"] == 0.2
 
 
 def test_train_user_npz(tmp_path):

@@ -26,6 +26,7 @@ from compressm_tune.hardware import (
 )
 from compressm_tune.search import StorageError, TuneConfig, open_storage
 from compressm_tune.search._job import drift_scale, resolve_profile
+from compressm_tune.training import load_checkpoint
 
 SMALL = {"blocks": 1, "hidden": 8}
 
@@ -334,6 +335,9 @@ def test_a_worker_killed_before_its_first_heartbeat_is_found_dead(tmp_path, caps
                  str(profile_path), "--no-drift-check", *storage)
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "report.md").exists()
+    # (and, as `train`, the search trains a regression task without dropout)
+    chosen = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert chosen["model_config"]["dropout"] == 0.0
     trials = killed.get_trials(deepcopy=False)
     assert trials[held.number].state == optuna.trial.TrialState.FAIL
     finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE,

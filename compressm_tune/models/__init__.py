@@ -2,7 +2,7 @@
 config, and the Hugging Face Mamba import."""
 
 from compressm_tune.models._scan import kernel_available, linear_scan, scan_reference
-from compressm_tune.models.config import ARCHS, SSMConfig
+from compressm_tune.models.config import ARCHS, SSMConfig, dropout_for
 from compressm_tune.models.hf import from_hf_mamba
 from compressm_tune.models.lru import LRULayer
 from compressm_tune.models.mamba import MambaLayer
@@ -30,6 +30,7 @@ __all__ = [
     "SSMModel",
     "SSM_PARAMETERS",
     "SelectiveLayer",
+    "dropout_for",
     "from_hf_mamba",
     "kernel_available",
     "linear_scan",

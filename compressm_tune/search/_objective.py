@@ -8,7 +8,7 @@ from typing import Any
 
 import optuna
 
-from compressm_tune.models import SSMConfig
+from compressm_tune.models import SSMConfig, dropout_for
 from compressm_tune.reduction import ReductionPolicy, round_up_to
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._space import suggest
@@ -58,7 +58,7 @@ class Objective:
         plan = suggest(trial, cfg)
         model_config = SSMConfig(
             arch=cfg.arch, d_input=data.d_input, d_output=data.d_output, d_model=cfg.hidden,
-            state_dims=[plan.state_dim] * cfg.blocks,
+            state_dims=[plan.state_dim] * cfg.blocks, dropout=dropout_for(data.task),
             pooling=data.pooling)
         train_config = cfg.train_config(lr=plan.lr, warmup_frac=plan.window)
         reducer = Reducer(ReduceConfig(

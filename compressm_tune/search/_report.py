@@ -13,7 +13,7 @@ import optuna
 from compressm_tune._io import atomic_write_text, read_json
 from compressm_tune._table import markdown_table
 from compressm_tune.hardware import LatencyModel, Profile
-from compressm_tune.models import SSMConfig
+from compressm_tune.models import SSMConfig, dropout_for
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._job import BudgetMissedError
 from compressm_tune.training import Dataset, Trainer, model_from_checkpoint
@@ -77,7 +77,7 @@ def _full_reference(config: TuneConfig, data: Dataset) -> dict[str, Any]:
     width = max(config.state_dims)
     model_config = SSMConfig(arch=config.arch, d_input=data.d_input, d_output=data.d_output,
                              d_model=config.hidden, state_dims=[width] * config.blocks,
-                             pooling=data.pooling)
+                             dropout=dropout_for(data.task), pooling=data.pooling)
     return Trainer(model_config, config.train_config(), data, out, progress=False,
                    resume=True).fit()
 
