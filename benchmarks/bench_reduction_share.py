@@ -205,7 +205,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     """One training run in a worker process (1 thread)."""
     import torch
 
-    from compressm_tune.models import SSMConfig
+    from compressm_tune.models import SSMConfig, dropout_for
     from compressm_tune.reduction import ReductionPolicy
     from compressm_tune.training import (
         TrainConfig,
@@ -220,7 +220,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     net = job["net"]
     dims = job.get("dims") or [net["state"]] * net["blocks"]
     mcfg = SSMConfig(d_input=data.d_input, d_output=data.d_output, d_model=net["hidden"],
-                     state_dims=dims,
+                     state_dims=dims, dropout=net.get("dropout", dropout_for(data.task)),
                      pooling="mean" if data.task == "classification" else "none")
     tcfg = TrainConfig(steps=job["steps"], batch_size=net["batch"], eval_every=job["eval_every"],
                        seed=job["seed"], threads=1)
@@ -1093,7 +1093,8 @@ lti-sysid: white noise through a fixed real system of order 8 (4 complex-conjuga
 moduli 0.6-0.95), output noise std 0.01 (MSE floor 1e-4; predicting 0 gives ~1). An LRU layer
 outputs Re(C x) with complex diagonal states, so one complex state realizes one conjugate pair:
 the true order in LRU states is 4. Network: 1 block (N=256 at start), no pooling, H as listed,
-{steps} steps, batch 32, eval every 50, window 10% unless stated, attempts every 5 steps in the
+{steps} steps, batch 32, dropout 0 (`train`'s default for regression; before 2026-12-05 0.1), eval
+every 50, window 10% unless stated, attempts every 5 steps in the
 window, max-drop 0.02 (relative loss increase) unless *nodrop* (no rollback) or *drop0.5*; *w-*:
 input-weighted HSVs (`--weighting input`), the others unweighted (the paper's). *fixed-k*: trained
 at N=k from the start. For the full model, the columns on the right give the test MSE after
