@@ -93,7 +93,7 @@ def _table(results: list[dict], dataset: str) -> str:
                  for r in sel if ("full", r["seed"]) in by]
         m, sd = mean_std(test)
         out.append([
-            method, f"{m:.4f} ± {sd:.4f}" if regression else f"{100 * m:.2f} ± {100 * sd:.2f}",
+            method, f"{m:.3g} ± {sd:.2g}" if regression else f"{100 * m:.2f} ± {100 * sd:.2f}",
             "; ".join(",".join(map(str, r["final_dims"])) for r in sel),
             "{:.2f} ± {:.2f}x".format(*mean_std(vs_window)) if vs_window else "-",
             "{:+.2f} ± {:.2f}".format(*mean_std(lost)) if lost else "-",
