@@ -429,9 +429,9 @@ def test_the_job_holds_out_the_validation_share_it_is_given(tmp_path, monkeypatc
 def test_a_training_saving_within_the_models_error_is_not_reported_as_one():
     from compressm_tune.search._report import _training_cost_line
 
-    assert _training_cost_line(0.05, 0.12).startswith("Training cost within the model's error")
-    assert _training_cost_line(-0.08, 0.12).startswith("Training cost within the model's error")
-    assert _training_cost_line(0.40, 0.12).startswith("Training cost 40% lower")
-    assert _training_cost_line(-0.30, 0.12).startswith("Training cost 30% higher")
-    assert _training_cost_line(0.05, None) == "Training cost 5% lower than the full model's"
-    assert _training_cost_line(None, 0.1) == "Training cost: not modelled"
+    assert "+5% vs the full model's, within the model's error" in _training_cost_line(0.05, 0.12)
+    assert "-8% vs the full model's, within the model's error" in _training_cost_line(-0.08, 0.12)
+    assert "40% lower than the full model's (the" in _training_cost_line(0.40, 0.12)
+    assert "30% higher than the full model's (the" in _training_cost_line(-0.30, 0.12)
+    assert _training_cost_line(0.05, None).endswith("5% lower than the full model's.")
+    assert _training_cost_line(None, 0.1) == "Training cost: not modelled."

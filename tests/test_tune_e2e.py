@@ -113,7 +113,7 @@ def test_search_exports_a_model_whose_measured_latency_meets_the_budget(tmp_path
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert "meets" in report
-    assert "leave-one-out error of the training-step fit up to" in report  # the cost's error
+    assert "the training-step fit's leave-one-out error is up to" in report  # cost's error
 
 
 def test_resume_after_kill_finishes_the_study_without_losing_or_repeating(tmp_path,

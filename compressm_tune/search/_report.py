@@ -151,14 +151,15 @@ def _train_model_error(latency: LatencyModel) -> float | None:
 def _training_cost_line(saved: float | None, error: float | None) -> str:
     """The report's training-cost sentence; a saving within the model's error is not one."""
     if saved is None:
-        return "Training cost: not modelled"
+        return "Training cost: not modelled."
+    how = ("Training cost, modelled (each step costs the profile's training-step time at the "
+           "widths then in effect): ")
+    bound = ("" if error is None else
+             f" (the training-step fit's leave-one-out error is up to {error:.0%})")
     if error is not None and abs(saved) <= error:
-        return (f"Training cost within the model's error of the full model's ({saved:+.0%} "
-                f"modelled, leave-one-out error of the training-step fit up to {error:.0%})")
-    text = (f"Training cost {saved:.0%} lower" if saved >= 0 else
-            f"Training cost {-saved:.0%} higher") + " than the full model's"
-    return text + (f" (leave-one-out error of the training-step fit up to {error:.0%})"
-                   if error is not None else "")
+        return how + f"{saved:+.0%} vs the full model's, within the model's error{bound}."
+    return how + (f"{saved:.0%} lower" if saved >= 0 else f"{-saved:.0%} higher") + (
+        f" than the full model's{bound}.")
 
 
 def _modelled_train_s(metrics: Path, latency: LatencyModel, initial: list[int],
@@ -230,8 +231,7 @@ def _markdown(s: dict[str, Any], metric: str) -> str:
                         "modelled train s"], rows),
         "",
         _training_cost_line(saved, s.get("modelled_train_rel_error"))
-        + " (modelled: each step costs the profile's training-step time at the widths then in "
-        "effect; wall-clock times of trials on a shared machine are in summary.json). Trials: "
+        + " Wall-clock times of trials on a shared machine are in summary.json. Trials: "
         + ", ".join(f"{k} {v}" for k, v in s["trials"].items() if v),
         "",
         markdown_table(["trial", "state", "N start", "tau", "window", "lr", "final widths",
