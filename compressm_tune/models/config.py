@@ -34,7 +34,7 @@ class SSMConfig:
     d_model: int = 64  # H: width of the residual stream
     state_dims: list[int] = field(default_factory=lambda: [256, 256, 256, 256])  # N per block
     pooling: str = "mean"  # "mean": one output per sequence; "none": one output per step
-    dropout: float = 0.1
+    dropout: float = 0.1  # regression: 0 (see dropout_for; `train` picks by task)
     # LRU only: |lambda| is drawn uniformly on the ring [r_min, r_max] (paper's init)
     r_min: float = 0.9
     r_max: float = 0.999
