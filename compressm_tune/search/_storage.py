@@ -139,9 +139,14 @@ def fail_dead_trials(study: optuna.Study) -> None:
     Times are the creating machine's clock: skew between machines must stay well below
     ``GRACE_S``, as NTP keeps it.
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # heartbeats and their retry callback are experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+        _fail_silent_trials(study)
+
+
+def _fail_silent_trials(study: optuna.Study) -> None:
+    """The heartbeat-less and journal half of :func:`fail_dead_trials`."""
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     cutoff = time.time() - GRACE_S
     dead = [t for t in running if t.datetime_start is not None and max(
@@ -168,8 +173,8 @@ def fail_dead_trials(study: optuna.Study) -> None:
 
 
 def _retry_callback():
-    """Retry a dead worker's trial once (Optuna 5's name, or Optuna 4's older one; called
-    under the caller's suppression of experimental warnings)."""
+    """Retry a dead worker's trial once (Optuna 5's name, or Optuna 4's older one; callers
+    suppress its experimental warning)."""
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
     return (cls or optuna.storages.RetryFailedTrialCallback)(max_retry=1)
 
