@@ -61,7 +61,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     dims = job.get("dims") or [s["state"]] * s["blocks"]
     mcfg = SSMConfig(arch=s.get("arch", "lru"), d_input=data.d_input, d_output=data.d_output,
                      d_model=s["hidden"], state_dims=dims, pooling=data.pooling,
-                     dropout=s.get("dropout", dropout_for(data.task)))
+                     dropout=job.get("dropout", s.get("dropout", dropout_for(data.task))))
     tcfg = TrainConfig(steps=s["steps"], batch_size=s["batch"], eval_every=s["eval_every"],
                        seed=job["seed"], threads=1)
     metric = "accuracy" if data.task == "classification" else "loss"

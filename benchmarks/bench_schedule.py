@@ -16,6 +16,8 @@ Methods, per dataset and seed (tau=0.04, window 10%, max-drop 0.02, moments rese
   scratch-quarter  from scratch at a quarter of window's final widths (the issue's target:
            >= 4x fewer states at <= 1 point lost): whether that width can hold the accuracy
            at all at these settings
+  full-dropout0, full-dropout0.1   no reduction, dropout 0 or 0.1 (every other method uses
+           ``train``'s default: 0.1 for classification, 0 for regression)
 
 Runs use the small settings of ``bench_compression.py`` (600 steps; MNIST-1D 2 blocks H=32,
 lti-sysid 1 block H=16; N=256) or, for the datasets named by ``--default-network``, the default
@@ -24,7 +26,8 @@ one torch thread each, two in parallel, jobs interleaved by seed so every method
 load. Output: bench_results/NAME.{json,md,png}.
 
     python benchmarks/bench_schedule.py [--seeds 3] [--workers 2] [--datasets mnist1d,lti-sysid]
-        [--steps N] [--default-network mnist1d] [--methods full,window,settle] [--name schedule]
+        [--steps N] [--default-network mnist1d] [--methods full,window,settle]
+        [--reference window] [--name schedule]
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ TRAINED = {  # method -> the job's reduction settings (None: no reduction)
                              "max_drop": 0.1},
     "settle-input-window0.5": {**_REDUCE, "reduce_schedule": "settle", "weighting": "input",
                                "window": 0.5},
+    # no reduction, dropout set (the others use `train`'s: 0.1 classification, 0 regression)
+    "full-dropout0": {"dropout": 0.0},
+    "full-dropout0.1": {"dropout": 0.1},
 }
 REGRESSION_ONLY = {"settle-input-drop0.1", "settle-input-window0.5"}
 METHODS = (*TRAINED, "scratch", "scratch-quarter")
@@ -72,7 +78,7 @@ def _jobs(datasets: list[str], seeds: list[int], methods: list[str]) -> list[dic
     return jobs
 
 
-def _table(results: list[dict], dataset: str) -> str:
+def _table(results: list[dict], dataset: str, ref: str = "window") -> str:
     rows = [r for r in results if r["dataset"] == dataset]
     by = {(r["method"], r["seed"]): r for r in rows}
     regression = dataset == "lti-sysid"
@@ -83,11 +89,11 @@ def _table(results: list[dict], dataset: str) -> str:
             continue
         test = [r["test"] for r in sel]
         states = [sum(r["final_dims"]) for r in sel]
-        vs_window = [sum(by[("window", r["seed"])]["final_dims"]) / sum(r["final_dims"])
-                     for r in sel if ("window", r["seed"]) in by]
-        lost = [(r["test"] / by[("window", r["seed"])]["test"] - 1) * 100 if regression
-                else (by[("window", r["seed"])]["test"] - r["test"]) * 100
-                for r in sel if ("window", r["seed"]) in by]
+        vs_window = [sum(by[(ref, r["seed"])]["final_dims"]) / sum(r["final_dims"])
+                     for r in sel if (ref, r["seed"]) in by]
+        lost = [(r["test"] / by[(ref, r["seed"])]["test"] - 1) * 100 if regression
+                else (by[(ref, r["seed"])]["test"] - r["test"]) * 100
+                for r in sel if (ref, r["seed"]) in by]
         t = [r["train_time_s"] for r in sel]
         speed = [by[("full", r["seed"])]["train_time_s"] / r["train_time_s"]
                  for r in sel if ("full", r["seed"]) in by]
@@ -103,9 +109,10 @@ def _table(results: list[dict], dataset: str) -> str:
             f"{mean_std(states)[0]:.0f}",
         ])
     metric = "test MSE" if regression else "test accuracy %"
-    loss_col = "MSE change vs window % (paired)" if regression else "points lost vs window"
-    return markdown_table(["schedule", f"{metric} (mean ± sd)", "final dims per seed",
-                           "fewer states than window (paired)", loss_col, "train time s",
+    loss_col = (f"MSE change vs {ref} % (paired)" if regression
+                else f"points lost vs {ref} (paired)")
+    return markdown_table(["method", f"{metric} (mean ± sd)", "final dims per seed",
+                           f"fewer states than {ref} (paired)", loss_col, "train time s",
                            "speed-up vs full (paired)", "cuts per seed", "mean total states"],
                           out)
 
@@ -122,6 +129,8 @@ def main() -> None:
                     help="datasets (comma-separated) run at the default train network")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"comma-separated subset of {', '.join(METHODS)}")
+    ap.add_argument("--reference", default="window",
+                    help="the method the paired columns compare with (window)")
     ap.add_argument("--name", default="schedule", help="bench_results/NAME.{json,md,png}")
     args = ap.parse_args()
     methods = args.methods.split(",")
@@ -148,7 +157,8 @@ def main() -> None:
     wall = time.time() - t0
     for r in results:
         r.pop("checkpoint", None)
-    md = [f"# Reduction schedules: window (today's default) vs settle ({args.seeds} seeds)", "",
+    md = [f"# Compared: {', '.join(methods)} ({args.seeds} seeds; paired columns vs "
+          f"{args.reference})", "",
           f"Machine: {machine()['cpu']}, {machine()['cores']} cores, shared with other jobs "
           f"(1-min load {load_before:.1f} before, {os.getloadavg()[0]:.1f} after); one torch "
           f"thread per run, {args.workers} runs in parallel, jobs interleaved by seed; wall "
@@ -161,7 +171,7 @@ def main() -> None:
           "validation checkpoint of the final widths; train time excludes evaluation and "
           "includes reduction. Paired columns compare runs of the same seed.", ""]
     for d in datasets:
-        md += [f"## {d}", "", _table(results, d), ""]
+        md += [f"## {d}", "", _table(results, d, args.reference), ""]
     write(args.name, {"machine": machine(), "settings": SETTINGS, "seeds": seeds, "tau": TAU,
                        "wall_s": wall, "results": results}, "\n".join(md))
     _plot(results, RESULTS / f"{args.name}.png", order=list(METHODS))
