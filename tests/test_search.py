@@ -280,13 +280,13 @@ def test_a_worker_leaves_export_and_report_to_the_one_still_running(tmp_path, ca
                                                                     profile_path, journal,
                                                                     monkeypatch):
     """Another worker holds trial 0 RUNNING (alive: its heartbeat is not stale, though the
-    grace period is 1 s here): this worker runs trial 1, then exits 0 saying so, and writes no
-    model, full reference or report."""
+    grace period is 2 s here, with beats every 0.2 s): this worker runs trial 1, then exits 0
+    saying so, and writes no model, full reference or report."""
     from compressm_tune.search import _storage
     from compressm_tune.search._job import _open_study
 
-    monkeypatch.setattr(_storage, "GRACE_S", 1)
-    monkeypatch.setattr(_storage, "HEARTBEAT_S", 0.2)  # keep_alive's; Optuna's is set at open
+    monkeypatch.setattr(_storage, "GRACE_S", 2)
+    monkeypatch.setattr(_storage, "HEARTBEAT_S", 0.2)  # keep_alive's, and Optuna's below
     storage = ["--storage", f"journal:{tmp_path / 'study.log'}"] if journal else []
     config = TuneConfig(budget_ms=50.0, out=str(tmp_path / "run"), trials=2, steps=4,
                         dataset="lti-sysid", storage=storage[1] if journal else None,
@@ -295,7 +295,7 @@ def test_a_worker_leaves_export_and_report_to_the_one_still_running(tmp_path, ca
     other = _open_study(config)
     held = other.ask()  # the other worker's trial, still running: its heartbeat goes on
     with _beating(held, journal):
-        time.sleep(1.5)  # older than the grace period: only its beats show it alive
+        time.sleep(2.5)  # older than the grace period: only its beats show it alive
         code = _tune(tmp_path, "--budget-ms", "50", "--trials", "2", "--profile",
                      str(profile_path), "--no-drift-check", *storage)
     err = capsys.readouterr().err
@@ -320,7 +320,7 @@ def test_a_worker_killed_before_its_first_heartbeat_is_found_dead(tmp_path, caps
     from compressm_tune.search._job import _open_study
     from compressm_tune.search._space import suggest
 
-    monkeypatch.setattr(_storage, "GRACE_S", 1)
+    monkeypatch.setattr(_storage, "GRACE_S", 2)
     storage = ["--storage", f"journal:{tmp_path / 'study.log'}"] if journal else []
     config = TuneConfig(budget_ms=50.0, out=str(tmp_path / "run"), trials=2, steps=4,
                         dataset="lti-sysid", storage=storage[1] if journal else None,
@@ -330,7 +330,7 @@ def test_a_worker_killed_before_its_first_heartbeat_is_found_dead(tmp_path, caps
     _propose(killed, config)
     held = killed.ask()  # created, then killed before its heartbeat thread started
     suggest(held, config)
-    time.sleep(1.5)
+    time.sleep(2.5)
     code = _tune(tmp_path, "--budget-ms", "50", "--trials", "2", "--profile",
                  str(profile_path), "--no-drift-check", *storage)
     assert code == 0, capsys.readouterr().err
