@@ -95,21 +95,29 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
         summary = Trainer(mcfg, tcfg, data, out, reducer=reducer, progress=False).fit()
         result["train_time_s"] = summary["train_time_s"]
         result["checkpoint"] = str(out / "best.pt")
-        result["cuts"] = _cuts(out / "metrics.jsonl")
+        result.update(_run_log(out / "metrics.jsonl", metric))
     result["test"] = summary["test_best"][metric]
     result["final_dims"] = summary["final_state_dims"]
     return result
 
 
-def _cuts(metrics: Path) -> list[list[int]]:
-    """[(step, layer, rank)] of the cuts that stuck in a run."""
-    cuts = []
+def _run_log(metrics: Path, metric: str) -> dict[str, list]:
+    """What a run's ``metrics.jsonl`` says: the cuts that stuck ``cuts`` [(step, layer, rank)],
+    the cuts rolled back ``rollbacks`` [(step, layer, width, rank, val before, val after)], the
+    validation curve ``val_curve`` [(step, val)], in ``metric``."""
+    log: dict[str, list] = {"cuts": [], "rollbacks": [], "val_curve": []}
     for line in metrics.read_text().splitlines():
         rec = json.loads(line)
+        if "val" in rec:
+            log["val_curve"].append([rec["step"], rec["val"][metric]])
         for layer in rec.get("reduction", []):
             if layer["action"] == "cut":
-                cuts.append([rec["step"], layer["layer"], layer["rank"]])
-    return cuts
+                log["cuts"].append([rec["step"], layer["layer"], layer["rank"]])
+            elif layer["action"] == "rollback":
+                log["rollbacks"].append([rec["step"], layer["layer"], layer["n"], layer["rank"],
+                                         layer["val_before"][metric],
+                                         layer["val_after"][metric]])
+    return log
 
 
 class _Replay(Reducer):

@@ -106,6 +106,8 @@ def _table(results: list[dict], dataset: str, ref: str = "window") -> str:
             "{:.1f} ± {:.1f}".format(*mean_std(t)),
             "{:.2f} ± {:.2f}x".format(*mean_std(speed)) if speed else "-",
             "; ".join(str(len(r.get("cuts", []))) for r in sel),
+            "; ".join(_rollbacks(r, regression) for r in sel),
+            "; ".join(str(_best_step(r, regression)) for r in sel),
             f"{mean_std(states)[0]:.0f}",
         ])
     metric = "test MSE" if regression else "test accuracy %"
@@ -113,8 +115,27 @@ def _table(results: list[dict], dataset: str, ref: str = "window") -> str:
                 else f"points lost vs {ref} (paired)")
     return markdown_table(["method", f"{metric} (mean ± sd)", "final dims per seed",
                            f"fewer states than {ref} (paired)", loss_col, "train time s",
-                           "speed-up vs full (paired)", "cuts per seed", "mean total states"],
-                          out)
+                           "speed-up vs full (paired)", "cuts per seed",
+                           "rollbacks per seed (val change)", "best val at step, per seed",
+                           "mean total states"], out)
+
+
+def _rollbacks(run: dict, regression: bool) -> str:
+    """A run's rolled-back cuts, each with the validation change it caused (MSE: relative)."""
+    return ", ".join(
+        f"layer {layer} {n}->{rank} at step {step} ("
+        + (f"{(after / before - 1) * 100:+.1f}%" if regression
+           else f"{(after - before) * 100:+.1f} pts") + ")"
+        for step, layer, n, rank, before, after in run.get("rollbacks", [])) or "0"
+
+
+def _best_step(run: dict, regression: bool) -> int | str:
+    """The step of the best validation score (the checkpoint the test metric comes from)."""
+    curve = run.get("val_curve")
+    if not curve:
+        return "-"
+    pick = min if regression else max
+    return pick(curve, key=lambda sv: sv[1])[0]
 
 
 def main() -> None:
