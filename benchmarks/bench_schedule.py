@@ -157,6 +157,8 @@ def main() -> None:
     methods = args.methods.split(",")
     if unknown := set(methods) - set(METHODS):
         sys.exit(f"unknown --methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if args.reference not in METHODS:  # known but not run: the paired columns show "-"
+        sys.exit(f"unknown --reference {args.reference!r}; choose from {', '.join(METHODS)}")
     if args.steps:
         for s in SETTINGS.values():
             s.update(steps=args.steps, eval_every=max(1, args.steps // 12))

@@ -153,12 +153,13 @@ def test_npz_without_path_is_one_error_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", [["--steps", "0"], ["--batch-size", "0"], ["--lr", "-1"],
                                  ["--state-dim", "0"], ["--dropout", "1.5"],
-                                 ["--warmup", "1.0"]])
+                                 ["--dropout", "-0.1"], ["--warmup", "1.0"]])
 def test_invalid_settings_are_one_error_line(tmp_path, capsys, bad, mnist1d):
     code = main(["train", "--dataset", "mnist1d", "--out", str(tmp_path / "o"), *TINY, *bad])
     assert code == 2
     line = _one_error_line(capsys.readouterr().err)
     assert bad[0].lstrip("-").split("-")[0] in line.replace("_", "-")
+    assert not (tmp_path / "o").exists()  # refused before any file is written
 
 
 def test_non_integer_is_an_argparse_error(capsys):
