@@ -16,6 +16,11 @@ __all__ = [
     "ProfileError",
     "ExportError",
     "MissingDependencyError",
+    "OutputError",
+    "ExportOptionError",
+    "EnergyBackendError",
+    "StorageError",
+    "BudgetMissedError",
 ]
 
 
@@ -53,3 +58,19 @@ class OutputError(CompressmError, OSError):
 
 class MissingDependencyError(CompressmError, ImportError):
     """An optional dependency is missing; the message names the package to install."""
+
+
+class ExportOptionError(ExportError, ValueError):
+    """An export option is outside what the exporter supports (the message names it)."""
+
+
+class EnergyBackendError(CompressmError, RuntimeError):
+    """An energy backend that was asked for explicitly cannot be opened (the message says why)."""
+
+
+class StorageError(CompressmError, RuntimeError):
+    """The study storage cannot be reached or opened."""
+
+
+class BudgetMissedError(CompressmError, RuntimeError):
+    """No candidate's exported model met the budget when measured."""

@@ -26,12 +26,11 @@ import onnx
 import torch
 
 from compressm_tune import __version__
-from compressm_tune.errors import CheckpointError
+from compressm_tune.errors import CheckpointError, ExportOptionError
 from compressm_tune.exporter import _edge
 from compressm_tune.exporter._chunk_choice import sequence_graph
 from compressm_tune.exporter._dataset import rebuild_dataset
 from compressm_tune.exporter._edge import FORMAT, MANIFEST, VERSION
-from compressm_tune.exporter._errors import ExportOptionError
 from compressm_tune.exporter._manifest import file_entry, io_spec, write_manifest
 from compressm_tune.exporter._onnx_graph import (
     DEFAULT_OPSET,

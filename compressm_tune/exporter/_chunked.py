@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from compressm_tune.errors import ExportOptionError
 from compressm_tune.exporter import _edge
-from compressm_tune.exporter._errors import ExportOptionError
 from compressm_tune.exporter._weights import LRUWeights, SelectiveWeights
 
 __all__ = ["CHUNK_ARCHS", "CHUNK_CHOICES", "CHUNK_KEY", "LRUChunk", "check_chunk",

@@ -59,7 +59,7 @@ def _chunk_arg(text: str) -> int | str:
     try:
         return int(text)
     except ValueError:
-        from compressm_tune.exporter._errors import ExportOptionError
+        from compressm_tune.errors import ExportOptionError
 
         raise ExportOptionError(f"--chunk must be auto, scan or an integer >= 1, got "
                                 f"{text!r}") from None

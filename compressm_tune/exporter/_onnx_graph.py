@@ -43,9 +43,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from compressm_tune.errors import ExportError
+from compressm_tune.errors import ExportError, ExportOptionError
 from compressm_tune.exporter._chunked import CHUNK_KEY, check_chunk, chunk_label
-from compressm_tune.exporter._errors import ExportOptionError
 from compressm_tune.exporter._onnx_chunked import ChunkedLRU, ChunkedSelective, ChunkFrame
 from compressm_tune.exporter._onnx_mamba import MambaParts
 from compressm_tune.exporter._onnx_ops import Graph as _Graph

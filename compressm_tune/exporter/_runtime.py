@@ -12,8 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from compressm_tune.errors import ExportOptionError
 from compressm_tune.exporter._chunk_choice import ort_session, sequence_graph
-from compressm_tune.exporter._errors import ExportOptionError
 from compressm_tune.exporter._onnx_graph import (
     DEFAULT_OPSET,
     build_sequence_model,

@@ -39,7 +39,7 @@ from compressm_tune.hardware._fingerprint import DeviceFingerprint, fingerprint
 from compressm_tune.hardware._latency_model import (
     INTERPOLATIONS,
     TIME_METRICS,
-    HoldoutError,
+    HoldoutResult,
     LatencyModel,
 )
 from compressm_tune.hardware._memory import MemoryUsage, measure_peak_memory, param_mb
@@ -86,7 +86,7 @@ __all__ = [
     "Drift",
     "EnergyBackend",
     "EnergyBackendError",
-    "HoldoutError",
+    "HoldoutResult",
     "InferenceRunner",
     "LatencyModel",
     "Measurement",

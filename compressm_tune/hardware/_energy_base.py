@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import time
 
-from compressm_tune.errors import CompressmError
+from compressm_tune.errors import EnergyBackendError
 
 __all__ = [
     "CpuTimeEstimateBackend",
@@ -28,9 +28,6 @@ LONG_WINDOW_REFRESH_S = 0.01
 MIN_ENERGY_WINDOW_S = 1.0
 ENERGY_WINDOW_ERROR = 0.05  # one refresh period at most this share of an energy window
 
-
-class EnergyBackendError(CompressmError, RuntimeError):
-    """An energy backend that was asked for explicitly cannot be opened (the message says why)."""
 
 
 class EnergyBackend(abc.ABC):

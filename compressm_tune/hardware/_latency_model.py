@@ -22,7 +22,7 @@ import numpy as np
 
 from compressm_tune.hardware._schema import METRICS, Profile
 
-__all__ = ["HoldoutError", "LatencyModel", "INTERPOLATIONS", "TIME_METRICS"]
+__all__ = ["HoldoutResult", "LatencyModel", "INTERPOLATIONS", "TIME_METRICS"]
 
 INTERPOLATIONS = ("piecewise", "quadratic")
 # Metrics that a machine running slower or faster than when profiled moves by one factor.
@@ -53,7 +53,7 @@ def _weighted_lstsq(design: np.ndarray, totals: np.ndarray, scale: np.ndarray) -
 
 
 @dataclass(frozen=True)
-class HoldoutError:
+class HoldoutResult:
     """Leave-one-out error of a metric's prediction on the profile's own interior widths.
 
     Attributes
@@ -179,7 +179,7 @@ class LatencyModel:
         costs = _weighted_lstsq(design[:, 1:], totals - overhead, scale)  # (W,)
         return overhead, costs
 
-    def _holdout(self, metric: str, interpolation: str) -> HoldoutError:
+    def _holdout(self, metric: str, interpolation: str) -> HoldoutResult:
         widths = self._widths
         measured = np.array(self.profile.values(metric), dtype=float)
         blocks = self.profile.config.blocks
@@ -199,7 +199,7 @@ class LatencyModel:
             cost = _INTERPOLATORS[interpolation](widths[keep], costs, widths[i : i + 1])[0]
             errors.append((overhead + blocks * cost - measured[i]) / measured[i])
         held_out = tuple(int(w) for w in widths[1:-1])
-        return HoldoutError(metric, interpolation, held_out, tuple(float(e) for e in errors))
+        return HoldoutResult(metric, interpolation, held_out, tuple(float(e) for e in errors))
 
     def _fit(self, metric: str) -> tuple[float, np.ndarray, str]:
         if metric not in METRICS:
@@ -250,7 +250,7 @@ class LatencyModel:
         return float(scale * (overhead + per_layer.sum()))
 
     def holdout_error(self, metric: str = "latency_ms", interpolation: str | None = None
-                      ) -> HoldoutError:
+                      ) -> HoldoutResult:
         """Leave-one-out error of ``metric`` on the profile's interior widths.
 
         Each interior width is removed from the fit in turn (all its records, every block

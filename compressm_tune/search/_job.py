@@ -37,7 +37,7 @@ import optuna
 
 from compressm_tune._device import check_precision, resolve_device
 from compressm_tune._io import ensure_dir
-from compressm_tune.errors import CompressmError, ConfigError
+from compressm_tune.errors import BudgetMissedError, ConfigError
 from compressm_tune.hardware import (
     LatencyModel,
     Profile,
@@ -69,9 +69,6 @@ _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 REMEASURE_FACTOR = 1.25
 _SEARCH_PASSES = 3  # a search pass, then retries of trials found dead after it
 
-
-class BudgetMissedError(CompressmError, RuntimeError):
-    """No trial's exported model met the budget when measured."""
 
 
 class _Surplus(Exception):

@@ -12,10 +12,10 @@ import optuna
 
 from compressm_tune._io import atomic_write_text, read_json
 from compressm_tune._table import markdown_table
+from compressm_tune.errors import BudgetMissedError
 from compressm_tune.hardware import LatencyModel, Profile
 from compressm_tune.models import SSMConfig, dropout_for
 from compressm_tune.search._config import TuneConfig
-from compressm_tune.search._job import BudgetMissedError
 from compressm_tune.training import Dataset, Trainer, model_from_checkpoint
 from compressm_tune.training.plots import read_metrics
 

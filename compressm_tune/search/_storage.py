@@ -20,7 +20,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from compressm_tune._io import ensure_dir
-from compressm_tune.errors import CompressmError, ConfigError
+from compressm_tune.errors import ConfigError, StorageError
 
 __all__ = ["open_storage", "fail_dead_trials", "keep_alive", "StorageError"]
 
@@ -33,9 +33,6 @@ HEARTBEAT_S = 4  # a RUNNING trial silent for GRACE_S seconds belonged to a dead
 GRACE_S = 12
 ALIVE_KEY = "compressm_alive_s"  # journal storages: the trial's last beat (epoch seconds)
 
-
-class StorageError(CompressmError, RuntimeError):
-    """The study storage cannot be reached or opened."""
 
 
 def check_storage(url: str | None) -> None:
