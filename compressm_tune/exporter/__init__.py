@@ -24,7 +24,6 @@ from compressm_tune.exporter._onnx_graph import (
     build_step_model,
 )
 from compressm_tune.exporter._parity import run_parity
-from compressm_tune.exporter._runtime import onnxruntime_functions
 from compressm_tune.exporter._torchscript import ScriptedSSM, script_model
 from compressm_tune.exporter._weights import (
     BlockWeights,
@@ -34,6 +33,7 @@ from compressm_tune.exporter._weights import (
     SelectiveWeights,
     extract_weights,
 )
+from compressm_tune.hardware import onnxruntime_functions  # its home: the profiler's runtimes
 
 __all__ = [
     "DEFAULT_OPSET",

@@ -21,11 +21,10 @@ from compressm_tune.hardware._config import (
     parse_block_counts,
     parse_widths,
 )
-from compressm_tune.hardware._drift import check_drift
 from compressm_tune.hardware._energy import ENERGY_CHOICES
-from compressm_tune.hardware._latency_model import LatencyModel
+from compressm_tune.hardware._latency_model import LatencyModel, check_drift
+from compressm_tune.hardware._profile import Profile, load_profile, save_profile
 from compressm_tune.hardware._profiler import profile_device
-from compressm_tune.hardware._schema import Profile, load_profile, save_profile
 from compressm_tune.models import ARCHS
 
 __all__ = ["add_compare_parser", "add_profile_parser", "config_from_args"]
