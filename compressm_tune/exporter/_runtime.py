@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from compressm_tune.errors import ExportOptionError
-from compressm_tune.exporter._chunk_choice import ort_session, sequence_graph
-from compressm_tune.exporter._onnx_graph import (
+from compressm_tune.exporter._onnx import (
     DEFAULT_OPSET,
     build_sequence_model,
     build_step_model,
 )
+from compressm_tune.exporter._parity import ort_session, sequence_graph
 from compressm_tune.exporter._weights import extract_weights
 from compressm_tune.models import SSMModel
 
