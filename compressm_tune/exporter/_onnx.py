@@ -291,8 +291,8 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
     """The whole-sequence graph: ``x (batch, length, d_input)`` -> ``y``.
 
     ``y`` is ``(batch, d_output)`` with mean pooling, ``(batch, length, d_output)`` without.
-    Batch and length are dynamic. ``chunk=None``: one per-token ``Scan`` per block (the graph
-    of bundles before chunking); ``chunk=T``: the chunked graph of :mod:`._onnx_blocks`.
+    Batch and length are dynamic. ``chunk=None``: one per-token ``Scan`` per block;
+    ``chunk=T``: the chunked graph of :mod:`._onnx_blocks`.
     The graph records its variant in the metadata ``compressm.chunk``.
     """
     opset = check_opset(opset)
