@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from compressm_tune.exporter._onnx_graph import DEFAULT_OPSET, SUPPORTED_OPSETS
+from compressm_tune.exporter._onnx import DEFAULT_OPSET, SUPPORTED_OPSETS
 
 __all__ = ["add_export_parser"]
 
@@ -67,7 +67,8 @@ def _chunk_arg(text: str) -> int | str:
 
 def _run_export(args: argparse.Namespace) -> int:
     from compressm_tune._table import markdown_table
-    from compressm_tune.exporter._bundle import _DEFAULT_SEQ_LEN, export_bundle
+    from compressm_tune.exporter._bundle import DEFAULT_SEQ_LEN as _DEFAULT_SEQ_LEN
+    from compressm_tune.exporter._bundle import export_bundle
     from compressm_tune.exporter._manifest import measure_latency
 
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "bundle"

@@ -148,8 +148,7 @@ def _variant(label: str) -> str:
 def manifest_chunk(manifest: dict) -> str:
     """The sequence graph the manifest promises: ``"scan"`` or the chunk length as text.
 
-    Bundles from before chunked graphs have no ``sequence_graph`` entry: their graph is the
-    per-token Scan.
+    A manifest without a ``sequence_graph`` entry promises the per-token Scan.
     """
     graph = manifest.get("sequence_graph")
     if graph is None:

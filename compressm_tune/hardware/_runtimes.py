@@ -181,8 +181,9 @@ def onnxruntime_functions(model: SSMModel, threads: int = 1, opset: int | None =
         build_sequence_model,
         build_step_model,
         extract_weights,
+        ort_session,
+        sequence_graph,
     )
-    from compressm_tune.exporter._chunk_choice import ort_session, sequence_graph
 
     if opset is None:
         opset = DEFAULT_OPSET
