@@ -205,13 +205,10 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     """One training run in a worker process (1 thread)."""
     import torch
 
+    from compressm_tune.data import load_dataset
     from compressm_tune.models import SSMConfig, dropout_for
-    from compressm_tune.reduction import ReductionPolicy
-    from compressm_tune.training import (
-        TrainConfig,
-        load_dataset,
-    )
-    from compressm_tune.training.reducer import ReduceConfig
+    from compressm_tune.reduction import ReduceConfig, ReductionPolicy
+    from compressm_tune.training import TrainConfig
 
     torch.set_num_threads(1)
     clock = _Clock()
@@ -257,9 +254,8 @@ def _diagnose(out: Path, job: dict[str, Any], data) -> dict[str, Any]:
     its leading modes and post-training truncation."""
     import numpy as np
 
-    from compressm_tune.reduction import layer_hsv, truncate_layer
+    from compressm_tune.reduction import CALIBRATION, layer_hsv, layer_inputs, truncate_layer
     from compressm_tune.training import evaluate, model_from_checkpoint
-    from compressm_tune.training.reducer import CALIBRATION, layer_inputs
 
     metric = "accuracy" if data.task == "classification" else "loss"
     diag: dict[str, Any] = {}
@@ -863,8 +859,8 @@ def _step_times(net: dict[str, int], repeats: int = 3, steps: int = 12) -> dict[
     import torch
     import torch.nn.functional as F
 
+    from compressm_tune.data import load_dataset
     from compressm_tune.models import SSMConfig, SSMModel
-    from compressm_tune.training import load_dataset
     from compressm_tune.training.optim import build_optimizer
 
     torch.set_num_threads(1)

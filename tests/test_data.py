@@ -1,4 +1,4 @@
-"""Tests for compressm_tune.training.data: mnist1d cache, lti-sysid truth, selective-copy
+"""Tests for compressm_tune.data: mnist1d cache, lti-sysid truth, selective-copy
 labels, npz and IDX parsing."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 import torch
 from scipy.signal import lfilter
 
-import compressm_tune.training.data as data_module
+import compressm_tune.data as data_module
+from compressm_tune.data import DATASETS, SelectiveCopyConfig, load_dataset
 from compressm_tune.errors import CompressmError, ConfigError, DataError
-from compressm_tune.training.data import DATASETS, SelectiveCopyConfig, load_dataset
 
 
 def _raw(x: torch.Tensor, ds) -> np.ndarray:

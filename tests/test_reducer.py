@@ -14,10 +14,15 @@ import pytest
 import torch
 
 from compressm_tune.models import SSMConfig, SSMModel
-from compressm_tune.reduction import ReductionPolicy, truncate_layer
-from compressm_tune.training import TrainConfig, Trainer, model_from_checkpoint
-from compressm_tune.training.plots import plot_hsv_trajectories, ranking_stability, read_metrics
-from compressm_tune.training.reducer import ReduceConfig, Reducer
+from compressm_tune.reduction import ReduceConfig, Reducer, ReductionPolicy, truncate_layer
+from compressm_tune.training import (
+    TrainConfig,
+    Trainer,
+    model_from_checkpoint,
+    plot_hsv_trajectories,
+    ranking_stability,
+    read_metrics,
+)
 
 
 def _outputs(model, x):
@@ -333,8 +338,7 @@ def test_target_rank_is_the_fixed_point_on_the_spectrum_and_real_cuts_go_further
     go further still: truncation shrinks the tail HSVs of what it keeps, so each new cut finds
     more to discard (the compounding the settle schedule's floor stops)."""
     from compressm_tune.models import LRULayer
-    from compressm_tune.reduction import plan_rank, state_scores
-    from compressm_tune.training._settle import target_rank
+    from compressm_tune.reduction import plan_rank, state_scores, target_rank
 
     torch.manual_seed(3)
     layer = LRULayer(d_model=8, state_dim=48).double()
@@ -361,7 +365,7 @@ def _spectrum(n, target_share):
 
 
 def test_settle_waits_for_a_stable_target_then_cuts_toward_it():
-    from compressm_tune.training._settle import SettleConfig, SettleTracker, target_rank
+    from compressm_tune.reduction import SettleConfig, SettleTracker, target_rank
 
     policy = ReductionPolicy("tau", 0.04)
     tracker = SettleTracker(SettleConfig(drift=0.03, patience=2, min_keep=0.5))
@@ -382,7 +386,7 @@ def test_settle_waits_for_a_stable_target_then_cuts_toward_it():
 
 
 def test_settle_state_survives_a_checkpoint_round_trip():
-    from compressm_tune.training._settle import SettleConfig, SettleTracker, target_rank
+    from compressm_tune.reduction import SettleConfig, SettleTracker, target_rank
 
     policy = ReductionPolicy("tau", 0.04)
     tracker = SettleTracker(SettleConfig())

@@ -32,8 +32,8 @@ import torch
 from scipy.linalg import solve_discrete_lyapunov
 
 from compressm_tune._io import atomic_write
+from compressm_tune.data._pystdlib import pystdlib_chars
 from compressm_tune.errors import ConfigError, DataError, MissingDependencyError
-from compressm_tune.training._pystdlib import pystdlib_chars
 
 __all__ = ["DATASETS", "Dataset", "SelectiveCopyConfig", "load_dataset"]
 

@@ -2,9 +2,9 @@
 
 :class:`Compressor` brings what ``compressm-tune train --reduce`` does to a loop the user
 wrote: it finds the reducible layers inside any ``nn.Module`` and, at attempt points inside
-the reduction window, drives the same :class:`~compressm_tune.training.reducer.Reducer` as the
+the reduction window, drives the same :class:`~compressm_tune.reduction.Reducer` as the
 trainer (same rank policies, same safety net, same surgery), implementing the reducer's
-:class:`~compressm_tune.training.reducer.ReductionHost` interface itself:
+:class:`~compressm_tune.reduction.ReductionHost` interface itself:
 
 * rollback is in memory: the cut layers' parameter objects and the optimizer's groups and
   state are kept before a cut and put back if validation drops by more than ``max_drop``;
@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from compressm_tune.errors import ConfigError
-from compressm_tune.reduction import ReductionPolicy, find_reducible, is_selective, layer_width
-from compressm_tune.training.reducer import CALIBRATION, ReduceConfig, Reducer
+from compressm_tune.reduction._policies import ReductionPolicy
+from compressm_tune.reduction._reducer import CALIBRATION, ReduceConfig, Reducer
+from compressm_tune.reduction._surgery import find_reducible, is_selective, layer_width
 
 __all__ = ["Compressor"]
 
@@ -70,7 +71,7 @@ class Compressor:
         layer inputs score the states: required for selective layers and for
         ``weighting=input``; a tensor is cut to its first ``calibration_size`` rows.
     max_drop, moments, round_to, fits, calibration_size, schedule
-        As :class:`~compressm_tune.training.reducer.ReduceConfig` (``calibration``);
+        As :class:`~compressm_tune.reduction.ReduceConfig` (``calibration``);
         ``schedule="settle"`` cuts each layer toward its settled target width
         (``training/_settle.py``) at checks it spreads over the window (unless ``every``).
 

@@ -22,7 +22,7 @@ compares the two LRU policies.
 The reducer drives its training loop through a small :class:`ReductionHost` interface (the
 layers, the optimizer, a validation, a snapshot and its restore, the calibration inputs), which
 the :class:`~compressm_tune.training.Trainer` (checkpoints on disk) and the
-:class:`~compressm_tune.training.Compressor` (any user loop; in-memory snapshots, the user's
+:class:`~compressm_tune.reduction.Compressor` (any user loop; in-memory snapshots, the user's
 optimizer rewritten in place) both implement, so the cut logic exists once.
 """
 
@@ -39,16 +39,15 @@ from torch import nn
 
 from compressm_tune._device import module_device
 from compressm_tune.errors import ConfigError
-from compressm_tune.reduction import (
-    ReductionPolicy,
+from compressm_tune.reduction._policies import ReductionPolicy, plan_rank
+from compressm_tune.reduction._schedules import SCHEDULES, SettleConfig, SettleTracker
+from compressm_tune.reduction._surgery import (
     find_reducible,
     is_selective,
     layer_width,
-    plan_rank,
     reduce_layer,
     state_scores,
 )
-from compressm_tune.training._settle import SCHEDULES, SettleConfig, SettleTracker
 
 __all__ = ["CALIBRATION", "MOMENT_POLICIES", "SCHEDULES", "ReduceConfig", "ReductionHost",
            "Reducer", "SettleConfig", "layer_inputs", "run_model", "spectrum_record"]
@@ -100,7 +99,7 @@ class ReduceConfig:
 class ReductionHost(Protocol):
     """What a :class:`Reducer` drives: the training loop that owns model and optimizer.
 
-    :class:`~compressm_tune.training.Trainer` and :class:`~compressm_tune.training.Compressor`
+    :class:`~compressm_tune.training.Trainer` and :class:`~compressm_tune.reduction.Compressor`
     implement it, so both run the one copy of the cut logic below.
     """
 

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from compressm_tune.errors import ConfigError
-from compressm_tune.reduction import ReductionPolicy, plan_rank
+from compressm_tune.reduction._policies import ReductionPolicy, plan_rank
 
 __all__ = ["SCHEDULES", "SettleConfig", "SettleTracker", "target_rank"]
 

@@ -3,7 +3,7 @@
 One :class:`Trainer` owns a model, its optimizer and a dataset. Every ``eval_every`` steps it
 evaluates on the validation split, appends a line to ``metrics.jsonl``, writes ``last.pt`` (and
 ``best.pt`` when validation improves) atomically, and, inside the reduction window, hands
-control to the :class:`~compressm_tune.training.reducer.Reducer`, which may shrink layers.
+control to the :class:`~compressm_tune.reduction.Reducer`, which may shrink layers.
 Batches are a pure function of ``(seed, step)``, so a run resumed from ``last.pt`` sees the
 same data it would have seen without the interrupt.
 """
@@ -32,19 +32,19 @@ from compressm_tune._device import (
     resolve_device,
 )
 from compressm_tune._io import atomic_write_text, ensure_dir
+from compressm_tune.data import Dataset
 from compressm_tune.errors import CheckpointError, ConfigError
 from compressm_tune.models import SSMConfig, SSMModel
+from compressm_tune.reduction import CALIBRATION, spectrum_record
 from compressm_tune.training.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from compressm_tune.training.data import Dataset
 from compressm_tune.training.optim import build_optimizer, lr_factor, set_lr
-from compressm_tune.training.reducer import CALIBRATION, spectrum_record
 from compressm_tune.training.step import TrainStep
 
-__all__ = ["TrainConfig", "Trainer", "evaluate"]
+__all__ = ["TrainConfig", "Trainer", "check_training_memory", "evaluate", "score"]
 
 
 @dataclass
