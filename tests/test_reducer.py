@@ -7,6 +7,7 @@ are checked against outputs recorded before the cut.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -68,11 +69,11 @@ def test_rank_at_or_above_width_is_a_bit_exact_no_op():
     assert all(p is params[n] for n, p in model.named_parameters())
 
 
-def _trainer(data, tmp_path, reducer=None, steps=40, dims=(32, 32)):
+def _trainer(data, tmp_path, reducer=None, steps=40, dims=(32, 32), phase=None):
     cfg = SSMConfig(d_input=data.d_input, d_output=data.d_output, d_model=16,
                     state_dims=list(dims))
     tcfg = TrainConfig(steps=steps, batch_size=32, eval_every=10, seed=0, threads=1)
-    return Trainer(cfg, tcfg, data, tmp_path, reducer=reducer, progress=False)
+    return Trainer(cfg, tcfg, data, tmp_path, reducer=reducer, progress=False, phase=phase)
 
 
 def test_in_training_reduction_shrinks_layers_and_checkpoint_follows(mnist1d, tmp_path):
@@ -289,6 +290,38 @@ def test_without_a_safety_net_cuts_validate_only_for_evaluations(mnist1d, tmp_pa
     first = read_metrics(tmp_path / "metrics.jsonl")[0]
     assert first["step"] == 3 and [r["action"] for r in first["reduction"]] == ["cut", "cut"]
     assert "val" not in first
+
+
+def test_the_phase_hook_wraps_every_named_phase_of_a_run_with_cuts(mnist1d, tmp_path):
+    """One callable given to Reducer and Trainer sees each phase, nested where it runs: cuts
+    at steps 10 and 20 (checked, so validated inside the attempt), and a budget that makes
+    the window's close at step 30 cut again."""
+    entered, stack = [], []
+
+    @contextlib.contextmanager
+    def phase(name):
+        entered.append((name, tuple(stack)))
+        stack.append(name)
+        try:
+            yield
+        finally:
+            stack.pop()
+
+    config = ReduceConfig(policy=ReductionPolicy("fraction", 0.5), window=0.5, max_drop=1.0,
+                          fits=lambda widths: sum(widths) <= 12)
+    trainer = _trainer(mnist1d, tmp_path, Reducer(config, phase=phase), phase=phase)
+    summary = trainer.fit()
+    assert sum(summary["final_state_dims"]) == 12  # 32 -> 16 -> 8 per layer, then the budget
+    names = {name for name, _ in entered}
+    assert names == {"eval", "validate", "attempt", "plan", "scores", "cut", "moments",
+                     "close_window"}
+    assert [n for n, outer in entered if n == "eval" and not outer] == ["eval"] * 4
+    for name in ("plan", "scores", "cut", "moments"):
+        assert any(outer[-1:] == ("attempt",) for n, outer in entered if n == name), name
+    assert any(outer[-1:] == ("close_window",) for n, outer in entered if n == "cut")
+    assert ("validate", ("eval", "attempt")) in entered  # the safety net's check
+    assert [outer for n, outer in entered if n == "attempt"] == [("eval",)] * 2
+    assert not stack
 
 
 def _one_channel_trainer(data, tmp_path, weighting):

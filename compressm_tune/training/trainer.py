@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,10 @@ def _check_resumable(payload: dict[str, Any], model_config: SSMConfig, dataset: 
                           + "; use its settings or another --out")
 
 
+def _no_phase(name: str) -> AbstractContextManager:
+    return nullcontext()
+
+
 def score(metrics: dict[str, float]) -> float:
     """Higher is better: accuracy for classification, minus the loss otherwise."""
     return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
@@ -245,14 +250,22 @@ class Trainer:
     on_eval : callable, optional
         Called with each evaluation record after it is written (the search reports
         intermediate values and prunes from here by raising).
+    phase : callable, optional
+        Called with a phase name, returns a context manager wrapping that phase (timing,
+        tracing; default: nothing): ``"eval"`` (a periodic evaluation with its reduction
+        attempt and checkpoints) and ``"validate"`` (one validation pass, the reducer's
+        included). Pass the same callable to the :class:`~compressm_tune.reduction.Reducer`
+        to see its phases too.
     """
 
     def __init__(self, model_config: SSMConfig, config: TrainConfig, dataset: Dataset,
                  out_dir: str | Path, reducer: Any = None, resume: bool = False,
                  progress: bool = True, model: SSMModel | None = None,
-                 on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_eval: Callable[[dict[str, Any]], None] | None = None,
+                 phase: Callable[[str], AbstractContextManager] | None = None) -> None:
         self.config, self.dataset, self.reducer = config, dataset, reducer
         self.on_eval = on_eval
+        self.phase = phase if phase is not None else _no_phase
         self.out_dir = ensure_dir(out_dir)
         for debris in self.out_dir.glob(".*.tmp"):  # left by a kill during a write
             debris.unlink(missing_ok=True)
@@ -314,7 +327,7 @@ class Trainer:
         save_checkpoint(path, self.model, **self.payload())
         return path
 
-    # -- the ReductionHost interface (training/reducer.py) ---------------------------------
+    # -- the ReductionHost interface (compressm_tune.reduction) ------------------------------
     @property
     def steps_done(self) -> int:
         return self.step
@@ -381,8 +394,9 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         d = self.dataset
-        return evaluate(self.model, d.x_val, d.y_val, d.task, self.config.eval_batch_size,
-                        self.config.precision, d.info.get("bits_name"))
+        with self.phase("validate"):
+            return evaluate(self.model, d.x_val, d.y_val, d.task, self.config.eval_batch_size,
+                            self.config.precision, d.info.get("bits_name"))
 
     def fit(self) -> dict[str, Any]:
         """Train to ``config.steps``; return the summary also written to ``summary.json``."""
@@ -416,7 +430,8 @@ class Trainer:
             bar.update(1)
             record = None
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                record = self._evaluate_and_save(losses)
+                with self.phase("eval"):
+                    record = self._evaluate_and_save(losses)
                 losses = []
                 bar.set_postfix(val=f"{score(record['val']):.4f}",
                                 dims=",".join(map(str, self.model.state_dims)))
