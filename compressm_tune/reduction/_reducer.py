@@ -7,17 +7,16 @@ a new width, and cuts (LRU: balanced truncation; selective: keeps the best state
 Before each cut the full training state is checkpointed (``pre_cut.pt``); after it the model is
 validated, and if the validation score fell by more than ``max_drop`` the cut is rolled back
 and that layer is frozen at its width. ``max_drop=inf`` turns the safety net off: no
-checkpoint and no validation around a cut (validation passes are most of what reduction costs,
-``bench_results/reduction_share.md``); an attempt at an evaluation still validates the model it
-leaves, for the evaluation's record.
+checkpoint and no validation around a cut (validation passes are most of what reduction
+costs); an attempt at an evaluation still validates the model it leaves, for the evaluation's
+record.
 
 Adam moments after a cut: a reduced LRU layer's parameters live in a new basis (balancing then
 re-diagonalization mixes all old states), so the old per-coordinate moments no longer belong
 to any coordinate. ``moments="reset"`` (default) starts them afresh for the cut layer only;
 ``"slice"`` keeps the first ``r`` rows, as the paper's code does. A selective layer keeps a
 subset of its states unchanged, so their moments are carried over exactly, whatever
-``moments`` says. Every other parameter keeps its moments. ``bench_results/compression.md``
-compares the two LRU policies.
+``moments`` says. Every other parameter keeps its moments.
 
 The reducer drives its training loop through a small :class:`ReductionHost` interface (the
 layers, the optimizer, a validation, a snapshot and its restore, the calibration inputs), which
@@ -79,7 +78,7 @@ class ReduceConfig:
     # layers under an input-weighted policy).
     calibration: int = CALIBRATION
     # "window": the paper's, a tau cut at every attempt in the window; "settle": cut when the
-    # spectrum has settled, toward the width repeated cuts would reach (training/_settle.py)
+    # spectrum has settled, toward the width repeated cuts would reach (SettleTracker)
     schedule: str = "window"
     settle: SettleConfig = field(default_factory=SettleConfig)
 
@@ -277,11 +276,10 @@ class Reducer:
                 ) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
         """Plan every layer's rank, cut all planned layers at once and validate once.
 
-        Validation passes are what the safety net costs (``bench_results/reduction_share.md``:
-        one per layer cut was 8% of a run's time), so an attempt validates only when it cuts:
-        before (unless ``val``, the validation just measured, is given) and after. If the joint
-        cut fails the safety net it is rolled back and the layers are retried one at a time,
-        each with its own check, so the layer that hurts is the one frozen.
+        Validation passes are what the safety net costs, so an attempt validates only when it
+        cuts: before (unless ``val``, the validation just measured, is given) and after. If
+        the joint cut fails the safety net it is rolled back and the layers are retried one at
+        a time, each with its own check, so the layer that hurts is the one frozen.
 
         Returns the per-layer records (scores, rank, action) and the validation of the model
         as it is after the attempt (None when nothing was planned and ``val`` was None).

@@ -155,7 +155,7 @@ def training_memory_bytes(model_config: SSMConfig, batch_size: int, seq_len: int
     scan's float32 ``(B, L, N, 2)`` drive, states and their gradients (about five such
     tensors), and about ten ``(B, L, H)`` activations; evaluation batches hold the forward
     tensors only. Rough on purpose: it exists to refuse, before allocating, a width the
-    machine cannot hold (``--state-dims 100000`` grew to 22 GB and was killed)."""
+    machine cannot hold, rather than let the kernel kill the process."""
     h, n_sum = model_config.d_model, sum(model_config.state_dims)
     params = sum(4 * n * h + 4 * n for n in model_config.state_dims) + len(
         model_config.state_dims) * (2 * h * h + 4 * h) + h * (model_config.d_input
@@ -188,9 +188,8 @@ def check_training_memory(model_config: SSMConfig, batch_size: int, seq_len: int
 
 def _schedule_attempts(reducer: Any, config: TrainConfig) -> None:
     """Make sure the reduction window holds cut attempts: with attempts only at evaluations
-    and no evaluation inside the window (``--steps 200 --eval-every 100``, window 10%), a
-    ``--reduce`` request was silently never tried. Then attempt every third of the window
-    instead, and say so."""
+    and no evaluation inside the window (``steps=200``, ``eval_every=100``, window 10%), no
+    cut would ever be tried. Then attempt every third of the window instead, and say so."""
     window_steps = int(reducer.config.window * config.steps)
     if (window_steps >= 1 and reducer.cadence(config.steps) is None
             and config.eval_every > window_steps):
