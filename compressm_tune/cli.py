@@ -17,7 +17,7 @@ __all__ = ["main", "build_parser"]
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    from compressm_tune.training import DATASETS
+    from compressm_tune.data import DATASETS
 
     parser.add_argument("--dataset", default="mnist1d", choices=DATASETS,
                         help="built-in or user dataset (default: mnist1d)")
@@ -46,9 +46,14 @@ def _add_device_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     from compressm_tune.models import ARCHS, SSMConfig
-    from compressm_tune.reduction._policies import SELECTS, WEIGHTINGS
+    from compressm_tune.reduction import (
+        MOMENT_POLICIES,
+        SCHEDULES,
+        SELECTS,
+        WEIGHTINGS,
+        ReduceConfig,
+    )
     from compressm_tune.training import TrainConfig
-    from compressm_tune.training.reducer import MOMENT_POLICIES, SCHEDULES, ReduceConfig
 
     m, t, r = SSMConfig(), TrainConfig(), ReduceConfig()
     p = sub.add_parser("train", help="train an SSM network, optionally compressing it in training",
@@ -117,9 +122,10 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from compressm_tune._table import markdown_table
+    from compressm_tune.data import load_dataset
     from compressm_tune.errors import ConfigError
     from compressm_tune.models import SSMConfig, dropout_for
-    from compressm_tune.training import TrainConfig, Trainer, load_dataset
+    from compressm_tune.training import TrainConfig, Trainer
 
     data = load_dataset(args.dataset, path=args.data_path, data_dir=args.data_dir,
                         val_fraction=args.val_fraction, seed=args.seed)
@@ -152,7 +158,7 @@ def _train(args: argparse.Namespace) -> int:
           s["test_best"][metric], s["test_last"][metric], s["train_time_s"]]],
     ))
     if args.log_spectrum or args.reduce:
-        from compressm_tune.training.plots import plot_hsv_trajectories, read_metrics
+        from compressm_tune.training import plot_hsv_trajectories, read_metrics
 
         records = read_metrics(Path(args.out) / "metrics.jsonl")
         plot = plot_hsv_trajectories(records, Path(args.out) / "hsv.png")
@@ -165,8 +171,7 @@ def _reducer(args: argparse.Namespace):
     from dataclasses import replace
 
     from compressm_tune.errors import ConfigError
-    from compressm_tune.reduction import ReductionPolicy
-    from compressm_tune.training.reducer import ReduceConfig, Reducer
+    from compressm_tune.reduction import ReduceConfig, Reducer, ReductionPolicy
 
     if args.reduce is None:
         return None

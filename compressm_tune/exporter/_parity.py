@@ -336,8 +336,7 @@ def rebuild_dataset(dataset: dict | None, train_seed: int, d_input: int):
     ``dataset`` is the checkpoint's entry; ``train_seed`` the training run's seed (it seeds the
     splits); ``d_input`` the model's input width, which the rebuilt data must have.
     """
-    from compressm_tune.training import DATASETS, load_dataset
-    from compressm_tune.training.data import SelectiveCopyConfig
+    from compressm_tune.data import DATASETS, SelectiveCopyConfig, load_dataset
 
     if not dataset or "name" not in dataset:
         return None, "the checkpoint records no dataset"
