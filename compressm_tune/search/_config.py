@@ -19,7 +19,9 @@ LATENCY_MODES = ("sequence", "step")
 class TuneConfig:
     """What to search for, on which data, and where to keep the study.
 
-    The defaults finish in a few minutes on two CPU cores on MNIST-1D.
+    The model and training settings of every trial are built from these by
+    :meth:`model_config` and :meth:`train_config` (``SSMConfig`` and ``TrainConfig`` check
+    them). The defaults finish in a few minutes on two CPU cores on MNIST-1D.
     """
 
     budget_ms: float  # per-sample latency of the exported model (onnxruntime, batch 1)

@@ -5,13 +5,13 @@
 1. A latency model of this machine (:func:`compressm_tune.hardware.latency_model_for`: the
    given profile, else the cached one of this device and model shape, else a short
    measurement; drift-checked and rescaled when the machine has moved since).
-2. An Optuna study over in-training reduction schedules (:mod:`._study`, one trial in
-   :mod:`._objective`); a trial is feasible when the profile predicts its final widths meet
+2. An Optuna study over in-training reduction schedules (``_study``; one trial is
+   ``_objective``); a trial is feasible when the profile predicts its final widths meet
    the budget (trials are steered there by budget-aware truncation when their reduction window
    closes).
-3. One worker finalizes (:mod:`._finalize`): the best feasible trial is exported (ONNX +
+3. One worker finalizes (``_finalize``): the best feasible trial is exported (ONNX +
    TorchScript, parity checked) and its latency measured in onnxruntime, the next best tried
-   if it misses; the full-width reference is trained; :mod:`._report` writes the record.
+   if it misses; the full-width reference is trained; ``_report`` writes the record.
 
 Several workers may share one study (``storage``) and one ``out``; every worker but the
 finalizer says who finishes the job and exits.
