@@ -13,7 +13,8 @@ from typing import Any
 
 from compressm_tune.errors import OutputError
 
-__all__ = ["atomic_write", "atomic_write_text", "ensure_dir", "read_json"]
+__all__ = ["atomic_write", "atomic_write_text", "ensure_dir", "read_json", "require_space",
+           "why_unwritable"]
 
 _UNWRITABLE = {
     errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -21,6 +22,10 @@ _UNWRITABLE = {
     errno.EROFS: "read-only file system", errno.ENOTDIR: "a path component is a file",
     errno.EEXIST: "a path component is a file",
 }
+# torch's writers report a failed write as a RuntimeError of its C++ stream or zip writer
+_TORCH_WRITE_FAILURES = ("inline_container", "file write failed", "basic_ios", "iostream error",
+                         "unexpected pos")
+_LOW_SPACE = 16 * 2**20  # bytes: a disk with less free space than this is taken as full
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object], mode: int | None = None
@@ -48,12 +53,9 @@ def atomic_write(path: str | Path, write: Callable[[str], object], mode: int | N
         written = _size(tmp)
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        reason = _why_unwritable(exc)
+        reason = why_unwritable(exc, path.parent, written)
         if reason is None:
             raise
-        if reason == "no space left on device":
-            free = shutil.disk_usage(path.parent).free
-            reason += f" ({written} bytes written before it filled, {free} bytes free)"
         raise OutputError(f"cannot write {path}: {reason}") from None
     return path
 
@@ -65,7 +67,7 @@ def ensure_dir(path: str | Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the folder {path}: "
-                          f"{_why_unwritable(exc) or exc.strerror}") from None
+                          f"{why_unwritable(exc, path.parent) or exc.strerror}") from None
     return path
 
 
@@ -76,15 +78,67 @@ def _size(tmp: str | None) -> int:
         return 0
 
 
-def _why_unwritable(exc: BaseException) -> str | None:
-    """A short reason when ``exc`` says the disk or folder refuses writes, else None.
-    torch.save reports a full disk as a RuntimeError from its zip writer, not an OSError."""
-    if isinstance(exc, OSError) and exc.errno in _UNWRITABLE:
-        return _UNWRITABLE[exc.errno]
-    if isinstance(exc, RuntimeError) and ("inline_container" in str(exc)
-                                          or "file write failed" in str(exc)):
-        return "no space left on device"
+def _file_size_limit() -> int | None:
+    """The process's file size limit in bytes (``ulimit -f``), or None when unlimited."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _free_bytes(folder: Path) -> int | None:
+    for candidate in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
     return None
+
+
+def why_unwritable(exc: BaseException, folder: str | Path = ".", written: int = 0
+                   ) -> str | None:
+    """A one-line reason when ``exc`` says a write into ``folder`` was refused, else None.
+
+    Tells a full disk (with the bytes written and free), the file size limit and a folder that
+    refuses writes apart, whether the error came from Python (``OSError``) or from torch's
+    writers, which report a failed write as a ``RuntimeError``.
+    """
+    folder = Path(folder)
+    limit = _file_size_limit()
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG or (
+            limit is not None and written >= limit and isinstance(exc, (OSError, RuntimeError))):
+        return f"the file size limit (ulimit -f) of {limit} bytes was reached"
+    free = _free_bytes(folder)
+    full = (f"no space left on device ({written} bytes written before it filled, "
+            f"{free} bytes free)")
+    if isinstance(exc, OSError) and exc.errno in _UNWRITABLE:
+        reason = _UNWRITABLE[exc.errno]
+        return full if reason == "no space left on device" else reason
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_WRITE_FAILURES):
+        if free is not None and free < _LOW_SPACE:
+            return full
+        return f"the write failed ({str(exc).strip().splitlines()[0][:120]})"
+    return None
+
+
+def require_space(folder: str | Path, needed: int, what: str, largest: int | None = None
+                  ) -> None:
+    """Refuse, before writing, output that this disk (or ``ulimit -f``) cannot hold.
+
+    Some writers cannot fail cleanly once started (TorchScript's aborts the process on a full
+    disk), so their callers check here first with a generous estimate ``needed`` in bytes.
+    """
+    folder = Path(folder)
+    free = _free_bytes(folder)
+    if free is not None and free < needed:
+        raise OutputError(f"cannot write {what} in {folder}: it needs about {needed} bytes and "
+                          f"the disk has {free} bytes free")
+    limit, largest = _file_size_limit(), needed if largest is None else largest
+    if limit is not None and limit < largest:
+        raise OutputError(f"cannot write {what} in {folder}: it needs files up to about "
+                          f"{largest} bytes and the file size limit (ulimit -f) is {limit} bytes")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -120,3 +120,45 @@ def test_from_hf_mamba_refuses_a_weights_file_that_holds_code(tmp_path, capsys):
         from_hf_mamba(tmp_path)
     assert "weights_only=False" not in str(info.value)
     assert "this must never run" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- a full disk
+# ``ulimit -f`` stands in for a full disk: the kernel refuses writes past the limit (Python
+# ignores SIGXFSZ, so the write fails with EFBIG), in CI as on any POSIX machine.
+
+CLI = "import sys; from compressm_tune.cli import main; sys.exit(main())"
+
+
+def _cli_limited(args: list[str], cwd: Path, limit_bytes: int) -> subprocess.CompletedProcess:
+    resource = pytest.importorskip("resource")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, "-c", CLI, *args], cwd=cwd, preexec_fn=limit,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _tiny_npz(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.standard_normal((800, 12, 1)).astype(np.float32),
+             y=rng.integers(0, 2, 800))
+    return path
+
+
+def test_train_into_a_full_disk_is_one_line(tmp_path):
+    data = _tiny_npz(tmp_path / "d.npz")
+    done = _cli_limited(["train", "--dataset", "npz", "--data", str(data), "--blocks", "1",
+                         "--hidden", "8", "--state-dim", "8", "--steps", "4", "--eval-every",
+                         "2", "--no-progress", "--out", "run"], tmp_path, 16 * 1024)
+    line = _one_line_error(done, "compressm-tune")
+    assert "cannot write" in line and "file size limit" in line
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # no torn temporary files left
+
+
+def test_export_into_a_full_disk_is_one_line_and_leaves_nothing(bundle, tmp_path):
+    ckpt = bundle.parent / "model.pt"
+    done = _cli_limited(["export", str(ckpt), "--out", "b"], tmp_path, 64 * 1024)
+    line = _one_line_error(done, "compressm-tune")
+    assert "the bundle" in line and "file size limit" in line
+    assert not (tmp_path / "b").exists()

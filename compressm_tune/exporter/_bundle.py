@@ -26,7 +26,8 @@ import onnx
 import torch
 
 from compressm_tune import __version__
-from compressm_tune.errors import CheckpointError, ExportOptionError
+from compressm_tune._io import ensure_dir, require_space, why_unwritable
+from compressm_tune.errors import CheckpointError, ExportOptionError, OutputError
 from compressm_tune.exporter import _edge
 from compressm_tune.exporter._edge import FORMAT, MANIFEST, VERSION
 from compressm_tune.exporter._manifest import file_entry, io_spec, write_manifest
@@ -316,9 +317,18 @@ def export_bundle(
     else:
         inputs = gaussian_inputs(model.config.d_input)
         inputs_doc = f"N(0, 1) in normalized space ({rebuilt[1]})"
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    created = not Path(out_dir).exists()
+    out_dir = ensure_dir(out_dir)
     _remove_stale_stages(out_dir)
+    n_files = len(modes) * (2 if quantize else 1) + ("torchscript" in formats)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:  # TorchScript's writer aborts the process on a full disk: check before writing
+        require_space(out_dir, 4 * param_bytes * n_files + 8 * 2**20, "the bundle",
+                      largest=4 * param_bytes + 2**20)
+    except OutputError:
+        if created:
+            out_dir.rmdir()
+        raise
     stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
         files: dict[str, Any] = {}
@@ -363,6 +373,11 @@ def export_bundle(
                              opset, formats, modes, files, parity, quant, started)
         manifest["sequence_graph"] = graph
         _install(stage, out_dir, files, manifest)
+    except (OSError, RuntimeError) as exc:
+        reason = why_unwritable(exc, out_dir)
+        if reason is None:
+            raise
+        raise OutputError(f"cannot write the bundle in {out_dir}: {reason}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return manifest
