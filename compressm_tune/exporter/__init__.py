@@ -14,7 +14,6 @@ public too: ``extract_weights`` -> ``build_sequence_model`` / ``build_step_model
 
 from compressm_tune.errors import ExportOptionError
 from compressm_tune.exporter._bundle import FILE_NAMES, FORMATS, MODES, export_bundle
-from compressm_tune.exporter._commands import add_export_parser
 from compressm_tune.exporter._edge import BundleError, EdgeBundle, Streamer, latency_stats
 from compressm_tune.exporter._manifest import load_bundle, measure_latency, verify_bundle
 from compressm_tune.exporter._onnx_graph import (
@@ -51,7 +50,6 @@ __all__ = [
     "ScriptedSSM",
     "SelectiveWeights",
     "Streamer",
-    "add_export_parser",
     "build_sequence_model",
     "build_step_model",
     "export_bundle",

@@ -8,11 +8,6 @@ time are read in named windows (:class:`MeasurementMonitor`) from a backend chos
 time that is labelled as one.
 """
 
-from compressm_tune.hardware._commands import (
-    add_compare_parser,
-    add_profile_parser,
-    config_from_args,
-)
 from compressm_tune.hardware._compare import ComparisonTable, compare, plot_comparison
 from compressm_tune.hardware._config import (
     RUNTIMES,
@@ -100,11 +95,8 @@ __all__ = [
     "RaplBackend",
     "TimingStats",
     "ModelRecord",
-    "add_compare_parser",
-    "add_profile_parser",
     "check_drift",
     "compare",
-    "config_from_args",
     "fast_widths",
     "fingerprint",
     "fixed_threads",
