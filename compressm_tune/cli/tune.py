@@ -35,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from compressm_tune.search import TuneConfig, run_tune
 
     config = TuneConfig(**{name: getattr(args, name) for name in _FLAGS})
+    if args.quiet:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per trial
     summary = run_tune(config)
     if summary.get("finalized") is False:
         return 0  # another worker of the same study exports and reports (it said so)
