@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, mean_std, write  # noqa: E402
 
-from compressm_tune.training.reducer import ReduceConfig, Reducer, SettleConfig  # noqa: E402
+from compressm_tune.reduction import ReduceConfig, Reducer, SettleConfig  # noqa: E402
 
 TAUS = (0.01, 0.02, 0.04)
 SETTINGS = {  # small enough that ~70 runs fit in ~30 minutes on 2 cores
@@ -46,13 +46,13 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     """One training run in a worker process (1 thread)."""
     import torch
 
+    from compressm_tune.data import load_dataset
     from compressm_tune.models import SSMConfig, dropout_for
     from compressm_tune.reduction import ReductionPolicy, truncate_layer
     from compressm_tune.training import (
         TrainConfig,
         Trainer,
         evaluate,
-        load_dataset,
         model_from_checkpoint,
     )
     torch.set_num_threads(1)

@@ -40,8 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, int_list, loglog_panel, machine, write_prefix  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
-from compressm_tune.exporter import build_sequence_model, extract_weights  # noqa: E402
-from compressm_tune.exporter._chunk_choice import choose_chunk, ort_session  # noqa: E402
+from compressm_tune.exporter import (  # noqa: E402
+    build_sequence_model,
+    choose_chunk,
+    extract_weights,
+    ort_session,
+)
 from compressm_tune.models import SSMConfig, SSMModel  # noqa: E402
 
 BLOCKS, CLASSES = 4, 10

@@ -44,8 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
-from compressm_tune.exporter import export_bundle, measure_latency  # noqa: E402
-from compressm_tune.exporter._edge import time_calls  # noqa: E402
+from compressm_tune.exporter import export_bundle, measure_latency, time_calls  # noqa: E402
 from compressm_tune.models import SSMConfig, SSMModel  # noqa: E402
 from compressm_tune.training import save_checkpoint  # noqa: E402
 

@@ -42,9 +42,8 @@ VARIANTS = ("full", "compressed", "settle", "scratch")
 def _run(arch: str, variant: str, seed: int, s: dict[str, Any], data,
          dims: list[int]) -> dict[str, Any]:
     from compressm_tune.models import SSMConfig
-    from compressm_tune.reduction import ReductionPolicy
+    from compressm_tune.reduction import ReduceConfig, Reducer, ReductionPolicy
     from compressm_tune.training import TrainConfig, Trainer
-    from compressm_tune.training.reducer import ReduceConfig, Reducer
 
     mcfg = SSMConfig(arch=arch, d_input=data.d_input, d_output=data.d_output,
                      d_model=s["hidden"], state_dims=dims, pooling=data.pooling)
@@ -166,8 +165,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="30 steps, 1 seed, nothing written: a smoke test")
     args = ap.parse_args()
+    from compressm_tune.data import load_dataset
     from compressm_tune.models import ARCHS
-    from compressm_tune.training import load_dataset
 
     archs = args.arch.split(",")
     unknown = [a for a in archs if a not in ARCHS]

@@ -98,44 +98,21 @@ _CLOCK = _Clock()  # the running job's clock (a worker runs its jobs one after a
 
 
 def _instrument(clock: _Clock):
-    """Timed subclasses of Reducer and Trainer, and timed reduction functions (in-process)."""
+    """A Reducer factory timed through its phase hook, and a Trainer timed by overrides."""
+    from compressm_tune.reduction import Reducer
     from compressm_tune.training import Trainer
-    from compressm_tune.training import reducer as reducer_mod
 
     global _CLOCK
     _CLOCK = clock
-    names = (("layer_hsv", "hsv"), ("state_scores", "hsv"), ("truncate_layer", "truncate"),
-             ("reduce_layer", "truncate"))
-    for fname, label in names:
-        original = getattr(reducer_mod, fname, None)
-        if original is None or getattr(original, "_timed", False):
-            continue  # absent in this tree, or wrapped by an earlier job in this worker
+    inner = {"scores": "hsv", "cut": "truncate", "moments": "optimizer"}  # timed in attempts
 
-        def timed(*args, _f=original, _label=label, **kwargs):
-            if not _CLOCK.inside("attempt"):
-                return _f(*args, **kwargs)
-            with _CLOCK.phase(_label):
-                return _f(*args, **kwargs)
+    def reducer_phase(name: str):
+        if name not in inner:
+            return clock.phase(name)
+        return clock.phase(inner[name]) if clock.inside("attempt") else contextlib.nullcontext()
 
-        timed._timed = True
-        setattr(reducer_mod, fname, timed)
-
-    class TimedReducer(reducer_mod.Reducer):
-        def attempt(self, trainer, val):
-            with clock.phase("attempt"):
-                return super().attempt(trainer, val)
-
-        def plan(self, layer, hsv, step):
-            with clock.phase("plan"):
-                return super().plan(layer, hsv, step)
-
-        def _carry_moments(self, *args, **kwargs):
-            with clock.phase("optimizer"):
-                return super()._carry_moments(*args, **kwargs)
-
-        def close_window(self, trainer):
-            with clock.phase("close_window"):
-                return super().close_window(trainer)
+    def timed_reducer(config):
+        return Reducer(config, phase=reducer_phase)
 
     class TimedTrainer(Trainer):
         _validates_in_eval = 0
@@ -171,13 +148,7 @@ def _instrument(clock: _Clock):
             with clock.phase("restore"):
                 return super().restore(path)
 
-        def rebuild_optimizer(self, state=None):
-            if clock.inside("attempt") and not clock.inside("restore"):
-                with clock.phase("optimizer"):
-                    return super().rebuild_optimizer(state)
-            return super().rebuild_optimizer(state)
-
-    return TimedReducer, TimedTrainer
+    return timed_reducer, TimedTrainer
 
 
 # --------------------------------------------------------------------------------- one run
@@ -205,13 +176,10 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     """One training run in a worker process (1 thread)."""
     import torch
 
+    from compressm_tune.data import load_dataset
     from compressm_tune.models import SSMConfig, dropout_for
-    from compressm_tune.reduction import ReductionPolicy
-    from compressm_tune.training import (
-        TrainConfig,
-        load_dataset,
-    )
-    from compressm_tune.training.reducer import ReduceConfig
+    from compressm_tune.reduction import ReduceConfig, ReductionPolicy
+    from compressm_tune.training import TrainConfig
 
     torch.set_num_threads(1)
     clock = _Clock()
@@ -257,9 +225,8 @@ def _diagnose(out: Path, job: dict[str, Any], data) -> dict[str, Any]:
     its leading modes and post-training truncation."""
     import numpy as np
 
-    from compressm_tune.reduction import layer_hsv, truncate_layer
+    from compressm_tune.reduction import CALIBRATION, layer_hsv, layer_inputs, truncate_layer
     from compressm_tune.training import evaluate, model_from_checkpoint
-    from compressm_tune.training.reducer import CALIBRATION, layer_inputs
 
     metric = "accuracy" if data.task == "classification" else "loss"
     diag: dict[str, Any] = {}
@@ -863,8 +830,8 @@ def _step_times(net: dict[str, int], repeats: int = 3, steps: int = 12) -> dict[
     import torch
     import torch.nn.functional as F
 
+    from compressm_tune.data import load_dataset
     from compressm_tune.models import SSMConfig, SSMModel
-    from compressm_tune.training import load_dataset
     from compressm_tune.training.optim import build_optimizer
 
     torch.set_num_threads(1)

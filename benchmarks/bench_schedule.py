@@ -5,7 +5,7 @@ Methods, per dataset and seed (tau=0.04, window 10%, max-drop 0.02, moments rese
   window   the paper's schedule, today's default of ``train --reduce tau=0.04``: a tau cut at
            every evaluation inside the window (eval every 50 of 600 steps: one attempt, step 50)
   settle   cut when the target width (the fixed point of repeated tau cuts) has settled,
-           checks spread over the same window (training/_settle.py)
+           checks spread over the same window (compressm_tune/reduction/_schedules.py)
   settle-input   the same on input-weighted Hankel singular values (``weighting=input``)
   settle-input-drop0.1   (regression only) the same with max-drop 0.1 (a cut may raise the
            validation MSE by 10% before it is rolled back, instead of 2%)

@@ -79,7 +79,7 @@ def session_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mnist1d(session_cache):
     """The mnist1d dataset, generated once into the session cache."""
-    from compressm_tune.training import load_dataset
+    from compressm_tune.data import load_dataset
 
     return load_dataset("mnist1d")
 
@@ -87,7 +87,7 @@ def mnist1d(session_cache):
 @pytest.fixture(scope="session")
 def lti_sysid(session_cache):
     """The lti-sysid regression dataset (cheap; shared so tests need not rebuild it)."""
-    from compressm_tune.training import load_dataset
+    from compressm_tune.data import load_dataset
 
     return load_dataset("lti-sysid")
 

@@ -346,7 +346,7 @@ def test_building_the_parser_imports_nothing_heavy():
 
 @pytest.mark.parametrize("where", ["compressm_tune.models:SSMConfig",
                                    "compressm_tune.training:TrainConfig",
-                                   "compressm_tune.training.reducer:ReduceConfig",
+                                   "compressm_tune.reduction:ReduceConfig",
                                    "compressm_tune.hardware:ProfilerConfig",
                                    "compressm_tune.search:TuneConfig"])
 def test_flags_read_the_same_fields_the_dataclasses_have(where):
@@ -372,11 +372,11 @@ def test_flags_read_the_same_fields_the_dataclasses_have(where):
 def test_choices_come_from_their_modules():
     from compressm_tune._device import PRECISIONS
     from compressm_tune.cli._flags import constant
+    from compressm_tune.data import DATASETS
     from compressm_tune.models import ARCHS
-    from compressm_tune.training import DATASETS
 
     assert constant("compressm_tune.models:ARCHS") == ARCHS
-    assert constant("compressm_tune.training:DATASETS") == DATASETS
+    assert constant("compressm_tune.data:DATASETS") == DATASETS
     assert constant("compressm_tune._device:PRECISIONS") == PRECISIONS
 
 

@@ -321,7 +321,7 @@ def test_a_mamba_network_is_cut_at_its_mamba_layers_not_their_s6_cores() -> None
 def test_settle_schedule_cuts_toward_the_knee_once_the_spectrum_has_settled():
     """Four states of equal decay and twelve whose input weights are 1e-6 of theirs: the
     tau=0.04 target is the four. With a frozen model (lr 0) the spectrum is settled from the
-    start, so the rule of ``training/_settle.py`` cuts at its third check (patience 2), at
+    start, so the rule of ``reduction/_schedules.py`` cuts at its third check (patience 2), at
     most halving: 16 -> 8, then after three checks on the new basis 8 -> 4, and stops."""
     torch.manual_seed(0)
     model = SSMModel(SSMConfig(d_input=1, d_output=2, d_model=4, state_dims=[16]))

@@ -1,10 +1,11 @@
-"""Tests for compressm_tune.training.data: mnist1d cache, lti-sysid truth, selective-copy
+"""Tests for compressm_tune.data: mnist1d cache, lti-sysid truth, selective-copy
 labels, npz and IDX parsing."""
 
 from __future__ import annotations
 
 import doctest
 import gzip
+import importlib
 import json
 import struct
 
@@ -14,9 +15,8 @@ import pytest
 import torch
 from scipy.signal import lfilter
 
-import compressm_tune.training.data as data_module
+from compressm_tune.data import DATASETS, SelectiveCopyConfig, load_dataset
 from compressm_tune.errors import CompressmError, ConfigError, DataError
-from compressm_tune.training.data import DATASETS, SelectiveCopyConfig, load_dataset
 
 
 def _raw(x: torch.Tensor, ds) -> np.ndarray:
@@ -663,8 +663,8 @@ def test_smnist_missing_file_or_folder_names_expected_files(tmp_path):
         ({"name": "lti-sysid", "val_fraction": 0.51}, "(0, 0.5]"),
         ({"name": "lti-sysid", "val_fraction": float("nan")}, "val_fraction=nan"),
         ({"name": "lti-sysid", "seed": -1}, "seed=-1"),
-        ({"name": "lti-sysid", "path": "x.npz"}, "--data (path=)"),
-        ({"name": "npz", "data_dir": "mnist"}, "--data-dir (data_dir=)"),
+        ({"name": "lti-sysid", "path": "x.npz"}, "path= is only used by dataset 'npz'"),
+        ({"name": "npz", "data_dir": "mnist"}, "data_dir= is only used by dataset 'smnist'"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs, needle):
@@ -685,5 +685,6 @@ def test_missing_data_location_raises_data_error(name, needle):
         load_dataset(name)
 
 
-def test_docstring_examples_run():
-    assert doctest.testmod(data_module).failed == 0
+@pytest.mark.parametrize("module", ["_datasets", "_builtin", "_files", "_arrays", "_pystdlib"])
+def test_docstring_examples_run(module):
+    assert doctest.testmod(importlib.import_module(f"compressm_tune.data.{module}")).failed == 0

@@ -234,7 +234,7 @@ def test_profiler_runtime_times_the_graph_an_export_would_choose():
     """The profiler's onnxruntime runner picks the sequence graph as an export does (timed at
     the inputs' length), and it still equals eager torch."""
     from compressm_tune.exporter import onnxruntime_functions
-    from compressm_tune.hardware._runtimes import prepare_runtime
+    from compressm_tune.hardware import prepare_runtime
 
     model = _reduced_model("mean")
     x = torch.randn(2, 40, 2, generator=torch.Generator().manual_seed(6))

@@ -380,7 +380,7 @@ def test_time_calls_separates_waiting_from_time_on_a_core() -> None:
 
 _FAULTS_SCRIPT = """
 import ctypes, resource, sys
-from compressm_tune.hardware._malloc import keep_freed_memory
+from compressm_tune.hardware._memory import keep_freed_memory
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)

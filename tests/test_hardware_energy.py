@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressm_tune.errors import ConfigError, MissingDependencyError
+from compressm_tune.errors import ConfigError, EnergyBackendError, MissingDependencyError
 from compressm_tune.hardware import (
     CpuTimeEstimateBackend,
     EnergyBackend,
-    EnergyBackendError,
     MeasurementMonitor,
     NullEnergyBackend,
     NvmlCounterBackend,

@@ -25,8 +25,11 @@ from compressm_tune.exporter import (  # noqa: E402
     script_model,
 )
 from compressm_tune.models import from_hf_mamba  # noqa: E402
-from compressm_tune.reduction import reduce_layer, state_scores  # noqa: E402
-from compressm_tune.training.reducer import layer_inputs  # noqa: E402
+from compressm_tune.reduction import (  # noqa: E402
+    layer_inputs,  # noqa: E402
+    reduce_layer,
+    state_scores,
+)
 
 VOCAB = 40
 

@@ -28,9 +28,14 @@ from compressm_tune.exporter import (
     verify_bundle,
 )
 from compressm_tune.models import MambaLayer, SSMConfig, SSMModel
-from compressm_tune.reduction import ReductionPolicy, reduce_layer, state_scores
+from compressm_tune.reduction import (
+    ReduceConfig,
+    Reducer,
+    ReductionPolicy,
+    reduce_layer,
+    state_scores,
+)
 from compressm_tune.training import model_from_checkpoint, save_checkpoint
-from compressm_tune.training.reducer import ReduceConfig, Reducer
 
 
 def _layer(h=6, n=5, seed=0, dtype=torch.float64, **kw) -> MambaLayer:

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compressm_tune.data import _pystdlib, load_dataset
 from compressm_tune.models import SSMConfig, SSMModel
-from compressm_tune.training import _pystdlib, evaluate, load_dataset
+from compressm_tune.training import evaluate
 
 
 @pytest.fixture(scope="module")

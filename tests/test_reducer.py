@@ -7,6 +7,7 @@ are checked against outputs recorded before the cut.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -14,10 +15,15 @@ import pytest
 import torch
 
 from compressm_tune.models import SSMConfig, SSMModel
-from compressm_tune.reduction import ReductionPolicy, truncate_layer
-from compressm_tune.training import TrainConfig, Trainer, model_from_checkpoint
-from compressm_tune.training.plots import plot_hsv_trajectories, ranking_stability, read_metrics
-from compressm_tune.training.reducer import ReduceConfig, Reducer
+from compressm_tune.reduction import ReduceConfig, Reducer, ReductionPolicy, truncate_layer
+from compressm_tune.training import (
+    TrainConfig,
+    Trainer,
+    model_from_checkpoint,
+    plot_hsv_trajectories,
+    ranking_stability,
+    read_metrics,
+)
 
 
 def _outputs(model, x):
@@ -63,11 +69,11 @@ def test_rank_at_or_above_width_is_a_bit_exact_no_op():
     assert all(p is params[n] for n, p in model.named_parameters())
 
 
-def _trainer(data, tmp_path, reducer=None, steps=40, dims=(32, 32)):
+def _trainer(data, tmp_path, reducer=None, steps=40, dims=(32, 32), phase=None):
     cfg = SSMConfig(d_input=data.d_input, d_output=data.d_output, d_model=16,
                     state_dims=list(dims))
     tcfg = TrainConfig(steps=steps, batch_size=32, eval_every=10, seed=0, threads=1)
-    return Trainer(cfg, tcfg, data, tmp_path, reducer=reducer, progress=False)
+    return Trainer(cfg, tcfg, data, tmp_path, reducer=reducer, progress=False, phase=phase)
 
 
 def test_in_training_reduction_shrinks_layers_and_checkpoint_follows(mnist1d, tmp_path):
@@ -286,6 +292,38 @@ def test_without_a_safety_net_cuts_validate_only_for_evaluations(mnist1d, tmp_pa
     assert "val" not in first
 
 
+def test_the_phase_hook_wraps_every_named_phase_of_a_run_with_cuts(mnist1d, tmp_path):
+    """One callable given to Reducer and Trainer sees each phase, nested where it runs: cuts
+    at steps 10 and 20 (checked, so validated inside the attempt), and a budget that makes
+    the window's close at step 30 cut again."""
+    entered, stack = [], []
+
+    @contextlib.contextmanager
+    def phase(name):
+        entered.append((name, tuple(stack)))
+        stack.append(name)
+        try:
+            yield
+        finally:
+            stack.pop()
+
+    config = ReduceConfig(policy=ReductionPolicy("fraction", 0.5), window=0.5, max_drop=1.0,
+                          fits=lambda widths: sum(widths) <= 12)
+    trainer = _trainer(mnist1d, tmp_path, Reducer(config, phase=phase), phase=phase)
+    summary = trainer.fit()
+    assert sum(summary["final_state_dims"]) == 12  # 32 -> 16 -> 8 per layer, then the budget
+    names = {name for name, _ in entered}
+    assert names == {"eval", "validate", "attempt", "plan", "scores", "cut", "moments",
+                     "close_window"}
+    assert [n for n, outer in entered if n == "eval" and not outer] == ["eval"] * 4
+    for name in ("plan", "scores", "cut", "moments"):
+        assert any(outer[-1:] == ("attempt",) for n, outer in entered if n == name), name
+    assert any(outer[-1:] == ("close_window",) for n, outer in entered if n == "cut")
+    assert ("validate", ("eval", "attempt")) in entered  # the safety net's check
+    assert [outer for n, outer in entered if n == "attempt"] == [("eval",)] * 2
+    assert not stack
+
+
 def _one_channel_trainer(data, tmp_path, weighting):
     """A 1-block network on a 1-input task whose encoder writes to channel 0 only; the LRU
     layer's states 0-3 listen to channel 0, states 4-11 to the silent channels 1-3."""
@@ -333,8 +371,7 @@ def test_target_rank_is_the_fixed_point_on_the_spectrum_and_real_cuts_go_further
     go further still: truncation shrinks the tail HSVs of what it keeps, so each new cut finds
     more to discard (the compounding the settle schedule's floor stops)."""
     from compressm_tune.models import LRULayer
-    from compressm_tune.reduction import plan_rank, state_scores
-    from compressm_tune.training._settle import target_rank
+    from compressm_tune.reduction import plan_rank, state_scores, target_rank
 
     torch.manual_seed(3)
     layer = LRULayer(d_model=8, state_dim=48).double()
@@ -361,7 +398,7 @@ def _spectrum(n, target_share):
 
 
 def test_settle_waits_for_a_stable_target_then_cuts_toward_it():
-    from compressm_tune.training._settle import SettleConfig, SettleTracker, target_rank
+    from compressm_tune.reduction import SettleConfig, SettleTracker, target_rank
 
     policy = ReductionPolicy("tau", 0.04)
     tracker = SettleTracker(SettleConfig(drift=0.03, patience=2, min_keep=0.5))
@@ -382,7 +419,7 @@ def test_settle_waits_for_a_stable_target_then_cuts_toward_it():
 
 
 def test_settle_state_survives_a_checkpoint_round_trip():
-    from compressm_tune.training._settle import SettleConfig, SettleTracker, target_rank
+    from compressm_tune.reduction import SettleConfig, SettleTracker, target_rank
 
     policy = ReductionPolicy("tau", 0.04)
     tracker = SettleTracker(SettleConfig())

@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 
 from compressm_tune.errors import CompressmError, ReductionError
 from compressm_tune.reduction import (
+    _compressor,
     _gramians,
+    _schedules,
     _truncation,
     balanced_truncation,
     from_lru_params,
@@ -453,7 +455,8 @@ def test_from_lru_params_rejects_bad_shapes():
         from_lru_params(**p)
 
 
-@pytest.mark.parametrize("module", [_gramians, _truncation], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [_gramians, _truncation, _schedules, _compressor],
+                         ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0

@@ -18,14 +18,14 @@ from compressm_tune.errors import ConfigError, ReductionError
 from compressm_tune.models import SelectiveLayer, SSMConfig, SSMModel, _triton, selective_scan
 from compressm_tune.models.selective import selective_scan_reference
 from compressm_tune.reduction import (
+    ReduceConfig,
+    Reducer,
     ReductionPolicy,
     reduce_layer,
     select_states,
     state_importance,
 )
-from compressm_tune.training import model_from_checkpoint
-from compressm_tune.training.plots import read_metrics
-from compressm_tune.training.reducer import ReduceConfig, Reducer
+from compressm_tune.training import model_from_checkpoint, read_metrics
 
 
 def _layer(h=5, n=7, seed=0, dtype=torch.float64):

@@ -245,7 +245,7 @@ def test_manifest_without_input_section_is_a_float_bundle(tmp_path):
 def test_pystdlib_token_model_checks_parity_on_test_ids(tmp_path, session_cache):
     """A token model whose checkpoint names pystdlib-chars: parity runs on the rebuilt
     test split's ids, and the manifest carries the dataset's byte vocabulary."""
-    from compressm_tune.training import load_dataset
+    from compressm_tune.data import load_dataset
 
     ds = load_dataset("pystdlib-chars", seed=0)
     vocab = ds.d_input
@@ -271,7 +271,7 @@ def test_int8_accuracy_of_a_token_model_is_measured_on_test_ids(tmp_path):
     """--quantize int8 on a token model whose dataset rebuilds: both graphs are scored on the
     test split's ids (it used to say "not measured for token models"); the float32 figure is
     eager torch's next-character accuracy on the same ids."""
-    from compressm_tune.training import load_dataset
+    from compressm_tune.data import load_dataset
 
     ds = load_dataset("pystdlib-chars", seed=0)
     torch.manual_seed(0)

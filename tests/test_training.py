@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compressm_tune.data import SelectiveCopyConfig, load_dataset
 from compressm_tune.errors import CheckpointError, CompressmError, ConfigError
 from compressm_tune.models import SSM_PARAMETERS, SSMConfig, SSMModel
 from compressm_tune.training import (
@@ -17,11 +18,9 @@ from compressm_tune.training import (
     Trainer,
     evaluate,
     load_checkpoint,
-    load_dataset,
     model_from_checkpoint,
     save_checkpoint,
 )
-from compressm_tune.training.data import SelectiveCopyConfig
 from compressm_tune.training.optim import build_optimizer, lr_factor, set_lr
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from compressm_tune.data import load_dataset
 from compressm_tune.exporter import export_bundle, load_bundle
 from compressm_tune.models import SSMConfig, SSMModel
 from compressm_tune.training import (
@@ -19,7 +20,6 @@ from compressm_tune.training import (
     Trainer,
     evaluate,
     load_checkpoint,
-    load_dataset,
 )
 
 

@@ -16,8 +16,8 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``export CHECKPOINT --out DIR [--format] [--mode] [--opset] [--quantize] ...``."""
-    opsets = constant("compressm_tune.exporter._onnx_graph:SUPPORTED_OPSETS")
-    default_opset = constant("compressm_tune.exporter._onnx_graph:DEFAULT_OPSET")
+    opsets = constant("compressm_tune.exporter:SUPPORTED_OPSETS")
+    default_opset = constant("compressm_tune.exporter:DEFAULT_OPSET")
     lo, hi = opsets[0], opsets[-1]
     p = sub.add_parser(
         "export", help="export a checkpoint to ONNX / TorchScript with a checked manifest",
@@ -69,8 +69,7 @@ def _chunk_arg(text: str) -> int | str:
 def run(args: argparse.Namespace) -> int:
     """Export, print the bundle's files, parity and graph choice; time it with ``--bench``."""
     from compressm_tune._table import markdown_table
-    from compressm_tune.exporter import export_bundle, measure_latency
-    from compressm_tune.exporter._bundle import _DEFAULT_SEQ_LEN
+    from compressm_tune.exporter import DEFAULT_SEQ_LEN, export_bundle, measure_latency
 
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "bundle"
     m = export_bundle(args.checkpoint, out, formats=args.formats, modes=args.modes,
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bench and "onnx" in m["formats"]:
         # a checkpoint without its dataset (an imported model) records no training length:
         # time the length the export chose its graph and checked parity at
-        seq_len = None if m["task"].get("seq_len") else _DEFAULT_SEQ_LEN
+        seq_len = None if m["task"].get("seq_len") else DEFAULT_SEQ_LEN
         if seq_len:
             print(f"no training length recorded: latency timed on {seq_len}-token sequences")
         for mode in m["modes"]:

@@ -18,7 +18,7 @@ __all__ = ["add_parser", "run"]
 
 MODEL = "compressm_tune.models:SSMConfig"
 TRAIN = "compressm_tune.training:TrainConfig"
-REDUCE = "compressm_tune.training.reducer:ReduceConfig"
+REDUCE = "compressm_tune.reduction:ReduceConfig"
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "ssm_lr_factor", "weight_decay", "warmup_frac",
                 "eval_every", "seed", "threads")
 _REDUCE_FLAGS = ("window", "every", "schedule", "max_drop")
@@ -49,10 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "layers), rank=16 or fraction=0.25; off by default")
     add_fields(p, REDUCE, _REDUCE_FLAGS)
     p.add_argument("--select", default=None,
-                   choices=constant("compressm_tune.reduction._policies:SELECTS"),
+                   choices=constant("compressm_tune.reduction:SELECTS"),
                    help="which states to keep (default: largest; others are ablations)")
     p.add_argument("--weighting", default=None,
-                   choices=constant("compressm_tune.reduction._policies:WEIGHTINGS"),
+                   choices=constant("compressm_tune.reduction:WEIGHTINGS"),
                    help="LRU layers: rank states by their own HSVs (none, the paper's) or by "
                         "HSVs weighted with the covariance of the layer's inputs on the "
                         "calibration sequences (input); default: none")
@@ -68,10 +68,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Train, print the result table and, with a spectrum logged, plot it."""
     from compressm_tune._table import markdown_table
+    from compressm_tune.data import load_dataset
     from compressm_tune.errors import ConfigError
     from compressm_tune.models import SSMConfig, dropout_for
-    from compressm_tune.training import TrainConfig, Trainer, load_dataset
+    from compressm_tune.training import TrainConfig, Trainer
 
+    tune.check_data_flags(args)
     data = load_dataset(args.dataset, path=args.data_path, data_dir=args.data_dir,
                         val_fraction=args.val_fraction, seed=args.seed)
     model_config = SSMConfig(
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
           s["test_best"][metric], s["test_last"][metric], s["train_time_s"]]],
     ))
     if args.log_spectrum or args.reduce:
-        from compressm_tune.training.plots import plot_hsv_trajectories, read_metrics
+        from compressm_tune.training import plot_hsv_trajectories, read_metrics
 
         records = read_metrics(Path(args.out) / "metrics.jsonl")
         plot = plot_hsv_trajectories(records, Path(args.out) / "hsv.png")
@@ -112,8 +114,7 @@ def _reducer(args: argparse.Namespace):
     from dataclasses import replace
 
     from compressm_tune.errors import ConfigError
-    from compressm_tune.reduction import ReductionPolicy
-    from compressm_tune.training.reducer import ReduceConfig, Reducer
+    from compressm_tune.reduction import ReduceConfig, Reducer, ReductionPolicy
 
     if args.reduce is None:
         return None

@@ -10,7 +10,7 @@ import argparse
 
 from compressm_tune.cli._flags import add_fields
 
-__all__ = ["BUDGET_MISSED", "add_tune_args", "run"]
+__all__ = ["BUDGET_MISSED", "add_tune_args", "check_data_flags", "run"]
 
 TUNE = "compressm_tune.search:TuneConfig"
 BUDGET_MISSED = 3  # exit status when no model meets the budget as measured
@@ -30,10 +30,22 @@ def add_tune_args(parser: argparse.ArgumentParser) -> None:
     add_fields(group, TUNE, _FLAGS, defaults={"budget_ms": None, "device": "auto"})
 
 
+def check_data_flags(args: argparse.Namespace) -> None:
+    """``--data`` and ``--data-dir`` belong to one dataset each; say so in flags (the data
+    package names its own parameters)."""
+    from compressm_tune.errors import ConfigError
+
+    for flag, name, owner in (("--data", "data_path", "npz"), ("--data-dir", "data_dir", "smnist")):
+        if getattr(args, name) is not None and args.dataset != owner:
+            raise ConfigError(f"{flag} is only used with --dataset {owner}, not "
+                              f"--dataset {args.dataset}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the job; 0 when the chosen model meets the budget as measured, else 3."""
     from compressm_tune.search import TuneConfig, run_tune
 
+    check_data_flags(args)
     config = TuneConfig(**{name: getattr(args, name) for name in _FLAGS})
     if args.quiet:
         import optuna

@@ -13,17 +13,29 @@ public too: ``extract_weights`` -> ``build_sequence_model`` / ``build_step_model
 """
 
 from compressm_tune.errors import ExportOptionError
-from compressm_tune.exporter._bundle import FILE_NAMES, FORMATS, MODES, export_bundle
-from compressm_tune.exporter._edge import BundleError, EdgeBundle, Streamer, latency_stats
+from compressm_tune.exporter._bundle import (
+    DEFAULT_SEQ_LEN,
+    FILE_NAMES,
+    FORMATS,
+    MODES,
+    export_bundle,
+)
+from compressm_tune.exporter._edge import (
+    BundleError,
+    EdgeBundle,
+    Streamer,
+    latency_stats,
+    time_calls,
+)
 from compressm_tune.exporter._manifest import load_bundle, measure_latency, verify_bundle
-from compressm_tune.exporter._onnx_graph import (
+from compressm_tune.exporter._onnx import (
     DEFAULT_OPSET,
+    QUANTIZE_CHOICES,
     SUPPORTED_OPSETS,
     build_sequence_model,
     build_step_model,
 )
-from compressm_tune.exporter._parity import run_parity
-from compressm_tune.exporter._runtime import onnxruntime_functions
+from compressm_tune.exporter._parity import choose_chunk, ort_session, run_parity, sequence_graph
 from compressm_tune.exporter._torchscript import ScriptedSSM, script_model
 from compressm_tune.exporter._weights import (
     BlockWeights,
@@ -33,12 +45,15 @@ from compressm_tune.exporter._weights import (
     SelectiveWeights,
     extract_weights,
 )
+from compressm_tune.hardware import onnxruntime_functions  # its home: the profiler's runtimes
 
 __all__ = [
     "DEFAULT_OPSET",
+    "DEFAULT_SEQ_LEN",
     "FILE_NAMES",
     "FORMATS",
     "MODES",
+    "QUANTIZE_CHOICES",
     "SUPPORTED_OPSETS",
     "BlockWeights",
     "BundleError",
@@ -52,13 +67,17 @@ __all__ = [
     "Streamer",
     "build_sequence_model",
     "build_step_model",
+    "choose_chunk",
     "export_bundle",
     "extract_weights",
     "latency_stats",
     "load_bundle",
     "measure_latency",
     "onnxruntime_functions",
+    "ort_session",
     "run_parity",
     "script_model",
+    "sequence_graph",
+    "time_calls",
     "verify_bundle",
 ]

@@ -28,30 +28,32 @@ import torch
 from compressm_tune import __version__
 from compressm_tune.errors import CheckpointError, ExportOptionError
 from compressm_tune.exporter import _edge
-from compressm_tune.exporter._chunk_choice import sequence_graph
-from compressm_tune.exporter._dataset import rebuild_dataset
 from compressm_tune.exporter._edge import FORMAT, MANIFEST, VERSION
 from compressm_tune.exporter._manifest import file_entry, io_spec, write_manifest
-from compressm_tune.exporter._onnx_graph import (
+from compressm_tune.exporter._onnx import (
     DEFAULT_OPSET,
+    QUANTIZE_CHOICES,
     build_sequence_model,
     build_step_model,
     check_opset,
+    quantize_file,
 )
 from compressm_tune.exporter._parity import (
     data_inputs,
     default_lengths,
+    evaluate_test_split,
     gaussian_inputs,
+    rebuild_dataset,
     run_parity,
+    sequence_graph,
     stream_onnx,
     token_inputs,
 )
-from compressm_tune.exporter._quantize import QUANTIZE_CHOICES, evaluate_test_split, quantize_file
 from compressm_tune.exporter._torchscript import script_model
 from compressm_tune.exporter._weights import extract_weights
 from compressm_tune.training import file_sha256, load_checkpoint, model_from_checkpoint
 
-__all__ = ["FILE_NAMES", "FORMATS", "MODES", "export_bundle"]
+__all__ = ["DEFAULT_SEQ_LEN", "FILE_NAMES", "FORMATS", "MODES", "export_bundle"]
 
 FORMATS = ("onnx", "torchscript")
 MODES = ("sequence", "step")
@@ -60,7 +62,7 @@ FILE_NAMES = {  # manifest key -> file name inside the bundle
     "onnx_sequence_int8": "model.int8.onnx", "onnx_step_int8": "model_step.int8.onnx",
     "runner": "run.py",
 }
-_DEFAULT_SEQ_LEN = 64  # parity length when the checkpoint records no dataset
+DEFAULT_SEQ_LEN = 64  # parity length when the checkpoint records no dataset
 
 
 
@@ -231,7 +233,7 @@ def export_bundle(
     chunk : "auto", "scan", None or int
         The sequence graph (ONNX and TorchScript): ``"auto"`` times the per-token Scan and
         every chunk length worth trying at the training length (batch 1, ``threads``) and
-        keeps the fastest (:func:`~._chunk_choice.choose_chunk`); ``"scan"`` or ``None`` the
+        keeps the fastest (:func:`~._parity.choose_chunk`); ``"scan"`` or ``None`` the
         per-token Scan; an integer T the chunked graph with chunks of T tokens (LRU and
         selective; a Mamba network always gets the per-token Scan).
         The manifest's ``sequence_graph`` records the choice and its timings.
@@ -288,7 +290,7 @@ def export_bundle(
     checkpoint = Path(checkpoint)
     payload, model, dataset = _load_model(checkpoint)
     source_sha = file_sha256(checkpoint)  # the file just read (load_checkpoint checked it exists)
-    seq_len = int((dataset or {}).get("seq_len") or _DEFAULT_SEQ_LEN)
+    seq_len = int((dataset or {}).get("seq_len") or DEFAULT_SEQ_LEN)
     lengths = tuple(sorted(set(parity_lengths))) if parity_lengths else default_lengths(seq_len)
     batches = tuple(sorted(set(parity_batches)))
     if min(lengths) < 1 or min(batches) < 1:

@@ -148,8 +148,7 @@ def _variant(label: str) -> str:
 def manifest_chunk(manifest: dict) -> str:
     """The sequence graph the manifest promises: ``"scan"`` or the chunk length as text.
 
-    Bundles from before chunked graphs have no ``sequence_graph`` entry: their graph is the
-    per-token Scan.
+    A manifest without a ``sequence_graph`` entry promises the per-token Scan.
     """
     graph = manifest.get("sequence_graph")
     if graph is None:
@@ -190,7 +189,11 @@ def _session(path: Path, threads: int):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types differ between versions
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"onnxruntime cannot load {path}: {reason}") from None
 
 
 class EdgeBundle:
@@ -310,9 +313,9 @@ class EdgeBundle:
             x = x[None, :, None]
         elif x.ndim == 2:
             x = x[..., None] if self.d_input == 1 else x[None]
-        if x.ndim != 3 or x.shape[2] != self.d_input or x.shape[1] < 1:
+        if x.ndim != 3 or x.shape[2] != self.d_input or x.shape[1] < 1 or x.shape[0] < 1:
             raise BundleError(f"input must have shape (batch, length, {self.d_input}) with "
-                              f"length >= 1, got {tuple(np.shape(x))}")
+                              f"batch >= 1 and length >= 1, got {tuple(np.shape(x))}")
         return x
 
     def normalize(self, raw: np.ndarray) -> np.ndarray:
@@ -448,6 +451,8 @@ def measure_latency(bundle_dir: str | Path, mode: str = "sequence", seq_len: int
     if not min_time_s > 0 or min_repeats < 1 or warmup < 0:
         raise BundleError(f"need min_time_s > 0, min_repeats >= 1, warmup >= 0; got "
                           f"{min_time_s=} {min_repeats=} {warmup=}")
+    if seq_len is not None and (isinstance(seq_len, bool) or int(seq_len) < 1):
+        raise BundleError(f"seq_len must be an integer >= 1, got {seq_len=}")
     bundle = EdgeBundle(bundle_dir, threads=threads, int8=int8, modes=(mode,))
     seq_len = int(seq_len or bundle.task.get("seq_len") or 0)
     if seq_len < 1:
@@ -630,6 +635,10 @@ def _run(args: argparse.Namespace) -> int:
         raise BundleError("--generate N takes N >= 1 and goes with --text")
     if not (args.input or args.stdin or args.bench or args.text is not None):
         raise BundleError("nothing to do: give --input, --text, --stdin or --bench")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise BundleError(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.output:
+        _check_output(args.output)
     if args.text is not None:
         _run_text(args)
     if args.input:
@@ -648,9 +657,10 @@ def _run(args: argparse.Namespace) -> int:
         else:
             y = final = run_ragged(x, lengths, lambda part: bundle.predict(
                 part, normalized=args.normalized))
+        _check_finite(final, x)
         _print_records(_describe(bundle, final, lengths), args.json, "sample")
         if args.output:
-            np.save(args.output, y)
+            _save(args.output, y)
     if args.stdin:
         stream = EdgeBundle(args.bundle, threads=args.threads, int8=args.int8,
                             modes=("step",)).streamer(1)
@@ -699,6 +709,42 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(path: str) -> None:
+    """Refuse an --output the run could not write, before any work is done."""
+    target = Path(path)
+    if not target.name.endswith(".npy"):
+        raise BundleError(f"--output must name a .npy file, got {path!r}")
+    if target.is_dir():
+        raise BundleError(f"--output {path} is a folder, not a file")
+    folder = target.parent
+    if not folder.is_dir():
+        raise BundleError(f"--output: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise BundleError(f"--output: the folder {folder} is not writable")
+
+
+def _save(path: str, y: np.ndarray) -> None:
+    """Write ``y`` to ``path`` through a temporary file, so a failed write leaves no torn file."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, y)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BundleError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _check_finite(y: np.ndarray, x: np.ndarray) -> None:
+    """Refuse to print results the model could not compute (outputs that overflowed)."""
+    bad = ~np.isfinite(y).reshape(len(y), -1).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        peak = float(np.nanmax(np.abs(x[i])))
+        raise BundleError(f"the model's output for sample {i} is not finite: its input reaches "
+                          f"{peak:.3g} in magnitude, outside what the model computes in float32")
+
+
 def _run_ids(bundle: EdgeBundle, data: np.ndarray, args: argparse.Namespace) -> None:
     """``--input ids.npy`` on a token bundle: per sequence the most likely next id."""
     ids = bundle.as_ids(data)  # (B, L)
@@ -709,7 +755,7 @@ def _run_ids(bundle: EdgeBundle, data: np.ndarray, args: argparse.Namespace) -> 
         records = _describe(bundle, final, np.full(len(ids), ids.shape[1]))
     _print_records(records, args.json, "sample")
     if args.output:
-        np.save(args.output, y)
+        _save(args.output, y)
 
 
 def _run_text(args: argparse.Namespace) -> None:

@@ -131,7 +131,7 @@ def _check_torchscript(path: Path, manifest: dict) -> None:
     arch, want = getattr(module, "arch", "lru"), manifest["model"].get("arch", "lru")
     if arch != want:
         raise BundleError(f"{path.name} holds a {arch!r} network but the manifest says {want!r}")
-    chunk = str(getattr(module, "chunk", 0) or "scan")  # modules from before chunking: 0
+    chunk = str(getattr(module, "chunk", 0) or "scan")  # no chunk attribute: the Scan
     if chunk != _edge.manifest_chunk(manifest):
         raise BundleError(f"{path.name} has sequence graph {chunk!r} but the manifest's "
                           f"sequence_graph says {_edge.manifest_chunk(manifest)!r}; re-export")

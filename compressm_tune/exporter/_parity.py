@@ -1,17 +1,17 @@
-"""Parity of the exported graphs against eager torch, run at export time on the written files.
+"""Checks of the exported engines at export time: parity with eager torch, the timing that
+chooses the sequence graph, and the int8 variants' accuracy on the rebuilt dataset.
 
-Every check feeds the same seeded input to eager torch in eval mode (the reference) and to one
-exported engine, and records the largest absolute difference of the outputs. Inputs are real
-sequences when the checkpoint's dataset can be rebuilt (:func:`data_inputs`: test-split
-sequences laid end to end, so lengths beyond the training length stay in distribution), else
-N(0, 1) in normalized space. This matters for selective layers: a block's output grows up to
-the 4th power of its input (``delta``, ``B_t``, ``C_t`` and ``u`` each scale with it), so
-off-distribution inputs (Gaussian noise fed to a model trained on one-hot tokens) can drive
-torch's own outputs to 1e15, where float32 rounding alone exceeds any absolute bar.
+Parity feeds the same seeded input to eager torch in eval mode and to one engine and records the
+largest absolute difference. Inputs are real sequences when the checkpoint's dataset can be
+rebuilt (:func:`data_inputs`, test sequences laid end to end), else N(0, 1): a selective block's
+output grows up to the 4th power of its input, so off-distribution inputs can drive torch's own
+outputs to 1e15, where float32 rounding alone exceeds any bar. Streaming checks run the step
+graph from zero state and compare with torch's sequence output (the last ``y_t`` with mean
+pooling, every ``y_t`` without).
 
-Streaming checks run the step graph token by token from zero state and compare with the
-*sequence* output of torch: the last ``y_t`` with mean pooling (the mean of all features seen
-so far), every ``y_t`` without pooling.
+Which sequence graph is fastest (per-token ``Scan`` or chunk length T) depends on widths,
+length and machine, so :func:`choose_chunk` times each candidate in onnxruntime; the profiler
+calls the same function, so profiles time the graphs bundles hold.
 """
 
 from __future__ import annotations
@@ -19,15 +19,26 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from compressm_tune.errors import ExportError
+from compressm_tune.errors import CompressmError, ExportError
+from compressm_tune.exporter._onnx import DEFAULT_OPSET, build_sequence_model
+from compressm_tune.exporter._weights import (
+    CHUNK_ARCHS,
+    CHUNK_CHOICES,
+    ModelWeights,
+    check_chunk,
+    chunk_label,
+    max_chunk,
+)
 from compressm_tune.models import SSMModel
 
-__all__ = ["ParityCheck", "data_inputs", "default_lengths", "gaussian_inputs", "run_parity",
-           "stream_onnx", "stream_torchscript", "token_inputs"]
+__all__ = ["ParityCheck", "candidates", "choose_chunk", "data_inputs", "default_lengths",
+           "evaluate_test_split", "gaussian_inputs", "ort_session", "rebuild_dataset",
+           "run_parity", "sequence_graph", "stream_onnx", "stream_torchscript", "token_inputs"]
 
 # (batch, length, generator) -> normalized input (batch, length, d_input), or token ids
 Inputs = Callable[[int, int, torch.Generator], torch.Tensor]
@@ -215,3 +226,177 @@ def run_parity(model: SSMModel, *, onnx_sequence=None, onnx_step=None, torchscri
             f"(tolerance {tolerance:g}; torch's outputs reach {worst.reference_max_abs:.3g} on "
             f"these inputs, {inputs_doc}); the bundle was not written")
     return report
+
+
+def ort_session(model_bytes: bytes, threads: int):
+    """An onnxruntime CPU session with the edge runner's settings (fixed intra-op threads,
+    inter-op 1, sequential)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def candidates(w: ModelWeights, seq_len: int) -> list[int | None]:
+    """``None`` (the per-token Scan) and every chunk length worth timing for ``w``.
+
+    Chunks longer than the sequence only pad (so none; the sequence's own length instead),
+    and none beyond the size cap of any block (:func:`max_chunk`).
+
+    Examples
+    --------
+    >>> from compressm_tune.models import SSMConfig, SSMModel
+    >>> from compressm_tune.exporter._weights import extract_weights
+    >>> w = extract_weights(SSMModel(SSMConfig(d_model=4, state_dims=[16, 8])))
+    >>> candidates(w, 40), candidates(w, 12)
+    ([None, 8, 16, 32, 40], [None, 8, 12])
+    """
+    if w.arch not in CHUNK_ARCHS:
+        return [None]
+    top = min(max_chunk(block.ssm) for block in w.blocks)
+    chunks = {t for t in CHUNK_CHOICES if t < seq_len and t <= top}
+    if seq_len <= top:
+        chunks.add(seq_len)  # one chunk, no padding, no carry
+    return [None, *sorted(chunks)]
+
+
+def choose_chunk(w: ModelWeights, seq_len: int, threads: int = 1, opset: int = DEFAULT_OPSET,
+                 *, rounds: int = 3, calls: int = 15, round_s: float = 0.05,
+                 seed: int = 0) -> dict:
+    """Time every :func:`candidates` graph on one ``(1, seq_len, d_input)`` input (token
+    models: random ids ``(1, seq_len)``); pick the fastest.
+
+    Candidates are timed in ``rounds`` interleaved rounds (after two warm-up calls), so a
+    change in machine load hits all alike; with one thread by the calling thread's CPU time.
+    A round of one candidate is ``calls`` calls or ``round_s`` seconds, whichever ends first,
+    but at least two calls (slow graphs of long sequences would otherwise make an export take
+    minutes). The statistic is the median over all calls.
+
+    Returns
+    -------
+    dict
+        ``chunk`` (None = per-token Scan, else T), ``variant`` (``"scan"`` or ``"chunked"``),
+        ``median_ms`` per candidate label, ``seq_len``, ``threads`` and ``method``.
+    """
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(w.encoder.shape[0], size=(1, seq_len)) if w.tokens  # ids into the table
+         else rng.standard_normal((1, seq_len, w.d_input)).astype(np.float32))
+    # With one intra-op thread onnxruntime computes on the calling thread, so its CPU time is
+    # the call's cost without the time other processes held the core (a shared machine's
+    # load moved wall-clock choices by up to 2x); with more threads, wall time.
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    options = candidates(w, seq_len)
+    sessions = {}
+    for chunk in options:
+        sessions[chunk] = ort_session(build_sequence_model(w, opset, chunk).SerializeToString(),
+                                      threads)
+        for _ in range(2):
+            sessions[chunk].run(None, {"x": x})
+    samples: dict[int | None, list[float]] = {c: [] for c in options}
+    for _ in range(rounds):
+        for chunk, session in sessions.items():
+            spent = 0.0
+            for i in range(calls):
+                if i >= 2 and spent >= round_s:
+                    break
+                t0, c0 = time.perf_counter(), clock()
+                session.run(None, {"x": x})
+                samples[chunk].append(clock() - c0)
+                spent += time.perf_counter() - t0
+    median = {c: float(np.median(s)) * 1e3 for c, s in samples.items()}
+    best = min(options, key=median.__getitem__) if len(options) > 1 else None
+    return {"chunk": best, "variant": "scan" if best is None else "chunked",
+            "median_ms": {chunk_label(c): round(m, 4) for c, m in median.items()},
+            "seq_len": seq_len, "threads": threads,
+            "method": f"onnxruntime CPU, batch 1, {threads} intra-op thread(s); median "
+                      f"{'thread CPU' if threads == 1 else 'wall-clock'} time of {rounds} "
+                      f"interleaved rounds of {calls} calls or {round_s} s (>= 2 calls) per "
+                      "candidate, after 2 warm-up calls"}
+
+
+def sequence_graph(weights: ModelWeights, chunk: int | str | None, seq_len: int, threads: int,
+                   opset: int) -> dict:
+    """The manifest's ``sequence_graph``: which graph a bundle holds and why (``chunk``:
+    ``"auto"`` measures with :func:`choose_chunk`, ``"scan"``/None or T are taken as given)."""
+    if chunk == "auto":
+        choice = choose_chunk(weights, seq_len, threads, opset)
+        return {"variant": choice["variant"], "chunk": choice["chunk"],
+                "chosen_by": "measured at export", "timings": choice}
+    chunk = check_chunk(None if chunk == "scan" else chunk, weights.arch)
+    return {"variant": "scan" if chunk is None else "chunked", "chunk": chunk,
+            "chosen_by": "given"}
+
+
+def rebuild_dataset(dataset: dict | None, train_seed: int, d_input: int):
+    """``(Dataset, None)``, or ``(None, reason)`` when the dataset cannot be rebuilt here.
+
+    ``dataset`` is the checkpoint's entry; ``train_seed`` the training run's seed (it seeds the
+    splits); ``d_input`` the model's input width, which the rebuilt data must have.
+    """
+    from compressm_tune.data import DATASETS, SelectiveCopyConfig, load_dataset
+
+    if not dataset or "name" not in dataset:
+        return None, "the checkpoint records no dataset"
+    name, info = dataset["name"], dataset.get("info") or {}
+    if name not in DATASETS:
+        return None, f"dataset {name!r} is not one load_dataset can rebuild"
+    if name == "smnist":
+        return None, "smnist needs the user's IDX folder, which the checkpoint does not record"
+    kwargs: dict[str, Any] = {"seed": train_seed}
+    if name == "npz":
+        kwargs["path"] = info.get("path")
+    if name == "selective-copy" and "config" in info:
+        kwargs["copy_config"] = SelectiveCopyConfig(**info["config"])
+    try:
+        ds = load_dataset(name, **kwargs)
+    except (CompressmError, OSError) as exc:
+        return None, f"cannot rebuild dataset {name!r} here: {exc}"
+    if ds.d_input != d_input:
+        return None, f"the rebuilt {name!r} has {ds.d_input} input channels, the model {d_input}"
+    return ds, None
+
+
+_EVAL_BATCH = 250
+
+
+def _evaluate(session, x: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
+    out = np.concatenate([session.run(None, {"x": x[i:i + _EVAL_BATCH]})[0]
+                          for i in range(0, len(x), _EVAL_BATCH)])
+    if task == "classification":
+        if y.ndim == 2:  # per-token labels (n, M): scored at the last M steps of (n, L, C)
+            out, y = out[:, -y.shape[1]:].reshape(-1, out.shape[-1]), y.reshape(-1)
+        z = out - out.max(-1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return {"accuracy": float((out.argmax(-1) == y).mean()),
+                "loss": float(-log_p[np.arange(len(y)), y].mean())}
+    return {"loss": float(((out - y) ** 2).mean())}
+
+
+def evaluate_test_split(ds, skipped: str | None, dataset: dict | None, float_session,
+                        int8_session, x: np.ndarray | None = None) -> dict[str, Any]:
+    """Accuracy (classification) or MSE (regression) of both models on the test split.
+
+    ``ds, skipped`` come from :func:`rebuild_dataset`; with no
+    dataset (none recorded, a user file that moved, ...) the result is ``{"skipped": reason}``.
+    ``dataset`` is the checkpoint's entry (its normalization is compared with the rebuilt one).
+    ``x``: the test inputs as the graphs take them, when not ``ds.x_test`` (a token model's ids).
+    """
+    if ds is None:
+        return {"skipped": skipped}
+    name = ds.name
+    x = ds.x_test.numpy() if x is None else x
+    y = ds.y_test.numpy()
+    ref = _evaluate(float_session, x, y, ds.task)
+    quant = _evaluate(int8_session, x, y, ds.task)
+    metric = "accuracy" if ds.task == "classification" else "loss"
+    result = {"dataset": name, "split": "test", "n": int(len(x)), "metric": metric,
+              "float32": ref, "int8": quant, "change": quant[metric] - ref[metric]}
+    want_mean, want_std = dataset.get("norm_mean"), dataset.get("norm_std")
+    if want_mean is not None and not (np.allclose(ds.norm_mean, want_mean, rtol=1e-5)
+                                      and np.allclose(ds.norm_std, want_std, rtol=1e-5)):
+        result["note"] = ("the rebuilt dataset's normalization differs from the checkpoint's; "
+                          "the metrics use the rebuilt one")
+    return result

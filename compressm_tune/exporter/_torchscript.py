@@ -8,7 +8,7 @@ length) and a ``step`` method in :meth:`SSMModel.allocate_state`'s layout. A blo
 shared part (BatchNorm fold, ``D``, GELU, GLU, residual) around one layer module,
 :class:`_ScriptedLRU` or :class:`_ScriptedSelective`, each with ``forward`` over a sequence and
 ``step`` over one token; with a chunk length the LRU's ``forward`` is chunked like the ONNX
-sequence graph (:mod:`._chunked`). A Mamba block (:class:`_ScriptedMamba`) wraps
+sequence graph (:mod:`._weights`). A Mamba block (:class:`_ScriptedMamba`) wraps
 :class:`_ScriptedSelective` on its inner channels. The saved file needs only ``torch.jit.load``: no
 compressm_tune import on the loading side.
 """
@@ -20,13 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressm_tune.exporter._chunked import check_chunk, lru_chunk, segment_sums
 from compressm_tune.exporter._weights import (
     BlockWeights,
     LRUWeights,
     MambaBlockWeights,
     ModelWeights,
     SelectiveWeights,
+    check_chunk,
+    lru_chunk,
+    segment_sums,
 )
 
 __all__ = ["ScriptedSSM", "script_model"]
@@ -40,7 +42,7 @@ class _ScriptedLRU(nn.Module):
     """The LRU layer without ``D``; see :class:`LRUWeights` for the equations.
 
     ``chunk = 0``: ``forward`` walks the sequence token by token. ``chunk = T``: the chunked
-    form of :class:`._chunked.LRUChunk` (the same constants as the ONNX graph): every chunk's
+    form of :class:`._weights.LRUChunk` (the same constants as the ONNX graph): every chunk's
     states in one ``bmm``, then a loop over the chunks (not the tokens) for the carries.
     """
 
@@ -100,7 +102,7 @@ class _ScriptedSelective(nn.Module):
     """The selective layer without ``D``; see :class:`SelectiveWeights` for the equations.
 
     ``chunk = T > 0``: ``forward`` loops over chunks of T tokens in the segment-sum form of
-    :class:`._onnx_chunked.ChunkedSelective`, with the same constants.
+    :class:`._onnx_blocks.ChunkedSelective`, with the same constants.
     """
 
     def __init__(self, w: SelectiveWeights, chunk: int | None) -> None:
@@ -330,5 +332,5 @@ class ScriptedSSM(nn.Module):
 
 def script_model(w: ModelWeights, chunk: int | None = None) -> torch.jit.ScriptModule:
     """Script (not trace) a :class:`ScriptedSSM`, so the time or chunk loop keeps a dynamic
-    length; ``chunk`` as in :func:`~._onnx_graph.build_sequence_model`."""
+    length; ``chunk`` as in :func:`~._onnx.build_sequence_model`."""
     return torch.jit.script(ScriptedSSM(w, chunk).eval())

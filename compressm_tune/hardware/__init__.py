@@ -8,85 +8,65 @@ time are read in named windows (:class:`MeasurementMonitor`) from a backend chos
 time that is labelled as one.
 """
 
-from compressm_tune.hardware._compare import ComparisonTable, compare, plot_comparison
+from compressm_tune.hardware._compare import compare, plot_comparison
 from compressm_tune.hardware._config import (
-    RUNTIMES,
     ProfilerConfig,
+    fingerprint,
     parse_block_counts,
     parse_widths,
 )
-from compressm_tune.hardware._drift import (
+from compressm_tune.hardware._energy import (
+    CpuTimeEstimateBackend,
+    EnergyBackend,
+    NullEnergyBackend,
+    NvmlCounterBackend,
+    NvmlPowerSamplingBackend,
+    RaplBackend,
+    select_energy_backend,
+)
+from compressm_tune.hardware._latency_model import (
     DRIFT_TOLERANCE,
+    INTERPOLATIONS,
+    TIME_METRICS,
     Drift,
+    LatencyModel,
     check_drift,
     measured_here,
     reference_widths,
 )
-from compressm_tune.hardware._energy import ENERGY_CHOICES, select_energy_backend
-from compressm_tune.hardware._energy_base import (
-    DEFAULT_WATTS_PER_CORE,
-    CpuTimeEstimateBackend,
-    EnergyBackend,
-    EnergyBackendError,
-    NullEnergyBackend,
+from compressm_tune.hardware._measure import (
+    MeasurementMonitor,
+    TimingStats,
+    fixed_threads,
+    time_calls,
+    time_samples,
 )
-from compressm_tune.hardware._fingerprint import DeviceFingerprint, fingerprint
-from compressm_tune.hardware._latency_model import (
-    INTERPOLATIONS,
-    TIME_METRICS,
-    HoldoutResult,
-    LatencyModel,
-)
-from compressm_tune.hardware._memory import MemoryUsage, measure_peak_memory, param_mb
-from compressm_tune.hardware._monitor import Measurement, MeasurementMonitor, synchronize
-from compressm_tune.hardware._nvml import NvmlCounterBackend, NvmlPowerSamplingBackend
-from compressm_tune.hardware._profiler import measure_models, profile_device
-from compressm_tune.hardware._rapl import RaplBackend
-from compressm_tune.hardware._runtimes import (
-    InferenceRunner,
-    prepare_runtime,
-)
-from compressm_tune.hardware._schema import (
+from compressm_tune.hardware._memory import measure_peak_memory, param_mb
+from compressm_tune.hardware._profile import (
     METRICS,
     SCHEMA_VERSION,
     ModelRecord,
     Profile,
+    fast_widths,
     load_profile,
     save_profile,
+    step_up_widths,
 )
-from compressm_tune.hardware._steps import fast_widths, step_up_widths
-from compressm_tune.hardware._timing import (
-    CallTimes,
-    TimingStats,
-    fixed_threads,
-    time_calls,
-    time_repeats,
-    time_samples,
-    warm_up,
-)
+from compressm_tune.hardware._profiler import measure_models, profile_device
+from compressm_tune.hardware._runtimes import onnxruntime_functions, prepare_runtime
 
 __all__ = [
-    "DEFAULT_WATTS_PER_CORE",
     "DRIFT_TOLERANCE",
-    "ENERGY_CHOICES",
     "INTERPOLATIONS",
     "METRICS",
-    "RUNTIMES",
     "SCHEMA_VERSION",
     "TIME_METRICS",
-    "CallTimes",
-    "ComparisonTable",
     "CpuTimeEstimateBackend",
-    "DeviceFingerprint",
     "Drift",
     "EnergyBackend",
-    "EnergyBackendError",
-    "HoldoutResult",
-    "InferenceRunner",
     "LatencyModel",
-    "Measurement",
     "MeasurementMonitor",
-    "MemoryUsage",
+    "ModelRecord",
     "NullEnergyBackend",
     "NvmlCounterBackend",
     "NvmlPowerSamplingBackend",
@@ -94,7 +74,6 @@ __all__ = [
     "ProfilerConfig",
     "RaplBackend",
     "TimingStats",
-    "ModelRecord",
     "check_drift",
     "compare",
     "fast_widths",
@@ -104,6 +83,7 @@ __all__ = [
     "measure_models",
     "measure_peak_memory",
     "measured_here",
+    "onnxruntime_functions",
     "param_mb",
     "parse_block_counts",
     "parse_widths",
@@ -114,9 +94,6 @@ __all__ = [
     "save_profile",
     "select_energy_backend",
     "step_up_widths",
-    "synchronize",
     "time_calls",
-    "time_repeats",
     "time_samples",
-    "warm_up",
 ]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compressm_tune.errors import ConfigError
-from compressm_tune.hardware._schema import Profile
+from compressm_tune.hardware._profile import Profile
 
 __all__ = ["ComparisonTable", "compare", "plot_comparison"]
 

@@ -17,22 +17,26 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from compressm_tune.errors import ConfigError
-from compressm_tune.hardware._config import ProfilerConfig
+from compressm_tune.hardware._config import DeviceFingerprint, ProfilerConfig, fingerprint
 from compressm_tune.hardware._energy import select_energy_backend
-from compressm_tune.hardware._fingerprint import DeviceFingerprint, fingerprint
-from compressm_tune.hardware._malloc import keep_freed_memory
-from compressm_tune.hardware._memory import measure_peak_memory, memory_method, param_mb
-from compressm_tune.hardware._monitor import MeasurementMonitor, synchronize
-from compressm_tune.hardware._runtimes import prepare_runtime
-from compressm_tune.hardware._schema import ModelRecord, Profile
-from compressm_tune.hardware._timing import (
+from compressm_tune.hardware._measure import (
     CPU_TIMING_METHOD,
     TIMING_METHOD,
+    MeasurementMonitor,
     TimingStats,
     fixed_threads,
+    synchronize,
     time_calls,
     warm_up,
 )
+from compressm_tune.hardware._memory import (
+    keep_freed_memory,
+    measure_peak_memory,
+    memory_method,
+    param_mb,
+)
+from compressm_tune.hardware._profile import ModelRecord, Profile
+from compressm_tune.hardware._runtimes import prepare_runtime
 from compressm_tune.models import SSMConfig, SSMModel
 
 __all__ = ["measure_models", "profile_device"]

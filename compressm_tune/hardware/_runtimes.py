@@ -1,17 +1,25 @@
-"""Inference runtimes the profiler can time: eager torch, TorchScript, and the ONNX hook."""
+"""Inference runtimes the profiler can time: eager torch, TorchScript and onnxruntime.
+
+:func:`onnxruntime_functions` runs a live model's exported graphs in onnxruntime without writing
+files: the graphs are built from the model's current weights and opened from bytes, with the
+edge runner's session settings (fixed intra-op threads, inter-op 1, sequential execution).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from compressm_tune.errors import ExportError
+from compressm_tune.errors import ExportError, ExportOptionError
+from compressm_tune.models import SSMModel
 
-__all__ = ["InferenceRunner", "prepare_runtime", "RUNTIME_BUILDERS"]
+__all__ = ["InferenceRunner", "RUNTIME_BUILDERS", "onnxruntime_functions", "prepare_runtime"]
 
+Forward = Callable[[torch.Tensor], torch.Tensor]
 StepFn = Callable[[torch.Tensor, list[torch.Tensor]], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
@@ -31,7 +39,7 @@ class InferenceRunner:
     """
 
     runtime: str
-    forward: Callable[[torch.Tensor], torch.Tensor]
+    forward: Forward
     step: StepFn
 
 
@@ -90,8 +98,6 @@ def _onnxruntime_runner(
     as many intra-op threads as torch has here; output checked against eager torch. The
     sequence graph is chosen as an export chooses it (timed at the inputs' length), so the
     profile times the graph a bundle of this model would hold."""
-    from compressm_tune.exporter import onnxruntime_functions
-
     forward, step = onnxruntime_functions(model, threads=torch.get_num_threads(),
                                           chunk="auto", seq_len=int(seq_inputs[0].shape[1]))
     with torch.no_grad():
@@ -144,3 +150,64 @@ def prepare_runtime(
     if runtime not in RUNTIME_BUILDERS:
         raise ValueError(f"runtime must be one of {sorted(RUNTIME_BUILDERS)}, got {runtime!r}")
     return RUNTIME_BUILDERS[runtime](model, seq_inputs, step_inputs)
+
+
+def onnxruntime_functions(model: SSMModel, threads: int = 1, opset: int | None = None,
+                          chunk: int | str | None = None,
+                          seq_len: int | None = None) -> tuple[Forward, StepFn]:
+    """``(forward, step)`` running ``model``'s exported graphs in onnxruntime.
+
+    ``forward(x (batch, L, d_input))`` and ``step(x_t (batch, d_input), state)`` take and return
+    torch tensors exactly like ``model(x)`` and ``model.step(x_t, state)`` (``state`` as from
+    ``model.allocate_state``), so they drop into code written for the eager model. Weights are
+    read once, now: later changes to ``model`` are not seen. ``chunk`` picks the sequence graph
+    as in :func:`~compressm_tune.exporter.export_bundle`: ``"auto"`` times the candidates at
+    ``seq_len`` tokens (as an export does, so a profile times the graph a bundle would hold),
+    ``None`` or ``"scan"`` the per-token Scan, an integer T chunks of T tokens. ``opset``
+    defaults to the exporter's ``DEFAULT_OPSET``.
+
+    Examples
+    --------
+    >>> from compressm_tune.models import SSMConfig
+    >>> model = SSMModel(SSMConfig(d_input=1, d_output=2, d_model=4, state_dims=[3])).eval()
+    >>> forward, step = onnxruntime_functions(model)
+    >>> x = torch.randn(2, 5, 1)
+    >>> bool(torch.allclose(forward(x), model(x), atol=1e-5))
+    True
+    """
+    # The exporter builds the graphs; imported here because the exporter imports this package.
+    from compressm_tune.exporter import (
+        DEFAULT_OPSET,
+        build_sequence_model,
+        build_step_model,
+        extract_weights,
+        ort_session,
+        sequence_graph,
+    )
+
+    if opset is None:
+        opset = DEFAULT_OPSET
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ExportOptionError(f"threads must be an integer >= 1, got {threads=}")
+    weights = extract_weights(model)
+    if chunk == "auto":
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ExportOptionError(f"chunk='auto' times the graphs at seq_len tokens; give "
+                                    f"seq_len >= 1, got {seq_len=}")
+    chunk = sequence_graph(weights, chunk, seq_len or 1, threads, opset)["chunk"]
+    seq = ort_session(build_sequence_model(weights, opset, chunk).SerializeToString(), threads)
+    stp = ort_session(build_step_model(weights, opset).SerializeToString(), threads)
+    step_names = [i.name for i in stp.get_inputs()]
+
+    def _np(t: torch.Tensor) -> np.ndarray:
+        return t.detach().to(torch.float32).cpu().numpy()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(seq.run(None, {"x": _np(x)})[0])
+
+    def step(x_t: torch.Tensor, state: list[torch.Tensor]):
+        feeds = dict(zip(step_names, [_np(x_t), *map(_np, state)], strict=True))
+        y, *new_state = stp.run(None, feeds)
+        return torch.from_numpy(y), [torch.from_numpy(s) for s in new_state]
+
+    return forward, step

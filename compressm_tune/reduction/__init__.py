@@ -1,18 +1,32 @@
-"""Hankel-singular-value balanced truncation of diagonal SSM layers, data-driven state
-selection for selective layers, and rank policies.
+"""What, how and when to cut: Hankel-singular-value balanced truncation of diagonal SSM layers,
+data-driven state selection for selective layers, rank policies, the reduction schedules, the
+in-training :class:`Reducer` and the :class:`Compressor` for any PyTorch loop.
 
 Numpy arrays or torch tensors in (``lam`` (N,), ``B`` (N, H) including gamma, ``C`` (H, N),
 complex); results come back in the same kind, complex128. See ``DESIGN.md``, "The method,
 precisely".
 """
 
+from compressm_tune.reduction._compressor import Compressor
 from compressm_tune.reduction._gramians import gramians, hankel_singular_values
 from compressm_tune.reduction._policies import (
+    WEIGHTINGS,
     ReductionPolicy,
     plan_rank,
     rank_for_tolerance,
     round_up_to,
 )
+from compressm_tune.reduction._reducer import (
+    CALIBRATION,
+    MOMENT_POLICIES,
+    ReduceConfig,
+    Reducer,
+    ReductionHost,
+    layer_inputs,
+    run_model,
+    spectrum_record,
+)
+from compressm_tune.reduction._schedules import SCHEDULES, SettleConfig, SettleTracker, target_rank
 from compressm_tune.reduction._selective import select_states, state_importance
 from compressm_tune.reduction._surgery import (
     find_reducible,
@@ -26,13 +40,25 @@ from compressm_tune.reduction._surgery import (
     truncate_layer,
 )
 from compressm_tune.reduction._truncation import (
+    SELECTS,
     balanced_truncation,
     from_lru_params,
     to_lru_params,
 )
 
 __all__ = [
+    "CALIBRATION",
+    "Compressor",
+    "MOMENT_POLICIES",
+    "ReduceConfig",
+    "ReductionHost",
     "ReductionPolicy",
+    "Reducer",
+    "SCHEDULES",
+    "SELECTS",
+    "SettleConfig",
+    "SettleTracker",
+    "WEIGHTINGS",
     "balanced_truncation",
     "find_reducible",
     "from_lru_params",
@@ -42,14 +68,18 @@ __all__ = [
     "is_reducible",
     "is_selective",
     "layer_hsv",
+    "layer_inputs",
     "layer_width",
     "plan_rank",
     "rank_for_tolerance",
     "reduce_layer",
     "round_up_to",
+    "run_model",
     "select_states",
     "state_importance",
+    "spectrum_record",
     "state_scores",
+    "target_rank",
     "to_lru_params",
     "truncate_layer",
 ]

@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass, field
 
 from compressm_tune._device import PRECISIONS, check_device_spec, check_precision
+from compressm_tune.data import DATASETS
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import ARCHS
-from compressm_tune.training import DATASETS, TrainConfig
+from compressm_tune.training import TrainConfig
 
 __all__ = ["TuneConfig", "LATENCY_MODES"]
 

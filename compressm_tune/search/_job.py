@@ -37,6 +37,7 @@ import optuna
 
 from compressm_tune._device import check_precision, resolve_device
 from compressm_tune._io import ensure_dir
+from compressm_tune.data import load_dataset
 from compressm_tune.errors import BudgetMissedError, ConfigError
 from compressm_tune.hardware import (
     LatencyModel,
@@ -59,8 +60,7 @@ from compressm_tune.search._storage import (
     keep_alive,
     open_storage,
 )
-from compressm_tune.training import TrainConfig, load_dataset
-from compressm_tune.training.trainer import check_training_memory
+from compressm_tune.training import TrainConfig, check_training_memory
 
 __all__ = ["run_tune", "resolve_profile", "BudgetMissedError"]
 

@@ -8,13 +8,12 @@ from typing import Any
 
 import optuna
 
+from compressm_tune.data import Dataset
 from compressm_tune.models import SSMConfig, dropout_for
-from compressm_tune.reduction import ReductionPolicy, round_up_to
+from compressm_tune.reduction import ReduceConfig, Reducer, ReductionPolicy, round_up_to
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._space import suggest
-from compressm_tune.training import Dataset, Trainer
-from compressm_tune.training.reducer import ReduceConfig, Reducer
-from compressm_tune.training.trainer import score
+from compressm_tune.training import Trainer, score
 
 __all__ = ["Objective", "set_constraints", "constraints_of"]
 

@@ -12,12 +12,12 @@ import optuna
 
 from compressm_tune._io import atomic_write_text, read_json
 from compressm_tune._table import markdown_table
+from compressm_tune.data import Dataset
 from compressm_tune.errors import BudgetMissedError
 from compressm_tune.hardware import LatencyModel, Profile
 from compressm_tune.models import SSMConfig, dropout_for
 from compressm_tune.search._config import TuneConfig
-from compressm_tune.training import Dataset, Trainer, model_from_checkpoint
-from compressm_tune.training.plots import read_metrics
+from compressm_tune.training import Trainer, model_from_checkpoint, read_metrics
 
 __all__ = ["choose_and_export", "write_report"]
 
@@ -265,7 +265,7 @@ def _plots(study: optuna.Study, config: TuneConfig, out: Path, data: Dataset) ->
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from compressm_tune.training.reducer import CALIBRATION, spectrum_record
+    from compressm_tune.reduction import CALIBRATION, spectrum_record
 
     with warnings.catch_warnings():  # optuna's matplotlib plots are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

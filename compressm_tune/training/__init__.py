@@ -1,4 +1,4 @@
-"""Datasets, the training loop, checkpoints, and in-training reduction."""
+"""The training loop, its optimizer and schedule, checkpoints, and reading a run's metrics."""
 
 from compressm_tune.training.checkpoint import (
     file_sha256,
@@ -6,20 +6,26 @@ from compressm_tune.training.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from compressm_tune.training.compressor import Compressor
-from compressm_tune.training.data import DATASETS, Dataset, load_dataset
-from compressm_tune.training.trainer import TrainConfig, Trainer, evaluate
+from compressm_tune.training.plots import plot_hsv_trajectories, ranking_stability, read_metrics
+from compressm_tune.training.trainer import (
+    TrainConfig,
+    Trainer,
+    check_training_memory,
+    evaluate,
+    score,
+)
 
 __all__ = [
-    "Compressor",
-    "DATASETS",
-    "Dataset",
     "TrainConfig",
     "Trainer",
+    "check_training_memory",
     "evaluate",
     "file_sha256",
     "load_checkpoint",
-    "load_dataset",
     "model_from_checkpoint",
+    "plot_hsv_trajectories",
+    "ranking_stability",
+    "read_metrics",
     "save_checkpoint",
+    "score",
 ]

@@ -3,7 +3,7 @@
 One :class:`Trainer` owns a model, its optimizer and a dataset. Every ``eval_every`` steps it
 evaluates on the validation split, appends a line to ``metrics.jsonl``, writes ``last.pt`` (and
 ``best.pt`` when validation improves) atomically, and, inside the reduction window, hands
-control to the :class:`~compressm_tune.training.reducer.Reducer`, which may shrink layers.
+control to the :class:`~compressm_tune.reduction.Reducer`, which may shrink layers.
 Batches are a pure function of ``(seed, step)``, so a run resumed from ``last.pt`` sees the
 same data it would have seen without the interrupt.
 """
@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,19 +34,19 @@ from compressm_tune._device import (
     resolve_device,
 )
 from compressm_tune._io import atomic_write_text, ensure_dir
+from compressm_tune.data import Dataset
 from compressm_tune.errors import CheckpointError, ConfigError
 from compressm_tune.models import SSMConfig, SSMModel
+from compressm_tune.reduction import CALIBRATION, spectrum_record
 from compressm_tune.training.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from compressm_tune.training.data import Dataset
 from compressm_tune.training.optim import build_optimizer, lr_factor, set_lr
-from compressm_tune.training.reducer import CALIBRATION, spectrum_record
 from compressm_tune.training.step import TrainStep
 
-__all__ = ["TrainConfig", "Trainer", "evaluate"]
+__all__ = ["TrainConfig", "Trainer", "check_training_memory", "evaluate", "score"]
 
 
 @dataclass
@@ -168,7 +169,7 @@ def training_memory_bytes(model_config: SSMConfig, batch_size: int, seq_len: int
     scan's float32 ``(B, L, N, 2)`` drive, states and their gradients (about five such
     tensors), and about ten ``(B, L, H)`` activations; evaluation batches hold the forward
     tensors only. Rough on purpose: it exists to refuse, before allocating, a width the
-    machine cannot hold (``--state-dims 100000`` grew to 22 GB and was killed)."""
+    machine cannot hold, rather than let the kernel kill the process."""
     h, n_sum = model_config.d_model, sum(model_config.state_dims)
     params = sum(4 * n * h + 4 * n for n in model_config.state_dims) + len(
         model_config.state_dims) * (2 * h * h + 4 * h) + h * (model_config.d_input
@@ -201,9 +202,8 @@ def check_training_memory(model_config: SSMConfig, batch_size: int, seq_len: int
 
 def _schedule_attempts(reducer: Any, config: TrainConfig) -> None:
     """Make sure the reduction window holds cut attempts: with attempts only at evaluations
-    and no evaluation inside the window (``--steps 200 --eval-every 100``, window 10%), a
-    ``--reduce`` request was silently never tried. Then attempt every third of the window
-    instead, and say so."""
+    and no evaluation inside the window (``steps=200``, ``eval_every=100``, window 10%), no
+    cut would ever be tried. Then attempt every third of the window instead, and say so."""
     window_steps = int(reducer.config.window * config.steps)
     if (window_steps >= 1 and reducer.cadence(config.steps) is None
             and config.eval_every > window_steps):
@@ -235,6 +235,10 @@ def _check_resumable(payload: dict[str, Any], model_config: SSMConfig, dataset: 
                           + "; use its settings or another --out")
 
 
+def _no_phase(name: str) -> AbstractContextManager:
+    return nullcontext()
+
+
 def score(metrics: dict[str, float]) -> float:
     """Higher is better: accuracy for classification, minus the loss otherwise."""
     return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
@@ -259,14 +263,22 @@ class Trainer:
     on_eval : callable, optional
         Called with each evaluation record after it is written (the search reports
         intermediate values and prunes from here by raising).
+    phase : callable, optional
+        Called with a phase name, returns a context manager wrapping that phase (timing,
+        tracing; default: nothing): ``"eval"`` (a periodic evaluation with its reduction
+        attempt and checkpoints) and ``"validate"`` (one validation pass, the reducer's
+        included). Pass the same callable to the :class:`~compressm_tune.reduction.Reducer`
+        to see its phases too.
     """
 
     def __init__(self, model_config: SSMConfig, config: TrainConfig, dataset: Dataset,
                  out_dir: str | Path, reducer: Any = None, resume: bool = False,
                  progress: bool = True, model: SSMModel | None = None,
-                 on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_eval: Callable[[dict[str, Any]], None] | None = None,
+                 phase: Callable[[str], AbstractContextManager] | None = None) -> None:
         self.config, self.dataset, self.reducer = config, dataset, reducer
         self.on_eval = on_eval
+        self.phase = phase if phase is not None else _no_phase
         self.out_dir = ensure_dir(out_dir)
         for debris in self.out_dir.glob(".*.tmp"):  # left by a kill during a write
             debris.unlink(missing_ok=True)
@@ -328,7 +340,7 @@ class Trainer:
         save_checkpoint(path, self.model, **self.payload())
         return path
 
-    # -- the ReductionHost interface (training/reducer.py) ---------------------------------
+    # -- the ReductionHost interface (compressm_tune.reduction) ------------------------------
     @property
     def steps_done(self) -> int:
         return self.step
@@ -395,8 +407,9 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         d = self.dataset
-        return evaluate(self.model, d.x_val, d.y_val, d.task, self.config.eval_batch_size,
-                        self.config.precision, d.info.get("bits_name"))
+        with self.phase("validate"):
+            return evaluate(self.model, d.x_val, d.y_val, d.task, self.config.eval_batch_size,
+                            self.config.precision, d.info.get("bits_name"))
 
     def fit(self) -> dict[str, Any]:
         """Train to ``config.steps``; return the summary also written to ``summary.json``."""
@@ -430,7 +443,8 @@ class Trainer:
             bar.update(1)
             record = None
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                record = self._evaluate_and_save(losses)
+                with self.phase("eval"):
+                    record = self._evaluate_and_save(losses)
                 losses = []
                 bar.set_postfix(val=f"{score(record['val']):.4f}",
                                 dims=",".join(map(str, self.model.state_dims)))

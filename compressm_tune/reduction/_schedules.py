@@ -1,41 +1,23 @@
 """The ``settle`` reduction schedule: cut when the spectrum has settled, to a width it sets.
 
 Why: the paper's schedule (``window``) cuts at every evaluation inside the window, each time
-discarding ``tau`` of the current HSV sum. On a young model that keeps ~88% of the states per
-attempt, so the final width is set by how many attempts fit in the window, not by the data:
-ten runs on five different datasets all ended at 225-230 of 256 states, and with attempts every
-few steps two datasets followed the same width path.
+discarding ``tau`` of the current HSV sum, so its final width is set by how many attempts fit in
+the window rather than by the data. Here a layer's **target width** comes from its spectrum as
+measured now: the fixed point of ``tau`` cuts on the prefixes of this one spectrum,
+``r_0 = N``, ``r_{i+1} = rank(g[:r_i])`` until the policy's gate refuses (:func:`target_rank`).
+A spectrum without a knee stops just below ``1 / tau``; a knee stops it earlier. (Real repeated
+cuts go further: truncation shrinks the tail values of what it keeps.) Early in training the
+unweighted HSVs of an LRU still show its initialization; input-weighted ones
+(``weighting="input"``) see the layer's inputs from the first check.
 
-Here the width a layer is heading for comes from its spectrum as measured now: the **target
-width** is the fixed point of ``tau`` cuts on the prefixes of this one spectrum,
-``r_0 = N``, ``r_{i+1} = rank(g[:r_i])`` until the policy's gate refuses (:func:`target_rank`):
-the width at which the spectrum stops asking for cuts if the kept states kept their values.
-(Real repeated cuts of a discrete-time layer go further: truncation shrinks the tail values of
-what it keeps, so every new cut finds more to discard; a random 48-state layer at tau=0.04 has
-target 27 but ends at 13 after 13 cuts. That compounding is how the ``window`` schedule's width
-comes from its number of attempts.)
-
-What sets the target: a spectrum without a knee (``r`` similar values) keeps asking for cuts
-while its smallest value holds less than ``tau`` of the sum, so its fixed point sits just below
-``1 / tau`` (24 at tau=0.04); a knee stops it earlier. Which spectrum matters: in the first 10%
-of training the paper's (unweighted) HSVs of an LRU still show its initialization, not the
-data: with ``--log-spectrum`` the four layers' targets were 62, 100, 81, 62 at steps 15-120 on
-MNIST-1D and on lti-sysid alike (same seed), and moved only after step 135 on MNIST-1D.
-Input-weighted HSVs (``weighting=input``) see the layer's inputs from the first check; with
-them ``settle`` ended at 28-64 states per layer on MNIST-1D's default network, 5.4x fewer than
-``window`` at 0.27 points lost (``bench_results/schedule_default.md``).
-
-When to cut: at every check (an attempt point inside the window) each layer's target width is
+When to cut: at every check (an attempt point inside the window) each layer's target is
 recorded; the layer is *settled* when its target moved by at most ``drift * N`` over the last
 ``patience`` check intervals on the same basis (a cut changes the basis, so the history starts
-again). A settled layer is cut toward its target, keeping at least ``min_keep`` of its states per
-cut so that the safety net judges moderate steps; the last check inside the window cuts
-unsettled layers too (the window is the upper bound on waiting). The target of a layer's first
-cut is a floor for the later ones: a cut re-bases the layer and restarts its Adam moments, and
-the spectrum measured right after that moves by the perturbation as much as by learning (seen
-on MNIST-1D: without the floor, 256 -> 128 -> 64 -> 32 -> 24 within 45 steps, each target
-"settled"). Cutting ends when the layer reaches its target, at a rollback (the layer is frozen,
-as in every schedule), or when the window closes.
+again). A settled layer is cut toward its target, keeping at least ``min_keep`` of its states
+per cut so the safety net judges moderate steps; the last check inside the window cuts unsettled
+layers too. The target of a layer's first cut floors the later ones: right after a cut (new
+basis, fresh Adam moments) the spectrum moves by the perturbation as much as by learning.
+Cutting ends at the target, at a rollback (the layer is frozen), or when the window closes.
 """
 
 from __future__ import annotations
@@ -48,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from compressm_tune.errors import ConfigError
-from compressm_tune.reduction import ReductionPolicy, plan_rank
+from compressm_tune.reduction._policies import ReductionPolicy, plan_rank
 
 __all__ = ["SCHEDULES", "SettleConfig", "SettleTracker", "target_rank"]
 
@@ -96,7 +78,7 @@ def target_rank(hsv: Any, policy: ReductionPolicy,
 class SettleConfig:
     """When the ``settle`` schedule counts a layer's spectrum as settled, and how far it cuts."""
 
-    checks: int = 12  # spectrum checks spread over the window (when no --reduce-every is given)
+    checks: int = 12  # spectrum checks spread over the window (when ReduceConfig.every is None)
     drift: float = 0.03  # settled: the target width moved by <= 3% of N ...
     patience: int = 2  # ... over each of the last 2 check intervals
     min_keep: float = 0.5  # a cut keeps at least half of the states (the safety net's step)

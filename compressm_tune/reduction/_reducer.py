@@ -7,22 +7,21 @@ a new width, and cuts (LRU: balanced truncation; selective: keeps the best state
 Before each cut the full training state is checkpointed (``pre_cut.pt``); after it the model is
 validated, and if the validation score fell by more than ``max_drop`` the cut is rolled back
 and that layer is frozen at its width. ``max_drop=inf`` turns the safety net off: no
-checkpoint and no validation around a cut (validation passes are most of what reduction costs,
-``bench_results/reduction_share.md``); an attempt at an evaluation still validates the model it
-leaves, for the evaluation's record.
+checkpoint and no validation around a cut (validation passes are most of what reduction
+costs); an attempt at an evaluation still validates the model it leaves, for the evaluation's
+record.
 
 Adam moments after a cut: a reduced LRU layer's parameters live in a new basis (balancing then
 re-diagonalization mixes all old states), so the old per-coordinate moments no longer belong
 to any coordinate. ``moments="reset"`` (default) starts them afresh for the cut layer only;
 ``"slice"`` keeps the first ``r`` rows, as the paper's code does. A selective layer keeps a
 subset of its states unchanged, so their moments are carried over exactly, whatever
-``moments`` says. Every other parameter keeps its moments. ``bench_results/compression.md``
-compares the two LRU policies.
+``moments`` says. Every other parameter keeps its moments.
 
 The reducer drives its training loop through a small :class:`ReductionHost` interface (the
 layers, the optimizer, a validation, a snapshot and its restore, the calibration inputs), which
 the :class:`~compressm_tune.training.Trainer` (checkpoints on disk) and the
-:class:`~compressm_tune.training.Compressor` (any user loop; in-memory snapshots, the user's
+:class:`~compressm_tune.reduction.Compressor` (any user loop; in-memory snapshots, the user's
 optimizer rewritten in place) both implement, so the cut logic exists once.
 """
 
@@ -30,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,22 +39,25 @@ from torch import nn
 
 from compressm_tune._device import module_device
 from compressm_tune.errors import ConfigError
-from compressm_tune.reduction import (
-    ReductionPolicy,
+from compressm_tune.reduction._policies import ReductionPolicy, plan_rank
+from compressm_tune.reduction._schedules import SCHEDULES, SettleConfig, SettleTracker
+from compressm_tune.reduction._surgery import (
     find_reducible,
     is_selective,
     layer_width,
-    plan_rank,
     reduce_layer,
     state_scores,
 )
-from compressm_tune.training._settle import SCHEDULES, SettleConfig, SettleTracker
 
 __all__ = ["CALIBRATION", "MOMENT_POLICIES", "SCHEDULES", "ReduceConfig", "ReductionHost",
            "Reducer", "SettleConfig", "layer_inputs", "run_model", "spectrum_record"]
 
 MOMENT_POLICIES = ("reset", "slice")
 CALIBRATION = 128  # training sequences that score a selective layer's states
+
+
+def _no_phase(name: str) -> AbstractContextManager:
+    return nullcontext()
 
 
 @dataclass
@@ -82,7 +85,7 @@ class ReduceConfig:
     # layers under an input-weighted policy).
     calibration: int = CALIBRATION
     # "window": the paper's, a tau cut at every attempt in the window; "settle": cut when the
-    # spectrum has settled, toward the width repeated cuts would reach (training/_settle.py)
+    # spectrum has settled, toward the width repeated cuts would reach (SettleTracker)
     schedule: str = field(default="window", metadata={
         "choices": SCHEDULES,
         "help": "when cuts happen inside the window: window (the paper's: a tau cut at every "
@@ -111,7 +114,7 @@ class ReduceConfig:
 class ReductionHost(Protocol):
     """What a :class:`Reducer` drives: the training loop that owns model and optimizer.
 
-    :class:`~compressm_tune.training.Trainer` and :class:`~compressm_tune.training.Compressor`
+    :class:`~compressm_tune.training.Trainer` and :class:`~compressm_tune.reduction.Compressor`
     implement it, so both run the one copy of the cut logic below.
     """
 
@@ -233,10 +236,21 @@ def _drop(before: dict[str, float], after: dict[str, float]) -> float:
 
 class Reducer:
     """The reduction hook of a training loop, any :class:`ReductionHost` (see the module
-    docstring)."""
+    docstring).
 
-    def __init__(self, config: ReduceConfig) -> None:
+    ``phase``, optional, is called with a phase name and returns a context manager that wraps
+    that phase (for timing or tracing; the default does nothing): ``"attempt"`` (a whole
+    :meth:`attempt`), ``"plan"`` (one layer's :meth:`plan`), ``"scores"`` (one layer's state
+    scores), ``"cut"`` (one layer's truncation and surgery), ``"moments"`` (rebuilding the
+    optimizer and carrying its state) and ``"close_window"`` (a whole :meth:`close_window`).
+    Phases nest: everything but ``"close_window"`` runs inside an ``"attempt"`` or a
+    ``"close_window"``.
+    """
+
+    def __init__(self, config: ReduceConfig,
+                 phase: Callable[[str], AbstractContextManager] | None = None) -> None:
         self.config = config
+        self.phase = phase if phase is not None else _no_phase
         self.frozen: set[int] = set()
         self.closed = False  # whether the window's closing (budget) step has run
         self.settle = SettleTracker(config.settle)
@@ -273,23 +287,30 @@ class Reducer:
                 ) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
         """Plan every layer's rank, cut all planned layers at once and validate once.
 
-        Validation passes are what the safety net costs (``bench_results/reduction_share.md``:
-        one per layer cut was 8% of a run's time), so an attempt validates only when it cuts:
-        before (unless ``val``, the validation just measured, is given) and after. If the joint
-        cut fails the safety net it is rolled back and the layers are retried one at a time,
-        each with its own check, so the layer that hurts is the one frozen.
+        Validation passes are what the safety net costs, so an attempt validates only when it
+        cuts: before (unless ``val``, the validation just measured, is given) and after. If
+        the joint cut fails the safety net it is rolled back and the layers are retried one at
+        a time, each with its own check, so the layer that hurts is the one frozen.
 
         Returns the per-layer records (scores, rank, action) and the validation of the model
         as it is after the attempt (None when nothing was planned and ``val`` was None).
         """
+        with self.phase("attempt"):
+            return self._attempt(host, val)
+
+    def _attempt(self, host: ReductionHost, val: dict[str, float] | None
+                 ) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
         inputs = self._layer_inputs(host)
         records, plans = [], {}
         for k, layer in enumerate(host.reducible_layers()):
-            scores = state_scores(layer, inputs[k])  # (N,)
+            scores = self._scores(layer, inputs[k])  # (N,)
             ranking = np.sort(scores)[::-1]  # descending, what the rank policy reads
             record: dict[str, Any] = {"layer": k, "n": layer_width(layer),
                                       "hsv": [float(g) for g in ranking]}
-            rank = None if k in self.frozen else self.plan(k, ranking, host.steps_done)
+            rank = None
+            if k not in self.frozen:
+                with self.phase("plan"):
+                    rank = self.plan(k, ranking, host.steps_done)
             if k in self.frozen:
                 record["action"] = "frozen"
             elif rank is None:
@@ -318,7 +339,7 @@ class Reducer:
             if len(plans) > 1 and inputs[k] is not None:  # earlier cuts moved the inputs
                 inputs[k] = self._layer_inputs(host)[k]
                 if is_selective(layer):
-                    scores = state_scores(layer, inputs[k])
+                    scores = self._scores(layer, inputs[k])
             val = self._cut(host, k, rank, val, records[k], scores, inputs[k])
         return records, val
 
@@ -339,12 +360,15 @@ class Reducer:
             layer = layers[k]
             before = dict(layer.named_parameters())
             shapes = {name: p.shape for name, p in before.items()}
-            keep = reduce_layer(layer, rank, select=policy.select, seed=policy.seed,
-                                scores=scores, inputs=inputs[k])
+            with self.phase("cut"):
+                keep = reduce_layer(layer, rank, select=policy.select, seed=policy.seed,
+                                    scores=scores, inputs=inputs[k])
             cut.append((layer, before, shapes, rank, keep))
-        host.rebuild_optimizer()
-        for layer, before, shapes, rank, keep in cut:
-            self._carry_moments(host.optimizer, old_state, layer, before, shapes, rank, keep)
+        with self.phase("moments"):
+            host.rebuild_optimizer()
+            for layer, before, shapes, rank, keep in cut:
+                self._carry_moments(host.optimizer, old_state, layer, before, shapes, rank,
+                                    keep)
 
     def _cut_together(self, host: ReductionHost, plans: dict[int, tuple[int, np.ndarray]],
                       inputs: list[torch.Tensor | None], val: dict[str, float] | None
@@ -372,6 +396,10 @@ class Reducer:
         budget is no use, so the trial should finish feasible and let accuracy speak.
         Returns the new widths, or None when nothing was cut.
         """
+        with self.phase("close_window"):
+            return self._close_window(host)
+
+    def _close_window(self, host: ReductionHost) -> list[int] | None:
         self.closed = True
         fits = self.config.fits
         layers = host.reducible_layers()
@@ -379,7 +407,7 @@ class Reducer:
         if fits is None or fits(widths):
             return None
         inputs = self._layer_inputs(host)
-        scores = [state_scores(layer, x) for layer, x in zip(layers, inputs, strict=True)]
+        scores = [self._scores(layer, x) for layer, x in zip(layers, inputs, strict=True)]
         ranking = [np.sort(g)[::-1] for g in scores]
         ranks = list(widths)
         while not fits(ranks):
@@ -390,11 +418,14 @@ class Reducer:
             ranks[min(weakest)[1]] -= 1
         policy = self.config.policy
         for layer, rank, g, x in zip(layers, ranks, scores, inputs, strict=True):
-            reduce_layer(layer, rank, select=policy.select, seed=policy.seed, scores=g, inputs=x)
-        host.rebuild_optimizer()  # fresh moments: every layer may have changed
-        for group in host.optimizer.param_groups:
-            for p in group["params"]:
-                host.optimizer.state.pop(p, None)
+            with self.phase("cut"):
+                reduce_layer(layer, rank, select=policy.select, seed=policy.seed, scores=g,
+                             inputs=x)
+        with self.phase("moments"):
+            host.rebuild_optimizer()  # fresh moments: every layer may have changed
+            for group in host.optimizer.param_groups:
+                for p in group["params"]:
+                    host.optimizer.state.pop(p, None)
         host.widths_changed()
         return ranks
 
@@ -409,6 +440,10 @@ class Reducer:
             return self.settle.plan(layer, hsv, self.config.policy, self.config.round_to,
                                     last)
         return plan_rank(hsv, self.config.policy, self.config.round_to)
+
+    def _scores(self, layer: nn.Module, inputs: torch.Tensor | None) -> np.ndarray:
+        with self.phase("scores"):
+            return state_scores(layer, inputs)
 
     def _layer_inputs(self, host: ReductionHost) -> list[torch.Tensor | None]:
         """Each layer's inputs on the calibration slice: the first ``calibration`` training

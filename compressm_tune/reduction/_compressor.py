@@ -1,10 +1,10 @@
 """In-training state reduction for any PyTorch training loop.
 
-:class:`Compressor` brings what ``compressm-tune train --reduce`` does to a loop the user
-wrote: it finds the reducible layers inside any ``nn.Module`` and, at attempt points inside
-the reduction window, drives the same :class:`~compressm_tune.training.reducer.Reducer` as the
-trainer (same rank policies, same safety net, same surgery), implementing the reducer's
-:class:`~compressm_tune.training.reducer.ReductionHost` interface itself:
+:class:`Compressor` brings the trainer's in-training reduction to a loop the user wrote: it
+finds the reducible layers inside any ``nn.Module`` and, at attempt points inside the reduction
+window, drives the same :class:`~compressm_tune.reduction.Reducer` as the trainer (same rank
+policies, same safety net, same surgery), implementing the reducer's
+:class:`~compressm_tune.reduction.ReductionHost` interface itself:
 
 * rollback is in memory: the cut layers' parameter objects and the optimizer's groups and
   state are kept before a cut and put back if validation drops by more than ``max_drop``;
@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from compressm_tune.errors import ConfigError
-from compressm_tune.reduction import ReductionPolicy, find_reducible, is_selective, layer_width
-from compressm_tune.training.reducer import CALIBRATION, ReduceConfig, Reducer
+from compressm_tune.reduction._policies import ReductionPolicy
+from compressm_tune.reduction._reducer import CALIBRATION, ReduceConfig, Reducer
+from compressm_tune.reduction._surgery import find_reducible, is_selective, layer_width
 
 __all__ = ["Compressor"]
 
@@ -52,7 +53,7 @@ class Compressor:
         group of the parameters they replace.
     reduce : str or ReductionPolicy
         The rank policy, e.g. ``"tau=0.04"`` (discard 4% of the Hankel singular value sum),
-        ``"fraction=0.5"``, ``"rank=8"`` (syntax of ``--reduce``, :meth:`ReductionPolicy.parse`).
+        ``"fraction=0.5"``, ``"rank=8"`` (syntax of :meth:`ReductionPolicy.parse`).
     total_steps : int
         Optimizer steps the loop will take (the window is a fraction of them).
     window : float
@@ -70,9 +71,10 @@ class Compressor:
         layer inputs score the states: required for selective layers and for
         ``weighting=input``; a tensor is cut to its first ``calibration_size`` rows.
     max_drop, moments, round_to, fits, calibration_size, schedule
-        As :class:`~compressm_tune.training.reducer.ReduceConfig` (``calibration``);
+        As :class:`~compressm_tune.reduction.ReduceConfig` (``calibration``);
         ``schedule="settle"`` cuts each layer toward its settled target width
-        (``training/_settle.py``) at checks it spreads over the window (unless ``every``).
+        (:class:`~compressm_tune.reduction.SettleConfig`) at checks it spreads over the
+        window (unless ``every``).
 
     Attributes
     ----------
@@ -182,7 +184,7 @@ class Compressor:
         self.events += new
         return new
 
-    # -- the ReductionHost interface (training/reducer.py) ---------------------------------
+    # -- the ReductionHost interface (compressm_tune.reduction) -------------------------------
     @property
     def steps_done(self) -> int:
         return self._step

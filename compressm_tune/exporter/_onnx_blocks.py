@@ -1,38 +1,191 @@
-"""Chunked sequence graphs: a layer's states from a few large ops per chunk of ``T`` tokens.
+"""ONNX building blocks shared by the graph builders of :mod:`._onnx`.
 
-The per-token ``Scan`` of :mod:`._onnx_graph` pays onnxruntime's per-iteration cost L times per
-block, which at small widths dwarfs the O(N H) arithmetic (bench_results/export_latency.md), so
-a smaller state bought almost no latency. Here the sequence is padded at the end to ``C * T``
-tokens (padding is causal: it never reaches an earlier token, and the outputs are cut back to
-``L`` before pooling) and each block computes
-
-* LRU (:class:`ChunkedLRU`): the states of every chunk at once with one batched ``MatMul`` by
-  the constant decay matrix of :class:`._chunked.LRUChunk`; then, only when there is more than
-  one chunk (an ``If``), the carry into each chunk from the chunks' last states, in closed form
-  (one ``MatMul`` by a corner of a constant chunk-to-chunk matrix) for up to G chunks and from
-  a ``Scan`` over the chunks (three nodes per iteration) beyond, and its effect on every token
-  in one more ``MatMul``. A sequence of at most ``T`` tokens runs no loop at all; memory is
-  O(L N), as for the per-token Scan.
-* selective (:class:`ChunkedSelective`): a ``Scan`` over the C chunks whose body computes a
-  chunk's outputs and last state from segment sums of the step sizes (Mamba-2's SSD form);
-  memory per iteration O(T^2 H N), bounded by the choice of T.
+* :class:`Graph`: writes nodes by hand (unique names, constants) and the block arithmetic every
+  graph shares (BatchNorm fold, GELU, GLU, residual, RMSNorm).
+* :class:`MambaParts`: what surrounds a Mamba block's S6 core (the selective writer on its
+  ``E`` inner channels): RMSNorm, ``in_proj``, the causal depthwise ``Conv`` (the streaming
+  graph keeps the last ``K - 1`` conv inputs in the block state), the SiLU gate, ``out_proj``.
+* Chunked sequence graphs (:class:`ChunkFrame`, :class:`ChunkedLRU`, :class:`ChunkedSelective`):
+  the per-token ``Scan`` pays onnxruntime's per-iteration cost L times per block, which at small
+  widths dwarfs the arithmetic. Here the sequence is padded at the end to ``C * T`` tokens
+  (causal: outputs are cut back to ``L`` before pooling). LRU: every chunk's states in one
+  batched ``MatMul`` by :class:`._weights.LRUChunk`'s decay matrix, then (only with more than one
+  chunk, an ``If``) the carries, in closed form for up to G chunks and from a ``Scan`` over the
+  chunks beyond; memory O(L N). Selective: a ``Scan`` over chunks whose body uses segment sums of
+  the step sizes (Mamba-2's SSD form); memory per iteration O(T^2 H N), bounded by T.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from compressm_tune.exporter._chunked import lru_chunk, segment_sums
-from compressm_tune.exporter._onnx_ops import Graph
-from compressm_tune.exporter._weights import BlockWeights, LRUWeights, SelectiveWeights
+from compressm_tune.exporter._weights import (
+    BlockWeights,
+    LRUWeights,
+    MambaBlockWeights,
+    ModelWeights,
+    SelectiveWeights,
+    lru_chunk,
+    segment_sums,
+)
 
-__all__ = ["RECURRENCE", "ChunkFrame", "ChunkedLRU", "ChunkedSelective"]
+__all__ = ["RECURRENCE", "ChunkFrame", "ChunkedLRU", "ChunkedSelective", "Graph", "MambaParts"]
+
+
+class Graph:
+    """Accumulates nodes and initializers with unique names (``prefix`` keeps a Scan body's
+    names apart from the outer graph's, which the body can see)."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.prefix = prefix
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{hint}_{self._count}"
+
+    def const(self, hint: str, value: np.ndarray) -> str:
+        name = self.name(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1,
+           outputs: list[str] | None = None, **attrs) -> str | list[str]:
+        outs = outputs or [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    # -- composite layers ----------------------------------------------------------------------
+    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, hint: str) -> str:
+        y = self.op("MatMul", [x, self.const(f"{hint}_w", weight)], f"{hint}_mm")
+        return y if bias is None else self.op("Add", [y, self.const(f"{hint}_b", bias)], hint)
+
+    def affine(self, x: str, scale: np.ndarray, shift: np.ndarray, hint: str) -> str:
+        y = self.op("Mul", [x, self.const(f"{hint}_scale", scale)])
+        return self.op("Add", [y, self.const(f"{hint}_shift", shift)], hint)
+
+    def gelu(self, x: str) -> str:
+        """Exact GELU, ``0.5 * x * (1 + erf(x / sqrt(2)))``, written in the order onnxruntime
+        fuses into one ``Gelu`` kernel (with ``Mul`` by ``1/sqrt(2)`` it does not)."""
+        sqrt2 = self.const("sqrt2", np.array(math.sqrt(2.0), np.float32))
+        half = self.const("half", np.array(0.5, np.float32))
+        one = self.const("one", np.array(1.0, np.float32))
+        erf = self.op("Erf", [self.op("Div", [x, sqrt2])])
+        return self.op("Mul", [self.op("Mul", [x, self.op("Add", [erf, one])]), half], "gelu")
+
+    def silu(self, x: str) -> str:
+        """``x * sigmoid(x)``."""
+        return self.op("Mul", [x, self.op("Sigmoid", [x])], "silu")
+
+    def rms_norm(self, x: str, weight: np.ndarray, eps: float, hint: str) -> str:
+        """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis (any leading dims). The
+        mean is a ``MatMul`` with a ``(H, 1)`` column of ``1/H``: no opset-dependent
+        ``ReduceMean`` signature."""
+        h = len(weight)
+        mean = self.op("MatMul", [self.op("Mul", [x, x]),
+                                  self.const("inv_h", np.full((h, 1), 1.0 / h, np.float32))])
+        root = self.op("Sqrt", [self.op("Add", [mean, self.const("eps", np.float32(eps))])])
+        return self.op("Mul", [self.op("Div", [x, root]), self.const(f"{hint}_w", weight)], hint)
+
+    def encode(self, x: str, w: ModelWeights) -> str:
+        """The encoder: ``Gather`` from the embedding table for token ids, else a linear map."""
+        if w.tokens:
+            return self.op("Gather", [self.const("embedding", w.encoder), x], "encoder", axis=0)
+        return self.linear(x, w.encoder, w.encoder_bias, "encoder")
+
+    def zeros(self, batch: str, shape: tuple[int, ...]) -> str:
+        """A float32 zero tensor ``(batch, *shape)``; ``batch`` is a ``(1,)`` int64 tensor."""
+        full = self.op("Concat", [batch, self.const("shape", np.array(shape, np.int64))], axis=0)
+        return self.op("ConstantOfShape", [full], "zeros",
+                       value=numpy_helper.from_array(np.zeros(1, np.float32)))
+
+    def selective_drive(self, w: SelectiveWeights, hn: str) -> list[str]:
+        """A selective layer's inputs for every token: delta, delta * hn ``(..., H)``, B_t and
+        C_t ``(..., N)``."""
+        low = self.linear(hn, w.dt_down, None, "dt_down")  # (..., R)
+        delta = self.op("Softplus", [self.linear(low, w.dt_up, w.dt_bias, "dt_up")], "delta")
+        delta_u = self.op("Mul", [delta, hn], "delta_u")  # (..., H)
+        b_t = self.linear(hn, w.b_proj, None, "b_t")  # (..., N)
+        c_t = self.linear(hn, w.c_proj, None, "c_t")  # (..., N)
+        return [delta, delta_u, b_t, c_t]
+
+    def block_tail(self, x: str, hn: str | None, y: str, w: BlockWeights) -> str:
+        """``x + GLU(GELU(y + D hn))`` given the layer's read-out ``y`` (any leading dims);
+        ``hn=None``: ``y`` already holds ``D hn``."""
+        if hn is not None:
+            y = self.op("Add", [y, self.op("Mul", [hn, self.const("d", w.d)])], "ssm_out")
+        g = self.gelu(y)
+        a = self.linear(g, w.glu_a, w.glu_a_bias, "glu_a")
+        gate = self.op("Sigmoid", [self.linear(g, w.glu_b, w.glu_b_bias, "glu_b")])
+        return self.op("Add", [x, self.op("Mul", [a, gate])], "block_out")
+
+
+_BIG = np.iinfo(np.int64).max  # Slice end meaning "to the end"
+
+
+class MambaParts:
+    """Graph pieces of one Mamba block ``k``; ``w`` its weights."""
+
+    def __init__(self, g: Graph, w: MambaBlockWeights, k: int) -> None:
+        self.w, self.k = w, k
+
+    def _in(self, g: Graph, h: str) -> tuple[str, str]:
+        """RMSNorm, then ``in_proj``'s halves: ``x``, ``z`` ``(..., E)``."""
+        w = self.w
+        hn = g.rms_norm(h, w.norm, w.eps, f"norm{self.k}")
+        return g.linear(hn, w.in_x, w.in_x_bias, "in_x"), g.linear(hn, w.in_z, w.in_z_bias, "in_z")
+
+    def sequence_input(self, g: Graph, h: str) -> tuple[str, str]:
+        """``h (B, L, H)`` -> the S6 core's input ``xc (B, L, E)`` and the gate ``z``."""
+        w = self.w
+        x, z = self._in(g, h)
+        e, kernel = w.conv.shape
+        xt = g.op("Transpose", [x], perm=[0, 2, 1])  # (B, E, L)
+        inputs = [xt, g.const(f"conv{self.k}", w.conv.reshape(e, 1, kernel))]
+        if w.conv_bias is not None:
+            inputs.append(g.const(f"conv_b{self.k}", w.conv_bias))
+        conv = g.op("Conv", inputs, "conv", group=e, kernel_shape=[kernel],
+                    pads=[kernel - 1, 0])  # (B, E, L): causal
+        return g.silu(g.op("Transpose", [conv], perm=[0, 2, 1])), z
+
+    def step_input(self, g: Graph, h: str, state: str) -> tuple[str, str, str, str]:
+        """One token ``h (B, H)`` and the block state -> ``xc (B, E)``, ``z``, the new conv
+        inputs ``(B, E, K - 1)`` and the S6 state ``(B, E, N)``."""
+        w = self.w
+        x, z = self._in(g, h)
+        keep = w.d_conv - 1
+
+        def ints(*v: int) -> str:
+            return g.const("idx", np.array(v, np.int64))
+
+        axis = ints(2)
+        conv_in = g.op("Slice", [state, ints(0), ints(keep), axis])  # (B, E, K - 1)
+        s6 = g.op("Slice", [state, ints(keep), ints(_BIG), axis])  # (B, E, N)
+        window = g.op("Concat", [conv_in, g.op("Unsqueeze", [x, ints(-1)])], axis=2)  # (B,E,K)
+        xc = g.op("ReduceSum", [g.op("Mul", [window, g.const(f"conv{self.k}", w.conv)]),
+                                ints(-1)], keepdims=0)  # (B, E)
+        if w.conv_bias is not None:
+            xc = g.op("Add", [xc, g.const(f"conv_b{self.k}", w.conv_bias)])
+        rest = g.op("Slice", [window, ints(1), ints(_BIG), axis])  # (B, E, K - 1)
+        return g.silu(xc), z, rest, s6
+
+    def output(self, g: Graph, h: str, y: str, xc: str, z: str) -> str:
+        """``h + out_proj((y + D xc) * silu(z))`` for the core's read-out ``y``."""
+        w = self.w
+        y = g.op("Add", [y, g.op("Mul", [xc, g.const("d", w.d)])], "ssm_out")
+        y = g.op("Mul", [y, g.silu(z)], "gated")
+        return g.op("Add", [h, g.linear(y, w.out_w, w.out_bias, "out_proj")], "block_out")
+
 
 _FLOAT = TensorProto.FLOAT
 # Name prefix of MatMuls whose constant is part of the recurrence (powers of lambda), not a
-# projection: int8 quantization must leave them float32 (``_quantize``).
+# projection: int8 quantization must leave them float32 (:func:`._onnx.quantize_file`).
 RECURRENCE = "recurrence_"
 
 

@@ -1,67 +1,64 @@
-"""Build the ONNX graphs of an SSM network directly from its weights with ``onnx.helper``.
+"""Build an SSM network's ONNX graphs directly from its weights with ``onnx.helper``, and their
+dynamic int8 variants.
 
-Why not ``torch.onnx.export``: ``LRULayer.forward`` and ``SelectiveLayer.forward`` run their
-recurrences through autograd Functions backed by a C kernel, which no exporter can see through,
-so an export needs a second, export-only forward anyway. Torch 2.13's dynamo exporter does lower
-``torch._higher_order_ops.scan`` to an ONNX ``Scan`` (checked while writing this module), but
-that is a private API, a trace takes ~10 s even for a toy module, and the result depends on the
-exporter's decompositions and optimizer passes. Writing the graph by hand from the weights
-(:mod:`._weights`) is exact, takes milliseconds, works for every opset in
-:data:`SUPPORTED_OPSETS`, and every node is one of a handful of well-supported operators:
+Why not ``torch.onnx.export``: the layers run their recurrences through autograd Functions backed
+by a C kernel no exporter can trace, and dynamo's ``scan`` lowering is a private API that takes
+seconds per trace. Writing the graph from the weights (:mod:`._weights`) is exact, takes
+milliseconds, works for every opset in :data:`SUPPORTED_OPSETS`, and uses a handful of
+well-supported operators: ``MatMul``/``Add``/``Softplus`` for every input-dependent part over all
+steps at once, BatchNorm folded to ``Mul`` + ``Add``, exact GELU via ``Erf``, ``ReduceMean``
+pooling, and one ``Scan`` per block for the recurrence (so batch and length are dynamic).
+``build_sequence_model(w, chunk=T)`` writes the chunked graph of :mod:`._onnx_blocks` instead.
 
-* encoder, GLU and head projections, and every input-dependent part of a layer (LRU: ``B u``;
-  selective: the step size ``delta``, ``B_t``, ``C_t``): ``MatMul`` + ``Add`` (+ ``Softplus``)
-  over all time steps at once;
-* BatchNorm folded to ``Mul`` + ``Add`` with the running statistics;
-* exact GELU as ``0.5 * y * (1 + Erf(y / sqrt 2))`` (torch's default GELU);
-* the recurrence inside one ``Scan`` per block, so the graph's size does not depend on the
-  sequence length, and batch and length are both dynamic. LRU: the diagonal complex recurrence
-  in real arithmetic (re/im as two ``(batch, N)`` states, eight element-wise ops); its read-out
-  ``Re(C x)`` is one ``MatMul`` over all steps after the ``Scan``. Selective: the state
-  ``(batch, H, N)``, ``x = exp(delta A) x + (delta u) B_t`` and the read-out
-  ``y_t = sum_n x C_t`` inside the body, which emits only ``(batch, H)`` per step (measured
-  against the alternatives in :class:`_SelectiveWriter`);
-* mean pooling as ``ReduceMean`` over time.
+A layer writer (:class:`_LRUWriter`, :class:`_SelectiveWriter`) says how to compute the layer's
+drive, one recurrence step and its read-out; the sequence graph puts the step into a ``Scan``
+body, the streaming graph applies it once. Streaming states are explicit inputs and outputs in
+:meth:`SSMModel.allocate_state`'s layout: per block ``(batch, N_k, 2)`` (LRU), ``(batch, H, N_k)``
+(selective) or ``(batch, E, K - 1 + N_k)`` (Mamba), then, with mean pooling, the running sum
+``(batch, H)`` and the token count ``(1,)``.
 
-That is the per-token graph (``chunk=None``), which bundles held before chunking and which an
-export still writes where it measures fastest; ``build_sequence_model(w, chunk=T)`` writes the
-chunked graph of :mod:`._onnx_chunked` instead (a few large ops per chunk of T tokens).
-
-Both architectures go through the same builders: a layer writer (:class:`_LRUWriter`,
-:class:`_SelectiveWriter`) says how to compute the layer's drive from its input, one step of
-its recurrence and its read-out (a Mamba block wraps the selective writer on its inner
-channels in :class:`._onnx_mamba.MambaParts`); the sequence graph puts the step into a
-``Scan`` body, the streaming graph applies it once. The streaming graph's states are explicit
-inputs and outputs in :meth:`SSMModel.allocate_state`'s layout: per block ``(batch, N_k, 2)`` (LRU),
-``(batch, H, N_k)`` (selective) or ``(batch, E, K - 1 + N_k)`` (Mamba), then, with mean
-pooling, the running sum ``(batch, H)`` and the token count ``(1,)``.
+Int8: ``quantize_dynamic`` stores MatMul weights as int8 and quantizes activations on the fly;
+the ``Scan`` recurrence has no weights, and the chunked graphs' recurrence constants (MatMuls
+named :data:`._onnx_blocks.RECURRENCE`) stay float32.
 """
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from compressm_tune.errors import ExportError, ExportOptionError
-from compressm_tune.exporter._chunked import CHUNK_KEY, check_chunk, chunk_label
-from compressm_tune.exporter._onnx_chunked import ChunkedLRU, ChunkedSelective, ChunkFrame
-from compressm_tune.exporter._onnx_mamba import MambaParts
-from compressm_tune.exporter._onnx_ops import Graph as _Graph
+from compressm_tune.errors import ExportError, ExportOptionError, MissingDependencyError
+from compressm_tune.exporter._onnx_blocks import (
+    RECURRENCE,
+    ChunkedLRU,
+    ChunkedSelective,
+    ChunkFrame,
+    MambaParts,
+)
+from compressm_tune.exporter._onnx_blocks import Graph as _Graph
 from compressm_tune.exporter._weights import (
+    CHUNK_KEY,
     BlockWeights,
     LRUWeights,
     MambaBlockWeights,
     ModelWeights,
     SelectiveWeights,
+    check_chunk,
+    chunk_label,
 )
 
 __all__ = [
     "DEFAULT_OPSET",
+    "QUANTIZE_CHOICES",
     "SUPPORTED_OPSETS",
     "build_sequence_model",
     "build_step_model",
     "check_opset",
+    "quantize_file",
     "step_io_names",
 ]
 
@@ -294,8 +291,8 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
     """The whole-sequence graph: ``x (batch, length, d_input)`` -> ``y``.
 
     ``y`` is ``(batch, d_output)`` with mean pooling, ``(batch, length, d_output)`` without.
-    Batch and length are dynamic. ``chunk=None``: one per-token ``Scan`` per block (the graph
-    of bundles before chunking); ``chunk=T``: the chunked graph of :mod:`._onnx_chunked`.
+    Batch and length are dynamic. ``chunk=None``: one per-token ``Scan`` per block;
+    ``chunk=T``: the chunked graph of :mod:`._onnx_blocks`.
     The graph records its variant in the metadata ``compressm.chunk``.
     """
     opset = check_opset(opset)
@@ -406,3 +403,38 @@ def build_step_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelP
     outputs = [helper.make_tensor_value_info(n, _FLOAT, shapes[n]) for n in out_names]
     doc = f"{w.arch} SSM network, streaming mode: one token + states -> output so far + states"
     return _finish(g, "compressm_step", inputs, outputs, opset, doc, _metadata(w, "step"))
+
+
+QUANTIZE_CHOICES = ("int8",)
+
+
+def _recurrence_nodes(path: Path) -> list[str]:
+    """Names of the chunked graphs' recurrence MatMuls (their constants are powers of lambda,
+    which int8 would round to a few digits), in the graph and its subgraphs."""
+    names, graphs = [], [onnx.load(str(path)).graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            if node.name.startswith(RECURRENCE):
+                names.append(node.name)
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return names
+
+
+def quantize_file(src: Path, dst: Path) -> None:
+    """Write the dynamically int8-quantized version of ONNX file ``src`` to ``dst``."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "int8 quantization needs onnxruntime's quantization tools "
+            f"(`pip install onnxruntime`): {exc}") from exc
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # it logs a pre-processing hint at WARNING
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                         nodes_to_exclude=_recurrence_nodes(src))
+    except Exception as exc:  # onnxruntime raises bare exceptions for unsupported graphs
+        raise ExportError(f"int8 quantization of {src.name} failed: {exc}") from exc
+    finally:
+        logging.getLogger().setLevel(level)

@@ -1,0 +1,98 @@
+"""Bad input, command by command: one line on stderr, exit 2, nothing of the user's changed.
+
+Each case is one a user met (or could meet) that once gave a traceback, a silent wrong answer
+or a damaged file. Add the next class of bad input here when you fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compressm_tune.exporter import export_bundle
+from compressm_tune.models import SSMConfig, SSMModel
+from compressm_tune.training import save_checkpoint
+
+SEQ_LEN = 16
+
+
+def _one_line_error(done: subprocess.CompletedProcess, prog: str) -> str:
+    """The error line, after checking the contract: exit 2, one line, no traceback."""
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), done.stderr
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A small exported classifier (1 input channel, 3 classes)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("bad-input")
+    model = SSMModel(SSMConfig(d_input=1, d_output=3, d_model=8, state_dims=[6])).eval()
+    ckpt = root / "model.pt"
+    save_checkpoint(ckpt, model, step=1, dataset={
+        "name": "synthetic", "task": "classification", "d_input": 1, "d_output": 3,
+        "seq_len": SEQ_LEN, "norm_mean": [0.0], "norm_std": [1.0], "info": {}})
+    export_bundle(ckpt, root / "bundle", formats=("onnx",))
+    return root / "bundle"
+
+
+def _run_py(bundle: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(bundle / "run.py"), str(bundle), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_run_py_refuses_an_empty_batch(bundle, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((0, SEQ_LEN, 1), np.float32))
+    line = _one_line_error(_run_py(bundle, "--input", "x.npy", cwd=tmp_path), "run.py")
+    assert "batch >= 1" in line and "(0, 16, 1)" in line
+
+
+def test_run_py_refuses_input_the_model_overflows_on(bundle, tmp_path):
+    np.save(tmp_path / "x.npy", np.full((2, SEQ_LEN, 1), 1e38, np.float32))
+    line = _one_line_error(_run_py(bundle, "--input", "x.npy", "--output", "y.npy",
+                                   cwd=tmp_path), "run.py")
+    assert "not finite" in line and "1e+38" in line
+    assert not (tmp_path / "y.npy").exists()  # no output file for a refused input
+
+
+def test_run_py_bench_refuses_a_zero_length(bundle, tmp_path):
+    line = _one_line_error(_run_py(bundle, "--bench", "--seq-len", "0", cwd=tmp_path),
+                           "run.py")
+    assert "--seq-len" in line
+
+
+@pytest.mark.parametrize("output", ["missing/y.npy", "folder", "y.txt"])
+def test_run_py_refuses_an_output_it_cannot_write_before_running(bundle, tmp_path, output):
+    (tmp_path / "folder").mkdir()
+    np.save(tmp_path / "x.npy", np.zeros((1, SEQ_LEN, 1), np.float32))
+    done = _run_py(bundle, "--input", "x.npy", "--output", output, cwd=tmp_path)
+    line = _one_line_error(done, "run.py")
+    assert "--output" in line
+    assert done.stdout == ""  # refused before any result was printed
+
+
+def test_run_py_refuses_a_model_file_that_is_not_onnx(bundle, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in bundle.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    junk = b"not a protobuf"
+    (broken / "model.onnx").write_bytes(junk)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    for entry in manifest["files"].values():  # a manifest that vouches for the junk
+        if entry["path"] == "model.onnx":
+            entry["sha256"] = hashlib.sha256(junk).hexdigest()
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    np.save(tmp_path / "x.npy", np.zeros((1, SEQ_LEN, 1), np.float32))
+    line = _one_line_error(_run_py(broken, "--input", "x.npy", cwd=tmp_path), "run.py")
+    assert "cannot load" in line and "model.onnx" in line
