@@ -90,7 +90,7 @@ class ReduceConfig:
         "choices": SCHEDULES,
         "help": "when cuts happen inside the window: window (the paper's: a tau cut at every "
                 "attempt) or settle (cut when the spectrum's target width has settled, toward "
-                "that width; best measured with --weighting input; see README)"})
+                "that width; best measured with --weighting input; see docs/cli.md)"})
     settle: SettleConfig = field(default_factory=SettleConfig)
 
     def __post_init__(self) -> None:
