@@ -96,3 +96,27 @@ def test_run_py_refuses_a_model_file_that_is_not_onnx(bundle, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((1, SEQ_LEN, 1), np.float32))
     line = _one_line_error(_run_py(broken, "--input", "x.npy", cwd=tmp_path), "run.py")
     assert "cannot load" in line and "model.onnx" in line
+
+
+class _RunsCode:
+    """Unpickling this calls a function: what a hostile weights file carries."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_from_hf_mamba_refuses_a_weights_file_that_holds_code(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from compressm_tune.errors import CheckpointError
+    from compressm_tune.models import from_hf_mamba
+
+    hf = transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=32, hidden_size=8, state_size=4, num_hidden_layers=1))
+    hf.save_pretrained(tmp_path)
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    torch.save({"backbone.embeddings.weight": _RunsCode()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="could run code") as info:
+        from_hf_mamba(tmp_path)
+    assert "weights_only=False" not in str(info.value)
+    assert "this must never run" not in capsys.readouterr().out

@@ -20,12 +20,12 @@ from compressm_tune.hardware import (
     LatencyModel,
     Profile,
     ProfilerConfig,
+    drift_scale,
     load_profile,
     profile_device,
     save_profile,
 )
-from compressm_tune.search import StorageError, TuneConfig, open_storage
-from compressm_tune.search._job import drift_scale, resolve_profile
+from compressm_tune.search import StorageError, TuneConfig, open_storage, resolve_profile
 from compressm_tune.training import load_checkpoint
 
 SMALL = {"blocks": 1, "hidden": 8}
@@ -242,25 +242,25 @@ def _propose(study: optuna.Study, config: TuneConfig, finish: bool = True) -> tu
 def test_workers_sharing_a_study_propose_distinct_configurations(tmp_path, pareto):
     """Three workers (three samplers built alike on one SQLite study, asking in turn) get
     nine different configurations; each worker used to replay the same first proposals."""
-    from compressm_tune.search._job import _open_study
+    from compressm_tune.search._study import open_study
 
     config = TuneConfig(budget_ms=1.0, out=str(tmp_path), trials=9, pareto=pareto)
-    workers = [_open_study(config) for _ in range(3)]
+    workers = [open_study(config) for _ in range(3)]
     proposals = [_propose(w, config, finish=not pareto) for _ in range(3) for w in workers]
     assert len(set(proposals)) == 9, proposals
 
 
 def test_a_rerun_after_a_kill_proposes_new_configurations_and_runs_stay_reproducible(tmp_path):
-    from compressm_tune.search._job import _open_study
+    from compressm_tune.search._study import open_study
 
     config = TuneConfig(budget_ms=1.0, out=str(tmp_path / "a"), trials=5)
-    first = _open_study(config)
+    first = open_study(config)
     seen = [_propose(first, config), _propose(first, config, finish=False)]  # then killed
-    rerun = _open_study(config)
+    rerun = open_study(config)
     seen += [_propose(rerun, config) for _ in range(3)]
     assert len(set(seen)) == 5, seen
     # the same command in a fresh folder proposes the same first trials: reproducible
-    again = _open_study(dataclasses.replace(config, out=str(tmp_path / "b")))
+    again = open_study(dataclasses.replace(config, out=str(tmp_path / "b")))
     assert [_propose(again, config) for _ in range(2)] == seen[:2]
 
 
@@ -269,7 +269,7 @@ def test_a_rerun_after_a_kill_proposes_new_configurations_and_runs_stay_reproduc
 
 def _beating(trial: optuna.Trial, journal: bool):
     """A live worker's heartbeat: Optuna's in a database, keep_alive's in a journal file."""
-    from compressm_tune.search._storage import keep_alive
+    from compressm_tune.search._study import keep_alive
 
     return keep_alive(trial) if journal else get_heartbeat_thread(trial._trial_id,
                                                                  trial.study._storage)
@@ -282,17 +282,17 @@ def test_a_worker_leaves_export_and_report_to_the_one_still_running(tmp_path, ca
     """Another worker holds trial 0 RUNNING (alive: its heartbeat is not stale, though the
     grace period is 2 s here, with beats every 0.2 s): this worker runs trial 1, then exits 0
     saying so, and writes no model, full reference or report."""
-    from compressm_tune.search import _storage
-    from compressm_tune.search._job import _open_study
+    from compressm_tune.search import _study
+    from compressm_tune.search._study import open_study
 
-    monkeypatch.setattr(_storage, "GRACE_S", 2)
-    monkeypatch.setattr(_storage, "HEARTBEAT_S", 0.2)  # keep_alive's, and Optuna's below
+    monkeypatch.setattr(_study, "GRACE_S", 2)
+    monkeypatch.setattr(_study, "HEARTBEAT_S", 0.2)  # keep_alive's, and Optuna's below
     storage = ["--storage", f"journal:{tmp_path / 'study.log'}"] if journal else []
     config = TuneConfig(budget_ms=50.0, out=str(tmp_path / "run"), trials=2, steps=4,
                         dataset="lti-sysid", storage=storage[1] if journal else None,
                         **SMALL)  # the settings of the command below
     (tmp_path / "run").mkdir()
-    other = _open_study(config)
+    other = open_study(config)
     held = other.ask()  # the other worker's trial, still running: its heartbeat goes on
     with _beating(held, journal):
         time.sleep(2.5)  # older than the grace period: only its beats show it alive
@@ -316,17 +316,17 @@ def test_a_worker_killed_before_its_first_heartbeat_is_found_dead(tmp_path, caps
     journal file has no heartbeats at all), so every rerun ended with "still run in other
     workers" and no model. The rerun must fail it, run its retry with the same parameters,
     and finish the study."""
-    from compressm_tune.search import _storage
-    from compressm_tune.search._job import _open_study
+    from compressm_tune.search import _study
     from compressm_tune.search._space import suggest
+    from compressm_tune.search._study import open_study
 
-    monkeypatch.setattr(_storage, "GRACE_S", 2)
+    monkeypatch.setattr(_study, "GRACE_S", 2)
     storage = ["--storage", f"journal:{tmp_path / 'study.log'}"] if journal else []
     config = TuneConfig(budget_ms=50.0, out=str(tmp_path / "run"), trials=2, steps=4,
                         dataset="lti-sysid", storage=storage[1] if journal else None,
                         **SMALL)  # the settings of the command below
     (tmp_path / "run").mkdir()
-    killed = _open_study(config)
+    killed = open_study(config)
     _propose(killed, config)
     held = killed.ask()  # created, then killed before its heartbeat thread started
     suggest(held, config)
@@ -347,12 +347,12 @@ def test_a_worker_killed_before_its_first_heartbeat_is_found_dead(tmp_path, caps
 
 
 def test_the_finalize_lock_admits_one_process_at_a_time(tmp_path):
-    from compressm_tune.search._job import _finalize_lock
+    from compressm_tune.search._study import finalize_lock
 
-    with _finalize_lock(tmp_path) as first:
-        with _finalize_lock(tmp_path) as second:  # another open file: as another process
+    with finalize_lock(tmp_path) as first:
+        with finalize_lock(tmp_path) as second:  # another open file: as another process
             assert first and not second
-    with _finalize_lock(tmp_path) as again:
+    with finalize_lock(tmp_path) as again:
         assert again  # released on exit
 
 
@@ -361,7 +361,7 @@ def test_the_full_reference_resumes_and_a_cut_summary_is_not_trusted(tmp_path, l
     (the run's log is appended to, not restarted); a summary cut short is retrained from
     there, never a JSONDecodeError."""
     from compressm_tune.models import SSMConfig
-    from compressm_tune.search._report import _full_reference
+    from compressm_tune.search._finalize import full_reference
     from compressm_tune.training import Trainer
 
     config = TuneConfig(budget_ms=1.0, out=str(tmp_path), steps=4, dataset="lti-sysid",
@@ -374,7 +374,7 @@ def test_the_full_reference_resumes_and_a_cut_summary_is_not_trusted(tmp_path, l
     (full / "summary.json").write_text('{"final_state_dims": [8], "test_be')  # cut short
     with open(full / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"step": 2, "marker": "written before the kill"}) + "\n")
-    summary = _full_reference(config, lti_sysid)
+    summary = full_reference(config, lti_sysid)
     assert summary["steps"] == 4
     assert json.loads((full / "summary.json").read_text())["steps"] == 4
     log = (full / "metrics.jsonl").read_text()
@@ -384,35 +384,36 @@ def test_the_full_reference_resumes_and_a_cut_summary_is_not_trusted(tmp_path, l
 def test_a_rerun_with_another_budget_is_refused_not_silently_resumed(tmp_path):
     """The study's trials were cut to fit the first budget: reusing them under another one
     reported 'budget 1.5 ms' for trials that fit 1.0."""
-    from compressm_tune.search._job import _open_study
+    from compressm_tune.search._study import open_study
 
     first = TuneConfig(budget_ms=1.0, out=str(tmp_path), trials=2)
-    _propose(_open_study(first), first)
-    _open_study(first)  # the same command resumes
+    _propose(open_study(first), first)
+    open_study(first)  # the same command resumes
     with pytest.raises(ConfigError, match=r"budget_ms 1.0 \(now 1.5\).*another --out or --study"):
-        _open_study(dataclasses.replace(first, budget_ms=1.5))
+        open_study(dataclasses.replace(first, budget_ms=1.5))
     with pytest.raises(ConfigError, match=r"steps 300 \(now 100\)"):
-        _open_study(dataclasses.replace(first, steps=100))
+        open_study(dataclasses.replace(first, steps=100))
 
 
 def test_an_energy_budget_that_binds_is_named_not_blamed_on_latency(tmp_path):
     """With 4 mJ the job said 'none of 2 trials is predicted to meet 1 ms; raise --budget-ms'."""
-    from compressm_tune.search._job import _infeasible_message, _open_study
+    from compressm_tune.search._finalize import infeasible_message
+    from compressm_tune.search._study import open_study
 
     config = TuneConfig(budget_ms=1.0, budget_mj=4.0, out=str(tmp_path), trials=2)
-    study = _open_study(config)
+    study = open_study(config)
     for latency, energy in ((-0.2, 1.5), (0.1, 0.5)):  # excess over each budget
         trial = study.ask()
         trial.set_user_attr("constraints", {"latency_ms": latency, "energy_mj": energy})
         study.tell(trial, 0.5)
-    message = _infeasible_message(config, study)
+    message = infeasible_message(config, study)
     assert "1 ms (--budget-ms) met by some, closest 0.8 ms" in message
     assert "4 mJ (--budget-mj) missed by all, closest 4.5 mJ" in message
 
 
 def test_the_job_holds_out_the_validation_share_it_is_given(tmp_path, monkeypatch):
     """--val-fraction was accepted by the job and never passed on."""
-    from compressm_tune.search import _job
+    from compressm_tune.search import _run
 
     seen = {}
 
@@ -420,18 +421,32 @@ def test_the_job_holds_out_the_validation_share_it_is_given(tmp_path, monkeypatc
         seen.update(kwargs)
         raise ConfigError("stop here")
 
-    monkeypatch.setattr(_job, "load_dataset", load)
+    monkeypatch.setattr(_run, "load_dataset", load)
     with pytest.raises(ConfigError, match="stop here"):
-        _job.run_tune(TuneConfig(budget_ms=1.0, out=str(tmp_path), val_fraction=0.3))
+        _run.run_tune(TuneConfig(budget_ms=1.0, out=str(tmp_path), val_fraction=0.3))
     assert seen["val_fraction"] == 0.3
 
 
 def test_a_training_saving_within_the_models_error_is_not_reported_as_one():
     from compressm_tune.search._report import _training_cost_line
 
-    assert "+5% vs the full model's, within the model's error" in _training_cost_line(0.05, 0.12)
-    assert "-8% vs the full model's, within the model's error" in _training_cost_line(-0.08, 0.12)
+    within = "than the full model's, within the model's error"
+    assert f"5% lower {within}" in _training_cost_line(0.05, 0.12)
+    assert f"8% higher {within}" in _training_cost_line(-0.08, 0.12)
     assert "40% lower than the full model's (the" in _training_cost_line(0.40, 0.12)
     assert "30% higher than the full model's (the" in _training_cost_line(-0.30, 0.12)
     assert _training_cost_line(0.05, None).endswith("5% lower than the full model's.")
     assert _training_cost_line(None, 0.1) == "Training cost: not modelled."
+
+
+@pytest.mark.parametrize("saved, error, reads", [
+    (0.28, 0.30, "28% lower than the full model's, within"),  # within the fit's error
+    (-0.28, 0.30, "28% higher than the full model's, within"),
+    (0.28, 0.10, "28% lower than the full model's (the"),  # beyond it
+    (-0.28, 0.10, "28% higher than the full model's (the")])
+def test_the_training_cost_sentence_says_lower_or_higher_never_a_sign(saved, error, reads):
+    """A modelled cost 28% below the full model's reads "28% lower", in both branches."""
+    from compressm_tune.search._report import _training_cost_line
+
+    line = _training_cost_line(saved, error)
+    assert reads in line and "+" not in line and "-2" not in line

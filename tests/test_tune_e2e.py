@@ -22,7 +22,7 @@ import optuna
 import pytest
 
 from compressm_tune.hardware import ProfilerConfig, profile_device, save_profile
-from compressm_tune.search._storage import open_storage
+from compressm_tune.search import open_storage
 
 pytestmark = pytest.mark.slow
 

@@ -8,6 +8,14 @@ time are read in named windows (:class:`MeasurementMonitor`) from a backend chos
 time that is labelled as one.
 """
 
+from compressm_tune.hardware._cache import (
+    REMEASURE_FACTOR,
+    drift_scale,
+    latency_model_for,
+    measure_cached_profile,
+    profile_cache_path,
+    resolve_profile,
+)
 from compressm_tune.hardware._compare import compare, plot_comparison
 from compressm_tune.hardware._config import (
     ProfilerConfig,
@@ -96,4 +104,10 @@ __all__ = [
     "step_up_widths",
     "time_calls",
     "time_samples",
+    "REMEASURE_FACTOR",
+    "drift_scale",
+    "latency_model_for",
+    "measure_cached_profile",
+    "profile_cache_path",
+    "resolve_profile",
 ]

@@ -11,12 +11,13 @@ split into its dt/B/C row blocks and ``dt_proj`` into weight and bias (see
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from compressm_tune.errors import ConfigError, MissingDependencyError
+from compressm_tune.errors import CheckpointError, ConfigError, MissingDependencyError
 from compressm_tune.models.config import SSMConfig
 from compressm_tune.models.network import SSMModel
 
@@ -45,7 +46,13 @@ def _load(model_or_path: Any) -> Any:
     config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type != "mamba":
         raise ConfigError(f"{path} holds a {config.model_type!r} model, not a Mamba-1 'mamba'")
-    return tf.MambaForCausalLM.from_pretrained(path, local_files_only=True)
+    try:
+        return tf.MambaForCausalLM.from_pretrained(path, local_files_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run the file's code
+        raise CheckpointError(f"{path}: its PyTorch weights file holds objects other than "
+                              "tensors, and loading it could run code: refused; use a copy "
+                              "saved as safetensors from a source you trust") from None
 
 
 def _config(hf: Any, d_output: int) -> SSMConfig:

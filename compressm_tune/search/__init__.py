@@ -1,9 +1,15 @@
-"""The budgeted search: Optuna over in-training reduction schedules, then export + measure."""
+"""The budgeted search: Optuna over in-training reduction schedules, then export + measure.
 
+:func:`run_tune` is the whole job (``_run``); one trial is ``_objective`` (its choices from
+``_space``); the study, its storage and the finalizer election are ``_study``; choosing and
+measuring the winner is ``_finalize``; ``summary.json`` and ``report.md`` are ``_report``.
+"""
+
+from compressm_tune.errors import BudgetMissedError, StorageError
 from compressm_tune.search._config import LATENCY_MODES, TuneConfig
-from compressm_tune.search._job import BudgetMissedError, resolve_profile, run_tune
+from compressm_tune.search._run import resolve_profile, run_tune
 from compressm_tune.search._space import TrialPlan, suggest
-from compressm_tune.search._storage import StorageError, open_storage
+from compressm_tune.search._study import open_storage
 
 __all__ = [
     "LATENCY_MODES",

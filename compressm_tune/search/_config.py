@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-from compressm_tune._device import PRECISIONS, check_device_spec, check_precision
-from compressm_tune.data import DATASETS
+from compressm_tune._device import PRECISIONS
+from compressm_tune.data import DATASETS, Dataset
 from compressm_tune.errors import ConfigError
-from compressm_tune.models import ARCHS
+from compressm_tune.models import ARCHS, SSMConfig, dropout_for
 from compressm_tune.training import TrainConfig
 
 __all__ = ["TuneConfig", "LATENCY_MODES"]
@@ -20,7 +21,9 @@ LATENCY_MODES = ("sequence", "step")
 class TuneConfig:
     """What to search for, on which data, and where to keep the study.
 
-    The defaults finish in a few minutes on two CPU cores on MNIST-1D.
+    The model and training settings of every trial are built from these by
+    :meth:`model_config` and :meth:`train_config` (``SSMConfig`` and ``TrainConfig`` check
+    them). The defaults finish in a few minutes on two CPU cores on MNIST-1D.
     """
 
     budget_ms: float = field(metadata={
@@ -77,6 +80,9 @@ class TuneConfig:
     cuda_graphs: bool = field(default=True, metadata={
         "help": "on CUDA, launch every kernel of every step from Python instead of replaying "
                 "a captured graph (slower; for debugging)"})
+    max_drop: float = field(default=0.05, metadata={
+        "help": "roll back a trial's cut that loses more validation score than this "
+                "(accuracy points, or relative loss)"})
 
     def __post_init__(self) -> None:
         if not 0 < self.budget_ms < math.inf:
@@ -93,8 +99,9 @@ class TuneConfig:
                 raise ConfigError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
         if not self.state_dims or min(self.state_dims) < 1:
             raise ConfigError(f"state_dims must be positive widths, got {self.state_dims}")
-        check_device_spec(self.device)
-        check_precision(self.precision)
+        if not self.max_drop >= 0:
+            raise ConfigError(f"max_drop >= 0 must hold, got max_drop={self.max_drop}")
+        self.train_config()  # TrainConfig checks the training settings (device, precision...)
 
     def train_config(self, **settings) -> TrainConfig:
         """Training settings shared by every trial and the full reference, plus ``settings``."""
@@ -102,6 +109,20 @@ class TuneConfig:
                            eval_every=max(1, self.steps // 10), seed=self.seed,
                            threads=self.threads, device=self.device, precision=self.precision,
                            cuda_graphs=self.cuda_graphs, **settings)
+
+    def model_config(self, data: Dataset, width: int) -> SSMConfig:
+        """The model every trial and the full reference train: ``width`` states per block,
+        shaped for ``data``, with the dropout ``train`` uses for its task."""
+        return SSMConfig(arch=self.arch, d_input=data.d_input, d_output=data.d_output,
+                         d_model=self.hidden, state_dims=[width] * self.blocks,
+                         dropout=dropout_for(data.task), pooling=data.pooling)
+
+    def profile_shape(self, d_input: int, d_output: int, seq_len: int) -> dict[str, Any]:
+        """The model shape, widths and threads the latency profile must describe (the keywords
+        of :func:`compressm_tune.hardware.latency_model_for`), and the profile file if given."""
+        return {"arch": self.arch, "hidden": self.hidden, "blocks": self.blocks,
+                "seq_len": seq_len, "d_input": d_input, "d_output": d_output,
+                "widths": self.state_dims, "threads": self.ort_threads, "profile": self.profile}
 
     @property
     def metric(self) -> str:

@@ -9,7 +9,6 @@ from typing import Any
 import optuna
 
 from compressm_tune.data import Dataset
-from compressm_tune.models import SSMConfig, dropout_for
 from compressm_tune.reduction import ReduceConfig, Reducer, ReductionPolicy, round_up_to
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._space import suggest
@@ -55,15 +54,12 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         cfg, data = self.config, self.dataset
         plan = suggest(trial, cfg)
-        model_config = SSMConfig(
-            arch=cfg.arch, d_input=data.d_input, d_output=data.d_output, d_model=cfg.hidden,
-            state_dims=[plan.state_dim] * cfg.blocks, dropout=dropout_for(data.task),
-            pooling=data.pooling)
+        model_config = cfg.model_config(data, plan.state_dim)
         train_config = cfg.train_config(lr=plan.lr, warmup_frac=plan.window)
         reducer = Reducer(ReduceConfig(
             policy=ReductionPolicy("tau", plan.tau), window=plan.window,
             every=max(1, int(plan.window * cfg.steps) // 6),  # ~6 attempts in the window
-            max_drop=0.05, fits=self.fits,
+            max_drop=cfg.max_drop, fits=self.fits,
             round_to=round_up_to(self.fast_widths) if plan.round_to_fast else None))
         out = Path(cfg.out).resolve() / "trials" / f"{cfg.study}-{trial.number:04d}"
 

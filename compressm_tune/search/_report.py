@@ -1,93 +1,35 @@
-"""After the search: export and measure the winner, train the full reference, write the report."""
+"""The run's record: ``summary.json``, ``report.md`` and plots, from results already made."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 
-from compressm_tune._io import atomic_write_text, read_json
+from compressm_tune._io import atomic_write_text
 from compressm_tune._table import markdown_table
 from compressm_tune.data import Dataset
-from compressm_tune.errors import BudgetMissedError
 from compressm_tune.hardware import LatencyModel, Profile
-from compressm_tune.models import SSMConfig, dropout_for
+from compressm_tune.reduction import CALIBRATION, spectrum_record
 from compressm_tune.search._config import TuneConfig
-from compressm_tune.training import Trainer, model_from_checkpoint, read_metrics
+from compressm_tune.training import model_from_checkpoint, read_metrics
 
-__all__ = ["choose_and_export", "write_report"]
-
-
-def _export_and_measure(config: TuneConfig, checkpoint: str, out: Path) -> dict[str, Any]:
-    from compressm_tune.exporter import export_bundle, measure_latency
-
-    manifest = export_bundle(checkpoint, out)
-    timing = measure_latency(out, mode=config.latency_mode, threads=config.ort_threads,
-                             record=True)
-    return {"manifest": manifest, "latency": timing}
+__all__ = ["write_report"]
 
 
-def choose_and_export(config: TuneConfig, feasible: list[optuna.trial.FrozenTrial],
-                      data: Dataset) -> dict[str, Any]:
-    """Export feasible trials best-first until one's *measured* latency meets the budget.
+def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any],
+                 full: dict[str, Any], data: Dataset, profile: Profile, latency: LatencyModel,
+                 notes: list[str]) -> dict[str, Any]:
+    """``summary.json`` + ``report.md`` + plots in the run directory; returns the summary.
 
-    The bundle of the chosen trial is copied into the run directory (``model.onnx``,
-    ``model.ts``, ``manifest.json``, ``checkpoint.pt``).
-    """
-    out = Path(config.out)
-    misses = []
-    for trial in feasible:
-        if not Path(trial.user_attrs["checkpoint"]).exists():
-            continue  # trained by a worker on another machine; its checkpoint lives there
-        # in this worker's own run directory: workers sharing a study may pick the same trial
-        bundle = out / "bundles" / f"{config.study}-{trial.number:04d}"
-        result = _export_and_measure(config, trial.user_attrs["checkpoint"], bundle)
-        measured = result["latency"]["p50_ms"]
-        if measured <= config.budget_ms:
-            for f in bundle.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, out / f.name)
-            shutil.copy2(trial.user_attrs["checkpoint"], out / "checkpoint.pt")
-            return {"trial": trial, "measured": result["latency"],
-                    "manifest": result["manifest"], "fallbacks": misses}
-        misses.append({"trial": trial.number, "predicted_ms": trial.user_attrs["predicted_ms"],
-                       "measured_ms": measured})
-    if not misses:
-        raise BudgetMissedError("no feasible trial's checkpoint is on this machine; run the "
-                                "job where the best trials were trained")
-    raise BudgetMissedError(
-        f"every feasible trial missed {config.budget_ms:g} ms when measured: "
-        + ", ".join(f"trial {m['trial']} {m['measured_ms']:.3g} ms" for m in misses))
-
-
-def _full_reference(config: TuneConfig, data: Dataset) -> dict[str, Any]:
-    """Train (once; cached in OUT/full) the uncompressed model the report compares with.
-
-    A run killed while training it resumes from its last checkpoint; a summary that is not a
-    complete one (cut short, edited) is treated as absent."""
-    out = Path(config.out) / "full"
-    summary = read_json(out / "summary.json")
-    if isinstance(summary, dict) and {"final_state_dims", "test_best", "train_time_s"} <= set(
-            summary):
-        return summary
-    width = max(config.state_dims)
-    model_config = SSMConfig(arch=config.arch, d_input=data.d_input, d_output=data.d_output,
-                             d_model=config.hidden, state_dims=[width] * config.blocks,
-                             dropout=dropout_for(data.task), pooling=data.pooling)
-    return Trainer(model_config, config.train_config(), data, out, progress=False,
-                   resume=True).fit()
-
-
-def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any], data: Dataset,
-                 profile: Profile, latency: LatencyModel, notes: list[str]) -> dict[str, Any]:
-    """``summary.json`` + ``report.md`` + plots in the run directory; returns the summary."""
+    ``chosen`` is :func:`choose_and_export`'s answer, ``full`` the full reference's training
+    summary, ``notes`` what the report lists under "Notes"."""
     out = Path(config.out)
     trial = chosen["trial"]
-    full = _full_reference(config, data)
     metric = "accuracy" if data.task == "classification" else "loss"
     full_dims = full["final_state_dims"]
     measured = chosen["measured"]
@@ -149,25 +91,27 @@ def _train_model_error(latency: LatencyModel) -> float | None:
 
 
 def _training_cost_line(saved: float | None, error: float | None) -> str:
-    """The report's training-cost sentence; a saving within the model's error is not one."""
+    """The report's training-cost sentence. ``saved``: the share of the full model's modelled
+    training cost the chosen model saves (negative: it cost more); a saving within the
+    training-step fit's ``error`` is said to be within it."""
     if saved is None:
         return "Training cost: not modelled."
     how = ("Training cost, modelled (each step costs the profile's training-step time at the "
            "widths then in effect): ")
     bound = ("" if error is None else
              f" (the training-step fit's leave-one-out error is up to {error:.0%})")
+    change = f"{saved:.0%} lower" if saved >= 0 else f"{-saved:.0%} higher"
     if error is not None and abs(saved) <= error:
-        return how + f"{saved:+.0%} vs the full model's, within the model's error{bound}."
-    return how + (f"{saved:.0%} lower" if saved >= 0 else f"{-saved:.0%} higher") + (
-        f" than the full model's{bound}.")
+        return how + f"{change} than the full model's, within the model's error{bound}."
+    return how + f"{change} than the full model's{bound}."
 
 
 def _modelled_train_s(metrics: Path, latency: LatencyModel, initial: list[int],
                       steps: int) -> float | None:
     """Training cost of a run as the profile models it: every step costs the profile's
     training-step time at the widths in effect then (read from the run's ``metrics.jsonl``).
-    Why not wall clock: trials run at different times on a shared machine, and their wall
-    clocks differed by more than any saving (-136% to +74% "saved" in four identical runs)."""
+    Why not wall clock: trials run at different times on a shared machine, where wall clocks
+    of identical runs differ by more than any saving."""
     records = [r for r in (read_metrics(metrics) if metrics.is_file() else [])
                if "state_dims" in r]
     total, step, dims = 0.0, 0, list(initial)
@@ -263,9 +207,6 @@ def _plots(study: optuna.Study, config: TuneConfig, out: Path, data: Dataset) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
-    from compressm_tune.reduction import CALIBRATION, spectrum_record
 
     with warnings.catch_warnings():  # optuna's matplotlib plots are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -1,0 +1,104 @@
+"""The budgeted job: profile, search, then export and *measure* the winner against the budget.
+
+    compressm-tune --budget-ms 2.0
+
+1. A latency model of this machine (:func:`compressm_tune.hardware.latency_model_for`: the
+   given profile, else the cached one of this device and model shape, else a short
+   measurement; drift-checked and rescaled when the machine has moved since).
+2. An Optuna study over in-training reduction schedules (``_study``; one trial is
+   ``_objective``); a trial is feasible when the profile predicts its final widths meet
+   the budget (trials are steered there by budget-aware truncation when their reduction window
+   closes).
+3. One worker finalizes (``_finalize``): the best feasible trial is exported (ONNX +
+   TorchScript, parity checked) and its latency measured in onnxruntime, the next best tried
+   if it misses; the full-width reference is trained; ``_report`` writes the record.
+
+Several workers may share one study (``storage``) and one ``out``; every worker but the
+finalizer says who finishes the job and exits.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from compressm_tune import hardware
+from compressm_tune._device import check_precision, resolve_device
+from compressm_tune._io import ensure_dir
+from compressm_tune.data import load_dataset
+from compressm_tune.errors import ConfigError
+from compressm_tune.hardware import LatencyModel, Profile, latency_model_for
+from compressm_tune.search._config import TuneConfig
+from compressm_tune.search._finalize import choose_and_export, full_reference
+from compressm_tune.search._objective import Objective
+from compressm_tune.search._report import write_report
+from compressm_tune.search._study import check_storage, finalizer, open_study, run_trials
+from compressm_tune.training import TrainConfig, check_training_memory
+
+__all__ = ["run_tune", "resolve_profile"]
+
+
+def run_tune(config: TuneConfig) -> dict[str, Any]:
+    """Run the whole job; returns (and writes) ``summary.json``, or ``{"finalized": False}``
+    in a worker that leaves the export to another. See the module docstring.
+
+    Raises
+    ------
+    ConfigError
+        Settings that cannot run (the budget below the fastest model this machine runs...).
+    BudgetMissedError
+        No trial met the budget, predicted or measured.
+    """
+    check_precision(config.precision, resolve_device(config.device))  # fail before any work
+    check_storage(config.storage)
+    out = ensure_dir(config.out)
+    data = load_dataset(config.dataset, path=config.data_path, data_dir=config.data_dir,
+                        val_fraction=config.val_fraction, seed=config.seed)
+    check_training_memory(config.model_config(data, max(config.state_dims)), config.batch_size,
+                          data.seq_len, TrainConfig().eval_batch_size,
+                          resolve_device(config.device))
+    latency, profile, notes = latency_model_for(
+        **config.profile_shape(data.d_input, data.d_output, data.seq_len),
+        drift_check=config.drift_check, metric=config.metric)
+    notes += _budget_notes(config, latency, profile)
+    objective = Objective(config, data, latency.predict, profile.fast_widths())
+    study = open_study(config)
+    others = run_trials(study, objective, config.trials)
+    with finalizer(out, others) as why_not:
+        if why_not:
+            print(f"compressm-tune: this worker's trials are done; {why_not}; results will be "
+                  f"in {config.out}", file=sys.stderr)
+            return {"finalized": False, "meets_budget": None}
+        chosen = choose_and_export(config, study, data)
+        full = full_reference(config, data)
+        return write_report(config, study, chosen, full, data, profile, latency, notes)
+
+
+def _budget_notes(config: TuneConfig, latency: LatencyModel, profile: Profile) -> list[str]:
+    """Refuse a budget below the fastest model; note one that does not bind, or a latency
+    that barely depends on the state width."""
+    fastest, width = min((latency.predict([w] * config.blocks, config.metric), w)
+                         for w in {1, *profile.widths})
+    if config.budget_ms < fastest:
+        raise ConfigError(
+            f"--budget-ms {config.budget_ms:g} is below the fastest model this machine runs: "
+            f"{fastest:.4g} ms per {'sequence' if config.latency_mode == 'sequence' else 'token'}"
+            f" ({config.blocks} blocks of {width} states, H={config.hidden}); raise the budget")
+    notes = []
+    full = latency.predict([max(config.state_dims)] * config.blocks, config.metric)
+    if full <= config.budget_ms:
+        notes.append(f"the full model is predicted at {full:.4g} ms, within the budget: the "
+                     "search maximizes accuracy and training speed, latency does not bind")
+    if full < 1.1 * fastest:
+        notes.append(f"latency is nearly flat in state width at this shape ({fastest:.4g} to "
+                     f"{full:.4g} ms): a fixed per-token cost dominates, so narrower states buy "
+                     "training time and memory here, not latency (a larger --hidden shows more)")
+    return notes
+
+
+def resolve_profile(config: TuneConfig, d_input: int, d_output: int,
+                    seq_len: int) -> tuple[Profile, list[str]]:
+    """The profile the job predicts with, and notes for the report
+    (:func:`compressm_tune.hardware.resolve_profile` at the job's model shape)."""
+    shape = config.profile_shape(d_input, d_output, seq_len)
+    return hardware.resolve_profile(**shape)
