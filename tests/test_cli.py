@@ -335,12 +335,16 @@ def test_building_the_parser_imports_nothing_heavy():
     """``--help`` must stay fast: the parser reads the config dataclasses without importing
     torch, optuna, onnx or matplotlib."""
     import sys
+    from pathlib import Path
 
+    import compressm_tune
+
+    root = str(Path(compressm_tune.__file__).resolve().parents[1])  # this tree's package
     code = ("import sys; from compressm_tune.cli import build_parser; build_parser(); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'torch','optuna','onnx','onnxruntime','matplotlib'}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()}, check=True)
+                          env={**os.environ, "PYTHONPATH": root}, check=True)
     assert proc.stdout.strip() == "[]", proc.stdout
 
 
