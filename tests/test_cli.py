@@ -326,3 +326,106 @@ def test_a_width_the_machine_cannot_hold_is_refused_before_allocating(tmp_path, 
     line = _one_error_line(capsys.readouterr().err)
     assert "needs about" in line and "GiB is available" in line
     assert time.perf_counter() - t0 < 30  # refused, not attempted
+
+
+# ----------------------------------------------------------------------------- conventions
+
+
+def test_building_the_parser_imports_nothing_heavy():
+    """``--help`` must stay fast: the parser reads the config dataclasses without importing
+    torch, optuna, onnx or matplotlib."""
+    import sys
+    from pathlib import Path
+
+    import compressm_tune
+
+    root = str(Path(compressm_tune.__file__).resolve().parents[1])  # this tree's package
+    code = ("import sys; from compressm_tune.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'torch','optuna','onnx','onnxruntime','matplotlib'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": root}, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
+@pytest.mark.parametrize("where", ["compressm_tune.models:SSMConfig",
+                                   "compressm_tune.training:TrainConfig",
+                                   "compressm_tune.reduction:ReduceConfig",
+                                   "compressm_tune.hardware:ProfilerConfig",
+                                   "compressm_tune.search:TuneConfig"])
+def test_flags_read_the_same_fields_the_dataclasses_have(where):
+    """What ``_flags`` reads from the source equals the imported dataclass: names, defaults
+    (where the flag has one) and metadata."""
+    import dataclasses
+    import importlib
+
+    from compressm_tune.cli._flags import _UNKNOWN, fields_of
+
+    module, name = where.split(":")
+    real = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    read = fields_of(where)
+    assert list(read) == list(real)
+    for key, f in read.items():
+        assert f.meta == dict(real[key].metadata), key
+        if f.default is not _UNKNOWN and real[key].default is not dataclasses.MISSING:
+            assert f.default == real[key].default, key
+        if "help" in f.meta and f.meta.get("cli", True) and f.default is _UNKNOWN:
+            assert key in ("budget_ms",), f"{key}: a flag needs a literal default"
+
+
+def test_choices_come_from_their_modules():
+    from compressm_tune._device import PRECISIONS
+    from compressm_tune.cli._flags import constant
+    from compressm_tune.data import DATASETS
+    from compressm_tune.models import ARCHS
+
+    assert constant("compressm_tune.models:ARCHS") == ARCHS
+    assert constant("compressm_tune.data:DATASETS") == DATASETS
+    assert constant("compressm_tune._device:PRECISIONS") == PRECISIONS
+
+
+def test_version(capsys):
+    from compressm_tune import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+def test_flags_keep_their_names_and_defaults():
+    from compressm_tune.cli import build_parser
+
+    args = build_parser().parse_args(["train"])
+    assert (args.arch, args.blocks, args.d_model, args.state_dim, args.dropout) == (
+        "lru", 4, 64, 256, None)
+    assert (args.steps, args.lr, args.warmup_frac, args.device, args.cuda_graphs) == (
+        1500, 3e-3, 0.1, "auto", True)
+    assert (args.window, args.every, args.max_drop, args.moments, args.schedule) == (
+        0.1, None, 0.02, "reset", "window")
+    args = build_parser().parse_args(["--budget-ms", "2", "--state-dims", "8,16",
+                                      "--no-drift-check", "--data", "d.npz"])
+    assert (args.budget_ms, args.state_dims, args.drift_check, args.data_path) == (
+        2.0, (8, 16), False, "d.npz")
+    assert build_parser().parse_args([]).state_dims == (64, 128, 256)
+    assert build_parser().parse_args(["-q", "profile"]).quiet  # before the sub-command
+    assert build_parser().parse_args(["profile", "--quiet"]).quiet  # and after it
+
+
+def test_a_missed_budget_exits_3(monkeypatch, capsys, tmp_path):
+    from compressm_tune import search
+    from compressm_tune.errors import BudgetMissedError
+
+    def missed(config):
+        raise BudgetMissedError("no trial met the budget")
+
+    monkeypatch.setattr(search, "run_tune", missed)
+    argv = ["--budget-ms", "1", "--out", str(tmp_path / "o")]
+    assert main(argv) == 3
+    assert "no trial met the budget" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "report.md").write_text("# report\n")
+    monkeypatch.setattr(search, "run_tune", lambda config: {"meets_budget": False})
+    assert main(argv) == 3
+    with pytest.raises(BudgetMissedError):  # --debug: the traceback instead of one line
+        monkeypatch.setattr(search, "run_tune", missed)
+        main([*argv, "--debug"])

@@ -6,7 +6,6 @@ selective S6 layer), each cut to unequal widths; option and file checks run on t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,7 +23,6 @@ import torch
 from compressm_tune.errors import CheckpointError, CompressmError, ExportError
 from compressm_tune.exporter import (
     SUPPORTED_OPSETS,
-    add_export_parser,
     build_sequence_model,
     build_step_model,
     export_bundle,
@@ -521,9 +519,9 @@ def test_bad_options_are_rejected_before_any_work(exported_lru, tmp_path, kw):
 
 
 def _cli(argv) -> int:
-    parser = argparse.ArgumentParser(prog="compressm-tune")
-    add_export_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export", *argv])
+    from compressm_tune.cli import build_parser
+
+    args = build_parser().parse_args(["export", *argv])
     return args.func(args)
 
 

@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from compressm_tune.cli import build_parser
+from compressm_tune.cli.profile import config_from_args
 from compressm_tune.errors import ConfigError
 from compressm_tune.hardware import (
     Drift,
     LatencyModel,
     Profile,
-    add_compare_parser,
-    add_profile_parser,
     check_drift,
-    config_from_args,
     load_profile,
     measure_models,
     reference_widths,
@@ -56,11 +55,7 @@ QUICK = ["--device", "cpu", "--widths", "4,8,...,128", "--hidden", "32", "--bloc
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compressm-tune")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_profile_parser(subparsers)
-    add_compare_parser(subparsers)
-    return parser
+    return build_parser()
 
 
 def _run(argv: list[str]) -> int:
@@ -84,7 +79,8 @@ def test_cli_parses_into_the_config_dataclass() -> None:
     assert config.hidden == 64 and config.runtime == "torch"  # dataclass defaults kept
     with pytest.raises(ConfigError, match="hidden must be an integer >= 1"):
         config_from_args(_parser().parse_args(["profile", "--hidden", "0"]))
-    assert _parser().parse_args(["compare", "a.json", "b.json"]).func.__name__ == "_run_compare"
+    args = _parser().parse_args(["compare", "a.json", "b.json"])
+    assert args.func.__module__ == "compressm_tune.cli.compare"
 
 
 def test_quick_profile_records_everything(quick_profile) -> None:
@@ -277,11 +273,11 @@ def test_a_profile_with_impossible_latencies_is_refused_in_one_line(quick_profil
 def test_profile_without_out_never_overwrites_a_profile(quick_profile, tmp_path, monkeypatch):
     """It used to write profiles/<device>.json, replacing the committed profile of the
     machine; now each run writes a new, time-stamped file."""
-    from compressm_tune.hardware import _commands
+    from compressm_tune import hardware
 
     _, profile = quick_profile
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(_commands, "profile_device", lambda *a, **k: profile)
+    monkeypatch.setattr(hardware, "profile_device", lambda *a, **k: profile)
     committed = tmp_path / "profiles" / f"{profile.device.slug}.json"
     committed.parent.mkdir()
     committed.write_text("the committed profile")

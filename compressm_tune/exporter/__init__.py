@@ -20,7 +20,6 @@ from compressm_tune.exporter._bundle import (
     MODES,
     export_bundle,
 )
-from compressm_tune.exporter._commands import add_export_parser
 from compressm_tune.exporter._edge import (
     BundleError,
     EdgeBundle,
@@ -66,7 +65,6 @@ __all__ = [
     "ScriptedSSM",
     "SelectiveWeights",
     "Streamer",
-    "add_export_parser",
     "build_sequence_model",
     "build_step_model",
     "choose_chunk",

@@ -16,13 +16,13 @@ from compressm_tune.hardware._cache import (
     profile_cache_path,
     resolve_profile,
 )
-from compressm_tune.hardware._commands import (
-    add_compare_parser,
-    add_profile_parser,
-    config_from_args,
-)
 from compressm_tune.hardware._compare import compare, plot_comparison
-from compressm_tune.hardware._config import ProfilerConfig, fingerprint, parse_widths
+from compressm_tune.hardware._config import (
+    ProfilerConfig,
+    fingerprint,
+    parse_block_counts,
+    parse_widths,
+)
 from compressm_tune.hardware._energy import (
     CpuTimeEstimateBackend,
     EnergyBackend,
@@ -82,11 +82,8 @@ __all__ = [
     "ProfilerConfig",
     "RaplBackend",
     "TimingStats",
-    "add_compare_parser",
-    "add_profile_parser",
     "check_drift",
     "compare",
-    "config_from_args",
     "fast_widths",
     "fingerprint",
     "fixed_threads",
@@ -96,6 +93,7 @@ __all__ = [
     "measured_here",
     "onnxruntime_functions",
     "param_mb",
+    "parse_block_counts",
     "parse_widths",
     "plot_comparison",
     "prepare_runtime",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import platform
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,31 +45,44 @@ class ProfilerConfig:
     compressm_tune.errors.ConfigError: blocks must be an integer >= 1, got blocks=0
     """
 
-    device: str = "auto"  # "auto": cuda:0 when CUDA is available, else cpu
-    runtime: str = "torch"  # inference runtime; training steps always run in eager torch
-    arch: str = "lru"  # SSM layer of the measured models: "lru", "selective" or "mamba"
-    widths: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256, 512)  # state widths N to measure
-    hidden: int = 64  # H, the residual width of every block
-    blocks: int = 2  # K equal-width blocks per measured model
+    device: str = field(default="auto", metadata={
+        "help": "'auto' (cuda:0 if present, else cpu), 'cpu' or 'cuda:N'"})
+    runtime: str = field(default="torch", metadata={  # training steps always run in eager torch
+        "choices": RUNTIMES, "help": "inference runtime"})
+    arch: str = field(default="lru", metadata={
+        "choices": ARCHS, "help": "SSM layer of the measured models"})
+    widths: tuple[int, ...] = field(default=(4, 8, 16, 32, 64, 128, 256, 512), metadata={
+        "help": "state widths: '4,8,16' or 'a,b,...,c'"})
+    hidden: int = field(default=64, metadata={"help": "H, residual width of every block"})
+    blocks: int = field(default=2, metadata={"help": "K, equal-width blocks per measured model"})
     # Other block counts also measured at every width, so that fixed and per-block cost are
     # fitted across block counts; None: 1 and 2*K (the range of models the search builds)
-    extra_blocks: tuple[int, ...] | None = None
-    seq_len: int = 256  # L, tokens per sequence
-    batch: int = 16  # training-step batch
-    throughput_batch: int = 32  # batch of the throughput measurement
-    threads: int | None = None  # torch intra-op threads; None: one per physical core
-    min_time_s: float = 0.5  # each timing repeats until at least this much work
-    warmup: int = 3  # untimed calls before each timing
-    min_repeats: int = 5  # timed calls at least, however long each takes
+    extra_blocks: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "other block counts also measured at every width, to separate fixed from "
+                "per-block cost: '1,4' (default: 1 and 2K)"})
+    seq_len: int = field(default=256, metadata={"help": "L, tokens per sequence"})
+    batch: int = field(default=16, metadata={"help": "training-step batch"})
+    throughput_batch: int = field(default=32, metadata={
+        "help": "batch of the throughput measurement"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch intra-op threads (default: one per physical core)"})
+    min_time_s: float = field(default=0.5, metadata={
+        "help": "each timing repeats until this many seconds of work"})
+    warmup: int = field(default=3, metadata={"help": "untimed calls before each timing"})
+    min_repeats: int = field(default=5, metadata={"help": "timed calls at least"})
     # interleaved passes over all models, so load drift hits every model alike; many short
     # passes average drift out better than a few long ones (each model's median then pools
     # ~30 independent stretches of the machine's state)
-    rounds: int = 30
-    energy: str = "auto"  # "auto", "nvml", "rapl", "estimate" or "none"
-    watts_per_core: float = DEFAULT_WATTS_PER_CORE  # for the CPU-time energy estimate
-    d_input: int = 1  # model input channels (sequential-MNIST-like)
-    d_output: int = 10  # classes
-    seed: int = 0  # torch seed for weights and inputs
+    rounds: int = field(default=30, metadata={
+        "help": "interleaved timing passes over all widths"})
+    energy: str = field(default="auto", metadata={
+        "choices": ENERGY_CHOICES,
+        "help": "energy source; an explicit choice that is unavailable is an error"})
+    watts_per_core: float = field(default=DEFAULT_WATTS_PER_CORE, metadata={
+        "help": "W per busy core for the CPU-time estimate"})
+    d_input: int = field(default=1, metadata={"cli": False})  # input channels (MNIST-like)
+    d_output: int = field(default=10, metadata={"cli": False})  # classes
+    seed: int = field(default=0, metadata={"help": "torch seed for weights and inputs"})
 
     def __post_init__(self) -> None:
         widths = tuple(sorted({int(w) for w in self.widths}))

@@ -28,10 +28,13 @@ class SSMConfig:
 
     # "lru": diagonal complex LTI (CompreSSM); "selective": a bare S6 layer in the LRU's block;
     # "mamba": Mamba's own block (RMSNorm -> MambaLayer -> residual) and a final RMSNorm
-    arch: str = "lru"
+    arch: str = field(default="lru", metadata={
+        "choices": ARCHS,
+        "help": "SSM layer: lru (LTI, complex diagonal), selective (a bare S6 layer) or mamba "
+                "(Mamba's block: expansion, conv, gate, S6)"})
     d_input: int = 1
     d_output: int = 10
-    d_model: int = 64  # H: width of the residual stream
+    d_model: int = field(default=64, metadata={"flag": "--hidden", "help": "H, model width"})
     state_dims: list[int] = field(default_factory=lambda: [256, 256, 256, 256])  # N per block
     pooling: str = "mean"  # "mean": one output per sequence; "none": one output per step
     dropout: float = 0.1  # regression: 0 (see dropout_for; `train` picks by task)

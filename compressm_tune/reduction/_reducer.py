@@ -65,10 +65,17 @@ class ReduceConfig:
     """When and how to reduce during training."""
 
     policy: ReductionPolicy = field(default_factory=ReductionPolicy)
-    window: float = 0.1  # attempt cuts at evaluations within the first 10% of steps
-    every: int | None = None  # steps between attempts in the window (None: every evaluation)
-    max_drop: float = 0.02  # roll back a cut losing more (accuracy points, or relative loss)
-    moments: str = "reset"  # Adam moments of a cut layer: "reset" or "slice" (paper)
+    window: float = field(default=0.1, metadata={
+        "help": "share of steps in which cuts are attempted"})
+    every: int | None = field(default=None, metadata={
+        "flag": "--reduce-every",
+        "help": "steps between cut attempts inside the window (default: every evaluation)"})
+    max_drop: float = field(default=0.02, metadata={
+        "help": "roll back a cut that loses more validation accuracy (or relative loss) than "
+                "this and freeze the layer; regression: 0.1 (a young model's MSE rises a few "
+                "percent at a cut, then recovers)"})
+    moments: str = field(default="reset", metadata={
+        "choices": MOMENT_POLICIES, "help": "Adam moments of a cut layer (slice: the paper's)"})
     # Optional hook (r, N) -> r' that rounds ranks to widths a hardware profile runs fast.
     round_to: Callable[[int, int], int] | None = None
     # Optional budget check on the per-layer widths; when the window closes and it fails, the
@@ -79,7 +86,11 @@ class ReduceConfig:
     calibration: int = CALIBRATION
     # "window": the paper's, a tau cut at every attempt in the window; "settle": cut when the
     # spectrum has settled, toward the width repeated cuts would reach (SettleTracker)
-    schedule: str = "window"
+    schedule: str = field(default="window", metadata={
+        "choices": SCHEDULES,
+        "help": "when cuts happen inside the window: window (the paper's: a tau cut at every "
+                "attempt) or settle (cut when the spectrum's target width has settled, toward "
+                "that width; best measured with --weighting input; see docs/cli.md)"})
     settle: SettleConfig = field(default_factory=SettleConfig)
 
     def __post_init__(self) -> None:

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from compressm_tune.data import Dataset
+from compressm_tune._device import PRECISIONS
+from compressm_tune.data import DATASETS, Dataset
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import ARCHS, SSMConfig, dropout_for
 from compressm_tune.training import TrainConfig
@@ -25,33 +26,60 @@ class TuneConfig:
     them). The defaults finish in a few minutes on two CPU cores on MNIST-1D.
     """
 
-    budget_ms: float  # per-sample latency of the exported model (onnxruntime, batch 1)
-    budget_mj: float | None = None  # per-sample energy, where it can be measured or estimated
-    latency_mode: str = "sequence"  # "sequence": per sequence; "step": per streamed token
-    arch: str = "lru"  # SSM layer of every trial: "lru", "selective" or "mamba"
-    dataset: str = "mnist1d"
-    data_path: str | None = None
-    data_dir: str | None = None
-    val_fraction: float = 0.1  # share of train held out to rank trials and pick checkpoints
-    trials: int = 8  # trials completed (or pruned) in the study, summed over all workers
-    steps: int = 300  # training steps per trial
-    blocks: int = 2
-    hidden: int = 32  # H; the profile is measured at this width
-    state_dims: tuple[int, ...] = (64, 128, 256)  # initial widths the search may start from
-    batch_size: int = 64
-    profile: str | None = None  # a profile JSON; default: cached for this device, or measured
-    drift_check: bool = True  # re-time an older profile of this machine, rescale if it moved
-    storage: str | None = None  # SQLAlchemy URL or journal:PATH; default: OUT/study.db
-    study: str = "compressm-tune"
-    out: str = "runs/tune"
-    seed: int = 0
-    pareto: bool = False  # multi-objective (accuracy vs latency, NSGA-II) instead
-    threads: int | None = None  # torch threads for training (None: torch's default)
-    ort_threads: int = 1  # onnxruntime intra-op threads for the latency the budget is about
-    device: str = "cpu"  # where trials train (auto | cpu | cuda[:N]); export and latency
-    # measurement stay on the deployment runtime the profile describes
-    precision: str = "fp32"  # training arithmetic: fp32 | tf32 | bf16
-    cuda_graphs: bool = True  # on CUDA, replay each training step from a captured graph
+    budget_ms: float = field(metadata={
+        "help": "per-sample latency budget in ms (onnxruntime, batch 1; per sequence, or per "
+                "token with --latency-mode step)"})
+    budget_mj: float | None = field(default=None, metadata={
+        "help": "per-sample energy budget, mJ (where it can be measured or estimated)"})
+    latency_mode: str = field(default="sequence", metadata={
+        "choices": LATENCY_MODES,
+        "help": "what the budget bounds: sequence (per sequence) or step (per streamed token)"})
+    arch: str = field(default="lru", metadata={
+        "choices": ARCHS, "help": "SSM layer of every trial: lru, selective or mamba"})
+    dataset: str = field(default="mnist1d", metadata={
+        "choices": DATASETS, "help": "built-in or user dataset"})
+    data_path: str | None = field(default=None, metadata={
+        "flag": "--data", "help": "path of the .npz file for --dataset npz"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "directory with MNIST IDX files for --dataset smnist"})
+    val_fraction: float = field(default=0.1, metadata={  # ranks trials, picks checkpoints
+        "help": "share of train held out for validation"})
+    trials: int = field(default=8, metadata={  # completed or pruned, summed over all workers
+        "help": "trials in the study, summed over all workers"})
+    steps: int = field(default=300, metadata={"help": "steps per trial"})
+    blocks: int = field(default=2, metadata={"help": "SSM blocks"})
+    hidden: int = field(default=32, metadata={  # the profile is measured at this width
+        "help": "H, model width"})
+    state_dims: tuple[int, ...] = field(default=(64, 128, 256), metadata={
+        "help": "initial widths the search may start from"})
+    batch_size: int = field(default=64, metadata={"cli": False})
+    profile: str | None = field(default=None, metadata={
+        "help": "profile JSON (default: this device's, cached or measured)"})
+    drift_check: bool = field(default=True, metadata={
+        "help": "predict from the profile as stored: skip re-timing three of its models and "
+                "rescaling when this machine has drifted from it"})
+    storage: str | None = field(default=None, metadata={
+        "help": "Optuna storage: SQLAlchemy URL or journal:PATH (default: OUT/study.db); "
+                "rerunning resumes the study"})
+    study: str = field(default="compressm-tune", metadata={"help": "study name"})
+    out: str = field(default="runs/tune", metadata={"help": "run directory"})
+    seed: int = field(default=0, metadata={"help": "seed of the search and of every trial"})
+    pareto: bool = field(default=False, metadata={
+        "help": "multi-objective search (accuracy vs latency, NSGA-II)"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch threads for training (default: torch's)"})
+    ort_threads: int = field(default=1, metadata={  # for the latency the budget is about
+        "cli": False, "help": "onnxruntime intra-op threads"})
+    # export and latency measurement stay on the deployment runtime the profile describes
+    device: str = field(default="cpu", metadata={
+        "help": "where trials train: auto (a CUDA GPU if there is one), cpu, cuda or cuda:N"})
+    precision: str = field(default="fp32", metadata={
+        "choices": PRECISIONS,
+        "help": "training arithmetic: fp32; tf32 (CUDA: float32 products on the tensor "
+                "cores); bf16 (autocast projections, scans in float32)"})
+    cuda_graphs: bool = field(default=True, metadata={
+        "help": "on CUDA, launch every kernel of every step from Python instead of replaying "
+                "a captured graph (slower; for debugging)"})
     max_drop: float = field(default=0.05, metadata={
         "help": "roll back a trial's cut that loses more validation score than this "
                 "(accuracy points, or relative loss)"})

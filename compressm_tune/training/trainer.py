@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from compressm_tune._device import (
+    PRECISIONS,
     autocast,
     check_device_spec,
     check_precision,
@@ -52,21 +53,34 @@ __all__ = ["TrainConfig", "Trainer", "check_training_memory", "evaluate", "score
 class TrainConfig:
     """Optimization settings of one run (the model's shape lives in ``SSMConfig``)."""
 
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 3e-3
-    ssm_lr_factor: float = 0.5  # LR multiplier of nu/theta/gamma/B (paper's code: a factor)
-    weight_decay: float = 0.05  # on non-SSM parameters only
-    warmup_frac: float = 0.1  # linear warm-up; also the default reduction window
-    min_lr_frac: float = 1e-3  # cosine decays to lr * min_lr_frac
-    eval_every: int = 100
-    eval_batch_size: int = 500
-    seed: int = 0
-    threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    log_spectrum: bool = False  # log every layer's HSVs at every evaluation (for plots)
-    device: str = "cpu"  # auto | cpu | cuda | cuda:N (the CLI's default is auto)
-    precision: str = "fp32"  # fp32 | tf32 | bf16 (see compressm_tune._device)
-    cuda_graphs: bool = True  # on CUDA, replay each step from a captured graph (training/step.py)
+    steps: int = field(default=1500, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "sequences per step"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    # the paper's code scales the LR of nu/theta/gamma/B by a factor
+    ssm_lr_factor: float = field(default=0.5, metadata={
+        "help": "LR multiplier of the recurrence's parameters"})
+    weight_decay: float = field(default=0.05, metadata={
+        "help": "AdamW weight decay of the non-SSM parameters"})
+    warmup_frac: float = field(default=0.1, metadata={
+        "flag": "--warmup", "help": "share of steps in linear LR warm-up"})
+    min_lr_frac: float = field(default=1e-3, metadata={  # cosine decays to lr * min_lr_frac
+        "cli": False, "help": "cosine decay's floor, a share of the peak LR"})
+    eval_every: int = field(default=100, metadata={"help": "steps between evaluations"})
+    eval_batch_size: int = field(default=500, metadata={"cli": False})
+    seed: int = field(default=0, metadata={"help": "seed of data split, weights and batches"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch threads (default: torch's)"})
+    log_spectrum: bool = field(default=False, metadata={
+        "help": "log every layer's HSVs at every evaluation and plot them (OUT/hsv.png)"})
+    device: str = field(default="cpu", metadata={  # the command line's default is auto
+        "help": "where training runs: auto (a CUDA GPU if there is one), cpu, cuda or cuda:N"})
+    precision: str = field(default="fp32", metadata={
+        "choices": PRECISIONS,
+        "help": "training arithmetic: fp32; tf32 (CUDA: float32 products on the tensor cores); "
+                "bf16 (autocast projections, scans in float32)"})
+    cuda_graphs: bool = field(default=True, metadata={
+        "help": "on CUDA, launch every kernel of every step from Python instead of replaying a "
+                "captured graph (slower; for debugging)"})
 
     def __post_init__(self) -> None:
         check_device_spec(self.device)

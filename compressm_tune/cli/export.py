@@ -1,8 +1,7 @@
-"""The ``export`` sub-command: argument parsing into :func:`export_bundle`.
+"""``compressm-tune export``: a checkpoint to a checked bundle (:func:`export_bundle`).
 
-``cli.py`` calls :func:`add_export_parser` on its sub-parsers; the parser's ``func`` takes the
-parsed namespace and returns the exit status. Errors are
-:class:`~compressm_tune.errors.CompressmError` subclasses for the CLI to print in one line.
+The exporter's options are keyword arguments of ``export_bundle``, not a config dataclass,
+so its flags are written out here.
 """
 
 from __future__ import annotations
@@ -10,15 +9,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from compressm_tune.exporter._onnx import DEFAULT_OPSET, SUPPORTED_OPSETS
+from compressm_tune.cli._flags import constant
 
-__all__ = ["add_export_parser"]
+__all__ = ["add_parser", "run"]
 
 
-def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``export CHECKPOINT --out DIR [--format] [--mode] [--opset] [--quantize] ...``."""
-    lo, hi = SUPPORTED_OPSETS[0], SUPPORTED_OPSETS[-1]
-    p = subparsers.add_parser(
+    opsets = constant("compressm_tune.exporter:SUPPORTED_OPSETS")
+    default_opset = constant("compressm_tune.exporter:DEFAULT_OPSET")
+    lo, hi = opsets[0], opsets[-1]
+    p = sub.add_parser(
         "export", help="export a checkpoint to ONNX / TorchScript with a checked manifest",
         description="Write model.onnx (sequence), model_step.onnx (streaming), model.ts "
                     "(TorchScript), run.py (numpy + onnxruntime edge runner) and manifest.json, "
@@ -31,8 +32,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="comma-separated: onnx, torchscript (default: both)")
     p.add_argument("--mode", dest="modes", default="sequence,step",
                    help="ONNX graphs, comma-separated: sequence, step (default: both)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help=f"ONNX opset, {lo}..{hi} (default: {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=int, default=default_opset,
+                   help=f"ONNX opset, {lo}..{hi} (default: {default_opset})")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="also write dynamically int8-quantized ONNX graphs and record their "
                         "size and test-split accuracy change")
@@ -48,7 +49,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                         "manifest")
     p.add_argument("--min-time-s", type=float, default=1.0,
                    help="--bench: timed seconds per mode (default: 1.0)")
-    p.set_defaults(func=_run_export)
+    p.set_defaults(func=run)
     return p
 
 
@@ -65,11 +66,10 @@ def _chunk_arg(text: str) -> int | str:
                                 f"{text!r}") from None
 
 
-def _run_export(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Export, print the bundle's files, parity and graph choice; time it with ``--bench``."""
     from compressm_tune._table import markdown_table
-    from compressm_tune.exporter._bundle import DEFAULT_SEQ_LEN as _DEFAULT_SEQ_LEN
-    from compressm_tune.exporter._bundle import export_bundle
-    from compressm_tune.exporter._manifest import measure_latency
+    from compressm_tune.exporter import DEFAULT_SEQ_LEN, export_bundle, measure_latency
 
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "bundle"
     m = export_bundle(args.checkpoint, out, formats=args.formats, modes=args.modes,
@@ -96,7 +96,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.bench and "onnx" in m["formats"]:
         # a checkpoint without its dataset (an imported model) records no training length:
         # time the length the export chose its graph and checked parity at
-        seq_len = None if m["task"].get("seq_len") else _DEFAULT_SEQ_LEN
+        seq_len = None if m["task"].get("seq_len") else DEFAULT_SEQ_LEN
         if seq_len:
             print(f"no training length recorded: latency timed on {seq_len}-token sequences")
         for mode in m["modes"]:
