@@ -13,8 +13,8 @@ from typing import Any
 
 from compressm_tune.errors import OutputError
 
-__all__ = ["atomic_write", "atomic_write_text", "ensure_dir", "read_json", "require_space",
-           "why_unwritable"]
+__all__ = ["FolderLock", "atomic_write", "atomic_write_text", "ensure_dir", "read_json",
+           "require_space", "why_unwritable"]
 
 _UNWRITABLE = {
     errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -153,3 +153,49 @@ def read_json(path: str | Path) -> Any | None:
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+
+
+class FolderLock:
+    """An exclusive lock on ``folder/.lock`` that the kernel releases when the process dies.
+
+    ``acquire()`` returns False when another live process holds it. Two runs writing into one
+    folder would interleave their logs and overwrite each other's checkpoints; a lock file
+    whose holder died (a kill -9) does not block anyone, unlike a file that merely exists.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / ".lock"
+        self._fh: Any = None
+
+    def acquire(self) -> bool:
+        fh = open(self.path, "a+")
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return False
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return True
+
+    def holder(self) -> str:
+        """The pid the holder wrote, for messages ("?" when unreadable)."""
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the descriptor releases the lock
+            self._fh = None

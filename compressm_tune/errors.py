@@ -21,6 +21,8 @@ __all__ = [
     "EnergyBackendError",
     "StorageError",
     "BudgetMissedError",
+    "DivergedError",
+    "FolderBusyError",
 ]
 
 
@@ -74,3 +76,11 @@ class StorageError(CompressmError, RuntimeError):
 
 class BudgetMissedError(CompressmError, RuntimeError):
     """No candidate's exported model met the budget when measured."""
+
+
+class DivergedError(CompressmError, RuntimeError):
+    """Training produced a non-finite loss; the last checkpoint before it is kept."""
+
+
+class FolderBusyError(CompressmError, RuntimeError):
+    """Another live process is writing into the same output folder."""

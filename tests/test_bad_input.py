@@ -162,3 +162,94 @@ def test_export_into_a_full_disk_is_one_line_and_leaves_nothing(bundle, tmp_path
     line = _one_line_error(done, "compressm-tune")
     assert "the bundle" in line and "file size limit" in line
     assert not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLI, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+TINY = ["--blocks", "1", "--hidden", "8", "--state-dim", "8", "--steps", "6", "--eval-every",
+        "3", "--no-progress"]
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_and_changes_nothing(tmp_path):
+    from compressm_tune._io import FolderLock
+
+    data = _tiny_npz(tmp_path / "d.npz")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')  # the live run's log so far
+    held = FolderLock(run)
+    assert held.acquire()
+    try:
+        done = _cli(["train", "--dataset", "npz", "--data", str(data), *TINY, "--out", "run"],
+                    tmp_path)
+    finally:
+        held.release()
+    line = _one_line_error(done, "compressm-tune")
+    assert "another run" in line and "run" in line
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert not (run / "last.pt").exists()
+
+
+def test_a_dead_runs_lock_does_not_block_the_next(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from compressm_tune._io import FolderLock; "
+         f"lock = FolderLock({str(tmp_path)!r}); assert lock.acquire(); "
+         "print('locked', flush=True); "
+         "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # an event, not a sleep
+        from compressm_tune._io import FolderLock
+
+        assert not FolderLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = FolderLock(tmp_path)
+    assert lock.acquire()
+    lock.release()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--lr", "inf"], "lr=inf"),
+    (["--weight-decay", "inf"], "weight_decay=inf"),
+    (["--ssm-lr-factor", "inf"], "ssm_lr_factor=inf"),
+    (["--reduce", "tau=0.1", "--max-drop", "nan"], "--max-drop"),
+    (["--reduce", "tau=0.1", "--window", "inf"], "--window"),
+])
+def test_train_refuses_settings_that_cannot_train_and_leaves_no_folder(tmp_path, flags, needle):
+    data = _tiny_npz(tmp_path / "d.npz")
+    done = _cli(["train", "--dataset", "npz", "--data", str(data), *TINY, *flags, "--out",
+                 "run"], tmp_path)
+    assert needle in _one_line_error(done, "compressm-tune")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_with_one_line(tmp_path):
+    data = _tiny_npz(tmp_path / "d.npz")
+    done = _cli(["train", "--dataset", "npz", "--data", str(data), *TINY, "--lr", "1e30",
+                 "--out", "run"], tmp_path)
+    line = _one_line_error(done, "compressm-tune")
+    assert "diverged" in line and "lower the learning rate" in line
+
+
+def test_an_interrupt_before_the_first_checkpoint_does_not_advise_resume(tmp_path, capsys,
+                                                                          monkeypatch):
+    from compressm_tune import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.train, "run", interrupted)
+    assert cli.main(["train", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "rerun with --resume" not in err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")
+    assert cli.main(["train", "--out", str(tmp_path / "run")]) == 130
+    assert "rerun with --resume" in capsys.readouterr().err

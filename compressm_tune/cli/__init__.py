@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from compressm_tune import __version__
 from compressm_tune.cli import compare, export, profile, train, tune
@@ -93,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
+        if args.command == "train" and not (Path(args.out) / "last.pt").is_file():
+            print("compressm-tune: interrupted before the first checkpoint; nothing to resume "
+                  "(rerun without --resume)", file=sys.stderr)
+            return INTERRUPTED
         how = ("rerun with --resume" if args.command == "train" else
                "rerun the same command: finished trials are kept" if args.command is None else
                "rerun the command")

@@ -119,6 +119,10 @@ def _reducer(args: argparse.Namespace):
     if args.reduce is None:
         return None
     policy = ReductionPolicy.parse(args.reduce)
+    if not 0 < args.window <= 1:
+        raise ConfigError(f"--window is a share of the steps: 0 < WINDOW <= 1, got {args.window}")
+    if not args.max_drop >= 0:  # NaN too
+        raise ConfigError(f"--max-drop must be >= 0 (inf: no safety net), got {args.max_drop}")
     if int(args.window * args.steps) < 1:
         raise ConfigError(f"--reduce: the window ({args.window:g} of {args.steps} steps) holds "
                           "no step to cut at; raise --window or --steps")

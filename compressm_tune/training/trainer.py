@@ -33,9 +33,9 @@ from compressm_tune._device import (
     module_device,
     resolve_device,
 )
-from compressm_tune._io import atomic_write_text, ensure_dir
+from compressm_tune._io import FolderLock, atomic_write_text, ensure_dir
 from compressm_tune.data import Dataset
-from compressm_tune.errors import CheckpointError, ConfigError
+from compressm_tune.errors import CheckpointError, ConfigError, DivergedError, FolderBusyError
 from compressm_tune.models import SSMConfig, SSMModel
 from compressm_tune.reduction import CALIBRATION, spectrum_record
 from compressm_tune.training.checkpoint import (
@@ -87,8 +87,9 @@ class TrainConfig:
         check_precision(self.precision)
         rules = {
             "steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0, "ssm_lr_factor": self.ssm_lr_factor > 0,
-            "weight_decay": self.weight_decay >= 0, "warmup_frac": 0 <= self.warmup_frac < 1,
+            "lr": 0 < self.lr < math.inf, "ssm_lr_factor": 0 < self.ssm_lr_factor < math.inf,
+            "weight_decay": 0 <= self.weight_decay < math.inf,
+            "warmup_frac": 0 <= self.warmup_frac < 1,
             "min_lr_frac": 0 <= self.min_lr_frac <= 1, "eval_every": self.eval_every >= 1,
             "eval_batch_size": self.eval_batch_size >= 1,
             "threads": self.threads is None or self.threads >= 1,
@@ -279,9 +280,6 @@ class Trainer:
         self.config, self.dataset, self.reducer = config, dataset, reducer
         self.on_eval = on_eval
         self.phase = phase if phase is not None else _no_phase
-        self.out_dir = ensure_dir(out_dir)
-        for debris in self.out_dir.glob(".*.tmp"):  # left by a kill during a write
-            debris.unlink(missing_ok=True)
         self.progress = progress
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -290,6 +288,14 @@ class Trainer:
         check_training_memory(model.config if model is not None else model_config,
                               config.batch_size, dataset.seq_len, config.eval_batch_size,
                               self.device)
+        # checks first: a refused run leaves no folder behind
+        self.out_dir = ensure_dir(out_dir)
+        self._lock = FolderLock(self.out_dir)
+        if not self._lock.acquire():
+            raise FolderBusyError(f"another run (pid {self._lock.holder()}) is writing into "
+                                  f"{self.out_dir}; wait for it or use another output folder")
+        for debris in self.out_dir.glob(".*.tmp"):  # left by a kill during a write
+            debris.unlink(missing_ok=True)
         torch.manual_seed(config.seed)  # seeds CUDA's generators too
         self.model = (model if model is not None else SSMModel(model_config)).to(self.device)
         self.model.padded_inputs = "padding" in dataset.info  # see SSMModel.forward
@@ -423,10 +429,11 @@ class Trainer:
         try:
             with matmul_precision(cfg.precision):
                 self._loop(metrics_file, bar, losses)
+            return self.summarize()
         finally:
             bar.close()
             metrics_file.close()
-        return self.summarize()
+            self._lock.release()
 
     def _loop(self, metrics_file: Any, bar: Any, losses: list[float]) -> None:
         cfg = self.config
@@ -438,6 +445,13 @@ class Trainer:
             loss = self._step(self.model, self.optimizer, x, y)
             # .item() waits for the device: the step's time is its compute, not its launch
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                kept = ("last.pt, from before it, is kept" if (self.out_dir / "last.pt").exists()
+                        else "no checkpoint was written yet")
+                raise DivergedError(
+                    f"training diverged at step {self.step + 1}: the loss is {losses[-1]} "
+                    f"(lr={cfg.lr:g}, weight_decay={cfg.weight_decay:g}); lower the learning "
+                    f"rate ({kept})")
             self.train_time_s += time.perf_counter() - t0
             self.step += 1
             bar.update(1)
