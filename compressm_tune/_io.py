@@ -20,7 +20,8 @@ _UNWRITABLE = {
     errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
     errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
     errno.EROFS: "read-only file system", errno.ENOTDIR: "a path component is a file",
-    errno.EEXIST: "a path component is a file",
+    errno.EEXIST: "a path component is a file", errno.EISDIR: "it is a folder",
+    errno.ENOENT: "a folder on its path does not exist and cannot be made",
 }
 # torch's writers report a failed write as a RuntimeError of its C++ stream or zip writer
 _TORCH_WRITE_FAILURES = ("inline_container", "file write failed", "basic_ios", "iostream error",

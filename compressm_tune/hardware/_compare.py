@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from compressm_tune._io import atomic_write
 from compressm_tune.errors import ConfigError
 from compressm_tune.hardware._profile import Profile
 
@@ -165,10 +166,12 @@ def plot_comparison(table: ComparisonTable, path: str | os.PathLike[str]) -> Pat
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullLocator, ScalarFormatter
+    from matplotlib.ticker import NullFormatter, NullLocator, ScalarFormatter
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    kind = path.suffix.lower().lstrip(".")
+    if kind not in ("png", "pdf", "svg"):
+        raise ConfigError(f"the plot's file name must end in .png, .pdf or .svg, got {path}")
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)  # the Agg canvas, without touching pyplot's global backend
     ax = fig.add_subplot()
@@ -190,12 +193,12 @@ def plot_comparison(table: ComparisonTable, path: str | os.PathLike[str]) -> Pat
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())  # minor labels overlap the major ones
     ax.set_xlabel("state width N (every block)")
     ax.set_ylabel("latency per sample, batch 1 (ms, median)")
     ax.set_title("Inference latency vs state width (circles: latency steps up)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelrotation=45)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=kind, dpi=120))

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from compressm_tune._device import resolve_device
 from compressm_tune._io import atomic_write
 from compressm_tune.errors import CheckpointError
 from compressm_tune.models import SSMConfig, SSMModel
@@ -83,8 +84,11 @@ def _check_crc(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, ValueError,
+            NotImplementedError) as exc:  # damaged headers fail in any of these
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: a damaged archive ({reason})"
+                              ) from None
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupted: CRC mismatch in {bad}")
 
@@ -103,7 +107,7 @@ def model_from_checkpoint(payload_or_path: dict[str, Any] | str | Path,
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"checkpoint does not describe a valid model: {first}") from None
-    return model.to(device)
+    return model.to(resolve_device(device) if isinstance(device, str) else device)
 
 
 def file_sha256(path: str | Path) -> str:
