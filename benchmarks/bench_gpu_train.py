@@ -2,7 +2,7 @@
 kernels) against the paper's JAX LRU, side by side in one process, interleaved.
 
 One step = forward + backward + AdamW update on random data with cross-entropy (dropout 0.1).
-Shapes (blocks x (N, H), L, batch) are issue #13's: the paper's sMNIST and sCIFAR shapes, a
+Shapes (blocks x (N, H), L, batch): the paper's sMNIST and sCIFAR shapes, a
 4-block one, each also at a reduced width, and the selective (S6) layer at N=128 and N=12.
 
 Implementations:
@@ -28,14 +28,13 @@ peak device memory of each implementation's steps.
     python benchmarks/bench_gpu_train.py --peer-root PATH [--rounds 5] [--steps 3]
     python benchmarks/bench_gpu_train.py --profile scifar:ours-bf16   # where a step's time goes
 
-Writes ``bench_results/gpu_train.{json,md}``; ``--profile SHAPE:IMPL`` instead writes the CUDA
-kernels of 3 steps of one eager implementation by total device time (torch.profiler; a graph
-replay hides its kernels from the profiler) to ``bench_results/gpu_profile_SHAPE.md``.
+Writes ``gpu_train.{json,md}`` into ``--results-dir``; ``--profile SHAPE:IMPL`` instead writes
+the CUDA kernels of 3 steps of one eager implementation by total device time (torch.profiler;
+a graph replay hides its kernels from the profiler) to ``gpu_profile_SHAPE.md``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -50,11 +49,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import RESULTS as RESULTS_DIR  # noqa: E402
-from _common import machine, write  # noqa: E402
+from _common import machine, write
+from _common import parser as parser_  # noqa: E402
 
-from compressm_tune._device import matmul_precision  # noqa: E402
-from compressm_tune.models import SSMConfig, SSMModel, _scan, selective  # noqa: E402
+from compressm_tune.models import SSMConfig, SSMModel, torch_scans  # noqa: E402
 from compressm_tune.training.optim import build_optimizer  # noqa: E402
 from compressm_tune.training.step import TrainStep  # noqa: E402
 
@@ -75,15 +73,14 @@ OURS = ("ours-fp32-graph", "ours-tf32-graph", "ours-bf16-graph", "ours-fp32", "o
 
 
 @contextlib.contextmanager
-def _torch_scans():
-    """Switch the Triton kernels off: every scan takes the pure-PyTorch path."""
-    old = (_scan.scan_backend, selective.fused_backend)
-    _scan.scan_backend = lambda lam, v: "torch"
-    selective.fused_backend = lambda *a: None
+def matmul_precision(precision: str):
+    """TF32 float32 matrix products inside the block for ``tf32``, as ``train`` sets them."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else old)
     try:
         yield
     finally:
-        _scan.scan_backend, selective.fused_backend = old
+        torch.set_float32_matmul_precision(old)
 
 
 class TorchStep:
@@ -105,7 +102,7 @@ class TorchStep:
         self.y = torch.randint(0, CLASSES, (batch,), device=device)
 
     def step(self) -> None:
-        scans = _torch_scans() if self.impl == "ours-torch-fp32" else contextlib.nullcontext()
+        scans = torch_scans() if self.impl == "ours-torch-fp32" else contextlib.nullcontext()
         with scans, matmul_precision(self.precision):
             self.step_fn(self.model, self.opt, self.x, self.y)
 
@@ -209,7 +206,7 @@ def _time(runner: Any, steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def measure_shape(shape: tuple, impls: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def measure_shape(shape: tuple, impls: list[str], args) -> dict[str, Any]:
     row: dict[str, Any] = {"shape": shape[0], "arch": shape[1], "blocks": shape[2], "N": shape[3],
                            "H": shape[4], "L": shape[5], "batch": shape[6]}
     runners, peaks = {}, {}
@@ -219,8 +216,7 @@ def measure_shape(shape: tuple, impls: list[str], args: argparse.Namespace) -> d
         if impl == "jax" and shape[1] != "lru":
             continue
         if impl == "ours-torch-fp32" and shape[1] == "selective" and shape[3] > 32:
-            row[impl] = {"skipped": "the torch path stores (B, L, H, N) tensors: 369 ms and "
-                                    "33 GiB per step measured in issue #13"}
+            row[impl] = {"skipped": "the torch path stores (B, L, H, N) tensors (tens of GiB)"}
             continue
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -256,7 +252,7 @@ def measure_shape(shape: tuple, impls: list[str], args: argparse.Namespace) -> d
     return row
 
 
-def profile(spec: str) -> None:
+def profile(spec: str, results_dir) -> None:
     """Profile 3 eager steps of ``SHAPE:IMPL`` and write the kernel table."""
     name, impl = spec.split(":")
     shape = next(s for s in SHAPES if s[0] == name)
@@ -274,7 +270,7 @@ def profile(spec: str) -> None:
     text = (f"# Where a training step's time goes: {name}, {impl} (3 steps, eager)\n\n"
             f"{torch.cuda.get_device_name()}, torch {torch.__version__}. torch.profiler's "
             "table, by total CUDA time.\n\n```\n" + table + "\n```\n")
-    (RESULTS_DIR / f"gpu_profile_{name}.md").write_text(text)
+    (results_dir / f"gpu_profile_{name}.md").write_text(text)
     print(table)
 
 
@@ -336,7 +332,7 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = parser_(__doc__, "gpu_train", quick="the two sMNIST shapes, 2 rounds of 1 step")
     parser.add_argument("--peer-root", default=None,
                         help="checkout of camail-official/compressm (its compressm/ package)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -348,14 +344,16 @@ def main() -> None:
     parser.add_argument("--report-only", metavar="JSON", default=None,
                         help="rewrite the Markdown from an earlier run's JSON")
     args = parser.parse_args()
+    if args.quick:
+        args.shapes, args.rounds, args.steps, args.warmup = "smnist,smnist-reduced", 2, 1, 1
     if args.report_only:
         payload = json.loads(open(args.report_only).read())
-        write("gpu_train", payload, markdown(payload))
+        write(args.results_dir / args.name, payload, markdown(payload))
         return
     if not torch.cuda.is_available():
         sys.exit("bench_gpu_train: no CUDA device; nothing to measure")
     if args.profile:
-        profile(args.profile)
+        profile(args.profile, args.results_dir)
         return
     jax_skipped = _jax_status(args.peer_root) if "jax" in args.impls else "not requested"
     wanted = args.impls.split(",")
@@ -375,8 +373,7 @@ def main() -> None:
     payload = {"benchmark": "gpu_train", "machine": mach, "rounds": args.rounds,
                "steps": args.steps, "warmup": args.warmup, "impls": impls,
                "jax_skipped": jax_skipped if "jax" in args.impls else None, "results": results}
-    write("gpu_train", payload, markdown(payload))
-    print(markdown(payload))
+    write(args.results_dir / args.name, payload, markdown(payload))
 
 
 if __name__ == "__main__":

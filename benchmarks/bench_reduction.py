@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +81,8 @@ def main() -> None:
     rng, load, rows = np.random.default_rng(0), os.getloadavg()[0], []
     for name, n_layers, n, h, rank in CONFIGS:
         layers = lru_layers(rng, n_layers, n, h)
-        times = interleave({"ours": lambda: step_ours(layers, rank),
-                            "scipy": lambda: step_scipy(layers, rank)}, repeats)
+        times = interleave({"ours": partial(step_ours, layers, rank),
+                            "scipy": partial(step_scipy, layers, rank)}, repeats)
         agree = max(float(np.abs(a - b).max() / a[0]) for a, b in
                     zip(step_ours(layers, rank), step_scipy(layers, rank), strict=True))
         row = {"config": name, "layers": n_layers, "N": n, "H": h, "rank": rank,

@@ -113,7 +113,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(mcfg, tcfg, data, out, reducer=reducer, progress=False, phase=clock.phase)
     t0 = time.perf_counter()
     summary = trainer.fit()
-    result = {**job, "test": summary["test_best"][metric], "test_last": summary["test_last"][metric],
+    result = {**job, "test": summary["test_best"][metric],
+              "test_last": summary["test_last"][metric],
               "final_dims": summary["final_state_dims"], "train_time_s": summary["train_time_s"],
               "fit_wall_s": time.perf_counter() - t0, "phase_s": dict(clock.totals),
               "phase_n": dict(clock.counts), "load_avg_1m": os.getloadavg()[0]}
