@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -102,10 +103,6 @@ def run_for(call: Callable[[], Any], min_time_s: float, warmup: int, min_calls: 
     return float(np.median(samples))
 
 
-def ratio(num: dict[str, Any], den: dict[str, Any]) -> float:
-    return num["median_ms"] / den["median_ms"]
-
-
 def write(out: Path, payload: dict[str, Any], markdown: str,
           plot: Callable[[Path], None] | None = None) -> None:
     """Write ``out.json``, ``out.md`` and (``plot``) ``out.png``; print the Markdown."""
@@ -120,12 +117,21 @@ def write(out: Path, payload: dict[str, Any], markdown: str,
     print(markdown)
 
 
+class _Parser(argparse.ArgumentParser):
+    def parse_args(self, *args, **kwargs):  # a smoke test leaves bench_results alone
+        ns = super().parse_args(*args, **kwargs)
+        if ns.results_dir is None:
+            ns.results_dir = Path(tempfile.gettempdir()) / "bench_quick" if ns.quick else RESULTS
+        return ns
+
+
 def parser(doc: str, name: str, seeds: int | None = None, workers: bool = False,
            quick: str = "a few steps: a smoke test") -> argparse.ArgumentParser:
     """An ArgumentParser with the common options: --results-dir, --name, --quick, and where
     given --seeds and --workers."""
-    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where NAME.* go")
+    ap = _Parser(description=doc.splitlines()[0])
+    ap.add_argument("--results-dir", type=Path, default=None,
+                    help="where NAME.* go (default bench_results; with --quick a temp dir)")
     ap.add_argument("--name", default=name, help=f"output name (default {name})")
     ap.add_argument("--quick", action="store_true", help=quick)
     if seeds is not None:
@@ -133,10 +139,6 @@ def parser(doc: str, name: str, seeds: int | None = None, workers: bool = False,
     if workers:
         ap.add_argument("--workers", type=int, default=2, help="runs in parallel, 1 thread each")
     return ap
-
-
-def out_path(args: argparse.Namespace) -> Path:
-    return args.results_dir / args.name
 
 
 def int_list(text: str) -> list[int]:

@@ -49,9 +49,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write
+from _common import machine, write  # noqa: E402
 from _common import parser as parser_  # noqa: E402
 
+from compressm_tune._table import markdown_table  # noqa: E402
 from compressm_tune.models import SSMConfig, SSMModel, torch_scans  # noqa: E402
 from compressm_tune.training.optim import build_optimizer  # noqa: E402
 from compressm_tune.training.step import TrainStep  # noqa: E402
@@ -277,58 +278,44 @@ def profile(spec: str, results_dir) -> None:
 def _fmt(cell: dict[str, Any]) -> str:
     if "median_ms" in cell:
         return f"{cell['median_ms']:.2f} ({cell['min_ms']:.2f}-{cell['max_ms']:.2f})"
-    if not cell:
-        return "-"
-    return "skipped" if "skipped" in cell else "failed"
+    return "skipped" if "skipped" in cell else "failed" if cell else "-"
 
 
 def _ratio(rows: dict[str, dict], a: tuple[str, str], b: tuple[str, str]) -> str:
     x, y = rows.get(a[0], {}).get(a[1], {}), rows.get(b[0], {}).get(b[1], {})
-    if "median_ms" in x and "median_ms" in y:
-        return f"{x['median_ms'] / y['median_ms']:.2f}"
-    return "n/a"
+    return f"{x['median_ms'] / y['median_ms']:.2f}" if "median_ms" in x and "median_ms" in y \
+        else "n/a"
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    m = payload["machine"]
-    impls = payload["impls"]
-    lines = [
-        "# GPU training step: ours (Triton) vs the paper's JAX LRU",
-        "",
-        f"GPU: {m.get('gpu')}; torch {m['torch']}, triton {m.get('triton')}, "
-        f"jax {m.get('jax')} (default matmul precision: {m.get('jax_matmul_precision')}); "
-        f"CPU load {m['load_avg_1m']:.2f} at the start. One step = forward + backward + AdamW, "
-        f"dropout {DROPOUT}. Median of {payload['rounds']} interleaved rounds of "
-        f"{payload['steps']} steps each (min-max in brackets), ms per step.",
-        "",
-        "| shape | blocks x (N, H), L, batch | " + " | ".join(impls) + " |",
-        "|---|---|" + "---|" * len(impls),
-    ]
-    for row in payload["results"]:
-        dims = f"{row['blocks']} x ({row['N']}, {row['H']}), {row['L']}, {row['batch']}"
-        lines.append(f"| {row['shape']} | {dims} | "
-                     + " | ".join(_fmt(row.get(i, {})) for i in impls) + " |")
-    lines += ["", "Peak device memory (MiB) allocated during the timed steps. For the -graph "
-              "variants this leaves out the graph's own memory pool (allocated once at capture, "
-              "not measured here); the eager columns give what one step holds.", "",
-              "| shape | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
-    for row in payload["results"]:
-        lines.append(f"| {row['shape']} | " + " | ".join(
-            str(row.get(i, {}).get("peak_mib", "-")) for i in impls) + " |")
-    rows = {row["shape"]: row for row in payload["results"]}
-    lines += ["", "Ratios (medians):", ""]
-    for shape in ("smnist", "scifar", "4-block"):
-        for impl in ("ours-fp32-graph", "ours-tf32-graph", "ours-bf16-graph", "ours-fp32"):
-            lines.append(f"- {shape}: {impl} / jax = {_ratio(rows, (shape, impl), (shape, 'jax'))}")
-    for impl in ("ours-fp32-graph", "ours-bf16-graph", "jax"):
-        lines.append(f"- compression, LRU sCIFAR N=24 / N=384 ({impl}): "
-                     f"{_ratio(rows, ('scifar-reduced', impl), ('scifar', impl))}")
-    for impl in ("ours-fp32-graph", "ours-bf16-graph"):
-        lines.append(f"- compression, selective N=12 / N=128 ({impl}): "
-                     f"{_ratio(rows, ('selective-reduced', impl), ('selective', impl))}")
-    if payload.get("jax_skipped"):
-        lines += ["", f"JAX peer not run: {payload['jax_skipped']}."]
-    return "\n".join(lines)
+    m, impls, res = payload["machine"], payload["impls"], payload["results"]
+    rows = {row["shape"]: row for row in res}
+    ratios = [f"- {shape}: {impl} / jax = {_ratio(rows, (shape, impl), (shape, 'jax'))}"
+              for shape in ("smnist", "scifar", "4-block")
+              for impl in ("ours-fp32-graph", "ours-tf32-graph", "ours-bf16-graph", "ours-fp32")]
+    ratios += [f"- compression, {what} ({impl}): {_ratio(rows, (small, impl), (big, impl))}"
+               for what, small, big, group in (
+                   ("LRU sCIFAR N=24 / N=384", "scifar-reduced", "scifar",
+                    ("ours-fp32-graph", "ours-bf16-graph", "jax")),
+                   ("selective N=12 / N=128", "selective-reduced", "selective",
+                    ("ours-fp32-graph", "ours-bf16-graph"))) for impl in group]
+    return "\n".join([
+        "# GPU training step: ours (Triton) vs the paper's JAX LRU", "",
+        f"GPU: {m.get('gpu')}; torch {m['torch']}, triton {m.get('triton')}, jax {m.get('jax')} "
+        f"(default matmul precision: {m.get('jax_matmul_precision')}); CPU load "
+        f"{m['load_avg_1m']:.2f}. One step = forward + backward + AdamW, dropout {DROPOUT}. "
+        f"Median of {payload['rounds']} interleaved rounds of {payload['steps']} steps (min-max),"
+        " ms per step.", "",
+        markdown_table(["shape", "blocks x (N, H), L, batch", *impls], [
+            [r["shape"], f"{r['blocks']} x ({r['N']}, {r['H']}), {r['L']}, {r['batch']}",
+             *(_fmt(r.get(i, {})) for i in impls)] for r in res]), "",
+        "Peak device memory (MiB) during the timed steps (-graph variants: without the graph's "
+        "own pool, allocated at capture):", "",
+        markdown_table(["shape", *impls], [[r["shape"], *(r.get(i, {}).get("peak_mib", "-")
+                                                          for i in impls)] for r in res]),
+        "", "Ratios (medians):", "", *ratios,
+        *([f"\nJAX peer not run: {payload['jax_skipped']}."] if payload.get("jax_skipped")
+          else [])])
 
 
 def main() -> None:

@@ -260,7 +260,7 @@ def drift(profile: Profile, control: Profile) -> dict:
 
 
 def main() -> None:
-    ap = parser(__doc__, "profiler_accuracy", quick="6 combinations")
+    ap = parser(__doc__, "profiler_accuracy", quick="6 combinations, 2 short rounds: a smoke test")
     ap.add_argument("--profile", type=Path, required=True, help="profile JSON to predict from")
     ap.add_argument("--combos", type=int, default=24, help="random combinations")
     ap.add_argument("--seed", type=int, default=0)
@@ -276,8 +276,10 @@ def main() -> None:
     load, start_s = os.getloadavg()[0], time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        settings = (dataclasses.replace(profile.config, rounds=2, min_time_s=0.01, warmup=1,
+                                        min_repeats=2) if args.quick else profile.config)
         records = measure_models([list(r.state_dims) for r in profile.all_records] + combos,
-                                 profile.config)
+                                 settings)
     control = dataclasses.replace(profile, records=tuple(records[:n]),
                                   extra_records=tuple(records[n:m]))
     meta = {"machine": machine(load), "measure_time_s": time.time() - start_s,

@@ -476,7 +476,7 @@ def _report(results: list[dict], meta: dict, results_dir: Path, only: str | None
             continue
         notes = NOTES[name].format(grid=", ".join(f"N={k}: {v:.0f}"
                                                   for k, v in (step_ms or {}).items()))
-        write(results_dir / f"{meta.get('prefix', '')}{name}", {**meta, "results": sel},
+        write(results_dir / name, {**meta, "results": sel},
               "\n".join([f"# {title}", "", head, "", notes, "", table(sel)]),
               plot(sel) if plot else None)
 
@@ -494,13 +494,12 @@ def main() -> None:
     ap.add_argument("--render", action="store_true",
                     help="rewrite the Markdown/PNG from the JSON in --results-dir, no training")
     args = ap.parse_args()
-    groups, prefix = args.groups.split(","), "quick_" if args.quick else ""
+    groups = args.groups.split(",")
     if args.render:
         for name in NOTES:
-            if (path := args.results_dir / f"{prefix}{name}.json").exists():
+            if (path := args.results_dir / f"{name}.json").exists():
                 payload = json.loads(path.read_text())
-                _report(payload.pop("results"), {"prefix": prefix, **payload},
-                        args.results_dir, only=name)
+                _report(payload.pop("results"), payload, args.results_dir, only=name)
         return
     steps = ({"mnist1d": 40, "lti-share": 30, "order": 30} if args.quick
              else {"mnist1d": 1500, "lti-share": 300, "order": 1000})
@@ -519,7 +518,7 @@ def main() -> None:
                                        f"train={r['train_time_s']:.1f}s "
                                        f"load={r['load_avg_1m']:.1f}"))
     meta = {"machine": machine(load), "wall_s": time.time() - t0, "workers": args.workers,
-            "steps": steps, "prefix": prefix}
+            "steps": steps}
     if any(r["group"] == "mnist1d" and r["method"] == "full" for r in results):
         meta["step_ms"] = _step_times(DEFAULT_NET, repeats=1 if args.quick else 3)
     _report(results, meta, args.results_dir)
