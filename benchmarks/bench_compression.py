@@ -1,27 +1,21 @@
 """In-training compression against its baselines: seeds x methods x datasets, one thread per run.
 
-Modes (``--mode``):
-  baselines  MNIST-1D and lti-sysid, LRU N=256: full; compressm-tau (tau 0.01/0.02/0.04,
-             window 10%); compressm-0.04-slice (Adam moments sliced, not reset); scratch-tau
-             (from scratch at compressm-tau's final widths); post-training (the full model's
-             best checkpoint truncated to compressm-0.04's widths, with and without a short
-             fine-tune); random/magnitude-0.04 (compressm-0.04's cut schedule replayed with
-             another state selection). -> compression.*
-  schedule   the reduction schedules (window, settle, settle-input, ...), dropout variants and
-             scratch at settle's / a quarter of window's widths; paired columns vs
-             ``--reference``. -> schedule.* (``--name``)
-  selective  the selective (S6) layer, N=128, on MNIST-1D and selective-copy: full,
-             compressm-tau, scratch-tau, random/magnitude at the largest tau. -> selective.*
-  mamba      the Mamba block (N=16) against the LRU (N=256) on MNIST-1D, with compressm-tau.
-             -> mamba_mnist1d.* (with --steps S: mamba_mnist1d_S.*)
-
-Small networks (2 blocks H=32 / lti-sysid 1 block H=16, 600 steps) so the runs fit a shared
-2-core machine; ``--default-network`` runs the default ``train`` network instead. Test metric
-at the best validation checkpoint of the final widths; train time excludes evaluation and
-includes reduction.
+``--mode baselines`` (-> compression.*): MNIST-1D and lti-sysid, LRU N=256: full; compressm-tau
+(window 10%); compressm-0.04-slice (Adam moments sliced, not reset); scratch-tau (trained from
+scratch at compressm-tau's final widths); post-training (the full model truncated to
+compressm-0.04's widths, with and without a short fine-tune); random/magnitude-0.04 (the same
+cut schedule replayed with another state selection). ``schedule`` (-> schedule.*): the
+reduction schedules, dropout variants and scratch at settle's / a quarter of window's widths,
+paired against ``--reference``. ``selective`` (-> selective.*): the selective layer (N=128) on
+MNIST-1D and selective-copy. ``mamba`` (-> mamba_mnist1d[_STEPS].*): the Mamba block (N=16)
+against the LRU (N=256). ``lm`` (-> mamba_lm.*): character-level LM on the stdlib's sources
+(``pystdlib-chars``, 2 blocks H=64, 1000 steps) per ``--arch``: full, compressed (tau every 10
+steps), settle (input-weighted) and scratch at compressed's widths, metric bits/char. Small
+networks (2 blocks H=32; lti-sysid 1 block H=16; 600 steps);
+``--default-network`` runs the default ``train`` network. Test metric at the best validation
+checkpoint of the final widths; train time excludes evaluation and includes reduction.
 
     python benchmarks/bench_compression.py [--mode baselines] [--seeds 3] [--workers 2]
-        [--datasets ...] [--steps N] [--taus ...] [--methods ...] [--reference window]
 """
 
 from __future__ import annotations
@@ -42,13 +36,17 @@ from compressm_tune.reduction import ReduceConfig, Reducer, SettleConfig  # noqa
 SMALL = {"blocks": 2, "hidden": 32, "state": 256, "steps": 600, "batch": 64, "eval_every": 50,
          "reduce_every": 5}
 SETTINGS = {"mnist1d": SMALL, "lti-sysid": {**SMALL, "blocks": 1, "hidden": 16, "batch": 32},
-            "selective-copy": {**SMALL, "arch": "selective", "state": 128}}
+            "selective-copy": {**SMALL, "arch": "selective", "state": 128},
+            "pystdlib-chars": {"blocks": 2, "hidden": 64, "steps": 1000, "batch": 32, "lr": 3e-3,
+                               "eval_every": 100, "reduce_every": 10}}
+LM_STATE = {"lru": 64, "selective": 16, "mamba": 16}  # lm mode: starting width per layer
 DEFAULT_NETWORK = {"blocks": 4, "hidden": 64, "state": 256, "steps": 1500, "batch": 64,
                    "eval_every": 100, "reduce_every": 5}
 MODES = {"baselines": ("compression", "mnist1d,lti-sysid", "0.01,0.02,0.04", 3),
          "schedule": ("schedule", "mnist1d,lti-sysid", "0.04", 3),
          "selective": ("selective", "mnist1d,selective-copy", "0.1", 3),
-         "mamba": ("mamba_mnist1d", "mnist1d", "0.1", 2)}
+         "mamba": ("mamba_mnist1d", "mnist1d", "0.1", 2),
+         "lm": ("mamba_lm", "pystdlib-chars", "0.04", 3)}
 
 # schedule mode: method -> the job's reduction settings (None: no reduction)
 _SCHED = {"every": None}
@@ -85,8 +83,9 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
                      pooling=data.pooling,
                      dropout=job.get("dropout", s.get("dropout", dropout_for(data.task))))
     tcfg = TrainConfig(steps=s["steps"], batch_size=s["batch"], eval_every=s["eval_every"],
-                       seed=job["seed"], threads=1)
-    metric = "accuracy" if data.task == "classification" else "loss"
+                       seed=job["seed"], threads=1, **({"lr": s["lr"]} if "lr" in s else {}))
+    metric = data.info.get("bits_name") or ("accuracy" if data.task == "classification"
+                                             else "loss")
     out = Path(tempfile.mkdtemp(prefix="bench-"))
     reducer = None
     if "tau" in job:
@@ -113,7 +112,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
         result["train_time_s"] = summary["train_time_s"]
         result["checkpoint"] = str(out / "best.pt")
         result.update(_run_log(out / "metrics.jsonl", metric))
-    result["test"] = summary["test_best"][metric]
+    result["test"] = result[f"test_{metric}"] = summary["test_best"][metric]
     result["final_dims"] = summary["final_state_dims"]
     return result
 
@@ -156,6 +155,14 @@ def _first_jobs(mode: str, datasets, seeds, taus, methods) -> list[dict]:
                                     "dropout" not in TRAINED[m] else TRAINED[m] or {}))
                 for seed in seeds for d in datasets for m in methods
                 if m in TRAINED and (m not in REGRESSION_ONLY or d == "lti-sysid")]
+    if mode == "lm":  # compressed, full, settle per seed back to back; scratch follows
+        s = SETTINGS["pystdlib-chars"]
+        return [{"dataset": datasets[0], "seed": seed, "method": m, "variant": m, "arch": arch,
+                 "settings": {**s, "arch": arch, "state": LM_STATE[arch]}, **extra}
+                for arch in methods for seed in seeds for m, extra in (
+                    ("compressed", {"tau": taus[0], "every": s["reduce_every"]}), ("full", {}),
+                    ("settle", {"tau": taus[0], "every": None, "reduce_schedule": "settle",
+                                "weighting": "input"}))]
     if mode == "mamba":
         lru = {**SETTINGS["mnist1d"], "arch": "lru"}
         mamba = {**SETTINGS["mnist1d"], "arch": "mamba", "state": 16}
@@ -176,6 +183,11 @@ def _first_jobs(mode: str, datasets, seeds, taus, methods) -> list[dict]:
 def _second_jobs(mode: str, first: list[dict], taus) -> list[dict]:
     by = {(r["dataset"], r["seed"], r["method"]): r for r in first}
     jobs = []
+    if mode == "lm":
+        return [{**{k: r[k] for k in ("dataset", "seed", "arch")}, "method": "scratch",
+                 "variant": "scratch", "dims": r["final_dims"], "settings": {
+                     **SETTINGS[r["dataset"]], "arch": r["arch"], "state": LM_STATE[r["arch"]]}}
+                for r in first if r["method"] == "compressed"]
     for (d, seed, method), r in by.items():
         if mode == "schedule":
             if method == "settle":
@@ -202,6 +214,8 @@ def _order(mode: str, taus) -> list[str]:
         return list(SCHEDULE_METHODS)
     if mode == "mamba":
         return ["lru-full", "full", *[f"compressm-{t}" for t in taus]]
+    if mode == "lm":
+        return ["full", "compressed", "settle", "scratch"]
     top = 0.04 if mode == "baselines" else max(taus)
     return ["full", *[f"compressm-{t}" for t in taus],
             *(["compressm-0.04-slice"] if mode == "baselines" else []),
@@ -217,7 +231,8 @@ def _table(results: list[dict], dataset: str, order: list[str], ref: str | None)
 
     rows = [r for r in results if r["dataset"] == dataset]
     by = {(r["method"], r["seed"]): r for r in rows}
-    regression = dataset == "lti-sysid"
+    regression = dataset in ("lti-sysid", "pystdlib-chars")  # lower is better
+    name = {"lti-sysid": "test MSE", "pystdlib-chars": "test bits/char"}.get(dataset)
     out = []
     for method in order:
         sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
@@ -244,11 +259,11 @@ def _table(results: list[dict], dataset: str, order: list[str], ref: str | None)
                     "; ".join(_rollbacks(r, regression) for r in sel),
                     "; ".join(str(_best_step(r, regression)) for r in sel)]
         out.append(row)
-    headers = ["method", f"{'test MSE' if regression else 'test accuracy %'} (mean ± sd)",
+    headers = ["method", f"{name or 'test accuracy %'} (mean ± sd)",
                "final dims per seed", "train time s", "speed-up vs full (paired)"]
     if ref:
         headers += [f"fewer states than {ref} (paired)",
-                    f"MSE change vs {ref} % (paired)" if regression
+                    f"{name} change vs {ref} % (paired)" if regression
                     else f"points lost vs {ref} (paired)", "cuts per seed",
                     "rollbacks per seed (val change)", "best val at step, per seed"]
     return markdown_table(headers, out)
@@ -307,11 +322,15 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(SCHEDULE_METHODS),
                     help="schedule mode: a subset of " + ", ".join(SCHEDULE_METHODS))
     ap.add_argument("--reference", default="window", help="schedule mode: the paired method")
+    ap.add_argument("--arch", default="lru", help="lm mode: architectures, e.g. lru,mamba")
+    ap.add_argument("--state", default="", help=f"lm mode: starting widths, e.g. mamba=64 "
+                    f"(default {LM_STATE})")
     args = ap.parse_args()
     name, datasets, taus, seeds = MODES[args.mode]
     datasets = (args.datasets or datasets).split(",")
     taus, seeds = args.taus or float_list(taus), list(range(args.seeds or seeds))
     methods = args.methods.split(",")
+    LM_STATE.update({a: int(n) for a, n in (kv.split("=") for kv in args.state.split(",") if kv)})
     if unknown := set(methods + [args.reference]) - set(SCHEDULE_METHODS):
         ap.error(f"unknown method(s) {sorted(unknown)}; choose from {SCHEDULE_METHODS}")
     if args.mode == "selective":
@@ -328,10 +347,10 @@ def main() -> None:
     t0, load = time.time(), machine()["load_avg_1m"]
 
     def line(r):
-        return (f"{r['dataset']} seed={r['seed']} {r['method']}: test={r['test']:.4f} "
-                f"dims={r['final_dims']} t={r['train_time_s']:.1f}s")
+        return f"{r['dataset']} {r['seed']} {r['method']}: {r['test']:.4f} {r['final_dims']}"
 
-    first = pool_map(_run, _first_jobs(args.mode, datasets, seeds, taus, methods),
+    first = pool_map(_run, _first_jobs(args.mode, datasets, seeds, taus,
+                                       args.arch.split(",") if args.mode == "lm" else methods),
                      args.workers, line=line)
     second = [j for j in _second_jobs(args.mode, first, taus)
               if args.mode != "schedule" or j["method"] in methods]
@@ -346,9 +365,11 @@ def main() -> None:
           f"{(time.time() - t0) / 60:.1f} min. Settings: `{json.dumps(used)}`, taus {taus}. "
           "Test metric at the best validation checkpoint of the final widths; train time "
           "excludes evaluation and includes reduction.", ""]
+    ref = {"schedule": args.reference, "lm": "full"}.get(args.mode)
     for d in datasets:
-        md += [f"## {d}", "", _table(results, d, order,
-                                     args.reference if args.mode == "schedule" else None), ""]
+        for arch in sorted({r.get("arch", "") for r in results}):
+            md += [f"## {d} {arch}", "", _table([r for r in results if r.get("arch", "") == arch],
+                                                 d, order, ref), ""]
     if args.mode == "mamba":
         lru, mamba = (mean_std(r["test"] for r in results if r["method"] == k)[0]
                       for k in ("lru-full", "full"))

@@ -1,20 +1,12 @@
 """Inference latency of exported networks, batch 1, one thread, interleaved rounds.
 
-Modes (``--mode``):
-  engines  torch eager vs TorchScript vs onnxruntime per state width N, in ``sequence`` mode
-           (one call on L=40 tokens, MNIST-1D's length) and ``step`` mode (one streamed token,
-           states fed back); plus the onnxruntime call floor (a graph of Identity ops with the
-           step graph's inputs: one ``session.run`` from Python). -> export_latency.*
-  chunked  onnxruntime sequence graphs: the per-token Scan (``chunk=None``) against the graph
-           ``export_bundle(chunk="auto")`` chooses for each length, with wall and thread-CPU
-           time (one intra-op thread computes on the calling thread, so CPU time leaves out
-           other processes). -> export_latency_chunked.*
-
-Models: 4 blocks, d_input=1, 10 classes, mean pooling, residual width H, every block at width
-N; random weights with BatchNorm statistics away from (0, 1). A round of one candidate is the
-median call over ``--min-time-s`` of calls; cells are the median over ``--rounds`` rounds and
-half the IQR; per (H, engine/graph) a line ``ms = fixed + slope * N`` gives the knee
-``N* = fixed / slope`` below which a smaller state buys little.
+``--mode engines`` (-> export_latency.*): torch eager vs TorchScript vs onnxruntime per state
+width N, per sequence of L=40 tokens and per streamed token, plus the onnxruntime call floor
+(Identity ops on the step graph's inputs). ``--mode chunked`` (-> export_latency_chunked.*):
+the per-token Scan graph against the one ``export_bundle(chunk="auto")`` chooses, wall and
+thread-CPU time. Models: 4 blocks at width N, residual width H, random weights. A round of a
+candidate is its median call over ``--min-time-s``; cells are the median and half-IQR over
+rounds; ``ms = fixed + slope * N`` gives the knee ``N* = fixed / slope``.
 
     python benchmarks/bench_export.py [--mode engines|chunked] [--quick] [--results-dir /tmp]
 """

@@ -1,36 +1,20 @@
-"""GPU training step: ours (Triton kernels; fp32, tf32, bf16; the pure-torch path before the
-kernels) against the paper's JAX LRU, side by side in one process, interleaved.
+"""GPU training step: ours (Triton kernels; fp32, tf32, bf16; the pure-torch path) against the
+paper's JAX LRU, side by side in one process, interleaved.
 
-One step = forward + backward + AdamW update on random data with cross-entropy (dropout 0.1).
-Shapes (blocks x (N, H), L, batch): the paper's sMNIST and sCIFAR shapes, a
-4-block one, each also at a reduced width, and the selective (S6) layer at N=128 and N=12.
-
-Implementations:
-
-``ours-P-graph``  ``SSMModel`` on CUDA with the Triton scans, fused AdamW and the forward and
-        backward replayed from a captured CUDA graph, in precision P (fp32, tf32, bf16): the
-        package's ``TrainStep``, exactly what ``compressm-tune train --device cuda
-        --precision P`` runs;
-``ours-P``  the same launched eagerly (``--no-cuda-graphs``);
-``ours-torch-fp32``  eager, with the Triton kernels switched off (the pure-PyTorch scans:
-        what ran on a GPU before them);
-``jax`` the paper's own model code (``compressm/models/lru.py`` of camail-official/compressm,
-        from ``--peer-root``): ``LRU`` built with ``eqx.nn.make_with_state``, vmapped over the
-        batch (BatchNorm's ``axis_name="batch"``), ``optax.adamw``, ``eqx.filter_jit``; JAX's
-        default matmul precision (reported). Skipped with the reason if jax, equinox or optax
-        do not import or the peer code is not found.
-
-Timing: every implementation of a shape is built and warmed up (JAX: compiled) first; then
-``--rounds`` rounds each time ``--steps`` synchronized steps of every implementation, in a
-shuffled order per round. Reported: median of the rounds' per-step means, min and max, and the
-peak device memory of each implementation's steps.
+One step = forward + backward + AdamW on random data with cross-entropy (dropout 0.1), at the
+paper's sMNIST and sCIFAR shapes, a 4-block one, each also at a reduced width, and the selective
+layer at N=128 and N=12. ``ours-P-graph``: the package's ``TrainStep`` replaying a captured CUDA
+graph in precision P (what ``train --device cuda --precision P`` runs); ``ours-P``: eager;
+``ours-torch-fp32``: eager under ``models.torch_scans()``; ``jax``: the paper's own ``LRU``
+(``--peer-root``, a checkout of camail-official/compressm) with ``optax.adamw`` under
+``eqx.filter_jit``, skipped with the reason when it cannot run. Every implementation is built
+and warmed up first, then ``--rounds`` rounds of ``--steps`` synchronized steps each, in a
+shuffled order per round: median, min and max ms per step, and peak device memory.
+``--profile SHAPE:IMPL`` instead writes the CUDA kernels of 3 eager steps by device time
+(torch.profiler) to ``gpu_profile_SHAPE.md``.
 
     python benchmarks/bench_gpu_train.py --peer-root PATH [--rounds 5] [--steps 3]
-    python benchmarks/bench_gpu_train.py --profile scifar:ours-bf16   # where a step's time goes
-
-Writes ``gpu_train.{json,md}`` into ``--results-dir``; ``--profile SHAPE:IMPL`` instead writes
-the CUDA kernels of 3 steps of one eager implementation by total device time (torch.profiler;
-a graph replay hides its kernels from the profiler) to ``gpu_profile_SHAPE.md``.
+    python benchmarks/bench_gpu_train.py --profile scifar:ours-bf16
 """
 
 from __future__ import annotations
@@ -172,8 +156,8 @@ def _peer_lru(peer_root: str) -> type:
     return importlib.import_module("compressm.models.lru").LRU
 
 
-def _jax_status(peer_root: str | None) -> str | None:
-    """None when the JAX peer can run, else why not."""
+def jax_status(peer_root: str | None, platform: str = "gpu") -> str | None:
+    """None when the JAX peer can run on ``platform``, else why not."""
     if not peer_root:
         return "no --peer-root (a checkout of camail-official/compressm)"
     if not os.path.isfile(os.path.join(peer_root, "compressm", "models", "lru.py")):
@@ -185,8 +169,8 @@ def _jax_status(peer_root: str | None) -> str | None:
         import optax  # noqa: F401
     except ImportError as exc:
         return f"{exc.name} does not import"
-    if not any(d.platform == "gpu" for d in jax.devices()):
-        return "jax sees no GPU"
+    if not any(d.platform == platform for d in jax.devices()):
+        return f"jax sees no {platform}"
     return None
 
 
@@ -342,7 +326,7 @@ def main() -> None:
     if args.profile:
         profile(args.profile, args.results_dir)
         return
-    jax_skipped = _jax_status(args.peer_root) if "jax" in args.impls else "not requested"
+    jax_skipped = jax_status(args.peer_root) if "jax" in args.impls else "not requested"
     wanted = args.impls.split(",")
     impls = [i for i in (*OURS, "jax") if i in wanted and not (i == "jax" and jax_skipped)]
     mach = machine()

@@ -280,37 +280,25 @@ def _fmt(values, scale: float = 1.0, spec: str = "{:.3g} ± {:.2g}") -> str:
 
 
 def _share_md(results: list[dict]) -> str:
-    rows, detail = [], []
-    phases = CORE + SAFETY + CAUSED + ("eval",)
-    for group in ("mnist1d", "lti-share"):
-        for method in ("tau0.04-every5", "tau0.04-evals", "tau0.04-evals50"):
-            sel = [r for r in results if r["group"] == group and r["method"] == method]
-            if not sel:
-                continue
-
-            def part(r, names):
-                return sum(r["phase_s"].get(p, 0.0) for p in names) / r["fit_wall_s"]
-
-            attempt = ("attempt", *CORE)
-            rows.append([f"{sel[0]['dataset']} {method}", len(sel), sel[0]["steps"],
-                         _fmt(r["fit_wall_s"] for r in sel),
-                         mean_std(r["actions"].get("cut", 0) for r in sel)[0],
-                         mean_std(r["actions"].get("rollback", 0) for r in sel)[0],
-                         *(_fmt((part(r, names) for r in sel), 100, "{:.2f} ± {:.2f}")
-                           for names in (CORE, attempt + SAFETY, CAUSED,
-                                         attempt + SAFETY + CAUSED))])
-            detail.append([f"{sel[0]['dataset']} {method}"] + [
-                "{:.0f} ms × {:.0f}".format(
-                    mean_std(1e3 * r["phase_s"].get(p, 0) / max(1, r["phase_n"].get(p, 0))
-                             for r in sel)[0], mean_std(r["phase_n"].get(p, 0) for r in sel)[0])
-                for p in phases])
-    return (markdown_table(["run", "seeds", "steps", "fit wall s", "cuts/run", "rollbacks/run",
-                            "core % (scores+plan+cut+moments)",
-                            "Reducer total % (attempt incl. safety validations, checkpoint, "
-                            "restore)", "caused in trainer % (re-validation, window close)",
-                            "all reduction-caused %"], rows)
-            + "\n\nPer-call cost of each phase (means over seeds):\n\n"
-            + markdown_table(["run", *(f"{p} (per call × calls)" for p in phases)], detail))
+    """Per run: its cuts, the shares of fit wall time, and each phase's per-call cost."""
+    phases, rows = CORE + SAFETY + CAUSED + ("eval",), []
+    groups = {"core": CORE, "Reducer total": ("attempt", *CORE, *SAFETY), "caused": CAUSED,
+              "all": ("attempt", *CORE, *SAFETY, *CAUSED)}
+    for key in dict.fromkeys((r["group"], r["method"]) for r in results if "tau" in r):
+        sel = [r for r in results if (r["group"], r["method"]) == key]
+        rows.append([f"{sel[0]['dataset']} {key[1]}", len(sel), sel[0]["steps"],
+                     _fmt(r["fit_wall_s"] for r in sel),
+                     "{:.1f} / {:.1f}".format(*(mean_std(r["actions"].get(a, 0) for r in sel)[0]
+                                                for a in ("cut", "rollback"))),
+                     *(_fmt((sum(r["phase_s"].get(p, 0.0) for p in names) / r["fit_wall_s"]
+                             for r in sel), 100, "{:.2f} ± {:.2f}") for names in groups.values()),
+                     *("{:.0f} ms × {:.0f}".format(
+                         mean_std(1e3 * r["phase_s"].get(p, 0) / max(1, r["phase_n"].get(p, 0))
+                                  for r in sel)[0], mean_std(r["phase_n"].get(p, 0)
+                                                             for r in sel)[0]) for p in phases)])
+    return markdown_table(["run", "seeds", "steps", "fit wall s", "cuts / rollbacks per run",
+                           *(f"{g} %" for g in groups), *(f"{p} (per call × calls)"
+                                                         for p in phases)], rows)
 
 
 def _compression_md(results: list[dict], step_ms: dict | None) -> str:
@@ -418,29 +406,22 @@ def _scatter(results: list[dict], x, y, label, title: str, xlabel: str, ylabel: 
     return plot
 
 
-NOTES = {
-    "reduction_share": "Shares of the wall time of `Trainer.fit()` (final test evaluation "
-    "excluded), mean ± sd over seeds. *core*: inside `Reducer.attempt`, the state scores "
-    "(HSVs), the rank plan, the cut and the optimizer-moment carry-over. *Reducer total*: the "
-    "whole attempt, including the safety net (pre-cut checkpoint, validation after each cut, "
-    "rollback). *caused in trainer*: the trainer's re-validation after an attempt and the window "
-    "close. mnist1d: eval every 100, window 10%; lti-share: eval every steps/10, so one "
-    "evaluation falls inside the window.",
-    "compression_default": "Default network (4 blocks, H=64, N=256, dropout 0.1), tau=0.04, "
-    "window 10%, max-drop 0.02. *every5*: attempts every 5 steps in the window; *evals*: at "
-    "evaluations only (the paper's schedule); *scratch-X*: from scratch at tau0.04-X's final "
-    "widths, same seed. Paired by seed. The modelled speed-up takes step times from an "
-    "interleaved grid measured after the runs (ms per step: {grid}), because the loaded train "
-    "times drift with the machine's load.",
-    "compression_vs_scratch": "mnist1d, default network, tau=0.1 every 5 steps in a 10% window, "
-    "max-drop 0.02; *w-*: input-weighted HSVs. Scratch: the same network from the start at the "
-    "CompreSSM run's final widths, same seed and steps. Best-validation checkpoint.",
-    "sysid_order": "lti-sysid: white noise through a real system of order 8 (4 conjugate pole "
-    "pairs), so the true order in complex LRU states is 4. 1 block, N=256 at start, no pooling, "
-    "batch 32, dropout 0, eval every 50, attempts every 5 steps in the window (10% unless "
-    "stated), max-drop 0.02 unless *nodrop* (no rollback) or *drop0.5*; *w-*: input-weighted "
-    "HSVs; *fixed-k*: trained at N=k. The right column: the full model's best checkpoint "
-    "truncated to 4, 8, 16 states (no fine-tune) and the HSV share of its top 4 / 8.",
+NOTES = {  # what each output's runs are, in the Markdown
+    "reduction_share": "Shares of `Trainer.fit()` wall time (final test excluded), mean ± sd. "
+    "*core*: scores (HSVs), plan, cut and moment carry-over inside `Reducer.attempt`; *Reducer "
+    "total*: the whole attempt with its safety net (checkpoint, validation, rollback); *caused "
+    "in trainer*: re-validation after an attempt and the window close. lti-share evaluates "
+    "every steps/10, so one evaluation falls in the window.",
+    "compression_default": "Default network (4 blocks, H=64, N=256), tau=0.04, window 10%, "
+    "max-drop 0.02; *every5*: attempts every 5 steps, *evals*: at evaluations only; "
+    "*scratch-X*: from scratch at tau0.04-X's widths. Paired by seed. Modelled speed-up: step "
+    "times from an interleaved grid after the runs (ms per step: {grid}).",
+    "compression_vs_scratch": "mnist1d, default network, tau=0.1 every 5 steps in a 10% window; "
+    "*w-*: input-weighted HSVs; scratch: the same network at the run's final widths, same seed.",
+    "sysid_order": "lti-sysid: a real system of order 8 (4 conjugate pole pairs, so 4 complex "
+    "LRU states). 1 block, N=256, batch 32, eval every 50, attempts every 5 steps, max-drop 0.02 "
+    "unless *nodrop* / *drop0.5*; *w-*: input-weighted HSVs; *fixed-k*: trained at N=k. Right: "
+    "the full model truncated after training, and its top-4/8 HSV share.",
 }
 
 

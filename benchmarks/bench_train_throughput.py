@@ -1,23 +1,15 @@
 """Training-step time per implementation, interleaved round-robin in one process.
 
-``--arch lru`` (-> train_throughput.*): one step = forward + backward + AdamW on random data
-with cross-entropy, dropout 0.1, for ``4-block`` (4 blocks, H=64, L=1024, batch 16, N in 16..256)
-and ``smnist`` (1 block, H=8, L=784, batch 50, N=256). Implementations: ``ours-c`` (``SSMModel``
-on the C scan kernel), ``ours-chunked`` (the same under ``models.torch_scans()``: the pure-PyTorch
-chunked scan, the fallback without a compiler), ``naive-loop`` (the LRU recurrence as a Python
-loop over time; largest N only) and ``jax`` (an LRU network written from DESIGN.md the way the
-paper's code computes it, ``jax.lax.associative_scan`` under ``jit``; when jax imports).
+``--arch lru`` (-> train_throughput.*): forward + backward + AdamW on random data, dropout 0.1,
+at ``4-block`` (4 blocks, H=64, L=1024, batch 16, N 16..256) and ``smnist`` (1 block, H=8,
+L=784, batch 50, N=256): ``ours-c`` (the C scan kernel), ``ours-chunked`` (under
+``models.torch_scans()``), ``naive-loop`` (the recurrence as a Python loop; largest N only) and
+``jax`` (the paper's own LRU from ``--peer-root``, as ``bench_gpu_train.py`` runs it).
+``--arch selective`` (-> selective_throughput.*): forward + backward of one selective layer or
+a 2-block selective network, batch 64, L=40, H=64: ``kernel`` (fused C) against ``torch``, wall
+and CPU time. Candidates are warmed up (JAX: compiled) first, then timed round-robin.
 
-``--arch selective`` (-> selective_throughput.*): forward + backward of one selective (S6)
-layer (``layer``) or a 2-block selective network with cross-entropy (``model``), batch 64,
-L=40, H=64, N in 128..8: ``kernel`` (the fused C kernel) against ``torch``
-(``models.torch_scans()``), wall and CPU time, and the outputs' agreement.
-
-Every candidate is built and warmed up first (JAX: compiled); the repeats then go round-robin,
-so a change of machine load hits all alike. Cells: median ± half-IQR and the fastest repeat.
-
-    python benchmarks/bench_train_throughput.py [--arch lru|selective] [--repeats 5]
-        [--threads 2] [--quick] [--results-dir /tmp]
+    python benchmarks/bench_train_throughput.py [--arch lru|selective] [--repeats 5] [--quick]
 """
 
 from __future__ import annotations
@@ -36,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import int_list, interleave, machine, machine_line, parser, spread, write  # noqa: E402
+
+from bench_gpu_train import JaxStep, jax_status  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
 from compressm_tune.models import (  # noqa: E402
@@ -111,129 +105,6 @@ def _naive_lru_forward(self, u):
     return s_re @ self.C_re.T - s_im @ self.C_im.T + self.D * u  # Re(C x) + D u
 
 
-def _jax_step_fn(cfg: dict[str, Any], threads: int):
-    import jax
-    import jax.numpy as jnp
-
-    jax.config.update("jax_platforms", "cpu")
-    h, n, blocks = cfg["H"], cfg["N"], cfg["blocks"]
-    key = jax.random.PRNGKey(0)
-
-    def dense(k, d_in, d_out):
-        bound = 1 / np.sqrt(d_in)
-        kw, kb = jax.random.split(k)
-        return {"w": jax.random.uniform(kw, (d_in, d_out), minval=-bound, maxval=bound),
-                "b": jax.random.uniform(kb, (d_out,), minval=-bound, maxval=bound)}
-
-    def lru_init(k):
-        ks = jax.random.split(k, 7)
-        u1, u2 = jax.random.uniform(ks[0], (n,)), jax.random.uniform(ks[1], (n,))
-        r_min, r_max = 0.9, 0.999
-        nu_log = jnp.log(-0.5 * jnp.log(u1 * (r_max**2 - r_min**2) + r_min**2))
-        theta_log = jnp.log(2 * np.pi * u2)
-        ssm = {"nu_log": nu_log, "theta_log": theta_log,
-               "gamma_log": 0.5 * jnp.log1p(-jnp.exp(-2 * jnp.exp(nu_log))),
-               "B_re": jax.random.normal(ks[2], (n, h)) / np.sqrt(2 * h),
-               "B_im": jax.random.normal(ks[3], (n, h)) / np.sqrt(2 * h)}
-        rest = {"C_re": jax.random.normal(ks[4], (h, n)) / np.sqrt(n),
-                "C_im": jax.random.normal(ks[5], (h, n)) / np.sqrt(n),
-                "D": jax.random.normal(ks[6], (h,))}
-        return ssm, rest
-
-    keys = jax.random.split(key, 2 * blocks + 2)
-    ssm_params, rest_params = [], {"encoder": dense(keys[0], D_INPUT, h),
-                                   "head": dense(keys[1], h, CLASSES), "blocks": []}
-    for i in range(blocks):
-        ssm, rest = lru_init(keys[2 + 2 * i])
-        ssm_params.append(ssm)
-        rest_params["blocks"].append({**rest, "glu": dense(keys[3 + 2 * i], h, 2 * h)})
-    params = {"ssm": ssm_params, "rest": rest_params}
-    bn_state = [{"mean": jnp.zeros(h), "var": jnp.ones(h)} for _ in range(blocks)]
-
-    def binary_operator(e_i, e_j):
-        a_i, b_i = e_i
-        a_j, b_j = e_j
-        return a_j * a_i, a_j * b_i + b_j
-
-    def lru(ssm, rest, u):  # u (B, L, H) -> (B, L, H), as the paper's code computes it
-        lam = jnp.exp(-jnp.exp(ssm["nu_log"]) + 1j * jnp.exp(ssm["theta_log"]))  # (N,)
-        b_norm = (ssm["B_re"] + 1j * ssm["B_im"]) * jnp.exp(ssm["gamma_log"])[:, None]  # (N, H)
-        c = rest["C_re"] + 1j * rest["C_im"]  # (H, N)
-        bu = u @ b_norm.T  # (B, L, N) complex
-        lam_el = jnp.broadcast_to(lam, bu.shape)  # (B, L, N)
-        _, x = jax.lax.associative_scan(binary_operator, (lam_el, bu), axis=1)
-        return (x @ c.T).real + rest["D"] * u
-
-    def dropout(k, z):
-        keep = jax.random.bernoulli(k, 1 - DROPOUT, z.shape)
-        return jnp.where(keep, z / (1 - DROPOUT), 0.0)
-
-    def forward(params, bn_state, x, k):
-        hdn = x @ params["rest"]["encoder"]["w"] + params["rest"]["encoder"]["b"]  # (B, L, H)
-        new_bn = []
-        for i in range(blocks):
-            ssm, rest = params["ssm"][i], params["rest"]["blocks"][i]
-            mean = hdn.mean((0, 1))
-            var = hdn.var((0, 1))
-            cnt = hdn.shape[0] * hdn.shape[1]
-            new_bn.append({"mean": 0.9 * bn_state[i]["mean"] + 0.1 * mean,
-                           "var": 0.9 * bn_state[i]["var"] + 0.1 * var * cnt / (cnt - 1)})
-            z = (hdn - mean) / jnp.sqrt(var + 1e-5)  # BatchNorm, no affine
-            k, k1, k2 = jax.random.split(k, 3)
-            z = dropout(k1, jax.nn.gelu(lru(ssm, rest, z), approximate=False))
-            ab = z @ rest["glu"]["w"] + rest["glu"]["b"]
-            z = ab[..., :h] * jax.nn.sigmoid(ab[..., h:])  # GLU
-            hdn = hdn + dropout(k2, z)
-        logits = hdn.mean(1) @ params["rest"]["head"]["w"] + params["rest"]["head"]["b"]
-        return logits, new_bn
-
-    def loss_fn(params, bn_state, x, y, k):
-        logits, new_bn = forward(params, bn_state, x, k)
-        logp = jax.nn.log_softmax(logits)
-        return -jnp.take_along_axis(logp, y[:, None], axis=1).mean(), new_bn
-
-    def adamw(p, g, m, v, t, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
-        p = p * (1 - lr * wd)
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
-        return p - lr * m_hat / (jnp.sqrt(v_hat) + eps), m, v
-
-    tree_map = jax.tree_util.tree_map
-
-    @jax.jit
-    def train_step(params, opt_state, bn_state, x, y, k):
-        (loss, new_bn), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, bn_state, x, y, k)
-        t = opt_state["t"] + 1
-        new_params, new_m, new_v = {}, {}, {}
-        for group, lr, wd in (("ssm", LR * SSM_LR_FACTOR, 0.0), ("rest", LR, WD)):
-            out = tree_map(lambda p, g, m, v, lr=lr, wd=wd: adamw(p, g, m, v, t, lr, wd),
-                           params[group], grads[group], opt_state["m"][group],
-                           opt_state["v"][group])
-            is_leaf = lambda z: isinstance(z, tuple)  # noqa: E731
-            new_params[group] = tree_map(lambda z: z[0], out, is_leaf=is_leaf)
-            new_m[group] = tree_map(lambda z: z[1], out, is_leaf=is_leaf)
-            new_v[group] = tree_map(lambda z: z[2], out, is_leaf=is_leaf)
-        return new_params, {"m": new_m, "v": new_v, "t": t}, new_bn, loss
-
-    zeros = tree_map(jnp.zeros_like, params)
-    opt_state = {"m": zeros, "v": tree_map(jnp.zeros_like, params), "t": jnp.zeros((), jnp.int32)}
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(cfg["batch"], cfg["L"], D_INPUT)).astype(np.float32))
-    y = jnp.asarray(rng.integers(0, CLASSES, cfg["batch"]))
-    state = {"params": params, "opt": opt_state, "bn": bn_state, "key": jax.random.PRNGKey(2)}
-
-    def step() -> float:
-        k, sub = jax.random.split(state["key"])
-        state["params"], state["opt"], state["bn"], loss = train_step(
-            state["params"], state["opt"], state["bn"], x, y, sub)
-        state["key"] = k
-        return float(loss.block_until_ready())
-
-    return step
-
-
 def selective_work(kind: str, n: int, length: int):
     """Forward + backward of one selective layer or a 2-block selective network at width n;
     returns a callable giving the output."""
@@ -265,21 +136,31 @@ def selective_work(kind: str, n: int, length: int):
     return run
 
 
+def jax_step(cfg: dict[str, Any], peer_root: str):
+    runner = JaxStep(("", "lru", cfg["blocks"], cfg["N"], cfg["H"], cfg["L"], cfg["batch"],
+                      D_INPUT), peer_root)
+
+    def step() -> float:
+        runner.step()
+        runner.sync()
+        return float(runner.loss)
+    return step
+
+
 def measure_lru(args) -> list[dict]:
     impls = ["ours-c", "ours-chunked", "naive-loop", "jax"]
     if not kernel_available():
         impls.remove("ours-c")
-    try:
-        import jax  # noqa: F401
-    except ImportError:
+    if skipped := jax_status(args.peer_root, "cpu"):
         impls.remove("jax")
+        print(f"jax not run: {skipped}", flush=True)
     configs = lru_shapes(args.quick)
     naive_n, rows = max(c["N"] for c in configs), []
     for cfg in configs:
         active = [i for i in impls if i != "naive-loop" or cfg["N"] == naive_n]
         t0, steps = time.perf_counter(), {}
         for impl in active:
-            steps[impl] = _jax_step_fn(cfg, args.threads) if impl == "jax" \
+            steps[impl] = jax_step(cfg, args.peer_root) if impl == "jax" \
                 else torch_step(cfg, impl)
         losses = {impl: fn() for impl, fn in steps.items()}  # first step: equal for torch ones
         times = interleave(steps, args.repeats, warmup=args.warmup)
@@ -394,6 +275,8 @@ def main() -> None:
                     help="lru: one count (default 2); selective: a list (default 1,2)")
     ap.add_argument("--widths", type=int_list, default=[128, 64, 32, 16, 8], help="selective")
     ap.add_argument("--length", type=int, default=40, help="selective: sequence length")
+    ap.add_argument("--peer-root", default=None,
+                    help="lru: a checkout of camail-official/compressm, for the jax candidate")
     args = ap.parse_args()
     lru = args.arch == "lru"
     args.name = args.name or ("train_throughput" if lru else "selective_throughput")
@@ -403,6 +286,7 @@ def main() -> None:
         args.repeats, args.warmup, args.widths, args.length = 2, 1, [16, 8], 16
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true "
                           f"intra_op_parallelism_threads={args.threads}")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     torch.set_num_threads(args.threads)
     t0, load = time.time(), os.getloadavg()[0]
     results = measure_lru(args) if lru else measure_selective(args)
