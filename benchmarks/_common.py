@@ -1,9 +1,8 @@
 """The benchmarks' harness: machine notes, interleaved timing, one output writer, argparse pieces.
 
-Every benchmark writes ``NAME.json`` (settings, machine notes, results), ``NAME.md`` and
-optionally ``NAME.png`` into ``--results-dir`` (default ``bench_results/``). The machine is
-often shared, so timings are taken round-robin over the candidates and reported as median and
-spread, with the 1-minute load before and after.
+Every benchmark writes ``NAME.json``, ``NAME.md`` and optionally ``NAME.png`` into
+``--results-dir``. The machine is often shared, so candidates are timed round-robin and reported
+as median and spread, with the 1-minute load before and after.
 """
 
 from __future__ import annotations
