@@ -75,21 +75,21 @@ def _combo_errors(rows: list[dict], metric: str, name: str) -> dict[str, float]:
             "max_abs_rel_error": float(np.max(errors))}
 
 
-def evaluate(profile: Profile, combos: list[list[int]], records) -> dict:
-    """Predictions of every interpolation against the measurements, per metric."""
+def evaluate(profile: Profile, combos: list[list[int]], records,
+             scales: dict[str, float] | None = None) -> dict:
+    """Predictions of every interpolation against the measurements, per metric; ``scales``
+    multiplies a metric's predictions (the profile after a drift check)."""
     models = {name: LatencyModel.from_profile(profile, name) for name in INTERPOLATIONS}
     models["auto"] = LatencyModel.from_profile(profile)
     metrics = [m for m in METRICS if m in models["auto"].metrics]
     rows = []
     for dims, record in zip(combos, records, strict=True):
-        predicted = {m: {n: lm.predict(dims, m) for n, lm in models.items()} for m in metrics}
-        rows.append({
-            "state_dims": dims,
-            "measured": {m: record.metric(m) for m in metrics},
-            "predicted": predicted,
-            "rel_error": {m: {n: p / record.metric(m) - 1 for n, p in predicted[m].items()}
-                          for m in metrics},
-        })
+        predicted = {m: {n: lm.predict(dims, m) * (scales or {}).get(m, 1.0)
+                         for n, lm in models.items()} for m in metrics}
+        rows.append({"state_dims": dims, "measured": {m: record.metric(m) for m in metrics},
+                     "predicted": predicted,
+                     "rel_error": {m: {n: p / record.metric(m) - 1 for n, p in by.items()}
+                                   for m, by in predicted.items()}})
     summary = {}
     for metric in metrics:
         summary[metric] = {"auto_interpolation": models["auto"].interpolation(metric)}
@@ -98,9 +98,8 @@ def evaluate(profile: Profile, combos: list[list[int]], records) -> dict:
             summary[metric][name] = {
                 **_combo_errors(rows, metric, name),
                 "holdout_mean_abs_rel_error": holdout.mean_abs_rel_error,
-                "holdout_max_abs_rel_error": holdout.max_abs_rel_error,
-            }
-    return {"rows": rows, "summary": summary}
+                "holdout_max_abs_rel_error": holdout.max_abs_rel_error}
+    return {"rows": rows, "summary": summary, **({"scales": scales} if scales else {})}
 
 
 def drift_scales(profile: Profile, control: Profile) -> dict[str, float]:
@@ -116,24 +115,6 @@ def drift_scales(profile: Profile, control: Profile) -> dict[str, float]:
     return {m: v if abs(v - 1.0) > DRIFT_TOLERANCE else 1.0 for m, v in scales.items()}
 
 
-def rescaled(result: dict, scales: dict[str, float]) -> dict:
-    """``result`` of :func:`evaluate` with every prediction of a metric in ``scales`` times
-    its factor: the profile file's predictor after a drift check."""
-    rows = []
-    for row in result["rows"]:
-        predicted = {m: {n: v * scales.get(m, 1.0) for n, v in by.items()}
-                     for m, by in row["predicted"].items()}
-        rows.append({**row, "predicted": predicted, "rel_error": {
-            m: {n: v / row["measured"][m] - 1 for n, v in by.items()}
-            for m, by in predicted.items()}})
-    summary = {}
-    for metric, s in result["summary"].items():
-        summary[metric] = dict(s)
-        for name in (*INTERPOLATIONS, "auto"):
-            summary[metric][name] = {**s[name], **_combo_errors(rows, metric, name)}
-    return {"rows": rows, "summary": summary, "scales": scales}
-
-
 def _headline(result: dict, what: str, metric: str = "latency_ms") -> str:
     if metric not in result["summary"]:
         return f"- {what}: `{metric}` not in this profile."
@@ -144,39 +125,35 @@ def _headline(result: dict, what: str, metric: str = "latency_ms") -> str:
             f"max {lat['max_abs_rel_error']:.1%}.")
 
 
-def _by_blocks(results: dict, metric: str) -> list[str]:
+def _by_blocks(results: dict, metric: str) -> str:
     """Signed error of ``metric`` (auto interpolation) by block count: a fixed/per-block split
-    that is off, or waiting for a shared core that grows with call length, shows as 1-block
-    models over-predicted and many-block models under-predicted."""
+    that is off shows as 1-block models over- and many-block models under-predicted."""
     names = [n for n in PREDICTORS if metric in results[n]["summary"]]
-    lines = ["| blocks | combos | " + " | ".join(
-                f"{n}: mean signed error | {n}: within +-10 %" for n in names) + " |",
-             "|---|---|" + "---|---|" * len(names)]
+    rows = []
     for k in sorted({len(r["state_dims"]) for r in results["profile"]["rows"]}):
-        cells = []
-        for name in names:
-            errors = np.array([r["rel_error"][metric]["auto"] for r in results[name]["rows"]
-                               if len(r["state_dims"]) == k])
-            cells.append(f"{errors.mean():+.1%} | {np.mean(np.abs(errors) <= TARGET_WITHIN):.0%}")
-        count = sum(len(r["state_dims"]) == k for r in results["profile"]["rows"])
-        lines.append(f"| {k} | {count} | " + " | ".join(cells) + " |")
-    return lines
+        errors = {n: np.array([r["rel_error"][metric]["auto"] for r in results[n]["rows"]
+                               if len(r["state_dims"]) == k]) for n in names}
+        rows.append([k, len(errors[names[0]]), *(
+            c for e in errors.values()
+            for c in (f"{e.mean():+.1%}", f"{np.mean(np.abs(e) <= TARGET_WITHIN):.0%}"))])
+    return markdown_table(["blocks", "combos", *(c for n in names for c in (
+        f"{n}: mean signed error", f"{n}: within +-10 %"))], rows)
 
 
 def _summary_table(result: dict) -> str:
     names = (*INTERPOLATIONS, "auto")
     return markdown_table(
-        ["metric", "auto picks", *(f"{n}: combos | {n}: holdout" for n in names)],
-        [[metric, s["auto_interpolation"], *(
-            f"{s[n]['within_10pct']:.0%} / {s[n]['median_abs_rel_error']:.1%} | "
-            f"{s[n]['holdout_mean_abs_rel_error']:.1%}" for n in names)]
+        ["metric", "auto picks", *(c for n in names for c in (f"{n}: combos", f"{n}: holdout"))],
+        [[metric, s["auto_interpolation"], *(c for n in names for c in (
+            f"{s[n]['within_10pct']:.0%} / {s[n]['median_abs_rel_error']:.1%}",
+            f"{s[n]['holdout_mean_abs_rel_error']:.1%}"))]
          for metric, s in result["summary"].items()])
 
 
 def markdown(profile: Profile, results: dict, meta: dict) -> str:
     """Headlines, error by block count, per-metric summaries, the per-combination table."""
     cfg = profile.config
-    scales = results["checked"]["scales"]
+    scales = results["checked"].get("scales", {})
     lines = [
         "# Profiler accuracy: predicted vs measured latency", "",
         f"Device: {profile.device.label}, runtime `{cfg.runtime}`, "
@@ -196,7 +173,7 @@ def markdown(profile: Profile, results: dict, meta: dict) -> str:
                   _headline(results["control"], "from the co-measured control", metric), ""]
     lines += [f"Drift, this session / profile - 1 (median, min, max): {meta['drift']}.", "",
               *[f"- note: {w}" for w in meta["measurement_warnings"] + list(profile.notes)],
-              "", "## Latency error by block count", "", *_by_blocks(results, "latency_ms"),
+              "", "## Latency error by block count", "", _by_blocks(results, "latency_ms"),
               "", "## Every metric, by interpolation", "",
               "Combos: fraction within +-10 % / median |error|. Holdout: leave-one-out mean "
               "|error| on the profile's interior widths.", ""]
@@ -290,7 +267,7 @@ def main() -> None:
                                             if issubclass(w.category, UserWarning)})}
     results = {"profile": evaluate(profile, combos, records[m:]),
                "control": evaluate(control, combos, records[m:])}
-    results["checked"] = rescaled(results["profile"], drift_scales(profile, control))
+    results["checked"] = evaluate(profile, combos, records[m:], drift_scales(profile, control))
     payload = {"profile_path": str(args.profile), "profile_created_utc": profile.created_utc,
                "device": profile.device.slug, "meta": meta,
                "config": profile.to_dict()["config"], "energy_method": profile.energy_method,
