@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import int_list, interleave, machine, machine_line, parser, spread, write  # noqa: E402
-
 from bench_gpu_train import JaxStep, jax_status  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402

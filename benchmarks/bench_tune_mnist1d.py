@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, machine_line, parser, write  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
+from compressm_tune.data import load_dataset  # noqa: E402
 from compressm_tune.exporter import export_bundle, measure_latency  # noqa: E402
 from compressm_tune.hardware import LatencyModel  # noqa: E402
 from compressm_tune.models import SSMConfig  # noqa: E402
 from compressm_tune.search import TuneConfig, resolve_profile, run_tune  # noqa: E402
-from compressm_tune.data import load_dataset  # noqa: E402
 from compressm_tune.training import TrainConfig, Trainer  # noqa: E402
 
 
