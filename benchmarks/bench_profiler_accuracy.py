@@ -171,7 +171,9 @@ def markdown(profile: Profile, results: dict, meta: dict) -> str:
                             f"{list(reference_widths(profile))}, beyond "
                             f"+-{DRIFT_TOLERANCE:.0%})", metric),
                   _headline(results["control"], "from the co-measured control", metric), ""]
-    lines += [f"Drift, this session / profile - 1 (median, min, max): {meta['drift']}.", "",
+    lines += ["Drift, the equal-width models re-measured (this session / profile - 1, median and "
+              "range): " + "; ".join(f"`{k}` {d['median']:+.1%} ({d['min']:+.0%} to "
+                                     f"{d['max']:+.0%})" for k, d in meta["drift"].items()), "",
               *[f"- note: {w}" for w in meta["measurement_warnings"] + list(profile.notes)],
               "", "## Latency error by block count", "", _by_blocks(results, "latency_ms"),
               "", "## Every metric, by interpolation", "",
