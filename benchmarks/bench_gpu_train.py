@@ -1,41 +1,24 @@
-"""GPU training step: ours (Triton kernels; fp32, tf32, bf16; the pure-torch path before the
-kernels) against the paper's JAX LRU, side by side in one process, interleaved.
+"""GPU training step: ours (Triton kernels; fp32, tf32, bf16; the pure-torch path) against the
+paper's JAX LRU, side by side in one process, interleaved.
 
-One step = forward + backward + AdamW update on random data with cross-entropy (dropout 0.1).
-Shapes (blocks x (N, H), L, batch) are issue #13's: the paper's sMNIST and sCIFAR shapes, a
-4-block one, each also at a reduced width, and the selective (S6) layer at N=128 and N=12.
-
-Implementations:
-
-``ours-P-graph``  ``SSMModel`` on CUDA with the Triton scans, fused AdamW and the forward and
-        backward replayed from a captured CUDA graph, in precision P (fp32, tf32, bf16): the
-        package's ``TrainStep``, exactly what ``compressm-tune train --device cuda
-        --precision P`` runs;
-``ours-P``  the same launched eagerly (``--no-cuda-graphs``);
-``ours-torch-fp32``  eager, with the Triton kernels switched off (the pure-PyTorch scans:
-        what ran on a GPU before them);
-``jax`` the paper's own model code (``compressm/models/lru.py`` of camail-official/compressm,
-        from ``--peer-root``): ``LRU`` built with ``eqx.nn.make_with_state``, vmapped over the
-        batch (BatchNorm's ``axis_name="batch"``), ``optax.adamw``, ``eqx.filter_jit``; JAX's
-        default matmul precision (reported). Skipped with the reason if jax, equinox or optax
-        do not import or the peer code is not found.
-
-Timing: every implementation of a shape is built and warmed up (JAX: compiled) first; then
-``--rounds`` rounds each time ``--steps`` synchronized steps of every implementation, in a
-shuffled order per round. Reported: median of the rounds' per-step means, min and max, and the
-peak device memory of each implementation's steps.
+One step = forward + backward + AdamW on random data with cross-entropy (dropout 0.1), at the
+paper's sMNIST and sCIFAR shapes, a 4-block one, each also at a reduced width, and the selective
+layer at N=128 and N=12. ``ours-P-graph``: the package's ``TrainStep`` replaying a captured CUDA
+graph in precision P (what ``train --device cuda --precision P`` runs); ``ours-P``: eager;
+``ours-torch-fp32``: eager under ``models.torch_scans()``; ``jax``: the paper's own ``LRU``
+(``--peer-root``, a checkout of camail-official/compressm) with ``optax.adamw`` under
+``eqx.filter_jit``, skipped with the reason when it cannot run. Every implementation is built
+and warmed up first, then ``--rounds`` rounds of ``--steps`` synchronized steps each, in a
+shuffled order per round: median, min and max ms per step, and peak device memory.
+``--profile SHAPE:IMPL`` instead writes the CUDA kernels of 3 eager steps by device time
+(torch.profiler) to ``gpu_profile_SHAPE.md``.
 
     python benchmarks/bench_gpu_train.py --peer-root PATH [--rounds 5] [--steps 3]
-    python benchmarks/bench_gpu_train.py --profile scifar:ours-bf16   # where a step's time goes
-
-Writes ``bench_results/gpu_train.{json,md}``; ``--profile SHAPE:IMPL`` instead writes the CUDA
-kernels of 3 steps of one eager implementation by total device time (torch.profiler; a graph
-replay hides its kernels from the profiler) to ``bench_results/gpu_profile_SHAPE.md``.
+    python benchmarks/bench_gpu_train.py --profile scifar:ours-bf16
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -50,11 +33,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import RESULTS as RESULTS_DIR  # noqa: E402
 from _common import machine, write  # noqa: E402
+from _common import parser as parser_  # noqa: E402
 
-from compressm_tune._device import matmul_precision  # noqa: E402
-from compressm_tune.models import SSMConfig, SSMModel, _scan, selective  # noqa: E402
+from compressm_tune._table import markdown_table  # noqa: E402
+from compressm_tune.models import SSMConfig, SSMModel, torch_scans  # noqa: E402
 from compressm_tune.training.optim import build_optimizer  # noqa: E402
 from compressm_tune.training.step import TrainStep  # noqa: E402
 
@@ -75,15 +58,14 @@ OURS = ("ours-fp32-graph", "ours-tf32-graph", "ours-bf16-graph", "ours-fp32", "o
 
 
 @contextlib.contextmanager
-def _torch_scans():
-    """Switch the Triton kernels off: every scan takes the pure-PyTorch path."""
-    old = (_scan.scan_backend, selective.fused_backend)
-    _scan.scan_backend = lambda lam, v: "torch"
-    selective.fused_backend = lambda *a: None
+def matmul_precision(precision: str):
+    """TF32 float32 matrix products inside the block for ``tf32``, as ``train`` sets them."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else old)
     try:
         yield
     finally:
-        _scan.scan_backend, selective.fused_backend = old
+        torch.set_float32_matmul_precision(old)
 
 
 class TorchStep:
@@ -105,7 +87,7 @@ class TorchStep:
         self.y = torch.randint(0, CLASSES, (batch,), device=device)
 
     def step(self) -> None:
-        scans = _torch_scans() if self.impl == "ours-torch-fp32" else contextlib.nullcontext()
+        scans = torch_scans() if self.impl == "ours-torch-fp32" else contextlib.nullcontext()
         with scans, matmul_precision(self.precision):
             self.step_fn(self.model, self.opt, self.x, self.y)
 
@@ -174,8 +156,8 @@ def _peer_lru(peer_root: str) -> type:
     return importlib.import_module("compressm.models.lru").LRU
 
 
-def _jax_status(peer_root: str | None) -> str | None:
-    """None when the JAX peer can run, else why not."""
+def jax_status(peer_root: str | None, platform: str = "gpu") -> str | None:
+    """None when the JAX peer can run on ``platform``, else why not."""
     if not peer_root:
         return "no --peer-root (a checkout of camail-official/compressm)"
     if not os.path.isfile(os.path.join(peer_root, "compressm", "models", "lru.py")):
@@ -187,8 +169,8 @@ def _jax_status(peer_root: str | None) -> str | None:
         import optax  # noqa: F401
     except ImportError as exc:
         return f"{exc.name} does not import"
-    if not any(d.platform == "gpu" for d in jax.devices()):
-        return "jax sees no GPU"
+    if not any(d.platform == platform for d in jax.devices()):
+        return f"jax sees no {platform}"
     return None
 
 
@@ -209,7 +191,7 @@ def _time(runner: Any, steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def measure_shape(shape: tuple, impls: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def measure_shape(shape: tuple, impls: list[str], args) -> dict[str, Any]:
     row: dict[str, Any] = {"shape": shape[0], "arch": shape[1], "blocks": shape[2], "N": shape[3],
                            "H": shape[4], "L": shape[5], "batch": shape[6]}
     runners, peaks = {}, {}
@@ -219,8 +201,7 @@ def measure_shape(shape: tuple, impls: list[str], args: argparse.Namespace) -> d
         if impl == "jax" and shape[1] != "lru":
             continue
         if impl == "ours-torch-fp32" and shape[1] == "selective" and shape[3] > 32:
-            row[impl] = {"skipped": "the torch path stores (B, L, H, N) tensors: 369 ms and "
-                                    "33 GiB per step measured in issue #13"}
+            row[impl] = {"skipped": "the torch path stores (B, L, H, N) tensors (tens of GiB)"}
             continue
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -256,7 +237,7 @@ def measure_shape(shape: tuple, impls: list[str], args: argparse.Namespace) -> d
     return row
 
 
-def profile(spec: str) -> None:
+def profile(spec: str, results_dir) -> None:
     """Profile 3 eager steps of ``SHAPE:IMPL`` and write the kernel table."""
     name, impl = spec.split(":")
     shape = next(s for s in SHAPES if s[0] == name)
@@ -274,69 +255,55 @@ def profile(spec: str) -> None:
     text = (f"# Where a training step's time goes: {name}, {impl} (3 steps, eager)\n\n"
             f"{torch.cuda.get_device_name()}, torch {torch.__version__}. torch.profiler's "
             "table, by total CUDA time.\n\n```\n" + table + "\n```\n")
-    (RESULTS_DIR / f"gpu_profile_{name}.md").write_text(text)
+    (results_dir / f"gpu_profile_{name}.md").write_text(text)
     print(table)
 
 
 def _fmt(cell: dict[str, Any]) -> str:
     if "median_ms" in cell:
         return f"{cell['median_ms']:.2f} ({cell['min_ms']:.2f}-{cell['max_ms']:.2f})"
-    if not cell:
-        return "-"
-    return "skipped" if "skipped" in cell else "failed"
+    return "skipped" if "skipped" in cell else "failed" if cell else "-"
 
 
 def _ratio(rows: dict[str, dict], a: tuple[str, str], b: tuple[str, str]) -> str:
     x, y = rows.get(a[0], {}).get(a[1], {}), rows.get(b[0], {}).get(b[1], {})
-    if "median_ms" in x and "median_ms" in y:
-        return f"{x['median_ms'] / y['median_ms']:.2f}"
-    return "n/a"
+    return f"{x['median_ms'] / y['median_ms']:.2f}" if "median_ms" in x and "median_ms" in y \
+        else "n/a"
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    m = payload["machine"]
-    impls = payload["impls"]
-    lines = [
-        "# GPU training step: ours (Triton) vs the paper's JAX LRU",
-        "",
-        f"GPU: {m.get('gpu')}; torch {m['torch']}, triton {m.get('triton')}, "
-        f"jax {m.get('jax')} (default matmul precision: {m.get('jax_matmul_precision')}); "
-        f"CPU load {m['load_avg_1m']:.2f} at the start. One step = forward + backward + AdamW, "
-        f"dropout {DROPOUT}. Median of {payload['rounds']} interleaved rounds of "
-        f"{payload['steps']} steps each (min-max in brackets), ms per step.",
-        "",
-        "| shape | blocks x (N, H), L, batch | " + " | ".join(impls) + " |",
-        "|---|---|" + "---|" * len(impls),
-    ]
-    for row in payload["results"]:
-        dims = f"{row['blocks']} x ({row['N']}, {row['H']}), {row['L']}, {row['batch']}"
-        lines.append(f"| {row['shape']} | {dims} | "
-                     + " | ".join(_fmt(row.get(i, {})) for i in impls) + " |")
-    lines += ["", "Peak device memory (MiB) allocated during the timed steps. For the -graph "
-              "variants this leaves out the graph's own memory pool (allocated once at capture, "
-              "not measured here); the eager columns give what one step holds.", "",
-              "| shape | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
-    for row in payload["results"]:
-        lines.append(f"| {row['shape']} | " + " | ".join(
-            str(row.get(i, {}).get("peak_mib", "-")) for i in impls) + " |")
-    rows = {row["shape"]: row for row in payload["results"]}
-    lines += ["", "Ratios (medians):", ""]
-    for shape in ("smnist", "scifar", "4-block"):
-        for impl in ("ours-fp32-graph", "ours-tf32-graph", "ours-bf16-graph", "ours-fp32"):
-            lines.append(f"- {shape}: {impl} / jax = {_ratio(rows, (shape, impl), (shape, 'jax'))}")
-    for impl in ("ours-fp32-graph", "ours-bf16-graph", "jax"):
-        lines.append(f"- compression, LRU sCIFAR N=24 / N=384 ({impl}): "
-                     f"{_ratio(rows, ('scifar-reduced', impl), ('scifar', impl))}")
-    for impl in ("ours-fp32-graph", "ours-bf16-graph"):
-        lines.append(f"- compression, selective N=12 / N=128 ({impl}): "
-                     f"{_ratio(rows, ('selective-reduced', impl), ('selective', impl))}")
-    if payload.get("jax_skipped"):
-        lines += ["", f"JAX peer not run: {payload['jax_skipped']}."]
-    return "\n".join(lines)
+    m, impls, res = payload["machine"], payload["impls"], payload["results"]
+    rows = {row["shape"]: row for row in res}
+    ratios = [f"- {shape}: {impl} / jax = {_ratio(rows, (shape, impl), (shape, 'jax'))}"
+              for shape in ("smnist", "scifar", "4-block")
+              for impl in ("ours-fp32-graph", "ours-tf32-graph", "ours-bf16-graph", "ours-fp32")]
+    ratios += [f"- compression, {what} ({impl}): {_ratio(rows, (small, impl), (big, impl))}"
+               for what, small, big, group in (
+                   ("LRU sCIFAR N=24 / N=384", "scifar-reduced", "scifar",
+                    ("ours-fp32-graph", "ours-bf16-graph", "jax")),
+                   ("selective N=12 / N=128", "selective-reduced", "selective",
+                    ("ours-fp32-graph", "ours-bf16-graph"))) for impl in group]
+    return "\n".join([
+        "# GPU training step: ours (Triton) vs the paper's JAX LRU", "",
+        f"GPU: {m.get('gpu')}; torch {m['torch']}, triton {m.get('triton')}, jax {m.get('jax')} "
+        f"(default matmul precision: {m.get('jax_matmul_precision')}); CPU load "
+        f"{m['load_avg_1m']:.2f}. One step = forward + backward + AdamW, dropout {DROPOUT}. "
+        f"Median of {payload['rounds']} interleaved rounds of {payload['steps']} steps (min-max),"
+        " ms per step.", "",
+        markdown_table(["shape", "blocks x (N, H), L, batch", *impls], [
+            [r["shape"], f"{r['blocks']} x ({r['N']}, {r['H']}), {r['L']}, {r['batch']}",
+             *(_fmt(r.get(i, {})) for i in impls)] for r in res]), "",
+        "Peak device memory (MiB) during the timed steps (-graph variants: without the graph's "
+        "own pool, allocated at capture):", "",
+        markdown_table(["shape", *impls], [[r["shape"], *(r.get(i, {}).get("peak_mib", "-")
+                                                          for i in impls)] for r in res]),
+        "", "Ratios (medians):", "", *ratios,
+        *([f"\nJAX peer not run: {payload['jax_skipped']}."] if payload.get("jax_skipped")
+          else [])])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = parser_(__doc__, "gpu_train", quick="the two sMNIST shapes, 2 rounds of 1 step")
     parser.add_argument("--peer-root", default=None,
                         help="checkout of camail-official/compressm (its compressm/ package)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -348,16 +315,18 @@ def main() -> None:
     parser.add_argument("--report-only", metavar="JSON", default=None,
                         help="rewrite the Markdown from an earlier run's JSON")
     args = parser.parse_args()
+    if args.quick:
+        args.shapes, args.rounds, args.steps, args.warmup = "smnist,smnist-reduced", 2, 1, 1
     if args.report_only:
         payload = json.loads(open(args.report_only).read())
-        write("gpu_train", payload, markdown(payload))
+        write(args.results_dir / args.name, payload, markdown(payload))
         return
     if not torch.cuda.is_available():
         sys.exit("bench_gpu_train: no CUDA device; nothing to measure")
     if args.profile:
-        profile(args.profile)
+        profile(args.profile, args.results_dir)
         return
-    jax_skipped = _jax_status(args.peer_root) if "jax" in args.impls else "not requested"
+    jax_skipped = jax_status(args.peer_root) if "jax" in args.impls else "not requested"
     wanted = args.impls.split(",")
     impls = [i for i in (*OURS, "jax") if i in wanted and not (i == "jax" and jax_skipped)]
     mach = machine()
@@ -375,8 +344,7 @@ def main() -> None:
     payload = {"benchmark": "gpu_train", "machine": mach, "rounds": args.rounds,
                "steps": args.steps, "warmup": args.warmup, "impls": impls,
                "jax_skipped": jax_skipped if "jax" in args.impls else None, "results": results}
-    write("gpu_train", payload, markdown(payload))
-    print(markdown(payload))
+    write(args.results_dir / args.name, payload, markdown(payload))
 
 
 if __name__ == "__main__":

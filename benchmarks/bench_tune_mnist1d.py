@@ -4,20 +4,19 @@ For each budget: the searched model (chosen widths, test accuracy, measured vs b
 search wall time) against the full model and against the best small-from-scratch model that
 meets the same budget (the largest uniform width the profile predicts to fit, trained from
 scratch with the same steps, exported and measured the same way).
-Output: bench_results/tune_mnist1d.{json,md}.
 
-    python benchmarks/bench_tune_mnist1d.py [--trials 6] [--steps 300]
+    python benchmarks/bench_tune_mnist1d.py [--trials 6] [--steps 300] [--results-dir DIR]
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write  # noqa: E402
+from _common import machine, machine_line, parser, write  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
 from compressm_tune.data import load_dataset  # noqa: E402
@@ -46,13 +45,15 @@ def _scratch(config: TuneConfig, data, latency: LatencyModel, out: Path) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, "tune_mnist1d", quick="2 trials of 20 steps, H=16")
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--hidden", type=int, default=128,
                     help="H; at small H the ONNX Scan's per-step overhead hides N entirely")
     ap.add_argument("--out", default="runs/bench-tune")
     args = ap.parse_args()
+    if args.quick:
+        args.trials, args.steps, args.hidden = 2, 20, 16
     base = TuneConfig(budget_ms=1.0, trials=args.trials, steps=args.steps, out=args.out,
                       hidden=args.hidden, threads=1)
     data = load_dataset("mnist1d")
@@ -61,7 +62,7 @@ def main() -> None:
     fastest = min(latency.predict([w] * base.blocks, base.metric) for w in profile.widths)
     full = latency.predict([max(base.state_dims)] * base.blocks, base.metric)
     budgets = [fastest + f * (full - fastest) for f in (0.15, 0.45, 0.9)]
-    rows, results = [], []
+    rows, results, load = [], [], os.getloadavg()[0]
     for i, budget in enumerate(budgets):
         config = TuneConfig(**{**base.__dict__, "budget_ms": round(budget, 4),
                                "study": f"budget-{i}"})
@@ -80,18 +81,18 @@ def main() -> None:
     headers = ["budget ms", "tuned dims", "tuned test acc", "tuned measured ms", "meets",
                "search min", "scratch dims", "scratch test acc", "scratch measured ms",
                "full dims", "full test acc"]
-    m = machine()
+    m = machine(load)
     md = "\n".join([
         "# compressm-tune --budget-ms on MNIST-1D: three budgets", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, load {m['load_avg_1m']:.2f}; onnxruntime "
+        machine_line(m) + " onnxruntime "
         f"1 thread, batch 1, per 40-token sequence (p50). {args.trials} trials x "
         f"{args.steps} steps per budget, H={args.hidden}; budgets at 15/45/90% of the way "
         f"from the fastest predicted model ({fastest:.3f} ms) to the full one ({full:.3f} ms). "
         "'scratch' is the largest uniform width predicted to fit, trained from scratch with "
         "the same steps.", "",
         markdown_table(headers, rows)])
-    write("tune_mnist1d", {"machine": m, "budgets": budgets, "results": results}, md)
-    print(md)
+    write(args.results_dir / args.name, {"machine": m, "budgets": budgets, "results": results},
+          md)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """SSM layers and networks: the LRU, selective and Mamba layers, the blocks, the network, the
 config, and the Hugging Face Mamba import."""
 
-from compressm_tune.models._scan import kernel_available, linear_scan, scan_reference
+from compressm_tune.models._scan import kernel_available, linear_scan, scan_reference, torch_scans
 from compressm_tune.models.config import ARCHS, SSMConfig, dropout_for
 from compressm_tune.models.hf import from_hf_mamba
 from compressm_tune.models.lru import LRULayer
@@ -37,4 +37,5 @@ __all__ = [
     "scan_reference",
     "selective_scan",
     "selective_scan_reference",
+    "torch_scans",
 ]

@@ -19,6 +19,8 @@ with ``conj(lam)``, so the backward never stores per-step intermediates beyond `
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -29,7 +31,9 @@ try:  # the fused kernel is optional: without a C compiler we fall back to the c
 except ImportError:  # pragma: no cover - exercised only on installs without a compiler
     _scan_kernel = None
 
-__all__ = ["BACKENDS", "linear_scan", "scan_reference", "kernel_available", "scan_backend"]
+__all__ = ["BACKENDS", "linear_scan", "scan_reference", "kernel_available", "scan_backend",
+           "torch_scans"]
+_FORCE_TORCH = False  # set inside torch_scans()
 
 BACKENDS = ("c", "triton", "torch")
 
@@ -41,9 +45,27 @@ def kernel_available() -> bool:
     return _scan_kernel is not None
 
 
+@contextlib.contextmanager
+def torch_scans():
+    """Within the block every scan (LRU and selective) takes the pure-PyTorch path, not the C
+    or Triton kernels: the reference the kernels are timed and checked against."""
+    global _FORCE_TORCH
+    old, _FORCE_TORCH = _FORCE_TORCH, True
+    try:
+        yield
+    finally:
+        _FORCE_TORCH = old
+
+
+def torch_forced() -> bool:
+    return _FORCE_TORCH
+
+
 def scan_backend(lam: torch.Tensor, v: torch.Tensor) -> str:
     """Which implementation :func:`linear_scan` picks for these tensors: ``c`` on CPU float32
     with the kernel built, ``triton`` on CUDA float32, else ``torch``."""
+    if _FORCE_TORCH:
+        return "torch"
     fp32 = v.dtype == torch.float32 and lam.dtype == torch.float32
     if fp32 and v.device.type == "cpu" and _scan_kernel is not None:
         return "c"

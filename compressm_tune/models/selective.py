@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import _triton
+from compressm_tune.models._scan import torch_forced
 
 try:  # the fused kernel is optional: without a C compiler the torch path below is used
     from compressm_tune.models import _scan_kernel
@@ -124,7 +125,7 @@ def fused_backend(state_dim: int, *tensors: torch.Tensor) -> str | None:
     (CUDA, state width within one register tile), else None (the torch path). Both compute in
     float32 (lower precisions, as autocast makes them, are upcast); float64 stays on the torch
     path for its precision. TorchScript and tracing cannot see into either kernel."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or any(
+    if torch_forced() or torch.jit.is_scripting() or torch.jit.is_tracing() or any(
             t.dtype not in (torch.float32, torch.bfloat16, torch.float16) for t in tensors):
         return None
     device = tensors[0].device.type
