@@ -73,10 +73,16 @@ def plot_hsv_trajectories(records: list[dict[str, Any]], path: str | Path,
         grid = np.full((len(steps), min(top, width)), np.nan)
         for i, (_, v) in enumerate(hsv[layer]):
             grid[i, :min(top, len(v))] = np.asarray(v[:top]) / max(v[0], 1e-300)
-        row[0].semilogy(steps, grid, lw=1)
+        row[0].semilogy(steps, grid, lw=1, marker=".")  # markers: one attempt is one point
         row[0].set(title=f"layer {layer}: top-{grid.shape[1]} HSVs / largest", xlabel="step")
-        row[1].step(steps, [len(v) for _, v in hsv[layer]], where="post")
-        row[1].set(title=f"layer {layer}: state width", xlabel="step", ylabel="N")
+        # the width after every record (evaluations and cuts), from the run's start
+        dims = [(rec["step"], rec["state_dims"][layer]) for rec in records
+                if len(rec.get("state_dims") or ()) > layer]
+        start = [(0, width)] if not dims or dims[0][0] > 0 else []
+        xs, ns = zip(*(start + dims), strict=True)
+        row[1].step(xs, ns, where="post", marker="o", ms=3)
+        row[1].set(title=f"layer {layer}: state width", xlabel="step", ylabel="N",
+                   ylim=(0, 1.08 * max(ns)))
         if stability:
             pts = stability.get(layer, [])
             row[2].plot([s for s, _ in pts], [t for _, t in pts], marker=".")
