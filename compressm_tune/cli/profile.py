@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -89,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     if args.check is not None:
         return _run_check(args.check, progress=not args.quiet)
     config = config_from_args(args)
+    started = time.perf_counter()
     profile = hardware.profile_device(config, progress=not args.quiet, notes=args.note)
+    took = time.perf_counter() - started
     out = args.out
     if out is None:
         suffix = "" if profile.config.runtime == "torch" else f"-{profile.config.runtime}"
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path("profiles") / f"{profile.device.slug}{suffix}-{stamp}.json"
     hardware.save_profile(profile, out)
     print(f"wrote {out} ({profile.device.label}, {len(profile.widths)} widths, "
-          f"energy: {profile.energy_method}); fast widths {profile.fast_widths()}")
+          f"{profile.config.threads} thread(s), measured in {took:.0f} s, energy: "
+          f"{profile.energy_method}); fast widths {profile.fast_widths()}")
     if len(profile.widths) >= 3:
         holdout = hardware.LatencyModel.from_profile(profile).holdout_error("latency_ms")
         print(f"latency model: {holdout.interpolation} interpolation, leave-one-out error "

@@ -65,7 +65,7 @@ class ProfilerConfig:
     throughput_batch: int = field(default=32, metadata={
         "help": "batch of the throughput measurement"})
     threads: int | None = field(default=None, metadata={
-        "help": "torch intra-op threads (default: one per physical core)"})
+        "help": "intra-op threads (default: 1 on a CPU, one per physical core on a GPU host)"})
     min_time_s: float = field(default=0.5, metadata={
         "help": "each timing repeats until this many seconds of work"})
     warmup: int = field(default=3, metadata={"help": "untimed calls before each timing"})
@@ -162,7 +162,10 @@ class ProfilerConfig:
                     f"{torch.cuda.device_count()} CUDA device(s); use device='cpu'"
                 )
             device = f"cuda:{index}"
-        threads = self.threads or psutil.cpu_count(logical=False) or 1
+        # one thread on a CPU unless asked: batch-1 deployment runs on one core, and more
+        # threads on a shared machine time the other processes as much as the model
+        threads = self.threads or (1 if device == "cpu" else psutil.cpu_count(logical=False)
+                                   or 1)
         return replace(self, device=device, threads=threads, extra_blocks=self.block_counts[1:])
 
 
