@@ -253,3 +253,19 @@ def test_an_interrupt_before_the_first_checkpoint_does_not_advise_resume(tmp_pat
     (tmp_path / "run" / "last.pt").write_bytes(b"")
     assert cli.main(["train", "--out", str(tmp_path / "run")]) == 130
     assert "rerun with --resume" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def test_a_journal_storage_never_appends_to_a_file_that_is_not_a_journal(tmp_path, capsys):
+    from compressm_tune.cli import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nline 2\n")
+    code = main(["--budget-ms", "1", "--storage", f"journal:{notes}", "--out",
+                 str(tmp_path / "run")])
+    assert code == 2
+    assert "not an Optuna journal" in capsys.readouterr().err
+    assert notes.read_text() == "my notes\nline 2\n"
+    assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import threading
 import time
 import warnings
@@ -58,8 +59,23 @@ def check_storage(url: str | None) -> None:
         if not url.removeprefix("journal:") or path.is_dir():
             raise ConfigError(f"--storage journal:PATH needs a file path, got {url!r}"
                               + (" (a folder)" if path.is_dir() else ""))
+        if path.is_file() and path.stat().st_size and not _is_journal(path):
+            raise ConfigError(f"{path} is not an Optuna journal (its first line is not a "
+                              "journal record); refusing to append to it: name a new file")
     elif "://" not in url:
         raise ConfigError(f"storage must be a SQLAlchemy URL or journal:PATH, got {url!r}")
+
+
+def _is_journal(path: Path) -> bool:
+    """Whether the file's first line is an Optuna journal record (a JSON object with an
+    ``op_code``), read without writing a byte."""
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline(1 << 16)
+        record = json.loads(first)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "op_code" in record
 
 
 def open_storage(url: str | None, out_dir: Path) -> optuna.storages.BaseStorage:
