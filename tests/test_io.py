@@ -31,7 +31,10 @@ def _failing(exc: BaseException):
     (RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
                   "writing file data/0: file write failed"), "no space left on device"),
 ])
-def test_unwritable_is_one_line_keeps_the_old_file_and_leaves_no_debris(tmp_path, exc, reason):
+def test_unwritable_is_one_line_keeps_the_old_file_and_leaves_no_debris(tmp_path, exc, reason,
+                                                                       monkeypatch):
+    if isinstance(exc, RuntimeError):  # torch's failure reads as a full disk when it is full
+        _disk_is_full(monkeypatch)
     target = tmp_path / "summary.json"
     atomic_write_text(target, "old")
     with pytest.raises(OutputError) as err:
@@ -42,6 +45,24 @@ def test_unwritable_is_one_line_keeps_the_old_file_and_leaves_no_debris(tmp_path
         assert "1000 bytes written" in message and "bytes free" in message
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def _disk_is_full(monkeypatch) -> None:
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+
+
+def test_a_torch_write_failure_with_space_left_is_not_called_a_full_disk(tmp_path):
+    exc = RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
+                       "writing file data/0: file write failed")
+    with pytest.raises(OutputError) as err:
+        atomic_write(tmp_path / "f.pt", _failing(exc))
+    message = str(err.value)
+    assert "\n" not in message and "the write failed" in message
+    assert "no space left" not in message
 
 
 def test_other_errors_pass_through_unchanged(tmp_path):
@@ -59,6 +80,7 @@ def test_a_checkpoint_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
                            "failed writing file data/3: file write failed")
 
     monkeypatch.setattr(torch, "save", full)
+    _disk_is_full(monkeypatch)
     with pytest.raises(OutputError, match=r"last\.pt: no space left on device"):
         save_checkpoint(tmp_path / "last.pt", model)
     assert list(tmp_path.iterdir()) == []
