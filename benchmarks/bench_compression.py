@@ -97,7 +97,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     elif "schedule" in job:
         reducer = _Replay(job["schedule"], ReduceConfig(
             policy=ReductionPolicy("tau", 0.0, select=job["select"], seed=job["seed"]),
-            every=s["reduce_every"], max_drop=float("inf")))
+            every=s["reduce_every"], max_drop=float("inf"), schedule="window"))
     result = {k: v for k, v in job.items() if k not in ("schedule", "settings")}
     if job["method"] == "post-training":
         full = model_from_checkpoint(job["checkpoint"])

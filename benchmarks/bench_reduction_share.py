@@ -108,7 +108,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
         reducer = Reducer(ReduceConfig(
             policy=ReductionPolicy("tau", job["tau"], weighting=job.get("weighting", "none")),
             window=job.get("window", 0.1), every=job.get("every"),
-            max_drop=job.get("max_drop", 0.02)), phase=clock.phase)
+            max_drop=job.get("max_drop", 0.02), schedule="window"), phase=clock.phase)
     out = Path(tempfile.mkdtemp(prefix="bench-share-"))
     trainer = Trainer(mcfg, tcfg, data, out, reducer=reducer, progress=False, phase=clock.phase)
     t0 = time.perf_counter()

@@ -297,7 +297,8 @@ def test_a_reduction_window_without_evaluations_still_attempts_cuts(tmp_path, ca
     (said in a note) and the run reports what it did."""
     out = tmp_path / "r"
     code = main(["train", "--dataset", "lti-sysid", "--steps", "200", "--eval-every", "100",
-                 "--reduce", "rank=3", "--max-drop", "inf", "--out", str(out), *TINY[:-3],
+                 "--reduce", "rank=3", "--schedule", "window", "--max-drop", "inf",
+                 "--out", str(out), *TINY[:-3],
                  "--no-progress"])
     captured = capsys.readouterr()
     assert code == 0, captured.err

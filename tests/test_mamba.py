@@ -179,7 +179,7 @@ def _trainer(data, tmp_path, reducer=None, steps=20):
 
 def test_in_training_reduction_and_reload(mnist1d, tmp_path):
     reducer = Reducer(ReduceConfig(policy=ReductionPolicy("fraction", 0.5), window=0.5,
-                                   max_drop=1.0, calibration=32))
+                                   max_drop=1.0, calibration=32, schedule="window"))
     summary = _trainer(mnist1d, tmp_path, reducer).fit()
     assert summary["final_state_dims"] == [4, 4]
     reloaded = model_from_checkpoint(tmp_path / "last.pt")
@@ -193,7 +193,7 @@ def test_kept_states_carry_their_adam_moments_exactly(mnist1d, tmp_path):
     old = {name: trainer.optimizer.state[layer.get_parameter(name)]["exp_avg_sq"].clone()
            for name in layer.state_axes}
     untouched = trainer.optimizer.state[layer.in_proj.weight]
-    Reducer(ReduceConfig(policy=ReductionPolicy("rank", 3), max_drop=1.0))._cut(
+    Reducer(ReduceConfig(policy=ReductionPolicy("rank", 3), max_drop=1.0, schedule="window"))._cut(
         trainer, 0, 3, trainer.validate(), {}, scores=np.arange(8.0))
     keep = torch.arange(5, 8)
     for name, axis in layer.state_axes.items():

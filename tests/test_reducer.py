@@ -78,7 +78,7 @@ def _trainer(data, tmp_path, reducer=None, steps=40, dims=(32, 32), phase=None):
 
 def test_in_training_reduction_shrinks_layers_and_checkpoint_follows(mnist1d, tmp_path):
     reducer = Reducer(ReduceConfig(policy=ReductionPolicy("fraction", 0.5), window=0.5,
-                                   max_drop=1.0))
+                                   max_drop=1.0, schedule="window"))
     trainer = _trainer(mnist1d, tmp_path, reducer)
     summary = trainer.fit()
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -94,7 +94,8 @@ def test_in_training_reduction_shrinks_layers_and_checkpoint_follows(mnist1d, tm
 
 def test_a_harmful_cut_is_rolled_back_and_the_layer_frozen(mnist1d, tmp_path):
     reducer = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 1), window=1.0,
-                                   max_drop=0.0))  # keeping 1 of 32 states loses accuracy
+                                   max_drop=0.0, schedule="window"))
+    # keeping 1 of 32 states loses accuracy
     trainer = _trainer(mnist1d, tmp_path, reducer, steps=10)
     trainer.fit()
     before = _outputs(trainer.model, mnist1d.x_val[:50])
@@ -112,7 +113,8 @@ def test_rollback_restores_the_exact_pre_cut_weights(mnist1d, tmp_path):
     trainer = _trainer(mnist1d, tmp_path, steps=10)
     trainer.fit()
     before = _outputs(trainer.model, mnist1d.x_val[:50])
-    reducer = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 1), max_drop=0.0))
+    reducer = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 1), max_drop=0.0,
+                                   schedule="window"))
     record = {}
     reducer._cut(trainer, 0, 1, trainer.validate(), record)
     assert record["action"] == "rollback"
@@ -126,7 +128,7 @@ def test_adam_moments_after_a_cut(mnist1d, tmp_path, moments):
     untouched = trainer.model.blocks[1].ssm.B_re
     old_state = trainer.optimizer.state[untouched]
     reducer = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 12), max_drop=1.0,
-                                   moments=moments))
+                                   moments=moments, schedule="window"))
     reducer._cut(trainer, 0, 12, trainer.validate(), {})
     layer = trainer.model.blocks[0].ssm
     assert trainer.optimizer.state[untouched] is old_state  # other layers keep their moments
@@ -143,9 +145,10 @@ def test_adam_moments_after_a_cut(mnist1d, tmp_path, moments):
 
 def test_reducer_state_survives_resume(mnist1d, tmp_path):
     reducer = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 1), window=1.0,
-                                   max_drop=0.0))
+                                   max_drop=0.0, schedule="window"))
     _trainer(mnist1d, tmp_path, reducer, steps=10).fit()
-    resumed = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 1), window=1.0))
+    resumed = Reducer(ReduceConfig(policy=ReductionPolicy("rank", 1), window=1.0,
+                                   schedule="window"))
     same = SSMConfig(d_input=mnist1d.d_input, d_output=mnist1d.d_output, d_model=16,
                      state_dims=[32, 32])  # the run's own shape: another one is refused
     trainer = Trainer(same, TrainConfig(steps=20, batch_size=32, eval_every=10),
@@ -173,6 +176,7 @@ def test_cli_train_with_reduction_end_to_end(tmp_path, capsys):
     code = main(["train", "--dataset", "lti-sysid", "--blocks", "1", "--hidden", "8",
                  "--state-dim", "24", "--steps", "20", "--eval-every", "10", "--batch-size",
                  "16", "--reduce", "tau=0.3", "--window", "0.5", "--reduce-every", "5",
+                 "--schedule", "window",
                  "--max-drop", "10", "--log-spectrum", "--no-progress", "--out", str(out)])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -194,6 +198,7 @@ def test_cli_weighting_flag_reaches_the_reducer(tmp_path):
         code = main(["train", "--dataset", "lti-sysid", "--blocks", "1", "--hidden", "8",
                      "--state-dim", "24", "--steps", "5", "--eval-every", "5", "--batch-size",
                      "16", "--reduce", "tau=0.01", "--window", "1", "--max-drop", "10",
+                     "--schedule", "window",
                      "--weighting", weighting, "--no-progress", "--out", str(out)])
         assert code == 0
         spectra[weighting] = read_metrics(out / "metrics.jsonl")[0]["reduction"][0]["hsv"]
@@ -222,7 +227,7 @@ class _Scripted(Reducer):
     """Cuts each layer to a fixed rank (None: keep), whatever its HSVs say."""
 
     def __init__(self, ranks, **kw):
-        super().__init__(ReduceConfig(**kw))
+        super().__init__(ReduceConfig(**{"schedule": "window", **kw}))
         self.ranks = ranks
 
     def plan(self, layer, hsv, step):
@@ -230,14 +235,15 @@ class _Scripted(Reducer):
 
 
 def _count_validations(trainer):
+    """Record the step of every validation pass (``validate`` runs ``validate_samples``)."""
     calls = []
-    validate = trainer.validate
+    validate = trainer.validate_samples
 
     def counted():
         calls.append(trainer.step)
         return validate()
 
-    trainer.validate = counted
+    trainer.validate_samples = counted
     return calls
 
 
@@ -245,7 +251,8 @@ def test_an_attempt_that_cuts_several_layers_validates_once(mnist1d, tmp_path):
     trainer = _trainer(mnist1d, tmp_path, steps=10)
     trainer.fit()
     calls = _count_validations(trainer)
-    records, val = _Scripted([24, 20], max_drop=1.0).attempt(trainer, trainer.validate())
+    records, val = _Scripted([24, 20], max_drop=1.0).attempt(trainer,
+                                                             *trainer.validate_samples())
     assert len(calls) == 2  # the one passed in, and one after both cuts
     assert [r["action"] for r in records] == ["cut", "cut"]
     assert trainer.model.state_dims == [24, 20] and val == records[0]["val_after"]
@@ -260,7 +267,7 @@ def test_a_failed_joint_cut_freezes_only_the_layer_that_hurts(mnist1d, tmp_path)
     with torch.no_grad():
         layer.B_re[:2] = 0.0
         layer.B_im[:2] = 0.0
-    records, _ = _Scripted([1, 30], max_drop=0.0).attempt(trainer, trainer.validate())
+    records, _ = _Scripted([1, 30], max_drop=0.0).attempt(trainer, *trainer.validate_samples())
     assert [r["action"] for r in records] == ["rollback", "cut"]
     assert trainer.model.state_dims == [32, 30]
     assert records[0]["val_after"]["accuracy"] < records[0]["val_before"]["accuracy"]
@@ -331,7 +338,7 @@ def _one_channel_trainer(data, tmp_path, weighting):
                     pooling="none", dropout=0.0)
     tcfg = TrainConfig(steps=1, batch_size=8, eval_every=1, seed=0, threads=1)
     reducer = Reducer(ReduceConfig(policy=ReductionPolicy("tau", 1e-9, weighting=weighting),
-                                   max_drop=1e9))
+                                   max_drop=1e9, schedule="window"))
     trainer = Trainer(cfg, tcfg, data, tmp_path, reducer=reducer, progress=False)
     model = trainer.model
     with torch.no_grad():

@@ -244,7 +244,7 @@ def _trainer(data, tmp_path, reducer=None, steps=20):
 
 def test_in_training_reduction_of_a_selective_model(mnist1d, tmp_path):
     reducer = Reducer(ReduceConfig(policy=ReductionPolicy("fraction", 0.5), window=0.5,
-                                   max_drop=1.0, calibration=32))
+                                   max_drop=1.0, calibration=32, schedule="window"))
     summary = _trainer(mnist1d, tmp_path, reducer).fit()
     assert summary["final_state_dims"] == [16, 16]
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -262,7 +262,7 @@ def test_kept_states_carry_their_adam_moments_exactly(mnist1d, tmp_path):
            for name in layer.state_axes}
     untouched = trainer.optimizer.state[layer.dt_up]
     score = np.arange(32.0)  # keep the 12 highest indices
-    Reducer(ReduceConfig(policy=ReductionPolicy("rank", 12), max_drop=1.0))._cut(
+    Reducer(ReduceConfig(policy=ReductionPolicy("rank", 12), max_drop=1.0, schedule="window"))._cut(
         trainer, 0, 12, trainer.validate(), {}, scores=score)
     keep = torch.arange(20, 32)
     for name, axis in layer.state_axes.items():

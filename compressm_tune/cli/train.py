@@ -55,7 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    choices=constant("compressm_tune.reduction:WEIGHTINGS"),
                    help="LRU layers: rank states by their own HSVs (none, the paper's) or by "
                         "HSVs weighted with the covariance of the layer's inputs on the "
-                        "calibration sequences (input); default: none")
+                        "calibration sequences (input); default: input for the adaptive "
+                        "schedule, none (the paper's) for the others")
     add_fields(p, REDUCE, ("moments",))
     add_fields(p, TRAIN, ("log_spectrum",))
     p.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
@@ -128,7 +129,8 @@ def _reducer(args: argparse.Namespace):
                           "no step to cut at; raise --window or --steps")
     if args.select:
         policy = replace(policy, select=args.select)
-    if args.weighting:
-        policy = replace(policy, weighting=args.weighting)
+    weighting = args.weighting or ("input" if args.schedule == "adaptive" else None)
+    if weighting:
+        policy = replace(policy, weighting=weighting)
     return Reducer(ReduceConfig(policy=policy, moments=args.moments,
                                 **{name: getattr(args, name) for name in _REDUCE_FLAGS}))

@@ -5,7 +5,10 @@ Inputs are float32 ``(n, L, d_input)``, normalized per channel with the statisti
 train split (after validation is carved out), so ``norm_mean``/``norm_std`` are exactly what an
 edge user applies to raw input. The one-hot inputs of ``selective-copy`` and ``pystdlib-chars``
 are left as they are (``norm_mean`` 0, ``norm_std`` 1): standardizing an indicator only rescales
-it, and a token absent from a small train split would get a near-zero std.
+it, and a token absent from a small train split would get a near-zero std. Real data shipped in
+packages (the ``datasets`` extra, :mod:`._real`): ``digits`` (scikit-learn's handwritten digits
+as 64-step sequences) and the forecasting series ``sunspots``, ``co2``, ``elnino``
+(statsmodels, split in time).
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from compressm_tune.data._arrays import _savez_atomic, _split
 from compressm_tune.data._builtin import SelectiveCopyConfig, _lti, _mnist1d, _selective_copy
 from compressm_tune.data._files import _npz, _smnist
 from compressm_tune.data._pystdlib import pystdlib_chars
+from compressm_tune.data._real import SERIES, digits, series
 from compressm_tune.errors import ConfigError, DataError
 
 __all__ = ["DATASETS", "Dataset", "load_dataset"]
 
-DATASETS = ("mnist1d", "lti-sysid", "selective-copy", "npz", "smnist", "pystdlib-chars")
+DATASETS = ("mnist1d", "lti-sysid", "selective-copy", "npz", "smnist", "pystdlib-chars",
+            "digits", "sunspots", "co2", "elnino")
 
 _STD_FLOOR = 1e-8  # keeps constant input channels finite after normalization
 
@@ -109,18 +114,21 @@ def load_dataset(
     ----------
     name : str
         One of ``DATASETS``: ``"mnist1d"``, ``"lti-sysid"``, ``"selective-copy"``, ``"npz"``,
-        ``"smnist"``, ``"pystdlib-chars"``.
+        ``"smnist"``, ``"pystdlib-chars"``, ``"digits"``, ``"sunspots"``, ``"co2"``,
+        ``"elnino"``.
     path : str, optional
         The ``.npz`` file; required by ``"npz"`` and rejected by the others.
     data_dir : str, optional
         Folder with the four MNIST IDX files; required by ``"smnist"``, rejected by the others.
     val_fraction : float
         Share of the train split moved to validation, in ``(0, 0.5]`` (``pystdlib-chars``
-        has validation files of its own and ignores it).
+        has validation files of its own and ignores it; the forecasting series take it as
+        the share of the series, in time, before the test part).
     seed : int
         Non-negative; seeds the validation split, the ``npz`` test split, the ``lti-sysid``
         signals (its system is fixed) and the ``selective-copy`` sequences. The mnist1d arrays
-        themselves always come from mnist1d's own published seed.
+        themselves always come from mnist1d's own published seed; the forecasting series'
+        splits are chronological and do not depend on it.
     cache_dir : str, optional
         Where ``"mnist1d"`` and ``"pystdlib-chars"`` cache their arrays; default
         ``$COMPRESSM_CACHE`` or ``~/.cache/compressm-tune``.
@@ -137,6 +145,8 @@ def load_dataset(
         Unknown ``name``, ``val_fraction`` outside ``(0, 0.5]``, a negative or non-integer
         ``seed``, or ``path`` / ``data_dir`` / ``copy_config`` given to a dataset that does not
         use it (or a ``copy_config`` that is not a :class:`SelectiveCopyConfig`).
+    MissingDependencyError
+        The package a dataset ships in is not installed (the ``datasets`` extra).
     DataError
         ``path`` / ``data_dir`` not given where needed; a data file or folder missing,
         unreadable or malformed; or a split that would hold fewer than 2 samples.
@@ -174,6 +184,12 @@ def load_dataset(
         return _build(name, *raw, val_fraction=val_fraction, rng=rng, normalize=False)
     elif name == "pystdlib-chars":
         return _chars(_cache_root(cache_dir))
+    elif name == "digits":
+        raw = digits()
+    elif name in SERIES:
+        task, train, val, test, d_output, info = series(name, val_fraction)
+        return _build(name, task, train, test, d_output, info, val_fraction=val_fraction,
+                      rng=rng, val=val)
     elif name == "npz":
         raw = _npz(path, rng)
     else:
@@ -185,13 +201,17 @@ def load_dataset(
 
 
 def _build(name, task, train, test, d_output, info, *, val_fraction, rng,
-           normalize: bool = True) -> Dataset:
+           normalize: bool = True, val=None) -> Dataset:
     """Carve validation from ``train`` (x (n, L, d), y), normalize x with train stats, wrap.
 
     ``task, train, test, d_output, info`` are what every ``_<source>`` loader returns. With
-    ``normalize=False`` the statistics recorded are the identity (mean 0, std 1).
+    ``normalize=False`` the statistics recorded are the identity (mean 0, std 1). ``val``:
+    a validation split the loader made itself (then ``train`` is kept whole).
     """
-    (x_tr, y_tr), (x_val, y_val) = _split(*train, val_fraction, rng, "val")
+    if val is None:
+        (x_tr, y_tr), (x_val, y_val) = _split(*train, val_fraction, rng, "val")
+    else:
+        (x_tr, y_tr), (x_val, y_val) = train, val
     x_test, y_test = test
     if normalize:
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below

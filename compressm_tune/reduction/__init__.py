@@ -7,6 +7,7 @@ complex); results come back in the same kind, complex128. See ``DESIGN.md``, "Th
 precisely".
 """
 
+from compressm_tune.reduction._adaptive import AdaptiveConfig, paired_verdict
 from compressm_tune.reduction._compressor import Compressor
 from compressm_tune.reduction._gramians import gramians, hankel_singular_values
 from compressm_tune.reduction._policies import (
@@ -47,6 +48,7 @@ from compressm_tune.reduction._truncation import (
 )
 
 __all__ = [
+    "AdaptiveConfig",
     "CALIBRATION",
     "Compressor",
     "MOMENT_POLICIES",
@@ -70,6 +72,7 @@ __all__ = [
     "layer_hsv",
     "layer_inputs",
     "layer_width",
+    "paired_verdict",
     "plan_rank",
     "rank_for_tolerance",
     "reduce_layer",

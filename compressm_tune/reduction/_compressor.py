@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,11 +71,21 @@ class Compressor:
         A fixed batch of model inputs (``model(x)``, ``model(*x)`` or ``model(**x)``) whose
         layer inputs score the states: required for selective layers and for
         ``weighting=input``; a tensor is cut to its first ``calibration_size`` rows.
+        ``validate`` may also return per-sample values on the same samples every time,
+        ``"sample_loss"`` and (classification) ``"sample_accuracy"`` (arrays of shape (n,)):
+        then cuts are judged by the paired test of
+        :func:`~compressm_tune.reduction.paired_verdict` and the ``adaptive`` schedule
+        measures its readiness band from them.
     max_drop, moments, round_to, fits, calibration_size, schedule
         As :class:`~compressm_tune.reduction.ReduceConfig` (``calibration``);
         ``schedule="settle"`` cuts each layer toward its settled target width
         (:class:`~compressm_tune.reduction.SettleConfig`) at checks it spreads over the
-        window (unless ``every``).
+        window (unless ``every``); ``schedule="adaptive"`` waits for readiness
+        (``warmup_steps`` over and, with per-sample validation, the metric out of its band at
+        the first :meth:`step` call), then cuts to widths from the spectrum, retrying between
+        rejected and kept widths.
+    warmup_steps : int
+        The loop's LR warm-up: the adaptive schedule does not cut before it ends.
 
     Attributes
     ----------
@@ -102,7 +113,8 @@ class Compressor:
                  calibration: Any = None, max_drop: float = 0.02, moments: str = "reset",
                  round_to: Callable[[int, int], int] | None = None,
                  fits: Callable[[list[int]], bool] | None = None,
-                 calibration_size: int = CALIBRATION, schedule: str = "window") -> None:
+                 calibration_size: int = CALIBRATION, schedule: str = "window",
+                 warmup_steps: int = 0) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -131,7 +143,7 @@ class Compressor:
                    else "weighting=input")
             raise ConfigError(f"{why} score states on data: pass calibration= (a batch of "
                               "model inputs)")
-        if every is None and schedule != "settle":  # settle spreads its own checks
+        if every is None and schedule == "window":  # the others spread their own checks
             every = max(1, int(window * total_steps) // _ATTEMPTS_IN_WINDOW)
         self.model, self.optimizer = model, optimizer
         self.total_steps = total_steps
@@ -141,6 +153,7 @@ class Compressor:
             max_drop=max_drop if validate is not None else math.inf, moments=moments,
             round_to=round_to, fits=fits, calibration=calibration_size, schedule=schedule))
         self._step = 0
+        self.warmup_steps = warmup_steps
         self._params = dict(model.named_parameters())  # names of what the optimizer holds
         self.events: list[dict[str, Any]] = []
 
@@ -156,6 +169,8 @@ class Compressor:
         to the ``fits`` budget once after it. Returns this step's new :attr:`events`."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be an integer >= 0 (steps taken), got {step=}")
+        if self._step == 0 and self._validate is not None:
+            self.reducer.begin(self)  # the adaptive schedule's starting band
         self._step = step
         new: list[dict[str, Any]] = []
         if self.reducer.due(step, self.total_steps):
@@ -197,6 +212,10 @@ class Compressor:
         return x[:n] if isinstance(x, torch.Tensor) else x
 
     def validate(self) -> dict[str, float]:
+        return self.validate_samples()[0]
+
+    def validate_samples(self) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
+        """The user's validation, and its per-sample values when it returns them."""
         if self._validate is None:
             raise ConfigError("this Compressor has no validate= function")
         was_training = self.model.training
@@ -210,7 +229,13 @@ class Compressor:
         out = {key: float(result[key]) for key in ("accuracy", "loss") if key in result}
         if not all(math.isfinite(v) for v in out.values()):
             raise ConfigError(f"validate() returned a non-finite value: {out}")
-        return out
+        if "sample_loss" not in result:
+            return out, None
+        samples = {"loss": np.asarray(result["sample_loss"], dtype=np.float64).ravel()}
+        if "sample_accuracy" in result:
+            samples["accuracy"] = np.asarray(result["sample_accuracy"],
+                                             dtype=np.float64).ravel()
+        return out, samples
 
     def snapshot(self) -> Any:
         """In memory: every reducible module's attributes (its parameter objects and their

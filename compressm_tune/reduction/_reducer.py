@@ -1,15 +1,25 @@
 """In-training reduction: when and how the trainer shrinks layers, with a safety net.
 
-At every evaluation inside the window (default: the first 10% of steps, the LR warm-up) the
-:class:`Reducer` recomputes each layer's state scores (LRU: Hankel singular values; selective:
-data importance on a fixed calibration slice of the training inputs), asks the rank policy for
-a new width, and cuts (LRU: balanced truncation; selective: keeps the best state indices).
+At every attempt point inside the reduction window the :class:`Reducer` recomputes each layer's
+state scores (LRU: Hankel singular values; selective: data importance on a fixed calibration
+slice of the training inputs), asks the schedule for a new width, and cuts (LRU: balanced
+truncation; selective: keeps the best state indices). Schedules (``ReduceConfig.schedule``):
+
+* ``adaptive`` (default): the window opens when the model is ready (LR warm-up over and the
+  validation metric out of its starting noise band) and lasts ``window`` of the steps from
+  there; each layer's width comes from its spectrum and the measured effect of the cut, with a
+  bisection after a rejected cut (:class:`AdaptiveTracker`);
+* ``window`` (the paper's): a ``tau`` cut at every attempt in the first ``window`` of the steps;
+* ``settle``: cut when the spectrum's target width has settled (:class:`SettleTracker`).
+
 Before each cut the full training state is checkpointed (``pre_cut.pt``); after it the model is
-validated, and if the validation score fell by more than ``max_drop`` the cut is rolled back
-and that layer is frozen at its width. ``max_drop=inf`` turns the safety net off: no
-checkpoint and no validation around a cut (validation passes are most of what reduction
-costs); an attempt at an evaluation still validates the model it leaves, for the evaluation's
-record.
+validated on the same samples, and a cut whose per-sample loss change is beyond noise and whose
+drop exceeds ``max_drop`` plus the measured noise is rolled back (:func:`paired_verdict`; hosts
+without per-sample validation compare the means against ``max_drop``). After a rollback the
+``window`` and ``settle`` schedules freeze the layer at its width; ``adaptive`` retries between
+the rejected and the kept width. ``max_drop=inf`` turns the safety net off: no checkpoint and
+no validation around a cut (validation passes are most of what reduction costs); an attempt at
+an evaluation still validates the model it leaves, for the evaluation's record.
 
 Adam moments after a cut: a reduced LRU layer's parameters live in a new basis (balancing then
 re-diagonalization mixes all old states), so the old per-coordinate moments no longer belong
@@ -39,8 +49,21 @@ from torch import nn
 
 from compressm_tune._device import module_device
 from compressm_tune.errors import ConfigError
+from compressm_tune.reduction._adaptive import (
+    SMALL_SPLIT,
+    AdaptiveConfig,
+    AdaptiveTracker,
+    Baseline,
+    paired_verdict,
+    warn_small_split,
+)
 from compressm_tune.reduction._policies import ReductionPolicy, plan_rank
-from compressm_tune.reduction._schedules import SCHEDULES, SettleConfig, SettleTracker
+from compressm_tune.reduction._schedules import (
+    SCHEDULES,
+    SettleConfig,
+    SettleTracker,
+    target_rank,
+)
 from compressm_tune.reduction._surgery import (
     find_reducible,
     is_selective,
@@ -49,8 +72,9 @@ from compressm_tune.reduction._surgery import (
     state_scores,
 )
 
-__all__ = ["CALIBRATION", "MOMENT_POLICIES", "SCHEDULES", "ReduceConfig", "ReductionHost",
-           "Reducer", "SettleConfig", "layer_inputs", "run_model", "spectrum_record"]
+__all__ = ["CALIBRATION", "MOMENT_POLICIES", "SCHEDULES", "AdaptiveConfig", "ReduceConfig",
+           "ReductionHost", "Reducer", "SettleConfig", "layer_inputs", "paired_verdict",
+           "run_model", "spectrum_record"]
 
 MOMENT_POLICIES = ("reset", "slice")
 CALIBRATION = 128  # training sequences that score a selective layer's states
@@ -62,18 +86,27 @@ def _no_phase(name: str) -> AbstractContextManager:
 
 @dataclass
 class ReduceConfig:
-    """When and how to reduce during training."""
+    """When and how to reduce during training.
 
-    policy: ReductionPolicy = field(default_factory=ReductionPolicy)
+    The window: with ``schedule="adaptive"`` (default) cuts are attempted from readiness on (the
+    LR warm-up over and the validation metric out of its starting noise band, checked at the
+    attempt points from the start) for ``window * total_steps`` steps, and never after
+    ``adaptive.latest * total_steps``; a run not ready by then is not cut. With ``"window"``
+    and ``"settle"`` the window is the first ``window * total_steps`` steps.
+    """
+
+    # the default scores LRU states on input-weighted Hankel singular values
+    policy: ReductionPolicy = field(default_factory=lambda: ReductionPolicy(weighting="input"))
     window: float = field(default=0.1, metadata={
-        "help": "share of steps in which cuts are attempted"})
+        "help": "share of steps in which cuts are attempted: from readiness on (adaptive) or "
+                "from the start (window, settle)"})
     every: int | None = field(default=None, metadata={
         "flag": "--reduce-every",
-        "help": "steps between cut attempts inside the window (default: every evaluation)"})
+        "help": "steps between cut attempts inside the window (default: the schedule's; "
+                "window: every evaluation)"})
     max_drop: float = field(default=0.02, metadata={
         "help": "roll back a cut that loses more validation accuracy (or relative loss) than "
-                "this and freeze the layer; regression: 0.1 (a young model's MSE rises a few "
-                "percent at a cut, then recovers)"})
+                "this beyond the measured noise of the per-sample change"})
     moments: str = field(default="reset", metadata={
         "choices": MOMENT_POLICIES, "help": "Adam moments of a cut layer (slice: the paper's)"})
     # Optional hook (r, N) -> r' that rounds ranks to widths a hardware profile runs fast.
@@ -84,14 +117,18 @@ class ReduceConfig:
     # Training sequences whose layer inputs score the states (selective layers, and LRU
     # layers under an input-weighted policy).
     calibration: int = CALIBRATION
-    # "window": the paper's, a tau cut at every attempt in the window; "settle": cut when the
-    # spectrum has settled, toward the width repeated cuts would reach (SettleTracker)
-    schedule: str = field(default="window", metadata={
+    # "adaptive": cuts once the model is ready, widths from the spectrum and the measured
+    # effect (AdaptiveTracker); "window": the paper's, a tau cut at every attempt in the
+    # window; "settle": cut when the spectrum has settled (SettleTracker)
+    schedule: str = field(default=SCHEDULES[0], metadata={
         "choices": SCHEDULES,
-        "help": "when cuts happen inside the window: window (the paper's: a tau cut at every "
-                "attempt) or settle (cut when the spectrum's target width has settled, toward "
-                "that width; best measured with --weighting input; see docs/cli.md)"})
+        "help": "when and how far to cut: adaptive (once the LR warm-up is over and validation "
+                "has left its starting noise band; widths from each layer's spectrum and the "
+                "measured effect of the cut, bisecting after a rollback), window (the paper's: "
+                "a tau cut at every attempt in the first steps) or settle (cut when the "
+                "spectrum's target width has settled; see docs/cli.md)"})
     settle: SettleConfig = field(default_factory=SettleConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.window <= 1.0:
@@ -104,9 +141,10 @@ class ReduceConfig:
             raise ConfigError(f"calibration >= 1 must hold, got calibration={self.calibration}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.schedule == "settle" and self.policy.kind == "fraction":
-            raise ConfigError("schedule 'settle' needs a tau= or rank= policy: repeated "
-                              f"fraction={self.policy.value:g} cuts have no fixed point")
+        if self.schedule in ("settle", "adaptive") and self.policy.kind == "fraction":
+            raise ConfigError(f"schedule {self.schedule!r} needs a tau= or rank= policy: "
+                              f"repeated fraction={self.policy.value:g} cuts have no fixed "
+                              "point")
         if self.moments not in MOMENT_POLICIES:
             raise ConfigError(f"moments must be one of {MOMENT_POLICIES}, got {self.moments!r}")
 
@@ -134,6 +172,11 @@ class ReductionHost(Protocol):
 
     def validate(self) -> dict[str, float]:
         """The validation record: ``"accuracy"`` (higher is better) or ``"loss"``."""
+
+    # Optional: ``validate_samples() -> (record, {"loss": (n,), "accuracy": (n,)})``, the
+    # record and its per-sample values, for the paired safety net and readiness; and
+    # ``warmup_steps`` (int), the steps of LR warm-up before which the adaptive schedule
+    # does not cut.
 
     def snapshot(self) -> Any:
         """Whatever :meth:`restore` needs to undo the next cut, model and optimizer."""
@@ -234,6 +277,17 @@ def _drop(before: dict[str, float], after: dict[str, float]) -> float:
     return (after["loss"] - before["loss"]) / max(before["loss"], 1e-12)
 
 
+Samples = dict[str, np.ndarray]
+
+
+def measure(host: ReductionHost) -> tuple[dict[str, float], Samples | None]:
+    """The host's validation and, when it offers ``validate_samples``, its per-sample values."""
+    per_sample = getattr(host, "validate_samples", None)
+    if per_sample is None:
+        return host.validate(), None
+    return per_sample()
+
+
 class Reducer:
     """The reduction hook of a training loop, any :class:`ReductionHost` (see the module
     docstring).
@@ -254,21 +308,61 @@ class Reducer:
         self.frozen: set[int] = set()
         self.closed = False  # whether the window's closing (budget) step has run
         self.settle = SettleTracker(config.settle)
+        self.bisect = AdaptiveTracker()
+        self.baseline: Baseline | None = None  # the validation before training (adaptive)
+        self.ready: dict[str, Any] | None = None  # step and validation at readiness
+        self.first_cut: dict[str, Any] | None = None  # step and validation of the first cut
+        self._warned = False
         self._total_steps: int | None = None  # the run's length, seen by active/due
 
     def state_dict(self) -> dict[str, Any]:
         return {"frozen": sorted(self.frozen), "closed": self.closed,
-                "settle": self.settle.state_dict()}
+                "settle": self.settle.state_dict(), "bisect": self.bisect.state_dict(),
+                "baseline": None if self.baseline is None else vars(self.baseline),
+                "ready": self.ready, "first_cut": self.first_cut}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.frozen = set(state["frozen"])
         self.closed = bool(state.get("closed", False))
         self.settle.load_state_dict(state.get("settle", {}))
+        self.bisect.load_state_dict(state.get("bisect", {}))
+        base = state.get("baseline")
+        self.baseline = Baseline(**base) if base else None
+        self.ready, self.first_cut = state.get("ready"), state.get("first_cut")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.config.schedule == "adaptive"
+
+    def begin(self, host: ReductionHost) -> None:
+        """Measure the starting validation and its noise band (the adaptive schedule's
+        readiness test), once, before the first training step."""
+        if not self.adaptive or self.baseline is not None:
+            return
+        val, samples = measure(host)
+        if samples is not None:
+            self.baseline = Baseline.measure(samples, self.config.adaptive.noise)
+
+    def summary(self) -> dict[str, Any]:
+        """What the run record says about the schedule: the starting band, readiness, the
+        first cut (step and validation before and after it), and the rolled-back widths."""
+        return {"schedule": self.config.schedule,
+                "baseline": None if self.baseline is None else self.baseline.as_dict(),
+                "ready": self.ready, "first_cut": self.first_cut,
+                "rejected_widths": {str(k): v for k, v in self.bisect.rejected.items()},
+                "frozen": sorted(self.frozen)}
 
     def active(self, step: int, total_steps: int) -> bool:
-        """Whether an evaluation at ``step`` lies inside the reduction window."""
+        """Whether an evaluation at ``step`` lies inside the reduction window (for
+        ``adaptive``: before readiness while readiness is still possible, then ``window`` of
+        the steps from readiness on, never past ``adaptive.latest``)."""
         self._total_steps = total_steps
-        return step <= self.config.window * total_steps
+        if not self.adaptive:
+            return step <= self.config.window * total_steps
+        if step > self.config.adaptive.latest * total_steps:
+            return False
+        return self.ready is None or step <= (self.ready["step"]
+                                              + self.config.window * total_steps)
 
     def due(self, step: int, total_steps: int) -> bool:
         """Whether ``step`` is an extra attempt point inside the window: every ``every``
@@ -279,11 +373,29 @@ class Reducer:
 
     def cadence(self, total_steps: int) -> int | None:
         """Steps between extra attempts inside the window (None: only at evaluations)."""
-        if self.config.every is not None or self.config.schedule != "settle":
+        if self.config.every is not None or self.config.schedule == "window":
             return self.config.every
-        return max(1, int(self.config.window * total_steps) // self.config.settle.checks)
+        checks = (self.config.adaptive.checks if self.adaptive
+                  else self.config.settle.checks)
+        return max(1, int(self.config.window * total_steps) // checks)
 
-    def attempt(self, host: ReductionHost, val: dict[str, float] | None = None
+    def _wait(self, host: ReductionHost, val: dict[str, float] | None,
+              samples: Samples | None) -> tuple[str | None, dict[str, float] | None,
+                                                 Samples | None]:
+        """Readiness of the adaptive schedule: why it must still wait (None: ready now),
+        with the validation measured for it."""
+        if host.steps_done < getattr(host, "warmup_steps", 0):
+            return "lr warm-up", val, samples
+        if self.baseline is not None:
+            if val is None:
+                val, samples = measure(host)
+            if not self.baseline.left(val):
+                return "metric in its starting band", val, samples
+        self.ready = {"step": host.steps_done, "val": val}
+        return None, val, samples
+
+    def attempt(self, host: ReductionHost, val: dict[str, float] | None = None,
+                samples: Samples | None = None
                 ) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
         """Plan every layer's rank, cut all planned layers at once and validate once.
 
@@ -292,14 +404,23 @@ class Reducer:
         the joint cut fails the safety net it is rolled back and the layers are retried one at
         a time, each with its own check, so the layer that hurts is the one frozen.
 
+        ``samples``: the per-sample values of ``val`` (see :func:`measure`), for the paired
+        safety net. The adaptive schedule first checks readiness (records ``"wait"``).
+
         Returns the per-layer records (scores, rank, action) and the validation of the model
         as it is after the attempt (None when nothing was planned and ``val`` was None).
         """
         with self.phase("attempt"):
-            return self._attempt(host, val)
+            return self._attempt(host, val, samples)
 
-    def _attempt(self, host: ReductionHost, val: dict[str, float] | None
+    def _attempt(self, host: ReductionHost, val: dict[str, float] | None,
+                 samples: Samples | None
                  ) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
+        if self.adaptive and self.ready is None:
+            why, val, samples = self._wait(host, val, samples)
+            if why is not None:
+                return [{"layer": k, "n": layer_width(layer), "action": "wait", "why": why}
+                        for k, layer in enumerate(host.reducible_layers())], val
         inputs = self._layer_inputs(host)
         records, plans = [], {}
         for k, layer in enumerate(host.reducible_layers()):
@@ -311,7 +432,7 @@ class Reducer:
             if k not in self.frozen:
                 with self.phase("plan"):
                     rank = self.plan(k, ranking, host.steps_done)
-            if k in self.frozen:
+            if k in self.frozen:  # (plan may have frozen it: its bisection converged)
                 record["action"] = "frozen"
             elif rank is None:
                 record["action"] = "keep"
@@ -325,14 +446,20 @@ class Reducer:
             self._cut_together(host, plans, inputs, None)
             for k in plans:
                 records[k]["action"] = "cut"
-            return records, None if val is None else host.validate()
-        if val is None:
-            val = host.validate()
+            after = None if val is None else host.validate()
+            self._first(host, val, after)
+            return records, after
+        if val is None or samples is None:
+            val, samples = measure(host)
+        self._note_split(samples)
         if len(plans) > 1:
-            after = self._cut_together(host, plans, inputs, val)
+            after, after_samples, verdict = self._cut_together(host, plans, inputs, val,
+                                                               samples)
             if after is not None:
                 for k in plans:
-                    records[k].update(action="cut", val_before=val, val_after=after)
+                    records[k].update(action="cut", val_before=val, val_after=after,
+                                      **verdict)
+                self._first(host, val, after)
                 return records, after
         for k, (rank, scores) in plans.items():  # one at a time, each with its own check
             layer = host.reducible_layers()[k]
@@ -340,8 +467,35 @@ class Reducer:
                 inputs[k] = self._layer_inputs(host)[k]
                 if is_selective(layer):
                     scores = self._scores(layer, inputs[k])
-            val = self._cut(host, k, rank, val, records[k], scores, inputs[k])
+            val, samples = self._cut(host, k, rank, val, records[k], scores, inputs[k],
+                                     samples)
         return records, val
+
+    def _note_split(self, samples: Samples | None) -> None:
+        if samples is not None and not self._warned and len(samples["loss"]) < SMALL_SPLIT:
+            warn_small_split(len(samples["loss"]))
+            self._warned = True
+
+    def _first(self, host: ReductionHost, before: dict[str, float],
+               after: dict[str, float]) -> None:
+        if self.first_cut is None:
+            self.first_cut = {"step": host.steps_done, "val_before": before, "val_after": after}
+
+    def _judge(self, before: dict[str, float], before_samples: Samples | None,
+               after: dict[str, float], after_samples: Samples | None) -> dict[str, Any]:
+        """The safety net's verdict: paired per sample when both sides have samples."""
+        if before_samples is not None and after_samples is not None:
+            return paired_verdict(before_samples, after_samples, self.config.max_drop,
+                                  self.config.adaptive.noise)
+        return {"rollback": _drop(before, after) > self.config.max_drop}
+
+    def _rejected(self, k: int, rank: int) -> None:
+        """After a rollback: the adaptive schedule remembers the width (bisection); the
+        others freeze the layer."""
+        if self.adaptive:
+            self.bisect.reject(k, rank)
+        else:
+            self.frozen.add(k)
 
     @property
     def checked(self) -> bool:
@@ -371,21 +525,24 @@ class Reducer:
                                     keep)
 
     def _cut_together(self, host: ReductionHost, plans: dict[int, tuple[int, np.ndarray]],
-                      inputs: list[torch.Tensor | None], val: dict[str, float] | None
-                      ) -> dict[str, float] | None:
+                      inputs: list[torch.Tensor | None], val: dict[str, float] | None,
+                      samples: Samples | None = None
+                      ) -> tuple[dict[str, float] | None, Samples | None, dict[str, Any]]:
         """Cut every planned layer, rebuild the optimizer once, validate once; on a failed
         check restore the pre-cut state and return None. Unchecked (``val`` None): no
-        snapshot, no validation, returns None."""
+        snapshot, no validation, returns None. Also returns the per-sample values after
+        the cut and the net's verdict."""
         snapshot = host.snapshot() if val is not None else None
         self._surgery(host, plans, inputs)
         host.widths_changed()
         if val is None:
-            return None
-        after = host.validate()
-        if _drop(val, after) > self.config.max_drop:
+            return None, None, {}
+        after, after_samples = measure(host)
+        verdict = self._judge(val, samples, after, after_samples)
+        if verdict.pop("rollback"):
             host.restore(snapshot)
-            return None
-        return after
+            return None, None, verdict
+        return after, after_samples, verdict
 
     def close_window(self, host: ReductionHost) -> list[int] | None:
         """Budget-aware truncation, once, at the first evaluation after the window.
@@ -432,6 +589,15 @@ class Reducer:
     def plan(self, layer: int, hsv: Any, step: int) -> int | None:
         """The new rank of ``layer`` at ``step`` (None: no cut) from its descending scores;
         override to script cuts."""
+        if self.adaptive:
+            n = len(hsv)
+            target = (target_rank(hsv, self.config.policy, self.config.round_to)
+                      if self.config.policy.kind == "tau"
+                      else plan_rank(hsv, self.config.policy, self.config.round_to) or n)
+            rank, done = self.bisect.plan(layer, n, target, self.config.policy.gate)
+            if done:
+                self.frozen.add(layer)
+            return rank
         if self.config.schedule == "settle":
             total = self._total_steps
             every = self.cadence(total) if total else None
@@ -458,19 +624,27 @@ class Reducer:
 
     def _cut(self, host: ReductionHost, k: int, rank: int, val: dict[str, float],
              record: dict[str, Any], scores: np.ndarray | None = None,
-             inputs: torch.Tensor | None = None) -> dict[str, float]:
+             inputs: torch.Tensor | None = None, samples: Samples | None = None
+             ) -> tuple[dict[str, float], Samples | None]:
+        """Cut one layer and check it: returns the validation (and its per-sample values)
+        of the model kept."""
+        if samples is None and val is None:
+            val, samples = measure(host)
         snapshot = host.snapshot()
         self._surgery(host, {k: (rank, scores)}, {k: inputs})
-        after = host.validate()
+        after, after_samples = measure(host)
         record["val_before"], record["val_after"] = val, after
-        if _drop(val, after) > self.config.max_drop:
+        verdict = self._judge(val, samples, after, after_samples)
+        if verdict.pop("rollback"):
+            record.update(verdict)
             host.restore(snapshot)
-            self.frozen.add(k)
+            self._rejected(k, rank)
             record["action"] = "rollback"
-            return val
-        record["action"] = "cut"
+            return val, samples
+        record.update(action="cut", **verdict)
         host.widths_changed()
-        return after
+        self._first(host, val, after)
+        return after, after_samples
 
     def _carry_moments(self, optimizer: torch.optim.Optimizer, old_state: dict,
                        layer: nn.Module, before: dict[str, torch.Tensor],

@@ -34,7 +34,7 @@ from compressm_tune.reduction._policies import ReductionPolicy, plan_rank
 
 __all__ = ["SCHEDULES", "SettleConfig", "SettleTracker", "target_rank"]
 
-SCHEDULES = ("window", "settle")
+SCHEDULES = ("adaptive", "window", "settle")  # the first is the default
 
 
 def target_rank(hsv: Any, policy: ReductionPolicy,

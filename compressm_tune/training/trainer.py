@@ -101,7 +101,7 @@ class TrainConfig:
 
 def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
              batch_size: int = 500, precision: str = "fp32",
-             bits_name: str | None = None) -> dict[str, float]:
+             bits_name: str | None = None, per_sample: bool = False) -> Any:
     """Mean loss (cross-entropy or MSE) and, for classification, accuracy on ``(x, y)``.
 
     Both are means over ``y``'s elements: per sequence for labels ``(n,)``, per answer token
@@ -109,27 +109,51 @@ def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
     value for regression targets. Runs on the model's device, ``batch_size`` rows at a time.
     With ``bits_name`` (a dataset's ``info["bits_name"]``, e.g. ``"bits_per_char"``) the
     cross-entropy is also reported in bits under that key: ``loss / ln 2``.
+
+    With ``per_sample`` returns ``(record, samples)``: ``samples["loss"]`` (n,) is each
+    sequence's mean loss over its scored elements and, for classification,
+    ``samples["accuracy"]`` (n,) the share of its labels predicted right (numpy float64).
     """
     was_training = model.training
     model.eval()
     device = module_device(model)
-    loss_sum, correct = 0.0, 0
-    scored = y.numel() if task == "classification" else int((~torch.isnan(y)).sum())
+    sums, counts, hits = [], [], []
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
             target = y[i:i + batch_size].to(device)
             with autocast(device, precision):
                 out = model(x[i:i + batch_size].to(device))
-                loss_sum += float(_loss(out.float(), target, task, reduction="sum"))
+                loss, count = _sample_loss(out.float(), target, task)  # (b,), (b,)
+            sums.append(loss.double().cpu())
+            counts.append(count.double().cpu())
             if task == "classification":
-                correct += int((_scored(out, target).argmax(-1) == target).sum())
+                right = _scored(out, target).argmax(-1) == target  # (b,) or (b, M)
+                hits.append(right.reshape(len(right), -1).double().sum(1).cpu())
     model.train(was_training)
+    loss_sum, count = torch.cat(sums), torch.cat(counts)  # (n,) each
+    scored = max(1.0, float(count.sum()))
+    record = {"loss": float(loss_sum.sum()) / scored}
+    samples = {"loss": (loss_sum / count.clamp_min(1)).numpy()}
     if task == "classification":
-        out = {"loss": loss_sum / scored, "accuracy": correct / scored}
+        correct = torch.cat(hits)  # (n,)
+        record["accuracy"] = float(correct.sum()) / scored
+        samples["accuracy"] = (correct / count.clamp_min(1)).numpy()
         if bits_name:
-            out[bits_name] = out["loss"] / math.log(2)
-        return out
-    return {"loss": loss_sum / max(1, scored)}
+            record[bits_name] = record["loss"] / math.log(2)
+    return (record, samples) if per_sample else record
+
+
+def _sample_loss(out: torch.Tensor, target: torch.Tensor, task: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed loss and the number of scored elements, both (batch,)."""
+    if task == "classification":
+        logits = _scored(out, target)  # (b, C) or (b, M, C)
+        loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="none")
+        per = loss.reshape(len(target), -1)  # (b, 1) or (b, M)
+        return per.sum(1), torch.full((len(target),), per.shape[1], device=per.device)
+    valid = ~torch.isnan(target)  # (b, L, d_output)
+    err = torch.where(valid, out - target.nan_to_num(), 0.0).pow(2)
+    return err.flatten(1).sum(1), valid.flatten(1).sum(1)
 
 
 def _loss(out: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "mean"):
@@ -351,6 +375,11 @@ class Trainer:
     def steps_done(self) -> int:
         return self.step
 
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of linear LR warm-up: the adaptive schedule does not cut before they end."""
+        return int(self.config.warmup_frac * self.config.steps)
+
     def reducible_layers(self) -> list[torch.nn.Module]:
         return self.model.ssm_layers()
 
@@ -412,10 +441,14 @@ class Trainer:
                 self.dataset.y_train[idx].to(self.device, non_blocking=True))
 
     def validate(self) -> dict[str, float]:
+        return self.validate_samples()[0]
+
+    def validate_samples(self) -> tuple[dict[str, float], dict[str, Any]]:
+        """The validation record and its per-sample values (see :func:`evaluate`)."""
         d = self.dataset
         with self.phase("validate"):
             return evaluate(self.model, d.x_val, d.y_val, d.task, self.config.eval_batch_size,
-                            self.config.precision, d.info.get("bits_name"))
+                            self.config.precision, d.info.get("bits_name"), per_sample=True)
 
     def fit(self) -> dict[str, Any]:
         """Train to ``config.steps``; return the summary also written to ``summary.json``."""
@@ -423,6 +456,8 @@ class Trainer:
         # a fresh run starts a new log; a resumed one continues it
         metrics_file = open(self.out_dir / "metrics.jsonl", "a" if self.step else "w")
         self.model.train()
+        if self.reducer is not None and self.step == 0:
+            self.reducer.begin(self)  # the validation before training: readiness's band
         losses: list[float] = []
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train ({self.device.type})",
                    disable=not self.progress, dynamic_ncols=True)
@@ -471,7 +506,9 @@ class Trainer:
                 metrics_file.flush()
 
     def _evaluate_and_save(self, losses: list[float]) -> dict[str, Any]:
-        val = self.validate()
+        # the reducer's safety net and readiness read the per-sample values
+        val, samples = self.validate_samples() if self.reducer is not None else (
+            self.validate(), None)
         record: dict[str, Any] = {
             "step": self.step, "train_loss": sum(losses) / max(1, len(losses)), "val": val,
             "lr": self.optimizer.param_groups[1]["lr"], "state_dims": self.model.state_dims,
@@ -479,9 +516,10 @@ class Trainer:
         }
         if self.reducer is not None and self.reducer.active(self.step, self.config.steps):
             t0 = time.perf_counter()
-            record["reduction"], val = self.reducer.attempt(self, val)
+            record["reduction"], val = self.reducer.attempt(self, val, samples)
             self.train_time_s += time.perf_counter() - t0  # reduction is part of training cost
             record["val"], record["state_dims"] = val, self.model.state_dims
+            self._note_readiness(record)
         elif self.reducer is not None and not self.reducer.closed:
             cut = self.reducer.close_window(self)
             if cut is not None:
@@ -510,7 +548,14 @@ class Trainer:
                   "train_time_s": round(self.train_time_s, 3), "reduction": reduction}
         if val is not None:
             record["val"] = val
+        self._note_readiness(record)
         return record
+
+    def _note_readiness(self, record: dict[str, Any]) -> None:
+        """Mark the record of the attempt at which the model became ready to cut."""
+        ready = self.reducer.ready
+        if ready is not None and ready["step"] == self.step:
+            record["ready"] = {**ready, "baseline": self.reducer.summary()["baseline"]}
 
     def summarize(self) -> dict[str, Any]:
         d = self.dataset
@@ -530,5 +575,7 @@ class Trainer:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "device": str(self.device), "precision": cfg.precision,
         }
+        if self.reducer is not None:
+            summary["reduction"] = self.reducer.summary()
         atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary

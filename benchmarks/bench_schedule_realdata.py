@@ -1,0 +1,319 @@
+"""The default reduction schedule on real data: against the full model, scratch and ``window``.
+
+Methods, per dataset and seed (``tau=0.04``, ``train --reduce``'s other defaults):
+  full      N=256 throughout, no reduction (the reference metric)
+  default   ``ReduceConfig()``'s schedule (``adaptive``: cuts once the LR warm-up is over and
+            validation has left its starting noise band, widths from each layer's
+            input-weighted spectrum and the paired safety net, bisection after a rollback)
+  window    the paper's schedule (first 10% of steps, unweighted HSVs, attempts at evaluations)
+  scratch   trained from scratch at ``default``'s final widths, same seed
+
+Datasets: ``digits`` (scikit-learn), ``mnist1d``, ``sunspots`` and ``elnino`` (statsmodels,
+one-step forecasting, chronological splits with 15% validation), ``lti-sysid``. Small runs
+(2 blocks, H=32, N=256, a few hundred steps) with one torch thread each, ``--workers`` in
+parallel, jobs interleaved by seed so every method sees the same load.
+Output: bench_results/NAME.{json,md,png}.
+
+    python benchmarks/bench_schedule_realdata.py [--seeds 3] [--workers 2]
+        [--datasets digits,mnist1d,sunspots,elnino,lti-sysid] [--methods full,default,window]
+        [--steps N] [--name schedule_realdata]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine, mean_std, write  # noqa: E402
+
+from compressm_tune._table import markdown_table  # noqa: E402
+
+TAU = 0.04
+_SMALL = {"blocks": 2, "hidden": 32, "state": 256, "steps": 300, "eval_every": 25}
+SETTINGS = {
+    "digits": {**_SMALL, "batch": 64},
+    "mnist1d": {**_SMALL, "batch": 64},
+    "sunspots": {**_SMALL, "batch": 32, "val_fraction": 0.15},
+    "elnino": {**_SMALL, "batch": 32, "val_fraction": 0.15},
+    "lti-sysid": {**_SMALL, "batch": 32, "steps": 200},
+}
+METHODS = ("full", "default", "window", "scratch")
+
+
+def _run(job: dict[str, Any]) -> dict[str, Any]:
+    """One training run in a worker process (1 thread)."""
+    import torch
+
+    from compressm_tune.data import load_dataset
+    from compressm_tune.models import SSMConfig, dropout_for
+    from compressm_tune.reduction import ReduceConfig, Reducer, ReductionPolicy
+    from compressm_tune.training import TrainConfig, Trainer
+
+    torch.set_num_threads(1)
+    s = job["settings"]
+    data = load_dataset(job["dataset"], seed=job["seed"],
+                        val_fraction=s.get("val_fraction", 0.1))
+    dims = job.get("dims") or [s["state"]] * s["blocks"]
+    mcfg = SSMConfig(d_input=data.d_input, d_output=data.d_output, d_model=s["hidden"],
+                     state_dims=dims, pooling=data.pooling, dropout=dropout_for(data.task))
+    tcfg = TrainConfig(steps=s["steps"], batch_size=s["batch"], eval_every=s["eval_every"],
+                       seed=job["seed"], threads=1)
+    reducer = None
+    if job["method"] == "default":
+        defaults = ReduceConfig()
+        reducer = Reducer(ReduceConfig(policy=ReductionPolicy(
+            "tau", TAU, weighting=defaults.policy.weighting)))
+    elif job["method"] == "window":
+        reducer = Reducer(ReduceConfig(policy=ReductionPolicy("tau", TAU), schedule="window"))
+    out = Path(tempfile.mkdtemp(prefix="bench-realdata-"))
+    summary = Trainer(mcfg, tcfg, data, out, reducer=reducer, progress=False).fit()
+    metric = "accuracy" if data.task == "classification" else "loss"
+    result = {k: v for k, v in job.items() if k != "settings"}
+    result.update(task=data.task, metric=metric, n_val=len(data.x_val),
+                  settings_states=s["state"] * s["blocks"],
+                  test=summary["test_best"][metric], final_dims=summary["final_state_dims"],
+                  initial_dims=summary["initial_state_dims"],
+                  train_time_s=summary["train_time_s"],
+                  reduction=summary.get("reduction"), **_log(out / "metrics.jsonl", metric))
+    return result
+
+
+def _log(metrics: Path, metric: str) -> dict[str, list]:
+    """Cuts ``[step, layer, n, rank]``, rollbacks ``[step, layer, n, rank, drop, tolerance]``
+    and the validation curve ``[step, value]`` from a run's ``metrics.jsonl``."""
+    log: dict[str, list] = {"cuts": [], "rollbacks": [], "val_curve": []}
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if "val" in rec and "train_loss" in rec:
+            log["val_curve"].append([rec["step"], rec["val"][metric]])
+        for layer in rec.get("reduction", []):
+            if layer["action"] == "cut":
+                log["cuts"].append([rec["step"], layer["layer"], layer["n"], layer["rank"]])
+            elif layer["action"] == "rollback":
+                log["rollbacks"].append([rec["step"], layer["layer"], layer["n"], layer["rank"],
+                                         layer.get("drop"), layer.get("tolerance")])
+    return log
+
+
+def _pool_map(jobs: list[dict], workers: int) -> list[dict]:
+    for job in jobs:
+        job.setdefault("settings", SETTINGS[job["dataset"]])
+    results = []
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for i, r in enumerate(pool.imap_unordered(_run, jobs), 1):
+            print(f"[{i}/{len(jobs)}] {r['dataset']} seed={r['seed']} {r['method']}: "
+                  f"test={r['test']:.4f} dims={r['final_dims']} t={r['train_time_s']:.0f}s",
+                  flush=True)
+            results.append(r)
+    return results
+
+
+def _change(run: dict, ref: dict) -> float:
+    """Accuracy points gained, or the relative MSE change in % (negative: better)."""
+    if run["metric"] == "accuracy":
+        return 100 * (run["test"] - ref["test"])
+    return 100 * (run["test"] / ref["test"] - 1)
+
+
+def _first_cut(run: dict) -> str:
+    red = run.get("reduction") or {}
+    first, base = red.get("first_cut"), red.get("baseline")
+    if not first:
+        return "none"
+    value = first["val_before"][base["metric"] if base else run["metric"]]
+    band = ""
+    if base:
+        left = (value - base["value"] if base["metric"] == "accuracy"
+                else base["value"] - value) > base["band"]
+        band = (f", start {base['value']:.3g} ± {base['band']:.2g}"
+                f"{'' if left else ' STILL IN BAND'}")
+    return f"step {first['step']}: {value:.3g}{band}"
+
+
+def _left_band(run: dict) -> bool | None:
+    red = run.get("reduction") or {}
+    first, base = red.get("first_cut"), red.get("baseline")
+    if not first or not base:
+        return None
+    value = first["val_before"][base["metric"]]
+    sign = 1 if base["metric"] == "accuracy" else -1
+    return sign * (value - base["value"]) > base["band"]
+
+
+def _summary(results: list[dict], dataset: str) -> dict[str, Any]:
+    """Per dataset: the paired figures the targets are judged on."""
+    by = {(r["method"], r["seed"]): r for r in results if r["dataset"] == dataset}
+    seeds = sorted({s for _, s in by})
+    out: dict[str, Any] = {"dataset": dataset}
+    for method in ("default", "window", "scratch"):
+        pairs = [(by[(method, s)], by[("full", s)]) for s in seeds
+                 if (method, s) in by and ("full", s) in by]
+        if not pairs:
+            continue
+        out[method] = {
+            "fewer_states": mean_std([sum(f["final_dims"]) / sum(r["final_dims"])
+                                      for r, f in pairs]),
+            "change_vs_full": mean_std([_change(r, f) for r, f in pairs]),
+        }
+    vs = [_change(by[("default", s)], by[("scratch", s)]) for s in seeds
+          if ("default", s) in by and ("scratch", s) in by]
+    if vs:
+        out["default_vs_scratch"] = mean_std(vs)
+    return out
+
+
+def _table(results: list[dict], dataset: str) -> str:
+    rows = [r for r in results if r["dataset"] == dataset]
+    by = {(r["method"], r["seed"]): r for r in rows}
+    regression = rows[0]["metric"] == "loss"
+    out = []
+    for method in METHODS:
+        sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
+        if not sel:
+            continue
+        m, sd = mean_std([r["test"] for r in sel])
+        start = sel[0]["settings_states"]
+        kept = mean_std([sum(r["final_dims"]) / start for r in sel])
+        vs_full = [_change(r, by[("full", r["seed"])]) for r in sel if ("full", r["seed"]) in by]
+        vs_scratch = [_change(r, by[("scratch", r["seed"])]) for r in sel
+                      if method != "scratch" and ("scratch", r["seed"]) in by]
+        unit = "%" if regression else " pts"
+        out.append([
+            method,
+            f"{m:.4g} ± {sd:.2g}" if regression else f"{100 * m:.2f} ± {100 * sd:.2f}",
+            f"{kept[0]:.3f} ({1 / kept[0]:.1f}x fewer)",
+            "{:+.2f} ± {:.2f}".format(*mean_std(vs_full)) + unit if vs_full else "-",
+            "{:+.2f} ± {:.2f}".format(*mean_std(vs_scratch)) + unit if vs_scratch else "-",
+            "; ".join(_first_cut(r) for r in sel) if method in ("default", "window") else "-",
+            "; ".join(",".join(map(str, r["final_dims"])) for r in sel),
+            "; ".join(str(len(r["rollbacks"])) for r in sel),
+            "{:.0f}".format(mean_std([r["train_time_s"] for r in sel])[0]),
+        ])
+    metric = "test MSE" if regression else "test accuracy %"
+    change = "MSE change %" if regression else "points"
+    return markdown_table(
+        ["method", f"{metric} (mean ± sd)", "states kept (share)", f"{change} vs full (paired)",
+         f"{change} vs scratch (paired)", "first cut: step, val metric (start ± band)",
+         "final widths per seed", "rollbacks per seed", "train s"], out)
+
+
+def _targets(results: list[dict], datasets: list[str]) -> list[str]:
+    """The issue's targets, judged from the paired figures."""
+    lines, hit, beat = [], 0, 0
+    for d in datasets:
+        s = _summary(results, d)
+        if "default" not in s:
+            continue
+        regression = next(r for r in results if r["dataset"] == d)["metric"] == "loss"
+        fewer = s["default"]["fewer_states"][0]
+        change = s["default"]["change_vs_full"][0]
+        ok = fewer >= 4 and (change <= 5 if regression else change >= -1)
+        hit += ok
+        vs = s.get("default_vs_scratch")
+        # beyond the seed spread: the mean paired gain exceeds the paired differences' sd
+        wins = vs is not None and (-vs[0] if regression else vs[0]) > max(vs[1], 1e-12)
+        beat += wins
+        lines.append(f"- {d}: {fewer:.1f}x fewer states, {change:+.2f}"
+                     f"{'% MSE' if regression else ' points'} vs full -> "
+                     f"{'meets' if ok else 'misses'} the 4x / "
+                     f"{'5%' if regression else '1 point'} target; vs scratch "
+                     + ("-" if vs is None else f"{vs[0]:+.2f} ± {vs[1]:.2f}"
+                        + (" (beyond seed spread)" if wins else " (within seed spread)")))
+    bands = [_left_band(r) for r in results if r["method"] == "default"]
+    early = sum(b is False for b in bands)
+    widths = {tuple(r["final_dims"]) for r in results if r["method"] == "default"}
+    pow2 = all(all(n & (n - 1) == 0 for n in w) for w in widths)
+    lines += [f"- 4x fewer states within tolerance: {hit} of {len(datasets)} datasets "
+              "(target: >= 4)",
+              f"- first cut before validation left its starting band: {early} of "
+              f"{sum(b is not None for b in bands)} default runs (target: 0)",
+              f"- distinct final width vectors over default runs: {len(widths)}"
+              f"{' (all powers of two)' if pow2 else ''}",
+              f"- beats scratch beyond the seed spread on {beat} datasets (target: >= 2)"]
+    return lines
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.8),
+                             squeeze=False)
+    for ax, d in zip(axes[0], datasets, strict=True):
+        for i, method in enumerate(METHODS):
+            sel = [r for r in results if r["dataset"] == d and r["method"] == method]
+            if sel:
+                ax.scatter([sum(r["final_dims"]) for r in sel], [r["test"] for r in sel],
+                           label=method, s=28, marker="os^D"[i], color=f"C{i}")
+        regression = any(r["metric"] == "loss" for r in results if r["dataset"] == d)
+        ax.set(xscale="log", xlabel="total states", title=d,
+               ylabel="test MSE" if regression else "test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--datasets", default=",".join(SETTINGS))
+    ap.add_argument("--methods", default="full,default,window",
+                    help="trained methods (scratch follows default when both are asked)")
+    ap.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--steps", type=int, default=None, help="override the steps per run")
+    ap.add_argument("--name", default="schedule_realdata")
+    args = ap.parse_args()
+    if args.steps:
+        for s in SETTINGS.values():
+            s.update(steps=args.steps, eval_every=max(1, args.steps // 12))
+    datasets, seeds = args.datasets.split(","), list(range(args.seeds))
+    methods = args.methods.split(",")
+    load_before = os.getloadavg()[0]
+    t0 = time.time()
+    jobs = [{"dataset": d, "seed": seed, "method": m}
+            for seed in seeds for d in datasets for m in methods]
+    results = _pool_map(jobs, args.workers)
+    if args.scratch:
+        results += _pool_map([{"dataset": r["dataset"], "seed": r["seed"], "method": "scratch",
+                               "dims": r["final_dims"]}
+                              for r in results if r["method"] == "default"], args.workers)
+    wall = time.time() - t0
+    info = machine()
+    md = [f"# The default reduction schedule on real data ({args.seeds} seeds)", "",
+          f"Machine: {info['cpu']}, {info['cores']} cores shared with other jobs (1-min load "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after); one torch thread per "
+          f"run, {args.workers} in parallel, jobs interleaved by seed; wall "
+          f"{wall / 60:.1f} min. Settings: `{json.dumps({d: SETTINGS[d] for d in datasets})}`, "
+          f"tau={TAU}. `default` is `ReduceConfig()`'s schedule with weighting "
+          "`input`; `window` the paper's (unweighted). Test metric at the best validation "
+          "checkpoint; paired columns compare runs of the same seed (accuracy: points, "
+          "MSE: relative change, negative is better). First cut: the step and the validation "
+          "metric just before it, with the metric before training and its noise band "
+          "(2 standard errors, Student-t widened).", "", "## Targets", ""]
+    md += _targets(results, datasets) + [""]
+    for d in datasets:
+        md += [f"## {d}", "", _table(results, d), ""]
+    write(args.name, {"machine": info, "settings": {d: SETTINGS[d] for d in datasets},
+                      "seeds": seeds, "tau": TAU, "wall_s": wall,
+                      "summary": [_summary(results, d) for d in datasets],
+                      "results": results}, "\n".join(md))
+    _plot(results, RESULTS / f"{args.name}.png")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

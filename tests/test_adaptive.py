@@ -1,0 +1,298 @@
+"""The adaptive schedule: readiness, bisection after a rollback, and the paired safety net.
+
+The host below is a fake training loop with a real two-layer network (real surgery) and a
+scripted validation: per-sample values are chosen by the test, so what the reducer must decide
+is known in advance. Expected bands and statistics are computed here with the statistics
+module and scipy, not with the package's helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from compressm_tune.models import SSMConfig, SSMModel
+from compressm_tune.reduction import ReduceConfig, Reducer, ReductionPolicy, paired_verdict
+from compressm_tune.training import TrainConfig, Trainer, read_metrics
+
+
+class _Host:
+    """A ReductionHost whose validation is a script: ``accuracy(step, widths)`` gives every
+    sample's accuracy (n,), and the loss is ``1 - accuracy`` per sample."""
+
+    def __init__(self, accuracy, n_val=50, warmup=10, dims=(64, 64)):
+        torch.manual_seed(0)
+        self.model = SSMModel(SSMConfig(d_model=8, state_dims=list(dims), dropout=0.0))
+        self.optimizer = torch.optim.Adam(self.model.parameters())
+        self.accuracy, self.n_val, self.warmup_steps = accuracy, n_val, warmup
+        self.step = 0
+        self.validations = 0
+
+    @property
+    def steps_done(self):
+        return self.step
+
+    def reducible_layers(self):
+        return self.model.ssm_layers()
+
+    def calibration_inputs(self, n):
+        return torch.randn(4, 20, 1, generator=torch.Generator().manual_seed(1))
+
+    def validate_samples(self):
+        self.validations += 1
+        acc = np.asarray(self.accuracy(self.step, self.model.state_dims), dtype=float)
+        samples = {"accuracy": acc, "loss": 1.0 - acc}
+        return {"accuracy": float(acc.mean()), "loss": float((1 - acc).mean())}, samples
+
+    def validate(self):
+        return self.validate_samples()[0]
+
+    def snapshot(self):
+        return {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self, snap):
+        self.model = SSMModel(SSMConfig(d_model=8, state_dims=[
+            snap[f"blocks.{i}.ssm.nu_log"].shape[0] for i in range(len(self.model.blocks))],
+            dropout=0.0))
+        self.model.load_state_dict(snap)
+        self.rebuild_optimizer()
+
+    def rebuild_optimizer(self):
+        self.optimizer = torch.optim.Adam(self.model.parameters())
+
+    def widths_changed(self):
+        pass
+
+
+class _Target(Reducer):
+    """The adaptive schedule with the spectrum's target scripted per layer."""
+
+    def __init__(self, targets, **kw):
+        super().__init__(ReduceConfig(policy=ReductionPolicy("tau", 0.04), **kw))
+        self.targets = targets
+
+    def plan(self, layer, hsv, step):
+        n = len(hsv)
+        rank, done = self.bisect.plan(layer, n, self.targets[layer], self.config.policy.gate)
+        if done:
+            self.frozen.add(layer)
+        return rank
+
+
+def _learning(n, start=0.1, per_step=0.02, seed=0):
+    """Per-sample accuracies of a model that improves ``per_step`` per step from ``start``:
+    each sample is right with that probability (fixed draws, so a step is repeatable)."""
+    draws = np.random.default_rng(seed).random(n)
+
+    def accuracy(step, widths):
+        return (draws < min(1.0, start + per_step * step)).astype(float)
+    return accuracy
+
+
+def test_no_cut_before_the_metric_leaves_its_starting_band():
+    accuracy = _learning(50, start=0.1, per_step=0.01)
+    host = _Host(accuracy, warmup=5)
+    reducer = _Target([16, 16], every=1, window=1.0)
+    reducer.begin(host)
+    start = accuracy(0, None)
+    sd = statistics.stdev(start.tolist())
+    band = 2.0 * stats.t.ppf(0.975, 49) / stats.norm.ppf(0.975) * sd / math.sqrt(50)
+    assert reducer.baseline.band == pytest.approx(band, rel=1e-12)
+    first = None
+    for step in range(1, 40):
+        host.step = step
+        records, _ = reducer.attempt(host)
+        if any(r["action"] == "cut" for r in records):
+            first = step
+            break
+        why = {r["why"] for r in records}
+        assert why == ({"lr warm-up"} if step < 5 else {"metric in its starting band"})
+    assert first is not None
+    gained = accuracy(first, None).mean() - start.mean()
+    assert gained > band  # it cut only once the metric was out of the band ...
+    assert accuracy(first - 1, None).mean() - start.mean() <= band  # ... and as soon as it was
+    assert reducer.ready["step"] == first == reducer.first_cut["step"]
+    assert host.model.state_dims == [16, 16]
+
+
+def test_no_cut_during_the_lr_warm_up_even_when_the_metric_has_moved():
+    host = _Host(lambda step, widths: np.ones(50) if step else np.zeros(50), warmup=8)
+    reducer = _Target([16, 16], every=1, window=1.0)
+    reducer.begin(host)
+    cuts = []
+    for step in range(1, 12):
+        host.step = step
+        records, _ = reducer.attempt(host)
+        cuts += [step for r in records if r["action"] == "cut"]
+    assert cuts and min(cuts) == 8
+
+
+def test_the_window_opens_at_readiness_and_ends_at_latest():
+    reducer = Reducer(ReduceConfig(window=0.1))
+    assert reducer.active(400, 1000) and not reducer.active(501, 1000)  # latest 0.5
+    reducer.ready = {"step": 300, "val": None}
+    assert reducer.active(400, 1000) and not reducer.active(401, 1000)
+
+
+def test_a_rollback_bisects_between_the_rejected_and_the_kept_width():
+    """Layer 0 hurts below 40 states (every sample wrong), layer 1 never: after the rejected
+    cut to 8, layer 0 tries the midpoints (8+64)/2=36 (rejected), (36+64)/2=50 (kept),
+    (36+50)/2=43 (kept), (36+43)/2=40 (kept), then (36+40)/2=38 >= 0.95*40: done."""
+    def accuracy(step, widths):
+        return np.zeros(50) if widths[0] < 40 else np.ones(50)
+    host = _Host(accuracy, warmup=0)
+    reducer = _Target([8, 8], every=1, window=1.0)
+    tried, widths = [], []
+    for step in range(1, 9):
+        host.step = step
+        records, _ = reducer.attempt(host)
+        tried += [(r["rank"], r["action"]) for r in records if r["layer"] == 0 and "rank" in r]
+        widths.append(host.model.state_dims[0])
+    assert tried == [(8, "rollback"), (36, "rollback"), (50, "cut"), (43, "cut"), (40, "cut")]
+    assert host.model.state_dims == [40, 8]
+    assert reducer.frozen == {0}  # converged, not frozen by the first rollback
+    assert reducer.summary()["rejected_widths"] == {"0": 36}
+
+
+def test_bisection_state_survives_a_checkpoint_round_trip():
+    reducer = _Target([8, 8])
+    reducer.bisect.reject(0, 20)
+    reducer.bisect.floor[1] = 12
+    reducer.ready = {"step": 7, "val": {"accuracy": 0.5}}
+    copy = _Target([8, 8])
+    copy.load_state_dict(json.loads(json.dumps(reducer.state_dict())))
+    assert copy.bisect.rejected == {0: 20} and copy.bisect.floor == {1: 12}
+    assert copy.ready == reducer.ready
+    old = {"frozen": [1], "closed": False, "settle": {}}  # a checkpoint from before
+    copy.load_state_dict(old)
+    assert copy.frozen == {1} and copy.bisect.rejected == {} and copy.baseline is None
+
+
+@pytest.mark.parametrize("n", [5, 10, 19, 200])
+def test_one_flipped_sample_never_rolls_a_cut_back(n):
+    acc = np.ones(n)
+    loss = np.full(n, 0.1)
+    after_acc, after_loss = acc.copy(), loss.copy()
+    after_acc[0], after_loss[0] = 0.0, 5.0  # one sample flips and its loss jumps
+    verdict = paired_verdict({"loss": loss, "accuracy": acc},
+                             {"loss": after_loss, "accuracy": after_acc}, 0.0, 2.0)
+    assert verdict["rollback"] is False
+    assert verdict["drop"] == pytest.approx(1 / n)
+    assert verdict["drop_se"] == pytest.approx(statistics.stdev([1.0] + [0.0] * (n - 1))
+                                               / math.sqrt(n))
+    assert verdict.get("small_split", False) == (n < 20)
+
+
+def test_a_real_degradation_is_rolled_back_on_a_small_split():
+    rng = np.random.default_rng(0)
+    n = 12
+    loss = rng.uniform(0.1, 0.3, n)
+    after = loss + rng.uniform(0.5, 1.0, n)  # every sample worse
+    acc, after_acc = np.ones(n), np.ones(n)
+    after_acc[:8] = 0.0  # 8 of 12 flip
+    verdict = paired_verdict({"loss": loss, "accuracy": acc},
+                             {"loss": after, "accuracy": after_acc}, 0.02, 2.0)
+    assert verdict["rollback"] is True and verdict["small_split"] is True
+    d = after - loss
+    assert verdict["loss_change"] == pytest.approx(d.mean())
+    assert verdict["loss_change_se"] == pytest.approx(statistics.stdev(d.tolist()) / math.sqrt(n))
+
+
+def test_regression_judges_the_relative_loss_change_beyond_its_noise():
+    rng = np.random.default_rng(1)
+    loss = rng.uniform(1.0, 2.0, 100)
+    small = loss * (1 + rng.normal(0.01, 0.002, 100))  # +1%: within max_drop 2%
+    large = loss * (1 + rng.normal(0.10, 0.002, 100))  # +10%
+    assert not paired_verdict({"loss": loss}, {"loss": small}, 0.02, 2.0)["rollback"]
+    assert paired_verdict({"loss": loss}, {"loss": large}, 0.02, 2.0)["rollback"]
+
+
+def test_a_single_sample_flip_on_a_tiny_split_rolls_nothing_back_in_a_run():
+    """Through the reducer: 10 validation samples, a cut flips one of them; the record says
+    the split is small, a warning is issued, and the cut stays."""
+    def accuracy(step, widths):
+        acc = np.ones(10)
+        acc[3] = 0.0 if widths[0] < 64 else 1.0
+        return acc
+    host = _Host(accuracy, n_val=10, warmup=0)
+    reducer = _Target([16, 64], every=1, window=1.0, max_drop=0.0)
+    host.step = 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records, _ = reducer.attempt(host)
+    assert records[0]["action"] == "cut" and records[0]["small_split"] is True
+    assert host.model.state_dims == [16, 64]
+    assert any("10 samples" in str(w.message) for w in caught)
+
+
+def test_a_real_run_records_its_first_cut_after_warm_up_and_out_of_band(mnist1d, tmp_path):
+    cfg = SSMConfig(d_input=mnist1d.d_input, d_output=mnist1d.d_output, d_model=16,
+                    state_dims=[32, 32])
+    tcfg = TrainConfig(steps=60, batch_size=32, eval_every=20, seed=0, threads=1,
+                       warmup_frac=0.2)
+    reducer = Reducer(ReduceConfig(policy=ReductionPolicy("tau", 0.04, weighting="input"),
+                                   window=0.3))
+    summary = Trainer(cfg, tcfg, mnist1d, tmp_path, reducer=reducer, progress=False).fit()
+    red = summary["reduction"]
+    assert red["baseline"]["n"] == len(mnist1d.x_val)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    cut_steps = [r["step"] for r in records
+                 if any(x["action"] == "cut" for x in r.get("reduction", []))]
+    waits = [r["step"] for r in records
+             if any(x["action"] == "wait" for x in r.get("reduction", []))]
+    assert waits and max(waits) < red["ready"]["step"]
+    if cut_steps:  # the band and warm-up held back every cut
+        first = red["first_cut"]
+        assert first["step"] == min(cut_steps) >= 12
+        gained = first["val_before"]["accuracy"] - red["baseline"]["value"]
+        assert gained > red["baseline"]["band"]
+    ready = next(r for r in records if "ready" in r)
+    assert ready["step"] == red["ready"]["step"] >= 12
+    assert json.loads((tmp_path / "summary.json").read_text())["reduction"] == red
+
+
+def test_train_reduce_uses_the_adaptive_schedule_with_input_weighting(tmp_path):
+    from compressm_tune.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", "lti-sysid", "--blocks", "1", "--hidden", "8",
+                 "--state-dim", "24", "--steps", "20", "--eval-every", "10", "--batch-size",
+                 "16", "--reduce", "tau=0.1", "--no-progress", "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reduction"]["schedule"] == "adaptive"
+    assert summary["reduction"]["baseline"]["metric"] == "loss"
+    records = read_metrics(out / "metrics.jsonl")
+    assert {x["why"] for r in records for x in r.get("reduction", [])
+            if x["action"] == "wait" and r["step"] < 2} == {"lr warm-up"}
+
+
+def test_compressor_adaptive_waits_for_warm_up_and_the_band():
+    """A user loop: validation (per sample) is all wrong until step 6, all right after; the LR
+    warm-up ends at step 3. The first cut comes at step 6, not before."""
+    from compressm_tune.reduction import Compressor
+
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(d_input=1, d_output=2, d_model=4, state_dims=[16]))
+    opt = torch.optim.Adam(model.parameters())
+    now = {"step": 0}
+
+    def validate():
+        acc = np.ones(30) if now["step"] >= 6 else np.zeros(30)
+        return {"accuracy": acc.mean(), "loss": 1 - acc.mean(), "sample_accuracy": acc,
+                "sample_loss": 1 - acc}
+
+    c = Compressor(model, opt, reduce="rank=4", total_steps=40, window=0.5, every=1,
+                   validate=validate, schedule="adaptive", warmup_steps=3)
+    for step in range(1, 15):
+        now["step"] = step
+        c.step(step)
+    assert [(e["step"], e["action"], e["n_after"]) for e in c.events] == [(6, "cut", 4)]
+    assert c.reducer.first_cut["step"] == 6 and c.reducer.baseline.value == 0.0
