@@ -228,6 +228,7 @@ def test_a_single_sample_flip_on_a_tiny_split_rolls_nothing_back_in_a_run():
         warnings.simplefilter("always")
         records, _ = reducer.attempt(host)
     assert records[0]["action"] == "cut" and records[0]["small_split"] is True
+    assert records[0]["n"] == 64 and records[0]["n_val"] == 10  # layer width, samples
     assert host.model.state_dims == [16, 64]
     assert any("10 samples" in str(w.message) for w in caught)
 

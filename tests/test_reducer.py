@@ -315,7 +315,7 @@ def test_the_phase_hook_wraps_every_named_phase_of_a_run_with_cuts(mnist1d, tmp_
             stack.pop()
 
     config = ReduceConfig(policy=ReductionPolicy("fraction", 0.5), window=0.5, max_drop=1.0,
-                          fits=lambda widths: sum(widths) <= 12)
+                          fits=lambda widths: sum(widths) <= 12, schedule="window")
     trainer = _trainer(mnist1d, tmp_path, Reducer(config, phase=phase), phase=phase)
     summary = trainer.fit()
     assert sum(summary["final_state_dims"]) == 12  # 32 -> 16 -> 8 per layer, then the budget

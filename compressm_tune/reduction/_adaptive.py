@@ -141,9 +141,10 @@ def paired_verdict(before: dict[str, np.ndarray], after: dict[str, np.ndarray],
     Returns
     -------
     dict
-        ``rollback`` (bool), ``n``, ``loss_change`` and ``loss_change_se`` (mean and standard
-        error of the per-sample loss change), ``drop``, ``drop_se`` and ``tolerance`` (the bar
-        ``drop`` had to exceed), and ``small_split`` when ``n < SMALL_SPLIT``.
+        ``rollback`` (bool), ``n_val`` (samples), ``loss_change`` and ``loss_change_se``
+        (mean and standard error of the per-sample loss change), ``drop``, ``drop_se`` and
+        ``tolerance`` (the bar ``drop`` had to exceed), and ``small_split`` when
+        ``n_val < SMALL_SPLIT``.
 
     Examples
     --------
@@ -168,8 +169,8 @@ def paired_verdict(before: dict[str, np.ndarray], after: dict[str, np.ndarray],
     tolerance = (max_drop + k * drop_se if n < SMALL_SPLIT
                  else max(max_drop, k * drop_se))
     rollback = bool(loss_change > k * loss_se and drop > tolerance)
-    out = {"rollback": rollback, "n": n, "loss_change": loss_change, "loss_change_se": loss_se,
-           "drop": drop, "drop_se": drop_se, "tolerance": tolerance}
+    out = {"rollback": rollback, "n_val": n, "loss_change": loss_change,
+           "loss_change_se": loss_se, "drop": drop, "drop_se": drop_se, "tolerance": tolerance}
     if n < SMALL_SPLIT:
         out["small_split"] = True
     return out

@@ -120,7 +120,7 @@ class ReduceConfig:
     # "adaptive": cuts once the model is ready, widths from the spectrum and the measured
     # effect (AdaptiveTracker); "window": the paper's, a tau cut at every attempt in the
     # window; "settle": cut when the spectrum has settled (SettleTracker)
-    schedule: str = field(default=SCHEDULES[0], metadata={
+    schedule: str = field(default="adaptive", metadata={
         "choices": SCHEDULES,
         "help": "when and how far to cut: adaptive (once the LR warm-up is over and validation "
                 "has left its starting noise band; widths from each layer's spectrum and the "
