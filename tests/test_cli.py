@@ -402,7 +402,7 @@ def test_flags_keep_their_names_and_defaults():
     assert (args.steps, args.lr, args.warmup_frac, args.device, args.cuda_graphs) == (
         1500, 3e-3, 0.1, "auto", True)
     assert (args.window, args.every, args.max_drop, args.moments, args.schedule) == (
-        0.1, None, 0.02, "reset", "window")
+        0.1, None, 0.02, "reset", "adaptive")
     args = build_parser().parse_args(["--budget-ms", "2", "--state-dims", "8,16",
                                       "--no-drift-check", "--data", "d.npz"])
     assert (args.budget_ms, args.state_dims, args.drift_check, args.data_path) == (
