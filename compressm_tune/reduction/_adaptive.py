@@ -9,20 +9,20 @@ yet has no structure to keep; its spectrum shows the initialization.
 **Window.** The reduction window opens at readiness, the first check at which both hold, and
 lasts ``window * total_steps`` steps from there, but never past ``latest * total_steps``: the
 rest of training recovers from the cuts. A run that is not ready by then is never cut (its
-record says so). Checks inside the window are ``every`` steps apart, or ``checks`` of them
-spread over the window.
+attempts record ``"wait"`` with the reason, and the summary has no ``ready`` step). Checks
+inside the window are ``every`` steps apart, or ``checks`` of them spread over the window.
 
 **Widths.** At each check a layer's proposed width is the fixed point of ``tau`` cuts on its
 current (input-weighted, with ``weighting=input``) Hankel spectrum
 (:func:`~compressm_tune.reduction._schedules.target_rank`); the cut goes there directly, and the
 safety net measures its effect. The first target a layer is given is a floor for its later
 ones: truncation shrinks the tail of what it keeps, so every re-measured spectrum asks for a
-little more, and repeated cuts would end at a width set by the number of checks (on digits,
-without the floor: 256 -> 26 -> 21 -> 12 -> 9 -> 8 in 12 steps). A rejected cut is rolled
-back and the layer remembers the rejected width: later proposals at or below it are replaced
-by the midpoint between the rejected and the kept width (bisection), and the layer stops when
-that midpoint would remove less than the policy's ``gate`` share. So the final widths come
-from each layer's spectrum and from what the cuts measurably cost, not from fixed steps.
+little more, and repeated cuts would end at a width set by the number of checks. A rejected
+cut is rolled back and the layer remembers the rejected width: later proposals at or below it
+are replaced by the midpoint between the rejected and the kept width (bisection), and the
+layer stops when that midpoint would remove less than the policy's ``gate`` share. So the
+final widths come from each layer's spectrum and from what the cuts measurably cost, not from
+fixed steps.
 
 **Safety net** (:func:`paired_verdict`). A cut is judged on the same validation samples before
 and after it: per sample, the loss change ``d_i`` and, for classification, the accuracy drop
