@@ -16,15 +16,13 @@ Output: bench_results/NAME.{json,md,png}.
 
     python benchmarks/bench_schedule_realdata.py [--seeds 3] [--workers 2]
         [--datasets digits,mnist1d,sunspots,elnino,lti-sysid] [--methods full,default,window]
-        [--steps N] [--name schedule_realdata]
+        [--steps N] [--name schedule_realdata] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import os
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, mean_std, write  # noqa: E402
+from _common import machine, machine_line, mean_std, parser, pool_map, write  # noqa: E402,I001
 
 from compressm_tune._table import markdown_table  # noqa: E402
 
@@ -77,6 +75,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     summary = Trainer(mcfg, tcfg, data, out, reducer=reducer, progress=False).fit()
     metric = "accuracy" if data.task == "classification" else "loss"
     result = {k: v for k, v in job.items() if k != "settings"}
+    result["settings_used"] = s
     result.update(task=data.task, metric=metric, n_val=len(data.x_val),
                   settings_states=s["state"] * s["blocks"],
                   test=summary["test_best"][metric], final_dims=summary["final_state_dims"],
@@ -103,17 +102,17 @@ def _log(metrics: Path, metric: str) -> dict[str, list]:
     return log
 
 
-def _pool_map(jobs: list[dict], workers: int) -> list[dict]:
-    for job in jobs:
-        job.setdefault("settings", SETTINGS[job["dataset"]])
-    results = []
-    with mp.get_context("spawn").Pool(workers) as pool:
-        for i, r in enumerate(pool.imap_unordered(_run, jobs), 1):
-            print(f"[{i}/{len(jobs)}] {r['dataset']} seed={r['seed']} {r['method']}: "
-                  f"test={r['test']:.4f} dims={r['final_dims']} t={r['train_time_s']:.0f}s",
-                  flush=True)
-            results.append(r)
-    return results
+def _line(r: dict) -> str:
+    return (f"{r['dataset']} seed={r['seed']} {r['method']}: test={r['test']:.4f} "
+            f"dims={r['final_dims']} t={r['train_time_s']:.0f}s")
+
+
+def _scratch(r: dict) -> dict | None:
+    """The follow-up of a ``default`` run: from scratch at its final widths, same seed."""
+    if r["method"] != "default" or not r.get("with_scratch"):
+        return None
+    return {"dataset": r["dataset"], "seed": r["seed"], "method": "scratch",
+            "dims": r["final_dims"], "settings": r["settings_used"]}
 
 
 def _change(run: dict, ref: dict) -> float:
@@ -242,9 +241,6 @@ def _targets(results: list[dict], datasets: list[str]) -> list[str]:
 
 
 def _plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = list(dict.fromkeys(r["dataset"] for r in results))
@@ -267,36 +263,34 @@ def _plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
+    ap = parser(__doc__, "schedule_realdata", seeds=3, workers=True,
+                quick="40 steps, one seed, sunspots and elnino: a smoke test")
     ap.add_argument("--datasets", default=",".join(SETTINGS))
     ap.add_argument("--methods", default="full,default,window",
                     help="trained methods (scratch follows default when both are asked)")
     ap.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--steps", type=int, default=None, help="override the steps per run")
-    ap.add_argument("--name", default="schedule_realdata")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.seeds, args.datasets = 40, 1, "sunspots,elnino"
     if args.steps:
         for s in SETTINGS.values():
             s.update(steps=args.steps, eval_every=max(1, args.steps // 12))
     datasets, seeds = args.datasets.split(","), list(range(args.seeds))
     methods = args.methods.split(",")
-    load_before = os.getloadavg()[0]
-    t0 = time.time()
-    jobs = [{"dataset": d, "seed": seed, "method": m}
+    t0, load = time.time(), machine()["load_avg_1m"]
+    jobs = [{"dataset": d, "seed": seed, "method": m, "settings": SETTINGS[d],
+             "with_scratch": args.scratch}
             for seed in seeds for d in datasets for m in methods]
-    results = _pool_map(jobs, args.workers)
-    if args.scratch:
-        results += _pool_map([{"dataset": r["dataset"], "seed": r["seed"], "method": "scratch",
-                               "dims": r["final_dims"]}
-                              for r in results if r["method"] == "default"], args.workers)
+    results = pool_map(_run, jobs, args.workers, follow_up=_scratch, line=_line)
+    order = {(d, s, m): i for i, (d, s, m) in enumerate(
+        (j["dataset"], j["seed"], j["method"]) for j in jobs)}
+    results.sort(key=lambda r: order.get((r["dataset"], r["seed"], r["method"]), len(order)))
     wall = time.time() - t0
-    info = machine()
+    info = machine(load)
     md = [f"# The default reduction schedule on real data ({args.seeds} seeds)", "",
-          f"Machine: {info['cpu']}, {info['cores']} cores shared with other jobs (1-min load "
-          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after); one torch thread per "
-          f"run, {args.workers} in parallel, jobs interleaved by seed; wall "
+          machine_line(info) + f" One torch thread per run, {args.workers} in parallel, jobs "
+          f"interleaved by seed (scratch runs follow their default run); wall "
           f"{wall / 60:.1f} min. Settings: `{json.dumps({d: SETTINGS[d] for d in datasets})}`, "
           f"tau={TAU}. `default` is `ReduceConfig()`'s schedule with weighting "
           "`input`; `window` the paper's (unweighted). Test metric at the best validation "
@@ -307,12 +301,10 @@ def main() -> None:
     md += _targets(results, datasets) + [""]
     for d in datasets:
         md += [f"## {d}", "", _table(results, d), ""]
-    write(args.name, {"machine": info, "settings": {d: SETTINGS[d] for d in datasets},
-                      "seeds": seeds, "tau": TAU, "wall_s": wall,
-                      "summary": [_summary(results, d) for d in datasets],
-                      "results": results}, "\n".join(md))
-    _plot(results, RESULTS / f"{args.name}.png")
-    print("\n".join(md))
+    write(args.results_dir / args.name,
+          {"machine": info, "settings": {d: SETTINGS[d] for d in datasets}, "seeds": seeds,
+           "tau": TAU, "wall_s": wall, "summary": [_summary(results, d) for d in datasets],
+           "results": results}, "\n".join(md), lambda path: _plot(results, path))
 
 
 if __name__ == "__main__":
