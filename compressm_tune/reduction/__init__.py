@@ -10,6 +10,12 @@ precisely".
 from compressm_tune.reduction._adaptive import AdaptiveConfig, paired_verdict
 from compressm_tune.reduction._compressor import Compressor
 from compressm_tune.reduction._gramians import gramians, hankel_singular_values
+from compressm_tune.reduction._host import (
+    ReductionHost,
+    layer_inputs,
+    run_model,
+    spectrum_record,
+)
 from compressm_tune.reduction._policies import (
     WEIGHTINGS,
     ReductionPolicy,
@@ -17,16 +23,7 @@ from compressm_tune.reduction._policies import (
     rank_for_tolerance,
     round_up_to,
 )
-from compressm_tune.reduction._reducer import (
-    CALIBRATION,
-    MOMENT_POLICIES,
-    ReduceConfig,
-    Reducer,
-    ReductionHost,
-    layer_inputs,
-    run_model,
-    spectrum_record,
-)
+from compressm_tune.reduction._reducer import CALIBRATION, MOMENT_POLICIES, ReduceConfig, Reducer
 from compressm_tune.reduction._schedules import SCHEDULES, SettleConfig, SettleTracker, target_rank
 from compressm_tune.reduction._selective import select_states, state_importance
 from compressm_tune.reduction._surgery import (

@@ -176,3 +176,36 @@ def reduce_layer(
         return keep
     truncate_layer(layer, rank, select=select, seed=seed, inputs=inputs)
     return None
+
+
+def carry_moments(moments: str, optimizer: torch.optim.Optimizer, old_state: dict,
+                   layer: nn.Module, before: dict[str, torch.Tensor],
+                   shapes: dict[str, torch.Size], rank: int,
+                   keep: torch.Tensor | None) -> None:
+    """Carry every untouched parameter's moments; for the cut ones, the kept states'
+    moments (``keep``, exact) or, for an LRU with ``moments="slice"``, the first rows.
+
+    A parameter of the cut layer counts as cut when it is a new object or changed shape
+    (``before``/``shapes``: the layer's parameters before the cut); the rest of it (an
+    LRU's ``D``) keeps its moments like every other parameter of the model."""
+    cut = {id(p) for name, p in layer.named_parameters()
+           if before.get(name) is not p or shapes.get(name) != p.shape}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in cut and p in old_state:
+                optimizer.state[p] = old_state[p]
+            elif id(p) in cut:
+                optimizer.state.pop(p, None)
+    axes = getattr(layer, "state_axes", None)
+    if axes is None or (keep is None and moments != "slice"):
+        return
+    index = keep if keep is not None else torch.arange(rank)
+    for name, axis in axes.items():
+        old = old_state.get(before[name])
+        if not old:
+            continue
+        optimizer.state[layer.get_parameter(name)] = {
+            key: value.index_select(axis, index.to(value.device)).clone()
+            if value.dim() > axis else value.clone()
+            for key, value in old.items()
+        }

@@ -6,14 +6,9 @@ from compressm_tune.training.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
+from compressm_tune.training.evaluation import check_training_memory, evaluate, score
 from compressm_tune.training.plots import plot_hsv_trajectories, ranking_stability, read_metrics
-from compressm_tune.training.trainer import (
-    TrainConfig,
-    Trainer,
-    check_training_memory,
-    evaluate,
-    score,
-)
+from compressm_tune.training.trainer import TrainConfig, Trainer
 
 __all__ = [
     "TrainConfig",

@@ -1,0 +1,148 @@
+"""What a run is judged by (loss, accuracy, the validation score) and what it costs in memory.
+
+The loss and metric definitions live here once: the trainer optimizes :func:`_loss`, reports
+:func:`evaluate`, and the reducer's safety net compares :func:`_sample_loss` before and after a
+cut; the memory estimate refuses, before anything is allocated, a model the device cannot hold.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from compressm_tune._device import autocast, module_device
+from compressm_tune.errors import ConfigError
+from compressm_tune.models import SSMConfig, SSMModel
+
+__all__ = ["check_training_memory", "evaluate", "score", "training_memory_bytes"]
+
+
+def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
+             batch_size: int = 500, precision: str = "fp32",
+             bits_name: str | None = None, per_sample: bool = False) -> Any:
+    """Mean loss (cross-entropy or MSE) and, for classification, accuracy on ``(x, y)``.
+
+    Both are means over ``y``'s elements: per sequence for labels ``(n,)``, per answer token
+    for labels ``(n, M)`` (scored at the model's last ``M`` output steps, see ``_loss``), per
+    value for regression targets. Runs on the model's device, ``batch_size`` rows at a time.
+    With ``bits_name`` (a dataset's ``info["bits_name"]``, e.g. ``"bits_per_char"``) the
+    cross-entropy is also reported in bits under that key: ``loss / ln 2``.
+
+    With ``per_sample`` returns ``(record, samples)``: ``samples["loss"]`` (n,) is each
+    sequence's mean loss over its scored elements and, for classification,
+    ``samples["accuracy"]`` (n,) the share of its labels predicted right (numpy float64).
+    """
+    was_training = model.training
+    model.eval()
+    device = module_device(model)
+    sums, counts, hits = [], [], []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            target = y[i:i + batch_size].to(device)
+            with autocast(device, precision):
+                out = model(x[i:i + batch_size].to(device))
+                loss, count = _sample_loss(out.float(), target, task)  # (b,), (b,)
+            sums.append(loss.double().cpu())
+            counts.append(count.double().cpu())
+            if task == "classification":
+                right = _scored(out, target).argmax(-1) == target  # (b,) or (b, M)
+                hits.append(right.reshape(len(right), -1).double().sum(1).cpu())
+    model.train(was_training)
+    loss_sum, count = torch.cat(sums), torch.cat(counts)  # (n,) each
+    scored = max(1.0, float(count.sum()))
+    record = {"loss": float(loss_sum.sum()) / scored}
+    samples = {"loss": (loss_sum / count.clamp_min(1)).numpy()}
+    if task == "classification":
+        correct = torch.cat(hits)  # (n,)
+        record["accuracy"] = float(correct.sum()) / scored
+        samples["accuracy"] = (correct / count.clamp_min(1)).numpy()
+        if bits_name:
+            record[bits_name] = record["loss"] / math.log(2)
+    return (record, samples) if per_sample else record
+
+
+def _sample_loss(out: torch.Tensor, target: torch.Tensor, task: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed loss and the number of scored elements, both (batch,)."""
+    if task == "classification":
+        logits = _scored(out, target)  # (b, C) or (b, M, C)
+        loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="none")
+        per = loss.reshape(len(target), -1)  # (b, 1) or (b, M)
+        return per.sum(1), torch.full((len(target),), per.shape[1], device=per.device)
+    valid = ~torch.isnan(target)  # (b, L, d_output)
+    err = torch.where(valid, out - target.nan_to_num(), 0.0).pow(2)
+    return err.flatten(1).sum(1), valid.flatten(1).sum(1)
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "mean"):
+    """Cross-entropy for classification, MSE for regression.
+
+    Classification pairs labels ``(batch,)`` with pooled logits ``(batch, C)``, and per-token
+    labels ``(batch, M)`` with the last ``M`` steps of per-step logits ``(batch, L, C)``.
+    Regression targets that are NaN (the padded steps of variable-length sequences) are left
+    out of the loss and of the mean's count.
+    """
+    if task == "classification":
+        logits = _scored(out, target)  # (batch, C) or (batch, M, C)
+        return F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction=reduction)
+    valid = ~torch.isnan(target)  # (batch, L, d_output)
+    err = torch.where(valid, out - target.nan_to_num(), 0.0).pow(2)  # no NaN, even in grads
+    total = err.sum()
+    return total if reduction == "sum" else total / valid.sum().clamp_min(1)
+
+
+def _scored(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The logits that classification labels are scored against (see ``_loss``)."""
+    if target.ndim == 1:
+        return out  # (batch, C)
+    if out.ndim != 3:
+        raise ConfigError(f"per-token labels {tuple(target.shape)} need per-step outputs "
+                          f"(pooling 'none'), got outputs {tuple(out.shape)}")
+    return out[:, -target.shape[1]:]  # (batch, M, C)
+
+
+def score(metrics: dict[str, float]) -> float:
+    """Higher is better: accuracy for classification, minus the loss otherwise."""
+    return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
+
+
+def training_memory_bytes(model_config: SSMConfig, batch_size: int, seq_len: int,
+                          eval_batch_size: int) -> int:
+    """A rough upper estimate of what training ``model_config`` holds at its peak, in bytes.
+
+    Parameters with their gradients and two Adam moments (16 bytes each); per block, the
+    scan's float32 ``(B, L, N, 2)`` drive, states and their gradients (about five such
+    tensors), and about ten ``(B, L, H)`` activations; evaluation batches hold the forward
+    tensors only. Rough on purpose: it exists to refuse, before allocating, a width the
+    machine cannot hold, rather than let the kernel kill the process."""
+    h, n_sum = model_config.d_model, sum(model_config.state_dims)
+    params = sum(4 * n * h + 4 * n for n in model_config.state_dims) + len(
+        model_config.state_dims) * (2 * h * h + 4 * h) + h * (model_config.d_input
+                                                               + model_config.d_output)
+    per_sample = 5 * 8 * n_sum + 10 * 4 * h * len(model_config.state_dims)  # bytes per step
+    train = batch_size * seq_len * per_sample
+    evaluation = eval_batch_size * seq_len * 2 * 8 * max(model_config.state_dims)
+    return 16 * params + max(train, evaluation)
+
+
+def check_training_memory(model_config: SSMConfig, batch_size: int, seq_len: int,
+                          eval_batch_size: int, device: torch.device) -> None:
+    """Refuse in one line, naming the numbers, what :func:`training_memory_bytes` says the
+    device cannot hold (90% of its available memory)."""
+    need = training_memory_bytes(model_config, batch_size, seq_len, eval_batch_size)
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    if need > 0.9 * available:
+        raise ConfigError(
+            f"training {len(model_config.state_dims)} block(s) of up to "
+            f"{max(model_config.state_dims)} states (H={model_config.d_model}, batch "
+            f"{batch_size}, length {seq_len}) needs about {need / 2**30:.1f} GiB; "
+            f"{available / 2**30:.1f} GiB is available on {device.type}: use smaller state "
+            "widths, --hidden or --batch-size")
