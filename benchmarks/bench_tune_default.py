@@ -40,8 +40,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run_job(budget: str, seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
-    """One quickstart job in a subprocess; its summary plus wall/CPU time and the load."""
+    """One quickstart job in a subprocess; its summary plus wall/CPU time and the load.
+
+    A job already finished in ``out`` (``out.job.json`` beside it: its timing and load) is
+    read back, not rerun."""
     args = ["--budget", budget, "--seed", str(seed), "--out", str(out), *extra]
+    record = Path(f"{out}.job.json")
+    if record.is_file() and (out / "summary.json").is_file():
+        return {**_summary_fields(out), **json.loads(record.read_text())}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     load_before = os.getloadavg()[0]
     t0 = time.time()
@@ -54,18 +60,22 @@ def _run_job(budget: str, seed: int, out: Path, extra: list[str]) -> dict[str, A
            "exit_code": os.waitstatus_to_exitcode(status), "wall_s": round(wall, 1),
            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
            "load_1m_before": load_before, "load_1m_after": os.getloadavg()[0]}
-    summary_path = out / "summary.json"
-    if job["exit_code"] != 0 or not summary_path.is_file():
+    if job["exit_code"] != 0 or not (out / "summary.json").is_file():
         job["error"] = Path(f"{out}.log").read_text()[-1500:]
         return job
-    s = json.loads(summary_path.read_text())
-    job.update({k: s.get(k) for k in ("budget_ms", "full_predicted_ms", "meets_budget",
-                                       "measured_ms", "predicted_ms", "chosen_trial", "params",
-                                       "full", "chosen", "scratch", "compression", "trials")})
-    job["profile_measured"] = any("measured an onnxruntime profile" in n or "re-measured" in n
-                                  for n in s.get("notes", []))
-    job["trial_table"] = s.get("trial_table")
-    return job
+    record.write_text(json.dumps(job, indent=2) + "\n")
+    return {**_summary_fields(out), **job}
+
+
+def _summary_fields(out: Path) -> dict[str, Any]:
+    s = json.loads((out / "summary.json").read_text())
+    fields = {k: s.get(k) for k in ("budget_ms", "full_predicted_ms", "meets_budget",
+                                     "measured_ms", "predicted_ms", "chosen_trial", "params",
+                                     "full", "chosen", "scratch", "compression", "trials",
+                                     "trial_table")}
+    fields["profile_measured"] = any("measured an onnxruntime profile" in n or "re-measured" in n
+                                     for n in s.get("notes", []))
+    return fields
 
 
 def _targets(quick: list[dict], budgets: list[dict], metric_unit: str) -> dict[str, Any]:

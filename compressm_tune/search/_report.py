@@ -265,8 +265,8 @@ def _compression_lines(s: dict[str, Any], metric: str) -> list[str]:
         f"models interleaved over {c['timing_rounds']} rounds (medians); 1-minute "
         f"load {min(loads):.2f}-{max(loads):.2f} on {m.get('machine', {}).get('cpu_count', '?')}"
         " cores. "
-        f"{label.capitalize()}: measured on the test split at the best validation checkpoint. "
-        "Predicted ms and modelled train s come from the profile.",
+        f"{label[0].upper()}{label[1:]}: measured on the test split at the best validation "
+        "checkpoint. Predicted ms and modelled train s come from the profile.",
     ]
 
 
