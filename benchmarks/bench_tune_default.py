@@ -110,6 +110,11 @@ def _targets(quick: list[dict], budgets: list[dict], metric_unit: str) -> dict[s
     return result
 
 
+def _threads(job: dict[str, Any]) -> str:
+    words = job.get("command", "").split()
+    return words[words.index("--threads") + 1] if "--threads" in words else "default"
+
+
 def _fmt(x: Any, digits: int = 4) -> str:
     if x is None:
         return "-"
@@ -129,7 +134,7 @@ def _markdown(payload: dict[str, Any]) -> str:
     for j in quick:
         if "chosen" not in j:
             rows.append([j["seed"], "failed: " + j.get("error", "?")[-80:].replace("\n", " ")]
-                        + ["-"] * 11)
+                        + ["-"] * 12)
             continue
         c = j["compression"]
         rows.append([
@@ -147,18 +152,18 @@ def _markdown(payload: dict[str, Any]) -> str:
              else f"{c['metric_change_vs_scratch']:+.2f}"),
             "-" if c["modelled_train_cost_saved"] is None
             else f"{c['modelled_train_cost_saved']:.0%}",
-            f"{j['wall_s']:.0f} / {j['cpu_s']:.0f}",
+            f"{j['wall_s']:.0f} / {j['cpu_s']:.0f}", _threads(j),
             f"{j['load_1m_before']:.1f}-{j['load_1m_after']:.1f}",
             "measured" if j.get("profile_measured") else "cached"])
     brow = []
     for j in sorted(budgets, key=lambda j: float(j["budget"].rstrip("x"))):
         if "chosen" not in j:
-            brow.append([j["budget"], "failed"] + ["-"] * 6)
+            brow.append([j["budget"], "failed"] + ["-"] * 7)
             continue
         brow.append([j["budget"], _fmt(j["budget_ms"]), _fmt(j["chosen"]["state_dims"]),
                      j["chosen"]["total_states"], _fmt(j["chosen"]["measured_ms_p50"]),
                      "yes" if j["meets_budget"] else "NO", _fmt(j["chosen"]["metric"]),
-                     f"{j['wall_s']:.0f} / {j['cpu_s']:.0f}"])
+                     f"{j['wall_s']:.0f} / {j['cpu_s']:.0f}", _threads(j)])
     t = payload["targets"]
 
     def verdict(key: str) -> str:
@@ -180,18 +185,20 @@ def _markdown(payload: dict[str, Any]) -> str:
         "over 3 rounds. Times: wall / CPU seconds of the whole job (CPU: user + sys of its "
         "processes; on this shared machine the wall time is inflated by other jobs).",
         "",
+        *([payload["note"], ""] if payload.get("note") else []),
         f"## Quickstart, {len(quick)} seed(s), budget {payload['quickstart_budget']}",
         "",
         markdown_table(["seed", "full dims", "chosen dims", "states fewer",
                         "measured p50 ms full / chosen / scratch", "latency lower (p50)",
                         f"{metric} full / chosen / scratch", "vs full", "vs scratch",
-                        "modelled train cost saved", "job wall / CPU s", "load 1m",
-                        "profile"], rows),
+                        "modelled train cost saved", "job wall / CPU s", "torch threads",
+                        "load 1m", "profile"], rows),
         "",
         f"## Relative budgets (seed {payload['budget_seeds']})",
         "",
         markdown_table(["budget", "budget ms", "chosen dims", "total states",
-                        "measured p50 ms", "meets", metric, "job wall / CPU s"], brow),
+                        "measured p50 ms", "meets", metric, "job wall / CPU s",
+                        "torch threads"], brow),
         "",
         "## Targets",
         "",
@@ -222,6 +229,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="jobs at a time")
     ap.add_argument("--extra", default="", help="more flags for every job (space-separated)")
     ap.add_argument("--runs", default="runs/bench-tune-default")
+    ap.add_argument("--note", default="", help="a paragraph for the Markdown's header")
     ap.add_argument("--name", default="tune_default")
     args = ap.parse_args()
     runs = Path(args.runs).resolve()
@@ -260,6 +268,7 @@ def main() -> None:
         "metric_unit": "relative" if regression else "points",
         "load_1m_start": load_start, "load_1m_end": os.getloadavg()[0],
         "wall_min": (time.time() - start) / 60, "quickstart": quick, "budgets": budgets,
+        "note": args.note,
     }
     payload["targets"] = _targets(quick, budgets, payload["metric_unit"])
     write(args.name, payload, _markdown(payload))
