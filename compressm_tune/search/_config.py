@@ -104,8 +104,11 @@ class TuneConfig:
     seed: int = field(default=0, metadata={"help": "seed of the search and of every trial"})
     pareto: bool = field(default=False, metadata={
         "help": "multi-objective search (accuracy vs latency, NSGA-II)"})
-    threads: int | None = field(default=None, metadata={
-        "help": "torch threads for training (default: torch's)"})
+    # One thread: the job's small models gain little from more, and on a busy 2-core machine
+    # torch's default (2) spun more than it computed: the quickstart's 8 trials took ~21 min
+    # with it and ~4-7 min with one thread, under the same load.
+    threads: int | None = field(default=1, metadata={
+        "help": "torch threads for training"})
     ort_threads: int = field(default=1, metadata={  # for the latency the budget is about
         "cli": False, "help": "onnxruntime intra-op threads"})
     # export and latency measurement stay on the deployment runtime the profile describes
