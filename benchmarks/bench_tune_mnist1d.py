@@ -54,8 +54,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.trials, args.steps, args.hidden = 2, 20, 16
-    base = TuneConfig(budget_ms=1.0, trials=args.trials, steps=args.steps, out=args.out,
-                      hidden=args.hidden, threads=1)
+    base = TuneConfig(budget_ms=1.0, dataset="mnist1d", blocks=2, batch_size=64,
+                      state_dims=(64, 128, 256), trials=args.trials, steps=args.steps,
+                      out=args.out, hidden=args.hidden, threads=1)
     data = load_dataset("mnist1d")
     profile, _ = resolve_profile(base, data.d_input, data.d_output, data.seq_len)
     latency = LatencyModel.from_profile(profile)

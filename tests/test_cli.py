@@ -407,7 +407,9 @@ def test_flags_keep_their_names_and_defaults():
                                       "--no-drift-check", "--data", "d.npz"])
     assert (args.budget_ms, args.state_dims, args.drift_check, args.data_path) == (
         2.0, (8, 16), False, "d.npz")
-    assert build_parser().parse_args([]).state_dims == (64, 128, 256)
+    assert build_parser().parse_args([]).state_dims == (256,)  # trials start at the full width
+    args = build_parser().parse_args(["--budget", "0.4x", "--no-baseline"])
+    assert (args.budget, args.budget_ms, args.baseline) == ("0.4x", None, False)
     assert build_parser().parse_args(["-q", "profile"]).quiet  # before the sub-command
     assert build_parser().parse_args(["profile", "--quiet"]).quiet  # and after it
 

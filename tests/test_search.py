@@ -361,7 +361,7 @@ def test_the_full_reference_resumes_and_a_cut_summary_is_not_trusted(tmp_path, l
     (the run's log is appended to, not restarted); a summary cut short is retrained from
     there, never a JSONDecodeError."""
     from compressm_tune.models import SSMConfig
-    from compressm_tune.search._finalize import full_reference
+    from compressm_tune.search._finalize import train_reference
     from compressm_tune.training import Trainer
 
     config = TuneConfig(budget_ms=1.0, out=str(tmp_path), steps=4, dataset="lti-sysid",
@@ -374,11 +374,83 @@ def test_the_full_reference_resumes_and_a_cut_summary_is_not_trusted(tmp_path, l
     (full / "summary.json").write_text('{"final_state_dims": [8], "test_be')  # cut short
     with open(full / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"step": 2, "marker": "written before the kill"}) + "\n")
-    summary = full_reference(config, lti_sysid)
+    summary = train_reference(config, lti_sysid, "full", [8], {})
     assert summary["steps"] == 4
     assert json.loads((full / "summary.json").read_text())["steps"] == 4
     log = (full / "metrics.jsonl").read_text()
     assert "written before the kill" in log  # appended to: resumed, not restarted
+
+
+@pytest.mark.parametrize(("text", "fraction"), [("0.4x", 0.4), ("0.4", 0.4), (" 0.25X ", 0.25),
+                                                (0.8, 0.8)])
+def test_a_relative_budget_parses(text, fraction):
+    from compressm_tune.search import parse_relative_budget
+
+    assert parse_relative_budget(text) == fraction
+    config = TuneConfig(budget=text)
+    assert config.budget == f"{fraction:g}x" and config.budget_fraction == fraction
+    assert config.budget_ms is None
+
+
+@pytest.mark.parametrize("text", ["0x", "1x", "1.5x", "-0.2x", "abc", "nanx", "x", "", "2"])
+def test_a_relative_budget_outside_0_1_or_unparsable_is_refused(text):
+    with pytest.raises(ConfigError, match=r"fraction of the full model's latency in \(0, 1\)"):
+        TuneConfig(budget=text)
+
+
+@pytest.mark.parametrize("bad", [["--budget", "1.5x"], ["--budget", "0.4y"],
+                                 ["--budget", "0.4x", "--budget-ms", "1"]])
+def test_cli_refuses_a_bad_relative_budget_in_one_line(tmp_path, capsys, bad):
+    assert _tune(tmp_path, *bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "budget" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_needs_exactly_one_latency_budget():
+    with pytest.raises(ConfigError, match="give one latency budget"):
+        TuneConfig()
+    with pytest.raises(ConfigError, match="give one latency budget"):
+        TuneConfig(budget_ms=1.0, budget="0.5x")
+
+
+def test_a_relative_budget_is_that_fraction_of_the_full_models_prediction(tmp_path,
+                                                                          profile_path):
+    """It binds on any machine: resolved against this machine's latency model, recorded in
+    the study in both forms, and a rerun keeps the study's resolution."""
+    from compressm_tune.search._run import _resolve_budget
+    from compressm_tune.search._study import open_study
+
+    latency = LatencyModel.from_profile(load_profile(profile_path))
+    config = TuneConfig(budget="0.4x", state_dims=(16, 64), out=str(tmp_path), **SMALL)
+    resolved = _resolve_budget(config, latency)
+    assert resolved.budget_ms == pytest.approx(0.4 * latency.predict([64], "latency_ms"))
+    assert resolved.budget == "0.4x" and config.budget_ms is None  # the caller's is untouched
+    settings = open_study(resolved).user_attrs["settings"]
+    assert settings["budget"] == "0.4x" and settings["budget_ms"] == resolved.budget_ms
+    open_study(resolved.with_budget_ms(1.01 * resolved.budget_ms))  # drifted: resumes
+    with pytest.raises(ConfigError, match=r"budget 0.4x \(now 0.5x\)"):
+        other = TuneConfig(budget="0.5x", state_dims=(16, 64), out=str(tmp_path), **SMALL)
+        open_study(_resolve_budget(other, latency))
+
+
+def test_trials_start_at_the_full_width_unless_told_otherwise(tmp_path):
+    """The search's subject is how to cut the full model: by default no trial starts small;
+    initial widths are searched only when several are given."""
+    from compressm_tune.search import suggest
+
+    default = TuneConfig(budget="0.4x")
+    assert default.state_dims == (256,) and default.full_width == 256
+    study = optuna.create_study()
+    for _ in range(5):
+        trial = study.ask()
+        plan = suggest(trial, default)
+        assert plan.state_dim == 256 and "state_dim" not in trial.params
+        assert {"tau", "window", "schedule", "max_drop", "weighting", "lr"} <= set(trial.params)
+        study.tell(trial, 0.5)
+    widths = TuneConfig(budget="0.4x", state_dims=(64, 256))
+    trial = study.ask()
+    assert suggest(trial, widths).state_dim == trial.params["state_dim"] in (64, 256)
 
 
 def test_a_rerun_with_another_budget_is_refused_not_silently_resumed(tmp_path):
@@ -391,7 +463,7 @@ def test_a_rerun_with_another_budget_is_refused_not_silently_resumed(tmp_path):
     open_study(first)  # the same command resumes
     with pytest.raises(ConfigError, match=r"budget_ms 1.0 \(now 1.5\).*another --out or --study"):
         open_study(dataclasses.replace(first, budget_ms=1.5))
-    with pytest.raises(ConfigError, match=r"steps 300 \(now 100\)"):
+    with pytest.raises(ConfigError, match=r"steps 600 \(now 100\)"):
         open_study(dataclasses.replace(first, steps=100))
 
 

@@ -92,9 +92,9 @@ def test_search_exports_a_model_whose_measured_latency_meets_the_budget(tmp_path
     from compressm_tune.search import TuneConfig, run_tune
 
     probe = tmp_path / "probe"
-    summary = run_tune(TuneConfig(budget_ms=50, blocks=1, hidden=8, state_dims=(16, 32),
-                                  trials=2, steps=12, profile=str(profile_path),
-                                  drift_check=False, out=str(probe)))
+    summary = run_tune(TuneConfig(budget_ms=50, dataset="mnist1d", blocks=1, hidden=8,
+                                  state_dims=(16, 32), trials=2, steps=12,
+                                  profile=str(profile_path), drift_check=False, out=str(probe)))
     # the budget the test sets: above the smallest trial's prediction (with a margin for the
     # latency model's error on this tiny, quickly profiled shape), below the full's
     budget = summary["predicted_ms"] * 1.6
@@ -114,6 +114,53 @@ def test_search_exports_a_model_whose_measured_latency_meets_the_budget(tmp_path
     report = (out / "report.md").read_text()
     assert "meets" in report
     assert "the training-step fit's leave-one-out error is up to" in report  # cost's error
+
+
+def test_the_report_sets_the_chosen_model_beside_the_full_one_and_a_scratch_baseline(
+        tmp_path, profile_path):
+    """What compression bought: the full model and the chosen widths from scratch, trained with
+    the chosen trial's settings and steps, exported and measured beside the chosen model."""
+    from compressm_tune.search import TuneConfig, run_tune
+
+    out = tmp_path / "run"
+    s = run_tune(TuneConfig(budget_ms=50, dataset="mnist1d", blocks=1, hidden=8,
+                            state_dims=(32,), trials=2,
+                            steps=12, profile=str(profile_path), drift_check=False,
+                            out=str(out)))
+    assert s == json.loads((out / "summary.json").read_text())
+    for name in ("full", "chosen", "scratch"):
+        entry = s[name]
+        assert entry["measured_ms_p50"] > 0 and entry["measured_ms_p90"] >= entry[
+            "measured_ms_p50"]
+        assert entry["metric_name"] == "test_accuracy" and 0 <= entry["metric"] <= 1
+    assert s["full"]["state_dims"] == [32]
+    assert s["chosen"]["state_dims"] == s["scratch"]["state_dims"] == s["final_state_dims"]
+    assert s["chosen"]["initial_state_dims"] == [32]  # every trial starts at the full width
+    assert all(r["initial_state_dims"] == [32] for r in s["trial_table"])
+    chosen = next(r for r in s["trial_table"] if r["trial"] == s["chosen_trial"])
+    assert s["full"]["settings"]["lr"] == chosen["lr"]  # the full reference: the same settings
+    for name in ("full", "scratch"):  # the same steps
+        done = json.loads((out / "references" / f"compressm-tune-{s['chosen_trial']:04d}-{name}"
+                           / "summary.json").read_text())
+        assert done["steps"] == 12
+    # measured here, independently: the full model's bundle is the full model
+    assert _ort_p50_ms(out / "bundles" / f"compressm-tune-{s['chosen_trial']:04d}-full"
+                       / "model.onnx", seq_len=40) > 0
+    report = (out / "report.md").read_text()
+    first = report.split("\n\n")[1]  # the first table, right under the title
+    assert "full (no cuts)" in first and "scratch" in first and "measured p50 ms" in first
+    assert "What compression bought" in report and "1-minute load" in report
+
+
+def test_no_baseline_skips_the_scratch_model(tmp_path, profile_path):
+    out = tmp_path / "run"
+    proc = _cli(_args(out, profile_path, 1) + ["--state-dims", "32", "--no-baseline"])
+    log = _wait(proc, 600)
+    assert proc.returncode == 0, log
+    s = json.loads((out / "summary.json").read_text())
+    assert s["scratch"] is None and s["full"]["measured_ms_p50"] > 0
+    assert not list((out / "references").glob("*-scratch"))
+    assert "No scratch baseline" in (out / "report.md").read_text()
 
 
 def test_resume_after_kill_finishes_the_study_without_losing_or_repeating(tmp_path,
@@ -221,9 +268,9 @@ def test_selective_search_meets_its_budget_with_a_selective_profile(tmp_path):
         blocks=1, seq_len=40, min_time_s=0.05, rounds=2, min_repeats=5, warmup=2, threads=1),
         progress=False), tmp_path / "selective.json")
     out = tmp_path / "run"
-    summary = run_tune(TuneConfig(budget_ms=50, arch="selective", blocks=1, hidden=8,
-                                  state_dims=(8, 16), trials=2, steps=12, profile=str(profile),
-                                  out=str(out)))
+    summary = run_tune(TuneConfig(budget_ms=50, dataset="mnist1d", arch="selective", blocks=1,
+                                  hidden=8, state_dims=(8, 16), trials=2, steps=12,
+                                  profile=str(profile), out=str(out)))
     manifest = json.loads((out / "manifest.json").read_text())
     assert summary["arch"] == "selective" and manifest["model"]["arch"] == "selective"
     assert summary["meets_budget"] and _ort_p50_ms(out / "model.onnx", seq_len=40) <= 50

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompressmError as exc:  # a value argparse takes but cannot convert (IntList)
         print(f"compressm-tune: error: {exc}", file=sys.stderr)
         return USER_ERROR
-    if args.command is None and args.budget_ms is not None:
+    if args.command is None and (args.budget_ms is not None or args.budget is not None):
         args.func = tune.run
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

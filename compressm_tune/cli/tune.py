@@ -1,4 +1,4 @@
-"""The budgeted job (``compressm-tune --budget-ms X``, no sub-command).
+"""The budgeted job (``compressm-tune --budget 0.4x`` or ``--budget-ms X``, no sub-command).
 
 Its flags are :class:`~compressm_tune.search.TuneConfig`'s fields; the command line only
 changes the default device to auto.
@@ -16,9 +16,9 @@ TUNE = "compressm_tune.search:TuneConfig"
 BUDGET_MISSED = 3  # exit status when no model meets the budget as measured
 DATA = ("dataset", "data_path", "data_dir", "val_fraction")
 DEVICE = ("device", "cuda_graphs", "precision")
-_FLAGS = ("budget_ms", "budget_mj", "latency_mode", "arch", *DATA, "trials", "steps", "blocks",
-          "hidden", "state_dims", "profile", "drift_check", "storage", "study", "out", "seed",
-          "pareto", "threads", *DEVICE)
+_FLAGS = ("budget", "budget_ms", "budget_mj", "latency_mode", "arch", *DATA, "trials", "steps",
+          "blocks", "hidden", "state_dims", "baseline", "profile", "drift_check", "storage",
+          "study", "out", "seed", "pareto", "threads", *DEVICE)
 
 
 def add_tune_args(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ measuring the winner is ``_finalize``; ``summary.json`` and ``report.md`` are ``
 """
 
 from compressm_tune.errors import BudgetMissedError, StorageError
-from compressm_tune.search._config import LATENCY_MODES, TuneConfig
+from compressm_tune.search._config import LATENCY_MODES, TuneConfig, parse_relative_budget
 from compressm_tune.search._run import resolve_profile, run_tune
 from compressm_tune.search._space import TrialPlan, suggest
 from compressm_tune.search._study import open_storage
@@ -18,6 +18,7 @@ __all__ = [
     "TrialPlan",
     "TuneConfig",
     "open_storage",
+    "parse_relative_budget",
     "resolve_profile",
     "run_tune",
     "suggest",

@@ -1,7 +1,8 @@
-"""Settings of the budgeted search job (``compressm-tune --budget-ms``)."""
+"""Settings of the budgeted search job (``compressm-tune --budget 0.4x`` or ``--budget-ms``)."""
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,23 +13,59 @@ from compressm_tune.errors import ConfigError
 from compressm_tune.models import ARCHS, SSMConfig, dropout_for
 from compressm_tune.training import TrainConfig
 
-__all__ = ["TuneConfig", "LATENCY_MODES"]
+__all__ = ["TuneConfig", "LATENCY_MODES", "parse_relative_budget"]
 
 LATENCY_MODES = ("sequence", "step")
+
+
+def parse_relative_budget(value: str | float) -> float:
+    """The fraction in a relative latency budget: ``"0.4x"`` (or ``"0.4"``, ``0.4``) -> 0.4.
+
+    The fraction is of the full model's latency as the profile predicts it on this machine, so
+    it must lie strictly between 0 and 1.
+
+    Raises
+    ------
+    ConfigError
+        ``value`` is not a number (with an optional trailing ``x``) in (0, 1).
+
+    Examples
+    --------
+    >>> parse_relative_budget("0.4x")
+    0.4
+    """
+    text = str(value).strip()
+    try:
+        fraction = float(text[:-1] if text.lower().endswith("x") else text)
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction < 1:  # NaN fails too
+        raise ConfigError(f"a relative budget is a fraction of the full model's latency in "
+                          f"(0, 1), e.g. 0.4x; got budget={value!r}")
+    return fraction
 
 
 @dataclass
 class TuneConfig:
     """What to search for, on which data, and where to keep the study.
 
-    The model and training settings of every trial are built from these by
-    :meth:`model_config` and :meth:`train_config` (``SSMConfig`` and ``TrainConfig`` check
-    them). The defaults finish in a few minutes on two CPU cores on MNIST-1D.
+    The latency budget is absolute (``budget_ms``) or relative to the full model
+    (``budget="0.4x"``: 40% of the full width's latency as the profile predicts it here, which
+    binds on any machine); exactly one is given. :meth:`with_budget_ms` resolves a relative one.
+    Every trial starts at the full width, ``max(state_dims)``, and the search explores how to cut
+    it; more ``state_dims`` let it also start narrower. The model and training settings of every
+    trial are built by :meth:`model_config` and :meth:`train_config` (``SSMConfig`` and
+    ``TrainConfig`` check them). The defaults finish in about three minutes on two quiet CPU
+    cores on lti-sysid.
     """
 
-    budget_ms: float = field(metadata={
+    budget_ms: float | None = field(default=None, metadata={
         "help": "per-sample latency budget in ms (onnxruntime, batch 1; per sequence, or per "
                 "token with --latency-mode step)"})
+    budget: str | None = field(default=None, metadata={  # resolved by with_budget_ms
+        "metavar": "FRACTIONx",
+        "help": "latency budget relative to the full model as the profile predicts it on this "
+                "machine, e.g. 0.4x (40% of its latency); in (0, 1); binds on any machine"})
     budget_mj: float | None = field(default=None, metadata={
         "help": "per-sample energy budget, mJ (where it can be measured or estimated)"})
     latency_mode: str = field(default="sequence", metadata={
@@ -36,7 +73,7 @@ class TuneConfig:
         "help": "what the budget bounds: sequence (per sequence) or step (per streamed token)"})
     arch: str = field(default="lru", metadata={
         "choices": ARCHS, "help": "SSM layer of every trial: lru, selective or mamba"})
-    dataset: str = field(default="mnist1d", metadata={
+    dataset: str = field(default="lti-sysid", metadata={  # the state width matters on it
         "choices": DATASETS, "help": "built-in or user dataset"})
     data_path: str | None = field(default=None, metadata={
         "flag": "--data", "help": "path of the .npz file for --dataset npz"})
@@ -46,13 +83,14 @@ class TuneConfig:
         "help": "share of train held out for validation"})
     trials: int = field(default=8, metadata={  # completed or pruned, summed over all workers
         "help": "trials in the study, summed over all workers"})
-    steps: int = field(default=300, metadata={"help": "steps per trial"})
-    blocks: int = field(default=2, metadata={"help": "SSM blocks"})
-    hidden: int = field(default=32, metadata={  # the profile is measured at this width
+    steps: int = field(default=600, metadata={"help": "steps per trial"})
+    blocks: int = field(default=1, metadata={"help": "SSM blocks"})
+    hidden: int = field(default=16, metadata={  # the profile is measured at this width
         "help": "H, model width"})
-    state_dims: tuple[int, ...] = field(default=(64, 128, 256), metadata={
-        "help": "initial widths the search may start from"})
-    batch_size: int = field(default=64, metadata={"cli": False})
+    state_dims: tuple[int, ...] = field(default=(256,), metadata={
+        "help": "initial widths the search may start from; the largest is the full model "
+                "(by default the full width only: every trial is cut from it)"})
+    batch_size: int = field(default=32, metadata={"cli": False})
     profile: str | None = field(default=None, metadata={
         "help": "profile JSON (default: this device's, cached or measured)"})
     drift_check: bool = field(default=True, metadata={
@@ -66,8 +104,11 @@ class TuneConfig:
     seed: int = field(default=0, metadata={"help": "seed of the search and of every trial"})
     pareto: bool = field(default=False, metadata={
         "help": "multi-objective search (accuracy vs latency, NSGA-II)"})
-    threads: int | None = field(default=None, metadata={
-        "help": "torch threads for training (default: torch's)"})
+    # One thread: the job's small models gain little from more, and on a busy 2-core machine
+    # torch's default (2) spun more than it computed: the quickstart's 8 trials took ~21 min
+    # with it and ~4-7 min with one thread, under the same load.
+    threads: int | None = field(default=1, metadata={
+        "help": "torch threads for training"})
     ort_threads: int = field(default=1, metadata={  # for the latency the budget is about
         "cli": False, "help": "onnxruntime intra-op threads"})
     # export and latency measurement stay on the deployment runtime the profile describes
@@ -80,12 +121,18 @@ class TuneConfig:
     cuda_graphs: bool = field(default=True, metadata={
         "help": "on CUDA, launch every kernel of every step from Python instead of replaying "
                 "a captured graph (slower; for debugging)"})
-    max_drop: float = field(default=0.05, metadata={
-        "help": "roll back a trial's cut that loses more validation score than this "
-                "(accuracy points, or relative loss)"})
+    baseline: bool = field(default=True, metadata={
+        "help": "skip the scratch baseline: the chosen widths trained from the start with the "
+                "chosen settings, which shows whether cutting beat training small"})
 
     def __post_init__(self) -> None:
-        if not 0 < self.budget_ms < math.inf:
+        if (self.budget_ms is None) == (self.budget is None):
+            raise ConfigError("give one latency budget: budget_ms (milliseconds) or budget (a "
+                              "fraction of the full model's latency, e.g. '0.4x'); got "
+                              f"budget_ms={self.budget_ms}, budget={self.budget!r}")
+        if self.budget is not None:
+            self.budget = f"{parse_relative_budget(self.budget):g}x"
+        elif not 0 < self.budget_ms < math.inf:
             raise ConfigError(f"--budget-ms must be > 0 and finite, got budget_ms={self.budget_ms}")
         if self.budget_mj is not None and not 0 < self.budget_mj < math.inf:
             raise ConfigError(f"--budget-mj must be > 0 and finite, got budget_mj={self.budget_mj}")
@@ -99,9 +146,26 @@ class TuneConfig:
                 raise ConfigError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
         if not self.state_dims or min(self.state_dims) < 1:
             raise ConfigError(f"state_dims must be positive widths, got {self.state_dims}")
-        if not self.max_drop >= 0:
-            raise ConfigError(f"max_drop >= 0 must hold, got max_drop={self.max_drop}")
         self.train_config()  # TrainConfig checks the training settings (device, precision...)
+
+    @property
+    def budget_fraction(self) -> float | None:
+        """The relative budget as a fraction of the full model's latency (None: absolute)."""
+        return None if self.budget is None else parse_relative_budget(self.budget)
+
+    @property
+    def full_width(self) -> int:
+        """The width every trial starts from unless the search is given narrower ones."""
+        return max(self.state_dims)
+
+    def with_budget_ms(self, budget_ms: float) -> TuneConfig:
+        """A copy whose ``budget_ms`` is ``budget_ms``: a relative budget resolved on this
+        machine (its relative form is kept, for the record)."""
+        if not 0 < budget_ms < math.inf:
+            raise ConfigError(f"budget_ms must be > 0 and finite, got {budget_ms=}")
+        resolved = copy.copy(self)  # not through __post_init__: both budgets are set now
+        resolved.budget_ms = budget_ms
+        return resolved
 
     def train_config(self, **settings) -> TrainConfig:
         """Training settings shared by every trial and the full reference, plus ``settings``."""
@@ -110,11 +174,12 @@ class TuneConfig:
                            threads=self.threads, device=self.device, precision=self.precision,
                            cuda_graphs=self.cuda_graphs, **settings)
 
-    def model_config(self, data: Dataset, width: int) -> SSMConfig:
-        """The model every trial and the full reference train: ``width`` states per block,
-        shaped for ``data``, with the dropout ``train`` uses for its task."""
+    def model_config(self, data: Dataset, width: int | list[int]) -> SSMConfig:
+        """The model every trial and the references train: ``width`` states per block (or a
+        width per block), shaped for ``data``, with the dropout ``train`` uses for its task."""
+        widths = [width] * self.blocks if isinstance(width, int) else list(width)
         return SSMConfig(arch=self.arch, d_input=data.d_input, d_output=data.d_output,
-                         d_model=self.hidden, state_dims=[width] * self.blocks,
+                         d_model=self.hidden, state_dims=widths,
                          dropout=dropout_for(data.task), pooling=data.pooling)
 
     def profile_shape(self, d_input: int, d_output: int, seq_len: int) -> dict[str, Any]:

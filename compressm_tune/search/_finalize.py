@@ -1,9 +1,12 @@
 """After the search: pick the best feasible trial whose *measured* latency meets the budget,
-and train the full-width reference the report compares it with."""
+train the references the report compares it with (the full width, and the chosen widths from
+scratch), and measure all three side by side."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,10 @@ from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._objective import constraints_of
 from compressm_tune.training import Trainer
 
-__all__ = ["choose_and_export", "feasible_trials", "full_reference", "infeasible_message"]
+__all__ = ["choose_and_export", "feasible_trials", "infeasible_message", "measure_side_by_side",
+           "train_reference", "train_references"]
+
+COMPARISON_ROUNDS = 3  # interleaved timing rounds per model: load drifts between rounds
 
 
 def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -60,7 +66,7 @@ def choose_and_export(config: TuneConfig, study: optuna.Study, data: Dataset) ->
 
     The bundle of the chosen trial is copied into the run directory (``model.onnx``,
     ``model.ts``, ``manifest.json``, ``checkpoint.pt``). Returns the trial, its measurement,
-    its manifest and the trials passed over.
+    its bundle folder, its manifest and the trials passed over.
 
     Raises
     ------
@@ -84,7 +90,7 @@ def choose_and_export(config: TuneConfig, study: optuna.Study, data: Dataset) ->
                 if f.is_file():
                     shutil.copy2(f, out / f.name)
             shutil.copy2(trial.user_attrs["checkpoint"], out / "checkpoint.pt")
-            return {"trial": trial, "measured": result["latency"],
+            return {"trial": trial, "measured": result["latency"], "bundle": bundle,
                     "manifest": result["manifest"], "fallbacks": misses}
         misses.append({"trial": trial.number, "predicted_ms": trial.user_attrs["predicted_ms"],
                        "measured_ms": measured})
@@ -96,16 +102,80 @@ def choose_and_export(config: TuneConfig, study: optuna.Study, data: Dataset) ->
         + ", ".join(f"trial {m['trial']} {m['measured_ms']:.3g} ms" for m in misses))
 
 
-def full_reference(config: TuneConfig, data: Dataset) -> dict[str, Any]:
-    """Train (once; cached in OUT/full) the uncompressed model the report compares with;
-    returns its training summary.
+def train_reference(config: TuneConfig, data: Dataset, name: str, widths: list[int],
+                    settings: dict[str, Any]) -> dict[str, Any]:
+    """Train (once; kept in ``OUT/name``) a model of ``widths`` without reduction, with the
+    config's training settings plus ``settings`` (the chosen trial's); returns its training
+    summary. The full reference (the full width) and the scratch baseline (the chosen widths
+    from the start) are such models: with the same steps and settings as the chosen trial,
+    they show what cutting changed.
 
-    A run killed while training it resumes from its last checkpoint; a summary that is not a
+    A run killed while training one resumes from its last checkpoint; a summary that is not a
     complete one (cut short, edited) is treated as absent."""
-    out = Path(config.out) / "full"
+    out = Path(config.out) / name
     summary = read_json(out / "summary.json")
     if isinstance(summary, dict) and {"final_state_dims", "test_best", "train_time_s"} <= set(
             summary):
         return summary
-    return Trainer(config.model_config(data, max(config.state_dims)), config.train_config(),
-                   data, out, progress=False, resume=True).fit()
+    return Trainer(config.model_config(data, widths), config.train_config(**settings), data,
+                   out, progress=False, resume=True).fit()
+
+
+def train_references(config: TuneConfig, data: Dataset, chosen: dict[str, Any]
+                     ) -> dict[str, Any]:
+    """The full reference and (unless ``config.baseline`` is off) the scratch baseline of the
+    chosen trial, trained with its settings and steps, exported and timed side by side with it.
+
+    Returns ``full`` and ``scratch`` (training summaries; ``scratch`` None without a baseline)
+    and ``timing`` (:func:`measure_side_by_side` of ``full``, ``chosen``, ``scratch``).
+    """
+    trial = chosen["trial"]
+    settings = trial.user_attrs.get("train_settings") or {
+        "lr": trial.params["lr"], "warmup_frac": trial.params["window"]}
+    tag = f"{config.study}-{trial.number:04d}"
+    models = {"full": [config.full_width] * config.blocks}
+    if config.baseline:
+        models["scratch"] = list(trial.user_attrs["state_dims"])
+    summaries: dict[str, Any] = {"scratch": None}
+    bundles = {}
+    for name, widths in models.items():
+        folder = f"references/{tag}-{name}"
+        summaries[name] = train_reference(config, data, folder, widths, settings)
+        bundles[name] = _export_for_timing(config, Path(config.out) / folder / "best.pt",
+                                           f"{tag}-{name}")
+    bundles["chosen"] = chosen["bundle"]
+    order = [n for n in ("full", "chosen", "scratch") if n in bundles]
+    return {**summaries, "timing": measure_side_by_side(config, {n: bundles[n] for n in order})}
+
+
+def _export_for_timing(config: TuneConfig, checkpoint: Path, name: str) -> Path:
+    """An ONNX bundle (the budget's mode only) of a reference model, exported once."""
+    bundle = Path(config.out) / "bundles" / name
+    if not (bundle / "manifest.json").is_file():
+        export_bundle(checkpoint, bundle, formats=("onnx",), modes=(config.latency_mode,))
+    return bundle
+
+
+def measure_side_by_side(config: TuneConfig, bundles: dict[str, Path],
+                         rounds: int = COMPARISON_ROUNDS) -> dict[str, dict[str, Any]]:
+    """Time exported bundles in interleaved rounds (onnxruntime, batch 1, the config's threads).
+
+    On a shared machine the load moves between measurements, so the models take turns: every
+    round times each once. Returns per name ``p50_ms`` and ``p90_ms`` (medians over the
+    rounds), ``loadavg_1min`` (the rounds' lowest and highest), ``rounds`` and ``threads``.
+    """
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in bundles}
+    for _ in range(rounds):
+        for name, bundle in bundles.items():
+            samples[name].append(measure_latency(bundle, mode=config.latency_mode,
+                                                 threads=config.ort_threads, min_time_s=0.3))
+    result = {}
+    for name, runs in samples.items():
+        loads = [r.get("machine", {}).get("loadavg_1min") for r in runs]
+        loads = [x for x in loads if x is not None] or [os.getloadavg()[0]]
+        result[name] = {
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "p90_ms": statistics.median(r["p90_ms"] for r in runs),
+            "loadavg_1min": [min(loads), max(loads)], "rounds": rounds,
+            "threads": runs[0].get("threads")}
+    return result

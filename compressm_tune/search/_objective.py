@@ -11,12 +11,18 @@ import optuna
 from compressm_tune.data import Dataset
 from compressm_tune.reduction import ReduceConfig, Reducer, ReductionPolicy, round_up_to
 from compressm_tune.search._config import TuneConfig
-from compressm_tune.search._space import suggest
+from compressm_tune.search._space import TrialPlan, suggest
 from compressm_tune.training import Trainer, score
 
-__all__ = ["Objective", "set_constraints", "constraints_of"]
+__all__ = ["Objective", "set_constraints", "constraints_of", "trial_settings"]
 
 Predict = Callable[[list[int], str], float]
+
+
+def trial_settings(plan: TrialPlan) -> dict[str, float]:
+    """The training settings a plan sets (beyond the config's): the references the report
+    compares with train with the chosen trial's."""
+    return {"lr": plan.lr, "warmup_frac": plan.window}
 
 
 def set_constraints(trial: optuna.Trial, values: dict[str, float]) -> None:
@@ -55,29 +61,36 @@ class Objective:
         cfg, data = self.config, self.dataset
         plan = suggest(trial, cfg)
         model_config = cfg.model_config(data, plan.state_dim)
-        train_config = cfg.train_config(lr=plan.lr, warmup_frac=plan.window)
+        settings = trial_settings(plan)
+        # schedule settings the space leaves alone keep ReduceConfig's defaults
         reducer = Reducer(ReduceConfig(
-            policy=ReductionPolicy("tau", plan.tau), window=plan.window,
-            every=max(1, int(plan.window * cfg.steps) // 6),  # ~6 attempts in the window
-            max_drop=cfg.max_drop, fits=self.fits,
+            policy=ReductionPolicy("tau", plan.tau, weighting=plan.weighting),
+            window=plan.window, schedule=plan.schedule,
+            # ~6 attempts in the window; the adaptive schedule spaces its own checks
+            every=None if plan.schedule == "adaptive" else max(1, int(plan.window * cfg.steps)
+                                                                 // 6),
+            max_drop=plan.max_drop, fits=self.fits,
             round_to=round_up_to(self.fast_widths) if plan.round_to_fast else None))
         out = Path(cfg.out).resolve() / "trials" / f"{cfg.study}-{trial.number:04d}"
 
         def report(record: dict[str, Any]) -> None:
-            if cfg.pareto or record["step"] <= plan.window * cfg.steps:
-                return  # widths still moving; multi-objective studies cannot prune
+            if cfg.pareto or not reducer.closed:
+                return  # widths still moving (the adaptive window opens when the model is
+                # ready, so a fixed step says nothing); multi-objective studies cannot prune
             trial.report(score(record["val"]), record["step"])
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val {score(record['val']):.4f} at {record['step']}")
 
-        summary = Trainer(model_config, train_config, data, out, reducer=reducer,
+        summary = Trainer(model_config, cfg.train_config(**settings), data, out, reducer=reducer,
                           progress=False, on_eval=report).fit()
         dims = summary["best_state_dims"]
         constraints = self.constraints(dims)
         set_constraints(trial, constraints)
         metric = "accuracy" if data.task == "classification" else "loss"
         trial.set_user_attr("checkpoint", str(out / "best.pt"))
+        trial.set_user_attr("initial_state_dims", list(model_config.state_dims))
         trial.set_user_attr("state_dims", dims)
+        trial.set_user_attr("train_settings", settings)
         trial.set_user_attr("predicted_ms", constraints["latency_ms"] + cfg.budget_ms)
         trial.set_user_attr("val", summary["val_best"])
         trial.set_user_attr("test", summary["test_best"][metric])

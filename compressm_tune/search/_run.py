@@ -1,17 +1,20 @@
 """The budgeted job: profile, search, then export and *measure* the winner against the budget.
 
-    compressm-tune --budget-ms 2.0
+    compressm-tune --budget 0.4x        (or an absolute budget: --budget-ms 2.0)
 
 1. A latency model of this machine (:func:`compressm_tune.hardware.latency_model_for`: the
    given profile, else the cached one of this device and model shape, else a short
    measurement; drift-checked and rescaled when the machine has moved since).
-2. An Optuna study over in-training reduction schedules (``_study``; one trial is
-   ``_objective``); a trial is feasible when the profile predicts its final widths meet
-   the budget (trials are steered there by budget-aware truncation when their reduction window
-   closes).
+2. A relative budget becomes milliseconds: that fraction of the full model's predicted
+   latency. An Optuna study over in-training reduction schedules (``_study``; one trial is
+   ``_objective``), each trial starting from the full width; a trial is feasible when the
+   profile predicts its final widths meet the budget (trials are steered there by
+   budget-aware truncation when their reduction window closes).
 3. One worker finalizes (``_finalize``): the best feasible trial is exported (ONNX +
    TorchScript, parity checked) and its latency measured in onnxruntime, the next best tried
-   if it misses; the full-width reference is trained; ``_report`` writes the record.
+   if it misses; the full model and the chosen widths from scratch are trained with the chosen
+   trial's settings and steps, exported, and timed side by side with it; ``_report`` writes
+   the record.
 
 Several workers may share one study (``storage``) and one ``out``; every worker but the
 finalizer says who finishes the job and exits.
@@ -29,7 +32,7 @@ from compressm_tune.data import load_dataset
 from compressm_tune.errors import ConfigError
 from compressm_tune.hardware import LatencyModel, Profile, latency_model_for
 from compressm_tune.search._config import TuneConfig
-from compressm_tune.search._finalize import choose_and_export, full_reference
+from compressm_tune.search._finalize import choose_and_export, train_references
 from compressm_tune.search._objective import Objective
 from compressm_tune.search._report import write_report
 from compressm_tune.search._study import check_storage, finalizer, open_study, run_trials
@@ -60,9 +63,15 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     latency, profile, notes = latency_model_for(
         **config.profile_shape(data.d_input, data.d_output, data.seq_len),
         drift_check=config.drift_check, metric=config.metric)
+    config = _resolve_budget(config, latency)
     notes += _budget_notes(config, latency, profile)
-    objective = Objective(config, data, latency.predict, profile.fast_widths())
     study = open_study(config)
+    saved_ms = study.user_attrs["settings"]["budget_ms"]
+    if saved_ms != config.budget_ms:  # a rerun of a relative budget keeps the study's
+        notes.append(f"budget {config.budget} resolves to {config.budget_ms:.4g} ms now; the "
+                     f"study's trials were run against {saved_ms:.4g} ms, which is kept")
+        config = config.with_budget_ms(saved_ms)
+    objective = Objective(config, data, latency.predict, profile.fast_widths())
     others = run_trials(study, objective, config.trials)
     with finalizer(out, others) as why_not:
         if why_not:
@@ -70,8 +79,17 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
                   f"in {config.out}", file=sys.stderr)
             return {"finalized": False, "meets_budget": None}
         chosen = choose_and_export(config, study, data)
-        full = full_reference(config, data)
-        return write_report(config, study, chosen, full, data, profile, latency, notes)
+        references = train_references(config, data, chosen)
+        return write_report(config, study, chosen, references, data, profile, latency, notes)
+
+
+def _resolve_budget(config: TuneConfig, latency: LatencyModel) -> TuneConfig:
+    """The config with its latency budget in ms: a relative budget is that fraction of the
+    full model's latency as ``latency`` predicts it on this machine."""
+    if config.budget_fraction is None:
+        return config
+    full = latency.predict([config.full_width] * config.blocks, config.metric)
+    return config.with_budget_ms(config.budget_fraction * full)
 
 
 def _budget_notes(config: TuneConfig, latency: LatencyModel, profile: Profile) -> list[str]:
@@ -80,12 +98,14 @@ def _budget_notes(config: TuneConfig, latency: LatencyModel, profile: Profile) -
     fastest, width = min((latency.predict([w] * config.blocks, config.metric), w)
                          for w in {1, *profile.widths})
     if config.budget_ms < fastest:
+        given = (f"budget {config.budget} ({config.budget_ms:.4g} ms)" if config.budget
+                 else f"--budget-ms {config.budget_ms:g}")
         raise ConfigError(
-            f"--budget-ms {config.budget_ms:g} is below the fastest model this machine runs: "
+            f"{given} is below the fastest model this machine runs: "
             f"{fastest:.4g} ms per {'sequence' if config.latency_mode == 'sequence' else 'token'}"
             f" ({config.blocks} blocks of {width} states, H={config.hidden}); raise the budget")
     notes = []
-    full = latency.predict([max(config.state_dims)] * config.blocks, config.metric)
+    full = latency.predict([config.full_width] * config.blocks, config.metric)
     if full <= config.budget_ms:
         notes.append(f"the full model is predicted at {full:.4g} ms, within the budget: the "
                      "search maximizes accuracy and training speed, latency does not bind")

@@ -283,8 +283,9 @@ def open_study(config: TuneConfig) -> optuna.Study:
 def _settings(config: TuneConfig) -> dict[str, Any]:
     """What a study's trials depend on: rerunning with other values is another study (trials
     cut to fit one budget answer nothing about another). The seed is not among them: workers
-    of one study may use their own."""
-    return {"budget_ms": config.budget_ms, "budget_mj": config.budget_mj,
+    of one study may use their own. ``budget_ms`` is the budget in milliseconds, resolved from
+    a relative ``budget`` on this machine when one is given."""
+    return {"budget_ms": config.budget_ms, "budget": config.budget, "budget_mj": config.budget_mj,
             "latency_mode": config.latency_mode, "arch": config.arch, "dataset": config.dataset,
             "steps": config.steps, "blocks": config.blocks, "hidden": config.hidden,
             "state_dims": sorted(config.state_dims), "batch_size": config.batch_size,
@@ -297,8 +298,14 @@ def _check_settings(study: optuna.Study, config: TuneConfig) -> None:
     saved = study.user_attrs.get("settings")
     if saved is None:
         study.set_user_attr("settings", settings)
-    elif saved != settings:
-        diff = ", ".join(f"{k} {saved.get(k)} (now {v})" for k, v in settings.items()
+        return
+    compared = dict(settings)
+    if config.budget is not None and saved.get("budget") == config.budget:
+        # the same relative budget resolves to slightly other ms as the machine drifts: the
+        # caller keeps the study's
+        compared["budget_ms"] = saved.get("budget_ms")
+    if any(saved.get(k) != v for k, v in compared.items()):  # a key added since reads None
+        diff = ", ".join(f"{k} {saved.get(k)} (now {v})" for k, v in compared.items()
                          if saved.get(k) != v)
         raise ConfigError(f"study {config.study!r} in this storage was run with {diff}: its "
                           "trials answer another question; use another --out or --study")
