@@ -305,6 +305,10 @@ def test_a_worker_leaves_export_and_report_to_the_one_still_running(tmp_path, ca
     assert not (run / "full").exists()
     states = [t.state.name for t in other.get_trials(deepcopy=False)]
     assert states.count("COMPLETE") == 1 and states.count("RUNNING") == 1  # (+ a surplus FAIL)
+    # the trial this worker started after the study was full is marked, and said nothing
+    surplus = [t for t in other.get_trials(deepcopy=False) if t.user_attrs.get("surplus")]
+    assert len(surplus) == 1 and surplus[0].state.name == "FAIL"
+    assert "Traceback" not in err and "_Surplus" not in err
 
 
 @pytest.mark.parametrize("journal", [False, True])

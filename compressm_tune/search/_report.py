@@ -17,6 +17,7 @@ from compressm_tune.data import Dataset
 from compressm_tune.hardware import LatencyModel, Profile
 from compressm_tune.reduction import CALIBRATION, spectrum_record
 from compressm_tune.search._config import TuneConfig
+from compressm_tune.search._study import SURPLUS
 from compressm_tune.training import model_from_checkpoint, read_metrics
 
 __all__ = ["write_report"]
@@ -81,7 +82,8 @@ def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any]
                         "timing_rounds": timing["chosen"]["rounds"]},
         "trial_table": _trial_rows(study, config),
         "fallbacks": chosen["fallbacks"],
-        "trials": {s.name.lower(): len(study.get_trials(states=(s,)))
+        "trials": {s.name.lower(): len([t for t in study.get_trials(states=(s,))
+                                         if not t.user_attrs.get(SURPLUS)])
                    for s in optuna.trial.TrialState},
         "profile": {"device": profile.device.label, "runtime": profile.config.runtime,
                     "created_utc": profile.created_utc},
@@ -190,6 +192,8 @@ def _trial_rows(study: optuna.Study, config: TuneConfig) -> list[dict[str, Any]]
     the trial ended narrower than it started."""
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(SURPLUS):
+            continue  # started after the study was full, by a worker that then stopped
         constraints = t.user_attrs.get("constraints", {})
         state = t.state.name.lower()
         if t.state == optuna.trial.TrialState.COMPLETE and any(

@@ -317,6 +317,9 @@ _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 _SEARCH_PASSES = 3  # a search pass, then retries of trials found dead after it
 
 
+SURPLUS = "surplus"  # user attr of a trial started after the study was full
+
+
 class _Surplus(Exception):
     """Raised inside a trial started after the study already had its trials (other workers)."""
 
@@ -329,6 +332,7 @@ def _slot_guard(objective: Callable[[optuna.Trial], Any], trials: int):
         earlier = [t for t in trial.study.get_trials(deepcopy=False)
                    if t.number < trial.number and t.state != optuna.trial.TrialState.FAIL]
         if len(earlier) >= trials:
+            trial.set_user_attr(SURPLUS, True)  # not one of the study's trials: reports skip it
             trial.study.stop()
             raise _Surplus(f"the study already has {trials} trials")
         with keep_alive(trial):
@@ -341,7 +345,9 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], Any],
                trials: int) -> list[int]:
     """Run trials until the study has ``trials`` finished ones (counting other workers');
     returns the numbers of trials other workers are still running."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a surplus trial's failure is bookkeeping, not news (Optuna logs every failed
+    # trial with its traceback at WARNING); any other failure propagates to the caller anyway
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     for _ in range(_SEARCH_PASSES):
         fail_dead_trials(study)  # before the slot guard counts a dead worker's trial as live
         finished = len(study.get_trials(states=_FINISHED))
