@@ -269,3 +269,14 @@ def test_a_journal_storage_never_appends_to_a_file_that_is_not_a_journal(tmp_pat
     assert "not an Optuna journal" in capsys.readouterr().err
     assert notes.read_text() == "my notes\nline 2\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_budget_leaves_no_run_folder(tmp_path, capsys):
+    from compressm_tune.cli import main
+
+    profile = Path(__file__).resolve().parent.parent / "profiles" / "cpu-amd-epyc-2c.json"
+    code = main(["--budget-ms", "0.0001", "--profile", str(profile), "--no-drift-check",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "below the fastest model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

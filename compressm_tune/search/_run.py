@@ -54,7 +54,6 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     """
     check_precision(config.precision, resolve_device(config.device))  # fail before any work
     check_storage(config.storage)
-    out = ensure_dir(config.out)
     data = load_dataset(config.dataset, path=config.data_path, data_dir=config.data_dir,
                         val_fraction=config.val_fraction, seed=config.seed)
     check_training_memory(config.model_config(data, max(config.state_dims)), config.batch_size,
@@ -65,6 +64,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
         drift_check=config.drift_check, metric=config.metric)
     config = _resolve_budget(config, latency)
     notes += _budget_notes(config, latency, profile)
+    out = ensure_dir(config.out)  # after every refusal: a refused run leaves no folder
     study = open_study(config)
     saved_ms = study.user_attrs["settings"]["budget_ms"]
     if saved_ms != config.budget_ms:  # a rerun of a relative budget keeps the study's
