@@ -526,3 +526,27 @@ def test_the_training_cost_sentence_says_lower_or_higher_never_a_sign(saved, err
 
     line = _training_cost_line(saved, error)
     assert reads in line and "+" not in line and "-2" not in line
+
+
+def test_an_interrupted_trial_is_retried_by_the_next_run(tmp_path):
+    """Ctrl-C or SIGTERM (both reach the trial as KeyboardInterrupt) fails the running trial;
+    the next run retries it with the same parameters, as it does a killed worker's."""
+    from compressm_tune.search._study import run_trials
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    calls = []
+
+    def objective(trial):
+        calls.append(trial.suggest_float("x", 0.0, 1.0))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return calls[-1]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trials(study, objective, 3)
+    run_trials(study, objective, 3)
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(failed) == 1 and len(done) == 3
+    assert failed[0].params in [t.params for t in done]  # retried with the same parameters

@@ -335,8 +335,16 @@ def _slot_guard(objective: Callable[[optuna.Trial], Any], trials: int):
             trial.set_user_attr(SURPLUS, True)  # not one of the study's trials: reports skip it
             trial.study.stop()
             raise _Surplus(f"the study already has {trials} trials")
-        with keep_alive(trial):
-            return objective(trial)
+        try:
+            with keep_alive(trial):
+                return objective(trial)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: the trial is retried once by the next run, as a killed
+            # worker's is (Optuna then marks this one failed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                _retry_callback()(trial.study, trial.study._storage.get_trial(trial._trial_id))
+            raise
 
     return run
 
