@@ -550,3 +550,29 @@ def test_an_interrupted_trial_is_retried_by_the_next_run(tmp_path):
     done = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(failed) == 1 and len(done) == 3
     assert failed[0].params in [t.params for t in done]  # retried with the same parameters
+
+
+def test_a_storage_that_cannot_record_a_failed_trial_gives_the_trial_s_own_error(tmp_path,
+                                                                                 monkeypatch):
+    """A full disk: the trial fails writing its checkpoint, then the storage cannot record
+    the failure either, which Optuna reports as an internal assertion. The user sees the
+    trial's one-line error instead."""
+    from compressm_tune.errors import OutputError
+    from compressm_tune.search._study import run_trials
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    storage = study._storage
+    record = storage.set_trial_state_values
+
+    def full(trial_id, state, values=None):
+        if state == optuna.trial.TrialState.FAIL:
+            raise optuna.exceptions.StorageInternalError("database or disk is full")
+        return record(trial_id, state, values)
+
+    monkeypatch.setattr(storage, "set_trial_state_values", full)
+
+    def objective(trial):
+        raise OutputError("cannot write run/best.pt: no space left on device")
+
+    with pytest.raises(OutputError, match="no space left"):
+        run_trials(study, objective, 1)

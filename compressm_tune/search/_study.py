@@ -26,7 +26,7 @@ from optuna.storages._rdb.models import TrialHeartbeatModel
 from optuna.storages.journal import JournalFileBackend
 
 from compressm_tune._io import ensure_dir
-from compressm_tune.errors import ConfigError, StorageError
+from compressm_tune.errors import CompressmError, ConfigError, StorageError
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._objective import constraints_of
 
@@ -338,6 +338,9 @@ def _slot_guard(objective: Callable[[optuna.Trial], Any], trials: int):
         try:
             with keep_alive(trial):
                 return objective(trial)
+        except CompressmError as exc:
+            run.error = exc  # what to tell the user if the storage cannot record the failure
+            raise
         except KeyboardInterrupt:
             # Ctrl-C or SIGTERM: the trial is retried once by the next run, as a killed
             # worker's is (Optuna then marks this one failed)
@@ -346,6 +349,7 @@ def _slot_guard(objective: Callable[[optuna.Trial], Any], trials: int):
                 _retry_callback()(trial.study, trial.study._storage.get_trial(trial._trial_id))
             raise
 
+    run.error = None
     return run
 
 
@@ -360,14 +364,35 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], Any],
         fail_dead_trials(study)  # before the slot guard counts a dead worker's trial as live
         finished = len(study.get_trials(states=_FINISHED))
         if finished < trials:
-            study.optimize(_slot_guard(objective, trials), n_trials=trials - finished,
-                           catch=(_Surplus,), show_progress_bar=True, gc_after_trial=True)
+            guarded = _slot_guard(objective, trials)
+            try:
+                study.optimize(guarded, n_trials=trials - finished, catch=(_Surplus,),
+                               show_progress_bar=True, gc_after_trial=True)
+            except (AssertionError, optuna.exceptions.StorageInternalError) as exc:
+                raise _unrecorded(exc, guarded.error) from None
         others = _still_running(study)
         # a dead worker's trial found stale only now is queued for a retry (WAITING):
         # this worker runs it, unless live workers still hold trials of their own
         if others or not _waiting(study):
             break
     return others
+
+
+def _unrecorded(exc: BaseException, trial_error: BaseException | None) -> BaseException:
+    """What to raise when the storage could not record a trial's end (a full disk under
+    SQLite ends in Optuna's "Should not reach" assertion): ``trial_error``, the error of ours
+    that ended the trial, else a one-line StorageError; anything else unchanged."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if not any(isinstance(e, optuna.exceptions.StorageInternalError) for e in chain):
+        return exc
+    if trial_error is not None:
+        return trial_error
+    root = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else ""
+    return StorageError(f"the study's storage could not record a trial ({root}); the trial "
+                        "is retried when the same command is rerun")
 
 
 def _still_running(study: optuna.Study) -> list[int]:
