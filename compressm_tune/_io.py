@@ -157,15 +157,15 @@ def read_json(path: str | Path) -> Any | None:
 
 
 class FolderLock:
-    """An exclusive lock on ``folder/.lock`` that the kernel releases when the process dies.
+    """An exclusive lock on ``folder/name`` that the kernel releases when the process dies.
 
     ``acquire()`` returns False when another live process holds it. Two runs writing into one
     folder would interleave their logs and overwrite each other's checkpoints; a lock file
     whose holder died (a kill -9) does not block anyone, unlike a file that merely exists.
     """
 
-    def __init__(self, folder: str | Path) -> None:
-        self.path = Path(folder) / ".lock"
+    def __init__(self, folder: str | Path, name: str = ".lock") -> None:
+        self.path = Path(folder) / name
         self._fh: Any = None
 
     def acquire(self) -> bool:

@@ -11,7 +11,6 @@ count exact, and :func:`finalizer` elects the one worker that exports and report
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import threading
 import time
@@ -25,7 +24,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages._rdb.models import TrialHeartbeatModel
 from optuna.storages.journal import JournalFileBackend
 
-from compressm_tune._io import ensure_dir
+from compressm_tune._io import FolderLock, ensure_dir
 from compressm_tune.errors import CompressmError, ConfigError, StorageError
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._objective import constraints_of
@@ -430,13 +429,11 @@ def finalizer(out: Path, others: list[int]) -> Iterator[str | None]:
 @contextlib.contextmanager
 def finalize_lock(out: Path) -> Iterator[bool]:
     """Yield True for the one process that holds ``OUT/.finalize.lock``, False for others."""
-    with open(out / ".finalize.lock", "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = FolderLock(out, ".finalize.lock")
+    if not lock.acquire():
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
