@@ -185,3 +185,29 @@ def loglog_panel(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def states_vs_test(results: list[dict], methods: list[str], path: Path,
+                   regression: Callable[[str], bool]) -> None:
+    """One panel per dataset: each run's total states against its test metric, per method
+    (log y for the datasets ``regression(name)`` marks, whose metric is the MSE)."""
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.8 * len(datasets), 4.0),
+                             squeeze=False)
+    for ax, d in zip(axes[0], datasets, strict=True):
+        for i, method in enumerate(methods):
+            sel = [r for r in results if r["dataset"] == d and r["method"] == method]
+            if sel:
+                ax.scatter([sum(r["final_dims"]) for r in sel], [r["test"] for r in sel],
+                           label=method, s=26, marker="os^Dv<>"[i % 7], color=f"C{i % 10}")
+        ax.set(xscale="log", xlabel="total states (sum over layers)", title=d,
+               ylabel="test MSE" if regression(d) else "test accuracy")
+        if regression(d):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

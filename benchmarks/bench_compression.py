@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import float_list, machine, machine_line, mean_std, parser, pool_map, write  # noqa: E402,I001
+from _common import (  # noqa: E402,I001
+    float_list, machine, machine_line, mean_std, parser, pool_map, states_vs_test, write,
+)
 
 from compressm_tune.reduction import ReduceConfig, Reducer, SettleConfig  # noqa: E402
 
@@ -284,32 +286,6 @@ def _best_step(run: dict, regression: bool) -> int | str:
     return (min if regression else max)(curve, key=lambda sv: sv[1])[0] if curve else "-"
 
 
-def _plot(results: list[dict], order: list[str]):
-    def plot(path: Path) -> None:
-        import matplotlib.pyplot as plt
-
-        datasets = sorted({r["dataset"] for r in results})
-        fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2),
-                                 squeeze=False)
-        for ax, d in zip(axes[0], datasets, strict=True):
-            for i, method in enumerate(order):
-                sel = [r for r in results if r["dataset"] == d and r["method"] == method]
-                if sel:
-                    ax.scatter([sum(r["final_dims"]) for r in sel], [r["test"] for r in sel],
-                               label=method, s=24, color=plt.cm.tab20(i / len(order)),
-                               marker="os^Dv<>"[i % 7])
-            ax.set(xscale="log", xlabel="total state dims (sum over layers)", title=d,
-                   ylabel="test MSE" if d == "lti-sysid" else "test accuracy")
-            if d == "lti-sysid":
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return plot
-
-
 def main() -> None:
     ap = parser(__doc__, "", seeds=None, workers=True)
     ap.add_argument("--mode", choices=MODES, default="baselines")
@@ -378,7 +354,7 @@ def main() -> None:
     write(args.results_dir / args.name,
           {"machine": m, "mode": args.mode, "settings": SETTINGS, "seeds": seeds, "taus": taus,
            "tau": taus[0], "wall_s": time.time() - t0, "results": results}, "\n".join(md),
-          _plot(results, order))
+          lambda path: states_vs_test(results, order, path, lambda d: d == "lti-sysid"))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, machine_line, mean_std, parser, pool_map, write  # noqa: E402,I001
+from _common import (  # noqa: E402,I001
+    machine, machine_line, mean_std, parser, pool_map, states_vs_test, write,
+)
 
 from compressm_tune._table import markdown_table  # noqa: E402
 
@@ -240,28 +242,6 @@ def _targets(results: list[dict], datasets: list[str]) -> list[str]:
     return lines
 
 
-def _plot(results: list[dict], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    datasets = list(dict.fromkeys(r["dataset"] for r in results))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.8),
-                             squeeze=False)
-    for ax, d in zip(axes[0], datasets, strict=True):
-        for i, method in enumerate(METHODS):
-            sel = [r for r in results if r["dataset"] == d and r["method"] == method]
-            if sel:
-                ax.scatter([sum(r["final_dims"]) for r in sel], [r["test"] for r in sel],
-                           label=method, s=28, marker="os^D"[i], color=f"C{i}")
-        regression = any(r["metric"] == "loss" for r in results if r["dataset"] == d)
-        ax.set(xscale="log", xlabel="total states", title=d,
-               ylabel="test MSE" if regression else "test accuracy")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main() -> None:
     ap = parser(__doc__, "schedule_realdata", seeds=3, workers=True,
                 quick="40 steps, one seed, sunspots and elnino: a smoke test")
@@ -304,7 +284,9 @@ def main() -> None:
     write(args.results_dir / args.name,
           {"machine": info, "settings": {d: SETTINGS[d] for d in datasets}, "seeds": seeds,
            "tau": TAU, "wall_s": wall, "summary": [_summary(results, d) for d in datasets],
-           "results": results}, "\n".join(md), lambda path: _plot(results, path))
+           "results": results}, "\n".join(md), lambda path: states_vs_test(
+        results, list(METHODS), path,
+        lambda d: any(r["metric"] == "loss" for r in results if r["dataset"] == d)))
 
 
 if __name__ == "__main__":
