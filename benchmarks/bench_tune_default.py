@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write  # noqa: E402
+from _common import RESULTS, machine, write  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
 
@@ -280,7 +280,7 @@ def main() -> None:
         "note": args.note,
     }
     payload["targets"] = _targets(quick, budgets, payload["metric_unit"])
-    write(args.name, payload, _markdown(payload))
+    write(RESULTS / args.name, payload, _markdown(payload))
     print(_markdown(payload))
 
 
