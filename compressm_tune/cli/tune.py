@@ -18,7 +18,7 @@ DATA = ("dataset", "data_path", "data_dir", "val_fraction")
 DEVICE = ("device", "cuda_graphs", "precision")
 _FLAGS = ("budget", "budget_ms", "budget_mj", "latency_mode", "arch", *DATA, "trials", "steps",
           "blocks", "hidden", "state_dims", "baseline", "profile", "drift_check", "storage",
-          "study", "out", "seed", "pareto", "threads", *DEVICE)
+          "artifacts", "study", "out", "seed", "pareto", "threads", *DEVICE)
 
 
 def add_tune_args(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from compressm_tune._device import PRECISIONS
 from compressm_tune.data import DATASETS, Dataset
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import ARCHS, SSMConfig, dropout_for
+from compressm_tune.search._artifacts import check_artifacts
 from compressm_tune.training import TrainConfig
 
 __all__ = ["TuneConfig", "LATENCY_MODES", "parse_relative_budget"]
@@ -99,6 +100,11 @@ class TuneConfig:
     storage: str | None = field(default=None, metadata={
         "help": "Optuna storage: SQLAlchemy URL or journal:PATH (default: OUT/study.db); "
                 "rerunning resumes the study"})
+    artifacts: str | None = field(default=None, metadata={
+        "metavar": "DIR|URL",
+        "help": "artifact store of trial checkpoints and the chosen bundle, one every worker "
+                "reaches: a folder, file:///DIR or s3://BUCKET (boto3); default: the folder "
+                "'artifacts' beside the storage's file; required with a database server"})
     study: str = field(default="compressm-tune", metadata={"help": "study name"})
     out: str = field(default="runs/tune", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "seed of the search and of every trial"})
@@ -146,6 +152,7 @@ class TuneConfig:
                 raise ConfigError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
         if not self.state_dims or min(self.state_dims) < 1:
             raise ConfigError(f"state_dims must be positive widths, got {self.state_dims}")
+        check_artifacts(self.artifacts, self.storage)
         self.train_config()  # TrainConfig checks the training settings (device, precision...)
 
     @property
