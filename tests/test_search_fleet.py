@@ -296,3 +296,30 @@ def test_the_best_trial_trained_on_one_machine_is_exported_by_another(tmp_path, 
     assert set(bundle["files"].values()) <= every
     assert every == {p.name for p in store.iterdir()}  # and nothing half-written beside them
     assert (store / bundle["files"]["model.onnx"]).read_bytes() == (b / "model.onnx").read_bytes()
+
+
+# ----------------------------------------------------------------------------- local workers
+
+
+def test_workers_are_pinned_one_gpu_each_round_robin():
+    from compressm_tune.cli.tune import pinned
+
+    assert pinned(3, "auto", 2, None) == [{"CUDA_VISIBLE_DEVICES": d} for d in "010"]
+    assert pinned(2, "cuda", 2, "4,7") == [{"CUDA_VISIBLE_DEVICES": "4"},
+                                           {"CUDA_VISIBLE_DEVICES": "7"}]
+    assert pinned(2, "auto", 0, None) == [{}, {}]  # CPU: unchanged
+    assert pinned(2, "cpu", 2, None) == [{}, {}]
+    with pytest.raises(ConfigError, match="--workers 2 pins each worker to one GPU"):
+        TuneConfig(budget_ms=1, workers=2, device="cuda:1")
+
+
+@pytest.mark.slow
+def test_workers_run_one_study_between_them(tmp_path, profile_path):
+    """--workers 2 on CPU: two processes of the same command share the study in OUT."""
+    out = tmp_path / "run"
+    assert _tune(out, "--trials", "2", "--workers", "2", "--state-dims", "16", "--no-baseline",
+                 "--profile", str(profile_path), "--no-drift-check") == 0
+    study = optuna.load_study(study_name="compressm-tune", storage=f"sqlite:///{out}/study.db")
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,
+                                        optuna.trial.TrialState.PRUNED))) == 2
+    assert (out / "report.md").is_file() and (out / "model.onnx").is_file()
