@@ -31,7 +31,7 @@ from compressm_tune import hardware
 from compressm_tune._device import check_precision, resolve_device
 from compressm_tune._io import ensure_dir
 from compressm_tune.data import load_dataset
-from compressm_tune.errors import ConfigError
+from compressm_tune.errors import ArtifactStoreError, ConfigError
 from compressm_tune.hardware import LatencyModel, Profile, latency_model_for
 from compressm_tune.search._artifacts import default_artifacts, open_artifacts
 from compressm_tune.search._config import TuneConfig
@@ -87,7 +87,11 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
         chosen = choose_and_export(config, study, data, artifacts)
         references = train_references(config, data, chosen)
         summary = write_report(config, study, chosen, references, data, profile, latency, notes)
-        publish_bundle(config, study, chosen, artifacts)
+        try:
+            publish_bundle(config, study, chosen, artifacts)
+        except ArtifactStoreError as exc:  # the job's result is in OUT all the same
+            print(f"compressm-tune: warning: the bundle is in {config.out} only: {exc}",
+                  file=sys.stderr)
         return summary
 
 
