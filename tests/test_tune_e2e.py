@@ -193,9 +193,9 @@ def test_resume_after_kill_finishes_the_study_without_losing_or_repeating(tmp_pa
     assert all(t.params == kept[t.number] for t in after if t.number in kept)  # none redone
 
 
-def _two_workers(tmp_path, profile_path, storage):
+def _two_workers(tmp_path, profile_path, storage, *extra):
     # the same command on both: their proposals differ because trials are seeded by number
-    procs = [_cli(_args(tmp_path / f"w{i}", profile_path, 4, "--storage", storage))
+    procs = [_cli(_args(tmp_path / f"w{i}", profile_path, 4, "--storage", storage, *extra))
              for i in range(2)]
     logs = [_wait(p, 900) for p in procs]
     for p, log in zip(procs, logs, strict=True):
@@ -211,7 +211,7 @@ def test_two_workers_share_one_sqlite_study(tmp_path, profile_path):
 
 
 def test_two_workers_share_one_postgresql_study(tmp_path, profile_path, postgres_url):
-    _two_workers(tmp_path, profile_path, postgres_url)
+    _two_workers(tmp_path, profile_path, postgres_url, "--artifacts", str(tmp_path / "shared"))
 
 
 def test_selective_search_meets_its_budget_with_a_selective_profile(tmp_path):
