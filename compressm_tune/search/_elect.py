@@ -92,11 +92,14 @@ def _server_lock(engine: sqlalchemy.Engine, dialect: str, study_id: int) -> Iter
     runs and released with the connection if this process dies."""
     take, release = (sqlalchemy.text(sql) for sql in _SERVER_LOCKS[dialect])
     params = {"cls": _LOCK_CLASS, "study": study_id}
+    conn = None
     try:
         conn = engine.connect()
         mine = bool(conn.execute(take, params).scalar())
         conn.commit()  # a session lock outlives the transaction
     except sqlalchemy.exc.SQLAlchemyError as exc:
+        if conn is not None:
+            conn.close()
         reason = str(exc).splitlines()[0][:200]
         raise StorageError(f"cannot take the finalizer lock in the study's database: "
                            f"{reason}") from None
