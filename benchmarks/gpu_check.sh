@@ -46,6 +46,9 @@ step mamba 90 python -m compressm_tune.cli train --device cuda --arch mamba --st
     --steps 300 --reduce tau=0.1 --no-progress --out runs/gpu-mamba
 step tune 150 python -m compressm_tune.cli --budget-ms 5 --device cuda --trials 3 --steps 150 \
     --no-drift-check --out runs/gpu-tune
+# one local worker per GPU (CUDA_VISIBLE_DEVICES each; round-robin when fewer GPUs than workers)
+step tune-workers 200 python -m compressm_tune.cli --budget-ms 5 --device cuda --workers 2 \
+    --trials 4 --steps 150 --no-drift-check --out runs/gpu-tune-workers
 cp runs/gpu-train/summary.json "$DEST"/train_summary.json 2>/dev/null
 cp runs/gpu-mamba/summary.json "$DEST"/mamba_summary.json 2>/dev/null
 cp runs/gpu-tune/report.md "$DEST"/tune_report.md 2>/dev/null

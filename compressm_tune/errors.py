@@ -20,6 +20,7 @@ __all__ = [
     "ExportOptionError",
     "EnergyBackendError",
     "StorageError",
+    "ArtifactStoreError",
     "BudgetMissedError",
     "DivergedError",
     "FolderBusyError",
@@ -72,6 +73,11 @@ class EnergyBackendError(CompressmError, RuntimeError):
 
 class StorageError(CompressmError, RuntimeError):
     """The study storage cannot be reached or opened."""
+
+
+class ArtifactStoreError(StorageError):
+    """The artifact store of a search (trial checkpoints, the chosen bundle) cannot be reached
+    or written, or lacks a file a trial recorded there."""
 
 
 class BudgetMissedError(CompressmError, RuntimeError):

@@ -7,6 +7,11 @@ tests that compare the package against them do not trust any of the package's ow
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +163,46 @@ def small_trainer(data, out, arch: str, d_model: int, state_dims: list[int], red
                     state_dims=state_dims)
     tcfg = TrainConfig(steps=steps, batch_size=32, eval_every=10, seed=0, threads=1)
     return Trainer(cfg, tcfg, data, out, reducer=reducer, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url(tmp_path_factory):
+    """A throwaway PostgreSQL server on loopback, run as the ``postgres`` user (one per test
+    module: tests keep apart by study name). Skips where the server or psycopg is missing."""
+    pytest.importorskip("psycopg")
+    bins = [shutil.which("initdb")] + sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    initdb = next((str(b) for b in bins if b), None)
+    if initdb is None:
+        pytest.skip("PostgreSQL server binaries (initdb) not installed")
+    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
+    runner: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"],
+                                                             capture_output=True).returncode:
+            pytest.skip("running as root without a 'postgres' user to run the server")
+        runner = ["runuser", "-u", "postgres", "--"]
+    data = Path(f"/tmp/compressm-pg-{os.getpid()}-{time.time_ns()}")
+    data.mkdir()
+    if runner:
+        shutil.chown(data, "postgres")
+    port = _free_port()
+    init = subprocess.run([*runner, initdb, "-D", str(data / "db"), "-A", "trust", "-U", "tune"],
+                          capture_output=True, text=True)
+    if init.returncode:
+        pytest.skip(f"initdb failed: {init.stderr.strip()[:200]}")
+    start = subprocess.run(
+        [*runner, pg_ctl, "-D", str(data / "db"), "-w", "-t", "30", "-l", str(data / "log"),
+         "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"],
+        capture_output=True, text=True)
+    if start.returncode:
+        pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[:200]}")
+    yield f"postgresql://tune@127.0.0.1:{port}/postgres"
+    subprocess.run([*runner, pg_ctl, "-D", str(data / "db"), "-m", "fast", "stop"],
+                   capture_output=True)
+    shutil.rmtree(data, ignore_errors=True)

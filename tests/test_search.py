@@ -351,7 +351,7 @@ def test_a_worker_killed_before_its_first_heartbeat_is_found_dead(tmp_path, caps
 
 
 def test_the_finalize_lock_admits_one_process_at_a_time(tmp_path):
-    from compressm_tune.search._study import finalize_lock
+    from compressm_tune.search._elect import finalize_lock
 
     with finalize_lock(tmp_path) as first:
         with finalize_lock(tmp_path) as second:  # another open file: as another process

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -195,9 +193,9 @@ def test_resume_after_kill_finishes_the_study_without_losing_or_repeating(tmp_pa
     assert all(t.params == kept[t.number] for t in after if t.number in kept)  # none redone
 
 
-def _two_workers(tmp_path, profile_path, storage):
+def _two_workers(tmp_path, profile_path, storage, *extra):
     # the same command on both: their proposals differ because trials are seeded by number
-    procs = [_cli(_args(tmp_path / f"w{i}", profile_path, 4, "--storage", storage))
+    procs = [_cli(_args(tmp_path / f"w{i}", profile_path, 4, "--storage", storage, *extra))
              for i in range(2)]
     logs = [_wait(p, 900) for p in procs]
     for p, log in zip(procs, logs, strict=True):
@@ -212,50 +210,8 @@ def test_two_workers_share_one_sqlite_study(tmp_path, profile_path):
     _two_workers(tmp_path, profile_path, f"sqlite:///{tmp_path / 'shared.db'}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def postgres_url(tmp_path_factory):
-    """A throwaway PostgreSQL server on loopback, run as the ``postgres`` user."""
-    bins = [shutil.which("initdb")] + sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    initdb = next((str(b) for b in bins if b), None)
-    if initdb is None:
-        pytest.skip("PostgreSQL server binaries (initdb) not installed")
-    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
-    runner: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"],
-                                                             capture_output=True).returncode:
-            pytest.skip("running as root without a 'postgres' user to run the server")
-        runner = ["runuser", "-u", "postgres", "--"]
-    data = Path(f"/tmp/compressm-pg-{os.getpid()}-{time.time_ns()}")
-    data.mkdir()
-    if runner:
-        shutil.chown(data, "postgres")
-    port = _free_port()
-    init = subprocess.run([*runner, initdb, "-D", str(data / "db"), "-A", "trust", "-U", "tune"],
-                          capture_output=True, text=True)
-    if init.returncode:
-        pytest.skip(f"initdb failed: {init.stderr.strip()[:200]}")
-    start = subprocess.run(
-        [*runner, pg_ctl, "-D", str(data / "db"), "-w", "-t", "30", "-l", str(data / "log"),
-         "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"],
-        capture_output=True, text=True)
-    if start.returncode:
-        pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[:200]}")
-    yield f"postgresql://tune@127.0.0.1:{port}/postgres"
-    subprocess.run([*runner, pg_ctl, "-D", str(data / "db"), "-m", "fast", "stop"],
-                   capture_output=True)
-    shutil.rmtree(data, ignore_errors=True)
-
-
 def test_two_workers_share_one_postgresql_study(tmp_path, profile_path, postgres_url):
-    pytest.importorskip("psycopg")
-    _two_workers(tmp_path, profile_path, postgres_url)
+    _two_workers(tmp_path, profile_path, postgres_url, "--artifacts", str(tmp_path / "shared"))
 
 
 def test_selective_search_meets_its_budget_with_a_selective_profile(tmp_path):

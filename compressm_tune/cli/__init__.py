@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USER_ERROR
     if args.command is None and (args.budget_ms is not None or args.budget is not None):
         args.func = tune.run
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # --workers reruns it
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return USER_ERROR

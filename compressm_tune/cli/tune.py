@@ -7,10 +7,13 @@ changes the default device to auto.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 from compressm_tune.cli._flags import add_fields
 
-__all__ = ["BUDGET_MISSED", "add_tune_args", "check_data_flags", "run"]
+__all__ = ["BUDGET_MISSED", "add_tune_args", "check_data_flags", "pinned", "run"]
 
 TUNE = "compressm_tune.search:TuneConfig"
 BUDGET_MISSED = 3  # exit status when no model meets the budget as measured
@@ -18,7 +21,7 @@ DATA = ("dataset", "data_path", "data_dir", "val_fraction")
 DEVICE = ("device", "cuda_graphs", "precision")
 _FLAGS = ("budget", "budget_ms", "budget_mj", "latency_mode", "arch", *DATA, "trials", "steps",
           "blocks", "hidden", "state_dims", "baseline", "profile", "drift_check", "storage",
-          "study", "out", "seed", "pareto", "threads", *DEVICE)
+          "artifacts", "study", "workers", "out", "seed", "pareto", "threads", *DEVICE)
 
 
 def add_tune_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_data_flags(args)
     config = TuneConfig(**{name: getattr(args, name) for name in _FLAGS})
+    if config.workers > 1:
+        return _run_workers(args.argv, config.workers, config.device)
     if args.quiet:
         import optuna
 
@@ -59,3 +64,32 @@ def run(args: argparse.Namespace) -> int:
     print(f"run directory: {config.out} (model.onnx, model.ts, manifest.json, summary.json, "
           "report.md)")
     return 0 if summary["meets_budget"] else BUDGET_MISSED
+
+
+def pinned(workers: int, device: str, gpus: int, visible: str | None) -> list[dict[str, str]]:
+    """The environment each of ``workers`` local workers adds to this one's: with ``gpus``
+    CUDA devices (and a ``device`` that may use them) one ``CUDA_VISIBLE_DEVICES`` entry each,
+    round-robin over the devices this process sees (``visible``, its own setting, or
+    0..gpus-1); nothing on CPU."""
+    if gpus < 1 or device == "cpu":
+        return [{} for _ in range(workers)]
+    ids = [d.strip() for d in visible.split(",")][:gpus] if visible else [
+        str(i) for i in range(gpus)]
+    return [{"CUDA_VISIBLE_DEVICES": ids[i % len(ids)]} for i in range(workers)]
+
+
+def _run_workers(argv: list[str], workers: int, device: str) -> int:
+    """Run the same command as ``workers`` processes of one worker each (pinned by
+    :func:`pinned`) and wait for all; the exit status is the highest of theirs (0 when
+    every worker finished and the finalizer's model meets the budget)."""
+    import torch
+
+    envs = pinned(workers, device, torch.cuda.device_count(),
+                  os.environ.get("CUDA_VISIBLE_DEVICES"))
+    command = [sys.executable, "-m", "compressm_tune.cli", *argv, "--workers", "1"]
+    procs = [subprocess.Popen(command, env={**os.environ, **env}) for env in envs]
+    try:
+        return max(p.wait() for p in procs)
+    finally:  # an interrupt reached them too (one process group); wait for their bookkeeping
+        for p in procs:
+            p.wait()

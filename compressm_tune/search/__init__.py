@@ -1,11 +1,13 @@
 """The budgeted search: Optuna over in-training reduction schedules, then export + measure.
 
 :func:`run_tune` is the whole job (``_run``); one trial is ``_objective`` (its choices from
-``_space``); the study, its storage and the finalizer election are ``_study``; choosing and
-measuring the winner is ``_finalize``; ``summary.json`` and ``report.md`` are ``_report``.
+``_space``); the study and its storage are ``_study``, the artifact store every worker shares
+(trial checkpoints, the chosen bundle) ``_artifacts``, and the finalizer's election through the
+storage ``_elect``; choosing and measuring the winner is ``_finalize``; ``summary.json`` and
+``report.md`` are ``_report``.
 """
 
-from compressm_tune.errors import BudgetMissedError, StorageError
+from compressm_tune.errors import ArtifactStoreError, BudgetMissedError, StorageError
 from compressm_tune.search._config import LATENCY_MODES, TuneConfig, parse_relative_budget
 from compressm_tune.search._run import resolve_profile, run_tune
 from compressm_tune.search._space import TrialPlan, suggest
@@ -13,6 +15,7 @@ from compressm_tune.search._study import open_storage
 
 __all__ = [
     "LATENCY_MODES",
+    "ArtifactStoreError",
     "BudgetMissedError",
     "StorageError",
     "TrialPlan",

@@ -11,6 +11,7 @@ from compressm_tune._device import PRECISIONS
 from compressm_tune.data import DATASETS, Dataset
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import ARCHS, SSMConfig, dropout_for
+from compressm_tune.search._artifacts import check_artifacts
 from compressm_tune.training import TrainConfig
 
 __all__ = ["TuneConfig", "LATENCY_MODES", "parse_relative_budget"]
@@ -99,7 +100,15 @@ class TuneConfig:
     storage: str | None = field(default=None, metadata={
         "help": "Optuna storage: SQLAlchemy URL or journal:PATH (default: OUT/study.db); "
                 "rerunning resumes the study"})
+    artifacts: str | None = field(default=None, metadata={
+        "metavar": "DIR|URL",
+        "help": "artifact store of trial checkpoints and the chosen bundle, one every worker "
+                "reaches: a folder, file:///DIR or s3://BUCKET (boto3); default: the folder "
+                "'artifacts' beside the storage's file; required with a database server"})
     study: str = field(default="compressm-tune", metadata={"help": "study name"})
+    workers: int = field(default=1, metadata={
+        "help": "local worker processes sharing the study; with CUDA GPUs each is pinned to "
+                "one (CUDA_VISIBLE_DEVICES, round-robin); on CPU each trains with --threads"})
     out: str = field(default="runs/tune", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "seed of the search and of every trial"})
     pareto: bool = field(default=False, metadata={
@@ -141,11 +150,16 @@ class TuneConfig:
         if self.latency_mode not in LATENCY_MODES:
             raise ConfigError(
                 f"latency mode must be one of {LATENCY_MODES}, got {self.latency_mode!r}")
-        for name in ("trials", "steps", "blocks", "hidden", "batch_size", "ort_threads"):
+        for name in ("trials", "steps", "blocks", "hidden", "batch_size", "ort_threads",
+                     "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
         if not self.state_dims or min(self.state_dims) < 1:
             raise ConfigError(f"state_dims must be positive widths, got {self.state_dims}")
+        check_artifacts(self.artifacts, self.storage)
+        if self.workers > 1 and self.device.startswith("cuda:"):
+            raise ConfigError(f"--workers {self.workers} pins each worker to one GPU: give "
+                              f"--device auto or cuda, not {self.device}")
         self.train_config()  # TrainConfig checks the training settings (device, precision...)
 
     @property

@@ -16,12 +16,13 @@ from compressm_tune._io import read_json
 from compressm_tune.data import Dataset
 from compressm_tune.errors import BudgetMissedError
 from compressm_tune.exporter import export_bundle, measure_latency
+from compressm_tune.search._artifacts import Artifacts
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._objective import constraints_of
 from compressm_tune.training import Trainer
 
 __all__ = ["choose_and_export", "feasible_trials", "infeasible_message", "measure_side_by_side",
-           "train_reference", "train_references"]
+           "publish_bundle", "train_reference", "train_references", "trial_files"]
 
 COMPARISON_ROUNDS = 3  # interleaved timing rounds per model: load drifts between rounds
 
@@ -61,17 +62,36 @@ def _export_and_measure(config: TuneConfig, checkpoint: str, out: Path) -> dict[
     return {"manifest": manifest, "latency": timing}
 
 
-def choose_and_export(config: TuneConfig, study: optuna.Study, data: Dataset) -> dict[str, Any]:
+def trial_files(config: TuneConfig, artifacts: Artifacts,
+                trial: optuna.trial.FrozenTrial) -> Path | None:
+    """A local folder with the trial's ``best.pt`` and ``metrics.jsonl``: downloaded from the
+    artifact store into ``OUT/fetched/``, whichever worker trained it. A trial of a study run
+    before trials uploaded their files recorded a local path instead: that folder, or None
+    when it is not on this machine."""
+    ids = trial.user_attrs.get("artifacts")
+    if ids:
+        return artifacts.fetch(ids, Path(config.out) / "fetched" /
+                               f"{config.study}-{trial.number:04d}", f"trial {trial.number}")
+    local = trial.user_attrs.get("checkpoint")
+    return Path(local).parent if local and Path(local).is_file() else None
+
+
+def choose_and_export(config: TuneConfig, study: optuna.Study, data: Dataset,
+                      artifacts: Artifacts) -> dict[str, Any]:
     """Export feasible trials best-first until one's *measured* latency meets the budget.
 
-    The bundle of the chosen trial is copied into the run directory (``model.onnx``,
-    ``model.ts``, ``manifest.json``, ``checkpoint.pt``). Returns the trial, its measurement,
-    its bundle folder, its manifest and the trials passed over.
+    The trials' files come from ``artifacts`` (:func:`trial_files`). The bundle of the chosen
+    trial is copied into the run directory (``model.onnx``, ``model.ts``, ``manifest.json``,
+    ``checkpoint.pt``). Returns the trial, its measurement, its bundle folder, its manifest,
+    the local folder of its files (``files``) and the trials passed over.
 
     Raises
     ------
     BudgetMissedError
         No trial is predicted to meet the budgets, or every feasible one missed when measured.
+    ArtifactStoreError
+        A feasible trial's files are not in the artifact store (another store than its
+        worker's), or the store cannot be read.
     """
     feasible = feasible_trials(study)
     if not feasible:
@@ -79,27 +99,43 @@ def choose_and_export(config: TuneConfig, study: optuna.Study, data: Dataset) ->
     out = Path(config.out)
     misses = []
     for trial in feasible:
-        if not Path(trial.user_attrs["checkpoint"]).exists():
-            continue  # trained by a worker on another machine; its checkpoint lives there
+        files = trial_files(config, artifacts, trial)
+        if files is None:
+            continue  # an old study's trial, trained by a worker on another machine
         # in this worker's own run directory: workers sharing a study may pick the same trial
         bundle = out / "bundles" / f"{config.study}-{trial.number:04d}"
-        result = _export_and_measure(config, trial.user_attrs["checkpoint"], bundle)
+        result = _export_and_measure(config, str(files / "best.pt"), bundle)
         measured = result["latency"]["p50_ms"]
         if measured <= config.budget_ms:
             for f in bundle.iterdir():
                 if f.is_file():
                     shutil.copy2(f, out / f.name)
-            shutil.copy2(trial.user_attrs["checkpoint"], out / "checkpoint.pt")
+            shutil.copy2(files / "best.pt", out / "checkpoint.pt")
             return {"trial": trial, "measured": result["latency"], "bundle": bundle,
-                    "manifest": result["manifest"], "fallbacks": misses}
+                    "manifest": result["manifest"], "files": files, "fallbacks": misses}
         misses.append({"trial": trial.number, "predicted_ms": trial.user_attrs["predicted_ms"],
                        "measured_ms": measured})
     if not misses:
-        raise BudgetMissedError("no feasible trial's checkpoint is on this machine; run the "
-                                "job where the best trials were trained")
+        raise BudgetMissedError("no feasible trial's checkpoint is on this machine (the study's "
+                                "trials recorded local paths, from before artifact stores); "
+                                "run the job where the best trials were trained")
     raise BudgetMissedError(
         f"every feasible trial missed {config.budget_ms:g} ms when measured: "
         + ", ".join(f"trial {m['trial']} {m['measured_ms']:.3g} ms" for m in misses))
+
+
+def publish_bundle(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any],
+                   artifacts: Artifacts) -> dict[str, str]:
+    """Upload the chosen bundle (its files, ``checkpoint.pt``, ``summary.json``, ``report.md``)
+    to the artifact store as artifacts of the study, and record their ids in the study's user
+    attr ``bundle`` (with the trial's number), where a worker on any machine finds them;
+    returns name -> artifact id."""
+    out = Path(config.out)
+    names = [f.name for f in sorted(chosen["bundle"].iterdir()) if f.is_file()]
+    ids = artifacts.upload(study, {name: out / name for name in
+                                   [*names, "checkpoint.pt", "summary.json", "report.md"]})
+    study.set_user_attr("bundle", {"trial": chosen["trial"].number, "files": ids})
+    return ids
 
 
 def train_reference(config: TuneConfig, data: Dataset, name: str, widths: list[int],

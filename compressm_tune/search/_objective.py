@@ -10,6 +10,7 @@ import optuna
 
 from compressm_tune.data import Dataset
 from compressm_tune.reduction import ReduceConfig, Reducer, ReductionPolicy, round_up_to
+from compressm_tune.search._artifacts import Artifacts
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._space import TrialPlan, suggest
 from compressm_tune.training import Trainer, score
@@ -38,13 +39,20 @@ def constraints_of(trial: optuna.trial.FrozenTrial) -> list[float]:
     return list(trial.user_attrs.get("constraints", {}).values()) or [float("inf")]
 
 
+TRIAL_FILES = ("best.pt", "metrics.jsonl")  # what a trial uploads: the finalizer's inputs
+
+
 class Objective:
-    """Callable objective; ``predict(dims, metric)`` comes from the device's latency model."""
+    """Callable objective; ``predict(dims, metric)`` comes from the device's latency model.
+
+    A trial's checkpoint and metrics go to ``artifacts`` (their ids in the trial's user attr
+    ``artifacts``), so any worker sharing the study and the store can export it.
+    """
 
     def __init__(self, config: TuneConfig, dataset: Dataset, predict: Predict,
-                 fast_widths: list[int]) -> None:
+                 fast_widths: list[int], artifacts: Artifacts) -> None:
         self.config, self.dataset, self.predict = config, dataset, predict
-        self.fast_widths = fast_widths
+        self.fast_widths, self.artifacts = fast_widths, artifacts
 
     def fits(self, dims: list[int]) -> bool:
         """Whether a model with these widths is predicted to meet every budget."""
@@ -87,7 +95,9 @@ class Objective:
         constraints = self.constraints(dims)
         set_constraints(trial, constraints)
         metric = "accuracy" if data.task == "classification" else "loss"
-        trial.set_user_attr("checkpoint", str(out / "best.pt"))
+        # uploaded before the trial completes: a failed upload fails the trial
+        trial.set_user_attr("artifacts", self.artifacts.upload(
+            trial, {name: out / name for name in TRIAL_FILES}))
         trial.set_user_attr("initial_state_dims", list(model_config.state_dims))
         trial.set_user_attr("state_dims", dims)
         trial.set_user_attr("train_settings", settings)

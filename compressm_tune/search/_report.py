@@ -41,7 +41,7 @@ def write_report(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any]
     initial = trial.user_attrs.get("initial_state_dims") or (
         [trial.params.get("state_dim", config.full_width)] * config.blocks)
     final = trial.user_attrs["state_dims"]
-    trial_metrics = Path(trial.user_attrs["checkpoint"]).parent / "metrics.jsonl"
+    trial_metrics = Path(chosen["files"]) / "metrics.jsonl"
     models = {
         "full": _model_entry(references["full"]["final_state_dims"],
                              references["full"]["test_best"][metric], metric, timing["full"],

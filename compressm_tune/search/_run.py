@@ -16,8 +16,10 @@
    trial's settings and steps, exported, and timed side by side with it; ``_report`` writes
    the record.
 
-Several workers may share one study (``storage``) and one ``out``; every worker but the
-finalizer says who finishes the job and exits.
+Several workers, on one machine or several, may share one study (``storage``) and one
+artifact store (``artifacts``: trial checkpoints, then the chosen bundle), each with its own
+``out``; the finalizer is elected through the storage (``_elect``) and fetches the trials it
+exports from the store; every other worker says who finishes the job and exits.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from compressm_tune import hardware
 from compressm_tune._device import check_precision, resolve_device
 from compressm_tune._io import ensure_dir
 from compressm_tune.data import load_dataset
-from compressm_tune.errors import ConfigError
+from compressm_tune.errors import ArtifactStoreError, ConfigError
 from compressm_tune.hardware import LatencyModel, Profile, latency_model_for
+from compressm_tune.search._artifacts import default_artifacts, open_artifacts
 from compressm_tune.search._config import TuneConfig
-from compressm_tune.search._finalize import choose_and_export, train_references
+from compressm_tune.search._elect import finalizer
+from compressm_tune.search._finalize import choose_and_export, publish_bundle, train_references
 from compressm_tune.search._objective import Objective
 from compressm_tune.search._report import write_report
-from compressm_tune.search._study import check_storage, finalizer, open_study, run_trials
+from compressm_tune.search._study import check_storage, open_study, run_trials
 from compressm_tune.training import TrainConfig, check_training_memory
 
 __all__ = ["run_tune", "resolve_profile"]
@@ -64,23 +68,31 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
         drift_check=config.drift_check, metric=config.metric)
     config = _resolve_budget(config, latency)
     notes += _budget_notes(config, latency, profile)
-    out = ensure_dir(config.out)  # after every refusal: a refused run leaves no folder
+    artifacts = open_artifacts(config.artifacts or default_artifacts(config.storage, config.out))
+    ensure_dir(config.out)  # after every refusal: a refused run leaves no folder
     study = open_study(config)
     saved_ms = study.user_attrs["settings"]["budget_ms"]
     if saved_ms != config.budget_ms:  # a rerun of a relative budget keeps the study's
         notes.append(f"budget {config.budget} resolves to {config.budget_ms:.4g} ms now; the "
                      f"study's trials were run against {saved_ms:.4g} ms, which is kept")
         config = config.with_budget_ms(saved_ms)
-    objective = Objective(config, data, latency.predict, profile.fast_widths())
+    objective = Objective(config, data, latency.predict, profile.fast_widths(), artifacts)
     others = run_trials(study, objective, config.trials)
-    with finalizer(out, others) as why_not:
+    with finalizer(study, config, others) as why_not:
         if why_not:
-            print(f"compressm-tune: this worker's trials are done; {why_not}; results will be "
-                  f"in {config.out}", file=sys.stderr)
+            print(f"compressm-tune: this worker's trials are done; {why_not}; the bundle will "
+                  f"also be in the artifact store {artifacts.where} (study user attr 'bundle')",
+                  file=sys.stderr)
             return {"finalized": False, "meets_budget": None}
-        chosen = choose_and_export(config, study, data)
+        chosen = choose_and_export(config, study, data, artifacts)
         references = train_references(config, data, chosen)
-        return write_report(config, study, chosen, references, data, profile, latency, notes)
+        summary = write_report(config, study, chosen, references, data, profile, latency, notes)
+        try:
+            publish_bundle(config, study, chosen, artifacts)
+        except ArtifactStoreError as exc:  # the job's result is in OUT all the same
+            print(f"compressm-tune: warning: the bundle is in {config.out} only: {exc}",
+                  file=sys.stderr)
+        return summary
 
 
 def _resolve_budget(config: TuneConfig, latency: LatencyModel) -> TuneConfig:

@@ -5,7 +5,7 @@ the same command resumes it: finished trials are kept, and a trial whose process
 heartbeat went stale: Optuna's in a database, :func:`keep_alive`'s in a journal file) is
 marked failed and retried once, so an interrupt neither loses nor repeats work. Several
 processes or machines pointed at one storage share the study: the slot guard keeps its trial
-count exact, and :func:`finalizer` elects the one worker that exports and reports.
+count exact, and ``_elect`` elects the one worker that exports and reports.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages._rdb.models import TrialHeartbeatModel
 from optuna.storages.journal import JournalFileBackend
 
-from compressm_tune._io import FolderLock, ensure_dir
+from compressm_tune._io import ensure_dir
 from compressm_tune.errors import CompressmError, ConfigError, StorageError
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._objective import constraints_of
@@ -32,10 +32,10 @@ from compressm_tune.search._objective import constraints_of
 __all__ = [
     "check_storage",
     "fail_dead_trials",
-    "finalizer",
     "keep_alive",
     "open_storage",
     "open_study",
+    "rdb_of",
     "run_trials",
 ]
 
@@ -116,7 +116,8 @@ def open_storage(url: str | None, out_dir: Path) -> optuna.storages.BaseStorage:
             time.sleep(0.5 * attempt)
 
 
-def _rdb(study: optuna.Study) -> RDBStorage | None:
+def rdb_of(study: optuna.Study) -> RDBStorage | None:
+    """The study's database storage, or None (a journal file)."""
     backend = getattr(study._storage, "_backend", study._storage)  # behind Optuna's cache
     return backend if isinstance(backend, RDBStorage) else None
 
@@ -129,7 +130,7 @@ def keep_alive(trial: optuna.Trial) -> Iterator[None]:
     in a journal file would stay RUNNING for good. Here a thread records the time in a system
     attribute of the trial every ``HEARTBEAT_S`` seconds, which :func:`fail_dead_trials` reads.
     """
-    if _rdb(trial.study) is not None:
+    if rdb_of(trial.study) is not None:
         yield
         return
     storage, stop = trial.study._storage, threading.Event()
@@ -176,7 +177,7 @@ def _fail_silent_trials(study: optuna.Study) -> None:
     cutoff = time.time() - GRACE_S
     dead = [t for t in running if t.datetime_start is not None and max(
         t.datetime_start.timestamp(), t.system_attrs.get(ALIVE_KEY, 0.0)) < cutoff]
-    rdb = _rdb(study)
+    rdb = rdb_of(study)
     if dead and rdb is not None:  # there, only trials without a heartbeat row are left
         session = rdb.scoped_session()
         try:
@@ -405,35 +406,3 @@ def _still_running(study: optuna.Study) -> list[int]:
 def _waiting(study: optuna.Study) -> list[int]:
     waiting = (optuna.trial.TrialState.WAITING,)
     return [t.number for t in study.get_trials(deepcopy=False, states=waiting)]
-
-
-# ----------------------------------------------------------------------------- finalizing
-
-
-@contextlib.contextmanager
-def finalizer(out: Path, others: list[int]) -> Iterator[str | None]:
-    """Elect the one worker that exports and reports: yields ``None`` to it, and to every
-    other worker the reason it does not.
-
-    That is the last worker to finish while no trial ``others`` still runs elsewhere, under
-    an exclusive lock on ``OUT/.finalize.lock`` (released by the kernel if the worker dies).
-    """
-    if others:
-        yield (f"trial(s) {others} still run in other workers; the last of them to finish "
-               f"exports and reports (if a worker died, rerun this command after {GRACE_S} s)")
-        return
-    with finalize_lock(out) as mine:
-        yield None if mine else "another worker is exporting and reporting"
-
-
-@contextlib.contextmanager
-def finalize_lock(out: Path) -> Iterator[bool]:
-    """Yield True for the one process that holds ``OUT/.finalize.lock``, False for others."""
-    lock = FolderLock(out, ".finalize.lock")
-    if not lock.acquire():
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        lock.release()
