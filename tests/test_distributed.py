@@ -48,16 +48,49 @@ def _rank(rank: int, world: int, store: str, dataset, out: Path, report: Path) -
     try:
         def keep_step_20(record):
             if record["step"] == 20 and rank == 0:
-                (out / "at20.pt").write_bytes((out / "last.pt").read_bytes())
+                for name in ("last", "best"):
+                    (out / f"{name}20.pt").write_bytes((out / f"{name}.pt").read_bytes())
 
         trainer = _trainer(dataset, out, on_eval=keep_step_20)
         trainer.fit()
         weights = {k: v.tolist() for k, v in trainer.model.state_dict().items()}
+        looped = _user_loop(rank)
         (report / f"rank{rank}.json").write_text(json.dumps(
             {"dims": trainer.model.state_dims, "weights": weights,
-             "wrapped": type(trainer._trained).__name__}))
+             "wrapped": type(trainer._trained).__name__, "user_loop": looped}))
     finally:
         dist.destroy_process_group()
+
+
+def _user_loop(rank: int) -> dict:
+    """A user's DDP loop with a Compressor that re-wraps the model in ``on_cut``; each rank
+    trains on its own data, so ranks stay equal only if the new parameters' gradients are
+    averaged too."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from compressm_tune import Compressor
+    from compressm_tune.models import SSMModel
+
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(d_input=1, d_output=1, d_model=4, state_dims=[6], dropout=0.0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    held = {"ddp": DistributedDataParallel(model)}
+
+    def rewrap():
+        held["ddp"] = DistributedDataParallel(model)
+
+    c = Compressor(model, opt, reduce="rank=3", total_steps=8, window=0.5, every=2,
+                   on_cut=rewrap)
+    data = torch.Generator().manual_seed(1 + rank)
+    for step in range(1, 9):
+        x = torch.randn(4, 10, 1, generator=data)
+        loss = held["ddp"](x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        c.step(step)
+    return {"dims": model.state_dims,
+            "weights": {k: v.tolist() for k, v in model.named_parameters()}}
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -97,6 +130,9 @@ def test_world_size_2_trains_what_world_size_1_trains_and_resumes_at_1(mnist1d, 
     assert ranks[0]["wrapped"] == "DistributedDataParallel"
     assert ranks[0]["dims"] == ranks[1]["dims"] == [2, 2]
     assert ranks[0]["weights"] == ranks[1]["weights"]  # bitwise, on every rank
+    # a user's loop re-wrapping DDP after the Compressor's cut keeps the ranks equal
+    assert ranks[0]["user_loop"]["dims"] == ranks[1]["user_loop"]["dims"] == [3]
+    assert ranks[0]["user_loop"]["weights"] == ranks[1]["user_loop"]["weights"]
     _assert_close(_weights(two / "last.pt"), _weights(tmp_path / "one" / "last.pt"))
     records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]
@@ -105,7 +141,8 @@ def test_world_size_2_trains_what_world_size_1_trains_and_resumes_at_1(mnist1d, 
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    (resumed / "last.pt").write_bytes((two / "at20.pt").read_bytes())
+    for name in ("last", "best"):
+        (resumed / f"{name}.pt").write_bytes((two / f"{name}20.pt").read_bytes())
     again = _trainer(mnist1d, resumed, resume=True)
     assert again.step == 20 and again.model.state_dims == [2, 2]
     again.fit()
