@@ -54,8 +54,9 @@ def _masked_batch_norm(rows: torch.Tensor, valid: torch.Tensor, norm: nn.BatchNo
     total = _rank_sum if synced else _identity
     x = rows.float()  # (R, H); BatchNorm computes in float32 under autocast too
     w = valid.to(x.dtype)[:, None]  # (R, 1)
-    count = total(w.sum())
-    mean = total((x * w).sum(dim=0)) / count.clamp_min(1.0)  # (H,)
+    count_sum = total(torch.cat([w.sum(dim=0), (x * w).sum(dim=0)]))  # (1 + H,) one reduce
+    count = count_sum[0]
+    mean = count_sum[1:] / count.clamp_min(1.0)  # (H,)
     centred = x - mean  # (R, H)
     var = total((centred.square() * w).sum(dim=0)) / count.clamp_min(1.0)  # (H,) biased
     with torch.no_grad():
