@@ -8,7 +8,7 @@ N=256, global batch 64). The step time is that of the second half of a run's ste
 ``metrics.jsonl``'s cumulative ``train_time_s``: training steps only, no evaluation, no start-up),
 so warm-up is left out. Runs alternate between the world sizes, ``--repeats`` times each.
 
-    python benchmarks/bench_ddp.py [--steps 40] [--repeats 3] [--quick]
+    python benchmarks/bench_ddp.py [--steps 30] [--repeats 3] [--quick]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def run_once(world: int, shape: dict[str, int], steps: int, out: Path) -> dict[s
 
 def main() -> None:
     ap = parser(__doc__, "ddp_cpu", quick="a small shape, a few steps: a smoke test")
-    ap.add_argument("--steps", type=int, default=40, help="steps per run (timed: the second half)")
+    ap.add_argument("--steps", type=int, default=30, help="steps per run (timed: the second half)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per world size, alternating")
     args = ap.parse_args()
     shape = QUICK if args.quick else SHAPE
