@@ -39,20 +39,37 @@ def _trainer(dataset, out, resume=False, on_eval=None):
                    progress=False, on_eval=on_eval)
 
 
-def _rank(rank: int, world: int, store: str, dataset, out: Path, report: Path) -> None:
-    """One rank of the world-size-2 run: trains, keeps rank 0's step-20 checkpoint, and
-    reports its widths and weights."""
+def _keep_step_20(out: Path, rank: int = 0):
+    """An ``on_eval`` that copies rank 0's step-20 checkpoints aside (``last20.pt``,
+    ``best20.pt``): an interrupted run's folder."""
+    def keep(record):
+        if record["step"] == 20 and rank == 0:
+            for name in ("last", "best"):
+                (out / f"{name}20.pt").write_bytes((out / f"{name}.pt").read_bytes())
+    return keep
+
+
+def _interrupted_copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for name in ("last", "best"):
+        (dst / f"{name}.pt").write_bytes((src / f"{name}20.pt").read_bytes())
+    return dst
+
+
+def _rank(rank: int, world: int, store: str, dataset, out: Path, report: Path,
+          resume_from_one: Path) -> None:
+    """One rank of the world-size-2 runs: trains from scratch (keeping rank 0's step-20
+    checkpoint), resumes the world-size-1 run's step-20 checkpoint, and reports its widths
+    and weights."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world)
     try:
-        def keep_step_20(record):
-            if record["step"] == 20 and rank == 0:
-                for name in ("last", "best"):
-                    (out / f"{name}20.pt").write_bytes((out / f"{name}.pt").read_bytes())
-
-        trainer = _trainer(dataset, out, on_eval=keep_step_20)
+        trainer = _trainer(dataset, out, on_eval=_keep_step_20(out, rank))
         trainer.fit()
+        resumed = _trainer(dataset, resume_from_one, resume=True)
+        assert resumed.step == 20
+        resumed.fit()
         weights = {k: v.tolist() for k, v in trainer.model.state_dict().items()}
         looped = _user_loop(rank)
         (report / f"rank{rank}.json").write_text(json.dumps(
@@ -113,19 +130,21 @@ def test_shards_cover_the_rows_in_order():
             assert max(s.stop - s.start for s in rows) - min(s.stop - s.start for s in rows) <= 1
 
 
-def test_world_size_2_trains_what_world_size_1_trains_and_resumes_at_1(mnist1d, tmp_path):
+def test_world_size_2_trains_what_world_size_1_trains_and_resumes_across(mnist1d, tmp_path):
     """Same global batch and seed: after 30 steps with a cut the weights agree within 1e-5,
-    every rank holds the same widths, and rank 0's step-20 checkpoint finishes at world
-    size 1 as the uninterrupted run does."""
+    every rank holds the same widths, and a step-20 checkpoint written at one world size
+    finishes at the other as the uninterrupted run does."""
+    torch.set_num_threads(1)
+    one = _trainer(mnist1d, tmp_path / "one", on_eval=_keep_step_20(tmp_path / "one"))
+    one.fit()
+    assert one.model.state_dims == [2, 2]  # the cut happened
     two, report = tmp_path / "two", tmp_path / "report"
     two.mkdir()
     report.mkdir()
-    mp.spawn(_rank, args=(2, str(tmp_path / "store"), mnist1d, two, report), nprocs=2,
-             join=True)
-    torch.set_num_threads(1)
-    one = _trainer(mnist1d, tmp_path / "one")
-    one.fit()
-    assert one.model.state_dims == [2, 2]  # the cut happened
+    one_at_two = _interrupted_copy(tmp_path / "one", tmp_path / "one_at_two")
+    mp.spawn(_rank, args=(2, str(tmp_path / "store"), mnist1d, two, report, one_at_two),
+             nprocs=2, join=True)
+    _assert_close(_weights(one_at_two / "last.pt"), _weights(tmp_path / "one" / "last.pt"))
     ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["wrapped"] == "DistributedDataParallel"
     assert ranks[0]["dims"] == ranks[1]["dims"] == [2, 2]
@@ -139,10 +158,7 @@ def test_world_size_2_trains_what_world_size_1_trains_and_resumes_at_1(mnist1d, 
     assert records[0]["reduction"][0]["action"] == "cut"
     assert records[0]["reduction"][0]["n_val"] == len(mnist1d.x_val)  # judged on all of it
 
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    for name in ("last", "best"):
-        (resumed / f"{name}.pt").write_bytes((two / f"{name}20.pt").read_bytes())
+    resumed = _interrupted_copy(two, tmp_path / "two_at_one")
     again = _trainer(mnist1d, resumed, resume=True)
     assert again.step == 20 and again.model.state_dims == [2, 2]
     again.fit()
