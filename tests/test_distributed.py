@@ -228,7 +228,7 @@ def test_a_killed_rank_ends_the_job_in_one_line_with_a_checkpoint(mnist1d, tmp_p
     assert load_checkpoint(out / "last.pt")["step"] == 20
 
 
-@pytest.mark.parametrize("case", ["batch", "settings"])
+@pytest.mark.parametrize("case", ["batch", pytest.param("settings", marks=pytest.mark.slow)])
 def test_ranks_that_cannot_train_together_stop_in_one_line(mnist1d, tmp_path, case):
     flags = [*_CLI, "--steps", "20", "--out", str(tmp_path / "run")]
     if case == "batch":

@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -460,12 +461,14 @@ class Trainer:
 
     def _lost(self, exc: Exception) -> RankLostError:
         """A collective failed: another rank died or stopped answering."""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # gloo: "[.../pair.cc:537] Read error [127.0.0.1]:34180: Connection reset by peer. ..."
+        first = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0][:160]
         last = self.out_dir / "last.pt"
         kept = (f"{last} is kept: rerun with --resume (at any number of ranks)"
                 if self.main and last.exists() else "rerun with --resume from rank 0's last.pt")
         return RankLostError(f"rank {self.ranks.rank} lost the other ranks at step "
-                             f"{self.step + 1} ({first[:160]}); {kept}")
+                             f"{self.step + 1} ({first}); {kept}")
 
     def _loop(self, metrics_file: Any, bar: Any, losses: list[float]) -> None:
         cfg = self.config
