@@ -87,9 +87,17 @@ def init_from_env(device: str, timeout_s: float) -> str:
     else:
         spec = "cpu"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if kind.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=timeout_s),
-                                device_id=torch.device(spec) if kind.type == "cuda" else None)
+        try:
+            dist.init_process_group("nccl" if kind.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=timeout_s),
+                                    device_id=torch.device(spec) if kind.type == "cuda"
+                                    else None)
+        except (dist.DistError, RuntimeError) as exc:  # no rendezvous: a port, a lost peer
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise DistributedError(
+                f"rank {os.environ['RANK']} cannot join the process group at "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: {first[:200]}"
+            ) from None
     return spec
 
 
