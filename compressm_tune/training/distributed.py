@@ -20,6 +20,11 @@ What the ranks agree on, and how:
   mismatch, never a hang), and re-wrapping in DDP broadcasts rank 0's weights;
 * settings: :func:`check_same` compares a hash of the run's settings and the package version.
 
+Each rank's loss is the mean over its shard and DDP averages the gradients, which is the
+global batch's mean whenever every shard scores as many elements: always for classification
+and fixed-length regression; for NaN-padded regression targets of varying length, shards
+with more real steps weigh a little less than in one process.
+
 A rank that dies or stops answering ends the others' collectives: gloo notices a closed
 connection at once, and every collective gives up after the process group's ``timeout``
 (NCCL: its watchdog); torchrun's agent then stops the remaining workers.
