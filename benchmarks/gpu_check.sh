@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, each step time-boxed (a lent GPU's time is short): the training
 # step against the paper's JAX LRU and where the sCIFAR step's time goes; the Triton kernels
-# and the tests marked gpu; `train --reduce tau=0.04` (LRU), `--arch mamba` and `--arch mamba2`
-# (its chunked SSD and the Triton importance kernel on folded groups); a GPU energy
-# profile over NVML windows; the budgeted job with --device cuda.
+# and the tests marked gpu; `train --reduce tau=0.04` (LRU), `--arch mamba`, `--arch mamba2`
+# (its chunked SSD and the Triton importance kernel on folded groups) and under torchrun (NCCL,
+# one rank); a GPU energy profile over NVML windows; the budgeted job with --device cuda.
 # Usage: benchmarks/gpu_check.sh [PEER_ROOT]  (a checkout of camail-official/compressm; default
 # ../shared/peers/compressm-official). Results and the log go to $OUT (the device tool) or
 # bench_results/gpu_check. SKIP="tune train" leaves steps out. Exit status: failed steps.
@@ -47,6 +47,10 @@ step mamba 90 python -m compressm_tune.cli train --device cuda --arch mamba --st
     --steps 300 --reduce tau=0.1 --no-progress --out runs/gpu-mamba
 step mamba2 90 python -m compressm_tune.cli train --device cuda --arch mamba2 --state-dim 128 \
     --steps 300 --reduce tau=0.1 --no-progress --out runs/gpu-mamba2
+# the NCCL path: one rank under torchrun (process group, DDP re-wrapped after the cut at step 20)
+step ddp 120 python -m torch.distributed.run --nproc-per-node 1 --master-port 29531 \
+    -m compressm_tune.cli train --device cuda --reduce rank=32 --schedule window --window 0.5 \
+    --steps 60 --eval-every 20 --no-progress --out runs/gpu-ddp
 step tune 150 python -m compressm_tune.cli --budget-ms 5 --device cuda --trials 3 --steps 150 \
     --no-drift-check --out runs/gpu-tune
 # one local worker per GPU (CUDA_VISIBLE_DEVICES each; round-robin when fewer GPUs than workers)
@@ -55,6 +59,7 @@ step tune-workers 200 python -m compressm_tune.cli --budget-ms 5 --device cuda -
 cp runs/gpu-train/summary.json "$DEST"/train_summary.json 2>/dev/null
 cp runs/gpu-mamba/summary.json "$DEST"/mamba_summary.json 2>/dev/null
 cp runs/gpu-mamba2/summary.json "$DEST"/mamba2_summary.json 2>/dev/null
+cp runs/gpu-ddp/summary.json "$DEST"/ddp_summary.json 2>/dev/null
 cp runs/gpu-tune/report.md "$DEST"/tune_report.md 2>/dev/null
 echo "gpu_check: $failed step(s) failed" | tee -a "$LOG"
 exit "$failed"

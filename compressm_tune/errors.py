@@ -24,6 +24,8 @@ __all__ = [
     "BudgetMissedError",
     "DivergedError",
     "FolderBusyError",
+    "DistributedError",
+    "RankLostError",
 ]
 
 
@@ -90,3 +92,12 @@ class DivergedError(CompressmError, RuntimeError):
 
 class FolderBusyError(CompressmError, RuntimeError):
     """Another live process is writing into the same output folder."""
+
+
+class DistributedError(CompressmError, RuntimeError):
+    """The ranks of a torch.distributed run disagree (settings, version, cut widths)."""
+
+
+class RankLostError(DistributedError):
+    """A rank of a torch.distributed run died or stopped answering; the last checkpoint is
+    kept for ``--resume``."""

@@ -201,6 +201,30 @@ def test_a_cut_that_hurts_validation_is_rolled_back_exactly(caplog):
     assert c.step(2) == []  # frozen: no further attempt on that layer, no validation
 
 
+def test_on_cut_is_called_after_a_step_that_changed_widths_only():
+    """The re-wrap hook of a DistributedDataParallel loop: once per step whose cuts were kept
+    (the optimizer already holds the new parameters), never after a rolled-back cut."""
+    model, opt, _ = _trained()
+    seen = []
+
+    def on_cut():
+        held = {id(p) for g in opt.param_groups for p in g["params"]}
+        seen.append((list(model.state_dims), all(id(p) in held for p in model.parameters())))
+
+    fail = {"on": True}
+    c = Compressor(model, opt, reduce="rank=2", total_steps=100, every=1, window=0.05,
+                   validate=lambda: {"accuracy": 0.5 if fail["on"] and model.state_dims != [
+                       16, 4] else 0.9}, on_cut=on_cut)
+    c.step(1)  # rolled back, both layers frozen
+    assert seen == [] and model.state_dims == [16, 4]
+    c.reducer.frozen.clear()
+    fail["on"] = False
+    c.step(2)
+    assert seen == [([2, 2], True)]
+    c.step(3)  # nothing left to cut
+    assert len(seen) == 1
+
+
 def test_plain_training_loop_compresses_and_keeps_learning():
     torch.manual_seed(0)
     model = SSMModel(SSMConfig(d_input=1, d_output=2, d_model=8, state_dims=[24, 24]))

@@ -4,6 +4,12 @@ Flags are generated from :class:`SSMConfig`, :class:`TrainConfig` and :class:`Re
 the adapters below cover what does not map one to one: ``--state-dim N --blocks K`` (one
 width per block), ``--dropout`` (its default depends on the task) and ``--reduce SPEC``
 (with ``--select``/``--weighting``, a reduction policy).
+
+Under ``torchrun`` (``torchrun --nproc-per-node K --no-python compressm-tune train ...``)
+every rank joins one process group (NCCL on GPUs, gloo on CPU) and trains its share of the
+global batch (see :mod:`compressm_tune.training.distributed`); rank 0 writes the folder and
+prints the result. A user error is printed by rank 0 alone (every rank meets the same one);
+a lost rank is reported by every rank that survives it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ MODEL = "compressm_tune.models:SSMConfig"
 TRAIN = "compressm_tune.training:TrainConfig"
 REDUCE = "compressm_tune.reduction:ReduceConfig"
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "ssm_lr_factor", "weight_decay", "warmup_frac",
-                "eval_every", "seed", "threads")
+                "eval_every", "seed", "threads", "dist_timeout")
 _REDUCE_FLAGS = ("window", "every", "schedule", "max_drop")
 
 
@@ -68,12 +74,31 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train, print the result table and, with a spectrum logged, plot it."""
+    """Train, print the result table and, with a spectrum logged, plot it; under torchrun,
+    in a process group left at the end."""
+    from compressm_tune.errors import CompressmError, RankLostError
+    from compressm_tune.training import distributed
+
+    if not distributed.launched():
+        return _train(args)
+    try:
+        args.device = distributed.init_from_env(args.device, args.dist_timeout)
+        return _train(args)
+    except CompressmError as exc:
+        if distributed.current() is None or distributed.current().main or isinstance(
+                exc, RankLostError):
+            raise
+        return 2  # rank 0 says it (the CLI's USER_ERROR)
+    finally:
+        distributed.teardown()
+
+
+def _train(args: argparse.Namespace) -> int:
     from compressm_tune._table import markdown_table
     from compressm_tune.data import load_dataset
     from compressm_tune.errors import ConfigError
     from compressm_tune.models import SSMConfig, dropout_for
-    from compressm_tune.training import TrainConfig, Trainer
+    from compressm_tune.training import TrainConfig, Trainer, distributed
 
     tune.check_data_flags(args)
     data = load_dataset(args.dataset, path=args.data_path, data_dir=args.data_dir,
@@ -87,12 +112,21 @@ def run(args: argparse.Namespace) -> int:
     )
     config = TrainConfig(**{name: getattr(args, name)
                             for name in (*_TRAIN_FLAGS, *tune.DEVICE, "log_spectrum")})
-    if args.resume and not (Path(args.out) / "last.pt").is_file():
-        raise ConfigError(f"--resume: there is no {Path(args.out) / 'last.pt'} to continue "
-                          "from; run without --resume to start")
+    ranks = distributed.current()
+    missing = None
+    if args.resume and (ranks is None or ranks.main) and not (
+            Path(args.out) / "last.pt").is_file():  # rank 0's folder is the run's
+        missing = ConfigError(f"--resume: there is no {Path(args.out) / 'last.pt'} to "
+                              "continue from; run without --resume to start")
+    if ranks is not None:
+        distributed.unanimous(missing, ranks)
+    elif missing is not None:
+        raise missing
     trainer = Trainer(model_config, config, data, args.out, reducer=_reducer(args),
                       resume=args.resume, progress=not (args.no_progress or args.quiet))
     s = trainer.fit()
+    if not trainer.main:
+        return 0
     metric = "accuracy" if data.task == "classification" else "loss"
     print()
     print(markdown_table(

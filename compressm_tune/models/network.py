@@ -12,8 +12,10 @@ network then ends with an RMSNorm (Mamba's ``norm_f``). Every block has its own 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -43,23 +45,52 @@ class GLU(nn.Module):
         return F.glu(self.proj(x), dim=-1)  # one kernel for a * sigmoid(b), forward and back
 
 
-def _masked_batch_norm(rows: torch.Tensor, valid: torch.Tensor,
-                       norm: nn.BatchNorm1d) -> torch.Tensor:
+def _masked_batch_norm(rows: torch.Tensor, valid: torch.Tensor, norm: nn.BatchNorm1d,
+                       synced: bool = False) -> torch.Tensor:
     """Training-mode ``norm(rows)`` with the statistics of the ``valid`` rows only (running
     statistics updated as ``nn.BatchNorm1d`` does: momentum, unbiased variance). Padded rows
     are normalized with the same statistics; the layers are causal, so they never reach a
-    real step."""
+    real step. ``synced``: the statistics are those of every rank's rows together (summed
+    over the default process group, differentiably, as ``nn.SyncBatchNorm`` does on GPUs),
+    so a batch split over ranks is normalized as the whole batch would be."""
+    total = _rank_sum if synced else _identity
     x = rows.float()  # (R, H); BatchNorm computes in float32 under autocast too
     w = valid.to(x.dtype)[:, None]  # (R, 1)
-    count = w.sum()
-    mean = (x * w).sum(dim=0) / count.clamp_min(1.0)  # (H,)
+    count_sum = total(torch.cat([w.sum(dim=0), (x * w).sum(dim=0)]))  # (1 + H,) one reduce
+    count = count_sum[0]
+    mean = count_sum[1:] / count.clamp_min(1.0)  # (H,)
     centred = x - mean  # (R, H)
-    var = (centred.square() * w).sum(dim=0) / count.clamp_min(1.0)  # (H,) biased
+    var = total((centred.square() * w).sum(dim=0)) / count.clamp_min(1.0)  # (H,) biased
     with torch.no_grad():
         norm.running_mean.lerp_(mean, norm.momentum)
         norm.running_var.lerp_(var * count / (count - 1).clamp_min(1.0), norm.momentum)
         norm.num_batches_tracked.add_(1)
     return centred * torch.rsqrt(var + norm.eps)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class _RankSum(torch.autograd.Function):
+    """The sum of a tensor over the ranks of the default process group; its gradient is the
+    sum of every rank's gradient of that sum (each rank's contribution feeds every rank)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+
+def _rank_sum(t: torch.Tensor) -> torch.Tensor:
+    return _RankSum.apply(t)
 
 
 class SSMBlock(nn.Module):
@@ -76,14 +107,16 @@ class SSMBlock(nn.Module):
         self.glu = GLU(config.d_model)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
+                synced: bool = False) -> torch.Tensor:
         """``(batch, L, H) -> (batch, L, H)``; in training, ``valid (batch, L)`` (bool) keeps
-        padded steps out of BatchNorm's statistics."""
+        padded steps out of BatchNorm's statistics, and ``synced`` takes them over every
+        rank's batch (see ``_masked_batch_norm``)."""
         # statistics over batch and time per channel: BatchNorm1d on (B*L, H) rows computes
         # exactly what it computes on (B, H, L), without two transposed copies
         rows = x.reshape(-1, x.shape[-1])  # (B*L, H)
         if valid is not None and self.training:
-            h = _masked_batch_norm(rows, valid.reshape(-1), self.norm).view_as(x)
+            h = _masked_batch_norm(rows, valid.reshape(-1), self.norm, synced).view_as(x)
         else:
             h = self.norm(rows).view_as(x)  # (B, L, H)
         h = self.drop(F.gelu(self.ssm(h)))  # (B, L, H)
@@ -153,6 +186,9 @@ class SSMModel(nn.Module):
         # set (by the Trainer) when inputs may end in NaN padding: training-mode BatchNorm
         # then takes its statistics over real steps only, at the cost of a few extra ops
         self.padded_inputs = False
+        # set (by the Trainer) under torch.distributed: training-mode BatchNorm then takes its
+        # statistics over the global batch, summed across ranks
+        self.sync_batch_stats = False
 
     @property
     def state_dims(self) -> list[int]:
@@ -192,10 +228,12 @@ class SSMModel(nn.Module):
         h = self.encoder(x)  # (B, L, H)
         # BatchNorm's batch statistics skip padded steps when the data can hold any (Mamba's
         # RMSNorm normalizes each token alone and needs no mask)
-        masked = ((self.padded_inputs or lengths is not None) and self.training and not tokens
-                  and self._config.arch not in MAMBA_ARCHS)
+        mamba = self._config.arch in MAMBA_ARCHS
+        synced = self.sync_batch_stats and self.training and not mamba
+        masked = synced or ((self.padded_inputs or lengths is not None) and self.training
+                            and not tokens and not mamba)
         for block in self.blocks:
-            h = block(h, valid) if masked else block(h)  # (B, L, H)
+            h = block(h, valid, synced) if masked else block(h)  # (B, L, H)
         h = self.norm_f(h)  # (B, L, H)
         if self._config.pooling == "mean":
             weight = valid.to(h.dtype)[..., None]  # (B, L, 1)

@@ -16,6 +16,17 @@ Reducible layers: :class:`~compressm_tune.models.LRULayer`,
 :class:`~compressm_tune.models.SelectiveLayer`, any layer offering ``keep_states`` and
 ``state_axes`` the same way, and any module implementing the LTI protocol (``system()`` and
 ``load_system_parameters(lam, B, C, D)``, see :mod:`compressm_tune.reduction._surgery`).
+
+Several GPUs (``torchrun``, ``DistributedDataParallel``): a cut gives the cut layers new,
+narrower parameters, which the DDP wrapper built around the old ones does not know. Hand the
+Compressor the unwrapped model and the optimizer, and pass ``on_cut``: it is called after a
+:meth:`Compressor.step` that changed any width (the optimizer already rewritten), and there
+the loop wraps the model in a new ``DistributedDataParallel`` (whose construction broadcasts
+rank 0's weights) and trains through that from then on. Every rank must make the same cut at
+the same step: call ``step`` on every rank with the same ``calibration`` and a ``validate``
+that returns the whole validation set's numbers on every rank (evaluate a shard per rank and
+all-reduce or all-gather); ranks then hold identical weights (DDP averages the gradients) and
+make the same decisions.
 """
 
 from __future__ import annotations
@@ -86,6 +97,10 @@ class Compressor:
         rejected and kept widths.
     warmup_steps : int
         The loop's LR warm-up: the adaptive schedule does not cut before it ends.
+    on_cut : callable, optional
+        ``on_cut()`` after a :meth:`step` that changed any layer's width (a cut or a budget
+        cut; not a rolled-back one), once the optimizer holds the new parameters: where a
+        loop under ``DistributedDataParallel`` re-wraps the model (module docstring).
 
     Attributes
     ----------
@@ -114,7 +129,7 @@ class Compressor:
                  round_to: Callable[[int, int], int] | None = None,
                  fits: Callable[[list[int]], bool] | None = None,
                  calibration_size: int = CALIBRATION, schedule: str = "window",
-                 warmup_steps: int = 0) -> None:
+                 warmup_steps: int = 0, on_cut: Callable[[], None] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -154,6 +169,7 @@ class Compressor:
             round_to=round_to, fits=fits, calibration=calibration_size, schedule=schedule))
         self._step = 0
         self.warmup_steps = warmup_steps
+        self.on_cut = on_cut
         self._params = dict(model.named_parameters())  # names of what the optimizer holds
         self.events: list[dict[str, Any]] = []
 
@@ -173,6 +189,7 @@ class Compressor:
             self.reducer.begin(self)  # the adaptive schedule's starting band
         self._step = step
         new: list[dict[str, Any]] = []
+        widths = list(self.widths.values())
         if self.reducer.due(step, self.total_steps):
             before = list(self.widths.values())
             records, _ = self.reducer.attempt(self, None)
@@ -197,6 +214,8 @@ class Compressor:
             log.info("step %d: %s %s %d -> %d states", event["step"], event["action"],
                      event["layer"], event["n_before"], event["n_after"])
         self.events += new
+        if self.on_cut is not None and list(self.widths.values()) != widths:
+            self.on_cut()
         return new
 
     # -- the ReductionHost interface (compressm_tune.reduction) -------------------------------

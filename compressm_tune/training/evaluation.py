@@ -8,6 +8,7 @@ cut; the memory estimate refuses, before anything is allocated, a model the devi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +23,8 @@ __all__ = ["check_training_memory", "evaluate", "score", "training_memory_bytes"
 
 def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
              batch_size: int = 500, precision: str = "fp32",
-             bits_name: str | None = None, per_sample: bool = False) -> Any:
+             bits_name: str | None = None, per_sample: bool = False,
+             gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
     """Mean loss (cross-entropy or MSE) and, for classification, accuracy on ``(x, y)``.
 
     Both are means over ``y``'s elements: per sequence for labels ``(n,)``, per answer token
@@ -34,6 +36,11 @@ def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
     With ``per_sample`` returns ``(record, samples)``: ``samples["loss"]`` (n,) is each
     sequence's mean loss over its scored elements and, for classification,
     ``samples["accuracy"]`` (n,) the share of its labels predicted right (numpy float64).
+
+    ``gather`` (torch.distributed: each rank evaluates its shard of the rows) maps this
+    shard's per-sequence float64 sums ``(n_shard,)`` to the whole split's ``(n,)`` in row
+    order, before anything is averaged: record and samples are then the whole split's, the
+    same on every rank.
     """
     was_training = model.training
     model.eval()
@@ -51,17 +58,22 @@ def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
                 right = _scored(out, target).argmax(-1) == target  # (b,) or (b, M)
                 hits.append(right.reshape(len(right), -1).double().sum(1).cpu())
     model.train(was_training)
-    loss_sum, count = torch.cat(sums), torch.cat(counts)  # (n,) each
+    collect = gather if gather is not None else _identity
+    loss_sum, count = collect(torch.cat(sums)), collect(torch.cat(counts))  # (n,) each
     scored = max(1.0, float(count.sum()))
     record = {"loss": float(loss_sum.sum()) / scored}
     samples = {"loss": (loss_sum / count.clamp_min(1)).numpy()}
     if task == "classification":
-        correct = torch.cat(hits)  # (n,)
+        correct = collect(torch.cat(hits))  # (n,)
         record["accuracy"] = float(correct.sum()) / scored
         samples["accuracy"] = (correct / count.clamp_min(1)).numpy()
         if bits_name:
             record[bits_name] = record["loss"] / math.log(2)
     return (record, samples) if per_sample else record
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _sample_loss(out: torch.Tensor, target: torch.Tensor, task: str

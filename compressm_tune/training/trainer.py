@@ -6,12 +6,21 @@ evaluates on the validation split, appends a line to ``metrics.jsonl``, writes `
 control to the :class:`~compressm_tune.reduction.Reducer`, which may shrink layers.
 Batches are a pure function of ``(seed, step)``, so a run resumed from ``last.pt`` sees the
 same data it would have seen without the interrupt.
+
+Under torch.distributed (``torchrun``, see :mod:`compressm_tune.training.distributed`) every
+rank trains its shard of the same global batch through a DistributedDataParallel wrapper,
+rebuilt with the optimizer after every cut; validation is gathered across ranks before a cut
+is judged; rank 0 alone writes the folder. Checkpoints hold the unwrapped model, so a run
+resumes at any world size.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from compressm_tune._device import (
@@ -32,9 +42,17 @@ from compressm_tune._device import (
 )
 from compressm_tune._io import FolderLock, atomic_write_text, ensure_dir
 from compressm_tune.data import Dataset
-from compressm_tune.errors import CheckpointError, ConfigError, DivergedError, FolderBusyError
+from compressm_tune.errors import (
+    CheckpointError,
+    CompressmError,
+    ConfigError,
+    DivergedError,
+    FolderBusyError,
+    RankLostError,
+)
 from compressm_tune.models import SSMConfig, SSMModel
 from compressm_tune.reduction import CALIBRATION, spectrum_record
+from compressm_tune.training import distributed
 from compressm_tune.training.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
@@ -84,6 +102,9 @@ class TrainConfig:
     cuda_graphs: bool = field(default=True, metadata={
         "help": "on CUDA, launch every kernel of every step from Python instead of replaying a "
                 "captured graph (slower; for debugging)"})
+    dist_timeout: float = field(default=60.0, metadata={
+        "help": "under torchrun: seconds a rank waits for the others before the run stops "
+                "with one line (a lost rank; last.pt stays for --resume)"})
 
     def __post_init__(self) -> None:
         check_device_spec(self.device)
@@ -96,6 +117,7 @@ class TrainConfig:
             "min_lr_frac": 0 <= self.min_lr_frac <= 1, "eval_every": self.eval_every >= 1,
             "eval_batch_size": self.eval_batch_size >= 1,
             "threads": self.threads is None or self.threads >= 1,
+            "dist_timeout": 0 < self.dist_timeout < math.inf,
         }
         for name, ok in rules.items():
             if not ok:
@@ -140,6 +162,19 @@ def _check_resumable(payload: dict[str, Any], model_config: SSMConfig, dataset: 
                           + "; use its settings or another --out")
 
 
+def _settings(model_config: SSMConfig, config: TrainConfig, dataset: Dataset,
+              reducer: Any) -> str:
+    """What every rank of one run must share, as canonical text (the device is per rank)."""
+    reduce = None if reducer is None else {
+        k: v for k, v in vars(reducer.config).items() if not callable(v)}
+    return json.dumps({
+        "model": asdict(model_config),
+        "train": {k: v for k, v in asdict(config).items() if k != "device"},
+        "reduce": repr(reduce), "dataset": dataset.name, "info": repr(dataset.info),
+        "sizes": [len(dataset.x_train), len(dataset.x_val), len(dataset.x_test)],
+    }, sort_keys=True, default=repr)
+
+
 def _no_phase(name: str) -> AbstractContextManager:
     return nullcontext()
 
@@ -169,6 +204,10 @@ class Trainer:
         attempt and checkpoints) and ``"validate"`` (one validation pass, the reducer's
         included). Pass the same callable to the :class:`~compressm_tune.reduction.Reducer`
         to see its phases too.
+
+    Under an initialized default process group (``torchrun``) the trainer runs distributed
+    (module docstring): ``config.batch_size`` is the global batch and must split over the
+    ranks; on ranks other than 0, :meth:`fit` returns an empty dict.
     """
 
     def __init__(self, model_config: SSMConfig, config: TrainConfig, dataset: Dataset,
@@ -184,25 +223,28 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         check_precision(config.precision, self.device)
+        self.ranks = distributed.current()
+        world = 1 if self.ranks is None else self.ranks.world
         check_training_memory(model.config if model is not None else model_config,
-                              config.batch_size, dataset.seq_len, config.eval_batch_size,
-                              self.device)
+                              config.batch_size // world, dataset.seq_len,
+                              config.eval_batch_size, self.device)
+        if self.ranks is not None:
+            distributed.check_split(self.ranks, config.batch_size, len(dataset.x_train),
+                                    len(dataset.x_val))
+            distributed.check_same(_settings(model_config, config, dataset, reducer),
+                                   self.ranks)
         # checks first: a refused run leaves no folder behind
-        self.out_dir = ensure_dir(out_dir)
-        self._lock = FolderLock(self.out_dir)
-        if not self._lock.acquire():
-            raise FolderBusyError(f"another run (pid {self._lock.holder()}) is writing into "
-                                  f"{self.out_dir}; wait for it or use another output folder")
-        for debris in self.out_dir.glob(".*.tmp"):  # left by a kill during a write
-            debris.unlink(missing_ok=True)
+        self.out_dir, self._lock = Path(out_dir), None
+        self._on_main(lambda: self._claim(out_dir))
         torch.manual_seed(config.seed)  # seeds CUDA's generators too
         self.model = (model if model is not None else SSMModel(model_config)).to(self.device)
-        self.model.padded_inputs = "padding" in dataset.info  # see SSMModel.forward
-        self.optimizer = self._optimizer()
+        self.rebuild_optimizer()
         if reducer is not None:
             _schedule_attempts(reducer, config)
+        # DDP's gradient hooks are not captured into a graph: ranks step eagerly
         self._step = TrainStep(lambda out, y: _loss(out, y, dataset.task), self.device,
-                               config.precision, graphs=config.cuda_graphs)
+                               config.precision,
+                               graphs=config.cuda_graphs and self.ranks is None)
         self.step = 0
         self.best_score = float("-inf")
         self.best_loss = float("inf")  # of the best checkpoint: breaks ties in the score
@@ -213,11 +255,44 @@ class Trainer:
                   "test score is noisy: raise --val-fraction or bring more data", file=sys.stderr)
         self.initial_state_dims = self.model.state_dims
         last = self.out_dir / "last.pt"
-        if resume and last.exists():
-            payload = load_checkpoint(last)
+        payload = None
+        if resume:  # rank 0 reads the file and hands it to the others
+            payload = self._on_main(lambda: load_checkpoint(last) if last.exists() else None)
+            if self.ranks is not None:
+                payload = distributed.broadcast_payload(payload, self.ranks)
+        if payload is not None:
             if model is None:
                 _check_resumable(payload, model_config, dataset, last)
             self._restore(payload)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files (rank 0, or the only process)."""
+        return self.ranks is None or self.ranks.main
+
+    def _on_main(self, action: Callable[[], Any]) -> Any:
+        """``action()`` on rank 0 only; its refusal is every rank's (see
+        :func:`~compressm_tune.training.distributed.unanimous`)."""
+        if self.ranks is None:
+            return action()
+        result, error = None, None
+        if self.ranks.main:
+            try:
+                result = action()
+            except CompressmError as exc:
+                error = exc
+        distributed.unanimous(error, self.ranks)
+        return result
+
+    def _claim(self, out_dir: str | Path) -> None:
+        """Create ``out_dir`` and lock it for this run."""
+        self.out_dir = ensure_dir(out_dir)
+        self._lock = FolderLock(self.out_dir)
+        if not self._lock.acquire():
+            raise FolderBusyError(f"another run (pid {self._lock.holder()}) is writing into "
+                                  f"{self.out_dir}; wait for it or use another output folder")
+        for debris in self.out_dir.glob(".*.tmp"):  # left by a kill during a write
+            debris.unlink(missing_ok=True)
 
     # -- checkpoints -------------------------------------------------------------------------
     def payload(self) -> dict[str, Any]:
@@ -242,7 +317,8 @@ class Trainer:
 
     def save(self, name: str) -> Path:
         path = self.out_dir / name
-        save_checkpoint(path, self.model, **self.payload())
+        if self.main:
+            save_checkpoint(path, self.model, **self.payload())
         return path
 
     # -- the ReductionHost interface (compressm_tune.reduction) ------------------------------
@@ -261,16 +337,21 @@ class Trainer:
     def calibration_inputs(self, n: int) -> torch.Tensor:
         return self.dataset.x_train[:n]
 
-    def snapshot(self) -> Path:
-        """The full training state before a cut, on disk (``pre_cut.pt``)."""
-        return self.save("pre_cut.pt")
+    def snapshot(self) -> Path | dict[str, Any]:
+        """The full training state before a cut, on disk (``pre_cut.pt``); under
+        torch.distributed in memory on every rank (rank 0 alone writes files)."""
+        if self.ranks is None:
+            return self.save("pre_cut.pt")
+        return copy.deepcopy({"model_config": self.model.config.to_dict(),
+                              "model": self.model.state_dict(), **self.payload()})
 
     def widths_changed(self) -> None:
         self.best_score = float("-inf")  # "best" now means best at the new widths
 
-    def restore(self, path: str | Path) -> None:
-        """Return model and optimizer to a checkpoint of this run (the reducer's rollback)."""
-        payload = load_checkpoint(path)
+    def restore(self, path: str | Path | dict[str, Any]) -> None:
+        """Return model and optimizer to a checkpoint of this run (the reducer's rollback),
+        a file or a :meth:`snapshot` held in memory."""
+        payload = path if isinstance(path, dict) else load_checkpoint(path)
         self.model = model_from_checkpoint(payload, device=self.device)
         self.model.train()
         self.rebuild_optimizer(payload["optimizer"])
@@ -294,10 +375,23 @@ class Trainer:
             raise CheckpointError(f"checkpoint cannot resume training: {first}") from None
 
     def rebuild_optimizer(self, state: dict[str, Any] | None = None) -> None:
-        """A fresh optimizer over the current parameters (after surgery), optionally loaded."""
+        """A fresh optimizer over the current parameters (after surgery), optionally loaded;
+        under torch.distributed, first a fresh DDP wrapper around the new shapes."""
+        self._wrap()
         self.optimizer = self._optimizer()
         if state is not None:
             self.optimizer.load_state_dict(state)
+
+    def _wrap(self) -> None:
+        """Point the training step at the current model: itself, or under torch.distributed
+        a new DDP wrapper, once the ranks proved they hold the same widths (its
+        construction broadcasts rank 0's weights)."""
+        self.model.padded_inputs = "padding" in self.dataset.info  # see SSMModel.forward
+        self._trained: torch.nn.Module = self.model
+        if self.ranks is not None:
+            distributed.check_widths(self.model.state_dims, self.ranks)
+            self.model.sync_batch_stats = True
+            self._trained = distributed.wrap(self.model, self.ranks)
 
     def _optimizer(self) -> torch.optim.AdamW:
         cfg = self.config
@@ -312,6 +406,8 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=gen)
         idx = order[index * self.config.batch_size:(index + 1) * self.config.batch_size]
+        if self.ranks is not None:  # this rank's share of the global batch
+            idx = idx[distributed.shard(len(idx), self.ranks)]
         return (self.dataset.x_train[idx].to(self.device, non_blocking=True),
                 self.dataset.y_train[idx].to(self.device, non_blocking=True))
 
@@ -321,29 +417,58 @@ class Trainer:
     def validate_samples(self) -> tuple[dict[str, float], dict[str, Any]]:
         """The validation record and its per-sample values (see :func:`evaluate`)."""
         d = self.dataset
+        rows, gather = slice(None), None
+        if self.ranks is not None:  # each rank its shard; the whole split's numbers on all
+            ranks, n = self.ranks, len(d.x_val)
+            rows = distributed.shard(n, ranks)
+
+            def gather(values: torch.Tensor) -> torch.Tensor:
+                return distributed.gather_rows(values, n, ranks)
+
         with self.phase("validate"):
-            return evaluate(self.model, d.x_val, d.y_val, d.task, self.config.eval_batch_size,
-                            self.config.precision, d.info.get("bits_name"), per_sample=True)
+            return evaluate(self.model, d.x_val[rows], d.y_val[rows], d.task,
+                            self.config.eval_batch_size, self.config.precision,
+                            d.info.get("bits_name"), per_sample=True, gather=gather)
 
     def fit(self) -> dict[str, Any]:
         """Train to ``config.steps``; return the summary also written to ``summary.json``."""
         cfg = self.config
         # a fresh run starts a new log; a resumed one continues it
-        metrics_file = open(self.out_dir / "metrics.jsonl", "a" if self.step else "w")
+        metrics_file = (open(self.out_dir / "metrics.jsonl", "a" if self.step else "w")
+                        if self.main else open(os.devnull, "w"))
         self.model.train()
-        if self.reducer is not None and self.step == 0:
-            self.reducer.begin(self)  # the validation before training: readiness's band
-        losses: list[float] = []
+        if self.ranks is not None and not self.ranks.main:  # its own dropout masks
+            torch.manual_seed(cfg.seed * 1_000_003 + 7919 * self.ranks.rank + self.step)
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train ({self.device.type})",
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not (self.progress and self.main), dynamic_ncols=True)
         try:
+            if self.reducer is not None and self.step == 0:
+                self.reducer.begin(self)  # the validation before training: readiness's band
             with matmul_precision(cfg.precision):
-                self._loop(metrics_file, bar, losses)
-            return self.summarize()
+                self._loop(metrics_file, bar, [])
+            return self.summarize() if self.main else {}
+        except dist.DistError as exc:
+            raise self._lost(exc) from None
+        except RuntimeError as exc:  # gloo reports a closed connection as a RuntimeError
+            if self.ranks is None or "gloo" not in str(exc).lower():
+                raise
+            raise self._lost(exc) from None
         finally:
             bar.close()
             metrics_file.close()
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
+
+    def _lost(self, exc: Exception) -> RankLostError:
+        """A collective failed: another rank died or stopped answering."""
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # gloo: "[.../pair.cc:537] Read error [127.0.0.1]:34180: Connection reset by peer. ..."
+        first = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0][:160]
+        last = self.out_dir / "last.pt"
+        kept = (f"{last} is kept: rerun with --resume (at any number of ranks)"
+                if self.main and last.exists() else "rerun with --resume from rank 0's last.pt")
+        return RankLostError(f"rank {self.ranks.rank} lost the other ranks at step "
+                             f"{self.step + 1} ({first}); {kept}")
 
     def _loop(self, metrics_file: Any, bar: Any, losses: list[float]) -> None:
         cfg = self.config
@@ -352,7 +477,9 @@ class Trainer:
             set_lr(self.optimizer, lr_factor(self.step, cfg.steps, cfg.warmup_frac,
                                              cfg.min_lr_frac))
             x, y = self._batch(self.step)
-            loss = self._step(self.model, self.optimizer, x, y)
+            loss = self._step(self._trained, self.optimizer, x, y)
+            if self.ranks is not None:  # the global batch's loss, the same verdict everywhere
+                loss = distributed.mean(loss, self.ranks)
             # .item() waits for the device: the step's time is its compute, not its launch
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
@@ -401,7 +528,7 @@ class Trainer:
                 record["budget_cut"] = cut
                 val = self.validate()
                 record["val"], record["state_dims"] = val, self.model.state_dims
-        if self.config.log_spectrum:
+        if self.config.log_spectrum and self.main:
             weighting = "none" if self.reducer is None else self.reducer.config.policy.weighting
             record["spectrum"] = spectrum_record(self.model, self.dataset.x_train[:CALIBRATION],
                                                  weighting)
