@@ -34,6 +34,9 @@ from compressm_tune.exporter._onnx import (
     SUPPORTED_OPSETS,
     build_sequence_model,
     build_step_model,
+    join_cache,
+    split_cache,
+    step_states,
 )
 from compressm_tune.exporter._parity import choose_chunk, ort_session, run_parity, sequence_graph
 from compressm_tune.exporter._torchscript import ScriptedSSM, script_model
@@ -70,6 +73,7 @@ __all__ = [
     "choose_chunk",
     "export_bundle",
     "extract_weights",
+    "join_cache",
     "latency_stats",
     "load_bundle",
     "measure_latency",
@@ -78,6 +82,8 @@ __all__ = [
     "run_parity",
     "script_model",
     "sequence_graph",
+    "split_cache",
+    "step_states",
     "time_calls",
     "verify_bundle",
 ]

@@ -242,7 +242,15 @@ class EdgeBundle:
                 inputs = self.manifest["files"][key]["inputs"]
                 self.state_specs = [(s["name"], s["shape"]) for s in inputs[1:]]
                 self.step_inputs = [s["name"] for s in inputs]
-                # per block: LRU (batch, N, 2), selective (batch, H, N); zeros start a sequence
+                io = self.manifest.get("io")
+                if io is not None:  # names as transformers' (token bundles) or the bundle's
+                    want = [io["step"]["input"], *[s["input"] for s in io["step"]["states"]]]
+                    if self.step_inputs != want:
+                        raise BundleError(f"{key} takes {self.step_inputs} but the manifest's "
+                                          f"io.step names {want}; re-export the bundle")
+                    continue
+                # manifests before io: per block LRU (batch, N, 2), selective (batch, H, N),
+                # Mamba (batch, E, K - 1 + N); zeros start a sequence
                 shapes = model.get("state_shapes")
                 have = [shape for _, shape in self.state_specs][:len(shapes or [])]
                 if shapes is not None and (not isinstance(shapes, list) or have != shapes):
@@ -333,7 +341,8 @@ class EdgeBundle:
             x = self.as_batch(x)
             x = x if normalized else self.normalize(x)
         session = self.sessions["sequence"]
-        parts = [session.run(None, {"x": x[i:i + batch_size]})[0]
+        name = session.get_inputs()[0].name  # "x", or "input_ids" in token bundles
+        parts = [session.run(None, {name: x[i:i + batch_size]})[0]
                  for i in range(0, len(x), batch_size)]
         return np.concatenate(parts)
 
@@ -466,9 +475,10 @@ def measure_latency(bundle_dir: str | Path, mode: str = "sequence", seq_len: int
         x = feed = rng.standard_normal((1, seq_len, bundle.d_input)).astype(np.float32)
     if mode == "sequence":
         session = bundle.sessions["sequence"]
+        name = session.get_inputs()[0].name
 
         def call(i):
-            session.run(None, {"x": feed})
+            session.run(None, {name: feed})
     else:
         stream = bundle.streamer(1)
 

@@ -58,8 +58,12 @@ __all__ = [
     "build_sequence_model",
     "build_step_model",
     "check_opset",
+    "join_cache",
     "quantize_file",
+    "sequence_io_names",
+    "split_cache",
     "step_io_names",
+    "step_states",
 ]
 
 # Scan with scan_*_axes, Unsqueeze with axes as an input and Erf all exist from opset 13;
@@ -85,19 +89,88 @@ def check_opset(opset: int) -> int:
     return int(opset)
 
 
-def step_io_names(n_blocks: int, pooling: str) -> tuple[list[str], list[str]]:
-    """Input and output names of the streaming graph, in order.
+def sequence_io_names(w: ModelWeights) -> tuple[str, str]:
+    """Input and output name of the sequence graph: ``input_ids`` -> ``logits`` for a token
+    model (the names ``transformers`` and its ONNX exports use), else ``x`` -> ``y``."""
+    return ("input_ids", "logits") if w.tokens else ("x", "y")
+
+
+def step_states(w: ModelWeights) -> list[tuple[str, str, list]]:
+    """``(input name, output name, shape)`` of each state tensor of the streaming graph.
+
+    Feature models: one tensor ``state_k`` per block in :meth:`SSMModel.allocate_state`'s
+    layout (``next_state_k`` out). Token models follow ``transformers``' cache: a Mamba block
+    holds ``past_conv_state.{k}`` ``(batch, E, K)`` (the last K conv inputs) and
+    ``past_ssm_state.{k}`` ``(batch, E, N)``, any other block ``past_ssm_state.{k}`` in its
+    own layout; ``present_...`` out. Mean pooling adds the running sum and token count.
 
     Examples
     --------
-    >>> step_io_names(2, "mean")
-    (['x_t', 'state_0', 'state_1', 'pool_sum', 'pool_count'], ['y_t', 'next_state_0', \
-'next_state_1', 'next_pool_sum', 'next_pool_count'])
+    >>> from compressm_tune.models import SSMConfig, SSMModel
+    >>> from compressm_tune.exporter._weights import extract_weights
+    >>> w = extract_weights(SSMModel(SSMConfig(arch="mamba", d_model=4, state_dims=[3],
+    ...                                        vocab_size=5, d_output=5, pooling="none")))
+    >>> for state in step_states(w):
+    ...     print(*state)
+    past_conv_state.0 present_conv_state.0 ['batch', 8, 4]
+    past_ssm_state.0 present_ssm_state.0 ['batch', 8, 3]
     """
-    states = [f"state_{k}" for k in range(n_blocks)]
-    if pooling == "mean":
-        states += ["pool_sum", "pool_count"]
-    return ["x_t", *states], ["y_t", *[f"next_{s}" for s in states]]
+    out: list[tuple[str, str, list]] = []
+    for k, (bw, shape) in enumerate(zip(w.blocks, w.state_shapes, strict=True)):
+        if not w.tokens:
+            out.append((f"state_{k}", f"next_state_{k}", ["batch", *shape]))
+        elif isinstance(bw, MambaBlockWeights):
+            e, kernel = bw.conv.shape
+            out.append((f"past_conv_state.{k}", f"present_conv_state.{k}", ["batch", e, kernel]))
+            out.append((f"past_ssm_state.{k}", f"present_ssm_state.{k}",
+                        ["batch", e, bw.state_dim]))
+        else:
+            out.append((f"past_ssm_state.{k}", f"present_ssm_state.{k}", ["batch", *shape]))
+    if w.pooling == "mean":
+        past, present = ("past_", "present_") if w.tokens else ("", "next_")
+        out += [(f"{past}pool_sum", f"{present}pool_sum", ["batch", w.d_model]),
+                (f"{past}pool_count", f"{present}pool_count", [1])]
+    return out
+
+
+def step_io_names(w: ModelWeights) -> tuple[list[str], list[str]]:
+    """Input and output names of the streaming graph, in order (see :func:`step_states`)."""
+    x, y = ("input_ids", "logits") if w.tokens else ("x_t", "y_t")
+    states = step_states(w)
+    return [x, *[s[0] for s in states]], [y, *[s[1] for s in states]]
+
+
+def split_cache(w: ModelWeights, state: list) -> list:
+    """States in :meth:`SSMModel.allocate_state`'s layout (numpy) -> the streaming graph's
+    state inputs. A token model's Mamba state ``(B, E, K - 1 + N)`` becomes the conv window
+    ``(B, E, K)`` (its oldest input, which no later output reads, as zeros) and the S6 state."""
+    if not w.tokens:
+        return list(state)
+    out = []
+    for bw, s in zip(w.blocks, state, strict=False):
+        if isinstance(bw, MambaBlockWeights):
+            keep = bw.d_conv - 1
+            oldest = np.zeros((*s.shape[:2], 1), s.dtype)
+            out += [np.concatenate([oldest, s[:, :, :keep]], 2), s[:, :, keep:]]
+        else:
+            out.append(s)
+    return out + list(state[len(w.blocks):])
+
+
+def join_cache(w: ModelWeights, states: list) -> list:
+    """The inverse of :func:`split_cache`: graph states -> ``allocate_state``'s layout."""
+    if not w.tokens:
+        return list(states)
+    out, i = [], 0
+    for bw in w.blocks:
+        if isinstance(bw, MambaBlockWeights):
+            conv, ssm = states[i], states[i + 1]
+            out.append(np.concatenate([conv[:, :, 1:], ssm], 2))
+            i += 2
+        else:
+            out.append(states[i])
+            i += 1
+    return out + list(states[i:])
 
 
 class _LRUWriter:
@@ -297,16 +370,24 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
     """
     opset = check_opset(opset)
     chunk = check_chunk(chunk, w.arch)
+    x_name, y_name = sequence_io_names(w)
     g = _Graph()
-    frame = None if chunk is None else ChunkFrame(g, "x", chunk, w.d_input, w.tokens)
-    h = g.encode("x" if frame is None else frame.x, w)  # (B, L, H), or padded, flat (B*C*T, H)
+    frame = None if chunk is None else ChunkFrame(g, x_name, chunk, w.d_input, w.tokens)
+    h = g.encode(x_name if frame is None else frame.x, w)  # (B, L, H), or padded, flat (B*C*T, H)
     batch = None
+    if frame is not None and w.arch == "mamba":  # the conv needs time: (B, C*T, H)
+        h = g.op("Reshape", [h, g.op("Concat", [frame.batch, g.const("shape", np.array(
+            [-1, w.d_model], np.int64))], axis=0)])
     for k, bw in enumerate(w.blocks):
-        if isinstance(bw, MambaBlockWeights):  # chunk is None: check_chunk refuses mamba
-            batch = batch or _batch(g)
+        if isinstance(bw, MambaBlockWeights):
             parts = MambaParts(g, bw, k)
-            xc, z = parts.sequence_input(g, h)  # (B, L, E) each
-            y = _scan_layer(g, _writer(g, bw, k), xc, batch, k)  # (B, L, E)
+            xc, z = parts.sequence_input(g, h)  # (B, L, E) each (chunked: L = C*T)
+            if frame is None:
+                batch = batch or _batch(g, x_name)
+                y = _scan_layer(g, _writer(g, bw, k), xc, batch, k)  # (B, L, E)
+            else:
+                y = ChunkedSelective(g, bw.ssm, k, frame).apply(g, xc)  # (B*C*T, E)
+                y = g.op("Reshape", [y, g.op("Shape", [xc])])  # (B, C*T, E)
             h = parts.output(g, h, y, xc, z)  # (B, L, H)
             continue
         if frame is not None and isinstance(bw.ssm, LRUWeights):  # BatchNorm folded in
@@ -316,7 +397,7 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
         if frame is not None:
             y = ChunkedSelective(g, bw.ssm, k, frame).apply(g, hn)
         else:
-            batch = batch or _batch(g)
+            batch = batch or _batch(g, x_name)
             y = _scan_layer(g, _writer(g, bw, k), hn, batch, k)
         h = g.block_tail(h, hn, y, bw)  # (B, L, H)
     if frame is not None:
@@ -329,20 +410,20 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
         else:
             h = g.op("ReduceMean", [h], "pool", axes=[1], keepdims=0)  # (B, H)
     g.op("Add", [g.linear(h, w.head, None, "head"), g.const("head_b", w.head_bias)],
-         outputs=["y"])
-    x_info = _x_info("x", w, ["batch", "length"])
+         outputs=[y_name])
+    x_info = _x_info(x_name, w, ["batch", "length"])
     y_shape = ["batch", w.d_output] if w.pooling == "mean" else ["batch", "length", w.d_output]
-    y_info = helper.make_tensor_value_info("y", _FLOAT, y_shape)
+    y_info = helper.make_tensor_value_info(y_name, _FLOAT, y_shape)
     variant = "scan" if chunk is None else f"chunked T={chunk}"
-    doc = (f"{w.arch} SSM network, sequence mode ({variant}): x (batch, length, d_input), "
-           "normalized as in manifest.json -> y")
+    doc = (f"{w.arch} SSM network, sequence mode ({variant}): {x_name} (batch, length"
+           f"{'' if w.tokens else ', d_input), normalized as in manifest.json'}) -> {y_name}")
     meta = {**_metadata(w, "sequence"), CHUNK_KEY: chunk_label(chunk)}
     return _finish(g, "compressm_sequence", [x_info], [y_info], opset, doc, meta)
 
 
-def _batch(g: _Graph) -> str:
+def _batch(g: _Graph, x: str) -> str:
     """The batch size of input ``x`` as a ``(1,)`` int64 tensor."""
-    return g.op("Slice", [g.op("Shape", ["x"]), g.const("zero", np.array([0], np.int64)),
+    return g.op("Slice", [g.op("Shape", [x]), g.const("zero", np.array([0], np.int64)),
                           g.const("one_i", np.array([1], np.int64))], "batch")
 
 
@@ -361,46 +442,54 @@ def _scan_layer(g: _Graph, layer: _LRUWriter | _SelectiveWriter, hn: str, batch:
 def build_step_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """The streaming graph: one token and the states in, the output so far and new states out.
 
-    Inputs ``x_t (batch, d_input)``, ``state_k`` per block (``(batch, N_k, 2)`` for an LRU,
-    ``(batch, H, N_k)`` for a selective layer: :attr:`ModelWeights.state_shapes`) and, with
-    mean pooling, ``pool_sum (batch, H)`` and ``pool_count (1,)``; outputs
-    ``y_t (batch, d_output)`` and ``next_<state>`` for each state (see :func:`step_io_names`).
+    Inputs ``x_t (batch, d_input)`` (token models: ``input_ids (batch,)``), then the states
+    of :func:`step_states` (feature models: ``state_k`` per block in
+    :attr:`ModelWeights.state_shapes`' layout and, with mean pooling, ``pool_sum (batch, H)``
+    and ``pool_count (1,)``; token models: ``transformers``' cache tensors); outputs
+    ``y_t (batch, d_output)`` (``logits``) and the new states (see :func:`step_io_names`).
     Zero states start a sequence; after the last token ``y_t`` equals the sequence graph's
     output.
     """
     opset = check_opset(opset)
-    in_names, out_names = step_io_names(len(w.blocks), w.pooling)
+    in_names, out_names = step_io_names(w)
+    states = step_states(w)
     g = _Graph()
-    h = g.encode("x_t", w)  # (B, H)
+    h = g.encode(in_names[0], w)  # (B, H)
+    i = 0  # next state tensor
     for k, bw in enumerate(w.blocks):
         layer = _writer(g, bw, k, scan=False)
         if isinstance(bw, MambaBlockWeights):
             parts = MambaParts(g, bw, k)
-            xc, z, conv_in, s6 = parts.step_input(g, h, f"state_{k}")  # (B, E) x2, ...
-            states, emitted = layer.update(g, [s6], layer.drive(g, xc))
-            g.op("Concat", [conv_in, states[0]], axis=2, outputs=[f"next_state_{k}"])
+            split = w.tokens  # transformers' cache: conv window and S6 state apart
+            state = (states[i][0], states[i + 1][0]) if split else states[i][0]
+            xc, z, conv_in, s6 = parts.step_input(g, h, state)  # (B, E) x2, ...
+            new, emitted = layer.update(g, [s6], layer.drive(g, xc))
+            if split:
+                g.op("Identity", [conv_in], outputs=[states[i][1]])
+                g.op("Identity", new, outputs=[states[i + 1][1]])
+                i += 2
+            else:
+                g.op("Concat", [conv_in, new[0]], axis=2, outputs=[states[i][1]])
+                i += 1
             h = parts.output(g, h, layer.readout(g, emitted), xc, z)  # (B, H)
             continue
         hn = g.affine(h, bw.bn_scale, bw.bn_shift, f"bn{k}")  # (B, H)
-        y = layer.stream(g, hn, f"state_{k}", f"next_state_{k}")  # (B, H)
+        y = layer.stream(g, hn, states[i][0], states[i][1])  # (B, H)
+        i += 1
         h = g.block_tail(h, hn, y, bw)  # (B, H)
     h = _final_norm(g, h, w)
     if w.pooling == "mean":
-        total = g.op("Add", ["pool_sum", h], outputs=["next_pool_sum"])  # (B, H)
-        count = g.op("Add", ["pool_count", g.const("one", np.array([1.0], np.float32))],
-                     outputs=["next_pool_count"])  # (1,)
+        (sum_in, sum_out, _), (count_in, count_out, _) = states[i:]
+        total = g.op("Add", [sum_in, h], outputs=[sum_out])  # (B, H)
+        count = g.op("Add", [count_in, g.const("one", np.array([1.0], np.float32))],
+                     outputs=[count_out])  # (1,)
         h = g.op("Div", [total, count], "pool")  # (B, H)
     g.op("Add", [g.linear(h, w.head, None, "head"), g.const("head_b", w.head_bias)],
-         outputs=["y_t"])
-    shapes = {"y_t": ["batch", w.d_output],
-              "pool_sum": ["batch", w.d_model], "pool_count": [1]}
-    for k, shape in enumerate(w.state_shapes):
-        shapes[f"state_{k}"] = ["batch", *shape]
-    for name in list(shapes):
-        shapes[f"next_{name}"] = shapes[name]
-    inputs = [_x_info("x_t", w, ["batch"])]
-    inputs += [helper.make_tensor_value_info(n, _FLOAT, shapes[n]) for n in in_names[1:]]
-    outputs = [helper.make_tensor_value_info(n, _FLOAT, shapes[n]) for n in out_names]
+         outputs=[out_names[0]])
+    inputs = [_x_info(in_names[0], w, ["batch"])]
+    inputs += [helper.make_tensor_value_info(n, _FLOAT, shape) for n, _, shape in states]
+    outputs = [helper.make_tensor_value_info(out_names[0], _FLOAT, ["batch", w.d_output])]
+    outputs += [helper.make_tensor_value_info(n, _FLOAT, shape) for _, n, shape in states]
     doc = f"{w.arch} SSM network, streaming mode: one token + states -> output so far + states"
     return _finish(g, "compressm_step", inputs, outputs, opset, doc, _metadata(w, "step"))
 

@@ -154,9 +154,16 @@ class MambaParts:
                     pads=[kernel - 1, 0])  # (B, E, L): causal
         return g.silu(g.op("Transpose", [conv], perm=[0, 2, 1])), z
 
-    def step_input(self, g: Graph, h: str, state: str) -> tuple[str, str, str, str]:
+    def step_input(self, g: Graph, h: str, state: str | tuple[str, str]
+                   ) -> tuple[str, str, str, str]:
         """One token ``h (B, H)`` and the block state -> ``xc (B, E)``, ``z``, the new conv
-        inputs ``(B, E, K - 1)`` and the S6 state ``(B, E, N)``."""
+        window and the S6 state ``(B, E, N)``.
+
+        ``state``: one tensor ``(B, E, K - 1 + N)`` (the last ``K - 1`` conv inputs, then the
+        S6 state; the new window is then ``(B, E, K - 1)``), or, as ``transformers``' cache
+        holds it, the pair ``(conv (B, E, K), ssm (B, E, N))`` with the last ``K`` conv inputs
+        (the oldest is dropped; the new window ``(B, E, K)`` ends with this token's input).
+        """
         w = self.w
         x, z = self._in(g, h)
         keep = w.d_conv - 1
@@ -165,13 +172,19 @@ class MambaParts:
             return g.const("idx", np.array(v, np.int64))
 
         axis = ints(2)
-        conv_in = g.op("Slice", [state, ints(0), ints(keep), axis])  # (B, E, K - 1)
-        s6 = g.op("Slice", [state, ints(keep), ints(_BIG), axis])  # (B, E, N)
+        if isinstance(state, tuple):
+            conv_state, s6 = state
+            conv_in = g.op("Slice", [conv_state, ints(1), ints(_BIG), axis])  # (B, E, K - 1)
+        else:
+            conv_in = g.op("Slice", [state, ints(0), ints(keep), axis])  # (B, E, K - 1)
+            s6 = g.op("Slice", [state, ints(keep), ints(_BIG), axis])  # (B, E, N)
         window = g.op("Concat", [conv_in, g.op("Unsqueeze", [x, ints(-1)])], axis=2)  # (B,E,K)
         xc = g.op("ReduceSum", [g.op("Mul", [window, g.const(f"conv{self.k}", w.conv)]),
                                 ints(-1)], keepdims=0)  # (B, E)
         if w.conv_bias is not None:
             xc = g.op("Add", [xc, g.const(f"conv_b{self.k}", w.conv_bias)])
+        if isinstance(state, tuple):
+            return g.silu(xc), z, window, s6
         rest = g.op("Slice", [window, ints(1), ints(_BIG), axis])  # (B, E, K - 1)
         return g.silu(xc), z, rest, s6
 

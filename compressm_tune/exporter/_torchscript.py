@@ -202,9 +202,10 @@ def _affine(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
 
 class _ScriptedMamba(nn.Module):
     """One Mamba block; see :class:`MambaBlockWeights` for the equations. Absent biases are
-    ``None`` attributes (TorchScript refines ``Optional`` buffers)."""
+    ``None`` attributes (TorchScript refines ``Optional`` buffers); ``chunk`` as for the S6
+    core (:class:`_ScriptedSelective`)."""
 
-    def __init__(self, w: MambaBlockWeights) -> None:
+    def __init__(self, w: MambaBlockWeights, chunk: int | None) -> None:
         super().__init__()
         for name in ("norm", "in_x", "in_z", "conv", "d", "out_w"):
             _buf(self, name, getattr(w, name))
@@ -216,7 +217,7 @@ class _ScriptedMamba(nn.Module):
                 _buf(self, name, value)
         self.eps = float(w.eps)
         self.keep = w.d_conv - 1  # conv inputs carried between tokens
-        self.ssm = _ScriptedSelective(w.ssm, None)
+        self.ssm = _ScriptedSelective(w.ssm, chunk)
 
     def _in(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hn = _rms_norm(h, self.norm, self.eps)
@@ -263,7 +264,7 @@ class ScriptedSSM(nn.Module):
         _buf(self, "head", w.head)
         _buf(self, "head_bias", w.head_bias)
         chunk = check_chunk(chunk, w.arch)
-        self.blocks = nn.ModuleList(_ScriptedMamba(b) if isinstance(b, MambaBlockWeights)
+        self.blocks = nn.ModuleList(_ScriptedMamba(b, chunk) if isinstance(b, MambaBlockWeights)
                                     else _ScriptedBlock(b, chunk) for b in w.blocks)
         self.tokens = w.tokens  # inputs are token ids: the encoder is an embedding table
         self.final_norm = w.norm_f is not None

@@ -309,7 +309,7 @@ def extract_weights(model: SSMModel) -> ModelWeights:
 
 
 CHUNK_KEY = _edge.CHUNK_KEY  # ONNX metadata: "scan" or the chunk length T
-CHUNK_ARCHS = ("lru", "selective")  # layers with a chunked sequence graph
+CHUNK_ARCHS = ("lru", "selective", "mamba")  # layers with a chunked sequence graph
 
 CHUNK_CHOICES = (8, 16, 32, 64)  # chunk lengths the export measures (see choose_chunk)
 MAX_DECAY_FLOATS = 1 << 20  # cap per block on the (N, 2T, 2T) decay: 4 MB of float32
