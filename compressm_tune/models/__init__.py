@@ -1,11 +1,12 @@
-"""SSM layers and networks: the LRU, selective and Mamba layers, the blocks, the network, the
-config, and the Hugging Face Mamba import."""
+"""SSM layers and networks: the LRU, selective, Mamba and Mamba-2 layers, the blocks, the
+network, the config, and the Hugging Face Mamba and Mamba-2 imports."""
 
 from compressm_tune.models._scan import kernel_available, linear_scan, scan_reference, torch_scans
-from compressm_tune.models.config import ARCHS, SSMConfig, dropout_for
-from compressm_tune.models.hf import from_hf_mamba
+from compressm_tune.models.config import ARCHS, MAMBA_ARCHS, SSMConfig, dropout_for
+from compressm_tune.models.hf import from_hf_mamba, from_hf_mamba2
 from compressm_tune.models.lru import LRULayer
 from compressm_tune.models.mamba import MambaLayer
+from compressm_tune.models.mamba2 import Mamba2Layer
 from compressm_tune.models.network import (
     SELECTIVE_LAYERS,
     SSM_PARAMETERS,
@@ -22,7 +23,9 @@ from compressm_tune.models.selective import (
 __all__ = [
     "ARCHS",
     "LRULayer",
+    "MAMBA_ARCHS",
     "MambaBlock",
+    "Mamba2Layer",
     "MambaLayer",
     "SELECTIVE_LAYERS",
     "SSMBlock",
@@ -32,6 +35,7 @@ __all__ = [
     "SelectiveLayer",
     "dropout_for",
     "from_hf_mamba",
+    "from_hf_mamba2",
     "kernel_available",
     "linear_scan",
     "scan_reference",
