@@ -185,7 +185,7 @@ def test_step_graph_cache_equals_transformers_cache_after_prefill():
     ids = _ids(2, 9, seed=4)
     with torch.no_grad():
         out = hf(ids, use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     names = [o.name for o in step.get_outputs()]
     states = [np.zeros([2 if isinstance(d, str) else d for d in i.shape], np.float32)
               for i in step.get_inputs()[1:]]
