@@ -43,6 +43,7 @@ from compressm_tune.exporter._torchscript import ScriptedSSM, script_model
 from compressm_tune.exporter._weights import (
     BlockWeights,
     LRUWeights,
+    Mamba2BlockWeights,
     MambaBlockWeights,
     ModelWeights,
     SelectiveWeights,
@@ -63,6 +64,7 @@ __all__ = [
     "EdgeBundle",
     "ExportOptionError",
     "LRUWeights",
+    "Mamba2BlockWeights",
     "MambaBlockWeights",
     "ModelWeights",
     "ScriptedSSM",

@@ -430,7 +430,8 @@ def _install(stage: Path, out_dir: Path, files: dict, manifest: dict) -> None:
 
 _BLOCKS = {"lru": "LRU network ({} -> BatchNorm/LRU/GELU/GLU blocks",
            "selective": "selective SSM network ({} -> BatchNorm/S6/GELU/GLU blocks",
-           "mamba": "Mamba network ({} -> RMSNorm/Mamba mixer blocks -> RMSNorm"}
+           "mamba": "Mamba network ({} -> RMSNorm/Mamba mixer blocks -> RMSNorm",
+           "mamba2": "Mamba-2 network ({} -> RMSNorm/Mamba-2 mixer blocks -> RMSNorm"}
 
 
 def _vocabulary(info: dict) -> dict | None:

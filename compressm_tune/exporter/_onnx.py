@@ -40,10 +40,12 @@ from compressm_tune.exporter._onnx_blocks import (
     MambaParts,
 )
 from compressm_tune.exporter._onnx_blocks import Graph as _Graph
+from compressm_tune.exporter._onnx_mamba2 import Mamba2Parts
 from compressm_tune.exporter._weights import (
     CHUNK_KEY,
     BlockWeights,
     LRUWeights,
+    Mamba2BlockWeights,
     MambaBlockWeights,
     ModelWeights,
     SelectiveWeights,
@@ -102,7 +104,8 @@ def step_states(w: ModelWeights) -> list[tuple[str, str, list]]:
     layout (``next_state_k`` out). Token models follow ``transformers``' cache: a Mamba block
     holds ``past_conv_state.{k}`` ``(batch, E, K)`` (the last K conv inputs) and
     ``past_ssm_state.{k}`` ``(batch, E, N)``, any other block ``past_ssm_state.{k}`` in its
-    own layout; ``present_...`` out. Mean pooling adds the running sum and token count.
+    own layout; ``present_...`` out (Mamba-2: conv ``(batch, E + 2GN, K)``, SSM ``(batch, nh,
+    P, N)``). Mean pooling adds the running sum and token count.
 
     Examples
     --------
@@ -119,11 +122,14 @@ def step_states(w: ModelWeights) -> list[tuple[str, str, list]]:
     for k, (bw, shape) in enumerate(zip(w.blocks, w.state_shapes, strict=True)):
         if not w.tokens:
             out.append((f"state_{k}", f"next_state_{k}", ["batch", *shape]))
-        elif isinstance(bw, MambaBlockWeights):
-            e, kernel = bw.conv.shape
-            out.append((f"past_conv_state.{k}", f"present_conv_state.{k}", ["batch", e, kernel]))
+        elif isinstance(bw, (MambaBlockWeights, Mamba2BlockWeights)):
+            channels, kernel = bw.conv.shape
+            ssm = ([bw.n_heads, bw.head_dim] if isinstance(bw, Mamba2BlockWeights)
+                   else [channels])
+            out.append((f"past_conv_state.{k}", f"present_conv_state.{k}",
+                        ["batch", channels, kernel]))
             out.append((f"past_ssm_state.{k}", f"present_ssm_state.{k}",
-                        ["batch", e, bw.state_dim]))
+                        ["batch", *ssm, bw.state_dim]))
         else:
             out.append((f"past_ssm_state.{k}", f"present_ssm_state.{k}", ["batch", *shape]))
     if w.pooling == "mean":
@@ -148,7 +154,13 @@ def split_cache(w: ModelWeights, state: list) -> list:
         return list(state)
     out = []
     for bw, s in zip(w.blocks, state, strict=False):
-        if isinstance(bw, MambaBlockWeights):
+        if isinstance(bw, Mamba2BlockWeights):  # flat (B, C (K - 1) + E N)
+            channels, keep = bw.conv.shape[0], bw.d_conv - 1
+            window = s[:, :channels * keep].reshape(len(s), channels, keep)
+            oldest = np.zeros((len(s), channels, 1), s.dtype)
+            out += [np.concatenate([oldest, window], 2),
+                    s[:, channels * keep:].reshape(len(s), bw.n_heads, bw.head_dim, -1)]
+        elif isinstance(bw, MambaBlockWeights):
             keep = bw.d_conv - 1
             oldest = np.zeros((*s.shape[:2], 1), s.dtype)
             out += [np.concatenate([oldest, s[:, :, :keep]], 2), s[:, :, keep:]]
@@ -163,9 +175,13 @@ def join_cache(w: ModelWeights, states: list) -> list:
         return list(states)
     out, i = [], 0
     for bw in w.blocks:
-        if isinstance(bw, MambaBlockWeights):
+        if isinstance(bw, (MambaBlockWeights, Mamba2BlockWeights)):
             conv, ssm = states[i], states[i + 1]
-            out.append(np.concatenate([conv[:, :, 1:], ssm], 2))
+            if isinstance(bw, Mamba2BlockWeights):
+                out.append(np.concatenate([conv[:, :, 1:].reshape(len(conv), -1),
+                                           ssm.reshape(len(ssm), -1)], 1))
+            else:
+                out.append(np.concatenate([conv[:, :, 1:], ssm], 2))
             i += 2
         else:
             out.append(states[i])
@@ -375,10 +391,20 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
     frame = None if chunk is None else ChunkFrame(g, x_name, chunk, w.d_input, w.tokens)
     h = g.encode(x_name if frame is None else frame.x, w)  # (B, L, H), or padded, flat (B*C*T, H)
     batch = None
-    if frame is not None and w.arch == "mamba":  # the conv needs time: (B, C*T, H)
+    if frame is not None and w.arch in ("mamba", "mamba2"):  # the conv needs time: (B, C*T, H)
         h = g.op("Reshape", [h, g.op("Concat", [frame.batch, g.const("shape", np.array(
             [-1, w.d_model], np.int64))], axis=0)])
     for k, bw in enumerate(w.blocks):
+        if isinstance(bw, Mamba2BlockWeights):
+            parts2 = Mamba2Parts(g, bw, k)
+            z, inputs = parts2.sequence_input(g, h)  # (B, L, E), [x, B, C, delta]
+            if frame is None:
+                batch = batch or _batch(g, x_name)
+                y = _scan_layer(g, parts2, inputs, batch, k)  # (B, L, E)
+            else:
+                y = parts2.chunked(g, frame, inputs)  # (B, C*T, E)
+            h = parts2.output(g, h, y, inputs[0], z)  # (B, L, H)
+            continue
         if isinstance(bw, MambaBlockWeights):
             parts = MambaParts(g, bw, k)
             xc, z = parts.sequence_input(g, h)  # (B, L, E) each (chunked: L = C*T)
@@ -427,9 +453,10 @@ def _batch(g: _Graph, x: str) -> str:
                           g.const("one_i", np.array([1], np.int64))], "batch")
 
 
-def _scan_layer(g: _Graph, layer: _LRUWriter | _SelectiveWriter, hn: str, batch: str,
-                k: int) -> str:
-    """The layer's read-out ``(B, L, H)`` from one per-token ``Scan``."""
+def _scan_layer(g: _Graph, layer: _LRUWriter | _SelectiveWriter | Mamba2Parts,
+                hn: str | list[str], batch: str, k: int) -> str:
+    """The layer's read-out ``(B, L, H)`` from one per-token ``Scan`` (``hn``: what the
+    writer's ``drive`` takes, the normalized input or Mamba-2's ``[x, B, C, delta]``)."""
     drive = layer.drive(g, hn)  # each (B, L, ...)
     zeros = [g.zeros(batch, shape) for shape in layer.state_shapes]
     outs = g.op("Scan", [*zeros, *drive], f"scan{k}",
@@ -457,6 +484,13 @@ def build_step_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelP
     h = g.encode(in_names[0], w)  # (B, H)
     i = 0  # next state tensor
     for k, bw in enumerate(w.blocks):
+        if isinstance(bw, Mamba2BlockWeights):
+            split = w.tokens  # transformers' cache: conv window and SSM state apart
+            state = (states[i][0], states[i + 1][0]) if split else states[i][0]
+            outs = [states[i][1], states[i + 1][1]] if split else [states[i][1]]
+            h = Mamba2Parts(g, bw, k).step(g, h, state, outs)  # (B, H)
+            i += len(outs)
+            continue
         layer = _writer(g, bw, k, scan=False)
         if isinstance(bw, MambaBlockWeights):
             parts = MambaParts(g, bw, k)

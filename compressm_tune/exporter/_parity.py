@@ -271,7 +271,7 @@ def candidates(w: ModelWeights, seq_len: int) -> list[int | None]:
     """
     if w.arch not in CHUNK_ARCHS:
         return [None]
-    top = min(max_chunk(block.ssm) for block in w.blocks)
+    top = min(max_chunk(getattr(block, "ssm", block)) for block in w.blocks)  # Mamba-2: itself
     chunks = {t for t in CHUNK_CHOICES if t < seq_len and t <= top}
     if seq_len <= top:
         chunks.add(seq_len)  # one chunk, no padding, no carry

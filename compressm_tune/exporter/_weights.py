@@ -30,11 +30,12 @@ import torch
 
 from compressm_tune.errors import ExportOptionError
 from compressm_tune.exporter import _edge
-from compressm_tune.models import LRULayer, MambaBlock, SelectiveLayer, SSMModel
+from compressm_tune.models import LRULayer, Mamba2Layer, MambaBlock, SelectiveLayer, SSMModel
 
 __all__ = ["CHUNK_ARCHS", "CHUNK_CHOICES", "CHUNK_KEY", "BlockWeights", "LRUChunk",
-           "LRUWeights", "MambaBlockWeights", "ModelWeights", "SelectiveWeights", "check_chunk",
-           "chunk_label", "extract_weights", "lru_chunk", "max_chunk", "segment_sums"]
+           "LRUWeights", "Mamba2BlockWeights", "MambaBlockWeights", "ModelWeights",
+           "SelectiveWeights", "check_chunk", "chunk_label", "extract_weights", "lru_chunk",
+           "max_chunk", "segment_sums"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,69 @@ class MambaBlockWeights:
 
 
 @dataclass(frozen=True)
+class Mamba2BlockWeights:
+    """One Mamba-2 block (:class:`~compressm_tune.models.Mamba2Layer` in a ``MambaBlock``),
+    float32, ``C = E + 2 G N`` conv channels, ``nh = E / P`` heads in ``G`` groups::
+
+        hn      = h / sqrt(mean(h^2) + eps) * norm                    RMSNorm, (.., H)
+        z       = hn @ in_z (+ in_z_bias)                             (.., E)
+        xBC     = hn @ in_xbc (+ in_xbc_bias)                         (.., C): x, B (G, N), C
+        dt      = hn @ in_dt (+ in_dt_bias)                           (.., nh)
+        x, B, C = split(silu(causal depthwise conv of xBC))           kernel conv (C, K)
+        delta   = clip(softplus(dt + dt_bias), *dt_limit)             (.., nh)
+        S_t     = exp(delta a) S_{t-1} + (delta x) (x) B              (nh, P, N), a (nh,)
+        y       = S_t C + d x                                         per head
+        out     = h + rmsnorm_G(y * silu(z)) * norm_weight @ out_w (+ out_bias)
+
+    The streaming state is flat, ``(C (K - 1) + E N,)``: the conv window, then ``S``.
+    """
+
+    arch: ClassVar[str] = "mamba2"
+    norm: np.ndarray  # (H,)
+    eps: float
+    in_z: np.ndarray  # (H, E)
+    in_xbc: np.ndarray  # (H, C)
+    in_dt: np.ndarray  # (H, nh)
+    in_z_bias: np.ndarray | None  # (E,)
+    in_xbc_bias: np.ndarray | None  # (C,)
+    in_dt_bias: np.ndarray | None  # (nh,)
+    conv: np.ndarray  # (C, K)  depthwise kernel over every xBC channel, oldest input first
+    conv_bias: np.ndarray | None  # (C,)
+    dt_bias: np.ndarray  # (nh,)
+    a: np.ndarray  # (nh,)  -exp(A_log)
+    d: np.ndarray  # (nh,)
+    dt_limit: tuple[float, float] | None
+    norm_weight: np.ndarray  # (E,)  the gated RMSNorm's
+    norm_eps: float
+    out_w: np.ndarray  # (E, H)
+    out_bias: np.ndarray | None  # (H,)
+    n_groups: int
+    head_dim: int
+
+    @property
+    def d_inner(self) -> int:
+        return int(self.in_z.shape[1])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def state_dim(self) -> int:
+        """N, the state width of every head."""
+        return (int(self.in_xbc.shape[1]) - self.d_inner) // (2 * self.n_groups)
+
+    @property
+    def d_conv(self) -> int:
+        return int(self.conv.shape[1])
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """Streaming state per sequence, flat: ``(C (K - 1) + E N,)``."""
+        return (int(self.conv.shape[0]) * (self.d_conv - 1) + self.d_inner * self.state_dim,)
+
+
+@dataclass(frozen=True)
 class ModelWeights:
     """The whole network: encoder -> blocks -> (final norm) -> (mean pool) -> head, float32.
 
@@ -189,7 +253,7 @@ class ModelWeights:
 
     encoder: np.ndarray  # (d_input, H)  W^T, or (vocab, H) embedding table
     encoder_bias: np.ndarray  # (H,)
-    blocks: tuple[BlockWeights | MambaBlockWeights, ...]
+    blocks: tuple[BlockWeights | MambaBlockWeights | Mamba2BlockWeights, ...]
     head: np.ndarray  # (H, d_output)  W^T
     head_bias: np.ndarray  # (d_output,)
     pooling: str  # "mean" or "none"
@@ -248,6 +312,26 @@ def _mamba_block(block: MambaBlock) -> MambaBlockWeights:
     )
 
 
+def _mamba2_block(block: MambaBlock) -> Mamba2BlockWeights:
+    layer: Mamba2Layer = block.ssm
+    e = layer.d_inner
+    w, b = layer.in_proj.weight, layer.in_proj.bias  # rows z (E), x (E), dt (nh)
+    bc = layer.bc_proj.reshape(-1, layer.d_model)  # (2GN, H)
+    conv, conv_bias = layer._conv_parameters()  # (C, K), (C,) or None
+    xbc_bias = None if b is None else torch.cat((b[e:2 * e], layer.bc_bias.reshape(-1)))
+    return Mamba2BlockWeights(
+        norm=_np(block.norm.weight), eps=float(block.norm.eps),
+        in_z=_np(w[:e].T), in_xbc=_np(torch.cat((w[e:2 * e], bc)).T), in_dt=_np(w[2 * e:].T),
+        in_z_bias=None if b is None else _np(b[:e]), in_xbc_bias=_opt(xbc_bias),
+        in_dt_bias=None if b is None else _np(b[2 * e:]),
+        conv=_np(conv), conv_bias=_opt(conv_bias), dt_bias=_np(layer.dt_bias),
+        a=_np(-torch.exp(layer.A_log)), d=_np(layer.D), dt_limit=layer.dt_limit,
+        norm_weight=_np(layer.norm_weight), norm_eps=float(layer.norm_eps),
+        out_w=_np(layer.out_proj.weight.T), out_bias=_opt(layer.out_proj.bias),
+        n_groups=layer.n_groups, head_dim=layer.head_dim,
+    )
+
+
 def _layer_weights(layer: LRULayer | SelectiveLayer) -> SSMWeights:
     if isinstance(layer, SelectiveLayer):
         return SelectiveWeights(
@@ -282,7 +366,8 @@ def extract_weights(model: SSMModel) -> ModelWeights:
     with torch.no_grad():
         for block in model.blocks:
             if isinstance(block, MambaBlock):
-                blocks.append(_mamba_block(block))
+                blocks.append(_mamba2_block(block) if isinstance(block.ssm, Mamba2Layer)
+                              else _mamba_block(block))
                 continue
             norm = block.norm
             scale = torch.rsqrt(norm.running_var + norm.eps)  # (H,)  as torch's CPU batch_norm
@@ -309,7 +394,7 @@ def extract_weights(model: SSMModel) -> ModelWeights:
 
 
 CHUNK_KEY = _edge.CHUNK_KEY  # ONNX metadata: "scan" or the chunk length T
-CHUNK_ARCHS = ("lru", "selective", "mamba")  # layers with a chunked sequence graph
+CHUNK_ARCHS = ("lru", "selective", "mamba", "mamba2")  # layers with a chunked sequence graph
 
 CHUNK_CHOICES = (8, 16, 32, 64)  # chunk lengths the export measures (see choose_chunk)
 MAX_DECAY_FLOATS = 1 << 20  # cap per block on the (N, 2T, 2T) decay: 4 MB of float32
@@ -341,7 +426,7 @@ def check_chunk(chunk: int | None, arch: str) -> int | None:
     return int(chunk)
 
 
-def max_chunk(layer: LRUWeights | SelectiveWeights) -> int:
+def max_chunk(layer: LRUWeights | SelectiveWeights | Mamba2BlockWeights) -> int:
     """The largest chunk in :data:`CHUNK_CHOICES` whose constants (LRU: the ``(N, 2T, 2T)``
     decay) or per-chunk temporaries (selective: ``(T, T, H, N)`` decays per sequence) fit the
     size cap.
@@ -353,7 +438,9 @@ def max_chunk(layer: LRUWeights | SelectiveWeights) -> int:
     >>> max_chunk(w(16)), max_chunk(w(256)), max_chunk(w(1024))
     (64, 32, 16)
     """
-    if isinstance(layer, SelectiveWeights):
+    if isinstance(layer, Mamba2BlockWeights):  # scalar decays: (T, T) per head
+        fits = [t for t in CHUNK_CHOICES if t * t * layer.n_heads <= MAX_SEGMENT_FLOATS]
+    elif isinstance(layer, SelectiveWeights):
         size = layer.a.size  # H * N
         fits = [t for t in CHUNK_CHOICES if t * t * size <= MAX_SEGMENT_FLOATS]
     else:
