@@ -1,7 +1,9 @@
 """Our ONNX bundle graphs against ``transformers``' own CPU path, same random weights, one thread.
 
-For each model (``MambaForCausalLM`` 4 layers, d_model 256, random weights; d_state 16 and 64)
-the ONNX graphs are built from the imported model (``from_hf_mamba``) and, for the cut model,
+For each model (4 layers, d_model 256, random weights: ``MambaForCausalLM`` with d_state 16 and
+64, ``Mamba2ForCausalLM`` with d_state 128, 8 heads of 64 channels, one group) the ONNX graphs
+are built from the imported model (``from_hf_mamba`` / ``from_hf_mamba2``) and, for the cut
+model,
 from a copy cut to ``--cut`` states per layer (``keep_states``; which states does not matter for
 the time). Timed in interleaved rounds, one thread (torch and onnxruntime), batch 1:
 
@@ -43,19 +45,25 @@ from compressm_tune.exporter import (  # noqa: E402
     ort_session,
     sequence_graph,
 )
-from compressm_tune.models import from_hf_mamba  # noqa: E402
+from compressm_tune.models import from_hf_mamba, from_hf_mamba2  # noqa: E402
 
 VOCAB, D_MODEL, LAYERS, PROMPT = 256, 256, 4, 16
 TARGETS = {"cut_vs_full_prefill": 2.0, "full_vs_hf_prefill": 3.0, "decode_vs_hf": 6.0}
 
 
-def hf_model(d_state: int, seed: int = 0):
+def hf_model(arch: str, d_state: int, seed: int = 0):
+    """``transformers``' model with random weights and our import of it."""
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=D_MODEL, state_size=d_state,
-                                      num_hidden_layers=LAYERS)
-    return transformers.MambaForCausalLM(config).eval()
+    kw = {"vocab_size": VOCAB, "hidden_size": D_MODEL, "state_size": d_state,
+          "num_hidden_layers": LAYERS}
+    if arch == "mamba2":
+        hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            **kw, num_heads=2 * D_MODEL // 64, head_dim=64, n_groups=1)).eval()
+        return hf, from_hf_mamba2(hf).eval()
+    hf = transformers.MambaForCausalLM(transformers.MambaConfig(**kw)).eval()
+    return hf, from_hf_mamba(hf).eval()
 
 
 def cut_model(model, keep: int):
@@ -112,9 +120,8 @@ def decode_hf(hf, prompt: np.ndarray, tokens: np.ndarray):
     return call
 
 
-def bench(d_state: int, keep: int, seq_len: int, decode: int, rounds: int) -> dict:
-    hf = hf_model(d_state)
-    full = from_hf_mamba(hf).eval()
+def bench(arch: str, d_state: int, keep: int, seq_len: int, decode: int, rounds: int) -> dict:
+    hf, full = hf_model(arch, d_state)
     cut = cut_model(full, keep).eval()
     rng = np.random.default_rng(d_state)
     ids = rng.integers(VOCAB, size=(1, seq_len))
@@ -148,7 +155,8 @@ def bench(d_state: int, keep: int, seq_len: int, decode: int, rounds: int) -> di
     med = {k: float(np.median(v[0])) for k, v in prefill.items()}
     dmed = {k: float(np.median(v[0])) for k, v in dec.items()}
     return {
-        "d_state": d_state, "cut_to": keep, "seq_len": seq_len, "decode_tokens": len(tokens),
+        "arch": arch, "d_state": d_state, "cut_to": keep, "seq_len": seq_len,
+        "decode_tokens": len(tokens),
         "max_abs_logit_error_vs_transformers": error,
         "sequence_graph": {k: {"variant": g["choice"]["variant"], "chunk": g["choice"]["chunk"],
                                "candidates_ms": g["choice"]["timings"]["median_ms"]}
@@ -165,30 +173,35 @@ def bench(d_state: int, keep: int, seq_len: int, decode: int, rounds: int) -> di
 
 
 def main() -> None:
-    ap = parser(__doc__, "hf_cpu_peer", quick="d_state 16 only, L=64, 2 rounds")
-    ap.add_argument("--d-states", type=int_list, default=[16, 64])
+    ap = parser(__doc__, "hf_cpu_peer", quick="Mamba-1 d_state 16 and Mamba-2 d_state 32, "
+                                              "L=64, 2 rounds")
+    ap.add_argument("--models", type=lambda text: [(a, int(n)) for a, n in (
+        item.split(":") for item in text.split(",") if item)],
+                    default=[("mamba", 16), ("mamba", 64), ("mamba2", 128)],
+                    help="arch:d_state,... (default mamba:16,mamba:64,mamba2:128)")
     ap.add_argument("--cut", type=int_list, default=None,
-                    help="states kept per layer in the cut model, one per --d-states "
+                    help="states kept per layer in the cut model, one per --models entry "
                          "(default: min(32, d_state // 4))")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--decode", type=int, default=32, help="decoded tokens timed per round")
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
     if args.quick:
-        args.d_states, args.seq_len, args.decode, args.rounds = [16], 64, 8, 2
-    cuts = args.cut or [min(32, n // 4) for n in args.d_states]
+        args.models, args.seq_len, args.decode, args.rounds = ([("mamba", 16), ("mamba2", 32)],
+                                                               64, 8, 2)
+    cuts = args.cut or [min(32, n // 4) for _, n in args.models]
     torch.set_num_threads(1)
     logging.getLogger("transformers").setLevel(logging.ERROR)  # its slow-path notices
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    results = [bench(n, k, args.seq_len, args.decode, args.rounds)
-               for n, k in zip(args.d_states, cuts, strict=True)]
+    results = [bench(a, n, k, args.seq_len, args.decode, args.rounds)
+               for (a, n), k in zip(args.models, cuts, strict=True)]
     m = machine(load)
     rows = []
     for r in results:
         p, d, q = r["prefill_ms"], r["decode_ms_per_token"], r["ratios"]
-        rows.append([f"{r['d_state']} -> {r['cut_to']}",
+        rows.append([r["arch"], f"{r['d_state']} -> {r['cut_to']}",
                      f"{p['transformers']['thread_cpu']['median_ms']:.1f}",
                      f"{p['onnx_full']['thread_cpu']['median_ms']:.1f} "
                      f"({r['sequence_graph']['full']['variant']})",
@@ -200,18 +213,18 @@ def main() -> None:
                      f"{d['onnx_cut']['thread_cpu']['median_ms']:.3f}",
                      f"{q['decode_vs_hf']:.2f}x",
                      f"{r['max_abs_logit_error_vs_transformers']:.1e}"])
-    met = {name: {str(r["d_state"]): r["ratios"][name] >= bar for r in results}
+    met = {name: {f"{r['arch']}:{r['d_state']}": r["ratios"][name] >= bar for r in results}
            for name, bar in TARGETS.items()}
-    table = markdown_table(["d_state -> cut", "HF prefill ms", "ONNX full ms", "ONNX cut ms",
-                            "full vs HF", "cut vs full", "HF decode ms/tok",
+    table = markdown_table(["arch", "d_state -> cut", "HF prefill ms", "ONNX full ms",
+                            "ONNX cut ms", "full vs HF", "cut vs full", "HF decode ms/tok",
                             "ONNX full ms/tok", "ONNX cut ms/tok", "decode vs HF",
                             "logit err"], rows)
     verdict = "\n".join(
         f"- {name.replace('_', ' ')} >= {bar:g}x: " + ", ".join(
-            f"d_state {n}: {'met' if ok else 'NOT met'} ({r['ratios'][name]:.2f}x)"
+            f"{n}: {'met' if ok else 'NOT met'} ({r['ratios'][name]:.2f}x)"
             for r, (n, ok) in zip(results, met[name].items(), strict=True))
         for name, bar in TARGETS.items())
-    md = (f"# ONNX bundle graphs vs transformers' CPU path (Mamba-1)\n\n"
+    md = (f"# ONNX bundle graphs vs transformers' CPU path (Mamba-1, Mamba-2)\n\n"
           f"{LAYERS} layers, d_model {D_MODEL}, vocab {VOCAB}, random weights (the same in both), "
           f"batch 1, one thread; prefill L={args.seq_len}, decode {args.decode} tokens after a "
           f"{PROMPT}-token prompt; median thread-CPU ms over {args.rounds} interleaved rounds "
