@@ -74,6 +74,25 @@ def cut_model(model, keep: int):
     return cut
 
 
+def macs_per_token(model) -> dict:
+    """Multiply-adds per token (an estimate from the shapes, not a measurement): the
+    projections a state cut leaves alone (``fixed``) and those that scale with N: the B/C
+    projections and the recurrence, counted as 2 E N (state update and read-out)."""
+    fixed = scaled = 0
+    for bw in extract_weights(model).blocks:
+        e, n = (bw.d_inner, bw.state_dim) if hasattr(bw, "d_inner") else (
+            bw.conv.shape[0], bw.state_dim)
+        if hasattr(bw, "in_xbc"):  # Mamba-2: x rows of in_xbc, then 2GN B/C rows
+            fixed += bw.in_z.size + bw.in_xbc.shape[0] * e + bw.in_dt.size + bw.out_w.size
+            scaled += bw.in_xbc.size - bw.in_xbc.shape[0] * e
+        else:
+            s = bw.ssm
+            fixed += bw.in_x.size + bw.in_z.size + s.dt_down.size + s.dt_up.size + bw.out_w.size
+            scaled += s.b_proj.size + s.c_proj.size
+        scaled += 2 * e * n
+    return {"fixed": int(fixed), "state": int(scaled)}
+
+
 def graphs(model, seq_len: int) -> dict:
     """The sequence graph ``--chunk auto`` would pick and the step graph, as sessions."""
     w = extract_weights(model)
@@ -126,6 +145,7 @@ def bench(arch: str, d_state: int, keep: int, seq_len: int, decode: int, rounds:
     rng = np.random.default_rng(d_state)
     ids = rng.integers(VOCAB, size=(1, seq_len))
     ours = {"full": graphs(full, seq_len), "cut": graphs(cut, seq_len)}
+    macs = {"full": macs_per_token(full), "cut": macs_per_token(cut)}
     with torch.no_grad():  # parity of what is timed, against transformers' logits
         want = hf(torch.as_tensor(ids)).logits.numpy()
     got = ours["full"]["seq"].run(None, {"input_ids": ids})[0]
@@ -158,6 +178,8 @@ def bench(arch: str, d_state: int, keep: int, seq_len: int, decode: int, rounds:
         "arch": arch, "d_state": d_state, "cut_to": keep, "seq_len": seq_len,
         "decode_tokens": len(tokens),
         "max_abs_logit_error_vs_transformers": error,
+        "macs_per_token_estimate": macs,
+        "cut_vs_full_macs_ratio": sum(macs["full"].values()) / sum(macs["cut"].values()),
         "sequence_graph": {k: {"variant": g["choice"]["variant"], "chunk": g["choice"]["chunk"],
                                "candidates_ms": g["choice"]["timings"]["median_ms"]}
                            for k, g in ours.items()},
@@ -207,7 +229,9 @@ def main() -> None:
                      f"({r['sequence_graph']['full']['variant']})",
                      f"{p['onnx_cut']['thread_cpu']['median_ms']:.1f} "
                      f"({r['sequence_graph']['cut']['variant']})",
-                     f"{q['full_vs_hf_prefill']:.2f}x", f"{q['cut_vs_full_prefill']:.2f}x",
+                     f"{q['full_vs_hf_prefill']:.2f}x",
+                     f"{q['cut_vs_full_prefill']:.2f}x "
+                     f"(MACs {r['cut_vs_full_macs_ratio']:.2f}x)",
                      f"{d['transformers']['thread_cpu']['median_ms']:.3f}",
                      f"{d['onnx_full']['thread_cpu']['median_ms']:.3f}",
                      f"{d['onnx_cut']['thread_cpu']['median_ms']:.3f}",
@@ -228,7 +252,10 @@ def main() -> None:
           f"{LAYERS} layers, d_model {D_MODEL}, vocab {VOCAB}, random weights (the same in both), "
           f"batch 1, one thread; prefill L={args.seq_len}, decode {args.decode} tokens after a "
           f"{PROMPT}-token prompt; median thread-CPU ms over {args.rounds} interleaved rounds "
-          f"(wall times in the JSON). Our sequence graph is the one `--chunk auto` picks.\n\n"
+          f"(wall times in the JSON). Our sequence graph is the one `--chunk auto` picks. "
+          f"'cut vs full (MACs m)': m is the ratio of multiply-adds per token, full over cut, "
+          f"estimated from the shapes (projections + B/C rows + 2 E N for the recurrence; not "
+          f"measured): about what a state cut can give while the projections stay.\n\n"
           f"{table}\n\nTargets:\n{verdict}\n\n{machine_line(m)} Run took "
           f"{time.perf_counter() - start:.0f} s.\n")
     write(args.results_dir / args.name, {"results": results, "targets": TARGETS,
