@@ -150,3 +150,28 @@ def test_token_bundle_of_a_mamba2_model(tmp_path):
     edge = EdgeBundle(tmp_path / "b")
     assert np.abs(edge.predict(ids) - want).max() <= 1e-4
     assert np.abs(edge.streamer(2).run(ids) - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_onnxruntime_functions_keep_the_torch_state_layout(arch):
+    """The profiler's onnxruntime stand-in takes and returns ``allocate_state``'s one tensor
+    per block, though a token model's step graph holds transformers' cache tensors."""
+    from compressm_tune.exporter import onnxruntime_functions
+
+    if arch == "mamba2":
+        model = _model(tokens=True)
+    else:
+        torch.manual_seed(1)
+        model = SSMModel(SSMConfig(arch="mamba", vocab_size=VOCAB, d_output=VOCAB, d_model=8,
+                                   state_dims=[3, 5], pooling="none")).eval()
+    forward, step = onnxruntime_functions(model)
+    ids = _inputs(True, 2, 6, 1)
+    with torch.no_grad():
+        assert float((forward(ids) - model(ids)).abs().max()) <= 1e-4
+        state = want_state = model.allocate_state(2)
+        for t in range(ids.shape[1]):
+            y, state = step(ids[:, t], state)
+            want, want_state = model.step(ids[:, t], want_state)
+            assert float((y - want).abs().max()) <= 1e-4
+    assert [s.shape for s in state] == [s.shape for s in want_state]
+    assert max(float((a - b).abs().max()) for a, b in zip(state, want_state, strict=True)) <= 1e-4

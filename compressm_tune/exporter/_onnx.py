@@ -5,7 +5,7 @@ Why not ``torch.onnx.export``: the layers run their recurrences through autograd
 by a C kernel no exporter can trace, and dynamo's ``scan`` lowering is a private API that takes
 seconds per trace. Writing the graph from the weights (:mod:`._weights`) is exact, takes
 milliseconds, works for every opset in :data:`SUPPORTED_OPSETS`, and uses a handful of
-well-supported operators: ``MatMul``/``Add``/``Softplus`` for every input-dependent part over all
+well-supported operators: ``MatMul``/``Add``/softplus for every input-dependent part over all
 steps at once, BatchNorm folded to ``Mul`` + ``Add``, exact GELU via ``Erf``, ``ReduceMean``
 pooling, and one ``Scan`` per block for the recurrence (so batch and length are dynamic).
 ``build_sequence_model(w, chunk=T)`` writes the chunked graph of :mod:`._onnx_blocks` instead.

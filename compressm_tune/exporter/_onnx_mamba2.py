@@ -62,8 +62,7 @@ class Mamba2Parts:
         last = self._ints(g, -1)
         x, b, c = (g.op("Slice", [xbc, self._ints(g, lo), self._ints(g, hi), last])
                    for lo, hi in ((0, e), (e, e + gn), (e + gn, e + 2 * gn)))
-        delta = g.op("Softplus", [g.op("Add", [dt, g.const(f"dt_bias{self.k}", w.dt_bias)])],
-                     "delta")
+        delta = g.softplus(g.op("Add", [dt, g.const(f"dt_bias{self.k}", w.dt_bias)]), "delta")
         if w.dt_limit is not None:
             lo, hi = (g.const("dt_limit", np.array(v, np.float32)) for v in w.dt_limit)
             delta = g.op("Clip", [delta, lo, hi], "delta")
