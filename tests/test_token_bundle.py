@@ -370,3 +370,13 @@ def test_bundle_written_before_transformers_names_still_runs(token_bundle, tmp_p
     with pytest.raises(BundleError, match=r"takes \['x_t', 'state_0', 'state_1'\] but the "
                                           r"manifest's io.step names"):
         EdgeBundle(bundle, modes=("step",))
+
+
+def test_malformed_io_section_is_one_line(token_bundle, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(token_bundle[1], bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["io"] = {"step": {"input": "input_ids"}}  # no states listed
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"manifest io section must name .*io.step.states"):
+        EdgeBundle(bundle, modes=("step",))

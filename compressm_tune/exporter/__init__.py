@@ -1,5 +1,5 @@
-"""Export: reduced SSM networks (LRU, selective or Mamba) to ONNX and TorchScript, checked in
-onnxruntime.
+"""Export: reduced SSM networks (LRU, selective, Mamba or Mamba-2) to ONNX and TorchScript,
+checked in onnxruntime.
 
 ``export_bundle(checkpoint, out_dir)`` writes ``model.onnx`` (whole sequences, dynamic batch and
 length; chunked or one per-token ``Scan`` per block, as measured faster), ``model_step.onnx``
@@ -7,9 +7,13 @@ length; chunked or one per-token ``Scan`` per block, as measured faster), ``mode
 edge runner) and ``manifest.json``, after checking every engine against eager torch.
 ``load_bundle`` / ``verify_bundle`` reject a bundle whose files do not match its manifest;
 ``measure_latency`` times a bundle on this machine. Token models (an embedding over int64 ids)
-get the same bundle; its manifest's ``input`` section says the runner takes ids. The pieces are
-public too: ``extract_weights`` -> ``build_sequence_model`` / ``build_step_model`` /
-``script_model``, checked with ``run_parity``.
+get the same bundle; its manifest's ``input`` section says the runner takes ids, and its graphs
+use ``transformers``' names (``input_ids``, ``logits``, the cache as ``past_conv_state.{i}`` /
+``past_ssm_state.{i}`` in and ``present_...`` out; :func:`step_states`, the manifest's ``io``;
+:func:`split_cache` / :func:`join_cache` convert from and to ``allocate_state``'s layout).
+Mamba and Mamba-2 sequence graphs can be chunked too (the SSD form). The pieces are public
+too: ``extract_weights`` -> ``build_sequence_model`` / ``build_step_model`` / ``script_model``,
+checked with ``run_parity``.
 """
 
 from compressm_tune.errors import ExportOptionError
