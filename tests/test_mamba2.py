@@ -18,7 +18,14 @@ import torch
 from conftest import small_trainer
 
 from compressm_tune.errors import ConfigError
-from compressm_tune.models import Mamba2Layer, SSMConfig, SSMModel, from_hf_mamba2
+from compressm_tune.models import (
+    Mamba2Layer,
+    SSMConfig,
+    SSMModel,
+    _triton,
+    from_hf_mamba2,
+    ssd_scan,
+)
 from compressm_tune.reduction import (
     ReduceConfig,
     Reducer,
@@ -116,20 +123,44 @@ def test_layer_matches_the_plain_loop_reference(kw):
     u = torch.randn(2, 11, 8, dtype=torch.float64)
     want = _numpy_mamba2(layer, u.numpy())
     np.testing.assert_allclose(layer(u).detach().numpy(), want, rtol=1e-9, atol=1e-10)
-    # float32 takes the fused scan (the C kernel where built); same equations
+    # float32, the training precision: the same chunked SSD
     got32 = layer.float()(u.float()).detach().numpy()
     np.testing.assert_allclose(got32, want, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_gradients_match_the_torch_path():
+def test_float32_gradients_match_float64():
     layer = _layer(dtype=torch.float32, head_dim=2, n_groups=2)
-    ref = copy.deepcopy(layer).double()  # the same weights, torch (reference) path
-    u = torch.randn(3, 17, 8)
+    ref = copy.deepcopy(layer).double()  # the same weights
+    u = torch.randn(3, 150, 8)  # three chunks
     layer(u).square().sum().backward()
     ref(u.double()).square().sum().backward()
     for (name, p), q in zip(layer.named_parameters(), ref.parameters(), strict=True):
         np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy(), rtol=1e-3,
                                    atol=1e-4 * float(q.grad.abs().max()), err_msg=name)
+
+
+@pytest.mark.parametrize("length,chunk", [(11, 4), (16, 4), (7, 64)])
+def test_chunked_ssd_equals_the_recurrence(length, chunk):
+    """Several chunks, a padded last one, one short chunk; the returned last state too."""
+    gen = torch.Generator().manual_seed(length)
+    b, nh, p, g, n = 2, 4, 3, 2, 5
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x, bt, ct = rand(b, length, nh, p), rand(b, length, g, n), rand(b, length, g, n)
+    delta = torch.rand(b, length, nh, generator=gen, dtype=torch.float64) + 0.1
+    A = -torch.rand(nh, generator=gen, dtype=torch.float64) * 2
+    y, last = ssd_scan(x, delta, A, bt, ct, chunk=chunk, return_state=True)
+    head_group = torch.arange(nh) // (nh // g)
+    state, want = torch.zeros(b, nh, p, n, dtype=torch.float64), []
+    for t in range(length):
+        decay = torch.exp(delta[:, t] * A)[..., None, None]  # (b, nh, 1, 1)
+        drive = (delta[:, t, :, None] * x[:, t])[..., None] * bt[:, t, head_group, None, :]
+        state = decay * state + drive
+        want.append((state @ ct[:, t, head_group, :, None]).squeeze(-1))
+    torch.testing.assert_close(y, torch.stack(want, 1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(last, state, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("vocab", [None, 13])
@@ -335,6 +366,22 @@ def test_state_importance_matches_the_plain_loop_and_cuts_keep_outputs():
         layer.keep_states(torch.tensor([0, 0]))
 
 
+@pytest.mark.triton
+@pytest.mark.skipif(not _triton.available(), reason="triton is not installed")
+def test_triton_importance_of_the_folded_groups_matches_float64():
+    """The Triton importance kernel (CUDA, or the interpreter on CPU) on Mamba-2's folded
+    scan inputs against the float64 torch path."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = _layer(h=4, n=6, seed=5, dtype=torch.float32, head_dim=2, n_groups=2)
+    u = torch.randn(2, 19, 4)
+    with torch.no_grad():
+        inputs = layer.to(device).scan_inputs(u.to(device))
+    got = _triton.selective_importance(*(t.contiguous() for t in inputs)).cpu()
+    want = state_scores(copy.deepcopy(layer).cpu().double(), u.double())
+    np.testing.assert_allclose((got / (2 * 19)).sqrt().numpy(), want, rtol=1e-4,
+                               atol=1e-7 * want.max())
+
+
 def test_magnitude_selection_ranks_by_weight_norms():
     layer = _layer(n=6)
     with torch.no_grad():
@@ -366,3 +413,47 @@ def test_in_training_reduction_carries_moments_and_reloads(mnist1d, tmp_path):
         assert trainer.optimizer.state[layer.get_parameter(name)]["exp_avg_sq"].shape[2] == 4
     reloaded = model_from_checkpoint(tmp_path / "last.pt")
     assert reloaded.config.arch == "mamba2" and reloaded.state_dims == [4, 3]
+
+
+def test_compressor_cuts_an_imported_mamba2_in_a_plain_loop():
+    from compressm_tune.reduction import Compressor
+
+    model = from_hf_mamba2(_hf(n_groups=2, state_size=8)).train()
+    ids = _ids(batch=4, length=24, seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def train_step() -> float:
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    train_step()
+    layer = model.blocks[0].ssm
+    old = opt.state[layer.bc_conv]["exp_avg_sq"].clone()
+    c = Compressor(model, opt, reduce="rank=3", total_steps=100, every=1,
+                   calibration=ids[:, :-1])
+    c.step(1)
+    assert model.state_dims == [3, 3]
+    moments = opt.state[layer.bc_conv]["exp_avg_sq"]  # the kept states' moments, unchanged
+    assert moments.shape == layer.bc_conv.shape == (2, 2, 3, 4)
+    for j in range(3):
+        assert any(torch.equal(moments[:, :, j], old[:, :, i]) for i in range(8))
+    assert np.isfinite(train_step())
+
+
+def test_train_command_trains_and_cuts_a_mamba2(mnist1d, tmp_path):
+    from compressm_tune.cli import main
+
+    code = main(["-q", "train", "--dataset", "mnist1d", "--arch", "mamba2", "--hidden", "8",
+                 "--head-dim", "4", "--n-groups", "2", "--blocks", "1", "--state-dim", "8",
+                 "--steps", "8", "--eval-every", "4", "--reduce", "rank=4", "--window", "0.5",
+                 "--schedule", "window", "--max-drop", "inf", "--threads", "1",
+                 "--out", str(tmp_path / "run")])
+    assert code == 0
+    model = model_from_checkpoint(tmp_path / "run" / "last.pt")
+    cfg = model.config
+    assert (cfg.arch, cfg.head_dim, cfg.n_groups, cfg.state_dims) == ("mamba2", 4, 2, [4])
+    assert model.blocks[0].ssm.n_heads == 4

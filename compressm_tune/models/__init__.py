@@ -6,7 +6,7 @@ from compressm_tune.models.config import ARCHS, MAMBA_ARCHS, SSMConfig, dropout_
 from compressm_tune.models.hf import from_hf_mamba, from_hf_mamba2
 from compressm_tune.models.lru import LRULayer
 from compressm_tune.models.mamba import MambaLayer
-from compressm_tune.models.mamba2 import Mamba2Layer
+from compressm_tune.models.mamba2 import Mamba2Layer, ssd_scan
 from compressm_tune.models.network import (
     SELECTIVE_LAYERS,
     SSM_PARAMETERS,
@@ -41,5 +41,6 @@ __all__ = [
     "scan_reference",
     "selective_scan",
     "selective_scan_reference",
+    "ssd_scan",
     "torch_scans",
 ]
