@@ -11,8 +11,10 @@
   (causal: outputs are cut back to ``L`` before pooling). LRU: every chunk's states in one
   batched ``MatMul`` by :class:`._weights.LRUChunk`'s decay matrix, then (only with more than one
   chunk, an ``If``) the carries, in closed form for up to G chunks and from a ``Scan`` over the
-  chunks beyond; memory O(L N). Selective: a ``Scan`` over chunks whose body uses segment sums of
-  the step sizes (Mamba-2's SSD form); memory per iteration O(T^2 H N), bounded by T.
+  chunks beyond; memory O(L N). Selective (also a Mamba block's S6 core, on its E channels): a
+  ``Scan`` over chunks whose body uses segment sums of the step sizes (Mamba-2's SSD form, with a
+  decay per channel and state); memory per iteration O(T^2 H N), bounded by T. Mamba-2's
+  scalar decay per head makes its chunks matmuls (:mod:`._onnx_mamba2`).
 """
 
 from __future__ import annotations

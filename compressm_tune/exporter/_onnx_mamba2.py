@@ -22,7 +22,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from compressm_tune.exporter._onnx_blocks import _BIG, ChunkFrame, Graph, _info, _subgraph
+from compressm_tune.exporter._onnx_blocks import (
+    _BIG,
+    RECURRENCE,
+    ChunkFrame,
+    Graph,
+    _info,
+    _subgraph,
+)
 from compressm_tune.exporter._weights import Mamba2BlockWeights, segment_sums
 
 __all__ = ["Mamba2Parts"]
@@ -149,7 +156,8 @@ class Mamba2Parts:
             return sub.const("idx", np.array(values, np.int64))
 
         la_t = sub.op("Transpose", [la], perm=[0, 2, 1])  # (B, nh, T)
-        seg = sub.op("Reshape", [sub.op("MatMul", [la_t, self.sums_t]),
+        seg = sub.op("Reshape", [sub.op("MatMul", [la_t, self.sums_t],  # float32 under int8
+                                        name=f"{RECURRENCE}sums{k}"),
                                  ints(0, gsz, hg, t, t)])  # (B, G, hg, T, T)
         decay = sub.op("Mul", [sub.op("Exp", [seg]), self.keep], "decay")  # 0 for s > t
         cum = sub.op("Reshape", [sub.op("CumSum", [la_t, sub.const("axis", np.array(
