@@ -32,15 +32,13 @@ from compressm_tune.exporter._edge import (
     time_calls,
 )
 from compressm_tune.exporter._manifest import load_bundle, measure_latency, verify_bundle
+from compressm_tune.exporter._names import join_cache, split_cache, step_states
 from compressm_tune.exporter._onnx import (
     DEFAULT_OPSET,
     QUANTIZE_CHOICES,
     SUPPORTED_OPSETS,
     build_sequence_model,
     build_step_model,
-    join_cache,
-    split_cache,
-    step_states,
 )
 from compressm_tune.exporter._parity import choose_chunk, ort_session, run_parity, sequence_graph
 from compressm_tune.exporter._torchscript import ScriptedSSM, script_model

@@ -31,6 +31,7 @@ from compressm_tune.errors import CheckpointError, ExportOptionError, OutputErro
 from compressm_tune.exporter import _edge
 from compressm_tune.exporter._edge import FORMAT, MANIFEST, VERSION
 from compressm_tune.exporter._manifest import file_entry, io_spec, write_manifest
+from compressm_tune.exporter._names import sequence_io_names, step_io_names, step_states
 from compressm_tune.exporter._onnx import (
     DEFAULT_OPSET,
     QUANTIZE_CHOICES,
@@ -38,9 +39,6 @@ from compressm_tune.exporter._onnx import (
     build_step_model,
     check_opset,
     quantize_file,
-    sequence_io_names,
-    step_io_names,
-    step_states,
 )
 from compressm_tune.exporter._parity import (
     data_inputs,

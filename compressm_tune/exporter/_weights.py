@@ -10,7 +10,8 @@ difference would grow ~1000x over a long sequence.
 A block is the shared part (BatchNorm fold, ``D``, GELU, GLU, residual: :class:`BlockWeights`)
 around one layer, :class:`LRUWeights` or :class:`SelectiveWeights`; a Mamba block
 (:class:`MambaBlockWeights`) holds its norm, projections and convolution around a selective S6
-core. Each block record knows its streaming state's shape (``state_shape``, no batch axis).
+core, a Mamba-2 block (:class:`Mamba2BlockWeights`, :mod:`._weights_mamba2`) its own. Each block
+record knows its streaming state's shape (``state_shape``, no batch axis).
 
 Chunked form of an LRU layer: inside a chunk of ``T`` tokens ``x_t = lam x_{t-1} + v_t``
 unrolls to ``x_t = sum_{s <= t} lam^(t - s) v_s + lam^(t + 1) x_carry``, so a chunk's states are
@@ -30,6 +31,7 @@ import torch
 
 from compressm_tune.errors import ExportOptionError
 from compressm_tune.exporter import _edge
+from compressm_tune.exporter._weights_mamba2 import Mamba2BlockWeights
 from compressm_tune.models import LRULayer, Mamba2Layer, MambaBlock, SelectiveLayer, SSMModel
 
 __all__ = ["CHUNK_ARCHS", "CHUNK_CHOICES", "CHUNK_KEY", "BlockWeights", "LRUChunk",
@@ -179,69 +181,6 @@ class MambaBlockWeights:
     def state_shape(self) -> tuple[int, ...]:
         """Streaming state per sequence: ``(E, K - 1 + N)``."""
         return (int(self.conv.shape[0]), self.d_conv - 1 + self.state_dim)
-
-
-@dataclass(frozen=True)
-class Mamba2BlockWeights:
-    """One Mamba-2 block (:class:`~compressm_tune.models.Mamba2Layer` in a ``MambaBlock``),
-    float32, ``C = E + 2 G N`` conv channels, ``nh = E / P`` heads in ``G`` groups::
-
-        hn      = h / sqrt(mean(h^2) + eps) * norm                    RMSNorm, (.., H)
-        z       = hn @ in_z (+ in_z_bias)                             (.., E)
-        xBC     = hn @ in_xbc (+ in_xbc_bias)                         (.., C): x, B (G, N), C
-        dt      = hn @ in_dt (+ in_dt_bias)                           (.., nh)
-        x, B, C = split(silu(causal depthwise conv of xBC))           kernel conv (C, K)
-        delta   = clip(softplus(dt + dt_bias), *dt_limit)             (.., nh)
-        S_t     = exp(delta a) S_{t-1} + (delta x) (x) B              (nh, P, N), a (nh,)
-        y       = S_t C + d x                                         per head
-        out     = h + rmsnorm_G(y * silu(z)) * norm_weight @ out_w (+ out_bias)
-
-    The streaming state is flat, ``(C (K - 1) + E N,)``: the conv window, then ``S``.
-    """
-
-    arch: ClassVar[str] = "mamba2"
-    norm: np.ndarray  # (H,)
-    eps: float
-    in_z: np.ndarray  # (H, E)
-    in_xbc: np.ndarray  # (H, C)
-    in_dt: np.ndarray  # (H, nh)
-    in_z_bias: np.ndarray | None  # (E,)
-    in_xbc_bias: np.ndarray | None  # (C,)
-    in_dt_bias: np.ndarray | None  # (nh,)
-    conv: np.ndarray  # (C, K)  depthwise kernel over every xBC channel, oldest input first
-    conv_bias: np.ndarray | None  # (C,)
-    dt_bias: np.ndarray  # (nh,)
-    a: np.ndarray  # (nh,)  -exp(A_log)
-    d: np.ndarray  # (nh,)
-    dt_limit: tuple[float, float] | None
-    norm_weight: np.ndarray  # (E,)  the gated RMSNorm's
-    norm_eps: float
-    out_w: np.ndarray  # (E, H)
-    out_bias: np.ndarray | None  # (H,)
-    n_groups: int
-    head_dim: int
-
-    @property
-    def d_inner(self) -> int:
-        return int(self.in_z.shape[1])
-
-    @property
-    def n_heads(self) -> int:
-        return int(self.a.shape[0])
-
-    @property
-    def state_dim(self) -> int:
-        """N, the state width of every head."""
-        return (int(self.in_xbc.shape[1]) - self.d_inner) // (2 * self.n_groups)
-
-    @property
-    def d_conv(self) -> int:
-        return int(self.conv.shape[1])
-
-    @property
-    def state_shape(self) -> tuple[int, ...]:
-        """Streaming state per sequence, flat: ``(C (K - 1) + E N,)``."""
-        return (int(self.conv.shape[0]) * (self.d_conv - 1) + self.d_inner * self.state_dim,)
 
 
 @dataclass(frozen=True)
