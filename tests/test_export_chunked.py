@@ -29,6 +29,7 @@ from compressm_tune.exporter import (
 )
 from compressm_tune.exporter._edge import sha256_file
 from compressm_tune.exporter._parity import stream_onnx
+from compressm_tune.models import SSMConfig, SSMModel
 
 TRAIN_LEN = 40  # _checkpoint's seq_len
 
@@ -46,11 +47,29 @@ def _lengths(chunk: int) -> list[int]:
                    if n >= 1})
 
 
-@pytest.mark.parametrize("arch", ["lru", "selective"])
+def _mamba_model(pooling: str) -> SSMModel:
+    """Two Mamba blocks, the first cut to 5 of its 12 states (kept out of order), every
+    parameter perturbed so no structured init hides a mismatch."""
+    torch.manual_seed(0)
+    model = SSMModel(SSMConfig(arch="mamba", d_input=2, d_output=3, d_model=8,
+                               state_dims=[12, 6], pooling=pooling))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.blocks[0].ssm.keep_states(torch.tensor([7, 0, 3, 11, 5]))
+    assert model.state_dims == [5, 6]
+    return model.eval()
+
+
+def _model(arch: str, pooling: str) -> SSMModel:
+    return _mamba_model(pooling) if arch == "mamba" else _reduced_model(pooling, arch=arch)
+
+
+@pytest.mark.parametrize("arch", ["lru", "selective", "mamba"])
 @pytest.mark.parametrize("pooling", ["mean", "none"])
 @pytest.mark.parametrize("chunk", [1, 4, 16])  # LRU, 1: the carries take the Scan over > G chunks
 def test_chunked_onnx_and_torchscript_match_eager_torch(arch, pooling, chunk):
-    model = _reduced_model(pooling, arch=arch)  # unequal widths, after real cuts
+    model = _model(arch, pooling)  # unequal widths, after real cuts
     w = extract_weights(model)
     sequence = _session(build_sequence_model(w, chunk=chunk))
     scripted = script_model(w, chunk)
@@ -67,9 +86,9 @@ def test_chunked_onnx_and_torchscript_match_eager_torch(arch, pooling, chunk):
             assert (got_ts - want).abs().max() <= 1e-4, (batch, length)
 
 
-@pytest.mark.parametrize("arch", ["lru", "selective"])
+@pytest.mark.parametrize("arch", ["lru", "selective", "mamba"])
 def test_streaming_equals_the_chunked_sequence_graph(arch):
-    model = _reduced_model("none", arch=arch)
+    model = _model(arch, "none")
     w = extract_weights(model)
     x = torch.randn(3, 37, 2, generator=torch.Generator().manual_seed(3)).numpy()
     sequence = _session(build_sequence_model(w, chunk=8)).run(None, {"x": x})[0]

@@ -150,3 +150,53 @@ def test_imported_model_exports_a_bundle_matching_transformers(tmp_path):
     edge = EdgeBundle(tmp_path / "b")
     assert np.abs(edge.predict(ids.numpy()) - want).max() <= 1e-4
     assert np.abs(edge.streamer(2).run(ids.numpy()) - want).max() <= 1e-4
+
+
+def _session(proto):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_chunked_graphs_match_transformers(chunk):
+    """The chunked sequence graph (ONNX and TorchScript) of an imported model gives
+    transformers' logits around the chunk boundaries (T-1, T, T+1, 3T+2)."""
+    hf = _hf()
+    w = extract_weights(from_hf_mamba(hf))
+    sequence, scripted = _session(build_sequence_model(w, chunk=chunk)), script_model(w, chunk)
+    for length in (chunk - 1, chunk, chunk + 1, 3 * chunk + 2):
+        ids = _ids(2, length, seed=length)
+        with torch.no_grad():
+            want = hf(ids).logits
+            got_ts = scripted(ids)
+        got = sequence.run(None, {"input_ids": ids.numpy()})[0]
+        assert np.abs(got - want.numpy()).max() <= 1e-4, length
+        assert float((got_ts - want).abs().max()) <= 1e-4, length
+
+
+def test_step_graph_cache_equals_transformers_cache_after_prefill():
+    """Streaming a prompt through the step graph leaves in ``present_conv_state.{i}`` and
+    ``present_ssm_state.{i}`` what transformers' cache holds after a prefill of that prompt
+    (the last d_conv conv inputs, the SSM state), and the last logits agree."""
+    hf = _hf(conv_kernel=3)
+    w = extract_weights(from_hf_mamba(hf))
+    step = _session(build_step_model(w))
+    ids = _ids(2, 9, seed=4)
+    with torch.no_grad():
+        out = hf(ids, use_cache=True)
+    cache = out.cache
+    names = [o.name for o in step.get_outputs()]
+    states = [np.zeros([2 if isinstance(d, str) else d for d in i.shape], np.float32)
+              for i in step.get_inputs()[1:]]
+    for t in range(ids.shape[1]):
+        logits, *states = step.run(None, dict(zip(
+            [i.name for i in step.get_inputs()], [ids[:, t].numpy(), *states], strict=True)))
+    got = dict(zip(names[1:], states, strict=True))
+    assert np.abs(logits - out.logits[:, -1].numpy()).max() <= 1e-4
+    for i, layer in enumerate(cache.layers):
+        conv, ssm = layer.conv_states[0].numpy(), layer.recurrent_states[0].numpy()
+        assert got[f"present_conv_state.{i}"].shape == conv.shape == (2, 64, 3)
+        assert got[f"present_ssm_state.{i}"].shape == ssm.shape == (2, 64, 16)
+        assert np.abs(got[f"present_conv_state.{i}"] - conv).max() <= 1e-5
+        assert np.abs(got[f"present_ssm_state.{i}"] - ssm).max() <= 1e-4

@@ -8,6 +8,7 @@ and appends its argmax (no state, no step graph), so streaming errors cannot hid
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -290,3 +291,92 @@ def test_int8_accuracy_of_a_token_model_is_measured_on_test_ids(tmp_path):
     assert acc["metric"] == "accuracy" and acc["n"] == len(ids)
     assert acc["float32"]["accuracy"] == pytest.approx(want, abs=1e-3)
     assert 0.0 <= acc["int8"]["accuracy"] <= 1.0 and "loss" in acc["int8"]
+
+
+def test_graphs_use_transformers_names(token_bundle):
+    """``input_ids`` -> ``logits``; the step graph's cache as transformers holds it: a Mamba
+    block's conv window ``(batch, E, d_conv)`` and SSM state ``(batch, E, N)`` apart."""
+    model, _, manifest = token_bundle
+    files = manifest["files"]
+    names = {key: [[v["name"] for v in files[key][side]] for side in ("inputs", "outputs")]
+             for key in ("onnx_sequence", "onnx_step")}
+    assert names["onnx_sequence"] == [["input_ids"], ["logits"]]
+    if model.config.arch == "mamba":
+        e = model.config.expand * model.config.d_model
+        past = ["past_conv_state.0", "past_ssm_state.0", "past_conv_state.1", "past_ssm_state.1"]
+        shapes = [["batch", e, 4], ["batch", e, 4]] * 2  # d_conv 4, N 4
+    else:
+        past, shapes = ["past_ssm_state.0", "past_ssm_state.1"], [["batch", 6, 2], ["batch", 4, 2]]
+    present = [n.replace("past_", "present_") for n in past]
+    assert names["onnx_step"] == [["input_ids", *past], ["logits", *present]]
+    assert [v["shape"] for v in files["onnx_step"]["inputs"][1:]] == shapes
+    io = manifest["io"]
+    assert io["names"] == "transformers" and io["sequence"] == {"input": "input_ids",
+                                                                "output": "logits"}
+    assert [(s["input"], s["output"], s["shape"]) for s in io["step"]["states"]] == list(
+        zip(past, present, shapes, strict=True))
+
+
+def _rename_tensors(path: Path, names: dict[str, str]) -> None:
+    """Rename an ONNX file's graph inputs and outputs (and every use of them)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for value in [*graph.input, *graph.output]:
+            value.name = names.get(value.name, value.name)
+        for node in graph.node:
+            node.input[:] = [names.get(n, n) for n in node.input]
+            node.output[:] = [names.get(n, n) for n in node.output]
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    onnx.save(model, str(path))
+
+
+def test_bundle_written_before_transformers_names_still_runs(token_bundle, tmp_path):
+    """A token bundle from before the ``io`` section named its tensors ``x -> y`` and
+    ``x_t, state_k -> y_t, next_state_k``: the runner reads the names from the bundle, so it
+    still predicts and streams torch's logits; a manifest whose ``io`` names disagree with
+    the step graph is refused in one line."""
+    from compressm_tune.exporter._edge import sha256_file
+
+    model, source, _ = token_bundle
+    if model.config.arch == "mamba":
+        pytest.skip("old Mamba step graphs held one state per block; the LRU shows the names")
+    bundle = tmp_path / "old"
+    shutil.copytree(source, bundle)
+    old = {"input_ids": "x", "logits": "y"}
+    step = {"input_ids": "x_t", "logits": "y_t"}
+    for k in range(2):
+        step[f"past_ssm_state.{k}"], step[f"present_ssm_state.{k}"] = (f"state_{k}",
+                                                                       f"next_state_{k}")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for key, table in (("onnx_sequence", old), ("onnx_step", step)):
+        entry = manifest["files"][key]
+        _rename_tensors(bundle / entry["path"], table)
+        entry["sha256"] = sha256_file(bundle / entry["path"])
+        for v in entry["inputs"] + entry["outputs"]:
+            v["name"] = table.get(v["name"], v["name"])
+    io = manifest.pop("io")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    edge = EdgeBundle(bundle)
+    ids = _ids(2, 9, seed=5)
+    want = _logits(model, ids)
+    assert np.abs(edge.predict(ids) - want).max() <= 1e-4
+    assert np.abs(edge.streamer(2).run(ids) - want).max() <= 1e-4
+    io["step"]["input"] = "x_t"  # new manifest, old graph: names differ
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "io": io}))
+    with pytest.raises(BundleError, match=r"takes \['x_t', 'state_0', 'state_1'\] but the "
+                                          r"manifest's io.step names"):
+        EdgeBundle(bundle, modes=("step",))
+
+
+def test_malformed_io_section_is_one_line(token_bundle, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(token_bundle[1], bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["io"] = {"step": {"input": "input_ids"}}  # no states listed
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"manifest io section must name .*io.step.states"):
+        EdgeBundle(bundle, modes=("step",))

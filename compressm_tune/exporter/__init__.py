@@ -1,5 +1,5 @@
-"""Export: reduced SSM networks (LRU, selective or Mamba) to ONNX and TorchScript, checked in
-onnxruntime.
+"""Export: reduced SSM networks (LRU, selective, Mamba or Mamba-2) to ONNX and TorchScript,
+checked in onnxruntime.
 
 ``export_bundle(checkpoint, out_dir)`` writes ``model.onnx`` (whole sequences, dynamic batch and
 length; chunked or one per-token ``Scan`` per block, as measured faster), ``model_step.onnx``
@@ -7,9 +7,13 @@ length; chunked or one per-token ``Scan`` per block, as measured faster), ``mode
 edge runner) and ``manifest.json``, after checking every engine against eager torch.
 ``load_bundle`` / ``verify_bundle`` reject a bundle whose files do not match its manifest;
 ``measure_latency`` times a bundle on this machine. Token models (an embedding over int64 ids)
-get the same bundle; its manifest's ``input`` section says the runner takes ids. The pieces are
-public too: ``extract_weights`` -> ``build_sequence_model`` / ``build_step_model`` /
-``script_model``, checked with ``run_parity``.
+get the same bundle; its manifest's ``input`` section says the runner takes ids, and its graphs
+use ``transformers``' names (``input_ids``, ``logits``, the cache as ``past_conv_state.{i}`` /
+``past_ssm_state.{i}`` in and ``present_...`` out; :func:`step_states`, the manifest's ``io``;
+:func:`split_cache` / :func:`join_cache` convert from and to ``allocate_state``'s layout).
+Mamba and Mamba-2 sequence graphs can be chunked too (the SSD form). The pieces are public
+too: ``extract_weights`` -> ``build_sequence_model`` / ``build_step_model`` / ``script_model``,
+checked with ``run_parity``.
 """
 
 from compressm_tune.errors import ExportOptionError
@@ -28,6 +32,7 @@ from compressm_tune.exporter._edge import (
     time_calls,
 )
 from compressm_tune.exporter._manifest import load_bundle, measure_latency, verify_bundle
+from compressm_tune.exporter._names import join_cache, split_cache, step_states
 from compressm_tune.exporter._onnx import (
     DEFAULT_OPSET,
     QUANTIZE_CHOICES,
@@ -40,6 +45,7 @@ from compressm_tune.exporter._torchscript import ScriptedSSM, script_model
 from compressm_tune.exporter._weights import (
     BlockWeights,
     LRUWeights,
+    Mamba2BlockWeights,
     MambaBlockWeights,
     ModelWeights,
     SelectiveWeights,
@@ -60,6 +66,7 @@ __all__ = [
     "EdgeBundle",
     "ExportOptionError",
     "LRUWeights",
+    "Mamba2BlockWeights",
     "MambaBlockWeights",
     "ModelWeights",
     "ScriptedSSM",
@@ -70,6 +77,7 @@ __all__ = [
     "choose_chunk",
     "export_bundle",
     "extract_weights",
+    "join_cache",
     "latency_stats",
     "load_bundle",
     "measure_latency",
@@ -78,6 +86,8 @@ __all__ = [
     "run_parity",
     "script_model",
     "sequence_graph",
+    "split_cache",
+    "step_states",
     "time_calls",
     "verify_bundle",
 ]

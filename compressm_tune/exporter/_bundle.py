@@ -31,6 +31,7 @@ from compressm_tune.errors import CheckpointError, ExportOptionError, OutputErro
 from compressm_tune.exporter import _edge
 from compressm_tune.exporter._edge import FORMAT, MANIFEST, VERSION
 from compressm_tune.exporter._manifest import file_entry, io_spec, write_manifest
+from compressm_tune.exporter._names import sequence_io_names, step_io_names, step_states
 from compressm_tune.exporter._onnx import (
     DEFAULT_OPSET,
     QUANTIZE_CHOICES,
@@ -43,6 +44,7 @@ from compressm_tune.exporter._parity import (
     data_inputs,
     default_lengths,
     evaluate_test_split,
+    feed,
     gaussian_inputs,
     rebuild_dataset,
     run_parity,
@@ -168,11 +170,9 @@ def _quantize(stage: Path, modes: tuple[str, ...], files: dict, sessions: dict, 
         quantize_file(src, dst)
         q_sessions[mode] = _ort_session(dst, threads)
         if mode == "sequence":
-            ref, got = (s.run(None, {"x": x})[0] for s in (sessions[mode], q_sessions[mode]))
+            ref, got = (s.run(None, feed(s, x))[0] for s in (sessions[mode], q_sessions[mode]))
         else:
-            state = [np.zeros([3 if d == "batch" else d for d in s["shape"]], np.float32)
-                     for s in files["onnx_step"]["inputs"][1:]]
-            ref, got = (stream_onnx(s, x, state) for s in (sessions[mode], q_sessions[mode]))
+            ref, got = (stream_onnx(s, x) for s in (sessions[mode], q_sessions[mode]))
         report["files"][f"onnx_{mode}_int8"] = {
             "float32_bytes": src.stat().st_size, "int8_bytes": dst.stat().st_size,
             "size_ratio": dst.stat().st_size / src.stat().st_size,
@@ -395,10 +395,24 @@ def _torchscript_doc(weights) -> dict[str, Any]:
               else (f"x (batch, length, {weights.d_input}) normalized", "x_t (batch, d_input)"))
     return {"load": "torch.jit.load('model.ts')", "methods": {
         "forward": f"{x} -> y {y}",
-        "allocate_state": "batch -> list of zero states (as model_step.onnx's state inputs, "
-                          "model.state_shapes)",
+        "allocate_state": "batch -> list of zero states (model.state_shapes: one tensor per "
+                          "block; token bundles' model_step.onnx takes a Mamba block's as "
+                          "two, see io.step.states)",
         "step": f"{x_t}, state -> (y_t (batch, d_output), new state)",
     }}
+
+
+def _io_section(weights) -> dict[str, Any]:
+    """The graphs' tensor names: token models use ``transformers``' (``input_ids`` ->
+    ``logits``, the cache as ``past_*`` in and ``present_*`` out, a Mamba block's conv window
+    and SSM state apart), feature models the bundle's own (``x`` -> ``y``, ``state_k``)."""
+    x, y = sequence_io_names(weights)
+    (x_t, *_), (y_t, *_) = step_io_names(weights)
+    return {"names": "transformers" if weights.tokens else "compressm",
+            "sequence": {"input": x, "output": y},
+            "step": {"input": x_t, "output": y_t,
+                     "states": [{"input": i, "output": o, "shape": shape}
+                                for i, o, shape in step_states(weights)]}}
 
 
 def _install(stage: Path, out_dir: Path, files: dict, manifest: dict) -> None:
@@ -414,7 +428,8 @@ def _install(stage: Path, out_dir: Path, files: dict, manifest: dict) -> None:
 
 _BLOCKS = {"lru": "LRU network ({} -> BatchNorm/LRU/GELU/GLU blocks",
            "selective": "selective SSM network ({} -> BatchNorm/S6/GELU/GLU blocks",
-           "mamba": "Mamba network ({} -> RMSNorm/Mamba mixer blocks -> RMSNorm"}
+           "mamba": "Mamba network ({} -> RMSNorm/Mamba mixer blocks -> RMSNorm",
+           "mamba2": "Mamba-2 network ({} -> RMSNorm/Mamba-2 mixer blocks -> RMSNorm"}
 
 
 def _vocabulary(info: dict) -> dict | None:
@@ -489,6 +504,7 @@ def _manifest(checkpoint, source_sha, payload, model, weights, dataset, seq_len,
                  "vocabulary": vocabulary,
                  "output": _output_doc(config, task, inputs)},
         "input": inputs,
+        "io": _io_section(weights),
         "normalization": normalization,
         "opset": opset if "onnx" in formats else None,
         "formats": list(formats),

@@ -23,6 +23,12 @@ vocabulary (``task.vocabulary``, byte-level text) also its character, and ``--te
     python3 run.py BUNDLE --input ids.npy [--stream]   # next id (and character) per sequence
     python3 run.py BUNDLE --text "def f(" --generate 40
 
+Token bundles name their graphs' tensors as ``transformers`` does: ``input_ids`` in,
+``logits`` out, and the step graph's cache as ``past_conv_state.{i}`` / ``past_ssm_state.{i}``
+in and ``present_...`` out (a Mamba block's conv window and SSM state apart; the manifest's
+``io`` section lists them). The runner feeds every graph by the names its bundle holds, so
+bundles written before those names (``x``, ``x_t``, ``state_k``) run unchanged.
+
 Float input is raw: it is normalized with the manifest's ``(raw - mean) / std`` unless
 ``--normalized``. Shapes: ``(batch, length, d_input)``; ``(length, d_input)`` is one sequence;
 with ``d_input == 1`` also ``(batch, length)`` or ``(length,)``. Sequences of different lengths
@@ -180,6 +186,16 @@ def input_spec(manifest: dict) -> dict:
     return spec
 
 
+def _io_step_inputs(io) -> list:
+    """The step graph's input names the manifest's ``io`` section promises, checked."""
+    try:
+        return [io["step"]["input"], *[s["input"] for s in io["step"]["states"]]]
+    except (KeyError, TypeError):
+        raise BundleError(f"manifest io section must name the step graph's input and states "
+                          f"(io.step.input, io.step.states[].input), got {io!r}; re-export "
+                          "the bundle") from None
+
+
 def _session(path: Path, threads: int):
     ort = _import_ort()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -242,7 +258,15 @@ class EdgeBundle:
                 inputs = self.manifest["files"][key]["inputs"]
                 self.state_specs = [(s["name"], s["shape"]) for s in inputs[1:]]
                 self.step_inputs = [s["name"] for s in inputs]
-                # per block: LRU (batch, N, 2), selective (batch, H, N); zeros start a sequence
+                io = self.manifest.get("io")
+                if io is not None:  # names as transformers' (token bundles) or the bundle's
+                    want = _io_step_inputs(io)
+                    if self.step_inputs != want:
+                        raise BundleError(f"{key} takes {self.step_inputs} but the manifest's "
+                                          f"io.step names {want}; re-export the bundle")
+                    continue
+                # manifests before io: per block LRU (batch, N, 2), selective (batch, H, N),
+                # Mamba (batch, E, K - 1 + N); zeros start a sequence
                 shapes = model.get("state_shapes")
                 have = [shape for _, shape in self.state_specs][:len(shapes or [])]
                 if shapes is not None and (not isinstance(shapes, list) or have != shapes):
@@ -333,7 +357,8 @@ class EdgeBundle:
             x = self.as_batch(x)
             x = x if normalized else self.normalize(x)
         session = self.sessions["sequence"]
-        parts = [session.run(None, {"x": x[i:i + batch_size]})[0]
+        name = session.get_inputs()[0].name  # "x", or "input_ids" in token bundles
+        parts = [session.run(None, {name: x[i:i + batch_size]})[0]
                  for i in range(0, len(x), batch_size)]
         return np.concatenate(parts)
 
@@ -466,9 +491,10 @@ def measure_latency(bundle_dir: str | Path, mode: str = "sequence", seq_len: int
         x = feed = rng.standard_normal((1, seq_len, bundle.d_input)).astype(np.float32)
     if mode == "sequence":
         session = bundle.sessions["sequence"]
+        name = session.get_inputs()[0].name
 
         def call(i):
-            session.run(None, {"x": feed})
+            session.run(None, {name: feed})
     else:
         stream = bundle.streamer(1)
 

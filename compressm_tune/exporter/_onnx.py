@@ -5,7 +5,7 @@ Why not ``torch.onnx.export``: the layers run their recurrences through autograd
 by a C kernel no exporter can trace, and dynamo's ``scan`` lowering is a private API that takes
 seconds per trace. Writing the graph from the weights (:mod:`._weights`) is exact, takes
 milliseconds, works for every opset in :data:`SUPPORTED_OPSETS`, and uses a handful of
-well-supported operators: ``MatMul``/``Add``/``Softplus`` for every input-dependent part over all
+well-supported operators: ``MatMul``/``Add``/softplus for every input-dependent part over all
 steps at once, BatchNorm folded to ``Mul`` + ``Add``, exact GELU via ``Erf``, ``ReduceMean``
 pooling, and one ``Scan`` per block for the recurrence (so batch and length are dynamic).
 ``build_sequence_model(w, chunk=T)`` writes the chunked graph of :mod:`._onnx_blocks` instead.
@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from compressm_tune.errors import ExportError, ExportOptionError, MissingDependencyError
+from compressm_tune.exporter._names import sequence_io_names, step_io_names, step_states
 from compressm_tune.exporter._onnx_blocks import (
     RECURRENCE,
     ChunkedLRU,
@@ -40,10 +41,12 @@ from compressm_tune.exporter._onnx_blocks import (
     MambaParts,
 )
 from compressm_tune.exporter._onnx_blocks import Graph as _Graph
+from compressm_tune.exporter._onnx_mamba2 import Mamba2Parts
 from compressm_tune.exporter._weights import (
     CHUNK_KEY,
     BlockWeights,
     LRUWeights,
+    Mamba2BlockWeights,
     MambaBlockWeights,
     ModelWeights,
     SelectiveWeights,
@@ -59,7 +62,6 @@ __all__ = [
     "build_step_model",
     "check_opset",
     "quantize_file",
-    "step_io_names",
 ]
 
 # Scan with scan_*_axes, Unsqueeze with axes as an input and Erf all exist from opset 13;
@@ -83,21 +85,6 @@ def check_opset(opset: int) -> int:
         lo, hi = SUPPORTED_OPSETS[0], SUPPORTED_OPSETS[-1]
         raise ExportOptionError(f"opset must be an integer in [{lo}, {hi}], got {opset=}")
     return int(opset)
-
-
-def step_io_names(n_blocks: int, pooling: str) -> tuple[list[str], list[str]]:
-    """Input and output names of the streaming graph, in order.
-
-    Examples
-    --------
-    >>> step_io_names(2, "mean")
-    (['x_t', 'state_0', 'state_1', 'pool_sum', 'pool_count'], ['y_t', 'next_state_0', \
-'next_state_1', 'next_pool_sum', 'next_pool_count'])
-    """
-    states = [f"state_{k}" for k in range(n_blocks)]
-    if pooling == "mean":
-        states += ["pool_sum", "pool_count"]
-    return ["x_t", *states], ["y_t", *[f"next_{s}" for s in states]]
 
 
 class _LRUWriter:
@@ -297,16 +284,34 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
     """
     opset = check_opset(opset)
     chunk = check_chunk(chunk, w.arch)
+    x_name, y_name = sequence_io_names(w)
     g = _Graph()
-    frame = None if chunk is None else ChunkFrame(g, "x", chunk, w.d_input, w.tokens)
-    h = g.encode("x" if frame is None else frame.x, w)  # (B, L, H), or padded, flat (B*C*T, H)
+    frame = None if chunk is None else ChunkFrame(g, x_name, chunk, w.d_input, w.tokens)
+    h = g.encode(x_name if frame is None else frame.x, w)  # (B, L, H), or padded, flat (B*C*T, H)
     batch = None
+    if frame is not None and w.arch in ("mamba", "mamba2"):  # the conv needs time: (B, C*T, H)
+        h = g.op("Reshape", [h, g.op("Concat", [frame.batch, g.const("shape", np.array(
+            [-1, w.d_model], np.int64))], axis=0)])
     for k, bw in enumerate(w.blocks):
-        if isinstance(bw, MambaBlockWeights):  # chunk is None: check_chunk refuses mamba
-            batch = batch or _batch(g)
+        if isinstance(bw, Mamba2BlockWeights):
+            parts2 = Mamba2Parts(g, bw, k)
+            z, inputs = parts2.sequence_input(g, h)  # (B, L, E), [x, B, C, delta]
+            if frame is None:
+                batch = batch or _batch(g, x_name)
+                y = _scan_layer(g, parts2, inputs, batch, k)  # (B, L, E)
+            else:
+                y = parts2.chunked(g, frame, inputs)  # (B, C*T, E)
+            h = parts2.output(g, h, y, inputs[0], z)  # (B, L, H)
+            continue
+        if isinstance(bw, MambaBlockWeights):
             parts = MambaParts(g, bw, k)
-            xc, z = parts.sequence_input(g, h)  # (B, L, E) each
-            y = _scan_layer(g, _writer(g, bw, k), xc, batch, k)  # (B, L, E)
+            xc, z = parts.sequence_input(g, h)  # (B, L, E) each (chunked: L = C*T)
+            if frame is None:
+                batch = batch or _batch(g, x_name)
+                y = _scan_layer(g, _writer(g, bw, k), xc, batch, k)  # (B, L, E)
+            else:
+                y = ChunkedSelective(g, bw.ssm, k, frame).apply(g, xc)  # (B*C*T, E)
+                y = g.op("Reshape", [y, g.op("Shape", [xc])])  # (B, C*T, E)
             h = parts.output(g, h, y, xc, z)  # (B, L, H)
             continue
         if frame is not None and isinstance(bw.ssm, LRUWeights):  # BatchNorm folded in
@@ -316,7 +321,7 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
         if frame is not None:
             y = ChunkedSelective(g, bw.ssm, k, frame).apply(g, hn)
         else:
-            batch = batch or _batch(g)
+            batch = batch or _batch(g, x_name)
             y = _scan_layer(g, _writer(g, bw, k), hn, batch, k)
         h = g.block_tail(h, hn, y, bw)  # (B, L, H)
     if frame is not None:
@@ -329,26 +334,27 @@ def build_sequence_model(w: ModelWeights, opset: int = DEFAULT_OPSET,
         else:
             h = g.op("ReduceMean", [h], "pool", axes=[1], keepdims=0)  # (B, H)
     g.op("Add", [g.linear(h, w.head, None, "head"), g.const("head_b", w.head_bias)],
-         outputs=["y"])
-    x_info = _x_info("x", w, ["batch", "length"])
+         outputs=[y_name])
+    x_info = _x_info(x_name, w, ["batch", "length"])
     y_shape = ["batch", w.d_output] if w.pooling == "mean" else ["batch", "length", w.d_output]
-    y_info = helper.make_tensor_value_info("y", _FLOAT, y_shape)
+    y_info = helper.make_tensor_value_info(y_name, _FLOAT, y_shape)
     variant = "scan" if chunk is None else f"chunked T={chunk}"
-    doc = (f"{w.arch} SSM network, sequence mode ({variant}): x (batch, length, d_input), "
-           "normalized as in manifest.json -> y")
+    doc = (f"{w.arch} SSM network, sequence mode ({variant}): {x_name} (batch, length"
+           f"{'' if w.tokens else ', d_input), normalized as in manifest.json'}) -> {y_name}")
     meta = {**_metadata(w, "sequence"), CHUNK_KEY: chunk_label(chunk)}
     return _finish(g, "compressm_sequence", [x_info], [y_info], opset, doc, meta)
 
 
-def _batch(g: _Graph) -> str:
+def _batch(g: _Graph, x: str) -> str:
     """The batch size of input ``x`` as a ``(1,)`` int64 tensor."""
-    return g.op("Slice", [g.op("Shape", ["x"]), g.const("zero", np.array([0], np.int64)),
+    return g.op("Slice", [g.op("Shape", [x]), g.const("zero", np.array([0], np.int64)),
                           g.const("one_i", np.array([1], np.int64))], "batch")
 
 
-def _scan_layer(g: _Graph, layer: _LRUWriter | _SelectiveWriter, hn: str, batch: str,
-                k: int) -> str:
-    """The layer's read-out ``(B, L, H)`` from one per-token ``Scan``."""
+def _scan_layer(g: _Graph, layer: _LRUWriter | _SelectiveWriter | Mamba2Parts,
+                hn: str | list[str], batch: str, k: int) -> str:
+    """The layer's read-out ``(B, L, H)`` from one per-token ``Scan`` (``hn``: what the
+    writer's ``drive`` takes, the normalized input or Mamba-2's ``[x, B, C, delta]``)."""
     drive = layer.drive(g, hn)  # each (B, L, ...)
     zeros = [g.zeros(batch, shape) for shape in layer.state_shapes]
     outs = g.op("Scan", [*zeros, *drive], f"scan{k}",
@@ -361,46 +367,61 @@ def _scan_layer(g: _Graph, layer: _LRUWriter | _SelectiveWriter, hn: str, batch:
 def build_step_model(w: ModelWeights, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """The streaming graph: one token and the states in, the output so far and new states out.
 
-    Inputs ``x_t (batch, d_input)``, ``state_k`` per block (``(batch, N_k, 2)`` for an LRU,
-    ``(batch, H, N_k)`` for a selective layer: :attr:`ModelWeights.state_shapes`) and, with
-    mean pooling, ``pool_sum (batch, H)`` and ``pool_count (1,)``; outputs
-    ``y_t (batch, d_output)`` and ``next_<state>`` for each state (see :func:`step_io_names`).
+    Inputs ``x_t (batch, d_input)`` (token models: ``input_ids (batch,)``), then the states
+    of :func:`step_states` (feature models: ``state_k`` per block in
+    :attr:`ModelWeights.state_shapes`' layout and, with mean pooling, ``pool_sum (batch, H)``
+    and ``pool_count (1,)``; token models: ``transformers``' cache tensors); outputs
+    ``y_t (batch, d_output)`` (``logits``) and the new states (see :func:`step_io_names`).
     Zero states start a sequence; after the last token ``y_t`` equals the sequence graph's
     output.
     """
     opset = check_opset(opset)
-    in_names, out_names = step_io_names(len(w.blocks), w.pooling)
+    in_names, out_names = step_io_names(w)
+    states = step_states(w)
     g = _Graph()
-    h = g.encode("x_t", w)  # (B, H)
+    h = g.encode(in_names[0], w)  # (B, H)
+    i = 0  # next state tensor
     for k, bw in enumerate(w.blocks):
+        if isinstance(bw, Mamba2BlockWeights):
+            split = w.tokens  # transformers' cache: conv window and SSM state apart
+            state = (states[i][0], states[i + 1][0]) if split else states[i][0]
+            outs = [states[i][1], states[i + 1][1]] if split else [states[i][1]]
+            h = Mamba2Parts(g, bw, k).step(g, h, state, outs)  # (B, H)
+            i += len(outs)
+            continue
         layer = _writer(g, bw, k, scan=False)
         if isinstance(bw, MambaBlockWeights):
             parts = MambaParts(g, bw, k)
-            xc, z, conv_in, s6 = parts.step_input(g, h, f"state_{k}")  # (B, E) x2, ...
-            states, emitted = layer.update(g, [s6], layer.drive(g, xc))
-            g.op("Concat", [conv_in, states[0]], axis=2, outputs=[f"next_state_{k}"])
+            split = w.tokens  # transformers' cache: conv window and S6 state apart
+            state = (states[i][0], states[i + 1][0]) if split else states[i][0]
+            xc, z, conv_in, s6 = parts.step_input(g, h, state)  # (B, E) x2, ...
+            new, emitted = layer.update(g, [s6], layer.drive(g, xc))
+            if split:
+                g.op("Identity", [conv_in], outputs=[states[i][1]])
+                g.op("Identity", new, outputs=[states[i + 1][1]])
+                i += 2
+            else:
+                g.op("Concat", [conv_in, new[0]], axis=2, outputs=[states[i][1]])
+                i += 1
             h = parts.output(g, h, layer.readout(g, emitted), xc, z)  # (B, H)
             continue
         hn = g.affine(h, bw.bn_scale, bw.bn_shift, f"bn{k}")  # (B, H)
-        y = layer.stream(g, hn, f"state_{k}", f"next_state_{k}")  # (B, H)
+        y = layer.stream(g, hn, states[i][0], states[i][1])  # (B, H)
+        i += 1
         h = g.block_tail(h, hn, y, bw)  # (B, H)
     h = _final_norm(g, h, w)
     if w.pooling == "mean":
-        total = g.op("Add", ["pool_sum", h], outputs=["next_pool_sum"])  # (B, H)
-        count = g.op("Add", ["pool_count", g.const("one", np.array([1.0], np.float32))],
-                     outputs=["next_pool_count"])  # (1,)
+        (sum_in, sum_out, _), (count_in, count_out, _) = states[i:]
+        total = g.op("Add", [sum_in, h], outputs=[sum_out])  # (B, H)
+        count = g.op("Add", [count_in, g.const("one", np.array([1.0], np.float32))],
+                     outputs=[count_out])  # (1,)
         h = g.op("Div", [total, count], "pool")  # (B, H)
     g.op("Add", [g.linear(h, w.head, None, "head"), g.const("head_b", w.head_bias)],
-         outputs=["y_t"])
-    shapes = {"y_t": ["batch", w.d_output],
-              "pool_sum": ["batch", w.d_model], "pool_count": [1]}
-    for k, shape in enumerate(w.state_shapes):
-        shapes[f"state_{k}"] = ["batch", *shape]
-    for name in list(shapes):
-        shapes[f"next_{name}"] = shapes[name]
-    inputs = [_x_info("x_t", w, ["batch"])]
-    inputs += [helper.make_tensor_value_info(n, _FLOAT, shapes[n]) for n in in_names[1:]]
-    outputs = [helper.make_tensor_value_info(n, _FLOAT, shapes[n]) for n in out_names]
+         outputs=[out_names[0]])
+    inputs = [_x_info(in_names[0], w, ["batch"])]
+    inputs += [helper.make_tensor_value_info(n, _FLOAT, shape) for n, _, shape in states]
+    outputs = [helper.make_tensor_value_info(out_names[0], _FLOAT, ["batch", w.d_output])]
+    outputs += [helper.make_tensor_value_info(n, _FLOAT, shape) for _, n, shape in states]
     doc = f"{w.arch} SSM network, streaming mode: one token + states -> output so far + states"
     return _finish(g, "compressm_step", inputs, outputs, opset, doc, _metadata(w, "step"))
 

@@ -37,8 +37,9 @@ from compressm_tune.exporter._weights import (
 from compressm_tune.models import SSMModel
 
 __all__ = ["ParityCheck", "candidates", "choose_chunk", "data_inputs", "default_lengths",
-           "evaluate_test_split", "gaussian_inputs", "ort_session", "rebuild_dataset",
-           "run_parity", "sequence_graph", "stream_onnx", "stream_torchscript", "token_inputs"]
+           "evaluate_test_split", "feed", "gaussian_inputs", "ort_session", "rebuild_dataset",
+           "run_parity", "sequence_graph", "stream_onnx", "stream_torchscript", "token_inputs",
+           "zero_states"]
 
 # (batch, length, generator) -> normalized input (batch, length, d_input), or token ids
 Inputs = Callable[[int, int, torch.Generator], torch.Tensor]
@@ -104,9 +105,24 @@ def data_inputs(x: torch.Tensor) -> Inputs:
     return draw
 
 
-def stream_onnx(session, x: np.ndarray, state: list[np.ndarray]) -> np.ndarray:
-    """Run an ONNX step graph over ``x (batch, L, d_input)``; returns ``(batch, L, d_out)``."""
+def feed(session, x: np.ndarray) -> dict[str, np.ndarray]:
+    """``x`` as the feed of a graph's first (only, for a sequence graph) input, whatever its
+    name (``x``, ``input_ids``): bundles of every version name it in their graph."""
+    return {session.get_inputs()[0].name: x}
+
+
+def zero_states(session, batch: int) -> list[np.ndarray]:
+    """Zero states for a step graph, shaped as its state inputs (every input after the
+    first) say, ``batch`` for the symbolic batch axis."""
+    return [np.zeros([batch if isinstance(d, str) else d for d in i.shape], np.float32)
+            for i in session.get_inputs()[1:]]
+
+
+def stream_onnx(session, x: np.ndarray, state: list[np.ndarray] | None = None) -> np.ndarray:
+    """Run an ONNX step graph over ``x (batch, L, d_input)`` from ``state`` (default zeros);
+    returns ``(batch, L, d_out)``."""
     names = [i.name for i in session.get_inputs()]
+    state = zero_states(session, x.shape[0]) if state is None else state
     ys = []
     for t in range(x.shape[1]):
         out = session.run(None, dict(zip(names, [x[:, t], *state], strict=True)))
@@ -191,15 +207,14 @@ def run_parity(model: SSMModel, *, onnx_sequence=None, onnx_step=None, torchscri
             with torch.no_grad():
                 want = model(x)  # (B, d_out) or (B, L, d_out)
                 if onnx_sequence is not None:
-                    got = onnx_sequence.run(None, {"x": x.numpy()})[0]
+                    got = onnx_sequence.run(None, feed(onnx_sequence, x.numpy()))[0]
                     checks.append(_check("onnxruntime", "sequence", length, got, want))
                 if torchscript is not None:
                     checks.append(_check("torchscript", "sequence", length, torchscript(x), want))
                 if length == longest and batch != biggest:
                     continue
                 if onnx_step is not None:
-                    state = [s.numpy() for s in model.allocate_state(batch)]
-                    got = stream_onnx(onnx_step, x.numpy(), state)
+                    got = stream_onnx(onnx_step, x.numpy())  # from zero states
                     got = got[:, -1] if mean_pool else got
                     checks.append(_check("onnxruntime", "step", length, got, want))
                 if torchscript is not None:
@@ -256,7 +271,7 @@ def candidates(w: ModelWeights, seq_len: int) -> list[int | None]:
     """
     if w.arch not in CHUNK_ARCHS:
         return [None]
-    top = min(max_chunk(block.ssm) for block in w.blocks)
+    top = min(max_chunk(getattr(block, "ssm", block)) for block in w.blocks)  # Mamba-2: itself
     chunks = {t for t in CHUNK_CHOICES if t < seq_len and t <= top}
     if seq_len <= top:
         chunks.add(seq_len)  # one chunk, no padding, no carry
@@ -294,7 +309,7 @@ def choose_chunk(w: ModelWeights, seq_len: int, threads: int = 1, opset: int = D
         sessions[chunk] = ort_session(build_sequence_model(w, opset, chunk).SerializeToString(),
                                       threads)
         for _ in range(2):
-            sessions[chunk].run(None, {"x": x})
+            sessions[chunk].run(None, feed(sessions[chunk], x))
     samples: dict[int | None, list[float]] = {c: [] for c in options}
     for _ in range(rounds):
         for chunk, session in sessions.items():
@@ -303,7 +318,7 @@ def choose_chunk(w: ModelWeights, seq_len: int, threads: int = 1, opset: int = D
                 if i >= 2 and spent >= round_s:
                     break
                 t0, c0 = time.perf_counter(), clock()
-                session.run(None, {"x": x})
+                session.run(None, feed(session, x))
                 samples[chunk].append(clock() - c0)
                 spent += time.perf_counter() - t0
     median = {c: float(np.median(s)) * 1e3 for c, s in samples.items()}
@@ -363,7 +378,7 @@ _EVAL_BATCH = 250
 
 
 def _evaluate(session, x: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
-    out = np.concatenate([session.run(None, {"x": x[i:i + _EVAL_BATCH]})[0]
+    out = np.concatenate([session.run(None, feed(session, x[i:i + _EVAL_BATCH]))[0]
                           for i in range(0, len(x), _EVAL_BATCH)])
     if task == "classification":
         if y.ndim == 2:  # per-token labels (n, M): scored at the last M steps of (n, L, C)

@@ -23,6 +23,7 @@ from torch import nn
 from compressm_tune.exporter._weights import (
     BlockWeights,
     LRUWeights,
+    Mamba2BlockWeights,
     MambaBlockWeights,
     ModelWeights,
     SelectiveWeights,
@@ -202,9 +203,10 @@ def _affine(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
 
 class _ScriptedMamba(nn.Module):
     """One Mamba block; see :class:`MambaBlockWeights` for the equations. Absent biases are
-    ``None`` attributes (TorchScript refines ``Optional`` buffers)."""
+    ``None`` attributes (TorchScript refines ``Optional`` buffers); ``chunk`` as for the S6
+    core (:class:`_ScriptedSelective`)."""
 
-    def __init__(self, w: MambaBlockWeights) -> None:
+    def __init__(self, w: MambaBlockWeights, chunk: int | None) -> None:
         super().__init__()
         for name in ("norm", "in_x", "in_z", "conv", "d", "out_w"):
             _buf(self, name, getattr(w, name))
@@ -216,7 +218,7 @@ class _ScriptedMamba(nn.Module):
                 _buf(self, name, value)
         self.eps = float(w.eps)
         self.keep = w.d_conv - 1  # conv inputs carried between tokens
-        self.ssm = _ScriptedSelective(w.ssm, None)
+        self.ssm = _ScriptedSelective(w.ssm, chunk)
 
     def _in(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hn = _rms_norm(h, self.norm, self.eps)
@@ -247,6 +249,129 @@ class _ScriptedMamba(nn.Module):
         return self._out(h, y, xc, z), torch.cat((window[:, :, 1:], s6), -1)
 
 
+class _ScriptedMamba2(nn.Module):
+    """One Mamba-2 block; see :class:`Mamba2BlockWeights` for the equations. ``chunk = T > 0``:
+    ``forward`` runs the SSD form of :mod:`._onnx_mamba2` over chunks of T tokens (the same
+    segment-sum constants), else token by token. States ``(batch, G, hg, P, N)``."""
+
+    def __init__(self, w: Mamba2BlockWeights, chunk: int | None) -> None:
+        super().__init__()
+        for name in ("norm", "in_z", "in_xbc", "in_dt", "conv", "dt_bias", "a", "norm_weight",
+                     "out_w"):
+            _buf(self, name, getattr(w, name))
+        for name in ("in_z_bias", "in_xbc_bias", "in_dt_bias", "conv_bias", "out_bias"):
+            value = getattr(w, name)
+            if value is None:
+                self.register_buffer(name, None)
+            else:
+                _buf(self, name, value)
+        _buf(self, "d", np.repeat(w.d, w.head_dim))  # (E,)
+        self.eps, self.norm_eps = float(w.eps), float(w.norm_eps)
+        self.clip = w.dt_limit is not None
+        self.dt_lo, self.dt_hi = w.dt_limit or (0.0, 0.0)
+        self.e, self.nh, self.p, self.n = w.d_inner, w.n_heads, w.head_dim, w.state_dim
+        self.groups, self.hg = w.n_groups, w.n_heads // w.n_groups
+        self.channels, self.keep = int(w.conv.shape[0]), w.d_conv - 1
+        self.chunk = int(chunk or 0)
+        sums, keep = segment_sums(self.chunk or 1)
+        _buf(self, "sums", sums)  # (T*T, T)
+        _buf(self, "mask", keep.reshape(self.chunk or 1, self.chunk or 1))  # (T, T)
+
+    def _project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hn = _rms_norm(h, self.norm, self.eps)
+        return (_affine(hn, self.in_z, self.in_z_bias), _affine(hn, self.in_xbc, self.in_xbc_bias),
+                _affine(hn, self.in_dt, self.in_dt_bias))
+
+    def _split(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor, torch.Tensor]:
+        gn = self.groups * self.n
+        x, b, c = xbc[..., :self.e], xbc[..., self.e:self.e + gn], xbc[..., self.e + gn:]
+        delta = F.softplus(dt + self.dt_bias)
+        if self.clip:
+            delta = delta.clamp(self.dt_lo, self.dt_hi)
+        return x, b, c, delta
+
+    def _out(self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
+             z: torch.Tensor) -> torch.Tensor:
+        g = (y + self.d * x) * F.silu(z)  # (..., E)
+        shape = g.shape
+        g = g.reshape(shape[:-1] + [self.groups, self.e // self.groups])
+        g = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.norm_eps)).reshape(shape)
+        return h + _affine(g * self.norm_weight, self.out_w, self.out_bias)
+
+    def _update(self, s: torch.Tensor, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token on ``s (B, G, hg, P, N)``: the new state and ``y (B, E)``."""
+        bsz = x.shape[0]
+        decay = torch.exp(delta * self.a).reshape(bsz, self.groups, self.hg, 1, 1)
+        dx = (x.reshape(bsz, self.nh, self.p) * delta[:, :, None]).reshape(
+            bsz, self.groups, self.hg, self.p, 1)
+        s = decay * s + dx * b.reshape(bsz, self.groups, 1, 1, self.n)
+        y = s @ c.reshape(bsz, self.groups, 1, self.n, 1)  # (B, G, hg, P, 1)
+        return s, y.reshape(bsz, self.e)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``(batch, L, H) -> (batch, L, H)``."""
+        z, xbc, dt = self._project(h)
+        length = h.shape[1]
+        xbc = F.conv1d(xbc.transpose(1, 2), self.conv[:, None], self.conv_bias,
+                       padding=self.keep, groups=self.channels)[:, :, :length]
+        x, b, c, delta = self._split(F.silu(xbc.transpose(1, 2)), dt)
+        y = self._chunked(x, b, c, delta) if self.chunk > 0 else self._tokens(x, b, c, delta)
+        return self._out(h, y, x, z)
+
+    def _tokens(self, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                delta: torch.Tensor) -> torch.Tensor:
+        s = x.new_zeros(x.shape[0], self.groups, self.hg, self.p, self.n)
+        out = torch.empty_like(x)  # (B, L, E)
+        for t in range(x.shape[1]):
+            s, y = self._update(s, x[:, t], b[:, t], c[:, t], delta[:, t])
+            out[:, t] = y
+        return out
+
+    def _chunked(self, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                 delta: torch.Tensor) -> torch.Tensor:
+        bsz, length, t = x.shape[0], x.shape[1], self.chunk
+        gs, hg, p, n = self.groups, self.hg, self.p, self.n
+        nc = (length + t - 1) // t
+        pad = nc * t - length
+        la = F.pad(delta * self.a, [0, 0, 0, pad]).reshape(bsz, nc, t, self.nh)
+        dx = F.pad((x.reshape(bsz, length, self.nh, p) * delta[..., None]).reshape(
+            bsz, length, self.e), [0, 0, 0, pad]).reshape(bsz, nc, t, self.nh, p)
+        b = F.pad(b, [0, 0, 0, pad]).reshape(bsz, nc, t, gs, n).transpose(2, 3).unsqueeze(3)
+        c = F.pad(c, [0, 0, 0, pad]).reshape(bsz, nc, t, gs, n).transpose(2, 3).unsqueeze(3)
+        s = x.new_zeros(bsz, gs, hg, p, n)
+        out: list[torch.Tensor] = []
+        for i in range(nc):
+            la_t = la[:, i].transpose(1, 2)  # (B, nh, T)
+            decay = torch.exp((la_t @ self.sums.T).reshape(bsz, gs, hg, t, t)) * self.mask
+            cum = la_t.cumsum(2).reshape(bsz, gs, hg, t, 1)
+            b_g, c_g = b[:, i], c[:, i]  # (B, G, 1, T, N)
+            dx_g = dx[:, i].transpose(1, 2).reshape(bsz, gs, hg, t, p)
+            y = (decay * (c_g @ b_g.transpose(3, 4))) @ dx_g
+            y = y + torch.exp(cum) * (c_g @ s.transpose(3, 4))  # (B, G, hg, T, P)
+            out.append(y.permute(0, 3, 1, 2, 4).reshape(bsz, t, self.e))
+            pushed = (dx_g * decay[:, :, :, t - 1, :, None]).transpose(3, 4) @ b_g
+            s = torch.exp(cum[:, :, :, t - 1:]) * s + pushed
+        return torch.cat(out, 1)[:, :length]
+
+    def step(self, h: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h (batch, H)``, flat ``state (batch, C (K - 1) + E N)`` -> ``(out, state)``."""
+        bsz, cut = h.shape[0], self.channels * self.keep
+        z, xbc, dt = self._project(h)
+        window = torch.cat((state[:, :cut].reshape(bsz, self.channels, self.keep),
+                            xbc[:, :, None]), -1)  # (B, C, K)
+        xbc = (window * self.conv).sum(-1)
+        conv_bias = self.conv_bias
+        if conv_bias is not None:
+            xbc = xbc + conv_bias
+        x, b, c, delta = self._split(F.silu(xbc), dt)
+        s = state[:, cut:].reshape(bsz, self.groups, self.hg, self.p, self.n)
+        s, y = self._update(s, x, b, c, delta)
+        new = torch.cat((window[:, :, 1:].reshape(bsz, -1), s.reshape(bsz, -1)), 1)
+        return self._out(h, y, x, z), new
+
+
 class ScriptedSSM(nn.Module):
     """Inference-only twin of an :class:`~compressm_tune.models.SSMModel`, scriptable.
 
@@ -263,8 +388,10 @@ class ScriptedSSM(nn.Module):
         _buf(self, "head", w.head)
         _buf(self, "head_bias", w.head_bias)
         chunk = check_chunk(chunk, w.arch)
-        self.blocks = nn.ModuleList(_ScriptedMamba(b) if isinstance(b, MambaBlockWeights)
-                                    else _ScriptedBlock(b, chunk) for b in w.blocks)
+        self.blocks = nn.ModuleList(
+            _ScriptedMamba2(b, chunk) if isinstance(b, Mamba2BlockWeights)
+            else _ScriptedMamba(b, chunk) if isinstance(b, MambaBlockWeights)
+            else _ScriptedBlock(b, chunk) for b in w.blocks)
         self.tokens = w.tokens  # inputs are token ids: the encoder is an embedding table
         self.final_norm = w.norm_f is not None
         _buf(self, "norm_f", w.norm_f if w.norm_f is not None else np.ones(w.d_model))
@@ -272,7 +399,7 @@ class ScriptedSSM(nn.Module):
         self.chunk = int(chunk or 0)  # 0: token by token; T: chunks of T tokens
         self.mean_pool = w.pooling == "mean"
         self.d_model = w.d_model
-        self.arch = w.arch  # "lru", "selective" or "mamba"
+        self.arch = w.arch  # "lru", "selective", "mamba" or "mamba2"
         self.state_dims = list(w.state_dims)  # list[int], one width per block
         # each block's streaming state without the batch axis: (N, 2) LRU, (H, N) selective
         self.state_shapes = [list(shape) for shape in w.state_shapes]

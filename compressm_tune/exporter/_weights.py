@@ -10,7 +10,8 @@ difference would grow ~1000x over a long sequence.
 A block is the shared part (BatchNorm fold, ``D``, GELU, GLU, residual: :class:`BlockWeights`)
 around one layer, :class:`LRUWeights` or :class:`SelectiveWeights`; a Mamba block
 (:class:`MambaBlockWeights`) holds its norm, projections and convolution around a selective S6
-core. Each block record knows its streaming state's shape (``state_shape``, no batch axis).
+core, a Mamba-2 block (:class:`Mamba2BlockWeights`, :mod:`._weights_mamba2`) its own. Each block
+record knows its streaming state's shape (``state_shape``, no batch axis).
 
 Chunked form of an LRU layer: inside a chunk of ``T`` tokens ``x_t = lam x_{t-1} + v_t``
 unrolls to ``x_t = sum_{s <= t} lam^(t - s) v_s + lam^(t + 1) x_carry``, so a chunk's states are
@@ -30,11 +31,13 @@ import torch
 
 from compressm_tune.errors import ExportOptionError
 from compressm_tune.exporter import _edge
-from compressm_tune.models import LRULayer, MambaBlock, MambaLayer, SelectiveLayer, SSMModel
+from compressm_tune.exporter._weights_mamba2 import Mamba2BlockWeights
+from compressm_tune.models import LRULayer, Mamba2Layer, MambaBlock, SelectiveLayer, SSMModel
 
 __all__ = ["CHUNK_ARCHS", "CHUNK_CHOICES", "CHUNK_KEY", "BlockWeights", "LRUChunk",
-           "LRUWeights", "MambaBlockWeights", "ModelWeights", "SelectiveWeights", "check_chunk",
-           "chunk_label", "extract_weights", "lru_chunk", "max_chunk", "segment_sums"]
+           "LRUWeights", "Mamba2BlockWeights", "MambaBlockWeights", "ModelWeights",
+           "SelectiveWeights", "check_chunk", "chunk_label", "extract_weights", "lru_chunk",
+           "max_chunk", "segment_sums"]
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ class ModelWeights:
 
     encoder: np.ndarray  # (d_input, H)  W^T, or (vocab, H) embedding table
     encoder_bias: np.ndarray  # (H,)
-    blocks: tuple[BlockWeights | MambaBlockWeights, ...]
+    blocks: tuple[BlockWeights | MambaBlockWeights | Mamba2BlockWeights, ...]
     head: np.ndarray  # (H, d_output)  W^T
     head_bias: np.ndarray  # (d_output,)
     pooling: str  # "mean" or "none"
@@ -236,9 +239,6 @@ def _opt(t: torch.Tensor | None) -> np.ndarray | None:
 
 def _mamba_block(block: MambaBlock) -> MambaBlockWeights:
     layer = block.ssm
-    if not isinstance(layer, MambaLayer):
-        raise ExportOptionError(f"the exporter writes LRU, selective and Mamba-1 networks, not "
-                                f"a {type(layer).__name__} (arch='mamba2')")
     e = layer.d_inner
     w, b = layer.in_proj.weight, layer.in_proj.bias  # (2E, H), (2E,) or None
     return MambaBlockWeights(
@@ -248,6 +248,26 @@ def _mamba_block(block: MambaBlock) -> MambaBlockWeights:
         conv=_np(layer.conv1d.weight[:, 0]), conv_bias=_opt(layer.conv1d.bias),
         ssm=_layer_weights(layer.s6), d=_np(layer.s6.D),
         out_w=_np(layer.out_proj.weight.T), out_bias=_opt(layer.out_proj.bias),
+    )
+
+
+def _mamba2_block(block: MambaBlock) -> Mamba2BlockWeights:
+    layer: Mamba2Layer = block.ssm
+    e = layer.d_inner
+    w, b = layer.in_proj.weight, layer.in_proj.bias  # rows z (E), x (E), dt (nh)
+    bc = layer.bc_proj.reshape(-1, layer.d_model)  # (2GN, H)
+    conv, conv_bias = layer._conv_parameters()  # (C, K), (C,) or None
+    xbc_bias = None if b is None else torch.cat((b[e:2 * e], layer.bc_bias.reshape(-1)))
+    return Mamba2BlockWeights(
+        norm=_np(block.norm.weight), eps=float(block.norm.eps),
+        in_z=_np(w[:e].T), in_xbc=_np(torch.cat((w[e:2 * e], bc)).T), in_dt=_np(w[2 * e:].T),
+        in_z_bias=None if b is None else _np(b[:e]), in_xbc_bias=_opt(xbc_bias),
+        in_dt_bias=None if b is None else _np(b[2 * e:]),
+        conv=_np(conv), conv_bias=_opt(conv_bias), dt_bias=_np(layer.dt_bias),
+        a=_np(-torch.exp(layer.A_log)), d=_np(layer.D), dt_limit=layer.dt_limit,
+        norm_weight=_np(layer.norm_weight), norm_eps=float(layer.norm_eps),
+        out_w=_np(layer.out_proj.weight.T), out_bias=_opt(layer.out_proj.bias),
+        n_groups=layer.n_groups, head_dim=layer.head_dim,
     )
 
 
@@ -285,7 +305,8 @@ def extract_weights(model: SSMModel) -> ModelWeights:
     with torch.no_grad():
         for block in model.blocks:
             if isinstance(block, MambaBlock):
-                blocks.append(_mamba_block(block))
+                blocks.append(_mamba2_block(block) if isinstance(block.ssm, Mamba2Layer)
+                              else _mamba_block(block))
                 continue
             norm = block.norm
             scale = torch.rsqrt(norm.running_var + norm.eps)  # (H,)  as torch's CPU batch_norm
@@ -312,7 +333,7 @@ def extract_weights(model: SSMModel) -> ModelWeights:
 
 
 CHUNK_KEY = _edge.CHUNK_KEY  # ONNX metadata: "scan" or the chunk length T
-CHUNK_ARCHS = ("lru", "selective")  # layers with a chunked sequence graph
+CHUNK_ARCHS = ("lru", "selective", "mamba", "mamba2")  # layers with a chunked sequence graph
 
 CHUNK_CHOICES = (8, 16, 32, 64)  # chunk lengths the export measures (see choose_chunk)
 MAX_DECAY_FLOATS = 1 << 20  # cap per block on the (N, 2T, 2T) decay: 4 MB of float32
@@ -344,7 +365,7 @@ def check_chunk(chunk: int | None, arch: str) -> int | None:
     return int(chunk)
 
 
-def max_chunk(layer: LRUWeights | SelectiveWeights) -> int:
+def max_chunk(layer: LRUWeights | SelectiveWeights | Mamba2BlockWeights) -> int:
     """The largest chunk in :data:`CHUNK_CHOICES` whose constants (LRU: the ``(N, 2T, 2T)``
     decay) or per-chunk temporaries (selective: ``(T, T, H, N)`` decays per sequence) fit the
     size cap.
@@ -356,7 +377,9 @@ def max_chunk(layer: LRUWeights | SelectiveWeights) -> int:
     >>> max_chunk(w(16)), max_chunk(w(256)), max_chunk(w(1024))
     (64, 32, 16)
     """
-    if isinstance(layer, SelectiveWeights):
+    if isinstance(layer, Mamba2BlockWeights):  # scalar decays: (T, T) per head
+        fits = [t for t in CHUNK_CHOICES if t * t * layer.n_heads <= MAX_SEGMENT_FLOATS]
+    elif isinstance(layer, SelectiveWeights):
         size = layer.a.size  # H * N
         fits = [t for t in CHUNK_CHOICES if t * t * size <= MAX_SEGMENT_FLOATS]
     else:

@@ -181,8 +181,10 @@ def onnxruntime_functions(model: SSMModel, threads: int = 1, opset: int | None =
         build_sequence_model,
         build_step_model,
         extract_weights,
+        join_cache,
         ort_session,
         sequence_graph,
+        split_cache,
     )
 
     if opset is None:
@@ -197,17 +199,24 @@ def onnxruntime_functions(model: SSMModel, threads: int = 1, opset: int | None =
     chunk = sequence_graph(weights, chunk, seq_len or 1, threads, opset)["chunk"]
     seq = ort_session(build_sequence_model(weights, opset, chunk).SerializeToString(), threads)
     stp = ort_session(build_step_model(weights, opset).SerializeToString(), threads)
+    seq_name = seq.get_inputs()[0].name  # "x", or "input_ids" for a token model
     step_names = [i.name for i in stp.get_inputs()]
 
     def _np(t: torch.Tensor) -> np.ndarray:
-        return t.detach().to(torch.float32).cpu().numpy()
+        t = t.detach().cpu()
+        return (t.long() if weights.tokens else t.to(torch.float32)).numpy()
+
+    def _states(state: list[torch.Tensor]) -> list[np.ndarray]:
+        return [s.detach().to(torch.float32).cpu().numpy() for s in state]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(seq.run(None, {"x": _np(x)})[0])
+        return torch.from_numpy(seq.run(None, {seq_name: _np(x)})[0])
 
     def step(x_t: torch.Tensor, state: list[torch.Tensor]):
-        feeds = dict(zip(step_names, [_np(x_t), *map(_np, state)], strict=True))
+        # a token model's graph holds transformers' cache layout: split and join around it
+        feeds = dict(zip(step_names, [_np(x_t), *split_cache(weights, _states(state))],
+                         strict=True))
         y, *new_state = stp.run(None, feeds)
-        return torch.from_numpy(y), [torch.from_numpy(s) for s in new_state]
+        return torch.from_numpy(y), [torch.from_numpy(s) for s in join_cache(weights, new_state)]
 
     return forward, step
