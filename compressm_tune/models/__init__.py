@@ -1,9 +1,16 @@
 """SSM layers and networks: the LRU, selective and Mamba layers, the blocks, the network, the
-config, and the Hugging Face Mamba import."""
+config, and Hugging Face Mamba models in (an instance or a folder) and out (a folder)."""
 
 from compressm_tune.models._scan import kernel_available, linear_scan, scan_reference, torch_scans
 from compressm_tune.models.config import ARCHS, SSMConfig, dropout_for
 from compressm_tune.models.hf import from_hf_mamba
+from compressm_tune.models.hf_folder import (
+    HF_MODEL_TYPES,
+    STATE_SIZES_KEY,
+    from_hf_folder,
+    is_hf_folder,
+    save_hf_folder,
+)
 from compressm_tune.models.lru import LRULayer
 from compressm_tune.models.mamba import MambaLayer
 from compressm_tune.models.network import (
@@ -21,6 +28,7 @@ from compressm_tune.models.selective import (
 
 __all__ = [
     "ARCHS",
+    "HF_MODEL_TYPES",
     "LRULayer",
     "MambaBlock",
     "MambaLayer",
@@ -29,10 +37,14 @@ __all__ = [
     "SSMConfig",
     "SSMModel",
     "SSM_PARAMETERS",
+    "STATE_SIZES_KEY",
     "SelectiveLayer",
     "dropout_for",
+    "from_hf_folder",
     "from_hf_mamba",
+    "is_hf_folder",
     "kernel_available",
+    "save_hf_folder",
     "linear_scan",
     "scan_reference",
     "selective_scan",

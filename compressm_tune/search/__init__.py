@@ -3,20 +3,34 @@
 :func:`run_tune` is the whole job (``_run``); one trial is ``_objective`` (its choices from
 ``_space``); the study, its storage and the finalizer election are ``_study``; choosing and
 measuring the winner is ``_finalize``; ``summary.json`` and ``report.md`` are ``_report``.
+:func:`compress_folder` (``_compress``) compresses a pretrained model folder after training,
+its widths under the same kind of budget.
 """
 
 from compressm_tune.errors import BudgetMissedError, StorageError
+from compressm_tune.search._compress import (
+    BUILTIN_TEXT,
+    SUMMARY,
+    CompressConfig,
+    compress_folder,
+    load_token_data,
+)
 from compressm_tune.search._config import LATENCY_MODES, TuneConfig, parse_relative_budget
 from compressm_tune.search._run import resolve_profile, run_tune
 from compressm_tune.search._space import TrialPlan, suggest
 from compressm_tune.search._study import open_storage
 
 __all__ = [
+    "BUILTIN_TEXT",
+    "SUMMARY",
+    "CompressConfig",
     "LATENCY_MODES",
     "BudgetMissedError",
     "StorageError",
     "TrialPlan",
     "TuneConfig",
+    "compress_folder",
+    "load_token_data",
     "open_storage",
     "parse_relative_budget",
     "resolve_profile",
