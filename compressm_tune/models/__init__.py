@@ -7,6 +7,7 @@ from compressm_tune.models.hf import from_hf_mamba
 from compressm_tune.models.hf_folder import (
     HF_MODEL_TYPES,
     STATE_SIZES_KEY,
+    check_hf_output,
     from_hf_folder,
     is_hf_folder,
     save_hf_folder,
@@ -39,6 +40,7 @@ __all__ = [
     "SSM_PARAMETERS",
     "STATE_SIZES_KEY",
     "SelectiveLayer",
+    "check_hf_output",
     "dropout_for",
     "from_hf_folder",
     "from_hf_mamba",

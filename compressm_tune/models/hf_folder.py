@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,8 @@ from compressm_tune.errors import CheckpointError, ConfigError, MissingDependenc
 from compressm_tune.models.config import SSMConfig
 from compressm_tune.models.network import SSMModel
 
-__all__ = ["HF_MODEL_TYPES", "STATE_SIZES_KEY", "from_hf_folder", "is_hf_folder",
-           "save_hf_folder"]
+__all__ = ["HF_MODEL_TYPES", "STATE_SIZES_KEY", "check_hf_output", "from_hf_folder",
+           "is_hf_folder", "save_hf_folder"]
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 STATE_SIZES_KEY = "state_sizes"  # per-layer widths (transformers' configs hold one state_size)
@@ -110,16 +111,26 @@ def _check_writable(model: SSMModel) -> None:
                           "pooling 'none' and one logit per token id (d_output == vocab_size)")
 
 
+def check_hf_output(path: str | Path, extra_names: Iterable[str] = ()) -> None:
+    """Refuse (:class:`OutputError`) an output folder :func:`save_hf_folder` may not replace:
+    a file, or a folder holding anything but ``config.json``, ``model.safetensors`` and
+    ``extra_names`` (a user's other files are never deleted). Callers check before long work."""
+    target = Path(path)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise OutputError(f"cannot write {target}: it exists and is not a folder")
+    ours = {CONFIG, WEIGHTS, *extra_names}
+    others = sorted(p.name for p in target.iterdir() if p.name not in ours)
+    if others:
+        raise OutputError(f"{target} exists and holds other files ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}); choose another folder")
+
+
 def _replace_folder(staged: Path, target: Path, ours: set[str]) -> None:
-    """Move the finished folder ``staged`` onto ``target``; an existing ``target`` is replaced
-    only if it holds nothing but files of ours (never a user's other files)."""
+    """Move the finished folder ``staged`` onto ``target`` (see :func:`check_hf_output`)."""
     if target.exists():
-        if not target.is_dir():
-            raise OutputError(f"cannot write {target}: it exists and is not a folder")
-        others = sorted(p.name for p in target.iterdir() if p.name not in ours)
-        if others:
-            raise OutputError(f"{target} exists and holds other files ({', '.join(others[:3])}"
-                              f"{', ...' if len(others) > 3 else ''}); choose another folder")
+        check_hf_output(target, ours)
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
         os.replace(staged, target)

@@ -34,7 +34,7 @@ import torch
 from compressm_tune.data import Dataset, load_dataset
 from compressm_tune.errors import ConfigError, DataError
 from compressm_tune.hardware import latency_model_for
-from compressm_tune.models import SSMModel, from_hf_folder, save_hf_folder
+from compressm_tune.models import SSMModel, check_hf_output, from_hf_folder, save_hf_folder
 from compressm_tune.reduction import (
     SCORES,
     ReduceConfig,
@@ -241,6 +241,11 @@ def compress_folder(config: CompressConfig, progress: bool = False) -> dict[str,
         torch.set_num_threads(config.threads)
     source = Path(config.model)
     model = from_hf_folder(source)
+    if config.keep is not None and config.keep > max(model.state_dims):
+        raise ConfigError(f"--keep {config.keep} is above the widest layer "
+                          f"({max(model.state_dims)} states): nothing would be cut")
+    copied = [name for name in _TOKENIZER_FILES if (source / name).is_file()]
+    check_hf_output(config.out, [SUMMARY, *copied])  # before the work, not after it
     data = load_token_data(config.data, model.config.vocab_size, config.seed)
     torch.manual_seed(config.seed)
     bits_name = data.info.get("bits_name", "bits")
@@ -248,9 +253,6 @@ def compress_folder(config: CompressConfig, progress: bool = False) -> dict[str,
     before_dims, before_bits = model.state_dims, _bits(model, data, n_eval)
     calibration = data.x_train[:config.calibration]
     budget = None
-    if config.keep is not None and config.keep > max(before_dims):
-        raise ConfigError(f"--keep {config.keep} is above the widest layer ({max(before_dims)} "
-                          "states): nothing would be cut")
     if config.budget_ms is not None or config.budget is not None:
         widths, budget = _widths_for_budget(config, model, data)
         result = compress_pretrained(model, calibration, widths=widths, score=config.score)
@@ -279,8 +281,7 @@ def compress_folder(config: CompressConfig, progress: bool = False) -> dict[str,
     summary["state_dims"] = model.state_dims
     summary["time_s"] = round(time.perf_counter() - t0, 2)
     extra = {SUMMARY: json.dumps(summary, indent=2) + "\n"}
-    for name in _TOKENIZER_FILES:
-        if (source / name).is_file():
-            extra[name] = (source / name).read_text()
+    for name in copied:
+        extra[name] = (source / name).read_text()
     save_hf_folder(model, config.out, extra_files=extra)
     return summary
