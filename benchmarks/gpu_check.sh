@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, each step time-boxed (a lent GPU's time is short): the training
 # step against the paper's JAX LRU and where the sCIFAR step's time goes; the Triton kernels
-# and the tests marked gpu; `train --reduce tau=0.04` (LRU) and `--arch mamba`; a GPU energy
+# and the tests marked gpu; `train --reduce tau=0.04` (LRU), `--arch mamba` and `--arch mamba2`
+# (its chunked SSD and the Triton importance kernel on folded groups); a GPU energy
 # profile over NVML windows; the budgeted job with --device cuda.
 # Usage: benchmarks/gpu_check.sh [PEER_ROOT]  (a checkout of camail-official/compressm; default
 # ../shared/peers/compressm-official). Results and the log go to $OUT (the device tool) or
@@ -44,10 +45,13 @@ step train 90 python -m compressm_tune.cli train --device cuda --reduce tau=0.04
     --out runs/gpu-train
 step mamba 90 python -m compressm_tune.cli train --device cuda --arch mamba --state-dim 64 \
     --steps 300 --reduce tau=0.1 --no-progress --out runs/gpu-mamba
+step mamba2 90 python -m compressm_tune.cli train --device cuda --arch mamba2 --state-dim 128 \
+    --steps 300 --reduce tau=0.1 --no-progress --out runs/gpu-mamba2
 step tune 150 python -m compressm_tune.cli --budget-ms 5 --device cuda --trials 3 --steps 150 \
     --no-drift-check --out runs/gpu-tune
 cp runs/gpu-train/summary.json "$DEST"/train_summary.json 2>/dev/null
 cp runs/gpu-mamba/summary.json "$DEST"/mamba_summary.json 2>/dev/null
+cp runs/gpu-mamba2/summary.json "$DEST"/mamba2_summary.json 2>/dev/null
 cp runs/gpu-tune/report.md "$DEST"/tune_report.md 2>/dev/null
 echo "gpu_check: $failed step(s) failed" | tee -a "$LOG"
 exit "$failed"

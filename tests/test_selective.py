@@ -135,7 +135,7 @@ def test_network_sequence_equals_streaming(pooling):
 
 def test_unknown_arch_is_a_config_error():
     with pytest.raises(ConfigError, match="arch must be one of"):
-        SSMConfig(arch="mamba2")
+        SSMConfig(arch="mamba3")
 
 
 def test_keep_states_rejects_bad_indices_and_changes_nothing():

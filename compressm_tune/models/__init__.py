@@ -1,9 +1,10 @@
-"""SSM layers and networks: the LRU, selective and Mamba layers, the blocks, the network, the
-config, and Hugging Face Mamba models in (an instance or a folder) and out (a folder)."""
+"""SSM layers and networks: the LRU, selective, Mamba and Mamba-2 layers, the blocks, the
+network, the config, and Hugging Face Mamba and Mamba-2 models in (an instance or a folder) and
+out (a folder)."""
 
 from compressm_tune.models._scan import kernel_available, linear_scan, scan_reference, torch_scans
-from compressm_tune.models.config import ARCHS, SSMConfig, dropout_for
-from compressm_tune.models.hf import from_hf_mamba
+from compressm_tune.models.config import ARCHS, MAMBA_ARCHS, SSMConfig, dropout_for
+from compressm_tune.models.hf import from_hf_mamba, from_hf_mamba2
 from compressm_tune.models.hf_folder import (
     HF_MODEL_TYPES,
     STATE_SIZES_KEY,
@@ -14,6 +15,7 @@ from compressm_tune.models.hf_folder import (
 )
 from compressm_tune.models.lru import LRULayer
 from compressm_tune.models.mamba import MambaLayer
+from compressm_tune.models.mamba2 import Mamba2Layer, ssd_scan
 from compressm_tune.models.network import (
     SELECTIVE_LAYERS,
     SSM_PARAMETERS,
@@ -31,7 +33,9 @@ __all__ = [
     "ARCHS",
     "HF_MODEL_TYPES",
     "LRULayer",
+    "MAMBA_ARCHS",
     "MambaBlock",
+    "Mamba2Layer",
     "MambaLayer",
     "SELECTIVE_LAYERS",
     "SSMBlock",
@@ -44,6 +48,7 @@ __all__ = [
     "dropout_for",
     "from_hf_folder",
     "from_hf_mamba",
+    "from_hf_mamba2",
     "is_hf_folder",
     "kernel_available",
     "save_hf_folder",
@@ -51,5 +56,6 @@ __all__ = [
     "scan_reference",
     "selective_scan",
     "selective_scan_reference",
+    "ssd_scan",
     "torch_scans",
 ]

@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass, field
 
 from compressm_tune.errors import ConfigError
 
-__all__ = ["ARCHS", "SSMConfig", "dropout_for"]
+__all__ = ["ARCHS", "MAMBA_ARCHS", "SSMConfig", "dropout_for"]
 
 POOLINGS = ("mean", "none")
-ARCHS = ("lru", "selective", "mamba")
+ARCHS = ("lru", "selective", "mamba", "mamba2")
+MAMBA_ARCHS = ("mamba", "mamba2")  # Mamba's residual block and final RMSNorm
 
 
 @dataclass
@@ -27,11 +28,13 @@ class SSMConfig:
     """
 
     # "lru": diagonal complex LTI (CompreSSM); "selective": a bare S6 layer in the LRU's block;
-    # "mamba": Mamba's own block (RMSNorm -> MambaLayer -> residual) and a final RMSNorm
+    # "mamba": Mamba's own block (RMSNorm -> MambaLayer -> residual) and a final RMSNorm;
+    # "mamba2": the same block around a Mamba2Layer (heads, groups, scalar A per head)
     arch: str = field(default="lru", metadata={
         "choices": ARCHS,
-        "help": "SSM layer: lru (LTI, complex diagonal), selective (a bare S6 layer) or mamba "
-                "(Mamba's block: expansion, conv, gate, S6)"})
+        "help": "SSM layer: lru (LTI, complex diagonal), selective (a bare S6 layer), mamba "
+                "(Mamba's block: expansion, conv, gate, S6) or mamba2 (Mamba-2's: heads "
+                "with one decay each, grouped B/C, gated RMSNorm)"})
     d_input: int = 1
     d_output: int = 10
     d_model: int = field(default=64, metadata={"flag": "--hidden", "help": "H, model width"})
@@ -49,6 +52,16 @@ class SSMConfig:
     proj_bias: bool = False  # biases of in_proj and out_proj
     conv_bias: bool = True
     norm_eps: float = 1e-5  # RMSNorm epsilon
+    # Mamba-2 only (the rest as Mamba: expand, d_conv, proj_bias, conv_bias, norm_eps)
+    head_dim: int | None = field(default=None, metadata={
+        "help": "Mamba-2: P, channels per head; expand * hidden must be a multiple "
+                "(default: min(64, expand * hidden))"})
+    n_groups: int = field(default=1, metadata={
+        "help": "Mamba-2: groups of heads sharing B and C (and the gated norm's groups); "
+                "divides the number of heads"})
+    dt_limit: list[float] | None = field(default=None, metadata={
+        "help": "Mamba-2: [low, high] clamp of the step size after softplus "
+                "(transformers' time_step_limit); None: no clamp"})
     # Token models: an nn.Embedding over ids (batch, L) instead of a Linear over floats
     vocab_size: int | None = None
 
@@ -74,11 +87,23 @@ class SSMConfig:
             raise ConfigError(
                 f"0 <= r_min < r_max < 1 must hold, got r_min={self.r_min} r_max={self.r_max}"
             )
-        for name in ("expand", "d_conv", "dt_rank", "vocab_size"):
+        for name in ("expand", "d_conv", "dt_rank", "vocab_size", "head_dim", "n_groups"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value
                                       or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {name}={value!r}")
+        if self.dt_limit is not None:
+            if len(self.dt_limit) != 2 or not 0.0 <= self.dt_limit[0] < self.dt_limit[1]:
+                raise ConfigError(f"dt_limit must be [low, high] with 0 <= low < high, got "
+                                  f"{self.dt_limit!r}")
+            self.dt_limit = [float(v) for v in self.dt_limit]
+        if self.arch == "mamba2":
+            inner = self.expand * self.d_model
+            head_dim = self.head_dim or min(64, inner)
+            if inner % head_dim or (inner // head_dim) % self.n_groups:
+                raise ConfigError(
+                    f"mamba2: head_dim must divide expand * d_model = {inner} and n_groups the "
+                    f"number of heads, got head_dim={head_dim} n_groups={self.n_groups}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps > 0 must hold, got norm_eps={self.norm_eps}")
         if not 0.0 < self.max_phase <= 2 * math.pi:

@@ -110,10 +110,12 @@ class MambaLayer(nn.Module):
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (..., E) each
         return x, z
 
-    def selective_core(self, u: torch.Tensor) -> tuple[SelectiveLayer, torch.Tensor]:
-        """The S6 core and what it receives for layer inputs ``u (batch, L, H)``: the
-        convolved, activated ``x (batch, L, E)`` (state importance scores the core on it)."""
-        return self.s6, F.silu(self._conv(self._split(u)[0]))
+    def scan_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the S6 core's scan receives for layer inputs ``u (batch, L, H)`` (see
+        :meth:`SelectiveLayer.scan_inputs`): the core's ``delta, A, B_t, C_t`` and its input,
+        the convolved, activated ``x (batch, L, E)`` (state importance scores the core on
+        it)."""
+        return self.s6.scan_inputs(F.silu(self._conv(self._split(u)[0])))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """``u (batch, L, H) -> (batch, L, H)``."""

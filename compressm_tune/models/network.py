@@ -1,11 +1,12 @@
 """The deep SSM network: encoder -> blocks -> (final norm) -> (mean pool) -> head.
 
-Each block holds one SSM layer, an :class:`LRULayer`, a :class:`SelectiveLayer` or a
-:class:`MambaLayer` as ``SSMConfig.arch`` says; all take ``(batch, L, H)`` to ``(batch, L, H)``
-and stream with ``allocate_state`` / ``step`` (one state tensor each), so the network does not
-care which. LRU and selective layers sit in the paper's block (:class:`SSMBlock`); a Mamba
-layer in Mamba's own (:class:`MambaBlock`), and the network then ends with an RMSNorm
-(Mamba's ``norm_f``). With ``vocab_size`` the encoder is an embedding over token ids.
+Each block holds one SSM layer, an :class:`LRULayer`, a :class:`SelectiveLayer`, a
+:class:`MambaLayer` or a :class:`Mamba2Layer` as ``SSMConfig.arch`` says; all take ``(batch,
+L, H)`` to ``(batch, L, H)`` and stream with ``allocate_state`` / ``step`` (one state tensor
+each), so the network does not care which. LRU and selective layers sit in the paper's block
+(:class:`SSMBlock`); a Mamba or Mamba-2 layer in Mamba's own (:class:`MambaBlock`), and the
+network then ends with an RMSNorm (Mamba's ``norm_f``). Every block has its own state width
+(``SSMConfig.state_dims``). With ``vocab_size`` the encoder is an embedding over token ids.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressm_tune.models.config import SSMConfig
+from compressm_tune.models.config import MAMBA_ARCHS, SSMConfig
 from compressm_tune.models.lru import LRULayer
 from compressm_tune.models.mamba import MambaLayer
+from compressm_tune.models.mamba2 import Mamba2Layer
 from compressm_tune.models.selective import SelectiveLayer
 
 __all__ = ["MambaBlock", "SELECTIVE_LAYERS", "SSMBlock", "SSMModel", "SSM_PARAMETERS"]
 
-SSMLayer = LRULayer | SelectiveLayer | MambaLayer
-# Layers whose states are scored from data and cut by keeping indices (their S6 core's).
-SELECTIVE_LAYERS = (SelectiveLayer, MambaLayer)
+SSMLayer = LRULayer | SelectiveLayer | MambaLayer | Mamba2Layer
+# Layers whose states are scored from data and cut by keeping indices (their scan's).
+SELECTIVE_LAYERS = (SelectiveLayer, MambaLayer, Mamba2Layer)
 # Names of the recurrence parameters of either layer (the optimizer's SSM group).
 SSM_PARAMETERS = LRULayer.recurrence_parameters + SelectiveLayer.recurrence_parameters
 
@@ -96,13 +98,20 @@ class SSMBlock(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """Mamba's residual block: RMSNorm -> :class:`MambaLayer` -> dropout -> residual."""
+    """Mamba's residual block: RMSNorm -> :class:`MambaLayer` (``arch="mamba"``) or
+    :class:`Mamba2Layer` (``arch="mamba2"``) -> dropout -> residual."""
 
     def __init__(self, config: SSMConfig, state_dim: int) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.ssm = MambaLayer(config.d_model, state_dim, config.expand, config.d_conv,
-                              config.dt_rank, config.proj_bias, config.conv_bias)
+        if config.arch == "mamba2":
+            self.ssm: MambaLayer | Mamba2Layer = Mamba2Layer(
+                config.d_model, state_dim, config.head_dim, config.n_groups, config.expand,
+                config.d_conv, config.proj_bias, config.conv_bias,
+                None if config.dt_limit is None else tuple(config.dt_limit), config.norm_eps)
+        else:
+            self.ssm = MambaLayer(config.d_model, state_dim, config.expand, config.d_conv,
+                                  config.dt_rank, config.proj_bias, config.conv_bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,11 +144,11 @@ class SSMModel(nn.Module):
         self.encoder: nn.Module = (nn.Linear(config.d_input, config.d_model)
                                    if config.vocab_size is None
                                    else nn.Embedding(config.vocab_size, config.d_model))
-        block = MambaBlock if config.arch == "mamba" else SSMBlock
+        block = MambaBlock if config.arch in MAMBA_ARCHS else SSMBlock
         self.blocks = nn.ModuleList(block(config, n) for n in config.state_dims)
         # Mamba's norm_f; an Identity (no parameters) keeps other checkpoints' keys unchanged
         self.norm_f: nn.Module = (nn.RMSNorm(config.d_model, eps=config.norm_eps)
-                                  if config.arch == "mamba" else nn.Identity())
+                                  if config.arch in MAMBA_ARCHS else nn.Identity())
         self.head = nn.Linear(config.d_model, config.d_output)
         # set (by the Trainer) when inputs may end in NaN padding: training-mode BatchNorm
         # then takes its statistics over real steps only, at the cost of a few extra ops
@@ -184,7 +193,7 @@ class SSMModel(nn.Module):
         # BatchNorm's batch statistics skip padded steps when the data can hold any (Mamba's
         # RMSNorm normalizes each token alone and needs no mask)
         masked = ((self.padded_inputs or lengths is not None) and self.training and not tokens
-                  and self._config.arch != "mamba")
+                  and self._config.arch not in MAMBA_ARCHS)
         for block in self.blocks:
             h = block(h, valid) if masked else block(h)  # (B, L, H)
         h = self.norm_f(h)  # (B, L, H)
@@ -195,8 +204,9 @@ class SSMModel(nn.Module):
 
     def allocate_state(self, batch_size: int) -> list[torch.Tensor]:
         """Zero streaming state: one tensor per block (LRU ``(batch, N_k, 2)``, selective
-        ``(batch, H, N_k)``, Mamba ``(batch, E, d_conv - 1 + N_k)``), then, with mean
-        pooling, the running sum ``(batch, H)`` and the token count ``(1,)``."""
+        ``(batch, H, N_k)``, Mamba ``(batch, E, d_conv - 1 + N_k)``, Mamba-2 ``(batch,
+        (E + 2 G N_k)(d_conv - 1) + E N_k)``, see :meth:`Mamba2Layer.split_state`), then,
+        with mean pooling, the running sum ``(batch, H)`` and the token count ``(1,)``."""
         ref = self.head.weight
         state = [layer.allocate_state(batch_size) for layer in self.ssm_layers()]
         if self._config.pooling == "mean":

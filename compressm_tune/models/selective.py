@@ -42,7 +42,8 @@ except ImportError:  # pragma: no cover - exercised only on installs without a c
 if _scan_kernel is not None and not hasattr(_scan_kernel, "selective_importance"):
     _scan_kernel = None  # pragma: no cover - an extension built before the selective kernel
 
-__all__ = ["SelectiveLayer", "selective_scan", "selective_scan_reference"]
+__all__ = ["SelectiveLayer", "discretize", "keep_state_indices", "scan_readout", "selective_scan",
+           "selective_scan_reference"]
 
 _CHUNK = 8  # time steps per chunk: log2(T) doubling passes vs L/T sequential carries
 
@@ -213,6 +214,32 @@ class _FusedSelectiveScan(torch.autograd.Function):
         return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None)
 
 
+def discretize(delta: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor,
+               u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decay ``a = exp(delta A)`` and drive ``b = delta u B_t``, ``(..., H, N)`` each, from
+    ``delta, u (..., H)``, ``A (H, N)``, ``B_t (..., N)`` (zero-order hold, as Mamba)."""
+    a = torch.exp(delta[..., None] * A)  # (..., H, N)
+    b = (delta * u)[..., None] * Bt[..., None, :]  # (..., H, N)
+    return a, b
+
+
+def scan_readout(delta: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, Ct: torch.Tensor,
+                 u: torch.Tensor) -> torch.Tensor:
+    """``y_t[h] = sum_n x_t[h, n] C_t[n]`` with ``x_t = exp(delta_t A) x_{t-1} + delta_t u_t
+    B_t``, from zero, for ``delta, u (batch, L, H)``, ``A (H, N)``, ``B_t, C_t (batch, L, N)``
+    (no ``D u`` term): the S6 scan with its read-out.
+
+    The fused kernel where one applies (:func:`fused_backend`: float32 out, no ``(B, L, H,
+    N)`` tensor stored), else :func:`discretize` + :func:`selective_scan` in torch, which is
+    also the reference the kernels are tested against.
+    """
+    backend = fused_backend(A.shape[1], delta, A, Bt, Ct, u)
+    if backend is not None:
+        return _FusedSelectiveScan.apply(delta, A, Bt, Ct, u, backend)  # (B, L, H) fp32
+    x = selective_scan(*discretize(delta, A, Bt, u))  # (B, L, H, N)
+    return (x @ Ct[..., None]).squeeze(-1)  # (B, L, H)
+
+
 def importance_sums(delta: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, Ct: torch.Tensor,
                     u: torch.Tensor) -> torch.Tensor | None:
     """``sum_{b,t,h} x_t^2 q_t`` per state (float64, (N,)) by a fused kernel, or None where
@@ -307,19 +334,18 @@ class SelectiveLayer(nn.Module):
         delta = F.softplus(u @ self.dt_down.T @ self.dt_up.T + self.dt_bias)  # (..., H)
         return delta, -torch.exp(self.A_log), u @ self.B_proj.T, u @ self.C_proj.T
 
-    def selective_core(self, u: torch.Tensor) -> tuple[SelectiveLayer, torch.Tensor]:
-        """The S6 core and what it receives for layer inputs ``u``: this layer itself, ``u``
-        (:class:`~compressm_tune.models.MambaLayer` puts a projection and a convolution
-        before its core)."""
-        return self, u
+    def scan_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the scan receives for layer inputs ``u (batch, L, H)``: ``delta, A, B_t, C_t``
+        (:meth:`projections`) and ``u`` itself, as :func:`scan_readout` takes them (the Mamba
+        layers put a projection and a convolution before theirs); state importance scores
+        these."""
+        return (*self.projections(u), u)
 
     def discretize(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decay ``a = exp(delta A)``, drive ``b = delta u B`` and read-out ``C`` for inputs
         ``u (..., H)``: ``a, b (..., H, N)`` and ``C (..., N)``."""
         delta, A, b_t, c_t = self.projections(u)
-        a = torch.exp(delta[..., None] * A)  # (..., H, N)
-        b = (delta * u)[..., None] * b_t[..., None, :]  # (..., H, N)
-        return a, b, c_t
+        return (*discretize(delta, A, b_t, u), c_t)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Run the layer over whole sequences: ``u (batch, L, H) -> y (batch, L, H)``.
@@ -329,13 +355,7 @@ class SelectiveLayer(nn.Module):
         tracing) the torch path, :meth:`discretize` + :func:`selective_scan`, which is also
         the reference the kernels are tested against.
         """
-        backend = fused_backend(self.state_dim, u, self.A_log)
-        if backend is not None:
-            y = _FusedSelectiveScan.apply(*self.projections(u), u, backend)  # (B, L, H) fp32
-            return y + self.D * u
-        a, b, c = self.discretize(u)  # (B, L, H, N) x2, (B, L, N)
-        x = selective_scan(a, b)  # (B, L, H, N)
-        return (x @ c[..., None]).squeeze(-1) + self.D * u  # (B, L, H)
+        return scan_readout(*self.projections(u), u) + self.D * u  # (B, L, H)
 
     def allocate_state(
         self, batch_size: int, device: torch.device | str | None = None,
@@ -357,12 +377,20 @@ class SelectiveLayer(nn.Module):
         New ``nn.Parameter`` objects are created, so any optimizer over the old ones must be
         rebuilt; the kept states are unchanged, so their optimizer moments stay valid.
         """
-        keep = torch.as_tensor(keep, dtype=torch.long, device=self.A_log.device)
-        if keep.dim() != 1 or len(keep) == 0 or len(torch.unique(keep)) != len(keep) or (
-                int(keep.min()) < 0 or int(keep.max()) >= self.state_dim):
-            raise ConfigError(
-                f"keep must list distinct state indices in [0, {self.state_dim}), "
-                f"got {keep.tolist()}")
-        for name, axis in self.state_axes.items():
-            value = getattr(self, name).detach().index_select(axis, keep)
-            setattr(self, name, nn.Parameter(value.clone()))
+        keep_state_indices(self, keep)
+
+
+def keep_state_indices(layer: nn.Module, keep: torch.Tensor) -> None:
+    """Slice the state indices ``keep`` (ascending, unique, in ``[0, layer.state_dim)``) out of
+    every parameter ``layer.state_axes`` names, along its axis, as new ``nn.Parameter``
+    objects: the surgery of every index-keeping layer."""
+    n = layer.state_dim
+    device = next(iter(layer.parameters())).device
+    keep = torch.as_tensor(keep, dtype=torch.long, device=device)
+    if keep.dim() != 1 or len(keep) == 0 or len(torch.unique(keep)) != len(keep) or (
+            int(keep.min()) < 0 or int(keep.max()) >= n):
+        raise ConfigError(f"keep must list distinct state indices in [0, {n}), "
+                          f"got {keep.tolist()}")
+    for name, axis in layer.state_axes.items():
+        value = getattr(layer, name).detach().index_select(axis, keep)
+        setattr(layer, name, nn.Parameter(value.clone()))

@@ -133,9 +133,9 @@ class Compressor:
         if not found:
             raise ConfigError(
                 f"{type(model).__name__} holds no reducible layer: use LRULayer, "
-                "SelectiveLayer or MambaLayer, or give your layer system() -> (lam, B, C, D) and "
-                "load_system_parameters(lam, B, C, D) (see the README, 'Compress your own "
-                "training loop')")
+                "SelectiveLayer, MambaLayer or Mamba2Layer, or give your layer system() -> "
+                "(lam, B, C, D) and load_system_parameters(lam, B, C, D) (see the README, "
+                "'Compress your own training loop')")
         self.layer_names = [name for name, _ in found]
         needs_data = [n for n, layer in found if is_selective(layer)]
         if calibration is None and (needs_data or policy.weighting == "input"):

@@ -1,10 +1,11 @@
 """Which states of a selective (time-varying) SSM layer matter: empirical Gramians from data.
 
-Both :class:`SelectiveLayer` and :class:`MambaLayer` are scored here: each names its S6 core
-and what the core receives for the layer's inputs (``selective_core``; for Mamba, the
-convolved, activated inner channels), and the score is the core's. Mamba's SiLU gate and
-``out_proj`` after the core are left out of the observability side, as the selective layer's
-GELU/GLU are.
+:class:`SelectiveLayer`, :class:`MambaLayer` and :class:`Mamba2Layer` are scored here: each
+names what its scan receives for the layer's inputs (``scan_inputs``: ``delta, A, B_t, C_t``
+and the scanned ``u``; for Mamba, the convolved, activated inner channels; for Mamba-2, its
+heads with the groups folded into the batch), and the score is the scan's. The Mambas' gates,
+norms and ``out_proj`` after the scan are left out of the observability side, as the selective
+layer's GELU/GLU are.
 
 A selective layer has no fixed ``(A, B, C)``: ``delta_t``, ``B_t`` and ``C_t`` depend on the
 input, so the Hankel singular values of an LTI system do not exist. What does exist, for the
@@ -34,8 +35,8 @@ import numpy as np
 import torch
 
 from compressm_tune.errors import ReductionError
-from compressm_tune.models import MambaLayer, SelectiveLayer
-from compressm_tune.models.selective import _scan, importance_sums
+from compressm_tune.models import Mamba2Layer, MambaLayer, SelectiveLayer
+from compressm_tune.models.selective import _scan, discretize, importance_sums
 from compressm_tune.reduction._truncation import SELECTS
 
 __all__ = ["select_states", "state_importance"]
@@ -44,7 +45,8 @@ _CALIBRATION_CHUNK = 16  # sequences per pass: bounds the (chunk, L, H, N) tempo
 
 
 @torch.no_grad()
-def state_importance(layer: SelectiveLayer | MambaLayer, inputs: torch.Tensor) -> np.ndarray:
+def state_importance(layer: SelectiveLayer | MambaLayer | Mamba2Layer,
+                     inputs: torch.Tensor) -> np.ndarray:
     """Importance of every state index of ``layer`` on calibration ``inputs (batch, L, H)``
     (the layer's own inputs).
 
@@ -63,20 +65,23 @@ def state_importance(layer: SelectiveLayer | MambaLayer, inputs: torch.Tensor) -
         raise ReductionError(
             f"calibration inputs must be (batch >= 1, L, {layer.d_model}), "
             f"got {tuple(inputs.shape)}")
+    tokens = inputs.shape[0] * inputs.shape[1]
     inputs = inputs.to(device=layer.A_log.device, dtype=layer.A_log.dtype)
-    core, inputs = layer.selective_core(inputs)  # the S6 core and its inputs (batch, L, E)
-    total = importance_sums(*core.projections(inputs), inputs)  # the C kernel: no 4-D tensors
+    delta, A, b_t, c_t, u = layer.scan_inputs(inputs)  # (batch', L, E) but A (E, N)
+    total = importance_sums(delta, A, b_t, c_t, u)  # the C kernel: no 4-D tensors
     if total is None:  # no kernel here (GPU, float64): the same sums from 4-D torch tensors
-        total = sum(_importance_sums_torch(core, u) for u in inputs.split(_CALIBRATION_CHUNK))
-    score = (total.cpu() / (inputs.shape[0] * inputs.shape[1])).sqrt().numpy()
+        chunks = zip(*(t.split(_CALIBRATION_CHUNK) for t in (delta, b_t, c_t, u)), strict=True)
+        total = sum(_importance_sums_torch(d, A, b, c, x) for d, b, c, x in chunks)
+    score = (total.cpu() / tokens).sqrt().numpy()  # the mean over calibration tokens
     if not np.isfinite(score).all():
         raise ReductionError("state importance is not finite: the layer's weights diverged")
     return score
 
 
-def _importance_sums_torch(layer: SelectiveLayer, u: torch.Tensor) -> torch.Tensor:
+def _importance_sums_torch(delta: torch.Tensor, A: torch.Tensor, b_t: torch.Tensor,
+                           c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``sum_{b,t,h} x_t^2 q_t`` per state, (N,) float64, from ``(b, L, H, N)`` tensors."""
-    a, b, c = layer.discretize(u)  # (b, L, H, N) x2, (b, L, N)
+    a, b = discretize(delta, A, b_t, u)  # (b, L, H, N) x2
     x = _scan(a, b)  # (b, L, H, N) states driven by the data
     a_next = torch.cat((a[:, 1:], torch.zeros_like(a[:, :1])), 1)  # a_{t+1}, 0 past the end
     q = _scan(a_next.square(), c.square()[:, :, None, :].expand_as(a).contiguous(),
@@ -85,14 +90,16 @@ def _importance_sums_torch(layer: SelectiveLayer, u: torch.Tensor) -> torch.Tens
 
 
 def select_states(
-    layer: SelectiveLayer | MambaLayer, importance: np.ndarray, rank: int, select: str = "largest",
-    seed: int | None = None,
+    layer: SelectiveLayer | MambaLayer | Mamba2Layer, importance: np.ndarray, rank: int,
+    select: str = "largest", seed: int | None = None,
 ) -> torch.Tensor:
     """The ``rank`` state indices to keep (ascending), chosen by ``select``.
 
     ``largest`` keeps the most important states (the method); ``smallest`` the least (a
     sanity ablation); ``random`` a seeded random subset; ``magnitude`` the slowest-decaying
-    states, smallest mean ``|A|`` over channels (the naive "long memory matters" heuristic).
+    states, smallest mean ``|A|`` over channels (the naive "long memory matters" heuristic),
+    or, for a layer whose states share their decay (Mamba-2: one ``A`` per head), the largest
+    ``layer.state_magnitude()`` (weight-magnitude pruning).
 
     Examples
     --------
@@ -114,6 +121,8 @@ def select_states(
         order = np.argsort(importance, kind="stable")
     elif select == "random":
         order = np.random.default_rng(seed).permutation(n)
+    elif hasattr(layer, "state_magnitude"):
+        order = np.argsort(-layer.state_magnitude().cpu().numpy(), kind="stable")
     else:
         decay = layer.A_log.detach().exp().mean(0).cpu().numpy()  # (N,) mean |A| per state
         order = np.argsort(decay, kind="stable")
