@@ -22,14 +22,18 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch import nn
 
 from compressm_tune._io import why_unwritable
 from compressm_tune.errors import CheckpointError, ConfigError, MissingDependencyError, OutputError
 from compressm_tune.models.config import SSMConfig
+from compressm_tune.models.hf import _config2, from_hf_mamba, from_hf_mamba2
 from compressm_tune.models.network import SSMModel
 
 __all__ = ["HF_MODEL_TYPES", "STATE_SIZES_KEY", "check_hf_output", "from_hf_folder",
@@ -37,8 +41,8 @@ __all__ = ["HF_MODEL_TYPES", "STATE_SIZES_KEY", "check_hf_output", "from_hf_fold
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 STATE_SIZES_KEY = "state_sizes"  # per-layer widths (transformers' configs hold one state_size)
-HF_MODEL_TYPES = {"mamba": "mamba"}  # config.json model_type -> SSMConfig.arch
-_ARCHITECTURES = {"mamba": "MambaForCausalLM"}
+HF_MODEL_TYPES = {"mamba": "mamba", "mamba2": "mamba2"}  # model_type -> SSMConfig.arch
+_ARCHITECTURES = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
 
 
 def _safetensors() -> Any:
@@ -58,7 +62,7 @@ def is_hf_folder(path: str | Path) -> bool:
 # ----------------------------------------------------------------------------- writing
 
 
-def _mamba_config(config: SSMConfig) -> dict[str, Any]:
+def _mamba_config(config: SSMConfig, model: SSMModel) -> dict[str, Any]:
     """transformers' ``MambaConfig`` fields for ``config`` (plus the per-layer widths)."""
     h = config.d_model
     dims = list(config.state_dims)
@@ -74,16 +78,23 @@ def _mamba_config(config: SSMConfig) -> dict[str, Any]:
     }
 
 
-def _mamba_tensors(model: SSMModel) -> dict[str, torch.Tensor]:
-    """transformers' ``MambaForCausalLM`` state dict of ``model``."""
+def _backbone_tensors(model: SSMModel) -> dict[str, torch.Tensor]:
+    """Embedding, block norms, final norm and head, as transformers names them."""
     out = {"backbone.embeddings.weight": model.encoder.weight,
            "backbone.norm_f.weight": model.norm_f.weight, "lm_head.weight": model.head.weight}
     if model.head.bias.any():  # transformers' lm_head has no bias; from_hf_folder reads it
         out["lm_head.bias"] = model.head.bias
     for i, block in enumerate(model.blocks):
+        out[f"backbone.layers.{i}.norm.weight"] = block.norm.weight
+    return out
+
+
+def _mamba_tensors(model: SSMModel) -> dict[str, torch.Tensor]:
+    """transformers' ``MambaForCausalLM`` state dict of ``model``."""
+    out = _backbone_tensors(model)
+    for i, block in enumerate(model.blocks):
         p, layer = f"backbone.layers.{i}.", block.ssm
         s6 = layer.s6
-        out[p + "norm.weight"] = block.norm.weight
         for name in ("in_proj", "conv1d", "out_proj"):
             module = getattr(layer, name)
             out[f"{p}mixer.{name}.weight"] = module.weight
@@ -97,12 +108,54 @@ def _mamba_tensors(model: SSMModel) -> dict[str, torch.Tensor]:
     return out
 
 
-_WRITERS = {"mamba": (_mamba_config, _mamba_tensors)}
+def _mamba2_config(config: SSMConfig, model: SSMModel) -> dict[str, Any]:
+    """transformers' ``Mamba2Config`` fields for ``config`` (plus the per-layer widths)."""
+    layer = model.blocks[0].ssm
+    dims = list(config.state_dims)
+    return {
+        "model_type": "mamba2", "architectures": [_ARCHITECTURES["mamba2"]],
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+        "expand": config.expand, "num_heads": layer.n_heads, "head_dim": layer.head_dim,
+        "n_groups": layer.n_groups, "state_size": max(dims), STATE_SIZES_KEY: dims,
+        "num_hidden_layers": len(dims), "conv_kernel": config.d_conv,
+        "use_bias": config.proj_bias, "use_conv_bias": config.conv_bias, "hidden_act": "silu",
+        "layer_norm_epsilon": config.norm_eps, "residual_in_fp32": True,
+        "tie_word_embeddings": False, "dtype": "float32",
+    } | ({} if config.dt_limit is None else {"time_step_limit": list(config.dt_limit)})
+
+
+def _mamba2_tensors(model: SSMModel) -> dict[str, torch.Tensor]:
+    """transformers' ``Mamba2ForCausalLM`` state dict of ``model``: ``in_proj`` rows
+    ``[z, x, B, C, dt]`` and ``conv1d`` channels ``[x, B, C]`` re-joined."""
+    out = _backbone_tensors(model)
+
+    def rows(layer: nn.Module, t: torch.Tensor, bc: torch.Tensor) -> torch.Tensor:
+        z, x, dt = t.split([layer.d_inner, layer.d_inner, layer.n_heads])
+        return torch.cat((z, x, bc.reshape(-1, *t.shape[1:]), dt))
+
+    for i, block in enumerate(model.blocks):
+        p, layer = f"backbone.layers.{i}.mixer.", block.ssm
+        out[p + "in_proj.weight"] = rows(layer, layer.in_proj.weight, layer.bc_proj)
+        out[p + "conv1d.weight"] = torch.cat((layer.conv1d.weight,
+                                              layer.bc_conv.reshape(-1, 1, layer.d_conv)))
+        if layer.in_proj.bias is not None:
+            out[p + "in_proj.bias"] = rows(layer, layer.in_proj.bias, layer.bc_bias)
+            out[p + "out_proj.bias"] = layer.out_proj.bias
+        if layer.conv1d.bias is not None:
+            out[p + "conv1d.bias"] = torch.cat((layer.conv1d.bias, layer.bc_conv_bias.reshape(-1)))
+        out[p + "out_proj.weight"] = layer.out_proj.weight
+        out[p + "norm.weight"] = layer.norm_weight
+        for name in ("dt_bias", "A_log", "D"):
+            out[p + name] = getattr(layer, name)
+    return out
+
+
+_WRITERS = {"mamba": (_mamba_config, _mamba_tensors), "mamba2": (_mamba2_config, _mamba2_tensors)}
 
 
 def _check_writable(model: SSMModel) -> None:
     config = model.config
-    if config.arch not in _WRITERS:
+    if config.arch not in _WRITERS:  # a Mamba-1 or Mamba-2 block and final norm
         raise ConfigError(f"only {sorted(_WRITERS)} models are written as Hugging Face folders, "
                           f"not arch={config.arch!r}")
     if config.vocab_size is None or config.pooling != "none" or \
@@ -180,7 +233,7 @@ def save_hf_folder(model: SSMModel, path: str | Path,
     _check_writable(model)
     st = _safetensors()
     make_config, make_tensors = _WRITERS[model.config.arch]
-    config = make_config(model.config)
+    config = make_config(model.config, model)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
                for k, v in make_tensors(model).items()}
     files = {CONFIG: json.dumps(config, indent=2) + "\n", **(extra_files or {})}
@@ -264,58 +317,119 @@ def _mamba_ssm_config(c: dict[str, Any]) -> SSMConfig:
         raise ConfigError(f"config.json does not describe a Mamba model: {exc!r}") from None
 
 
-def _mamba_load(model: SSMModel, tensors: dict[str, torch.Tensor], tied: bool) -> set[str]:
-    """Copy transformers' Mamba tensors into ``model``; returns the names used."""
-    used: set[str] = set()
+def _number(v: Any) -> Any:
+    """A JSON number; transformers writes infinity as ``{"__float__": "Infinity"}``."""
+    return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else v
 
-    def take(name: str) -> torch.Tensor:
-        if name not in tensors:
+
+def _mamba2_ssm_config(c: dict[str, Any]) -> SSMConfig:
+    """The :class:`SSMConfig` of a ``Mamba2Config`` dict (per-layer widths read)."""
+    if "time_step_limit" in c:
+        c = {**c, "time_step_limit": [_number(v) for v in c["time_step_limit"]]}
+    try:
+        return replace(_config2(SimpleNamespace(config=SimpleNamespace(**{
+            "hidden_act": "silu", "expand": 2, "n_groups": 1, "conv_kernel": 4,
+            "use_bias": False, "use_conv_bias": True, "layer_norm_epsilon": 1e-5,
+            "time_step_limit": (0.0, math.inf), **c})), int(c["vocab_size"])),
+            state_dims=_state_sizes(c))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"config.json does not describe a Mamba-2 model: {exc!r}") from None
+
+
+class _Tensors:
+    """The folder's tensors, handed out by name with their shapes checked; remembers which
+    were used (a tensor left over means the folder holds another model)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors, self.used = tensors, set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
             raise CheckpointError(f"model.safetensors lacks {name!r}")
-        used.add(name)
-        return tensors[name]
+        self.used.add(name)
+        return self.tensors[name]
 
-    def put(target: torch.Tensor, name: str, value: torch.Tensor | None = None) -> None:
-        value = take(name) if value is None else value
+    def put(self, target: torch.Tensor, name: str, value: torch.Tensor | None = None) -> None:
+        value = self.take(name) if value is None else value
         if tuple(value.shape) != tuple(target.shape):
             raise CheckpointError(f"model.safetensors: {name} has shape {tuple(value.shape)}, "
                                   f"config.json says {tuple(target.shape)}")
         target.copy_(value)
 
-    put(model.encoder.weight, "backbone.embeddings.weight")
-    put(model.norm_f.weight, "backbone.norm_f.weight")
-    head = "backbone.embeddings.weight" if tied and "lm_head.weight" not in tensors \
-        else "lm_head.weight"
-    put(model.head.weight, head)
-    if "lm_head.bias" in tensors:
-        put(model.head.bias, "lm_head.bias")
+    def split(self, name: str, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+        """``name`` cut along its first axis into ``sizes`` (the sizes config.json implies)."""
+        value = self.take(name)
+        if value.shape[0] != sum(sizes):
+            raise CheckpointError(f"model.safetensors: {name} has {value.shape[0]} rows, "
+                                  f"config.json says {sum(sizes)}")
+        return value.split(sizes)
+
+
+def _load_backbone(model: SSMModel, t: _Tensors, tied: bool) -> None:
+    t.put(model.encoder.weight, "backbone.embeddings.weight")
+    t.put(model.norm_f.weight, "backbone.norm_f.weight")
+    t.put(model.head.weight, "backbone.embeddings.weight" if tied and "lm_head.weight" not in t
+          else "lm_head.weight")
+    if "lm_head.bias" in t:
+        t.put(model.head.bias, "lm_head.bias")
     else:
         model.head.bias.zero_()
     for i, block in enumerate(model.blocks):
-        p, layer = f"backbone.layers.{i}.", block.ssm
-        s6 = layer.s6
-        put(block.norm.weight, p + "norm.weight")
-        for name in ("in_proj", "conv1d", "out_proj"):
-            module = getattr(layer, name)
-            put(module.weight, f"{p}mixer.{name}.weight")
-            if module.bias is not None:
-                put(module.bias, f"{p}mixer.{name}.bias")
-        x_proj = take(p + "mixer.x_proj.weight")
-        r, n = s6.dt_down.shape[0], s6.state_dim
-        if x_proj.shape[0] != r + 2 * n:
-            raise CheckpointError(f"model.safetensors: {p}mixer.x_proj.weight has "
-                                  f"{x_proj.shape[0]} rows, config.json says {r + 2 * n} "
-                                  f"(time_step_rank {r} + 2 x state size {n})")
-        for target, value in zip((s6.dt_down, s6.B_proj, s6.C_proj),
-                                 x_proj.split([r, n, n], 0), strict=True):
-            put(target, p + "mixer.x_proj.weight", value)
-        put(s6.dt_up, p + "mixer.dt_proj.weight")
-        put(s6.dt_bias, p + "mixer.dt_proj.bias")
-        put(s6.A_log, p + "mixer.A_log")
-        put(s6.D, p + "mixer.D")
-    return used
+        t.put(block.norm.weight, f"backbone.layers.{i}.norm.weight")
 
 
-_READERS = {"mamba": (_mamba_ssm_config, _mamba_load)}
+def _mamba_load(layer: nn.Module, t: _Tensors, p: str) -> None:
+    """transformers' ``MambaMixer`` tensors (prefix ``p``) into a :class:`MambaLayer`."""
+    s6 = layer.s6
+    for name in ("in_proj", "conv1d", "out_proj"):
+        module = getattr(layer, name)
+        t.put(module.weight, f"{p}{name}.weight")
+        if module.bias is not None:
+            t.put(module.bias, f"{p}{name}.bias")
+    r, n = s6.dt_down.shape[0], s6.state_dim
+    for target, value in zip((s6.dt_down, s6.B_proj, s6.C_proj),
+                             t.split(p + "x_proj.weight", [r, n, n]), strict=True):
+        t.put(target, p + "x_proj.weight", value)
+    t.put(s6.dt_up, p + "dt_proj.weight")
+    t.put(s6.dt_bias, p + "dt_proj.bias")
+    t.put(s6.A_log, p + "A_log")
+    t.put(s6.D, p + "D")
+
+
+def _mamba2_load(layer: nn.Module, t: _Tensors, p: str) -> None:
+    """transformers' ``Mamba2Mixer`` tensors (prefix ``p``) into a :class:`Mamba2Layer`:
+    ``in_proj`` rows ``[z, x, B, C, dt]``, ``conv1d`` channels ``[x, B, C]``."""
+    e, nh, gn = layer.d_inner, layer.n_heads, 2 * layer.n_groups * layer.state_dim
+
+    def in_rows(name: str, target: torch.Tensor, bc: torch.Tensor) -> None:
+        z, x, b_c, dt = t.split(name, [e, e, gn, nh])
+        t.put(target, name, torch.cat((z, x, dt)))
+        t.put(bc, name, b_c.reshape(bc.shape))
+
+    in_rows(p + "in_proj.weight", layer.in_proj.weight, layer.bc_proj)
+    x, bc = t.split(p + "conv1d.weight", [e, gn])
+    t.put(layer.conv1d.weight, p + "conv1d.weight", x)
+    t.put(layer.bc_conv, p + "conv1d.weight", bc.reshape(layer.bc_conv.shape))
+    if layer.in_proj.bias is not None:
+        in_rows(p + "in_proj.bias", layer.in_proj.bias, layer.bc_bias)
+        t.put(layer.out_proj.bias, p + "out_proj.bias")
+    if layer.conv1d.bias is not None:
+        x, bc = t.split(p + "conv1d.bias", [e, gn])
+        t.put(layer.conv1d.bias, p + "conv1d.bias", x)
+        t.put(layer.bc_conv_bias, p + "conv1d.bias", bc.reshape(layer.bc_conv_bias.shape))
+    t.put(layer.out_proj.weight, p + "out_proj.weight")
+    t.put(layer.norm_weight, p + "norm.weight")
+    for name in ("dt_bias", "A_log", "D"):
+        t.put(getattr(layer, name), p + name)
+
+
+_READERS = {"mamba": (_mamba_ssm_config, _mamba_load),
+            "mamba2": (_mamba2_ssm_config, _mamba2_load)}
 
 
 @torch.no_grad()
@@ -349,9 +463,7 @@ def from_hf_folder(path: str | Path) -> SSMModel:
     if not (folder / WEIGHTS).is_file():
         if STATE_SIZES_KEY in config and len(set(ssm_config.state_dims)) > 1:
             raise CheckpointError(f"{folder} has per-layer state sizes but no {WEIGHTS}")
-        from compressm_tune.models.hf import from_hf_mamba
-
-        return from_hf_mamba(folder)
+        return (from_hf_mamba if arch == "mamba" else from_hf_mamba2)(folder)
     st = _safetensors()
     try:
         tensors = st.load_file(str(folder / WEIGHTS))
@@ -360,8 +472,11 @@ def from_hf_folder(path: str | Path) -> SSMModel:
         raise CheckpointError(f"cannot read {folder / WEIGHTS}: {reason}") from None
     tensors = {k: v.float() for k, v in tensors.items()}
     model = SSMModel(ssm_config)
-    used = load(model, tensors, bool(config.get("tie_word_embeddings", True)))
-    left = sorted(set(tensors) - used)
+    source = _Tensors(tensors)
+    _load_backbone(model, source, bool(config.get("tie_word_embeddings", True)))
+    for i, block in enumerate(model.blocks):
+        load(block.ssm, source, f"backbone.layers.{i}.mixer.")
+    left = sorted(set(tensors) - source.used)
     if left:
         raise CheckpointError(f"{folder / WEIGHTS} holds tensors this model does not use "
                               f"({', '.join(left[:3])}{', ...' if len(left) > 3 else ''})")

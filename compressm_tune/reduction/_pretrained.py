@@ -45,19 +45,23 @@ SCORES = ("data", "magnitude")
 
 @torch.no_grad()
 def magnitude_importance(layer: nn.Module) -> np.ndarray:
-    """A data-free score per state of a selective (S6 / Mamba) layer, (N,) float64, state order.
+    """A data-free score per state of a selective layer, (N,) float64, in state order.
 
-    Per channel ``h`` and state ``n`` the H-infinity norm of the scalar subsystem
+    Mamba / S6: per channel ``h`` and state ``n`` the H-infinity norm of the scalar subsystem
     ``x_t = a x_{t-1} + delta b u_t, y_t = c x_t`` at the layer's resting step size
     ``delta_h = softplus(dt_bias_h)``: ``delta_h |b_n| |c_n| / (1 - exp(-delta_h
     exp(A_log[h, n])))``, with ``|b_n|``, ``|c_n|`` the norms of the rows of the input-dependent
-    ``B``/``C`` projections (the input's scale is unknown without data), summed over channels.
-    This is LAST's per-state H-infinity score with the data replaced by weight norms.
+    ``B``/``C`` projections (the input's scale is unknown without data), summed over channels:
+    LAST's per-state H-infinity score with the data replaced by weight norms. Mamba-2, whose
+    states share each head's decay: that factor is the same for every state, so the score is
+    the layer's ``state_magnitude()``, ``|W_B[n]| |W_C[n]|``.
     """
-    if not is_selective(layer) or not hasattr(layer, "selective_core"):
+    if hasattr(layer, "state_magnitude"):
+        return layer.state_magnitude().double().cpu().numpy()
+    core = getattr(layer, "s6", layer)
+    if not is_selective(layer) or not hasattr(core, "B_proj"):
         raise ReductionError(f"magnitude scores are defined for selective layers, not "
                              f"{type(layer).__name__}")
-    core = layer.s6 if hasattr(layer, "s6") else layer
     delta = F.softplus(core.dt_bias.double())[:, None]  # (E, 1)
     a = torch.exp(-delta * core.A_log.double().exp())  # (E, N)
     gain = core.B_proj.double().norm(dim=1) * core.C_proj.double().norm(dim=1)  # (N,)
