@@ -18,7 +18,12 @@ transformers = pytest.importorskip("transformers")
 
 from compressm_tune.cli import main  # noqa: E402
 from compressm_tune.errors import OutputError, ReductionError  # noqa: E402
-from compressm_tune.models import from_hf_folder, from_hf_mamba, save_hf_folder  # noqa: E402
+from compressm_tune.models import (  # noqa: E402
+    from_hf_folder,
+    from_hf_mamba,
+    from_hf_mamba2,
+    save_hf_folder,
+)
 from compressm_tune.reduction import (  # noqa: E402
     compress_pretrained,
     layer_scores,
@@ -30,11 +35,16 @@ from compressm_tune.search import load_token_data  # noqa: E402
 VOCAB = 40
 
 
-def _hf(seed=0, state=16, layers=2):
+def _hf(seed=0, arch="mamba"):
     torch.manual_seed(seed)
-    config = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=state,
-                                      num_hidden_layers=layers)
-    model = transformers.MambaForCausalLM(config).eval()
+    if arch == "mamba":
+        model = transformers.MambaForCausalLM(transformers.MambaConfig(
+            vocab_size=VOCAB, hidden_size=32, state_size=16, num_hidden_layers=2))
+    else:  # heads in groups, biases everywhere: every tensor of the layout is exercised
+        model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            vocab_size=VOCAB, hidden_size=32, state_size=16, num_hidden_layers=2, num_heads=4,
+            head_dim=16, n_groups=2, use_bias=True))
+    model = model.eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -45,28 +55,45 @@ def _ids(batch=4, length=24, seed=1, high=VOCAB):
     return torch.randint(high, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+_CAUSAL = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
+
+
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf") / "mamba"
-    _hf().save_pretrained(folder)
-    return folder
+def hf_dirs(tmp_path_factory):
+    folders = {arch: tmp_path_factory.mktemp("hf") / arch for arch in _CAUSAL}
+    for arch, folder in folders.items():
+        _hf(arch=arch).save_pretrained(folder)
+    return folders
 
 
-def test_a_transformers_folder_reads_without_transformers_as_it_computes(hf_dir):
-    hf = transformers.MambaForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+@pytest.fixture(scope="module")
+def hf_dir(hf_dirs):
+    return hf_dirs["mamba"]
+
+
+@pytest.fixture(params=list(_CAUSAL))
+def arch_dir(request, hf_dirs):
+    return request.param, hf_dirs[request.param]
+
+
+def test_a_transformers_folder_reads_without_transformers_as_it_computes(arch_dir):
+    arch, hf_dir = arch_dir
+    hf = getattr(transformers, _CAUSAL[arch]).from_pretrained(hf_dir,
+                                                             local_files_only=True).eval()
     x = _ids()
     with torch.no_grad():
         ours, theirs = from_hf_folder(hf_dir)(x), hf(x).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
-def test_round_trip_folder_compress_folder_gives_the_compressed_models_logits(hf_dir, tmp_path):
+def test_round_trip_folder_compress_folder_gives_the_compressed_models_logits(arch_dir, tmp_path):
+    arch, hf_dir = arch_dir
     model = from_hf_folder(hf_dir)
     result = compress_pretrained(model, _ids(8, seed=2), widths=[5, 11])
     assert result["state_dims_after"] == model.state_dims == [5, 11]
     save_hf_folder(model, tmp_path / "cut")
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
-    assert config["state_sizes"] == [5, 11] and config["model_type"] == "mamba"
+    assert config["state_sizes"] == [5, 11] and config["model_type"] == arch
     back = from_hf_folder(tmp_path / "cut")
     assert back.state_dims == [5, 11]
     x = _ids(3, 31, seed=3)
@@ -74,19 +101,21 @@ def test_round_trip_folder_compress_folder_gives_the_compressed_models_logits(hf
         torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=0)
 
 
-def test_a_uniform_folder_loads_in_transformers_with_the_same_logits(hf_dir, tmp_path):
+def test_a_uniform_folder_loads_in_transformers_with_the_same_logits(arch_dir, tmp_path):
+    arch, hf_dir = arch_dir
     model = from_hf_folder(hf_dir)
     compress_pretrained(model, _ids(8, seed=2), keep=6)
     save_hf_folder(model, tmp_path / "cut")
-    hf = transformers.MambaForCausalLM.from_pretrained(tmp_path / "cut",
-                                                       local_files_only=True).eval()
+    hf = getattr(transformers, _CAUSAL[arch]).from_pretrained(tmp_path / "cut",
+                                                             local_files_only=True).eval()
     assert hf.config.state_size == 6
     x = _ids(2, 29, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)
-    # and transformers' loader (from_hf_mamba) agrees with ours on our folder
+    # and the transformers-based importer agrees with ours on our folder
+    importer = from_hf_mamba if arch == "mamba" else from_hf_mamba2
     with torch.no_grad():
-        torch.testing.assert_close(from_hf_mamba(hf)(x), model(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(importer(hf)(x), model(x), atol=1e-5, rtol=0)
 
 
 def test_a_folder_is_replaced_whole_but_never_over_a_users_files(hf_dir, tmp_path):
@@ -108,25 +137,29 @@ def _distortion(cut, full, x):
         return float((cut(x) - full(x)).square().mean())
 
 
-def test_the_data_scored_cut_loses_less_than_random_cuts_of_equal_width():
+@pytest.mark.parametrize("arch,margin", [("mamba", 0.8), ("mamba2", 1.0)])
+def test_the_data_scored_cut_loses_less_than_random_cuts_of_equal_width(arch, margin):
     """The method's claim on calibration data: keeping the states the data scores highest
     changes the output on more text of that kind less than keeping as many chosen at random
-    (every one of 5 seeds). The SSM path is strengthened (out_proj x10, x_proj x3) so that the
-    states carry a visible share of the output, as in a trained model."""
-    hf = _hf()
+    (every one of 5 seeds; Mamba-1 by a margin). The SSM path is strengthened (out_proj x10,
+    Mamba-1's x_proj x3) so that the states carry a visible share of the output, as in a
+    trained model."""
+    hf = _hf(arch=arch)
     with torch.no_grad():
         for layer in hf.backbone.layers:
             layer.mixer.out_proj.weight.mul_(10)
-            layer.mixer.x_proj.weight.mul_(3)
-    full = from_hf_mamba(hf)
+            if arch == "mamba":
+                layer.mixer.x_proj.weight.mul_(3)
+    importer = from_hf_mamba if arch == "mamba" else from_hf_mamba2
+    full = importer(hf)
     calib, held = _ids(16, 32, seed=5), _ids(16, 32, seed=6)
-    ours = from_hf_mamba(hf)
+    ours = importer(hf)
     compress_pretrained(ours, calib, keep=4)
     mine = _distortion(ours, full, held)
     for seed in range(5):
-        rand = from_hf_mamba(hf)
+        rand = importer(hf)
         compress_pretrained(rand, calib, keep=4, select="random", seed=seed)
-        assert mine < 0.8 * _distortion(rand, full, held)
+        assert mine < margin * _distortion(rand, full, held)
 
 
 def test_widths_for_a_budget_are_the_smallest_tau_that_fits():
@@ -141,11 +174,17 @@ def test_widths_for_a_budget_are_the_smallest_tau_that_fits():
         widths_for_budget(scores, sum, 1)
 
 
-def test_magnitude_scores_are_data_free_and_per_state(hf_dir):
-    model = from_hf_folder(hf_dir)
+def test_magnitude_scores_are_data_free_and_per_state(arch_dir):
+    model = from_hf_folder(arch_dir[1])
     a, b = layer_scores(model, None, "magnitude"), layer_scores(model, _ids(), "magnitude")
     assert [len(s) for s in a] == [16, 16]
     assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+    layer = model.blocks[0].ssm
+    before = a[0].copy()
+    with torch.no_grad():  # a state whose B rows are zero has no magnitude
+        (layer.bc_proj[0, :, 3] if arch_dir[0] == "mamba2" else layer.s6.B_proj[3]).zero_()
+    after = layer_scores(model, None, "magnitude")[0]
+    assert after[3] == 0 and np.array_equal(np.delete(after, 3), np.delete(before, 3))
 
 
 def _token_file(path, n=60, length=33, seed=0):
@@ -154,10 +193,10 @@ def _token_file(path, n=60, length=33, seed=0):
     return path
 
 
-def test_cli_compress_writes_a_folder_our_importer_reads_back(hf_dir, tmp_path, capsys):
+def test_cli_compress_writes_a_folder_our_importer_reads_back(arch_dir, tmp_path, capsys):
     data = _token_file(tmp_path / "ids.npy")
     out = tmp_path / "out"
-    code = main(["compress", str(hf_dir), "--data", str(data), "--keep", "4", "--out",
+    code = main(["compress", str(arch_dir[1]), "--data", str(data), "--keep", "4", "--out",
                  str(out), "--calibration", "8", "--finetune-steps", "3", "--batch-size", "4",
                  "--no-progress"])
     assert code == 0, capsys.readouterr().err
