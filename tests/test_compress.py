@@ -232,3 +232,17 @@ def test_cli_compress_refuses_bad_settings_in_one_line(hf_dir, tmp_path, capsys,
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_takes_a_compressed_folder(hf_dir, tmp_path, capsys):
+    model = from_hf_folder(hf_dir)
+    compress_pretrained(model, _ids(8, seed=2), widths=[5, 11])
+    save_hf_folder(model, tmp_path / "cut")
+    code = main(["export", str(tmp_path / "cut"), "--format", "torchscript", "--chunk", "scan",
+                 "--out", str(tmp_path / "bundle")])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["model"]["state_dims"] == [5, 11]
+    assert manifest["parity"]["max_abs_error"] < 1e-4
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["config.json",
+                                                                    "model.safetensors"]
