@@ -442,3 +442,28 @@ def test_compressor_cuts_an_imported_mamba2_in_a_plain_loop():
     for j in range(3):
         assert any(torch.equal(moments[:, :, j], old[:, :, i]) for i in range(8))
     assert np.isfinite(train_step())
+
+
+def test_export_refuses_a_mamba2_network_in_one_line():
+    from compressm_tune.errors import ExportError
+    from compressm_tune.exporter import extract_weights
+
+    model = SSMModel(SSMConfig(arch="mamba2", d_model=8, state_dims=[4], head_dim=4))
+    with pytest.raises(ExportError, match="not a Mamba2Layer") as info:
+        extract_weights(model)
+    assert "\n" not in str(info.value)
+
+
+def test_train_command_trains_and_cuts_a_mamba2(mnist1d, tmp_path):
+    from compressm_tune.cli import main
+
+    code = main(["-q", "train", "--dataset", "mnist1d", "--arch", "mamba2", "--hidden", "8",
+                 "--head-dim", "4", "--n-groups", "2", "--blocks", "1", "--state-dim", "8",
+                 "--steps", "8", "--eval-every", "4", "--reduce", "rank=4", "--window", "0.5",
+                 "--schedule", "window", "--max-drop", "inf", "--threads", "1",
+                 "--out", str(tmp_path / "run")])
+    assert code == 0
+    model = model_from_checkpoint(tmp_path / "run" / "last.pt")
+    cfg = model.config
+    assert (cfg.arch, cfg.head_dim, cfg.n_groups, cfg.state_dims) == ("mamba2", 4, 2, [4])
+    assert model.blocks[0].ssm.n_heads == 4

@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=int, default=len(state_dims),
                    help=f"SSM blocks (default: {len(state_dims)})")
     add_fields(p, MODEL, ("d_model",))
+    add_fields(p, MODEL, ("head_dim", "n_groups"))
     p.add_argument("--state-dim", type=int, default=state_dims[0],
                    help=f"N, initial state width of every block (default: {state_dims[0]})")
     p.add_argument("--dropout", type=float, default=None,
@@ -79,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                         val_fraction=args.val_fraction, seed=args.seed)
     model_config = SSMConfig(
         arch=args.arch, d_input=data.d_input, d_output=data.d_output, d_model=args.d_model,
-        state_dims=[args.state_dim] * args.blocks,
+        state_dims=[args.state_dim] * args.blocks, head_dim=args.head_dim,
+        n_groups=args.n_groups,
         dropout=dropout_for(data.task) if args.dropout is None else args.dropout,
         pooling=data.pooling,
     )

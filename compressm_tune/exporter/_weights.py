@@ -30,7 +30,7 @@ import torch
 
 from compressm_tune.errors import ExportOptionError
 from compressm_tune.exporter import _edge
-from compressm_tune.models import LRULayer, MambaBlock, SelectiveLayer, SSMModel
+from compressm_tune.models import LRULayer, MambaBlock, MambaLayer, SelectiveLayer, SSMModel
 
 __all__ = ["CHUNK_ARCHS", "CHUNK_CHOICES", "CHUNK_KEY", "BlockWeights", "LRUChunk",
            "LRUWeights", "MambaBlockWeights", "ModelWeights", "SelectiveWeights", "check_chunk",
@@ -236,6 +236,9 @@ def _opt(t: torch.Tensor | None) -> np.ndarray | None:
 
 def _mamba_block(block: MambaBlock) -> MambaBlockWeights:
     layer = block.ssm
+    if not isinstance(layer, MambaLayer):
+        raise ExportOptionError(f"the exporter writes LRU, selective and Mamba-1 networks, not "
+                                f"a {type(layer).__name__} (arch='mamba2')")
     e = layer.d_inner
     w, b = layer.in_proj.weight, layer.in_proj.bias  # (2E, H), (2E,) or None
     return MambaBlockWeights(

@@ -59,9 +59,7 @@ class SSMConfig:
     n_groups: int = field(default=1, metadata={
         "help": "Mamba-2: groups of heads sharing B and C (and the gated norm's groups); "
                 "divides the number of heads"})
-    dt_limit: list[float] | None = field(default=None, metadata={
-        "help": "Mamba-2: [low, high] clamp of the step size after softplus "
-                "(transformers' time_step_limit); None: no clamp"})
+    dt_limit: list[float] | None = None  # [low, high] clamp of delta (time_step_limit)
     # Token models: an nn.Embedding over ids (batch, L) instead of a Linear over floats
     vocab_size: int | None = None
 

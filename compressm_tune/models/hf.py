@@ -177,12 +177,12 @@ def _config2(hf: Any, d_output: int) -> SSMConfig:
     if c.hidden_act != "silu":
         raise ConfigError(f"only Mamba-2 with hidden_act='silu' maps onto Mamba2Layer, got "
                           f"hidden_act={c.hidden_act!r}")
-    inner = int(c.expand * c.hidden_size)
-    if inner != c.expand * c.hidden_size or inner != c.num_heads * c.head_dim or (
+    if int(c.expand) != c.expand or int(c.expand) * c.hidden_size != c.num_heads * c.head_dim or (
             c.num_heads % c.n_groups):
-        raise ConfigError(f"expand * hidden_size must be an integer equal to num_heads * "
-                          f"head_dim, and n_groups divide num_heads, got {c.expand=} "
-                          f"{c.hidden_size=} {c.num_heads=} {c.head_dim=} {c.n_groups=}")
+        raise ConfigError(f"Mamba2Layer needs an integer expand with expand * hidden_size = "
+                          f"num_heads * head_dim, and n_groups dividing num_heads, got "
+                          f"{c.expand=} {c.hidden_size=} {c.num_heads=} {c.head_dim=} "
+                          f"{c.n_groups=}")
     low, high = (float(v) for v in c.time_step_limit)
     return SSMConfig(
         arch="mamba2", d_input=1, d_output=d_output, d_model=c.hidden_size,
