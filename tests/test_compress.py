@@ -8,6 +8,7 @@ perturbed. Nothing is downloaded.
 
 from __future__ import annotations
 
+import doctest
 import json
 
 import numpy as np
@@ -246,3 +247,12 @@ def test_export_takes_a_compressed_folder(hf_dir, tmp_path, capsys):
     assert manifest["parity"]["max_abs_error"] < 1e-4
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["config.json",
                                                                     "model.safetensors"]
+
+
+@pytest.mark.parametrize("module", ["compressm_tune.models.hf_folder",
+                                    "compressm_tune.reduction._pretrained"])
+def test_docstring_examples_run(module):
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0 and result.attempted > 0

@@ -72,7 +72,13 @@ def plan_widths(scores: Sequence[np.ndarray], *, keep: int | None = None,
                 tau: float | None = None, widths: Sequence[int] | None = None) -> list[int]:
     """The width of every layer from its scores and exactly one of ``keep`` (every layer keeps
     ``min(keep, N)``), ``tau`` (per layer, the smallest width holding ``1 - tau`` of the score
-    sum, :func:`rank_for_tolerance`) or ``widths`` (one per layer, each ``<= N``)."""
+    sum, :func:`rank_for_tolerance`) or ``widths`` (one per layer, each ``<= N``).
+
+    Examples
+    --------
+    >>> plan_widths([np.array([4.0, 3.0, 2.0, 1.0]), np.array([9.0, 1.0])], tau=0.15)
+    [3, 1]
+    """
     given = [v is not None for v in (keep, tau, widths)]
     if sum(given) != 1:
         raise ReductionError("give exactly one of keep=, tau= or widths=")
@@ -167,6 +173,15 @@ def compress_pretrained(
     dict
         ``state_dims_before``, ``state_dims_after`` and ``kept`` (per layer, the kept state
         indices of a selective layer, None for a balanced-truncated LTI layer).
+
+    Examples
+    --------
+    >>> from compressm_tune.models import SSMConfig, SSMModel
+    >>> model = SSMModel(SSMConfig(arch="mamba", d_output=20, d_model=8, state_dims=[16, 16],
+    ...                            pooling="none", vocab_size=20))
+    >>> ids = torch.randint(20, (4, 12))  # calibration token ids
+    >>> compress_pretrained(model, ids, widths=[4, 6])["state_dims_after"]
+    [4, 6]
     """
     if score not in SCORES:
         raise ReductionError(f"score must be one of {SCORES}, got {score!r}")
