@@ -280,3 +280,57 @@ def test_a_refused_budget_leaves_no_run_folder(tmp_path, capsys):
     assert code == 2
     assert "below the fastest model" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- compress
+
+
+def _mamba_folder(path: Path) -> Path:
+    pytest.importorskip("safetensors")
+    from compressm_tune.models import save_hf_folder
+
+    model = SSMModel(SSMConfig(arch="mamba", d_output=12, d_model=8, state_dims=[4, 4],
+                               pooling="none", vocab_size=12))
+    return save_hf_folder(model, path)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p.write_text("not a model") and p, "is not a folder"),
+    (lambda p: p.mkdir() or p, "no config.json"),
+    (lambda p: p.mkdir() or (p / "config.json").write_text('{"model_type": "gpt2"}') and p,
+     "holds a 'gpt2' model"),
+    (lambda p: p.mkdir() or (p / "config.json").write_text("{oops") and p, "cannot read"),
+])
+def test_compress_refuses_a_source_that_is_not_a_mamba_folder(tmp_path, capsys, make, needle):
+    from compressm_tune.cli import main
+
+    source = make(tmp_path / "model")
+    code = main(["compress", str(source), "--keep", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_compress_refuses_an_output_folder_of_the_users_before_any_work(tmp_path, capsys):
+    from compressm_tune.cli import main
+
+    source = _mamba_folder(tmp_path / "model")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    code = main(["compress", str(source), "--keep", "2", "--data", "missing.npy", "--out",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds other files" in err, err  # before the data is even read
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+def test_compress_refuses_token_ids_outside_the_vocabulary(tmp_path, capsys):
+    from compressm_tune.cli import main
+
+    source = _mamba_folder(tmp_path / "model")
+    np.save(tmp_path / "ids.npy", np.full((20, 9), 12))
+    code = main(["compress", str(source), "--keep", "2", "--data", str(tmp_path / "ids.npy"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "vocabulary has 12" in err, err
+    assert not (tmp_path / "out").exists()

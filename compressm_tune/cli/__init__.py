@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from compressm_tune import __version__
-from compressm_tune.cli import compare, export, profile, train, tune
+from compressm_tune.cli import compare, compress, export, profile, train, tune
 from compressm_tune.errors import BudgetMissedError, CompressmError
 
 __all__ = ["main", "build_parser", "USER_ERROR", "INTERRUPTED"]
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(parser, top=True)
     tune.add_tune_args(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (train, export, profile, compare):
+    for command in (train, export, compress, profile, compare):
         _add_common(command.add_parser(sub), top=False)
     return parser
 

@@ -7,6 +7,9 @@ so its flags are written out here.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from compressm_tune.cli._flags import constant
@@ -25,9 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "(TorchScript), run.py (numpy + onnxruntime edge runner) and manifest.json, "
                     "after checking every engine against eager torch (max abs error).")
     p.add_argument("checkpoint", help="checkpoint written by `compressm-tune train` (e.g. "
-                                      "runs/train/best.pt)")
+                                      "runs/train/best.pt), or a local Hugging Face-style Mamba "
+                                      "folder (config.json + model.safetensors, e.g. from "
+                                      "`compressm-tune compress`)")
     p.add_argument("--out", default=None,
-                   help="bundle folder (default: <checkpoint folder>/bundle)")
+                   help="bundle folder (default: <checkpoint folder>/bundle; for a model folder "
+                        "<folder>/bundle)")
     p.add_argument("--format", dest="formats", default="onnx,torchscript",
                    help="comma-separated: onnx, torchscript (default: both)")
     p.add_argument("--mode", dest="modes", default="sequence,step",
@@ -66,16 +72,35 @@ def _chunk_arg(text: str) -> int | str:
                                 f"{text!r}") from None
 
 
+@contextlib.contextmanager
+def _as_checkpoint(source: Path) -> Iterator[Path]:
+    """A checkpoint path for ``source``: itself, or for a Hugging Face-style model folder a
+    temporary checkpoint of the model it holds (removed afterwards)."""
+    if not source.is_dir():
+        yield source
+        return
+    from compressm_tune.models import from_hf_folder
+    from compressm_tune.training import save_checkpoint
+
+    model = from_hf_folder(source)
+    with tempfile.TemporaryDirectory(prefix="compressm-export-") as tmp:
+        path = Path(tmp) / f"{source.name or 'model'}.pt"
+        save_checkpoint(path, model, source={"hf_folder": str(source.resolve())})
+        yield path
+
+
 def run(args: argparse.Namespace) -> int:
     """Export, print the bundle's files, parity and graph choice; time it with ``--bench``."""
     from compressm_tune._table import markdown_table
     from compressm_tune.exporter import DEFAULT_SEQ_LEN, export_bundle, measure_latency
 
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "bundle"
-    m = export_bundle(args.checkpoint, out, formats=args.formats, modes=args.modes,
-                      opset=args.opset, quantize=args.quantize, threads=args.threads,
-                      chunk=_chunk_arg(args.chunk),
-                      tolerance=args.tolerance)
+    source = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (
+        source if source.is_dir() else source.parent) / "bundle"
+    with _as_checkpoint(source) as checkpoint:
+        m = export_bundle(checkpoint, out, formats=args.formats, modes=args.modes,
+                          opset=args.opset, quantize=args.quantize, threads=args.threads,
+                          chunk=_chunk_arg(args.chunk), tolerance=args.tolerance)
     rows = [[e["path"], e["bytes"], e["sha256"][:12]] for e in m["files"].values()]
     print(markdown_table(["file", "bytes", "sha256"], rows))
     par = m["parity"]

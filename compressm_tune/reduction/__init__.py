@@ -1,6 +1,7 @@
 """What, how and when to cut: Hankel-singular-value balanced truncation of diagonal SSM layers,
 data-driven state selection for selective layers, rank policies, the reduction schedules, the
-in-training :class:`Reducer` and the :class:`Compressor` for any PyTorch loop.
+in-training :class:`Reducer`, the :class:`Compressor` for any PyTorch loop, and
+:func:`compress_pretrained` for a model that has finished training.
 
 Numpy arrays or torch tensors in (``lam`` (N,), ``B`` (N, H) including gamma, ``C`` (H, N),
 complex); results come back in the same kind, complex128. See ``DESIGN.md``, "The method,
@@ -22,6 +23,14 @@ from compressm_tune.reduction._policies import (
     plan_rank,
     rank_for_tolerance,
     round_up_to,
+)
+from compressm_tune.reduction._pretrained import (
+    SCORES,
+    compress_pretrained,
+    layer_scores,
+    magnitude_importance,
+    plan_widths,
+    widths_for_budget,
 )
 from compressm_tune.reduction._reducer import CALIBRATION, MOMENT_POLICIES, ReduceConfig, Reducer
 from compressm_tune.reduction._schedules import SCHEDULES, SettleConfig, SettleTracker, target_rank
@@ -54,11 +63,13 @@ __all__ = [
     "ReductionPolicy",
     "Reducer",
     "SCHEDULES",
+    "SCORES",
     "SELECTS",
     "SettleConfig",
     "SettleTracker",
     "WEIGHTINGS",
     "balanced_truncation",
+    "compress_pretrained",
     "find_reducible",
     "from_lru_params",
     "gramians",
@@ -68,9 +79,12 @@ __all__ = [
     "is_selective",
     "layer_hsv",
     "layer_inputs",
+    "layer_scores",
     "layer_width",
+    "magnitude_importance",
     "paired_verdict",
     "plan_rank",
+    "plan_widths",
     "rank_for_tolerance",
     "reduce_layer",
     "round_up_to",
@@ -82,4 +96,5 @@ __all__ = [
     "target_rank",
     "to_lru_params",
     "truncate_layer",
+    "widths_for_budget",
 ]
