@@ -270,6 +270,7 @@ def main() -> None:
     wall = time.time() - t0
     info = machine(load)
     md = [f"# The default reduction schedule on real data ({args.seeds} seeds)", "",
+          f"This run: `{' '.join(sys.argv[1:]) or '(defaults)'}`.", "",
           machine_line(info) + f" One torch thread per run, {args.workers} in parallel, jobs "
           f"interleaved by seed (scratch runs follow their default run); wall "
           f"{wall / 60:.1f} min. Settings: `{json.dumps({d: SETTINGS[d] for d in datasets})}`, "

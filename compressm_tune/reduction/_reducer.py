@@ -5,10 +5,11 @@ state scores (LRU: Hankel singular values; selective: data importance on a fixed
 slice of the training inputs), asks the schedule for a new width, and cuts (LRU: balanced
 truncation; selective: keeps the best state indices). Schedules (``ReduceConfig.schedule``):
 
-* ``adaptive`` (default): the window opens when the model is ready (LR warm-up over and the
-  validation metric out of its starting noise band) and lasts ``window`` of the steps from
-  there; each layer's width comes from its spectrum and the measured effect of the cut, with a
-  bisection after a rejected cut (:class:`AdaptiveTracker`);
+* ``adaptive`` (default): the window opens when the model is ready (LR warm-up over, the
+  validation metric out of its starting noise band and no longer improving beyond noise:
+  :class:`Readiness`) and lasts ``window`` of the steps from there; each layer's width comes
+  from its spectrum and the measured effect of the cut, with a bisection after a rejected cut
+  (:class:`AdaptiveTracker`), and the kept cuts share one tolerance;
 * ``window`` (the paper's): a ``tau`` cut at every attempt in the first ``window`` of the steps;
 * ``settle``: cut when the spectrum's target width has settled (:class:`SettleTracker`).
 
@@ -89,10 +90,10 @@ class ReduceConfig:
     """When and how to reduce during training.
 
     The window: with ``schedule="adaptive"`` (default) cuts are attempted from readiness on (the
-    LR warm-up over and the validation metric out of its starting noise band, checked at the
-    attempt points from the start) for ``window * total_steps`` steps, and never after
-    ``adaptive.latest * total_steps``; a run not ready by then is not cut. With ``"window"``
-    and ``"settle"`` the window is the first ``window * total_steps`` steps.
+    LR warm-up over and the validation metric out of its starting noise band and on a
+    plateau, or ``adaptive.by`` of the steps done) for ``window * total_steps`` steps, and
+    never after ``adaptive.latest * total_steps``; a run not ready by then is not cut. With
+    ``"window"`` and ``"settle"`` the window is the first ``window * total_steps`` steps.
     """
 
     # the default scores LRU states on input-weighted Hankel singular values
