@@ -416,3 +416,19 @@ def test_adaptive_flags_reach_train_and_the_job(tmp_path, capsys):
     code = main(["train", "--reduce", "tau=0.04", "--ready-by", "2", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "by" in err[0] and not out.exists()
+
+
+def test_a_study_refuses_to_resume_with_other_adaptive_settings(tmp_path):
+    """The job's trials depend on the adaptive settings: a rerun with other ones is another
+    study, refused in one line; the same ones resume."""
+    from compressm_tune.errors import ConfigError
+    from compressm_tune.reduction import AdaptiveConfig
+    from compressm_tune.search import TuneConfig
+    from compressm_tune.search._study import open_study
+
+    config = TuneConfig(budget_ms=1.0, out=str(tmp_path))
+    open_study(config)
+    open_study(TuneConfig(budget_ms=1.0, out=str(tmp_path)))  # the same settings: resumes
+    with pytest.raises(ConfigError, match="adaptive"):
+        open_study(TuneConfig(budget_ms=1.0, out=str(tmp_path),
+                              adaptive=AdaptiveConfig(by=0.3)))
