@@ -8,14 +8,14 @@ Methods, per dataset and seed (``tau=0.04``, ``train --reduce``'s other defaults
   window    the paper's schedule (first 10% of steps, unweighted HSVs, attempts at evaluations)
   scratch   trained from scratch at ``default``'s final widths, same seed
 
-Datasets: ``digits`` (scikit-learn), ``mnist1d``, ``sunspots`` and ``elnino`` (statsmodels,
-one-step forecasting, chronological splits with 15% validation), ``lti-sysid``. Small runs
-(2 blocks, H=32, N=256, a few hundred steps) with one torch thread each, ``--workers`` in
-parallel, jobs interleaved by seed so every method sees the same load.
+Datasets: ``digits`` (scikit-learn), ``mnist1d``, ``sunspots``, ``elnino`` and ``co2``
+(statsmodels, one-step forecasting, chronological splits with 15% validation), ``lti-sysid``.
+Small runs (2 blocks, H=32, N=256, a few hundred steps) with one torch thread each,
+``--workers`` in parallel, jobs interleaved by seed so every method sees the same load.
 Output: bench_results/NAME.{json,md,png}.
 
     python benchmarks/bench_schedule_realdata.py [--seeds 3] [--workers 2]
-        [--datasets digits,mnist1d,sunspots,elnino,lti-sysid] [--methods full,default,window]
+        [--datasets digits,mnist1d,sunspots,elnino,co2,lti-sysid] [--methods full,default,window]
         [--steps N] [--name schedule_realdata] [--quick]
 """
 
@@ -43,6 +43,7 @@ SETTINGS = {
     "mnist1d": {**_SMALL, "batch": 64},
     "sunspots": {**_SMALL, "batch": 32, "val_fraction": 0.15},
     "elnino": {**_SMALL, "batch": 32, "val_fraction": 0.15},
+    "co2": {**_SMALL, "batch": 32, "val_fraction": 0.15},
     "lti-sysid": {**_SMALL, "batch": 32, "steps": 200},
 }
 METHODS = ("full", "default", "window", "scratch")
@@ -269,6 +270,7 @@ def main() -> None:
     wall = time.time() - t0
     info = machine(load)
     md = [f"# The default reduction schedule on real data ({args.seeds} seeds)", "",
+          f"This run: `{' '.join(sys.argv[1:]) or '(defaults)'}`.", "",
           machine_line(info) + f" One torch thread per run, {args.workers} in parallel, jobs "
           f"interleaved by seed (scratch runs follow their default run); wall "
           f"{wall / 60:.1f} min. Settings: `{json.dumps({d: SETTINGS[d] for d in datasets})}`, "

@@ -123,22 +123,95 @@ def test_no_cut_before_the_metric_leaves_its_starting_band():
 
 
 def test_no_cut_during_the_lr_warm_up_even_when_the_metric_has_moved():
+    """The metric jumps at step 1 and stays; the warm-up ends at 8, whose check is the first
+    validation after it (nothing to compare with yet); 9 finds the plateau and cuts."""
     host = _Host(lambda step, widths: np.ones(50) if step else np.zeros(50), warmup=8)
     reducer = _Target([16, 16], every=1, window=1.0)
     reducer.begin(host)
-    cuts = []
+    cuts, why = [], {}
     for step in range(1, 12):
         host.step = step
         records, _ = reducer.attempt(host)
         cuts += [step for r in records if r["action"] == "cut"]
-    assert cuts and min(cuts) == 8
+        why[step] = {r.get("why") for r in records}
+    assert cuts and min(cuts) == 9
+    assert why[7] == {"lr warm-up"} and why[8] == {"no validation a span back yet"}
 
 
 def test_the_window_opens_at_readiness_and_ends_at_latest():
     reducer = Reducer(ReduceConfig(window=0.1))
-    assert reducer.active(400, 1000) and not reducer.active(501, 1000)  # latest 0.5
+    assert reducer.active(700, 1000) and not reducer.active(751, 1000)  # latest 0.75
+    assert reducer.due(50, 1000) and not reducer.due(60, 1000)  # waiting: one check per span
     reducer.ready = {"step": 300, "val": None}
     assert reducer.active(400, 1000) and not reducer.active(401, 1000)
+    assert reducer.due(312, 1000) and not reducer.due(350, 1000)  # 8 checks in the window
+
+
+def _plateau(n, rise_until, start=0.1, top=0.9, seed=0):
+    """Per-sample accuracies that rise linearly from ``start`` to ``top`` until
+    ``rise_until``, then stay (fixed draws: a step is repeatable)."""
+    draws = np.random.default_rng(seed).random(n)
+
+    def accuracy(step, widths):
+        level = start + (top - start) * min(1.0, step / rise_until)
+        return (draws < level).astype(float)
+    return accuracy
+
+
+def _first_cut(reducer, host, total):
+    """Run the reducer's checks as the trainer would; the first cut's step and every earlier
+    check's reasons to wait."""
+    waits = []
+    for step in range(1, total):
+        host.step = step
+        if not (reducer.active(step, total) and reducer.due(step, total)):
+            continue
+        records, _ = reducer.attempt(host)
+        if any(r["action"] == "cut" for r in records):
+            return step, waits
+        waits.append({r["why"] for r in records})
+    return None, waits
+
+
+def test_no_cut_while_the_metric_still_improves_beyond_noise():
+    """Accuracy rises over 300 of 1000 steps, then stays: long out of its starting band, but
+    the first cut waits until the paired change over a span (50 steps) is within noise."""
+    host = _Host(_plateau(400, rise_until=300), n_val=400, warmup=100)
+    reducer = _Target([16, 16], window=0.1)
+    reducer.begin(host)
+    first, waits = _first_cut(reducer, host, 1000)
+    assert first is not None and 300 <= first <= 400  # after the rise, within 2 spans of it
+    assert reducer.ready["step"] == first
+    assert waits[-1] == {"metric still improving"} and all(len(w) == 1 for w in waits)
+
+
+def test_a_model_still_improving_is_cut_at_ready_by():
+    accuracy = _plateau(400, rise_until=1000)  # improves all run long
+    host = _Host(accuracy, n_val=400, warmup=10)
+    reducer = _Target([16, 16], window=0.1)
+    reducer.begin(host)
+    first, _ = _first_cut(reducer, host, 1000)
+    assert first == 500  # ReduceConfig().adaptive.by = 0.5
+
+
+def test_successive_cuts_share_one_tolerance():
+    """Each cut flips 6 of 400 samples (1.5 points, under max_drop 2 points): the first is
+    kept, the second is rolled back, though it alone costs only 1.5 points: the cuts together
+    would cost 3."""
+    draws = np.arange(400)
+
+    def accuracy(step, widths):
+        lost = 6 * sum(w < 64 for w in widths)  # each cut layer loses 6 samples
+        return (draws >= lost).astype(float)
+    host = _Host(accuracy, n_val=400, warmup=0)
+    reducer = _Target([16, 16], every=1, window=1.0)
+    reducer.ready = {"step": 0, "val": None}
+    host.step = 1
+    records, _ = reducer.attempt(host)
+    assert [r["action"] for r in records] == ["cut", "rollback"]  # joint cut: -3, one at a time
+    assert records[1]["drop"] == pytest.approx(6 / 400)
+    assert records[1]["spent"] == pytest.approx(6 / 400) == reducer.readiness.spent
+    assert host.model.state_dims == [16, 64]
 
 
 def test_a_rollback_bisects_between_the_rejected_and_the_kept_width():
@@ -166,10 +239,14 @@ def test_bisection_state_survives_a_checkpoint_round_trip():
     reducer.bisect.reject(0, 20)
     reducer.bisect.floor[1] = 12
     reducer.ready = {"step": 7, "val": {"accuracy": 0.5}}
+    reducer.readiness.history = [(3, [1.0, 0.0]), (7, [1.0, 1.0])]
+    reducer.readiness.spent = 0.015
     copy = _Target([8, 8])
     copy.load_state_dict(json.loads(json.dumps(reducer.state_dict())))
     assert copy.bisect.rejected == {0: 20} and copy.bisect.floor == {1: 12}
     assert copy.ready == reducer.ready
+    assert copy.readiness.history == reducer.readiness.history
+    assert copy.readiness.spent == reducer.readiness.spent
     old = {"frozen": [1], "closed": False, "settle": {}}  # a checkpoint from before
     copy.load_state_dict(old)
     assert copy.frozen == {1} and copy.bisect.rejected == {} and copy.baseline is None
@@ -277,7 +354,9 @@ def test_train_reduce_uses_the_adaptive_schedule_with_input_weighting(tmp_path):
 
 def test_compressor_adaptive_waits_for_warm_up_and_the_band():
     """A user loop: validation (per sample) is all wrong until step 6, all right after; the LR
-    warm-up ends at step 3. The first cut comes at step 6, not before."""
+    warm-up ends at step 3. Readiness checks come every half span (the span: 0.1 of 40 steps,
+    4): at 4 (first after the warm-up) and 6 nothing a span back is measured yet, at 8 the
+    metric rose since 4, at 10 it has not moved since 6: the first cut is at 10."""
     from compressm_tune.reduction import Compressor
 
     torch.manual_seed(0)
@@ -295,5 +374,61 @@ def test_compressor_adaptive_waits_for_warm_up_and_the_band():
     for step in range(1, 15):
         now["step"] = step
         c.step(step)
-    assert [(e["step"], e["action"], e["n_after"]) for e in c.events] == [(6, "cut", 4)]
-    assert c.reducer.first_cut["step"] == 6 and c.reducer.baseline.value == 0.0
+    assert [(e["step"], e["action"], e["n_after"]) for e in c.events] == [(10, "cut", 4)]
+    assert c.reducer.first_cut["step"] == 10 and c.reducer.baseline.value == 0.0
+
+
+def test_widths_come_from_each_layers_spectrum():
+    """Two layers with different spectra get different widths, each the fixed point of tau
+    cuts on its own spectrum, computed here with a plain loop (not powers of two)."""
+    def fixed_point(g, tau):
+        r = len(g)
+        while True:  # the smallest rank keeping 1 - tau of the HSV sum of the first r
+            kept = np.cumsum(g[:r]) / g[:r].sum()
+            new = int(np.searchsorted(kept, 1 - tau) + 1)
+            if new >= 0.95 * r:  # the policy's gate: a cut must remove >= 5%
+                return r
+            r = new
+    fast = 0.9 ** np.arange(256)  # geometric decays: few states carry the sum ...
+    slow = 0.95 ** np.arange(256)  # ... or more of them
+    reducer = Reducer(ReduceConfig(policy=ReductionPolicy("tau", 0.04)))
+    widths = [reducer.plan(k, g, step=100) for k, g in enumerate((fast, slow))]
+    assert widths == [fixed_point(fast, 0.04), fixed_point(slow, 0.04)]
+    assert widths[0] != widths[1] and all(w & (w - 1) for w in widths)
+
+
+def test_adaptive_flags_reach_train_and_the_job(tmp_path, capsys):
+    from compressm_tune.cli import build_parser, main
+    from compressm_tune.cli.train import _reducer
+
+    args = build_parser().parse_args(["train", "--reduce", "tau=0.04", "--ready-by", "0.3",
+                                      "--plateau-span", "0.2", "--latest-cut", "0.6",
+                                      "--adaptive-noise", "3", "--adaptive-checks", "4"])
+    adaptive = _reducer(args).config.adaptive
+    assert (adaptive.by, adaptive.span, adaptive.latest, adaptive.noise, adaptive.checks) == (
+        0.3, 0.2, 0.6, 3.0, 4)
+    from compressm_tune.cli.tune import adaptive_config
+    from compressm_tune.search import TuneConfig
+
+    job = build_parser().parse_args(["--budget", "0.3x", "--ready-by", "0.4"])
+    assert TuneConfig(budget=job.budget, adaptive=adaptive_config(job)).adaptive.by == 0.4
+    out = tmp_path / "run"
+    code = main(["train", "--reduce", "tau=0.04", "--ready-by", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "by" in err[0] and not out.exists()
+
+
+def test_a_study_refuses_to_resume_with_other_adaptive_settings(tmp_path):
+    """The job's trials depend on the adaptive settings: a rerun with other ones is another
+    study, refused in one line; the same ones resume."""
+    from compressm_tune.errors import ConfigError
+    from compressm_tune.reduction import AdaptiveConfig
+    from compressm_tune.search import TuneConfig
+    from compressm_tune.search._study import open_study
+
+    config = TuneConfig(budget_ms=1.0, out=str(tmp_path))
+    open_study(config)
+    open_study(TuneConfig(budget_ms=1.0, out=str(tmp_path)))  # the same settings: resumes
+    with pytest.raises(ConfigError, match="adaptive"):
+        open_study(TuneConfig(budget_ms=1.0, out=str(tmp_path),
+                              adaptive=AdaptiveConfig(by=0.3)))

@@ -65,6 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "calibration sequences (input); default: input for the adaptive "
                         "schedule, none (the paper's) for the others")
     add_fields(p, REDUCE, ("moments",))
+    add_fields(p, tune.ADAPTIVE, tune.ADAPTIVE_FLAGS)
     add_fields(p, TRAIN, ("log_spectrum",))
     p.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -169,4 +170,5 @@ def _reducer(args: argparse.Namespace):
     if weighting:
         policy = replace(policy, weighting=weighting)
     return Reducer(ReduceConfig(policy=policy, moments=args.moments,
+                                adaptive=tune.adaptive_config(args),
                                 **{name: getattr(args, name) for name in _REDUCE_FLAGS}))

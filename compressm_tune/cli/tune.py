@@ -13,9 +13,12 @@ import sys
 
 from compressm_tune.cli._flags import add_fields
 
-__all__ = ["BUDGET_MISSED", "add_tune_args", "check_data_flags", "pinned", "run"]
+__all__ = ["ADAPTIVE", "ADAPTIVE_FLAGS", "BUDGET_MISSED", "adaptive_config", "add_tune_args",
+           "check_data_flags", "pinned", "run"]
 
 TUNE = "compressm_tune.search:TuneConfig"
+ADAPTIVE = "compressm_tune.reduction:AdaptiveConfig"
+ADAPTIVE_FLAGS = ("checks", "noise", "span", "by", "latest")  # the adaptive schedule's
 BUDGET_MISSED = 3  # exit status when no model meets the budget as measured
 DATA = ("dataset", "data_path", "data_dir", "val_fraction")
 DEVICE = ("device", "cuda_graphs", "precision")
@@ -31,6 +34,14 @@ def add_tune_args(parser: argparse.ArgumentParser) -> None:
         "search in-training reduction schedules for the most accurate model whose exported "
         "ONNX latency on this machine meets the budget; export it and measure it")
     add_fields(group, TUNE, _FLAGS, defaults={"budget_ms": None, "device": "auto"})
+    add_fields(group, ADAPTIVE, ADAPTIVE_FLAGS)
+
+
+def adaptive_config(args: argparse.Namespace):
+    """The adaptive schedule's settings from their flags (an ``AdaptiveConfig``)."""
+    from compressm_tune.reduction import AdaptiveConfig
+
+    return AdaptiveConfig(**{name: getattr(args, name) for name in ADAPTIVE_FLAGS})
 
 
 def check_data_flags(args: argparse.Namespace) -> None:
@@ -49,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from compressm_tune.search import TuneConfig, run_tune
 
     check_data_flags(args)
-    config = TuneConfig(**{name: getattr(args, name) for name in _FLAGS})
+    config = TuneConfig(**{name: getattr(args, name) for name in _FLAGS},
+                        adaptive=adaptive_config(args))
     if config.workers > 1:
         return _run_workers(args.argv, config.workers, config.device)
     if args.quiet:

@@ -1,46 +1,58 @@
 """The ``adaptive`` reduction schedule and the noise-aware safety net every schedule uses.
 
-**Readiness.** No cut is attempted while the learning rate is still warming up, nor while the
-validation metric (accuracy for classification, the loss for regression) is still within noise
-of its value before training: the *band* is ``noise`` standard errors of the per-sample
-metric on the validation split at the start (:class:`Baseline`). A model that has not learned
-yet has no structure to keep; its spectrum shows the initialization.
+**Readiness** (:class:`Readiness`): the first cut waits until the model has learned what it
+will learn at full width, measured on the run's own validation split:
 
-**Window.** The reduction window opens at readiness, the first check at which both hold, and
-lasts ``window * total_steps`` steps from there, but never past ``latest * total_steps``: the
-rest of training recovers from the cuts. A run that is not ready by then is never cut (its
-attempts record ``"wait"`` with the reason, and the summary has no ``ready`` step). Checks
-inside the window are ``every`` steps apart, or ``checks`` of them spread over the window.
+* the learning-rate warm-up is over;
+* the validation metric (accuracy for classification, the loss for regression) has left its
+  starting band, ``noise`` standard errors of the per-sample metric before training
+  (:class:`Baseline`);
+* and it has stopped improving: its paired per-sample change over the last ``span`` of the
+  steps is within ``noise`` standard errors (a plateau), or ``by`` of the steps have passed.
 
-**Widths.** At each check a layer's proposed width is the fixed point of ``tau`` cuts on its
-current (input-weighted, with ``weighting=input``) Hankel spectrum
-(:func:`~compressm_tune.reduction._schedules.target_rank`); the cut goes there directly, and the
+Why the plateau: the spectrum of a young model does not show the capacity it will need; a
+model cut while still learning fast trains on at a width chosen too early and ends no better
+than one trained small from scratch, while a model cut near its plateau keeps what it learned
+and recovers from the cut in the remaining steps. Before readiness the schedule checks every
+``span`` of the steps (and at evaluations); its attempts record ``"wait"`` with the reason.
+
+**Window.** The reduction window opens at readiness and lasts ``window * total_steps`` steps,
+never past ``latest * total_steps``: the rest of training recovers from the cuts. A run not
+ready by then is never cut. Inside the window the checks are ``every`` steps apart, or
+``checks`` of them spread over the window.
+
+**Widths** (:class:`AdaptiveTracker`). At each check a layer's proposed width is the fixed
+point of ``tau`` cuts on its current (input-weighted, with ``weighting=input``) Hankel spectrum
+(:func:`~compressm_tune.reduction._schedules.target_rank`); the cut goes there directly and the
 safety net measures its effect. The first target a layer is given is a floor for its later
 ones: truncation shrinks the tail of what it keeps, so every re-measured spectrum asks for a
 little more, and repeated cuts would end at a width set by the number of checks. A rejected
 cut is rolled back and the layer remembers the rejected width: later proposals at or below it
 are replaced by the midpoint between the rejected and the kept width (bisection), and the
-layer stops when that midpoint would remove less than the policy's ``gate`` share. So the
-final widths come from each layer's spectrum and from what the cuts measurably cost, not from
-fixed steps.
+layer stops when that midpoint would remove less than the policy's ``gate`` share. So each
+layer ends near the smallest width whose measured effect is within tolerance, set by its own
+spectrum and its own cost, not by fixed steps.
 
-**Safety net** (:func:`paired_verdict`). A cut is judged on the same validation samples before
-and after it: per sample, the loss change ``d_i`` and, for classification, the accuracy drop
-``a_i``. It is rolled back when the mean loss change exceeds ``noise`` standard errors of
+**Safety net** (:func:`paired_verdict`). A cut is judged on the same validation samples
+before and after it: per sample, the loss change ``d_i`` and, for classification, the accuracy
+drop ``a_i``. It is rolled back when the mean loss change exceeds ``noise`` standard errors of
 ``d`` (a real change, not noise) *and* the mean drop (accuracy points; for regression, the
 loss change relative to the loss before) exceeds both ``max_drop`` and ``noise`` standard
-errors of the drop. Below ``SMALL_SPLIT`` validation samples the bar is ``max_drop`` *plus*
-``noise`` standard errors (the tolerance widened by the measured noise), the record says
-``small_split`` and a warning is issued once. The multiplier grows with Student's t for few
-samples. One flipped sample (``a`` one 1, the rest 0: mean ``1/n``, standard error ``1/n``)
-never passes the bar for ``noise > 1``.
+errors of the drop. Under ``adaptive`` the cuts share one tolerance: the drops of the cuts
+already kept count toward each later cut's (``spent``), so a series of cuts each just under
+``max_drop`` cannot add up to several times it. (Comparing with the model at readiness instead
+would count the training in between as the cuts' effect.) Below ``SMALL_SPLIT`` validation
+samples the bar is ``max_drop`` *plus* ``noise`` standard errors (the tolerance widened by the
+measured noise), the record says ``small_split`` and a warning is issued once. The multiplier
+grows with Student's t for few samples. One flipped sample (``a`` one 1, the rest 0: mean
+``1/n``, standard error ``1/n``) never passes the bar for ``noise > 1``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,7 +60,8 @@ from scipy import stats
 
 from compressm_tune.errors import ConfigError
 
-__all__ = ["SMALL_SPLIT", "AdaptiveConfig", "AdaptiveTracker", "Baseline", "paired_verdict"]
+__all__ = ["SMALL_SPLIT", "AdaptiveConfig", "AdaptiveTracker", "Baseline", "Readiness",
+           "paired_verdict"]
 
 SMALL_SPLIT = 20  # validation samples below which the net's verdicts are flagged as noisy
 _Z = stats.norm.ppf(0.975)
@@ -58,17 +71,35 @@ _Z = stats.norm.ppf(0.975)
 class AdaptiveConfig:
     """Readiness, window bounds and noise level of the ``adaptive`` schedule (module doc)."""
 
-    checks: int = 8  # checks spread over the window (when no every= is given)
-    noise: float = 2.0  # standard errors: the readiness band and the safety net's margin
-    latest: float = 0.5  # no cut after this share of the steps
+    checks: int = field(default=8, metadata={
+        "flag": "--adaptive-checks",
+        "help": "adaptive schedule: checks spread over the window after readiness (when no "
+                "--reduce-every is given)"})
+    noise: float = field(default=2.0, metadata={
+        "flag": "--adaptive-noise",
+        "help": "adaptive schedule: standard errors of the per-sample validation metric that "
+                "count as noise (the starting band, the plateau test, the safety net's "
+                "margin); > 1"})
+    span: float = field(default=0.1, metadata={
+        "flag": "--plateau-span",
+        "help": "adaptive schedule: share of the steps over which validation must stop "
+                "improving beyond noise before the first cut"})
+    by: float = field(default=0.5, metadata={
+        "flag": "--ready-by",
+        "help": "adaptive schedule: share of the steps after which a model out of its "
+                "starting band counts as ready even if still improving"})
+    latest: float = field(default=0.75, metadata={
+        "flag": "--latest-cut",
+        "help": "adaptive schedule: no cut after this share of the steps (the rest recovers)"})
 
     def __post_init__(self) -> None:
         if self.checks < 1:
             raise ConfigError(f"checks >= 1 must hold, got checks={self.checks}")
         if not self.noise > 1.0:
             raise ConfigError(f"noise > 1 must hold (standard errors), got noise={self.noise}")
-        if not 0.0 < self.latest <= 1.0:
-            raise ConfigError(f"0 < latest <= 1 must hold, got latest={self.latest}")
+        for name in ("span", "by", "latest"):
+            if not 0.0 < getattr(self, name) <= 1.0:  # NaN fails too
+                raise ConfigError(f"0 < {name} <= 1 must hold, got {name}={getattr(self, name)}")
 
 
 def _metric(samples: dict[str, np.ndarray]) -> tuple[str, np.ndarray, float]:
@@ -124,8 +155,72 @@ class Baseline:
                 "band": self.band}
 
 
+def improving(earlier: np.ndarray, now: np.ndarray, noise: float) -> bool:
+    """Whether the per-sample metric values ``now`` (higher is better) improved on
+    ``earlier`` (the same samples) beyond ``noise`` standard errors of the paired change.
+
+    >>> import numpy as np
+    >>> before = np.zeros(100); after = before.copy(); after[:3] = 1.0  # 3 of 100 flip right
+    >>> improving(before, after, 2.0), improving(before, np.ones(100), 2.0)
+    (False, True)
+    """
+    d = np.asarray(now, np.float64) - np.asarray(earlier, np.float64)
+    mean, se = _mean_se(d)
+    return bool(mean > 0 and mean > _multiplier(noise, len(d)) * se)
+
+
+class Readiness:
+    """When the adaptive schedule may make its first cut (module docstring): the starting
+    band and the recent validation for the plateau test; and the share of the safety net's
+    tolerance the kept cuts have used up."""
+
+    def __init__(self, config: AdaptiveConfig) -> None:
+        self.config = config
+        self.baseline: Baseline | None = None
+        self.history: list[tuple[int, list[float]]] = []  # (step, per-sample metric, higher
+        # is better), the newest check at least a span back and every later one
+        self.spent = 0.0  # the drops of the cuts kept so far, summed (one shared tolerance)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"baseline": None if self.baseline is None else vars(self.baseline),
+                "history": [[t, v] for t, v in self.history], "spent": self.spent}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        base = state.get("baseline")
+        self.baseline = Baseline(**base) if base else None
+        self.history = [(int(t), [float(x) for x in v]) for t, v in state.get("history", [])]
+        self.spent = float(state.get("spent", 0.0))
+
+    def begin(self, samples: dict[str, np.ndarray]) -> None:
+        self.baseline = Baseline.measure(samples, self.config.noise)
+
+    def wait(self, step: int, total: int | None, val: dict[str, float],
+             samples: dict[str, np.ndarray] | None) -> str | None:
+        """Why the model is not ready at ``step`` of ``total`` (None: ready; the LR warm-up is
+        the caller's). ``total`` None (a loop of unknown length): the plateau is measured
+        over one step and there is no ``by``."""
+        if self.baseline is None or samples is None:
+            return None  # no per-sample validation: nothing to measure, ready after warm-up
+        _, values, sign = _metric(samples)
+        values = sign * values
+        span = 1 if total is None else max(1, int(self.config.span * total))
+        earlier = [(t, v) for t, v in self.history if t <= step - span][-1:]
+        self.history = earlier + [(t, v) for t, v in self.history if t > step - span]
+        self.history.append((step, values.tolist()))
+        if not self.baseline.left(val):
+            return "metric in its starting band"
+        if total is not None and step >= self.config.by * total:
+            return None
+        if not earlier:
+            return "no validation a span back yet"
+        if improving(np.asarray(earlier[0][1]), values, self.config.noise):
+            return "metric still improving"
+        return None
+
+
+
 def paired_verdict(before: dict[str, np.ndarray], after: dict[str, np.ndarray],
-                   max_drop: float, noise: float) -> dict[str, Any]:
+                   max_drop: float, noise: float, spent: float = 0.0) -> dict[str, Any]:
     """Whether a cut failed, from per-sample values before and after it (module docstring).
 
     Parameters
@@ -137,6 +232,9 @@ def paired_verdict(before: dict[str, np.ndarray], after: dict[str, np.ndarray],
         Tolerated mean drop: accuracy points, or for regression the relative loss increase.
     noise : float
         Standard errors of margin, > 1.
+    spent : float
+        The drops of earlier cuts that were kept (the adaptive schedule): this cut's drop
+        plus ``spent`` is what must stay within the tolerance.
 
     Returns
     -------
@@ -168,9 +266,11 @@ def paired_verdict(before: dict[str, np.ndarray], after: dict[str, np.ndarray],
         drop, drop_se = loss_change / scale, loss_se / scale
     tolerance = (max_drop + k * drop_se if n < SMALL_SPLIT
                  else max(max_drop, k * drop_se))
-    rollback = bool(loss_change > k * loss_se and drop > tolerance)
+    rollback = bool(loss_change > k * loss_se and drop + spent > tolerance)
     out = {"rollback": rollback, "n_val": n, "loss_change": loss_change,
            "loss_change_se": loss_se, "drop": drop, "drop_se": drop_se, "tolerance": tolerance}
+    if spent:
+        out["spent"] = spent
     if n < SMALL_SPLIT:
         out["small_split"] = True
     return out

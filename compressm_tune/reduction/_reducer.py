@@ -5,10 +5,11 @@ state scores (LRU: Hankel singular values; selective: data importance on a fixed
 slice of the training inputs), asks the schedule for a new width, and cuts (LRU: balanced
 truncation; selective: keeps the best state indices). Schedules (``ReduceConfig.schedule``):
 
-* ``adaptive`` (default): the window opens when the model is ready (LR warm-up over and the
-  validation metric out of its starting noise band) and lasts ``window`` of the steps from
-  there; each layer's width comes from its spectrum and the measured effect of the cut, with a
-  bisection after a rejected cut (:class:`AdaptiveTracker`);
+* ``adaptive`` (default): the window opens when the model is ready (LR warm-up over, the
+  validation metric out of its starting noise band and no longer improving beyond noise:
+  :class:`Readiness`) and lasts ``window`` of the steps from there; each layer's width comes
+  from its spectrum and the measured effect of the cut, with a bisection after a rejected cut
+  (:class:`AdaptiveTracker`), and the kept cuts share one tolerance;
 * ``window`` (the paper's): a ``tau`` cut at every attempt in the first ``window`` of the steps;
 * ``settle``: cut when the spectrum's target width has settled (:class:`SettleTracker`).
 
@@ -53,6 +54,7 @@ from compressm_tune.reduction._adaptive import (
     AdaptiveConfig,
     AdaptiveTracker,
     Baseline,
+    Readiness,
     paired_verdict,
     warn_small_split,
 )
@@ -88,10 +90,10 @@ class ReduceConfig:
     """When and how to reduce during training.
 
     The window: with ``schedule="adaptive"`` (default) cuts are attempted from readiness on (the
-    LR warm-up over and the validation metric out of its starting noise band, checked at the
-    attempt points from the start) for ``window * total_steps`` steps, and never after
-    ``adaptive.latest * total_steps``; a run not ready by then is not cut. With ``"window"``
-    and ``"settle"`` the window is the first ``window * total_steps`` steps.
+    LR warm-up over and the validation metric out of its starting noise band and on a
+    plateau, or ``adaptive.by`` of the steps done) for ``window * total_steps`` steps, and
+    never after ``adaptive.latest * total_steps``; a run not ready by then is not cut. With
+    ``"window"`` and ``"settle"`` the window is the first ``window * total_steps`` steps.
     """
 
     # the default scores LRU states on input-weighted Hankel singular values
@@ -187,7 +189,7 @@ class Reducer:
         self.closed = False  # whether the window's closing (budget) step has run
         self.settle = SettleTracker(config.settle)
         self.bisect = AdaptiveTracker()
-        self.baseline: Baseline | None = None  # the validation before training (adaptive)
+        self.readiness = Readiness(config.adaptive)  # when the adaptive schedule may cut
         self.ready: dict[str, Any] | None = None  # step and validation at readiness
         self.first_cut: dict[str, Any] | None = None  # step and validation of the first cut
         self._warned = False
@@ -196,7 +198,7 @@ class Reducer:
     def state_dict(self) -> dict[str, Any]:
         return {"frozen": sorted(self.frozen), "closed": self.closed,
                 "settle": self.settle.state_dict(), "bisect": self.bisect.state_dict(),
-                "baseline": None if self.baseline is None else vars(self.baseline),
+                "readiness": self.readiness.state_dict(),
                 "ready": self.ready, "first_cut": self.first_cut}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -204,9 +206,14 @@ class Reducer:
         self.closed = bool(state.get("closed", False))
         self.settle.load_state_dict(state.get("settle", {}))
         self.bisect.load_state_dict(state.get("bisect", {}))
-        base = state.get("baseline")
-        self.baseline = Baseline(**base) if base else None
+        self.readiness.load_state_dict(state.get("readiness")
+                                       or {"baseline": state.get("baseline")})
         self.ready, self.first_cut = state.get("ready"), state.get("first_cut")
+
+    @property
+    def baseline(self) -> Baseline | None:
+        """The validation before training and its noise band (adaptive schedule)."""
+        return self.readiness.baseline
 
     @property
     def adaptive(self) -> bool:
@@ -219,7 +226,7 @@ class Reducer:
             return
         val, samples = measure(host)
         if samples is not None:
-            self.baseline = Baseline.measure(samples, self.config.adaptive.noise)
+            self.readiness.begin(samples)
 
     def summary(self) -> dict[str, Any]:
         """What the run record says about the schedule: the starting band, readiness, the
@@ -247,6 +254,8 @@ class Reducer:
         steps, or for the settle schedule without ``every``, ``settle.checks`` points spread
         over the window."""
         every = self.cadence(total_steps)
+        if self.adaptive and self.ready is None:  # readiness checks: two per plateau span
+            every = max(1, int(self.config.adaptive.span * total_steps) // 2)
         return every is not None and step % every == 0 and self.active(step, total_steps)
 
     def cadence(self, total_steps: int) -> int | None:
@@ -265,10 +274,11 @@ class Reducer:
         if host.steps_done < getattr(host, "warmup_steps", 0):
             return "lr warm-up", val, samples
         if self.baseline is not None:
-            if val is None:
+            if val is None or samples is None:
                 val, samples = measure(host)
-            if not self.baseline.left(val):
-                return "metric in its starting band", val, samples
+            why = self.readiness.wait(host.steps_done, self._total_steps, val, samples)
+            if why is not None:
+                return why, val, samples
         self.ready = {"step": host.steps_done, "val": val}
         return None, val, samples
 
@@ -363,8 +373,12 @@ class Reducer:
                after: dict[str, float], after_samples: Samples | None) -> dict[str, Any]:
         """The safety net's verdict: paired per sample when both sides have samples."""
         if before_samples is not None and after_samples is not None:
-            return paired_verdict(before_samples, after_samples, self.config.max_drop,
-                                  self.config.adaptive.noise)
+            spent = self.readiness.spent if self.adaptive else 0.0
+            verdict = paired_verdict(before_samples, after_samples, self.config.max_drop,
+                                     self.config.adaptive.noise, spent)
+            if self.adaptive and not verdict["rollback"]:  # kept: its drop is spent
+                self.readiness.spent += max(0.0, verdict["drop"])
+            return verdict
         return {"rollback": _drop(before, after) > self.config.max_drop}
 
     def _rejected(self, k: int, rank: int) -> None:

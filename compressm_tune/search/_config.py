@@ -11,6 +11,7 @@ from compressm_tune._device import PRECISIONS
 from compressm_tune.data import DATASETS, Dataset
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import ARCHS, SSMConfig, dropout_for
+from compressm_tune.reduction import AdaptiveConfig
 from compressm_tune.search._artifacts import check_artifacts
 from compressm_tune.training import TrainConfig
 
@@ -133,6 +134,8 @@ class TuneConfig:
     baseline: bool = field(default=True, metadata={
         "help": "skip the scratch baseline: the chosen widths trained from the start with the "
                 "chosen settings, which shows whether cutting beat training small"})
+    # the adaptive schedule's readiness and noise settings, for every trial that uses it
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         if (self.budget_ms is None) == (self.budget is None):

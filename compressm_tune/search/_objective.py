@@ -77,7 +77,7 @@ class Objective:
             # ~6 attempts in the window; the adaptive schedule spaces its own checks
             every=None if plan.schedule == "adaptive" else max(1, int(plan.window * cfg.steps)
                                                                  // 6),
-            max_drop=plan.max_drop, fits=self.fits,
+            max_drop=plan.max_drop, fits=self.fits, adaptive=cfg.adaptive,
             round_to=round_up_to(self.fast_widths) if plan.round_to_fast else None))
         out = Path(cfg.out).resolve() / "trials" / f"{cfg.study}-{trial.number:04d}"
 

@@ -289,7 +289,7 @@ def _settings(config: TuneConfig) -> dict[str, Any]:
             "latency_mode": config.latency_mode, "arch": config.arch, "dataset": config.dataset,
             "steps": config.steps, "blocks": config.blocks, "hidden": config.hidden,
             "state_dims": sorted(config.state_dims), "batch_size": config.batch_size,
-            "val_fraction": config.val_fraction}
+            "val_fraction": config.val_fraction, "adaptive": dict(vars(config.adaptive))}
 
 
 def _check_settings(study: optuna.Study, config: TuneConfig) -> None:
