@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -374,6 +376,36 @@ def test_flags_read_the_same_fields_the_dataclasses_have(where):
             assert key in ("budget_ms",), f"{key}: a flag needs a literal default"
 
 
+def test_shared_run_settings_are_declared_once_and_their_defaults_may_change():
+    """TrainConfig and TuneConfig inherit seed/threads/device/precision/cuda_graphs/batch_size
+    from RunSettings; TuneConfig's own defaults (one thread, batch 32) keep the shared help, in
+    the dataclass and in what the flag reader reads."""
+    import ast
+    import dataclasses
+
+    from compressm_tune.cli._flags import fields_of
+    from compressm_tune.search import TuneConfig
+    from compressm_tune.training import RunSettings, TrainConfig
+
+    shared = [f.name for f in dataclasses.fields(RunSettings)]
+    assert shared == ["seed", "threads", "device", "precision", "cuda_graphs", "batch_size"]
+    tune = fields_of("compressm_tune.search:TuneConfig")
+    train = fields_of("compressm_tune.training:TrainConfig")
+    for name in shared:
+        assert tune[name].meta == train[name].meta == dict(RunSettings.__dataclass_fields__[
+            name].metadata), name
+    assert (tune["threads"].default, tune["batch_size"].default) == (1, 32)
+    assert (train["threads"].default, train["batch_size"].default) == (None, 64)
+    assert TuneConfig(budget="0.4x").threads == 1 and TrainConfig().threads is None
+    for cls in (TrainConfig, TuneConfig):  # no shared field is written out again
+        source = ast.parse(Path(inspect.getsourcefile(cls)).read_text())
+        body = next(n for n in source.body if isinstance(n, ast.ClassDef) and n.name
+                    == cls.__name__).body
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and node.target.id in shared:
+                assert not isinstance(node.value, ast.Call), (cls.__name__, node.target.id)
+
+
 def test_choices_come_from_their_modules():
     from compressm_tune._device import PRECISIONS
     from compressm_tune.cli._flags import constant
@@ -432,3 +464,4 @@ def test_a_missed_budget_exits_3(monkeypatch, capsys, tmp_path):
     with pytest.raises(BudgetMissedError):  # --debug: the traceback instead of one line
         monkeypatch.setattr(search, "run_tune", missed)
         main([*argv, "--debug"])
+
