@@ -465,3 +465,35 @@ def test_a_missed_budget_exits_3(monkeypatch, capsys, tmp_path):
         monkeypatch.setattr(search, "run_tune", missed)
         main([*argv, "--debug"])
 
+
+def test_quiet_hides_the_job_s_progress_bar_and_verbose_shows_it(tmp_path, monkeypatch):
+    """``-q`` reaches the search as ``progress=False`` (and Optuna's own logging at WARNING);
+    without it, or with ``-v``, the bar is shown."""
+    import optuna
+
+    import compressm_tune.search as search
+
+    asked = []
+    monkeypatch.setattr(search, "run_tune", lambda config, progress=True: asked.append(
+        (progress, optuna.logging.get_verbosity())) or {"finalized": False})
+    before = optuna.logging.get_verbosity()
+    try:
+        for flags in (["-q"], ["-v"], []):
+            optuna.logging.set_verbosity(optuna.logging.INFO)
+            assert main([*flags, "--budget", "0.4x", "--out", str(tmp_path / "run")]) == 0
+    finally:
+        optuna.logging.set_verbosity(before)
+    assert asked == [(False, optuna.logging.WARNING), (True, optuna.logging.INFO),
+                     (True, optuna.logging.INFO)]
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_run_trials_draws_optuna_s_progress_bar_only_when_asked(tmp_path, capsys, progress):
+    import optuna
+
+    from compressm_tune.search._study import run_trials
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    run_trials(study, lambda trial: trial.suggest_float("x", 0.0, 1.0), 2, progress=progress)
+    err = capsys.readouterr().err
+    assert ("2/2" in err) is progress, err

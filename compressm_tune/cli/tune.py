@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if args.quiet:
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per trial
-    summary = run_tune(config)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no study-created line
+    summary = run_tune(config, progress=not args.quiet)
     if summary.get("finalized") is False:
         return 0  # another worker of the same study exports and reports (it said so)
     print()

@@ -41,9 +41,10 @@ from compressm_tune.training import TrainConfig, check_training_memory
 __all__ = ["run_tune", "resolve_profile"]
 
 
-def run_tune(config: TuneConfig) -> dict[str, Any]:
+def run_tune(config: TuneConfig, progress: bool = True) -> dict[str, Any]:
     """Run the whole job; returns (and writes) ``summary.json``, or ``{"finalized": False}``
-    in a worker that leaves the export to another. See the module docstring.
+    in a worker that leaves the export to another (``progress``: Optuna's progress bar on
+    stderr). See the module docstring.
 
     Raises
     ------
@@ -72,7 +73,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
                      f"study's trials were run against {saved_ms:.4g} ms, which is kept")
         config = config.with_budget_ms(saved_ms)
     objective = Objective(config, data, latency.predict, profile.fast_widths())
-    others = run_trials(study, objective, config.trials)
+    others = run_trials(study, objective, config.trials, progress=progress)
     with finalizer(out, others) as why_not:
         if why_not:
             print(f"compressm-tune: this worker's trials are done; {why_not}; results will be "
