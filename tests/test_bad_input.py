@@ -308,3 +308,20 @@ def test_a_refused_budget_leaves_no_run_folder(tmp_path, capsys):
     assert code == 2
     assert "below the fastest model" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+
+@pytest.mark.parametrize("settings", [{"window": float("nan")}, {"window": float("inf")},
+                                      {"max_drop": float("nan")}])
+def test_compressor_refuses_settings_that_are_not_numbers_in_range(settings):
+    """Checked by ReduceConfig before they are used (a NaN window was turned into a step
+    count first: ValueError; a NaN max_drop passed every comparison)."""
+    from compressm_tune import Compressor
+    from compressm_tune.errors import ConfigError
+
+    model = SSMModel(SSMConfig(d_input=1, d_output=2, d_model=4, state_dims=[8]))
+    with pytest.raises(ConfigError, match=next(iter(settings))):
+        Compressor(model, torch.optim.AdamW(model.parameters()), total_steps=10,
+                   validate=lambda: {"loss": 1.0}, **settings)
