@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -33,7 +34,6 @@ import textwrap
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, machine_line, parser, write  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the tree swept; --tree changes it
 CLI = "import sys; from compressm_tune.cli import main; sys.exit(main())"
 API = """\
 import sys
@@ -169,8 +169,12 @@ def _copy(src: str, dst: str) -> Callable[[Path], None]:
 def _python(code: str) -> Callable[[Path], None]:
     """Setup that needs torch: run ``code`` in the case folder."""
     def do(d: Path) -> None:
-        subprocess.run([sys.executable, "-c", code], cwd=d, check=True, env=_env(),
-                       capture_output=True)
+        here = os.getcwd()
+        os.chdir(d)
+        try:
+            exec(code, {})
+        finally:
+            os.chdir(here)
     return do
 
 
@@ -196,6 +200,9 @@ def _edit_profile(name: str, edit: str) -> Callable[[Path], None]:
     return do
 
 
+COMPRESSOR = ("import torch\nfrom compressm_tune import Compressor\n"
+              "from compressm_tune.training import model_from_checkpoint\n"
+              "m = model_from_checkpoint('model.pt')\no = torch.optim.AdamW(m.parameters())\n")
 HOSTILE = ("import torch\nclass R:\n    def __reduce__(self):\n        return (print, ('PWNED',))\n"
            "torch.save({'model': R()}, 'model.pt', _use_new_zipfile_serialization=False)")
 NAN_WEIGHTS = ("import torch\np = torch.load('model.pt', weights_only=True)\n"
@@ -494,9 +501,13 @@ def cases() -> list[Case]:
                                   "d = load_dataset('npz', path='d.npz')\n"
                                   "Trainer(SSMConfig(d_input=1, d_output=2, d_model=8, "
                                   "state_dims=[8]), TrainConfig(steps=2), d, 'notes.txt')",
-        "Compressor tau=2": "from compressm_tune import Compressor\n"
-                            "from compressm_tune.training import model_from_checkpoint\n"
-                            "Compressor(model_from_checkpoint('model.pt'), tau=2.0)",
+        "Compressor tau=2": COMPRESSOR + "Compressor(m, o, reduce='tau=2', total_steps=10)",
+        "Compressor window=nan": COMPRESSOR + "Compressor(m, o, total_steps=10, "
+                                              "window=float('nan'))",
+        "Compressor max_drop=nan": COMPRESSOR + "Compressor(m, o, total_steps=10, validate="
+                                                "lambda: {'loss': 1.0}, max_drop=float('nan'))",
+        "ReduceConfig max_drop=nan": "from compressm_tune.reduction import ReduceConfig\n"
+                                     "ReduceConfig(max_drop=float('nan'))",
     }
     out += [Case("api", name, api=code) for name, code in api.items()]
     return out
@@ -542,6 +553,54 @@ def _wait_for(proc: subprocess.Popen, path: Path, timeout: float) -> bool:
     return False
 
 
+def _preimport() -> None:
+    """A worker imports the heavy packages once; cases then run in it (seconds saved each)."""
+    import onnxruntime  # noqa: F401
+    import optuna  # noqa: F401
+
+    import compressm_tune.cli  # noqa: F401
+    import compressm_tune.exporter  # noqa: F401
+    import compressm_tune.hardware  # noqa: F401
+    import compressm_tune.search  # noqa: F401
+
+
+def _in_process(case: Case, d: Path) -> tuple:
+    """Run a CLI or API case in this worker, as ``main(argv)`` or the API code would run in a
+    fresh interpreter: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    out, err = io.StringIO(), io.StringIO()
+    logging.getLogger().handlers.clear()  # -q/-v configure logging again, onto ``err``
+    here = os.getcwd()
+    os.chdir(d)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                if case.api is not None:
+                    exec(API.format(body=textwrap.indent(case.api, "    ")), {})
+                    code = 0
+                else:
+                    from compressm_tune.cli import main
+
+                    code = main(case.argv)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # what a fresh interpreter would print and exit 1 with
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(here)
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_index(index: int, fixtures: Path, scratch: Path) -> dict:
+    """Run ``cases()[index]`` (by index: a case holds functions, which do not pickle)."""
+    return run_case(index, cases()[index], fixtures, scratch)
+
+
 def run_case(index: int, case: Case, fixtures: Path, scratch: Path) -> dict:
     d = scratch / f"case-{index:03d}"
     shutil.copytree(fixtures, d)
@@ -553,17 +612,18 @@ def run_case(index: int, case: Case, fixtures: Path, scratch: Path) -> dict:
         before = _files(d)
     notes = []
     start = time.monotonic()
+    separate = case.race or case.interrupt or (case.argv and case.argv[0] == "RUNPY")
     try:
         procs = [subprocess.Popen(_command(case), cwd=d, env=_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
-                 for _ in range(2 if case.race else 1)]
+                 for _ in range(2 if case.race else 1 if separate else 0)]
         if case.interrupt:
             path, sig = case.interrupt
             if _wait_for(procs[0], d / path, case.timeout):
                 procs[0].send_signal(sig)
             else:
                 notes.append(f"{path} never appeared")
-        results = []
+        results = [] if procs else [_in_process(case, d)]
         for p in procs:
             try:
                 so, se = p.communicate(timeout=case.timeout)
@@ -594,9 +654,11 @@ def run_case(index: int, case: Case, fixtures: Path, scratch: Path) -> dict:
             notes.append(f"the rerun exited {again.returncode}: "
                          f"{again.stderr.strip().splitlines()[-1:]}")
     shutil.rmtree(d, ignore_errors=True)
-    return {"group": case.group, "case": case.name, "argv": case.argv, "outcome": outcome,
-            "exit": [r[0] for r in results], "stderr": stderr.strip()[-600:],
-            "stdout_tail": stdout.strip()[-200:], "notes": notes, "seconds": round(seconds, 1)}
+    row = {"group": case.group, "case": case.name, "argv": case.argv, "outcome": outcome,
+           "exit": [r[0] for r in results], "stderr": stderr.strip()[-600:],
+           "stdout_tail": stdout.strip()[-200:], "notes": notes, "seconds": round(seconds, 1)}
+    print(json.dumps(row), file=sys.stderr, flush=True)  # progress, one JSON line per case
+    return row
 
 
 def _clean_message(stderr: str) -> bool:
@@ -641,25 +703,42 @@ def classify(case: Case, results: list, before: dict, after: dict, notes: list) 
     return "clean"
 
 
+def _collect(case: Case, job) -> dict:
+    """A case's row; a worker that died (an abort) or hung is a crash or a silent accept."""
+    try:
+        return job.get(timeout=case.timeout + 300)
+    except multiprocessing.TimeoutError:
+        return {"group": case.group, "case": case.name, "argv": case.argv,
+                "outcome": "silent accept", "exit": ["timeout"], "stderr": "", "stdout_tail": "",
+                "notes": ["still running (or its worker died) at the time limit"],
+                "seconds": None}
+
+
 def main() -> None:
+    global ROOT
     ap = parser(__doc__, "bad_input_sweep", quick="one case per command")
     ap.add_argument("--only", default=None, help="run the cases whose group/name starts so")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tree", type=Path, default=ROOT,
+                    help="the compressm-tune checkout to sweep (another one: counts before a "
+                         "fix); run with PYTHONPATH pointing at it too")
     args = ap.parse_args()
-    todo = cases()
+    ROOT = args.tree.resolve()
+    todo = list(enumerate(cases()))
     if args.only:
-        todo = [c for c in todo if f"{c.group}/{c.name}".startswith(args.only)]
+        todo = [(i, c) for i, c in todo if f"{c.group}/{c.name}".startswith(args.only)]
     if args.quick:
-        todo = list({c.group: c for c in reversed(todo)}.values())
+        todo = list({c.group: (i, c) for i, c in reversed(todo)}.values())
     m = machine()
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
         fixtures = Path(tmp) / "fixtures"
         fixtures.mkdir()
         make_fixtures(fixtures)
         start = time.monotonic()
-        with ThreadPoolExecutor(args.workers) as pool:
-            rows = list(pool.map(lambda ic: run_case(*ic, fixtures, Path(tmp)),
-                                 enumerate(todo)))
+        with multiprocessing.get_context("fork").Pool(args.workers, _preimport) as pool:
+            jobs = [(c, pool.apply_async(run_index, (i, fixtures, Path(tmp))))
+                    for i, c in todo]
+            rows = [_collect(c, job) for c, job in jobs]
         wall = time.monotonic() - start
     counts = Counter(r["outcome"] for r in rows)
     by_group: dict[str, Counter] = {}
