@@ -325,3 +325,22 @@ def test_compressor_refuses_settings_that_are_not_numbers_in_range(settings):
     with pytest.raises(ConfigError, match=next(iter(settings))):
         Compressor(model, torch.optim.AdamW(model.parameters()), total_steps=10,
                    validate=lambda: {"loss": 1.0}, **settings)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--tolerance", "inf"], "tolerance"),  # a parity check that checks nothing
+    (["--bench", "--min-time-s", "-1"], "--min-time-s"),
+    (["--bench", "--min-time-s", "nan"], "--min-time-s"),
+])
+def test_export_refuses_settings_before_writing_the_bundle(bundle, tmp_path, capsys, flags,
+                                                           needle):
+    from compressm_tune.cli import main
+
+    out = tmp_path / "b"
+    assert main(["export", str(bundle.parent / "model.pt"), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()

@@ -7,6 +7,7 @@ so its flags are written out here.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from compressm_tune.cli._flags import constant
@@ -71,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     from compressm_tune._table import markdown_table
     from compressm_tune.exporter import DEFAULT_SEQ_LEN, export_bundle, measure_latency
 
+    if args.bench and not 0 < args.min_time_s < math.inf:  # before anything is written
+        from compressm_tune.errors import ExportOptionError
+
+        raise ExportOptionError(f"--min-time-s must be > 0 and finite, got {args.min_time_s}")
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "bundle"
     m = export_bundle(args.checkpoint, out, formats=args.formats, modes=args.modes,
                       opset=args.opset, quantize=args.quantize, threads=args.threads,
