@@ -102,8 +102,8 @@ BUDGET = ["--budget", "0.8x"]
 def make_fixtures(where: Path) -> None:
     """The user's files every case starts from."""
     rng = np.random.default_rng(0)
-    np.savez(where / "d.npz", x=rng.standard_normal((400, 12, 1)).astype(np.float32),
-             y=rng.integers(0, 2, 400))
+    np.savez(where / "d.npz", x=rng.standard_normal((1000, 12, 1)).astype(np.float32),
+             y=rng.integers(0, 2, 1000))  # a validation split big enough for no note
     done = _run([*TRAIN[:-1], "run0"], where)
     assert done.returncode == 0, done.stderr
     shutil.copy(where / "run0" / "best.pt", where / "model.pt")
@@ -206,7 +206,7 @@ COMPRESSOR = ("import torch\nfrom compressm_tune import Compressor\n"
 HOSTILE = ("import torch\nclass R:\n    def __reduce__(self):\n        return (print, ('PWNED',))\n"
            "torch.save({'model': R()}, 'model.pt', _use_new_zipfile_serialization=False)")
 NAN_WEIGHTS = ("import torch\np = torch.load('model.pt', weights_only=True)\n"
-               "sd = p['model_state']\nk = next(k for k, v in sd.items() if v.is_floating_point())"
+               "sd = p['model']\nk = next(k for k, v in sd.items() if v.is_floating_point())"
                "\nsd[k].fill_(float('nan'))\ntorch.save(p, 'model.pt')")
 
 
@@ -519,6 +519,8 @@ def cases() -> list[Case]:
 def _files(d: Path) -> dict[str, str]:
     found = {}
     for p in d.rglob("*"):
+        if p.name == ".lock":  # a run folder's lock: it records its holder's pid
+            continue
         rel = p.relative_to(d).as_posix()
         found[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
     return found
@@ -544,6 +546,12 @@ def _holder(d: Path, folder: str) -> subprocess.Popen:
     return p
 
 
+def _ctrl_c() -> None:
+    """Ctrl-C reaches the command even when the sweep runs in the background (where the
+    shell ignores SIGINT for it, and its children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for(proc: subprocess.Popen, path: Path, timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
@@ -554,7 +562,7 @@ def _wait_for(proc: subprocess.Popen, path: Path, timeout: float) -> bool:
 
 
 def _preimport() -> None:
-    """A worker imports the heavy packages once; cases then run in it (seconds saved each)."""
+    """Import the heavy packages once, before forking a process per case (seconds each)."""
     import onnxruntime  # noqa: F401
     import optuna  # noqa: F401
 
@@ -565,7 +573,7 @@ def _preimport() -> None:
 
 
 def _in_process(case: Case, d: Path) -> tuple:
-    """Run a CLI or API case in this worker, as ``main(argv)`` or the API code would run in a
+    """Run a CLI or API case in this process, as ``main(argv)`` or the API code would run in a
     fresh interpreter: (exit status, stdout, stderr)."""
     import contextlib
     import io
@@ -596,11 +604,6 @@ def _in_process(case: Case, d: Path) -> tuple:
     return code, out.getvalue(), err.getvalue()
 
 
-def run_index(index: int, fixtures: Path, scratch: Path) -> dict:
-    """Run ``cases()[index]`` (by index: a case holds functions, which do not pickle)."""
-    return run_case(index, cases()[index], fixtures, scratch)
-
-
 def run_case(index: int, case: Case, fixtures: Path, scratch: Path) -> dict:
     d = scratch / f"case-{index:03d}"
     shutil.copytree(fixtures, d)
@@ -615,7 +618,7 @@ def run_case(index: int, case: Case, fixtures: Path, scratch: Path) -> dict:
     separate = case.race or case.interrupt or (case.argv and case.argv[0] == "RUNPY")
     try:
         procs = [subprocess.Popen(_command(case), cwd=d, env=_env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+                                  stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c)
                  for _ in range(2 if case.race else 1 if separate else 0)]
         if case.interrupt:
             path, sig = case.interrupt
@@ -661,12 +664,12 @@ def run_case(index: int, case: Case, fixtures: Path, scratch: Path) -> dict:
     return row
 
 
-def _clean_message(stderr: str) -> bool:
+def _clean_message(stderr: str, word: str = "error:") -> bool:
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     if not lines or "Traceback" in stderr:
         return False
     if len(lines) == 1:
-        return "error:" in lines[0]
+        return word in lines[0]
     # argparse: "usage: ..." (wrapped over several lines), then "prog ...: error: ..."
     return lines[0].startswith("usage:") and ": error: " in lines[-1] and \
         sum(": error: " in ln for ln in lines) == 1
@@ -693,7 +696,7 @@ def classify(case: Case, results: list, before: dict, after: dict, notes: list) 
     if rc not in case.expect:
         notes.append(f"exit {rc}")
         return "unclear"
-    if rc != 0 and not _clean_message(stderr):
+    if rc != 0 and not _clean_message(stderr, "interrupted" if rc == 130 else "error:"):
         return "unclear"
     new = [p for p in after if p not in before
            and not any(p == w or p.startswith(w + "/") for w in case.writes)]
@@ -703,15 +706,49 @@ def classify(case: Case, results: list, before: dict, after: dict, notes: list) 
     return "clean"
 
 
-def _collect(case: Case, job) -> dict:
-    """A case's row; a worker that died (an abort) or hung is a crash or a silent accept."""
-    try:
-        return job.get(timeout=case.timeout + 300)
-    except multiprocessing.TimeoutError:
-        return {"group": case.group, "case": case.name, "argv": case.argv,
-                "outcome": "silent accept", "exit": ["timeout"], "stderr": "", "stdout_tail": "",
-                "notes": ["still running (or its worker died) at the time limit"],
-                "seconds": None}
+def _child(index: int, fixtures: Path, scratch: Path, conn) -> None:
+    conn.send(run_case(index, cases()[index], fixtures, scratch))
+    conn.close()
+
+
+def _row(case: Case, outcome: str, exit_status, note: str) -> dict:
+    return {"group": case.group, "case": case.name, "argv": case.argv, "outcome": outcome,
+            "exit": [exit_status], "stderr": "", "stdout_tail": "", "notes": [note],
+            "seconds": None}
+
+
+def run_all(todo: list[tuple[int, Case]], fixtures: Path, scratch: Path,
+            workers: int) -> list[dict]:
+    """Each case in a process forked from this one (which imported the heavy packages once):
+    no state leaks between cases, and a case that aborts or hangs ends only itself."""
+    _preimport()
+    fork = multiprocessing.get_context("fork")
+    pending, running, rows = list(todo), {}, {}
+    while pending or running:
+        while pending and len(running) < workers:
+            index, case = pending.pop(0)
+            ours, theirs = fork.Pipe(duplex=False)
+            proc = fork.Process(target=_child, args=(index, fixtures, scratch, theirs))
+            proc.start()
+            running[index] = (case, proc, ours, time.monotonic())
+        for index, (case, proc, conn, started) in list(running.items()):
+            if conn.poll():
+                rows[index] = conn.recv()
+            elif not proc.is_alive():
+                rows[index] = _row(case, "traceback", proc.exitcode,
+                                   f"the process died (exit {proc.exitcode})")
+                print(json.dumps(rows[index]), file=sys.stderr, flush=True)
+            elif time.monotonic() - started > case.timeout + 120:
+                proc.kill()
+                rows[index] = _row(case, "silent accept", "timeout",
+                                   "still running at the time limit")
+                print(json.dumps(rows[index]), file=sys.stderr, flush=True)
+            else:
+                continue
+            proc.join()
+            del running[index]
+        time.sleep(0.05)
+    return [rows[i] for i, _ in todo]
 
 
 def main() -> None:
@@ -735,10 +772,7 @@ def main() -> None:
         fixtures.mkdir()
         make_fixtures(fixtures)
         start = time.monotonic()
-        with multiprocessing.get_context("fork").Pool(args.workers, _preimport) as pool:
-            jobs = [(c, pool.apply_async(run_index, (i, fixtures, Path(tmp))))
-                    for i, c in todo]
-            rows = [_collect(c, job) for c, job in jobs]
+        rows = run_all(todo, fixtures, Path(tmp), args.workers)
         wall = time.monotonic() - start
     counts = Counter(r["outcome"] for r in rows)
     by_group: dict[str, Counter] = {}
