@@ -344,3 +344,23 @@ def test_export_refuses_settings_before_writing_the_bundle(bundle, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+@pytest.mark.parametrize("setting", ["min_time_s", "watts_per_core"])
+def test_profile_settings_must_be_finite(setting):
+    """An infinite minimum time never ends a timing; infinite watts give infinite energy."""
+    from compressm_tune.errors import ConfigError
+    from compressm_tune.hardware import ProfilerConfig
+
+    with pytest.raises(ConfigError, match=setting):
+        ProfilerConfig(**{setting: float("inf")})
+
+
+def test_timing_refuses_an_endless_minimum_time():
+    from compressm_tune.hardware import time_calls
+
+    with pytest.raises(ValueError, match="min_time_s"):
+        time_calls(lambda: None, min_time_s=float("inf"), min_repeats=1, max_repeats=3)
