@@ -27,7 +27,7 @@ from typing import Any
 
 from compressm_tune import hardware
 from compressm_tune._device import check_precision, resolve_device
-from compressm_tune._io import ensure_dir
+from compressm_tune._io import made_dir
 from compressm_tune.data import load_dataset
 from compressm_tune.errors import ConfigError
 from compressm_tune.hardware import LatencyModel, Profile, latency_model_for
@@ -65,8 +65,8 @@ def run_tune(config: TuneConfig, progress: bool = True) -> dict[str, Any]:
         drift_check=config.drift_check, metric=config.metric)
     config = _resolve_budget(config, latency)
     notes += _budget_notes(config, latency, profile)
-    out = ensure_dir(config.out)  # after every refusal: a refused run leaves no folder
-    study = open_study(config)
+    with made_dir(config.out) as out:  # after every refusal: a refused run leaves no folder
+        study = open_study(config)
     saved_ms = study.user_attrs["settings"]["budget_ms"]
     if saved_ms != config.budget_ms:  # a rerun of a relative budget keeps the study's
         notes.append(f"budget {config.budget} resolves to {config.budget_ms:.4g} ms now; the "
