@@ -186,7 +186,7 @@ def parse_widths(text: str) -> tuple[int, ...]:
     >>> parse_widths("3,2, 5")
     (3, 2, 5)
     """
-    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    tokens = [t.strip() for t in text.split(",")]
     try:
         if "..." not in tokens:
             return tuple(int(t) for t in tokens)
