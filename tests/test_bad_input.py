@@ -57,6 +57,13 @@ def test_run_py_refuses_an_empty_batch(bundle, tmp_path):
     assert "batch >= 1" in line and "(0, 16, 1)" in line
 
 
+def test_run_py_refuses_complex_input(bundle, tmp_path):
+    """float32 would silently drop the imaginary parts."""
+    np.save(tmp_path / "x.npy", np.ones((2, SEQ_LEN, 1), np.complex64))
+    line = _one_line_error(_run_py(bundle, "--input", "x.npy", cwd=tmp_path), "run.py")
+    assert "real numbers" in line and "complex64" in line
+
+
 def test_run_py_refuses_input_the_model_overflows_on(bundle, tmp_path):
     np.save(tmp_path / "x.npy", np.full((2, SEQ_LEN, 1), 1e38, np.float32))
     line = _one_line_error(_run_py(bundle, "--input", "x.npy", "--output", "y.npy",
@@ -364,3 +371,44 @@ def test_timing_refuses_an_endless_minimum_time():
 
     with pytest.raises(ValueError, match="min_time_s"):
         time_calls(lambda: None, min_time_s=float("inf"), min_repeats=1, max_repeats=3)
+
+
+def test_a_study_storage_that_cannot_open_leaves_no_run_folder(tmp_path, capsys):
+    from compressm_tune.cli import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    code = main(["--budget-ms", "1", "--profile", str(PROFILE), "--no-drift-check",
+                 "--storage", f"sqlite:///{notes}", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "cannot open study storage" in capsys.readouterr().err
+    assert notes.read_text() == "my notes\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_profile_never_overwrites_a_profile(tmp_path, capsys):
+    from compressm_tune.cli import main
+
+    mine = tmp_path / "mine.json"
+    mine.write_text(PROFILE.read_text())
+    assert main(["profile", "--widths", "4,8", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "never overwritten" in err[0], err
+    assert mine.read_text() == PROFILE.read_text()
+
+
+def test_compare_refuses_an_infinite_tolerance(tmp_path, capsys):
+    from compressm_tune.cli import main
+
+    assert main(["compare", str(PROFILE), str(PROFILE), "--tolerance", "inf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tolerance" in err[0], err
+
+
+@pytest.mark.parametrize("text", ["4,,8", "4,8,", ""])
+def test_profile_widths_with_an_empty_item_are_refused(text):
+    from compressm_tune.errors import ConfigError
+    from compressm_tune.hardware import parse_widths
+
+    with pytest.raises(ConfigError, match="widths"):
+        parse_widths(text)
