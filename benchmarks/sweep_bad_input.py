@@ -348,10 +348,10 @@ def cases() -> list[Case]:
         "a JSON list": _json("profile2.json", [1, 2]), "an empty object": _json(
             "profile2.json", {}),
         "NaN latencies": _edit_profile("profile2.json",
-                                       "[r.update(latency_ms=nan) for r in p['records']]"),
+                                       "[r['latency'].update(p50_ms=nan) for r in p['records']]"),
         "no records": _edit_profile("profile2.json", "p['records'] = []"),
         "records without latency": _edit_profile(
-            "profile2.json", "[r.pop('latency_ms') for r in p['records']]"),
+            "profile2.json", "[r.pop('latency') for r in p['records']]"),
     }.items():
         path = {"missing": "nothere.json", "folder": "folder"}.get(name, "profile2.json")
         out.append(Case("compare", f"profile {name}", ["compare", "profile.json", path],
@@ -361,8 +361,8 @@ def cases() -> list[Case]:
         out += [Case("compare", f"{flag} a folder", [*COMPARE, flag, "folder"]),
                 Case("compare", f"{flag} unwritable (/proc)", [*COMPARE, flag, f"/proc/c{ext}"]),
                 Case("compare", f"{flag} under a file", [*COMPARE, flag, f"notes.txt/c{ext}"]),
-                Case("compare", f"{flag} into a missing folder",
-                     [*COMPARE, flag, f"nothere/c{ext}"])]
+                Case("compare", f"{flag} into a missing folder (made: allowed)",
+                     [*COMPARE, flag, f"nothere/c{ext}"], expect=(0, 2))]
     out += _flag_cases("compare", COMPARE, {"--tolerance": ["-1", "nan", "inf"]})
     # --- the budgeted job
     out += _flag_cases("job", JOB, {
@@ -401,7 +401,8 @@ def cases() -> list[Case]:
     x = np.random.default_rng(2).standard_normal((2, 12, 1)).astype(np.float32)
     for name, setup in {
         "missing": None, "folder": None, "text": _text("in.npy"),
-        "2-D": _npy("in.npy", x[:, :, 0]), "4-D": _npy("in.npy", x[None]),
+        "2-D (batch, length) of 1 channel (documented: allowed)": _npy("in.npy", x[:, :, 0]),
+        "4-D": _npy("in.npy", x[None]),
         "wrong channels": _npy("in.npy", np.repeat(x, 3, axis=2)),
         "NaN": _npy("in.npy", np.full_like(x, np.nan)), "inf": _npy("in.npy", np.full_like(
             x, np.inf)), "1e38": _npy("in.npy", np.full_like(x, 1e38)),
@@ -411,10 +412,13 @@ def cases() -> list[Case]:
         "truncated .npy": _both(_npy("in.npy", x), _truncate("in.npy")),
     }.items():
         path = {"missing": "nothere.npy", "folder": "folder"}.get(name, "in.npy")
-        out.append(Case("run.py", f"--input {name}", [*run, "--input", path], setup=setup))
+        out.append(Case("run.py", f"--input {name}", [*run, "--input", path], setup=setup,
+                        expect=(0, 2) if name.endswith("allowed)") else (2,)))
     out += [
-        Case("run.py", ".npz without x", [*run, "--input", "in.npz"],
-             setup=_npz("in.npz", a=x)),
+        Case("run.py", ".npz of one array not named x (documented: allowed)",
+             [*run, "--input", "in.npz"], setup=_npz("in.npz", a=x), expect=(0, 2)),
+        Case("run.py", ".npz of two arrays, neither x", [*run, "--input", "in.npz"],
+             setup=_npz("in.npz", a=x, b=x)),
         Case("run.py", "--key missing", [*run, "--input", "in.npz", "--key", "zz"],
              setup=_npz("in.npz", x=x)),
     ]
