@@ -450,7 +450,7 @@ def test_a_missed_budget_exits_3(monkeypatch, capsys, tmp_path):
     from compressm_tune import search
     from compressm_tune.errors import BudgetMissedError
 
-    def missed(config):
+    def missed(config, progress=True):
         raise BudgetMissedError("no trial met the budget")
 
     monkeypatch.setattr(search, "run_tune", missed)
@@ -459,7 +459,7 @@ def test_a_missed_budget_exits_3(monkeypatch, capsys, tmp_path):
     assert "no trial met the budget" in _one_error_line(capsys.readouterr().err)
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "report.md").write_text("# report\n")
-    monkeypatch.setattr(search, "run_tune", lambda config: {"meets_budget": False})
+    monkeypatch.setattr(search, "run_tune", lambda config, progress=True: {"meets_budget": False})
     assert main(argv) == 3
     with pytest.raises(BudgetMissedError):  # --debug: the traceback instead of one line
         monkeypatch.setattr(search, "run_tune", missed)
