@@ -782,7 +782,11 @@ def main() -> None:
     by_group: dict[str, Counter] = {}
     for r in rows:
         by_group.setdefault(r["group"], Counter())[r["outcome"]] += 1
+    tree = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
     lines = [f"# Bad input sweep: {len(rows)} cases, {wall:.0f} s", "", machine_line(m), "",
+             f"Tree swept: {ROOT} at {tree or 'an unknown commit'} (uncommitted changes "
+             "included).", "",
              "| command | cases | " + " | ".join(CLASSES) + " |",
              "|---|---|" + "---|" * len(CLASSES)]
     for group, c in by_group.items():
