@@ -412,3 +412,37 @@ def test_profile_widths_with_an_empty_item_are_refused(text):
 
     with pytest.raises(ConfigError, match="widths"):
         parse_widths(text)
+
+
+def test_train_into_a_finished_run_without_resume_is_refused_and_changes_nothing(tmp_path,
+                                                                                capsys):
+    """Starting afresh would overwrite that run's checkpoints and metrics."""
+    from compressm_tune.cli import main
+
+    data = _tiny_npz(tmp_path / "d.npz")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"the earlier run's checkpoint")
+    (run / "metrics.jsonl").write_text('{"step": 3}\n')
+    code = main(["train", "--dataset", "npz", "--data", str(data), *TINY, "--out", str(run)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--resume" in err[-1] and len([ln for ln in err if "error:" in ln]) == 1, err
+    assert (run / "last.pt").read_bytes() == b"the earlier run's checkpoint"
+    assert (run / "metrics.jsonl").read_text() == '{"step": 3}\n'
+
+
+def test_the_budgeted_job_refuses_a_training_run_s_folder(tmp_path, capsys):
+    """The job writes OUT/summary.json and OUT/report.md: not over a training run's."""
+    from compressm_tune.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 3}\n')
+    (run / "summary.json").write_text("{}")
+    # an impossible budget: without the check the job would refuse it, in other words
+    assert main(["--budget-ms", "0.0001", "--profile", str(PROFILE), "--no-drift-check",
+                 "--out", str(run)]) == 2
+    assert "holds a training run" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "summary.json"]
+    assert (run / "summary.json").read_text() == "{}"

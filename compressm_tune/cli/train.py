@@ -85,9 +85,13 @@ def run(args: argparse.Namespace) -> int:
     )
     config = TrainConfig(**{name: getattr(args, name)
                             for name in (*_TRAIN_FLAGS, *tune.DEVICE, "log_spectrum")})
-    if args.resume and not (Path(args.out) / "last.pt").is_file():
-        raise ConfigError(f"--resume: there is no {Path(args.out) / 'last.pt'} to continue "
-                          "from; run without --resume to start")
+    last = Path(args.out) / "last.pt"
+    if args.resume and not last.is_file():
+        raise ConfigError(f"--resume: there is no {last} to continue from; run without "
+                          "--resume to start")
+    if not args.resume and last.is_file():  # starting afresh would overwrite that run
+        raise ConfigError(f"{args.out} holds a run ({last}): add --resume to continue it, or "
+                          "choose another --out")
     trainer = Trainer(model_config, config, data, args.out, reducer=_reducer(args),
                       resume=args.resume, progress=not (args.no_progress or args.quiet))
     s = trainer.fit()

@@ -7,6 +7,7 @@ changes the default device to auto.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from compressm_tune.cli._flags import add_fields
 
@@ -43,9 +44,14 @@ def check_data_flags(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the job; 0 when the chosen model meets the budget as measured, else 3."""
+    from compressm_tune.errors import ConfigError
     from compressm_tune.search import TuneConfig, run_tune
 
     check_data_flags(args)
+    for name in ("last.pt", "metrics.jsonl"):  # the job would overwrite its summary.json
+        if (Path(args.out) / name).is_file():
+            raise ConfigError(f"--out {args.out} holds a training run ({name}); choose another "
+                              "folder for the job")
     config = TuneConfig(**{name: getattr(args, name) for name in _FLAGS})
     if args.quiet:
         import optuna
