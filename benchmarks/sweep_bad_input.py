@@ -282,6 +282,10 @@ def cases() -> list[Case]:
                                                    "--state-dim", "8", "--steps", "4",
                                                    "--out", "run0", "--resume"]),
         Case("train", "a run holds the --out lock", TRAIN, lock="run"),
+        Case("train", "--out a finished run, without --resume", [*TRAIN, "--out", "run0"],
+             expect=(0, 2)),
+        Case("train", "--out a folder of the user's files", [*TRAIN, "--out", "folder"],
+             setup=_text("folder/mine.txt"), expect=(0, 2)),
         Case("train", "interrupted (SIGINT), then --resume", [*TRAIN[:-7], "--steps", "400",
              "--eval-every", "2", "--no-progress", "--out", "run"], expect=(130,),
              interrupt=("run/last.pt", signal.SIGINT), rerun=[*TRAIN[:-7], "--steps", "400",
@@ -310,7 +314,9 @@ def cases() -> list[Case]:
         Case("export", "--out under a file", [*EXPORT, "--out", "notes.txt/b"]),
         Case("export", "--out unwritable (/proc)", [*EXPORT, "--out", "/proc/compressm-b"]),
         Case("export", "--out a folder of the user's files", [*EXPORT, "--out", "folder"],
-             setup=_text("folder/mine.txt"), expect=(0, 2), writes=("folder",)),
+             setup=_text("folder/mine.txt"), expect=(0, 2)),
+        Case("export", "--out the bundle already there (replaced: allowed)",
+             [*EXPORT, "--out", "bundle"], expect=(0, 2), writes=("bundle",)),
     ]
     out += _flag_cases("export", EXPORT, {
         "--format": ["bogus", "", "onnx,bogus"], "--mode": ["bogus", ""],
@@ -385,6 +391,8 @@ def cases() -> list[Case]:
         Case("job", "--profile without records", [*JOB, *BUDGET],
              setup=_edit_profile("profile.json", "p['records'] = []")),
         Case("job", "--dataset npz without --data", [*JOB, *BUDGET, "--dataset", "npz"]),
+        Case("job", "--out a finished training run", [*JOB[:-1], "run0", *BUDGET],
+             expect=(0, 2)),
         Case("job", "OUT/study.db is not a database", [*JOB, *BUDGET],
              setup=_text("job/study.db")),
         Case("job", "OUT/study.db truncated", [*JOB, *BUDGET], setup=_both(
