@@ -34,6 +34,8 @@ torch.version.cuda, 'triton', triton.__version__)"; } 2>&1 | tee -a "$LOG"
 # the C kernels are the CPU reference the CUDA network is compared with
 python setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "C kernels not built" | tee -a "$LOG"
 
+# a rerun starts afresh: train and profile refuse to overwrite an earlier run's output
+rm -rf runs/gpu-train runs/gpu-mamba runs/gpu-tune "$DEST/gpu_profile_energy.json"
 step bench 240 python benchmarks/bench_gpu_train.py --peer-root "$PEER" --results-dir "$DEST"
 step profile 60 python benchmarks/bench_gpu_train.py --profile scifar:ours-bf16 \
     --results-dir "$DEST"

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from compressm_tune.errors import OutputError
 
-__all__ = ["FolderLock", "atomic_write", "atomic_write_text", "ensure_dir", "read_json",
+__all__ = ["FolderLock", "atomic_write", "atomic_write_text", "ensure_dir", "made_dir", "read_json",
            "require_space", "why_unwritable"]
 
 _UNWRITABLE = {
@@ -70,6 +71,22 @@ def ensure_dir(path: str | Path) -> Path:
         raise OutputError(f"cannot create the folder {path}: "
                           f"{why_unwritable(exc, path.parent) or exc.strerror}") from None
     return path
+
+
+@contextlib.contextmanager
+def made_dir(path: str | Path) -> Iterator[Path]:
+    """:func:`ensure_dir` for a block that may still refuse: when the block fails, the folder
+    is removed again if this call made it and it is still empty (a refused run leaves none)."""
+    path = Path(path)
+    existed = path.exists()
+    made = ensure_dir(path)
+    try:
+        yield made
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        raise
 
 
 def _size(tmp: str | None) -> int:

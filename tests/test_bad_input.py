@@ -57,6 +57,13 @@ def test_run_py_refuses_an_empty_batch(bundle, tmp_path):
     assert "batch >= 1" in line and "(0, 16, 1)" in line
 
 
+def test_run_py_refuses_complex_input(bundle, tmp_path):
+    """float32 would silently drop the imaginary parts."""
+    np.save(tmp_path / "x.npy", np.ones((2, SEQ_LEN, 1), np.complex64))
+    line = _one_line_error(_run_py(bundle, "--input", "x.npy", cwd=tmp_path), "run.py")
+    assert "real numbers" in line and "complex64" in line
+
+
 def test_run_py_refuses_input_the_model_overflows_on(bundle, tmp_path):
     np.save(tmp_path / "x.npy", np.full((2, SEQ_LEN, 1), 1e38, np.float32))
     line = _one_line_error(_run_py(bundle, "--input", "x.npy", "--output", "y.npy",
@@ -162,6 +169,35 @@ def test_export_into_a_full_disk_is_one_line_and_leaves_nothing(bundle, tmp_path
     line = _one_line_error(done, "compressm-tune")
     assert "the bundle" in line and "file size limit" in line
     assert not (tmp_path / "b").exists()
+
+
+PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "cpu-amd-epyc-2c.json"
+JOB = ["-q", "--budget", "0.8x", "--trials", "1", "--steps", "10", "--no-baseline", "--profile",
+       str(PROFILE), "--no-drift-check", "--out", "run"]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("limit_kib,needle", [
+    pytest.param(32, "study storage", id="storage"),
+    pytest.param(150, "best.pt", marks=pytest.mark.slow, id="trial-checkpoint"),
+    pytest.param(500, "the bundle", marks=pytest.mark.slow, id="bundle"),
+])
+def test_the_budgeted_job_on_a_full_disk_is_one_line_and_resumes(tmp_path, limit_kib, needle):
+    """Wherever the disk fills (the study's storage, a trial's checkpoint, the exported
+    bundle), the job ends in one line with exit 2, the profile it read is unchanged, and the
+    same command finishes the job once there is room."""
+    profile = _sha(PROFILE)
+    done = _cli_limited(JOB, tmp_path, limit_kib * 1024)
+    line = _one_line_error(done, "compressm-tune")
+    assert needle in line, line
+    assert _sha(PROFILE) == profile
+    if limit_kib > 32:  # the rerun is the slow part; storage creation resumes the same way
+        again = _cli(JOB, tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["meets_budget"]
 
 
 # ----------------------------------------------------------------------------- train
@@ -274,8 +310,7 @@ def test_a_journal_storage_never_appends_to_a_file_that_is_not_a_journal(tmp_pat
 def test_a_refused_budget_leaves_no_run_folder(tmp_path, capsys):
     from compressm_tune.cli import main
 
-    profile = Path(__file__).resolve().parent.parent / "profiles" / "cpu-amd-epyc-2c.json"
-    code = main(["--budget-ms", "0.0001", "--profile", str(profile), "--no-drift-check",
+    code = main(["--budget-ms", "0.0001", "--profile", str(PROFILE), "--no-drift-check",
                  "--out", str(tmp_path / "run")])
     assert code == 2
     assert "below the fastest model" in capsys.readouterr().err
@@ -334,3 +369,134 @@ def test_compress_refuses_token_ids_outside_the_vocabulary(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "vocabulary has 12" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+
+@pytest.mark.parametrize("settings", [{"window": float("nan")}, {"window": float("inf")},
+                                      {"max_drop": float("nan")}])
+def test_compressor_refuses_settings_that_are_not_numbers_in_range(settings):
+    """Checked by ReduceConfig before they are used (a NaN window was turned into a step
+    count first: ValueError; a NaN max_drop passed every comparison)."""
+    from compressm_tune import Compressor
+    from compressm_tune.errors import ConfigError
+
+    model = SSMModel(SSMConfig(d_input=1, d_output=2, d_model=4, state_dims=[8]))
+    with pytest.raises(ConfigError, match=next(iter(settings))):
+        Compressor(model, torch.optim.AdamW(model.parameters()), total_steps=10,
+                   validate=lambda: {"loss": 1.0}, **settings)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--tolerance", "inf"], "tolerance"),  # a parity check that checks nothing
+    (["--bench", "--min-time-s", "-1"], "--min-time-s"),
+    (["--bench", "--min-time-s", "nan"], "--min-time-s"),
+])
+def test_export_refuses_settings_before_writing_the_bundle(bundle, tmp_path, capsys, flags,
+                                                           needle):
+    from compressm_tune.cli import main
+
+    out = tmp_path / "b"
+    assert main(["export", str(bundle.parent / "model.pt"), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+@pytest.mark.parametrize("setting", ["min_time_s", "watts_per_core"])
+def test_profile_settings_must_be_finite(setting):
+    """An infinite minimum time never ends a timing; infinite watts give infinite energy."""
+    from compressm_tune.errors import ConfigError
+    from compressm_tune.hardware import ProfilerConfig
+
+    with pytest.raises(ConfigError, match=setting):
+        ProfilerConfig(**{setting: float("inf")})
+
+
+def test_timing_refuses_an_endless_minimum_time():
+    from compressm_tune.hardware import time_calls
+
+    with pytest.raises(ValueError, match="min_time_s"):
+        time_calls(lambda: None, min_time_s=float("inf"), min_repeats=1, max_repeats=3)
+
+
+def test_a_study_storage_that_cannot_open_leaves_no_run_folder(tmp_path, capsys):
+    from compressm_tune.cli import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    code = main(["--budget-ms", "1", "--profile", str(PROFILE), "--no-drift-check",
+                 "--storage", f"sqlite:///{notes}", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "cannot open study storage" in capsys.readouterr().err
+    assert notes.read_text() == "my notes\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_profile_never_overwrites_a_profile(tmp_path, capsys):
+    from compressm_tune.cli import main
+
+    mine = tmp_path / "mine.json"
+    mine.write_text(PROFILE.read_text())
+    assert main(["profile", "--widths", "4,8", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "never overwritten" in err[0], err
+    assert mine.read_text() == PROFILE.read_text()
+
+
+def test_compare_refuses_an_infinite_tolerance(tmp_path, capsys):
+    from compressm_tune.cli import main
+
+    assert main(["compare", str(PROFILE), str(PROFILE), "--tolerance", "inf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tolerance" in err[0], err
+
+
+@pytest.mark.parametrize("text", ["4,,8", "4,8,", ""])
+def test_profile_widths_with_an_empty_item_are_refused(text):
+    from compressm_tune.errors import ConfigError
+    from compressm_tune.hardware import parse_widths
+
+    with pytest.raises(ConfigError, match="widths"):
+        parse_widths(text)
+
+
+def test_train_into_a_finished_run_without_resume_is_refused_and_changes_nothing(tmp_path,
+                                                                                capsys):
+    """Starting afresh would overwrite that run's checkpoints and metrics."""
+    from compressm_tune.cli import main
+
+    data = _tiny_npz(tmp_path / "d.npz")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"the earlier run's checkpoint")
+    (run / "metrics.jsonl").write_text('{"step": 3}\n')
+    code = main(["train", "--dataset", "npz", "--data", str(data), *TINY, "--out", str(run)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--resume" in err[-1] and len([ln for ln in err if "error:" in ln]) == 1, err
+    assert (run / "last.pt").read_bytes() == b"the earlier run's checkpoint"
+    assert (run / "metrics.jsonl").read_text() == '{"step": 3}\n'
+
+
+def test_the_budgeted_job_refuses_a_training_run_s_folder(tmp_path, capsys):
+    """The job writes OUT/summary.json and OUT/report.md: not over a training run's."""
+    from compressm_tune.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 3}\n')
+    (run / "summary.json").write_text("{}")
+    # an impossible budget: without the check the job would refuse it, in other words
+    assert main(["--budget-ms", "0.0001", "--profile", str(PROFILE), "--no-drift-check",
+                 "--out", str(run)]) == 2
+    assert "holds a training run" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "summary.json"]
+    assert (run / "summary.json").read_text() == "{}"

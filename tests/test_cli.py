@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -374,6 +376,36 @@ def test_flags_read_the_same_fields_the_dataclasses_have(where):
             assert key in ("budget_ms",), f"{key}: a flag needs a literal default"
 
 
+def test_shared_run_settings_are_declared_once_and_their_defaults_may_change():
+    """TrainConfig and TuneConfig inherit seed/threads/device/precision/cuda_graphs/batch_size
+    from RunSettings; TuneConfig's own defaults (one thread, batch 32) keep the shared help, in
+    the dataclass and in what the flag reader reads."""
+    import ast
+    import dataclasses
+
+    from compressm_tune.cli._flags import fields_of
+    from compressm_tune.search import TuneConfig
+    from compressm_tune.training import RunSettings, TrainConfig
+
+    shared = [f.name for f in dataclasses.fields(RunSettings)]
+    assert shared == ["seed", "threads", "device", "precision", "cuda_graphs", "batch_size"]
+    tune = fields_of("compressm_tune.search:TuneConfig")
+    train = fields_of("compressm_tune.training:TrainConfig")
+    for name in shared:
+        assert tune[name].meta == train[name].meta == dict(RunSettings.__dataclass_fields__[
+            name].metadata), name
+    assert (tune["threads"].default, tune["batch_size"].default) == (1, 32)
+    assert (train["threads"].default, train["batch_size"].default) == (None, 64)
+    assert TuneConfig(budget="0.4x").threads == 1 and TrainConfig().threads is None
+    for cls in (TrainConfig, TuneConfig):  # no shared field is written out again
+        source = ast.parse(Path(inspect.getsourcefile(cls)).read_text())
+        body = next(n for n in source.body if isinstance(n, ast.ClassDef) and n.name
+                    == cls.__name__).body
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and node.target.id in shared:
+                assert not isinstance(node.value, ast.Call), (cls.__name__, node.target.id)
+
+
 def test_choices_come_from_their_modules():
     from compressm_tune._device import PRECISIONS
     from compressm_tune.cli._flags import constant
@@ -418,7 +450,7 @@ def test_a_missed_budget_exits_3(monkeypatch, capsys, tmp_path):
     from compressm_tune import search
     from compressm_tune.errors import BudgetMissedError
 
-    def missed(config):
+    def missed(config, progress=True):
         raise BudgetMissedError("no trial met the budget")
 
     monkeypatch.setattr(search, "run_tune", missed)
@@ -427,8 +459,41 @@ def test_a_missed_budget_exits_3(monkeypatch, capsys, tmp_path):
     assert "no trial met the budget" in _one_error_line(capsys.readouterr().err)
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "report.md").write_text("# report\n")
-    monkeypatch.setattr(search, "run_tune", lambda config: {"meets_budget": False})
+    monkeypatch.setattr(search, "run_tune", lambda config, progress=True: {"meets_budget": False})
     assert main(argv) == 3
     with pytest.raises(BudgetMissedError):  # --debug: the traceback instead of one line
         monkeypatch.setattr(search, "run_tune", missed)
         main([*argv, "--debug"])
+
+
+def test_quiet_hides_the_job_s_progress_bar_and_verbose_shows_it(tmp_path, monkeypatch):
+    """``-q`` reaches the search as ``progress=False`` (and Optuna's own logging at WARNING);
+    without it, or with ``-v``, the bar is shown."""
+    import optuna
+
+    import compressm_tune.search as search
+
+    asked = []
+    monkeypatch.setattr(search, "run_tune", lambda config, progress=True: asked.append(
+        (progress, optuna.logging.get_verbosity())) or {"finalized": False})
+    before = optuna.logging.get_verbosity()
+    try:
+        for flags in (["-q"], ["-v"], []):
+            optuna.logging.set_verbosity(optuna.logging.INFO)
+            assert main([*flags, "--budget", "0.4x", "--out", str(tmp_path / "run")]) == 0
+    finally:
+        optuna.logging.set_verbosity(before)
+    assert asked == [(False, optuna.logging.WARNING), (True, optuna.logging.INFO),
+                     (True, optuna.logging.INFO)]
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_run_trials_draws_optuna_s_progress_bar_only_when_asked(tmp_path, capsys, progress):
+    import optuna
+
+    from compressm_tune.search._study import run_trials
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    run_trials(study, lambda trial: trial.suggest_float("x", 0.0, 1.0), 2, progress=progress)
+    err = capsys.readouterr().err
+    assert ("2/2" in err) is progress, err

@@ -3,7 +3,10 @@
 Each setting is declared once, as a dataclass field whose metadata carries its help:
 ``field(default=..., metadata={"help": ..., "flag": "--hidden", "choices": ARCHS,
 "metavar": ..., "cli": False})``. The flag is ``--`` + the field name with dashes unless
-``"flag"`` names it; a bool defaulting to True becomes ``--no-<name>`` (store_false).
+``"flag"`` names it; a bool defaulting to True becomes ``--no-<name>`` (store_false);
+``"none"`` says what a None default means in the help. A dataclass inherits the fields of its
+base classes (named in the class statement), and a plain value assigned to an inherited name
+changes only its default, as ``RunSettings`` declares.
 
 The classes are read from their source with :mod:`ast`, not imported: their modules import
 torch, and ``compressm-tune --help`` must not pay for that. Defaults and choices are literals
@@ -149,18 +152,25 @@ def fields_of(where: str) -> dict[str, Field]:
     defined_in, cls = _definition(module, name)
     if not isinstance(cls, ast.ClassDef):
         raise LookupError(f"{where} is not a class")
-    out = {}
+    out: dict[str, Field] = {}
+    for base in cls.bases:  # a base dataclass's fields come first, as in dataclasses
+        if isinstance(base, ast.Name):
+            out.update(fields_of(f"{defined_in}:{base.id}"))
     for node in cls.body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
-        meta = {}
-        if isinstance(node.value, ast.Call) and getattr(node.value.func, "id", "") == "field":
+        name = node.target.id
+        is_field = (isinstance(node.value, ast.Call)
+                    and getattr(node.value.func, "id", "") == "field")
+        # a plain value assigned to an inherited name changes only its default (RunSettings)
+        meta = dict(out[name].meta) if name in out and not is_field else {}
+        if is_field:
             for kw in node.value.keywords:
                 if kw.arg == "metadata":
                     meta = {k: v for k, v in _value(defined_in, kw.value).items()}
         default = None if node.value is None else _value(defined_in, node.value)
         kind, optional = _kind(ast.unparse(node.annotation))
-        out[node.target.id] = Field(node.target.id, kind, optional, default, meta)
+        out[name] = Field(name, kind, optional, default, meta)
     return out
 
 
@@ -206,8 +216,8 @@ def add_fields(parser: Any, where: str, names: list[str] | tuple[str, ...], *,
         if default is _UNKNOWN:
             raise ValueError(f"{where}.{name}: default is not a literal; pass defaults=")
         text = f.meta.get("help", "")
-        if default is not None and f.kind != "bool":
-            text += f" (default: {_shown(default)})"
+        if f.kind != "bool" and (default is not None or "none" in f.meta):
+            text += f" (default: {_shown(default) if default is not None else f.meta['none']})"
         if f.kind == "other":
             raise ValueError(f"{where}.{name}: no flag for this type")
         kwargs: dict[str, Any] = {"dest": name, "help": text.replace("%", "%%")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from compressm_tune._io import atomic_write_text
     from compressm_tune.hardware import compare, load_profile, plot_comparison
 
+    if not 0 <= args.tolerance < math.inf:
+        from compressm_tune.errors import ConfigError
+
+        raise ConfigError(f"--tolerance must be >= 0 and finite, got {args.tolerance}")
     profiles = [load_profile(p) for p in args.profiles]
     table = compare(profiles, tolerance=args.tolerance)
     text = table.to_markdown()

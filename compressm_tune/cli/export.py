@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
     from compressm_tune._table import markdown_table
     from compressm_tune.exporter import DEFAULT_SEQ_LEN, export_bundle, measure_latency
 
+    if args.bench and not 0 < args.min_time_s < math.inf:  # before anything is written
+        from compressm_tune.errors import ExportOptionError
+
+        raise ExportOptionError(f"--min-time-s must be > 0 and finite, got {args.min_time_s}")
     source = Path(args.checkpoint)
     out = Path(args.out) if args.out else (
         source if source.is_dir() else source.parent) / "bundle"

@@ -90,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     if args.check is not None:
         return _run_check(args.check, progress=not args.quiet)
     config = config_from_args(args)
+    if args.out is not None and Path(args.out).exists():  # checked before minutes of timing
+        from compressm_tune.errors import OutputError
+
+        raise OutputError(f"--out {args.out} exists: a profile is never overwritten; remove it "
+                          "or choose another name")
     started = time.perf_counter()
     profile = hardware.profile_device(config, progress=not args.quiet, notes=args.note)
     took = time.perf_counter() - started

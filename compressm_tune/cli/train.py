@@ -114,15 +114,19 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(**{name: getattr(args, name)
                             for name in (*_TRAIN_FLAGS, *tune.DEVICE, "log_spectrum")})
     ranks = distributed.current()
-    missing = None
-    if args.resume and (ranks is None or ranks.main) and not (
-            Path(args.out) / "last.pt").is_file():  # rank 0's folder is the run's
-        missing = ConfigError(f"--resume: there is no {Path(args.out) / 'last.pt'} to "
-                              "continue from; run without --resume to start")
+    last = Path(args.out) / "last.pt"
+    refusal = None
+    if ranks is None or ranks.main:  # rank 0's folder is the run's
+        if args.resume and not last.is_file():
+            refusal = ConfigError(f"--resume: there is no {last} to continue from; run without "
+                                  "--resume to start")
+        elif not args.resume and last.is_file():  # starting afresh would overwrite that run
+            refusal = ConfigError(f"{args.out} holds a run ({last}): add --resume to continue "
+                                  "it, or choose another --out")
     if ranks is not None:
-        distributed.unanimous(missing, ranks)
-    elif missing is not None:
-        raise missing
+        distributed.unanimous(refusal, ranks)
+    elif refusal is not None:
+        raise refusal
     trainer = Trainer(model_config, config, data, args.out, reducer=_reducer(args),
                       resume=args.resume, progress=not (args.no_progress or args.quiet))
     s = trainer.fit()

@@ -10,6 +10,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from compressm_tune.cli._flags import add_fields
 
@@ -57,9 +58,14 @@ def check_data_flags(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the job; 0 when the chosen model meets the budget as measured, else 3."""
+    from compressm_tune.errors import ConfigError
     from compressm_tune.search import TuneConfig, run_tune
 
     check_data_flags(args)
+    for name in ("last.pt", "metrics.jsonl"):  # the job would overwrite its summary.json
+        if (Path(args.out) / name).is_file():
+            raise ConfigError(f"--out {args.out} holds a training run ({name}); choose another "
+                              "folder for the job")
     config = TuneConfig(**{name: getattr(args, name) for name in _FLAGS},
                         adaptive=adaptive_config(args))
     if config.workers > 1:
@@ -67,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if args.quiet:
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per trial
-    summary = run_tune(config)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no study-created line
+    summary = run_tune(config, progress=not args.quiet)
     if summary.get("finalized") is False:
         return 0  # another worker of the same study exports and reports (it said so)
     print()

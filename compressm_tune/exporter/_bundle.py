@@ -282,8 +282,8 @@ def export_bundle(
             "quantize='int8' quantizes the ONNX graphs; add 'onnx' to formats")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ExportOptionError(f"threads must be an integer >= 1, got {threads=}")
-    if not tolerance > 0:
-        raise ExportOptionError(f"tolerance must be > 0, got {tolerance=}")
+    if not 0 < tolerance < math.inf:  # inf would check nothing
+        raise ExportOptionError(f"tolerance must be > 0 and finite, got {tolerance=}")
     if not (chunk in ("auto", "scan", None) or (
             isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1)):
         raise ExportOptionError(f"chunk must be 'auto', 'scan', None or an integer >= 1, "

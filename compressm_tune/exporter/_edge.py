@@ -332,6 +332,8 @@ class EdgeBundle:
         """Coerce raw input to ``(batch, length, d_input)`` float32 (see module docstring)."""
         if self.tokens:
             raise BundleError("this bundle takes token ids, not float features")
+        if np.iscomplexobj(x):  # float32 would drop the imaginary parts with a warning
+            raise BundleError(f"input must be real numbers, got {np.asarray(x).dtype} values")
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 1 and self.d_input == 1:
             x = x[None, :, None]

@@ -3,6 +3,7 @@ device's fingerprint (:class:`DeviceFingerprint`: hardware and software versions
 
 from __future__ import annotations
 
+import math
 import platform
 import re
 from dataclasses import dataclass, field, replace
@@ -109,10 +110,11 @@ class ProfilerConfig:
             raise ConfigError(f"threads must be None or an integer >= 1, got {self.threads=}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup=}")
-        if not self.min_time_s >= 0:
-            raise ConfigError(f"min_time_s must be >= 0, got {self.min_time_s=}")
-        if not self.watts_per_core > 0:
-            raise ConfigError(f"watts_per_core must be > 0, got {self.watts_per_core=}")
+        if not 0 <= self.min_time_s < math.inf:  # inf: a timing that never ends
+            raise ConfigError(f"min_time_s must be >= 0 and finite, got {self.min_time_s=}")
+        if not 0 < self.watts_per_core < math.inf:
+            raise ConfigError(f"watts_per_core must be > 0 and finite, got "
+                              f"{self.watts_per_core=}")
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime must be one of {RUNTIMES}, got {self.runtime=}")
         if self.energy not in ENERGY_CHOICES:
@@ -184,7 +186,7 @@ def parse_widths(text: str) -> tuple[int, ...]:
     >>> parse_widths("3,2, 5")
     (3, 2, 5)
     """
-    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    tokens = [t.strip() for t in text.split(",")]
     try:
         if "..." not in tokens:
             return tuple(int(t) for t in tokens)

@@ -8,6 +8,7 @@ windows (the Zeus ``begin_window`` / ``end_window`` pattern).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -150,9 +151,9 @@ def time_calls(
     >>> times.wall_ms.shape, times.thread_cpu_ms.shape
     ((3,), (3,))
     """
-    if min_time_s < 0 or not 1 <= min_repeats <= max_repeats:
+    if not 0 <= min_time_s < math.inf or not 1 <= min_repeats <= max_repeats:
         raise ValueError(
-            "min_time_s >= 0 and 1 <= min_repeats <= max_repeats must hold, got "
+            "0 <= min_time_s < inf and 1 <= min_repeats <= max_repeats must hold, got "
             f"{min_time_s=}, {min_repeats=}, {max_repeats=}"
         )
     wall_ms: list[float] = []

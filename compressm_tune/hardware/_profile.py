@@ -383,8 +383,8 @@ def _check(widths: Sequence[int], values: Sequence[float | None], tolerance: flo
         )
     if any(v is None for v in values):
         raise ValueError("values must all be measured (no None)")
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance=}")
+    if not 0 <= tolerance < math.inf:
+        raise ValueError(f"tolerance must be >= 0 and finite, got {tolerance=}")
 
 
 def step_up_widths(

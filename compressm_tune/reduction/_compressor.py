@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -158,15 +159,17 @@ class Compressor:
                    else "weighting=input")
             raise ConfigError(f"{why} score states on data: pass calibration= (a batch of "
                               "model inputs)")
+        config = ReduceConfig(  # checks the settings before they are used
+            policy=policy, window=window, every=every,
+            max_drop=max_drop if validate is not None else math.inf, moments=moments,
+            round_to=round_to, fits=fits, calibration=calibration_size, schedule=schedule)
         if every is None and schedule == "window":  # the others spread their own checks
-            every = max(1, int(window * total_steps) // _ATTEMPTS_IN_WINDOW)
+            config = replace(config, every=max(1, int(window * total_steps)
+                                               // _ATTEMPTS_IN_WINDOW))
         self.model, self.optimizer = model, optimizer
         self.total_steps = total_steps
         self._validate, self._calibration = validate, calibration
-        self.reducer = Reducer(ReduceConfig(
-            policy=policy, window=window, every=every,
-            max_drop=max_drop if validate is not None else math.inf, moments=moments,
-            round_to=round_to, fits=fits, calibration=calibration_size, schedule=schedule))
+        self.reducer = Reducer(config)
         self._step = 0
         self.warmup_steps = warmup_steps
         self.on_cut = on_cut

@@ -136,7 +136,7 @@ class ReduceConfig:
             raise ConfigError(f"0 < window <= 1 must hold, got window={self.window}")
         if self.every is not None and self.every < 1:
             raise ConfigError(f"every >= 1 must hold, got every={self.every}")
-        if self.max_drop < 0:
+        if not self.max_drop >= 0:  # NaN fails too; inf: cuts are not checked
             raise ConfigError(f"max_drop >= 0 must hold, got max_drop={self.max_drop}")
         if self.calibration < 1:
             raise ConfigError(f"calibration >= 1 must hold, got calibration={self.calibration}")

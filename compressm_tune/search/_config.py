@@ -7,13 +7,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from compressm_tune._device import PRECISIONS
 from compressm_tune.data import DATASETS, Dataset
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import ARCHS, SSMConfig, dropout_for
 from compressm_tune.reduction import AdaptiveConfig
 from compressm_tune.search._artifacts import check_artifacts
-from compressm_tune.training import TrainConfig
+from compressm_tune.training import RunSettings, TrainConfig
 
 __all__ = ["TuneConfig", "LATENCY_MODES", "parse_relative_budget"]
 
@@ -48,7 +47,7 @@ def parse_relative_budget(value: str | float) -> float:
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(RunSettings):
     """What to search for, on which data, and where to keep the study.
 
     The latency budget is absolute (``budget_ms``) or relative to the full model
@@ -57,8 +56,10 @@ class TuneConfig:
     Every trial starts at the full width, ``max(state_dims)``, and the search explores how to cut
     it; more ``state_dims`` let it also start narrower. The model and training settings of every
     trial are built by :meth:`model_config` and :meth:`train_config` (``SSMConfig`` and
-    ``TrainConfig`` check them). The defaults finish in about three minutes on two quiet CPU
-    cores on lti-sysid.
+    ``TrainConfig`` check them); the settings shared with training (seed, threads, device,
+    precision, cuda_graphs, batch_size) are :class:`RunSettings`'. The device is where trials
+    train: export and latency measurement stay on the runtime the profile describes. The
+    defaults finish in about three minutes on two quiet CPU cores on lti-sysid.
     """
 
     budget_ms: float | None = field(default=None, metadata={
@@ -92,7 +93,7 @@ class TuneConfig:
     state_dims: tuple[int, ...] = field(default=(256,), metadata={
         "help": "initial widths the search may start from; the largest is the full model "
                 "(by default the full width only: every trial is cut from it)"})
-    batch_size: int = field(default=32, metadata={"cli": False})
+    batch_size: int = 32
     profile: str | None = field(default=None, metadata={
         "help": "profile JSON (default: this device's, cached or measured)"})
     drift_check: bool = field(default=True, metadata={
@@ -111,26 +112,14 @@ class TuneConfig:
         "help": "local worker processes sharing the study; with CUDA GPUs each is pinned to "
                 "one (CUDA_VISIBLE_DEVICES, round-robin); on CPU each trains with --threads"})
     out: str = field(default="runs/tune", metadata={"help": "run directory"})
-    seed: int = field(default=0, metadata={"help": "seed of the search and of every trial"})
     pareto: bool = field(default=False, metadata={
         "help": "multi-objective search (accuracy vs latency, NSGA-II)"})
     # One thread: the job's small models gain little from more, and on a busy 2-core machine
     # torch's default (2) spun more than it computed: the quickstart's 8 trials took ~21 min
     # with it and ~4-7 min with one thread, under the same load.
-    threads: int | None = field(default=1, metadata={
-        "help": "torch threads for training"})
+    threads: int | None = 1
     ort_threads: int = field(default=1, metadata={  # for the latency the budget is about
         "cli": False, "help": "onnxruntime intra-op threads"})
-    # export and latency measurement stay on the deployment runtime the profile describes
-    device: str = field(default="cpu", metadata={
-        "help": "where trials train: auto (a CUDA GPU if there is one), cpu, cuda or cuda:N"})
-    precision: str = field(default="fp32", metadata={
-        "choices": PRECISIONS,
-        "help": "training arithmetic: fp32; tf32 (CUDA: float32 products on the tensor "
-                "cores); bf16 (autocast projections, scans in float32)"})
-    cuda_graphs: bool = field(default=True, metadata={
-        "help": "on CUDA, launch every kernel of every step from Python instead of replaying "
-                "a captured graph (slower; for debugging)"})
     baseline: bool = field(default=True, metadata={
         "help": "skip the scratch baseline: the chosen widths trained from the start with the "
                 "chosen settings, which shows whether cutting beat training small"})

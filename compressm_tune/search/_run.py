@@ -29,7 +29,7 @@ from typing import Any
 
 from compressm_tune import hardware
 from compressm_tune._device import check_precision, resolve_device
-from compressm_tune._io import ensure_dir
+from compressm_tune._io import made_dir
 from compressm_tune.data import load_dataset
 from compressm_tune.errors import ArtifactStoreError, ConfigError
 from compressm_tune.hardware import LatencyModel, Profile, latency_model_for
@@ -45,9 +45,10 @@ from compressm_tune.training import TrainConfig, check_training_memory
 __all__ = ["run_tune", "resolve_profile"]
 
 
-def run_tune(config: TuneConfig) -> dict[str, Any]:
+def run_tune(config: TuneConfig, progress: bool = True) -> dict[str, Any]:
     """Run the whole job; returns (and writes) ``summary.json``, or ``{"finalized": False}``
-    in a worker that leaves the export to another. See the module docstring.
+    in a worker that leaves the export to another (``progress``: Optuna's progress bar on
+    stderr). See the module docstring.
 
     Raises
     ------
@@ -69,15 +70,15 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     config = _resolve_budget(config, latency)
     notes += _budget_notes(config, latency, profile)
     artifacts = open_artifacts(config.artifacts or default_artifacts(config.storage, config.out))
-    ensure_dir(config.out)  # after every refusal: a refused run leaves no folder
-    study = open_study(config)
+    with made_dir(config.out):  # after every refusal: a refused run leaves no folder
+        study = open_study(config)
     saved_ms = study.user_attrs["settings"]["budget_ms"]
     if saved_ms != config.budget_ms:  # a rerun of a relative budget keeps the study's
         notes.append(f"budget {config.budget} resolves to {config.budget_ms:.4g} ms now; the "
                      f"study's trials were run against {saved_ms:.4g} ms, which is kept")
         config = config.with_budget_ms(saved_ms)
     objective = Objective(config, data, latency.predict, profile.fast_widths(), artifacts)
-    others = run_trials(study, objective, config.trials)
+    others = run_trials(study, objective, config.trials, progress=progress)
     with finalizer(study, config, others) as why_not:
         if why_not:
             print(f"compressm-tune: this worker's trials are done; {why_not}; the bundle will "

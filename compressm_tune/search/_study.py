@@ -354,9 +354,10 @@ def _slot_guard(objective: Callable[[optuna.Trial], Any], trials: int):
 
 
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], Any],
-               trials: int) -> list[int]:
-    """Run trials until the study has ``trials`` finished ones (counting other workers');
-    returns the numbers of trials other workers are still running."""
+               trials: int, progress: bool = True) -> list[int]:
+    """Run trials until the study has ``trials`` finished ones (counting other workers'),
+    with Optuna's progress bar if ``progress``; returns the numbers of trials other workers
+    are still running."""
     # ERROR: a surplus trial's failure is bookkeeping, not news (Optuna logs every failed
     # trial with its traceback at WARNING); any other failure propagates to the caller anyway
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -367,7 +368,7 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], Any],
             guarded = _slot_guard(objective, trials)
             try:
                 study.optimize(guarded, n_trials=trials - finished, catch=(_Surplus,),
-                               show_progress_bar=True, gc_after_trial=True)
+                               show_progress_bar=progress, gc_after_trial=True)
             except (AssertionError, optuna.exceptions.StorageInternalError) as exc:
                 raise _unrecorded(exc, guarded.error) from None
         others = _still_running(study)

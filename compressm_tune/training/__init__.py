@@ -8,9 +8,10 @@ from compressm_tune.training.checkpoint import (
 )
 from compressm_tune.training.evaluation import check_training_memory, evaluate, score
 from compressm_tune.training.plots import plot_hsv_trajectories, ranking_stability, read_metrics
-from compressm_tune.training.trainer import TrainConfig, Trainer
+from compressm_tune.training.trainer import RunSettings, TrainConfig, Trainer
 
 __all__ = [
+    "RunSettings",
     "TrainConfig",
     "Trainer",
     "check_training_memory",

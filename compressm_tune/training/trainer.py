@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, Field, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +67,48 @@ from compressm_tune.training.evaluation import (
 from compressm_tune.training.optim import build_optimizer, lr_factor, set_lr
 from compressm_tune.training.step import TrainStep
 
-__all__ = ["TrainConfig", "Trainer"]
+__all__ = ["RunSettings", "TrainConfig", "Trainer"]
 
 
 @dataclass
-class TrainConfig:
+class RunSettings:
+    """Where and how a run computes: settings shared by :class:`TrainConfig` and the budgeted
+    job's ``TuneConfig``, declared once here.
+
+    A subclass changes a default by assigning a plain value to the annotated name
+    (``threads: int | None = 1``); the field keeps the help declared here (the command line's
+    flag reader follows the same rule).
+    """
+
+    seed: int = field(default=0, metadata={
+        "help": "seed of data split, weights, batches and search"})
+    threads: int | None = field(default=None, metadata={
+        "none": "torch's", "help": "torch threads for training"})
+    device: str = field(default="cpu", metadata={  # the command line's default is auto
+        "help": "where training runs: auto (a CUDA GPU if there is one), cpu, cuda or cuda:N"})
+    precision: str = field(default="fp32", metadata={
+        "choices": PRECISIONS,
+        "help": "training arithmetic: fp32; tf32 (CUDA: float32 products on the tensor cores); "
+                "bf16 (autocast projections, scans in float32)"})
+    cuda_graphs: bool = field(default=True, metadata={
+        "help": "on CUDA, launch every kernel of every step from Python instead of replaying a "
+                "captured graph (slower; for debugging)"})
+    batch_size: int = field(default=64, metadata={"help": "sequences per step"})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        shared = RunSettings.__dataclass_fields__
+        for name in cls.__dict__.get("__annotations__", {}):
+            value = cls.__dict__.get(name, MISSING)
+            if name in shared and value is not MISSING and not isinstance(value, Field):
+                setattr(cls, name, field(default=value, metadata=shared[name].metadata))
+
+
+@dataclass
+class TrainConfig(RunSettings):
     """Optimization settings of one run (the model's shape lives in ``SSMConfig``)."""
 
     steps: int = field(default=1500, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=64, metadata={"help": "sequences per step"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
     # the paper's code scales the LR of nu/theta/gamma/B by a factor
     ssm_lr_factor: float = field(default=0.5, metadata={
@@ -88,20 +121,8 @@ class TrainConfig:
         "cli": False, "help": "cosine decay's floor, a share of the peak LR"})
     eval_every: int = field(default=100, metadata={"help": "steps between evaluations"})
     eval_batch_size: int = field(default=500, metadata={"cli": False})
-    seed: int = field(default=0, metadata={"help": "seed of data split, weights and batches"})
-    threads: int | None = field(default=None, metadata={
-        "help": "torch threads (default: torch's)"})
     log_spectrum: bool = field(default=False, metadata={
         "help": "log every layer's HSVs at every evaluation and plot them (OUT/hsv.png)"})
-    device: str = field(default="cpu", metadata={  # the command line's default is auto
-        "help": "where training runs: auto (a CUDA GPU if there is one), cpu, cuda or cuda:N"})
-    precision: str = field(default="fp32", metadata={
-        "choices": PRECISIONS,
-        "help": "training arithmetic: fp32; tf32 (CUDA: float32 products on the tensor cores); "
-                "bf16 (autocast projections, scans in float32)"})
-    cuda_graphs: bool = field(default=True, metadata={
-        "help": "on CUDA, launch every kernel of every step from Python instead of replaying a "
-                "captured graph (slower; for debugging)"})
     dist_timeout: float = field(default=60.0, metadata={
         "help": "under torchrun: seconds a rank waits for the others before the run stops "
                 "with one line (a lost rank; last.pt stays for --resume)"})
