@@ -18,7 +18,6 @@ from conftest import small_trainer
 from compressm_tune.errors import ExportError
 from compressm_tune.exporter import (
     EdgeBundle,
-    ExportOptionError,
     build_sequence_model,
     build_step_model,
     export_bundle,
@@ -237,13 +236,6 @@ def test_export_parity_fails_on_a_wrong_graph():
                    lengths=(5,), batches=(1,))
 
 
-def test_chunked_graph_is_refused_in_one_line():
-    w = extract_weights(SSMModel(SSMConfig(arch="mamba", d_model=8, state_dims=[4])))
-    with pytest.raises(ValueError, match="not 'mamba'; use chunk=None") as info:
-        build_sequence_model(w, chunk=8)
-    assert "\n" not in str(info.value)
-
-
 def test_bundle_of_a_mamba_checkpoint_runs_on_the_edge_runner(tmp_path):
     torch.manual_seed(2)
     model = SSMModel(SSMConfig(arch="mamba", d_output=4, d_model=8, state_dims=[6, 3])).eval()
@@ -259,5 +251,3 @@ def test_bundle_of_a_mamba_checkpoint_runs_on_the_edge_runner(tmp_path):
     np.testing.assert_allclose(edge.predict(x.numpy(), normalized=True), want, atol=1e-5)
     streamed = edge.streamer(batch=2).run(x.numpy(), normalized=True)[:, -1]
     np.testing.assert_allclose(streamed, want, atol=1e-5)
-    with pytest.raises(ExportOptionError, match="not 'mamba'"):
-        export_bundle(tmp_path / "m.pt", tmp_path / "c", chunk=8)

@@ -40,6 +40,19 @@ def test_the_readme_has_commands_to_run():
     assert any(c.startswith("compressm-tune train") for c in SHELL), SHELL
 
 
+def _users_files(folder: Path) -> None:
+    """What the README's commands take from the user: a pretrained Mamba saved by
+    transformers (random weights, small) and a file of token ids."""
+    import numpy as np
+    import torch
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    MambaForCausalLM(MambaConfig(vocab_size=128, hidden_size=32, state_size=64,
+                                 num_hidden_layers=2)).save_pretrained(folder / "my-mamba")
+    np.save(folder / "ids.npy", np.random.default_rng(0).integers(0, 128, (96, 65)))
+
+
 @pytest.mark.slow
 def test_the_readme_commands_run_as_written(tmp_path):
     import shlex
@@ -48,6 +61,7 @@ def test_the_readme_commands_run_as_written(tmp_path):
     import sys
 
     shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    _users_files(tmp_path)
     cli = "import sys; from compressm_tune.cli import main; sys.exit(main())"
     for command in SHELL:
         argv = shlex.split(command)

@@ -109,7 +109,7 @@ def test_a_profile_of_another_shape_is_noted(profile_path):
 
 @pytest.mark.parametrize("kw, match", [
     ({"budget_mj": 0}, "budget-mj"), ({"latency_mode": "batch"}, "latency mode"),
-    ({"trials": 0}, "trials"), ({"state_dims": ()}, "state_dims"), ({"arch": "mamba2"}, "arch")])
+    ({"trials": 0}, "trials"), ({"state_dims": ()}, "state_dims"), ({"arch": "mamba3"}, "arch")])
 def test_tune_config_validation(kw, match):
     with pytest.raises(ConfigError, match=match):
         TuneConfig(budget_ms=1, **kw)
@@ -142,13 +142,13 @@ def test_a_profile_of_another_arch_is_one_line_error(tmp_path, capsys, profile_p
 
 def test_profiler_config_rejects_an_unknown_arch():
     with pytest.raises(ConfigError, match="arch must be one of"):
-        ProfilerConfig(arch="mamba2")
+        ProfilerConfig(arch="mamba3")
 
 
 def test_cli_unknown_arch_exits_2_without_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        _tune(tmp_path, "--budget-ms", "1", "--arch", "mamba2")
-    assert info.value.code == 2 and "mamba2" in capsys.readouterr().err
+        _tune(tmp_path, "--budget-ms", "1", "--arch", "mamba3")
+    assert info.value.code == 2 and "mamba3" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
