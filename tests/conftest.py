@@ -206,3 +206,14 @@ def postgres_url(tmp_path_factory):
     subprocess.run([*runner, pg_ctl, "-D", str(data / "db"), "-m", "fast", "stop"],
                    capture_output=True)
     shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    """A real profile of this machine at the shape the search tests tune (H=8, 1 block, L=40)."""
+    from compressm_tune.hardware import ProfilerConfig, profile_device, save_profile
+
+    profile = profile_device(ProfilerConfig(
+        device="cpu", runtime="torch", widths=(1, 4, 16, 64), hidden=8, blocks=1, seq_len=40,
+        min_time_s=0.02, rounds=1, min_repeats=3, warmup=1, threads=1), progress=False)
+    return save_profile(profile, tmp_path_factory.mktemp("prof") / "here.json")

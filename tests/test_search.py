@@ -22,22 +22,12 @@ from compressm_tune.hardware import (
     ProfilerConfig,
     drift_scale,
     load_profile,
-    profile_device,
     save_profile,
 )
 from compressm_tune.search import StorageError, TuneConfig, open_storage, resolve_profile
 from compressm_tune.training import load_checkpoint
 
 SMALL = {"blocks": 1, "hidden": 8}
-
-
-@pytest.fixture(scope="module")
-def profile_path(tmp_path_factory):
-    """A real profile of this machine at the shape the tests tune (H=8, 1 block, L=40)."""
-    profile = profile_device(ProfilerConfig(
-        device="cpu", runtime="torch", widths=(1, 4, 16, 64), hidden=8, blocks=1, seq_len=40,
-        min_time_s=0.02, rounds=1, min_repeats=3, warmup=1, threads=1), progress=False)
-    return save_profile(profile, tmp_path_factory.mktemp("prof") / "here.json")
 
 
 def _tune(tmp_path, *args):

@@ -20,19 +20,9 @@ import torch
 
 from compressm_tune.cli import main
 from compressm_tune.errors import ArtifactStoreError, ConfigError
-from compressm_tune.hardware import ProfilerConfig, profile_device, save_profile
 from compressm_tune.search import TuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def profile_path(tmp_path_factory):
-    """A small real profile of this machine at the tests' shape (H=8, 1 block, L=40)."""
-    profile = profile_device(ProfilerConfig(
-        device="cpu", runtime="torch", widths=(1, 4, 16, 64), hidden=8, blocks=1, seq_len=40,
-        min_time_s=0.02, rounds=1, min_repeats=3, warmup=1, threads=1), progress=False)
-    return save_profile(profile, tmp_path_factory.mktemp("prof") / "here.json")
 
 
 def _tune(out: Path, *args: str) -> int:
