@@ -257,6 +257,9 @@ def test_a_dead_runs_lock_does_not_block_the_next(tmp_path):
     (["--ssm-lr-factor", "inf"], "ssm_lr_factor=inf"),
     (["--reduce", "tau=0.1", "--max-drop", "nan"], "--max-drop"),
     (["--reduce", "tau=0.1", "--window", "inf"], "--window"),
+    (["--dist-timeout", "nan"], "dist_timeout=nan"),
+    (["--dist-timeout", "0"], "dist_timeout=0"),
+    (["--arch", "mamba2", "--head-dim", "7"], "head_dim must divide"),
 ])
 def test_train_refuses_settings_that_cannot_train_and_leaves_no_folder(tmp_path, flags, needle):
     data = _tiny_npz(tmp_path / "d.npz")
@@ -315,6 +318,24 @@ def test_a_refused_budget_leaves_no_run_folder(tmp_path, capsys):
     assert code == 2
     assert "below the fastest model" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--workers", "0"], "workers must be >= 1"),
+    (["--artifacts", "notes.txt/store"], "notes.txt is a file"),
+])
+def test_the_job_refuses_bad_worker_settings_and_leaves_no_folder(tmp_path, capsys, flags,
+                                                                  needle):
+    from compressm_tune.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    code = main(["--budget-ms", "100", "--profile", str(PROFILE), "--no-drift-check", *[
+        f.replace("notes.txt", str(tmp_path / "notes.txt")) for f in flags],
+        "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 # ----------------------------------------------------------------------------- compress
