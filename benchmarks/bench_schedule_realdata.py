@@ -4,7 +4,8 @@ Methods, per dataset and seed (``tau=0.04``, ``train --reduce``'s other defaults
   full      N=256 throughout, no reduction (the reference metric)
   default   ``ReduceConfig()``'s schedule (``adaptive``: cuts once the LR warm-up is over and
             validation has left its starting noise band, widths from each layer's
-            input-weighted spectrum and the paired safety net, bisection after a rollback)
+            input-weighted spectrum and the paired safety net; a cut it rejects at once
+            trains ``recover`` of the steps and is judged again, bisection after a rollback)
   window    the paper's schedule (first 10% of steps, unweighted HSVs, attempts at evaluations)
   scratch   trained from scratch at ``default``'s final widths, same seed
 
@@ -89,9 +90,10 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _log(metrics: Path, metric: str) -> dict[str, list]:
-    """Cuts ``[step, layer, n, rank]``, rollbacks ``[step, layer, n, rank, drop, tolerance]``
+    """Cuts ``[step, layer, n, rank]``, rollbacks ``[step, layer, n, rank, drop, tolerance]``,
+    cuts kept after recovering from a failed first verdict ``[step, layer, n, rank, drop]``
     and the validation curve ``[step, value]`` from a run's ``metrics.jsonl``."""
-    log: dict[str, list] = {"cuts": [], "rollbacks": [], "val_curve": []}
+    log: dict[str, list] = {"cuts": [], "rollbacks": [], "recovered": [], "val_curve": []}
     for line in metrics.read_text().splitlines():
         rec = json.loads(line)
         if "val" in rec and "train_loss" in rec:
@@ -102,6 +104,9 @@ def _log(metrics: Path, metric: str) -> dict[str, list]:
             elif layer["action"] == "rollback":
                 log["rollbacks"].append([rec["step"], layer["layer"], layer["n"], layer["rank"],
                                          layer.get("drop"), layer.get("tolerance")])
+            elif layer["action"] == "kept":
+                log["recovered"].append([rec["step"], layer["layer"], layer["n"], layer["rank"],
+                                         layer.get("drop")])
     return log
 
 
@@ -196,7 +201,7 @@ def _table(results: list[dict], dataset: str) -> str:
             "{:+.2f} ± {:.2f}".format(*mean_std(vs_scratch)) + unit if vs_scratch else "-",
             "; ".join(_first_cut(r) for r in sel) if method in ("default", "window") else "-",
             "; ".join(",".join(map(str, r["final_dims"])) for r in sel),
-            "; ".join(str(len(r["rollbacks"])) for r in sel),
+            "; ".join(f"{len(r['rollbacks'])}/{len(r.get('recovered', []))}" for r in sel),
             "{:.0f}".format(mean_std([r["train_time_s"] for r in sel])[0]),
         ])
     metric = "test MSE" if regression else "test accuracy %"
@@ -204,7 +209,7 @@ def _table(results: list[dict], dataset: str) -> str:
     return markdown_table(
         ["method", f"{metric} (mean ± sd)", "states kept (share)", f"{change} vs full (paired)",
          f"{change} vs scratch (paired)", "first cut: step, val metric (start ± band)",
-         "final widths per seed", "rollbacks per seed", "train s"], out)
+         "final widths per seed", "rollbacks/kept after recovery per seed", "train s"], out)
 
 
 def _targets(results: list[dict], datasets: list[str]) -> list[str]:

@@ -19,7 +19,13 @@ import torch
 from scipy import stats
 
 from compressm_tune.models import SSMConfig, SSMModel
-from compressm_tune.reduction import ReduceConfig, Reducer, ReductionPolicy, paired_verdict
+from compressm_tune.reduction import (
+    AdaptiveConfig,
+    ReduceConfig,
+    Reducer,
+    ReductionPolicy,
+    paired_verdict,
+)
 from compressm_tune.training import TrainConfig, Trainer, read_metrics
 
 
@@ -432,3 +438,103 @@ def test_a_study_refuses_to_resume_with_other_adaptive_settings(tmp_path):
     with pytest.raises(ConfigError, match="adaptive"):
         open_study(TuneConfig(budget_ms=1.0, out=str(tmp_path),
                               adaptive=AdaptiveConfig(by=0.3)))
+
+
+class _DeferringHost(_Host):
+    """A host whose snapshot is the whole training state (like the Trainer's)."""
+
+    defers_verdicts = True
+
+    def restore(self, snap):
+        self.restored = snap
+        super().restore(snap)
+
+
+def _recovering(recovered_after):
+    """Every sample wrong while layer 0 is cut and fewer than ``recovered_after`` steps have
+    passed since the cut; right otherwise (a cut the run absorbs in that many steps)."""
+    cut_at = {}
+
+    def accuracy(step, widths):
+        if widths[0] == 64:
+            cut_at.clear()
+            return np.ones(50)
+        start = cut_at.setdefault(widths[0], step)
+        return np.ones(50) if step - start >= recovered_after else np.zeros(50)
+    return accuracy
+
+
+def _drive(reducer, host, steps, total=100):
+    """The trainer's calls: an attempt at every due step; returns every record."""
+    records = []
+    for step in range(1, steps + 1):
+        host.step = step
+        if reducer.due(step, total):
+            records += [(step, r) for r in reducer.attempt(host)[0]]
+    return records
+
+
+@pytest.mark.parametrize("recovered_after, kept", [(3, True), (50, False)])
+def test_a_cut_is_judged_after_its_recovery_steps(recovered_after, kept):
+    """recover=0.05 of 100 steps: the cut at step 1 fails at once and trains until step 6
+    before its verdict.
+    A cut the model absorbs in 3 steps is kept; one it does not is rolled back to the
+    pre-cut weights and its width bisected."""
+    host = _DeferringHost(_recovering(recovered_after), warmup=0)
+    reducer = _Target([16, 64], every=1, window=1.0,
+                      adaptive=AdaptiveConfig(recover=0.05))
+    reducer.ready = {"step": 0, "val": None}
+    before = {k: v.clone() for k, v in host.model.state_dict().items()}
+    records = _drive(reducer, host, 6)
+    actions = [(step, r["action"]) for step, r in records if r["layer"] == 0]
+    assert actions[0] == (1, "cut") and records[0][1]["judge_at"] == 6
+    assert not [a for s, a in actions[1:] if s < 6]  # no attempt while it recovers
+    verdict = next(r for s, r in records if s == 6 and r["layer"] == 0)
+    assert verdict["action"] == ("kept" if kept else "rollback")
+    assert verdict["cut_at"] == 1 and verdict["rank"] == 16
+    if kept:
+        assert reducer.first_cut["step"] == 1
+    else:
+        assert reducer.bisect.rejected == {0: 16}
+        # the rollback returns the pre-cut weights; the bisection cuts again at once
+        assert any(s == 6 and r["action"] == "cut" and r["rank"] == 40 for s, r in records)
+        for k, v in before.items():
+            torch.testing.assert_close(host.restored[k], v)
+
+
+def test_a_cut_that_passes_at_once_is_kept_at_once():
+    host = _DeferringHost(_recovering(0), warmup=0)
+    reducer = _Target([16, 64], every=1, window=1.0, adaptive=AdaptiveConfig(recover=0.05))
+    reducer.ready = {"step": 0, "val": None}
+    (_, record), *_ = _drive(reducer, host, 1)
+    assert record["action"] == "cut" and "judge_at" not in record
+    assert reducer.pending is None and host.model.state_dims == [16, 64]
+
+
+def test_judged_at_once_the_same_cut_is_rolled_back():
+    """Without recovery steps (recover=0) the cut above is judged before it can recover."""
+    host = _DeferringHost(_recovering(3), warmup=0)
+    reducer = _Target([16, 64], every=1, window=1.0, adaptive=AdaptiveConfig(recover=0.0))
+    reducer.ready = {"step": 0, "val": None}
+    records = _drive(reducer, host, 1)
+    assert [r["action"] for _, r in records if r["layer"] == 0] == ["rollback"]
+
+
+def test_a_recovering_cut_survives_a_checkpoint_round_trip(tmp_path):
+    """A run killed while a cut recovers resumes with the verdict still due (its pre-cut
+    checkpoint on disk); without that file the cut counts as kept."""
+    snapshot = tmp_path / "pre_cut.pt"
+    snapshot.write_bytes(b"")
+    reducer = _Target([8, 8])
+    reducer.pending = {"step": 40, "judge_at": 58, "snapshot": snapshot,
+                       "val": {"accuracy": 0.75}, "plans": {0: [64, 16]},
+                       "samples": {"accuracy": np.array([1.0, 0.5]), "loss": np.array([0.1, 0.4])}}
+    state = json.loads(json.dumps(reducer.state_dict()))
+    copy = _Target([8, 8])
+    copy.load_state_dict(state)
+    assert copy.pending["judge_at"] == 58 and copy.pending["plans"] == {0: [64, 16]}
+    np.testing.assert_array_equal(copy.pending["samples"]["loss"], [0.1, 0.4])
+    assert copy.due(58, 600) and not copy.due(57, 600) and copy.active(590, 600)
+    snapshot.unlink()
+    copy.load_state_dict(state)
+    assert copy.pending is None

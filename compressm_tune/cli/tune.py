@@ -19,7 +19,7 @@ __all__ = ["ADAPTIVE", "ADAPTIVE_FLAGS", "BUDGET_MISSED", "adaptive_config", "ad
 
 TUNE = "compressm_tune.search:TuneConfig"
 ADAPTIVE = "compressm_tune.reduction:AdaptiveConfig"
-ADAPTIVE_FLAGS = ("checks", "noise", "span", "by", "latest")  # the adaptive schedule's
+ADAPTIVE_FLAGS = ("checks", "noise", "span", "by", "latest", "recover")  # the adaptive schedule's
 BUDGET_MISSED = 3  # exit status when no model meets the budget as measured
 DATA = ("dataset", "data_path", "data_dir", "val_fraction")
 DEVICE = ("device", "cuda_graphs", "precision")

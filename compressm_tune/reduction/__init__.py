@@ -32,7 +32,8 @@ from compressm_tune.reduction._pretrained import (
     plan_widths,
     widths_for_budget,
 )
-from compressm_tune.reduction._reducer import CALIBRATION, MOMENT_POLICIES, ReduceConfig, Reducer
+from compressm_tune.reduction._reduce_config import CALIBRATION, MOMENT_POLICIES, ReduceConfig
+from compressm_tune.reduction._reducer import Reducer
 from compressm_tune.reduction._schedules import SCHEDULES, SettleConfig, SettleTracker, target_rank
 from compressm_tune.reduction._selective import select_states, state_importance
 from compressm_tune.reduction._surgery import (

@@ -46,6 +46,17 @@ samples the bar is ``max_drop`` *plus* ``noise`` standard errors (the tolerance 
 measured noise), the record says ``small_split`` and a warning is issued once. The multiplier
 grows with Student's t for few samples. One flipped sample (``a`` one 1, the rest 0: mean
 ``1/n``, standard error ``1/n``) never passes the bar for ``noise > 1``.
+
+**Recovery before the verdict** (``recover``). Right after a cut the model has not yet
+re-fitted its other weights to the smaller state: on regression tasks especially, the loss
+jumps by far more than the tolerance and comes back within a few dozen steps. Judging only
+that moment rejects cuts the run would have absorbed. So under ``adaptive`` (in the
+:class:`~compressm_tune.training.Trainer`, whose snapshot is the whole training state on disk)
+a cut that fails at once is not rolled back yet: it trains ``recover * total_steps`` steps and
+is judged again against the validation before the cut, on the same samples. Only a cut that
+fails both times is undone: the run returns to its pre-cut checkpoint (the recovery steps are
+spent, the step count goes on) and bisects. A
+:class:`~compressm_tune.reduction.Compressor` keeps references, not copies, so it judges at once.
 """
 
 from __future__ import annotations
@@ -91,6 +102,11 @@ class AdaptiveConfig:
     latest: float = field(default=0.75, metadata={
         "flag": "--latest-cut",
         "help": "adaptive schedule: no cut after this share of the steps (the rest recovers)"})
+    recover: float = field(default=0.06, metadata={
+        "flag": "--recover",
+        "help": "adaptive schedule: a cut the safety net rejects at once trains this share "
+                "of the steps and is judged again before it is rolled back (0: no second "
+                "verdict; train and the job, a Compressor judges at once)"})
 
     def __post_init__(self) -> None:
         if self.checks < 1:
@@ -100,6 +116,8 @@ class AdaptiveConfig:
         for name in ("span", "by", "latest"):
             if not 0.0 < getattr(self, name) <= 1.0:  # NaN fails too
                 raise ConfigError(f"0 < {name} <= 1 must hold, got {name}={getattr(self, name)}")
+        if not 0.0 <= self.recover < 1.0:
+            raise ConfigError(f"0 <= recover < 1 must hold, got recover={self.recover}")
 
 
 def _metric(samples: dict[str, np.ndarray]) -> tuple[str, np.ndarray, float]:

@@ -43,7 +43,8 @@ from torch import nn
 
 from compressm_tune.errors import ConfigError
 from compressm_tune.reduction._policies import ReductionPolicy
-from compressm_tune.reduction._reducer import CALIBRATION, ReduceConfig, Reducer
+from compressm_tune.reduction._reduce_config import CALIBRATION, ReduceConfig
+from compressm_tune.reduction._reducer import Reducer
 from compressm_tune.reduction._surgery import find_reducible, is_selective, layer_width
 
 __all__ = ["Compressor"]

@@ -42,7 +42,8 @@ class ReductionHost(Protocol):
     # Optional: ``validate_samples() -> (record, {"loss": (n,), "accuracy": (n,)})``, the
     # record and its per-sample values, for the paired safety net and readiness; and
     # ``warmup_steps`` (int), the steps of LR warm-up before which the adaptive schedule
-    # does not cut.
+    # does not cut; and ``defers_verdicts`` (bool, default False): whether :meth:`snapshot`
+    # holds the whole training state, so a cut may train before it is judged (``recover``).
 
     def snapshot(self) -> Any:
         """Whatever :meth:`restore` needs to undo the next cut, model and optimizer."""

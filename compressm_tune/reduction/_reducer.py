@@ -41,17 +41,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from compressm_tune.errors import ConfigError
 from compressm_tune.reduction._adaptive import (
     SMALL_SPLIT,
-    AdaptiveConfig,
     AdaptiveTracker,
     Baseline,
     Readiness,
@@ -59,10 +57,9 @@ from compressm_tune.reduction._adaptive import (
     warn_small_split,
 )
 from compressm_tune.reduction._host import ReductionHost, layer_inputs
-from compressm_tune.reduction._policies import ReductionPolicy, plan_rank
+from compressm_tune.reduction._policies import plan_rank
+from compressm_tune.reduction._reduce_config import ReduceConfig
 from compressm_tune.reduction._schedules import (
-    SCHEDULES,
-    SettleConfig,
     SettleTracker,
     target_rank,
 )
@@ -74,80 +71,10 @@ from compressm_tune.reduction._surgery import (
     state_scores,
 )
 
-__all__ = ["CALIBRATION", "MOMENT_POLICIES", "SCHEDULES", "AdaptiveConfig", "ReduceConfig",
-           "Reducer", "SettleConfig", "paired_verdict"]
-
-MOMENT_POLICIES = ("reset", "slice")
-CALIBRATION = 128  # training sequences that score a selective layer's states
-
+__all__ = ["Reducer"]
 
 def _no_phase(name: str) -> AbstractContextManager:
     return nullcontext()
-
-
-@dataclass
-class ReduceConfig:
-    """When and how to reduce during training.
-
-    The window: with ``schedule="adaptive"`` (default) cuts are attempted from readiness on (the
-    LR warm-up over and the validation metric out of its starting noise band and on a
-    plateau, or ``adaptive.by`` of the steps done) for ``window * total_steps`` steps, and
-    never after ``adaptive.latest * total_steps``; a run not ready by then is not cut. With
-    ``"window"`` and ``"settle"`` the window is the first ``window * total_steps`` steps.
-    """
-
-    # the default scores LRU states on input-weighted Hankel singular values
-    policy: ReductionPolicy = field(default_factory=lambda: ReductionPolicy(weighting="input"))
-    window: float = field(default=0.1, metadata={
-        "help": "share of steps in which cuts are attempted: from readiness on (adaptive) or "
-                "from the start (window, settle)"})
-    every: int | None = field(default=None, metadata={
-        "flag": "--reduce-every",
-        "help": "steps between cut attempts inside the window (default: the schedule's; "
-                "window: every evaluation)"})
-    max_drop: float = field(default=0.02, metadata={
-        "help": "roll back a cut that loses more validation accuracy (or relative loss) than "
-                "this beyond the measured noise of the per-sample change"})
-    moments: str = field(default="reset", metadata={
-        "choices": MOMENT_POLICIES, "help": "Adam moments of a cut layer (slice: the paper's)"})
-    # Optional hook (r, N) -> r' that rounds ranks to widths a hardware profile runs fast.
-    round_to: Callable[[int, int], int] | None = None
-    # Optional budget check on the per-layer widths; when the window closes and it fails, the
-    # weakest balanced states (smallest normalized HSVs, across layers) are cut until it holds.
-    fits: Callable[[list[int]], bool] | None = None
-    # Training sequences whose layer inputs score the states (selective layers, and LRU
-    # layers under an input-weighted policy).
-    calibration: int = CALIBRATION
-    # "adaptive": cuts once the model is ready, widths from the spectrum and the measured
-    # effect (AdaptiveTracker); "window": the paper's, a tau cut at every attempt in the
-    # window; "settle": cut when the spectrum has settled (SettleTracker)
-    schedule: str = field(default="adaptive", metadata={
-        "choices": SCHEDULES,
-        "help": "when and how far to cut: adaptive (once the LR warm-up is over and validation "
-                "has left its starting noise band; widths from each layer's spectrum and the "
-                "measured effect of the cut, bisecting after a rollback), window (the paper's: "
-                "a tau cut at every attempt in the first steps) or settle (cut when the "
-                "spectrum's target width has settled; see docs/cli.md)"})
-    settle: SettleConfig = field(default_factory=SettleConfig)
-    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.window <= 1.0:
-            raise ConfigError(f"0 < window <= 1 must hold, got window={self.window}")
-        if self.every is not None and self.every < 1:
-            raise ConfigError(f"every >= 1 must hold, got every={self.every}")
-        if not self.max_drop >= 0:  # NaN fails too; inf: cuts are not checked
-            raise ConfigError(f"max_drop >= 0 must hold, got max_drop={self.max_drop}")
-        if self.calibration < 1:
-            raise ConfigError(f"calibration >= 1 must hold, got calibration={self.calibration}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.schedule in ("settle", "adaptive") and self.policy.kind == "fraction":
-            raise ConfigError(f"schedule {self.schedule!r} needs a tau= or rank= policy: "
-                              f"repeated fraction={self.policy.value:g} cuts have no fixed "
-                              "point")
-        if self.moments not in MOMENT_POLICIES:
-            raise ConfigError(f"moments must be one of {MOMENT_POLICIES}, got {self.moments!r}")
 
 
 def _drop(before: dict[str, float], after: dict[str, float]) -> float:
@@ -192,6 +119,7 @@ class Reducer:
         self.readiness = Readiness(config.adaptive)  # when the adaptive schedule may cut
         self.ready: dict[str, Any] | None = None  # step and validation at readiness
         self.first_cut: dict[str, Any] | None = None  # step and validation of the first cut
+        self.pending: dict[str, Any] | None = None  # a cut recovering before its verdict
         self._warned = False
         self._total_steps: int | None = None  # the run's length, seen by active/due
 
@@ -199,7 +127,16 @@ class Reducer:
         return {"frozen": sorted(self.frozen), "closed": self.closed,
                 "settle": self.settle.state_dict(), "bisect": self.bisect.state_dict(),
                 "readiness": self.readiness.state_dict(),
-                "ready": self.ready, "first_cut": self.first_cut}
+                "ready": self.ready, "first_cut": self.first_cut, "pending": self._pending_state()}
+
+    def _pending_state(self) -> dict[str, Any] | None:
+        """The recovering cut as plain data; its snapshot survives a resume only as a file."""
+        p = self.pending
+        if p is None or not isinstance(p["snapshot"], (str, Path)):
+            return None
+        return {**p, "snapshot": str(p["snapshot"]),
+                "samples": {k: np.asarray(v).tolist() for k, v in p["samples"].items()},
+                "plans": {str(k): v for k, v in p["plans"].items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.frozen = set(state["frozen"])
@@ -209,6 +146,10 @@ class Reducer:
         self.readiness.load_state_dict(state.get("readiness")
                                        or {"baseline": state.get("baseline")})
         self.ready, self.first_cut = state.get("ready"), state.get("first_cut")
+        p = state.get("pending")
+        self.pending = None if p is None or not Path(p["snapshot"]).exists() else {
+            **p, "samples": {k: np.asarray(v, np.float64) for k, v in p["samples"].items()},
+            "plans": {int(k): v for k, v in p["plans"].items()}}
 
     @property
     def baseline(self) -> Baseline | None:
@@ -240,8 +181,13 @@ class Reducer:
     def active(self, step: int, total_steps: int) -> bool:
         """Whether an evaluation at ``step`` lies inside the reduction window (for
         ``adaptive``: before readiness while readiness is still possible, then ``window`` of
-        the steps from readiness on, never past ``adaptive.latest``)."""
+        the steps from readiness on, never past ``adaptive.latest``), or a cut still awaits
+        its verdict."""
         self._total_steps = total_steps
+        return self.pending is not None or self._open(step, total_steps)
+
+    def _open(self, step: int, total_steps: int) -> bool:
+        """Whether new cuts may be made at ``step`` (see :meth:`active`)."""
         if not self.adaptive:
             return step <= self.config.window * total_steps
         if step > self.config.adaptive.latest * total_steps:
@@ -252,7 +198,10 @@ class Reducer:
     def due(self, step: int, total_steps: int) -> bool:
         """Whether ``step`` is an extra attempt point inside the window: every ``every``
         steps, or for the settle schedule without ``every``, ``settle.checks`` points spread
-        over the window."""
+        over the window; and the step a recovering cut is judged at."""
+        if self.pending is not None:
+            self._total_steps = total_steps
+            return step >= self.pending["judge_at"]
         every = self.cadence(total_steps)
         if self.adaptive and self.ready is None:  # readiness checks: two per plateau span
             every = max(1, int(self.config.adaptive.span * total_steps) // 2)
@@ -309,6 +258,22 @@ class Reducer:
             if why is not None:
                 return [{"layer": k, "n": layer_width(layer), "action": "wait", "why": why}
                         for k, layer in enumerate(host.reducible_layers())], val
+        verdicts: list[dict[str, Any]] = []
+        if self.pending is not None:
+            if host.steps_done < self.pending["judge_at"]:
+                return [{"layer": k, "n": n, "rank": rank, "action": "recovering",
+                         "judge_at": self.pending["judge_at"]}
+                        for k, (n, rank) in self.pending["plans"].items()], val
+            verdicts, val, samples = self._verdict(host, val, samples)
+            if self._total_steps is not None and not self._open(host.steps_done,
+                                                                self._total_steps):
+                return verdicts, val
+        records, val = self._plan_and_cut(host, val, samples)
+        return verdicts + records, val
+
+    def _plan_and_cut(self, host: ReductionHost, val: dict[str, float] | None,
+                      samples: Samples | None
+                      ) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
         inputs = self._layer_inputs(host)
         records, plans = [], {}
         for k, layer in enumerate(host.reducible_layers()):
@@ -350,6 +315,9 @@ class Reducer:
                 self._first(host, val, after)
                 return records, after
         for k, (rank, scores) in plans.items():  # one at a time, each with its own check
+            if self.pending is not None:  # an earlier layer's cut recovers: this one waits
+                records[k].update(action="keep", why="a cut is recovering")
+                continue
             layer = host.reducible_layers()[k]
             if len(plans) > 1 and inputs[k] is not None:  # earlier cuts moved the inputs
                 inputs[k] = self._layer_inputs(host)[k]
@@ -359,15 +327,45 @@ class Reducer:
                                      samples)
         return records, val
 
+    def _defers(self, host: ReductionHost) -> bool:
+        """Whether cuts train ``adaptive.recover`` of the steps before their verdict: the
+        adaptive schedule, with a host whose snapshot is the whole training state."""
+        return (self.adaptive and self.config.adaptive.recover > 0
+                and self._total_steps is not None and getattr(host, "defers_verdicts", False))
+
+    def _verdict(self, host: ReductionHost, val: dict[str, float] | None,
+                 samples: Samples | None
+                 ) -> tuple[list[dict[str, Any]], dict[str, float], Samples | None]:
+        """Judge the recovered cut against the validation before it: keep it, or return to
+        the pre-cut checkpoint and bisect. Returns the records and the validation (with its
+        samples) of the model kept."""
+        p, self.pending = self.pending, None
+        if val is None or samples is None:
+            val, samples = measure(host)
+        verdict = self._judge(p["val"], p["samples"], val, samples)
+        rollback = verdict.pop("rollback")
+        records = [{"layer": k, "n": n, "rank": rank, "cut_at": p["step"],
+                    "action": "rollback" if rollback else "kept", "val_before": p["val"],
+                    "val_after": val, **verdict} for k, (n, rank) in p["plans"].items()]
+        if not rollback:
+            self._first(host, p["val"], val, step=p["step"])
+            return records, val, samples
+        host.restore(p["snapshot"])
+        host.widths_changed()
+        for k, (_, rank) in p["plans"].items():
+            self._rejected(k, rank)
+        return records, p["val"], p["samples"]
+
     def _note_split(self, samples: Samples | None) -> None:
         if samples is not None and not self._warned and len(samples["loss"]) < SMALL_SPLIT:
             warn_small_split(len(samples["loss"]))
             self._warned = True
 
     def _first(self, host: ReductionHost, before: dict[str, float],
-               after: dict[str, float]) -> None:
+               after: dict[str, float], step: int | None = None) -> None:
         if self.first_cut is None:
-            self.first_cut = {"step": host.steps_done, "val_before": before, "val_after": after}
+            self.first_cut = {"step": host.steps_done if step is None else step,
+                              "val_before": before, "val_after": after}
 
     def _judge(self, before: dict[str, float], before_samples: Samples | None,
                after: dict[str, float], after_samples: Samples | None) -> dict[str, Any]:
@@ -527,7 +525,17 @@ class Reducer:
         after, after_samples = measure(host)
         record["val_before"], record["val_after"] = val, after
         verdict = self._judge(val, samples, after, after_samples)
-        if verdict.pop("rollback"):
+        rollback = verdict.pop("rollback")
+        if rollback and self._defers(host):  # judged again after recovery (_verdict)
+            judge_at = host.steps_done + max(1, round(self.config.adaptive.recover
+                                                      * self._total_steps))
+            self.pending = {"step": host.steps_done, "judge_at": judge_at,
+                            "snapshot": snapshot, "val": val, "samples": samples,
+                            "plans": {k: [record["n"], rank]}}
+            record.update(action="cut", judge_at=judge_at, at_once=verdict)
+            host.widths_changed()
+            return after, after_samples
+        if rollback:
             record.update(verdict)
             host.restore(snapshot)
             self._rejected(k, rank)

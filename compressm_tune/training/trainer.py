@@ -358,6 +358,10 @@ class Trainer:
     def calibration_inputs(self, n: int) -> torch.Tensor:
         return self.dataset.x_train[:n]
 
+    # the snapshot below is the whole training state, so the reducer may let a cut recover
+    # for a while before judging it
+    defers_verdicts = True
+
     def snapshot(self) -> Path | dict[str, Any]:
         """The full training state before a cut, on disk (``pre_cut.pt``); under
         torch.distributed in memory on every rank (rank 0 alone writes files)."""
