@@ -538,3 +538,20 @@ def test_a_recovering_cut_survives_a_checkpoint_round_trip(tmp_path):
     snapshot.unlink()
     copy.load_state_dict(state)
     assert copy.pending is None
+
+
+def test_a_cut_still_recovering_at_the_last_step_is_judged_there():
+    """recover=0.9 of a 10-step run: the cut at step 5 would be judged at step 14; the last
+    step judges it (and rolls it back) instead of ending on an unjudged cut."""
+    host = _DeferringHost(_recovering(50), warmup=0)
+    reducer = _Target([16, 64], every=1, window=1.0, adaptive=AdaptiveConfig(recover=0.9))
+    reducer.ready = {"step": 0, "val": None}
+    host.step = 5
+    assert reducer.active(5, 10)
+    (record, *_), _ = reducer.attempt(host)
+    assert record["judge_at"] == 14
+    host.step = 9
+    assert reducer.attempt(host)[0][0]["action"] == "recovering"
+    host.step = 10
+    assert reducer.attempt(host)[0][0]["action"] == "rollback"
+    assert host.model.state_dims[0] != 16

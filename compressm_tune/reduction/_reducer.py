@@ -260,7 +260,8 @@ class Reducer:
                         for k, layer in enumerate(host.reducible_layers())], val
         verdicts: list[dict[str, Any]] = []
         if self.pending is not None:
-            if host.steps_done < self.pending["judge_at"]:
+            last = self._total_steps is not None and host.steps_done >= self._total_steps
+            if host.steps_done < self.pending["judge_at"] and not last:  # the end judges now
                 return [{"layer": k, "n": n, "rank": rank, "action": "recovering",
                          "judge_at": self.pending["judge_at"]}
                         for k, (n, rank) in self.pending["plans"].items()], val
