@@ -194,7 +194,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--finetune-frac", type=float, default=0.1)
-    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--finetune-lr", type=float, default=3e-3,
+                    help="fine-tune peak LR (default: the pretraining LR, compress --lr)")
     ap.add_argument("--distill", type=float, default=0.5,
                     help="fine-tune loss: share of KL to the uncut model (compress --distill)")
     ap.add_argument("--widths", type=int_list, default=[32, 16])
