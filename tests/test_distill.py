@@ -100,3 +100,33 @@ def test_distillation_is_refused_where_it_means_nothing(tmp_path):
 def test_the_memory_estimate_counts_the_teacher():
     c = _teacher().config
     assert training_memory_bytes(c, 16, 64, 1, teacher=c) > training_memory_bytes(c, 16, 64, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_graph_replayed_distilled_steps_match_eager_ones():
+    """The teacher's forward is captured into the CUDA graph with the student's: replayed
+    steps must update the student exactly as eager steps do."""
+    from compressm_tune.training.optim import build_optimizer
+    from compressm_tune.training.step import TrainStep
+
+    teacher = _teacher().cuda()
+    cuda = torch.device("cuda")
+    calibration = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for graphs in (False, True):
+        student = copy.deepcopy(teacher)
+        compress_pretrained(student, calibration.cuda(), keep=3)
+        step = TrainStep(lambda out, y, t: distill_loss(out, t, y, 0.5), cuda, "fp32",
+                         graphs=graphs, teacher=teacher)
+        opt = build_optimizer(student, 1e-2, 0.05, 0.5, fused=True)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            x = torch.randint(VOCAB, (8, 16), generator=gen).cuda()
+            step(student, opt, x, torch.randint(VOCAB, (8, 16), generator=gen).cuda())
+        runs.append((student, step.captures))
+    (eager, n_e), (graph, n_g) = runs
+    assert n_e == 0 and n_g == 1
+    for (name, a), b in zip(eager.state_dict().items(), graph.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=name)
