@@ -55,14 +55,18 @@ def model_config(arch: str, hidden: int, vocab: int, head_dim: int | None) -> An
                      pooling="none", dropout=0.0, vocab_size=vocab, **extra)
 
 
-def _train(model, data, steps: int, lr: float, seed: int, batch: int) -> tuple[Any, float]:
-    """Train ``model`` for ``steps``; the best-validation model and the training seconds."""
+def _train(model, data, steps: int, lr: float, seed: int, batch: int, teacher: Any = None,
+           distill: float = 0.0) -> tuple[Any, float]:
+    """Train ``model`` for ``steps`` (distilled from ``teacher`` with weight ``distill`` when
+    both are given); the best-validation model and the training seconds."""
     from compressm_tune.training import TrainConfig, Trainer, model_from_checkpoint
 
     out = Path(tempfile.mkdtemp(prefix="bench-mamba2-"))
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, eval_every=max(1, steps // 5),
                       seed=seed, threads=1, eval_batch_size=250)
-    summary = Trainer(model.config, cfg, data, out, model=model, progress=False).fit()
+    kw = {"teacher": teacher, "distill_weight": distill} if teacher is not None and distill \
+        else {}
+    summary = Trainer(model.config, cfg, data, out, model=model, progress=False, **kw).fit()
     return model_from_checkpoint(out / "best.pt").eval(), summary["train_time_s"]
 
 
@@ -92,6 +96,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     ft_steps = max(1, round(job["finetune_frac"] * job["steps"]))
     rows = [{"method": "full", "width": STATE, "cut": bits(full)}]
     calib = data.x_train[:CALIBRATION]
+    teacher = copy.deepcopy(full)  # the fine-tunes distill from the uncut pretrained model
     cuts = []
     for width in job["widths"]:
         for method, how in methods(job["arch"]).items():
@@ -100,7 +105,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
             rows.append({"method": method, "width": width, "cut": bits(cut)})
             cuts.append(cut)
     for row, model in zip(rows, [full, *cuts], strict=True):
-        tuned, _ = _train(model, data, ft_steps, job["finetune_lr"], job["seed"], job["batch"])
+        tuned, _ = _train(model, data, ft_steps, job["finetune_lr"], job["seed"], job["batch"],
+                          teacher, job["distill"])
         row["finetuned"] = bits(tuned)
         row["state_dims"] = tuned.state_dims
     return {"seed": job["seed"], "vocab": data.d_output, "rows": rows, "pretrain_s": pre_s,
@@ -130,12 +136,15 @@ def _markdown(results: list[dict], args, m: dict[str, Any], wall: float) -> str:
         f"vocabulary {results[0].get('vocab', '')} character ids; pretrained {args.steps} "
         f"steps of batch {args.batch} (lr {args.lr:g}) on `pystdlib-chars`; every layer cut "
         f"{STATE} -> width, states scored on {CALIBRATION} training sequences; fine-tune "
-        f"{ft} steps ({args.finetune_frac:.0%} of pretraining, lr {args.finetune_lr:g}), the "
-        f"same for every method; bits/char on {args.test_sequences} held-out test sequences "
-        f"(files no training sequence comes from); seeds {seeds}. Median [min, max] over "
-        "seeds; rel.: after the cut against the same seed's full pretrained model, after the "
-        "fine-tune against the full model after the same fine-tune (the stricter reference: "
-        "it keeps improving too).",
+        f"{ft} steps ({args.finetune_frac:.0%} of pretraining, lr {args.finetune_lr:g}, "
+        + (f"loss {1 - args.distill:g} x next-token cross-entropy + {args.distill:g} x KL to "
+           "the uncut pretrained model's next-token distribution" if args.distill
+           else "next-token cross-entropy only")
+        + "), the same for every method (the full model's included); bits/char on "
+        f"{args.test_sequences} held-out test sequences (files no training sequence comes "
+        f"from); seeds {seeds}. Median [min, max] over seeds; rel.: after the cut against "
+        "the same seed's full pretrained model, after the fine-tune against the full model "
+        "after the same fine-tune (the stricter reference: it keeps improving too).",
         "",
         "| method | width | bits/char after cut | rel. | after fine-tune | rel. |",
         "|---|---|---|---|---|---|",
@@ -185,7 +194,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--finetune-frac", type=float, default=0.1)
-    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--finetune-lr", type=float, default=3e-3,
+                    help="fine-tune peak LR (default: the pretraining LR, compress --lr)")
+    ap.add_argument("--distill", type=float, default=0.5,
+                    help="fine-tune loss: share of KL to the uncut model (compress --distill)")
     ap.add_argument("--widths", type=int_list, default=[32, 16])
     ap.add_argument("--test-sequences", type=int, default=1000)
     args = ap.parse_args()
@@ -198,7 +210,7 @@ def main() -> None:
     jobs = [{"seed": s, "arch": args.arch, "hidden": args.hidden, "head_dim": args.head_dim,
              "steps": args.steps,
              "batch": args.batch, "lr": args.lr, "finetune_frac": args.finetune_frac,
-             "finetune_lr": args.finetune_lr, "widths": args.widths,
+             "finetune_lr": args.finetune_lr, "distill": args.distill, "widths": args.widths,
              "test_sequences": args.test_sequences} for s in range(args.seeds)]
     results = pool_map(_run, jobs, args.workers,
                        line=lambda r: f"seed {r['seed']} done in {r['wall_s']:.0f} s")

@@ -225,6 +225,7 @@ def test_cli_compress_writes_a_folder_our_importer_reads_back(arch_dir, tmp_path
     (["--budget", "2x"], "relative budget"),
     (["--keep", "4", "--data", "missing.npy"], "no such file"),
     (["--keep", "4", "--finetune-reduce", "tau=0.1"], "--finetune-steps >= 2"),
+    (["--keep", "4", "--finetune-steps", "2", "--distill", "1.5"], "--distill must be in [0, 1]"),
 ])
 def test_cli_compress_refuses_bad_settings_in_one_line(hf_dir, tmp_path, capsys, args, needle,
                                                        monkeypatch):
@@ -233,6 +234,56 @@ def test_cli_compress_refuses_bad_settings_in_one_line(hf_dir, tmp_path, capsys,
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def mamba_profile(tmp_path_factory):
+    """A profile at the shape of ``hf_dir``'s model whose batch-1 latencies are set to a known
+    line, ``0.2 + blocks * (0.01 + 0.02 * width)`` ms, and whose device is another machine's:
+    widths under a budget then follow from the arithmetic, not from this machine's load (a
+    profile of another machine is not drift-checked)."""
+    from compressm_tune.hardware import ProfilerConfig, profile_device, save_profile
+
+    profile = profile_device(ProfilerConfig(
+        device="cpu", runtime="torch", arch="mamba", widths=(1, 16), extra_blocks=(1,),
+        hidden=32, blocks=2, seq_len=32, batch=1, throughput_batch=1, d_input=VOCAB,
+        d_output=VOCAB, min_time_s=0.001, rounds=1, min_repeats=1, warmup=0, threads=1),
+        progress=False)
+    path = save_profile(profile, tmp_path_factory.mktemp("prof") / "mamba.json")
+    raw = json.loads(path.read_text())
+    raw["device"]["cpu_model"] = "Synthetic Test CPU"
+    for record in raw["records"] + raw["extra_records"]:
+        dims = record["state_dims"]
+        ms = 0.2 + len(dims) * (0.01 + 0.02 * dims[0])
+        record["latency"].update(p50_ms=ms, p90_ms=ms, p99_ms=ms, mean_ms=ms, min_ms=ms,
+                                 iqr_ms=0.0)
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the synthetic profile's other metrics
+@pytest.mark.parametrize("flag", ["--budget", "--budget-ms"])
+def test_cli_compress_to_a_latency_budget_cuts_to_the_widths_that_fit(hf_dir, tmp_path, capsys,
+                                                                      mamba_profile, flag):
+    from compressm_tune.hardware import LatencyModel, load_profile
+
+    data = _token_file(tmp_path / "ids.npy")
+    predict = LatencyModel.from_profile(load_profile(mamba_profile)).predict
+    assert predict([16, 16]) == pytest.approx(0.2 + 2 * (0.01 + 0.02 * 16), rel=1e-6)
+    value = "0.6x" if flag == "--budget" else f"{0.6 * predict([16, 16]):.6g}"
+    code = main(["compress", str(hf_dir), "--data", str(data), flag, value, "--profile",
+                 str(mamba_profile), "--calibration", "8", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    assert "budget" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "compress_summary.json").read_text())
+    b, dims = summary["budget"], summary["state_dims"]
+    assert from_hf_folder(tmp_path / "out").state_dims == dims and sum(dims) < 32
+    assert b["predicted_ms"] <= b["budget_ms"] < b["predicted_full_ms"]
+    assert b["budget_ms"] == pytest.approx(0.6 * predict([16, 16]), rel=1e-5)
+    assert b["predicted_ms"] == pytest.approx(predict(dims), rel=1e-6)
+    scores = layer_scores(from_hf_folder(hf_dir), load_token_data(str(data), VOCAB, 0)
+                          .x_train[:8])
+    assert dims == widths_for_budget(scores, predict, b["budget_ms"])[0]
 
 
 def test_export_takes_a_compressed_folder(hf_dir, tmp_path, capsys):

@@ -5,10 +5,12 @@ on calibration text and cut to its width (:func:`compress_pretrained`): the same
 layer (``keep``), by the ``tau`` rule, or the widths of the smallest ``tau`` whose predicted
 latency on this machine fits a budget (``budget_ms``, or ``budget`` relative to the full
 model; the hardware profile's :class:`LatencyModel`). An optional short fine-tune with the
-training loop follows, during which the in-training schedule may cut further
-(``finetune_reduce``). The result is written as a Hugging Face-style folder
-(:func:`save_hf_folder`) with ``compress_summary.json``: the widths and the held-out bits per
-token (per character on character data) before the cut, after it, and after the fine-tune.
+training loop follows, distilled from the uncut model (``distill``: the loss mixes the
+next-token cross-entropy with the KL divergence to the uncut model's next-token distribution),
+during which the in-training schedule may cut further (``finetune_reduce``). The result is
+written as a Hugging Face-style folder (:func:`save_hf_folder`) with ``compress_summary.json``:
+the widths and the held-out bits per token (per character on character data) before the cut,
+after it, and after the fine-tune.
 
 Data (``data``): ``pystdlib-chars`` (the built-in character LM text; the model's vocabulary must
 hold its ids) or a ``.npy`` / ``.npz`` file of integer token ids ``(n, L + 1)`` (``.npz``: key
@@ -18,6 +20,7 @@ validation and 10% held-out test.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -86,6 +89,10 @@ class CompressConfig:
     finetune_reduce: str | None = field(default=None, metadata={
         "help": "in-training reduction policy during the fine-tune, e.g. tau=0.02 (default: "
                 "no further cuts)"})
+    distill: float = field(default=0.5, metadata={
+        "help": "fine-tune loss: this share is the KL divergence to the uncut model's "
+                "next-token distribution (distillation, temperature 1), the rest the "
+                "next-token cross-entropy (0: cross-entropy only)"})
     lr: float = field(default=1e-3, metadata={"help": "fine-tune peak learning rate"})
     batch_size: int = field(default=16, metadata={"help": "fine-tune sequences per step"})
     seed: int = field(default=0, metadata={"help": "seed of the data split and fine-tune"})
@@ -115,6 +122,8 @@ class CompressConfig:
                                   f"{getattr(self, name)}")
         if self.finetune_steps < 0:
             raise ConfigError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
+        if not 0 <= self.distill <= 1:
+            raise ConfigError(f"--distill must be in [0, 1], got {self.distill}")
         if not 0 < self.lr < math.inf:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.finetune_reduce is not None:
@@ -206,7 +215,7 @@ def _widths_for_budget(config: CompressConfig, model: SSMModel, data: Dataset
 
 
 def _finetune(config: CompressConfig, model: SSMModel, data: Dataset, run_dir: Path,
-              progress: bool) -> SSMModel:
+              progress: bool, teacher: SSMModel | None) -> SSMModel:
     steps = config.finetune_steps
     reducer = None
     if config.finetune_reduce:
@@ -218,7 +227,7 @@ def _finetune(config: CompressConfig, model: SSMModel, data: Dataset, run_dir: P
                         eval_every=max(1, steps // 4), seed=config.seed, threads=config.threads,
                         eval_batch_size=100)
     trainer = Trainer(model.config, train, data, run_dir, reducer=reducer, model=model,
-                      progress=progress)
+                      progress=progress, teacher=teacher, distill_weight=config.distill)
     trainer.fit()
     return model_from_checkpoint(run_dir / "best.pt").eval()
 
@@ -252,6 +261,7 @@ def compress_folder(config: CompressConfig, progress: bool = False) -> dict[str,
     n_eval = config.eval_sequences
     before_dims, before_bits = model.state_dims, _bits(model, data, n_eval)
     calibration = data.x_train[:config.calibration]
+    teacher = copy.deepcopy(model) if config.finetune_steps and config.distill else None
     budget = None
     if config.budget_ms is not None or config.budget is not None:
         widths, budget = _widths_for_budget(config, model, data)
@@ -272,7 +282,7 @@ def compress_folder(config: CompressConfig, progress: bool = False) -> dict[str,
     if config.finetune_steps:
         run_dir = Path(tempfile.mkdtemp(prefix="compressm-finetune-"))
         try:
-            model = _finetune(config, model, data, run_dir, progress)
+            model = _finetune(config, model, data, run_dir, progress, teacher)
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
         summary["after_finetune"] = {"state_dims": model.state_dims,

@@ -6,7 +6,12 @@ from compressm_tune.training.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from compressm_tune.training.evaluation import check_training_memory, evaluate, score
+from compressm_tune.training.evaluation import (
+    check_training_memory,
+    distill_loss,
+    evaluate,
+    score,
+)
 from compressm_tune.training.plots import plot_hsv_trajectories, ranking_stability, read_metrics
 from compressm_tune.training.trainer import RunSettings, TrainConfig, Trainer
 
@@ -15,6 +20,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "check_training_memory",
+    "distill_loss",
     "evaluate",
     "file_sha256",
     "load_checkpoint",

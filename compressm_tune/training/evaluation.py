@@ -18,7 +18,8 @@ from compressm_tune._device import autocast, module_device
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import SSMConfig, SSMModel
 
-__all__ = ["check_training_memory", "evaluate", "score", "training_memory_bytes"]
+__all__ = ["check_training_memory", "distill_loss", "evaluate", "score",
+           "training_memory_bytes"]
 
 
 def evaluate(model: SSMModel, x: torch.Tensor, y: torch.Tensor, task: str,
@@ -106,6 +107,28 @@ def _loss(out: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "
     return total if reduction == "sum" else total / valid.sum().clamp_min(1)
 
 
+def distill_loss(out: torch.Tensor, teacher_out: torch.Tensor, target: torch.Tensor,
+                 weight: float) -> torch.Tensor:
+    """``(1 - weight) * cross-entropy + weight * KL(teacher || student)`` at temperature 1.
+
+    The knowledge-distillation loss of a classification student (e.g. a model just cut to
+    fewer states) against a teacher's logits on the same inputs (the uncut model): the KL
+    term is the mean over the scored positions (those :func:`_loss` scores against
+    ``target``) of ``sum_c p_teacher(c) (log p_teacher(c) - log p_student(c))``. The teacher's
+    full distribution carries what one label per position does not, which is why it recovers
+    a pruned model faster than the labels alone. ``weight=0`` is :func:`_loss`.
+    """
+    logits = _scored(out, target).flatten(0, -2)  # (positions, C)
+    teacher = _scored(teacher_out, target).flatten(0, -2).detach()
+    ce = F.cross_entropy(logits, target.flatten())
+    if weight == 0:
+        return ce
+    log_p = F.log_softmax(logits, -1)
+    log_q = F.log_softmax(teacher, -1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+    return (1 - weight) * ce + weight * kl
+
+
 def _scored(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The logits that classification labels are scored against (see ``_loss``)."""
     if target.ndim == 1:
@@ -121,30 +144,39 @@ def score(metrics: dict[str, float]) -> float:
     return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
 
 
+def _parameter_count(c: SSMConfig) -> int:
+    h = c.d_model
+    return sum(4 * n * h + 4 * n for n in c.state_dims) + len(c.state_dims) * (
+        2 * h * h + 4 * h) + h * (c.d_input + c.d_output)
+
+
 def training_memory_bytes(model_config: SSMConfig, batch_size: int, seq_len: int,
-                          eval_batch_size: int) -> int:
+                          eval_batch_size: int, teacher: SSMConfig | None = None) -> int:
     """A rough upper estimate of what training ``model_config`` holds at its peak, in bytes.
 
     Parameters with their gradients and two Adam moments (16 bytes each); per block, the
     scan's float32 ``(B, L, N, 2)`` drive, states and their gradients (about five such
     tensors), and about ten ``(B, L, H)`` activations; evaluation batches hold the forward
-    tensors only. Rough on purpose: it exists to refuse, before allocating, a width the
-    machine cannot hold, rather than let the kernel kill the process."""
+    tensors only. A distillation ``teacher`` adds its parameters (4 bytes each, no gradient),
+    its forward tensors on the training batch and two ``(B, L, C)`` copies of its logits.
+    Rough on purpose: it exists to refuse, before allocating, a width the machine cannot
+    hold, rather than let the kernel kill the process."""
     h, n_sum = model_config.d_model, sum(model_config.state_dims)
-    params = sum(4 * n * h + 4 * n for n in model_config.state_dims) + len(
-        model_config.state_dims) * (2 * h * h + 4 * h) + h * (model_config.d_input
-                                                               + model_config.d_output)
     per_sample = 5 * 8 * n_sum + 10 * 4 * h * len(model_config.state_dims)  # bytes per step
     train = batch_size * seq_len * per_sample
+    if teacher is not None:
+        train += 4 * _parameter_count(teacher) + batch_size * seq_len * (
+            2 * 8 * max(teacher.state_dims) + 2 * 4 * teacher.d_output)
     evaluation = eval_batch_size * seq_len * 2 * 8 * max(model_config.state_dims)
-    return 16 * params + max(train, evaluation)
+    return 16 * _parameter_count(model_config) + max(train, evaluation)
 
 
 def check_training_memory(model_config: SSMConfig, batch_size: int, seq_len: int,
-                          eval_batch_size: int, device: torch.device) -> None:
+                          eval_batch_size: int, device: torch.device,
+                          teacher: SSMConfig | None = None) -> None:
     """Refuse in one line, naming the numbers, what :func:`training_memory_bytes` says the
     device cannot hold (90% of its available memory)."""
-    need = training_memory_bytes(model_config, batch_size, seq_len, eval_batch_size)
+    need = training_memory_bytes(model_config, batch_size, seq_len, eval_batch_size, teacher)
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
     else:
@@ -155,6 +187,8 @@ def check_training_memory(model_config: SSMConfig, batch_size: int, seq_len: int
         raise ConfigError(
             f"training {len(model_config.state_dims)} block(s) of up to "
             f"{max(model_config.state_dims)} states (H={model_config.d_model}, batch "
-            f"{batch_size}, length {seq_len}) needs about {need / 2**30:.1f} GiB; "
+            f"{batch_size}, length {seq_len}"
+            f"{', with its distillation teacher' if teacher is not None else ''}) needs "
+            f"about {need / 2**30:.1f} GiB; "
             f"{available / 2**30:.1f} GiB is available on {device.type}: use smaller state "
             "widths, --hidden or --batch-size")

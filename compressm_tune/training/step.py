@@ -11,6 +11,9 @@ checkpoint builds new ones, and the next step captures again.
 A capture warms up twice on a side stream first, as CUDA graphs require; those two passes
 would move BatchNorm's running statistics, so the buffers are restored after the capture. If
 capture fails (an operation that cannot be captured), the step says so once and runs eagerly.
+
+With a ``teacher`` (distillation), the teacher's forward on the same batch runs inside the step
+(and inside the captured graph), without gradients and in eval mode.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from compressm_tune._device import autocast
 
 __all__ = ["TrainStep"]
 
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Loss = Callable[..., torch.Tensor]
 
 
 class TrainStep:
@@ -33,17 +36,21 @@ class TrainStep:
     Parameters
     ----------
     loss_fn : callable
-        ``loss_fn(model_output, y)``; the output is upcast to float32 first.
+        ``loss_fn(model_output, y)``, or with a ``teacher`` ``loss_fn(model_output, y,
+        teacher_output)``; outputs are upcast to float32 first.
     device : torch.device
     precision : str
         ``fp32``, ``tf32`` or ``bf16`` (autocast around the forward pass).
     graphs : bool
         Capture and replay CUDA graphs (only on CUDA devices).
+    teacher : torch.nn.Module, optional
+        A frozen model run on the same inputs (put in eval mode here; no gradients).
     """
 
     def __init__(self, loss_fn: Loss, device: torch.device, precision: str,
-                 graphs: bool = True) -> None:
+                 graphs: bool = True, teacher: torch.nn.Module | None = None) -> None:
         self.loss_fn, self.device, self.precision = loss_fn, device, precision
+        self.teacher = teacher.eval() if teacher is not None else None
         self.graphs = graphs and device.type == "cuda"
         self._graph: torch.cuda.CUDAGraph | None = None
         self._params: list[torch.nn.Parameter] = []  # strong refs: ids are never reused
@@ -54,7 +61,12 @@ class TrainStep:
     def _forward_backward(self, model: torch.nn.Module, x: torch.Tensor,
                           y: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
-            loss = self.loss_fn(model(x).float(), y)
+            if self.teacher is None:
+                loss = self.loss_fn(model(x).float(), y)
+            else:
+                with torch.no_grad():
+                    target = self.teacher(x).float()
+                loss = self.loss_fn(model(x).float(), y, target)
         loss.backward()
         return loss
 

@@ -61,6 +61,7 @@ from compressm_tune.training.checkpoint import (
 from compressm_tune.training.evaluation import (
     _loss,
     check_training_memory,
+    distill_loss,
     evaluate,
     score,
 )
@@ -235,7 +236,12 @@ class Trainer:
                  out_dir: str | Path, reducer: Any = None, resume: bool = False,
                  progress: bool = True, model: SSMModel | None = None,
                  on_eval: Callable[[dict[str, Any]], None] | None = None,
-                 phase: Callable[[str], AbstractContextManager] | None = None) -> None:
+                 phase: Callable[[str], AbstractContextManager] | None = None,
+                 teacher: SSMModel | None = None, distill_weight: float = 0.5) -> None:
+        if teacher is not None and (dataset.task != "classification"
+                                    or not 0 <= distill_weight <= 1):
+            raise ConfigError(f"distillation needs a classification task and a weight in [0, 1]"
+                              f" (task {dataset.task}, weight {distill_weight!r})")
         self.config, self.dataset, self.reducer = config, dataset, reducer
         self.on_eval = on_eval
         self.phase = phase if phase is not None else _no_phase
@@ -248,7 +254,8 @@ class Trainer:
         world = 1 if self.ranks is None else self.ranks.world
         check_training_memory(model.config if model is not None else model_config,
                               config.batch_size // world, dataset.seq_len,
-                              config.eval_batch_size, self.device)
+                              config.eval_batch_size, self.device,
+                              None if teacher is None else teacher.config)
         if self.ranks is not None:
             distributed.check_split(self.ranks, config.batch_size, len(dataset.x_train),
                                     len(dataset.x_val))
@@ -263,9 +270,17 @@ class Trainer:
         if reducer is not None:
             _schedule_attempts(reducer, config)
         # DDP's gradient hooks are not captured into a graph: ranks step eagerly
-        self._step = TrainStep(lambda out, y: _loss(out, y, dataset.task), self.device,
-                               config.precision,
-                               graphs=config.cuda_graphs and self.ranks is None)
+        if teacher is None:
+            def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return _loss(out, y, dataset.task)
+        else:
+            teacher = teacher.to(self.device)
+
+            def loss_fn(out: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return distill_loss(out, t, y, distill_weight)
+        self._step = TrainStep(loss_fn, self.device, config.precision,
+                               graphs=config.cuda_graphs and self.ranks is None,
+                               teacher=teacher)
         self.step = 0
         self.best_score = float("-inf")
         self.best_loss = float("inf")  # of the best checkpoint: breaks ties in the score
