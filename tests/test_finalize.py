@@ -158,3 +158,35 @@ def test_when_every_trial_is_predicted_to_miss_the_fastest_is_measured(tmp_path,
     with pytest.raises(BudgetMissedError, match=r"trial 0 0.34 ms .* trial 2 0.21 ms"):
         _finalize.choose_and_export(config, study, lti_sysid, artifacts)
     assert fake.timed[3:6] == [27] * 3
+
+
+def test_the_report_says_how_a_relative_budget_was_judged_and_why_trials_were_passed_over():
+    from compressm_tune.search._report import _markdown
+
+    model = {"state_dims": [65], "total_states": 65, "measured_ms_p50": 0.15,
+             "measured_ms_p90": 0.16, "metric": 0.001, "predicted_ms": 0.17,
+             "modelled_train_s": 3.0, "loadavg_1min": [1.2, 1.6]}
+    summary = {
+        "budget": "0.3x", "budget_ms": 0.1748, "full_predicted_ms": 0.5828, "budget_mj": None,
+        "latency_mode": "sequence", "chosen_trial": 2, "measured_ms": 0.155,
+        "predicted_ms": 0.1744, "meets_budget": True, "params": {}, "notes": [],
+        "latency_measurement": {"p50_ms": 0.155, "p90_ms": 0.16, "p99_ms": 0.2,
+                                "n_samples": 900, "rounds": 3, "threads": 1, "cpu_count": 2,
+                                "loadavg_1min": [1.2, 1.6], "full_ms": 0.52,
+                                "limit_ms": 0.156, "meets": True},
+        "full": {**model, "state_dims": [256], "total_states": 256}, "chosen": model,
+        "scratch": None, "trials": {"complete": 3}, "trial_table": [], "pareto": False,
+        "compression": {"states_fewer_x": 3.9, "latency_lower_x_p50": 3.4,
+                        "latency_lower_x_p90": 3.3, "metric_change_vs_full": 0.1,
+                        "metric_change_vs_scratch": None, "metric_change_unit": "relative",
+                        "modelled_train_cost_saved": 0.5, "timing_rounds": 3},
+        "training": {"device": "cpu", "precision": "fp32"},
+        "fallbacks": [{"trial": 0, "reason": "measured 0.17 ms (0.32x of the full model's "
+                       "0.53 ms in the same rounds) > 0.159 ms"},
+                      {"trial": 1, "reason": "not measured: predicted 0.173 ms, ..."}],
+    }
+    report = _markdown(summary, "loss")
+    assert "0.298x of the full model's 0.52 ms timed in the same 3 interleaved rounds" in report
+    assert "(limit 0.156 ms)" in report and "aimed at 0.1748 ms" in report
+    assert "- trial 0: measured 0.17 ms (0.32x" in report
+    assert "- trial 1: not measured" in report
