@@ -22,8 +22,9 @@ LATENCY_MODES = ("sequence", "step")
 def parse_relative_budget(value: str | float) -> float:
     """The fraction in a relative latency budget: ``"0.4x"`` (or ``"0.4"``, ``0.4``) -> 0.4.
 
-    The fraction is of the full model's latency as the profile predicts it on this machine, so
-    it must lie strictly between 0 and 1.
+    The fraction is of the full model's latency on this machine (the search aims at it as the
+    profile predicts it; the chosen model is measured against the full model), so it must lie
+    strictly between 0 and 1.
 
     Raises
     ------
@@ -51,8 +52,10 @@ class TuneConfig(RunSettings):
     """What to search for, on which data, and where to keep the study.
 
     The latency budget is absolute (``budget_ms``) or relative to the full model
-    (``budget="0.4x"``: 40% of the full width's latency as the profile predicts it here, which
-    binds on any machine); exactly one is given. :meth:`with_budget_ms` resolves a relative one.
+    (``budget="0.4x"``: 40% of the full width's latency here, which binds on any machine);
+    exactly one is given. :meth:`with_budget_ms` resolves a relative one to the milliseconds
+    the trials aim at (from the profile's prediction); the finalizer judges the chosen model
+    against the full model measured in the same rounds.
     Every trial starts at the full width, ``max(state_dims)``, and the search explores how to cut
     it; more ``state_dims`` let it also start narrower. The model and training settings of every
     trial are built by :meth:`model_config` and :meth:`train_config` (``SSMConfig`` and
@@ -67,8 +70,9 @@ class TuneConfig(RunSettings):
                 "token with --latency-mode step)"})
     budget: str | None = field(default=None, metadata={  # resolved by with_budget_ms
         "metavar": "FRACTIONx",
-        "help": "latency budget relative to the full model as the profile predicts it on this "
-                "machine, e.g. 0.4x (40% of its latency); in (0, 1); binds on any machine"})
+        "help": "latency budget relative to the full model on this machine, e.g. 0.4x (40% "
+                "of its latency; trials aim at the profile's prediction, the chosen model is "
+                "measured against the full one); in (0, 1); binds on any machine"})
     budget_mj: float | None = field(default=None, metadata={
         "help": "per-sample energy budget, mJ (where it can be measured or estimated)"})
     latency_mode: str = field(default="sequence", metadata={

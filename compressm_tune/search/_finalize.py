@@ -1,9 +1,11 @@
-"""After the search: pick the best feasible trial whose *measured* latency meets the budget,
-train the references the report compares it with (the full width, and the chosen widths from
-scratch), and measure all three side by side."""
+"""After the search: pick the best feasible trial whose *measured* latency meets the budget
+(a relative budget against the full model measured in the same rounds), train the references
+the report compares it with (the full width, and the chosen widths from scratch), and measure
+all three side by side."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import statistics
@@ -11,18 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
 from compressm_tune._io import read_json
 from compressm_tune.data import Dataset
 from compressm_tune.errors import BudgetMissedError
 from compressm_tune.exporter import export_bundle, measure_latency
+from compressm_tune.models import SSMModel
 from compressm_tune.search._artifacts import Artifacts
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._objective import constraints_of
-from compressm_tune.training import Trainer
+from compressm_tune.training import Trainer, dataset_record, save_checkpoint
 
-__all__ = ["choose_and_export", "feasible_trials", "infeasible_message", "measure_side_by_side",
-           "publish_bundle", "train_reference", "train_references", "trial_files"]
+__all__ = ["choose_and_export", "corrected_ms", "feasible_trials", "infeasible_message",
+           "measure_against_budget", "measure_side_by_side", "next_candidate", "passed_over",
+           "publish_bundle", "timing_reference", "train_reference", "train_references",
+           "trial_files"]
 
 COMPARISON_ROUNDS = 3  # interleaved timing rounds per model: load drifts between rounds
 
@@ -55,13 +61,6 @@ def infeasible_message(config: TuneConfig, study: optuna.Study) -> str:
             "raise the budget that binds, or --trials")
 
 
-def _export_and_measure(config: TuneConfig, checkpoint: str, out: Path) -> dict[str, Any]:
-    manifest = export_bundle(checkpoint, out)
-    timing = measure_latency(out, mode=config.latency_mode, threads=config.ort_threads,
-                             record=True)
-    return {"manifest": manifest, "latency": timing}
-
-
 def trial_files(config: TuneConfig, artifacts: Artifacts,
                 trial: optuna.trial.FrozenTrial) -> Path | None:
     """A local folder with the trial's ``best.pt`` and ``metrics.jsonl``: downloaded from the
@@ -78,12 +77,18 @@ def trial_files(config: TuneConfig, artifacts: Artifacts,
 
 def choose_and_export(config: TuneConfig, study: optuna.Study, data: Dataset,
                       artifacts: Artifacts) -> dict[str, Any]:
-    """Export feasible trials best-first until one's *measured* latency meets the budget.
+    """Export feasible trials until one's *measured* latency meets the budget.
 
-    The trials' files come from ``artifacts`` (:func:`trial_files`). The bundle of the chosen
-    trial is copied into the run directory (``model.onnx``, ``model.ts``, ``manifest.json``,
-    ``checkpoint.pt``). Returns the trial, its measurement, its bundle folder, its manifest,
-    the local folder of its files (``files``) and the trials passed over.
+    The first tried is the best by validation score; after a miss, the next is the best
+    whose prediction still fits once corrected by what was measured (:func:`next_candidate`),
+    so a near-budget trial is tried before a far smaller one, and one the measurements say
+    will miss is passed over unmeasured. Every candidate is timed by
+    :func:`measure_against_budget`: a relative budget against the full width timed in the
+    same rounds. The trials' files come from ``artifacts`` (:func:`trial_files`). The bundle
+    of the chosen trial is copied into the run directory (``model.onnx``, ``model.ts``,
+    ``manifest.json``, ``checkpoint.pt``). Returns the trial, its measurement (``measured``),
+    its bundle folder, its manifest, the local folder of its files (``files``) and the better
+    trials passed over, each with why (``fallbacks``).
 
     Raises
     ------
@@ -97,31 +102,139 @@ def choose_and_export(config: TuneConfig, study: optuna.Study, data: Dataset,
     if not feasible:
         raise BudgetMissedError(infeasible_message(config, study))
     out = Path(config.out)
-    misses = []
-    for trial in feasible:
+    reference = timing_reference(config, data)
+    misses: list[dict[str, Any]] = []
+    absent: list[int] = []
+    remaining = list(feasible)
+    while remaining:
+        trial = next_candidate(remaining, misses, config.budget_ms)
+        remaining.remove(trial)
         files = trial_files(config, artifacts, trial)
         if files is None:
-            continue  # an old study's trial, trained by a worker on another machine
+            absent.append(trial.number)  # an old study's trial, trained on another machine
+            continue
         # in this worker's own run directory: workers sharing a study may pick the same trial
         bundle = out / "bundles" / f"{config.study}-{trial.number:04d}"
-        result = _export_and_measure(config, str(files / "best.pt"), bundle)
-        measured = result["latency"]["p50_ms"]
-        if measured <= config.budget_ms:
+        manifest = export_bundle(files / "best.pt", bundle)
+        measured = measure_against_budget(config, bundle, reference)
+        if measured["meets"]:
             for f in bundle.iterdir():
                 if f.is_file():
                     shutil.copy2(f, out / f.name)
             shutil.copy2(files / "best.pt", out / "checkpoint.pt")
-            return {"trial": trial, "measured": result["latency"], "bundle": bundle,
-                    "manifest": result["manifest"], "files": files, "fallbacks": misses}
-        misses.append({"trial": trial.number, "predicted_ms": trial.user_attrs["predicted_ms"],
-                       "measured_ms": measured})
+            return {"trial": trial, "measured": measured, "bundle": bundle,
+                    "manifest": manifest, "files": files,
+                    "fallbacks": passed_over(feasible, trial, misses, absent, config.budget_ms)}
+        predicted = trial.user_attrs["predicted_ms"]
+        misses.append({"trial": trial.number, "predicted_ms": predicted,
+                       "measured_ms": measured["p50_ms"], "limit_ms": measured["limit_ms"],
+                       "full_ms": measured["full_ms"],
+                       # measured over predicted, each as a share of its budget
+                       "correction": (measured["p50_ms"] / measured["limit_ms"])
+                       / (predicted / config.budget_ms)})
     if not misses:
         raise BudgetMissedError("no feasible trial's checkpoint is on this machine (the study's "
                                 "trials recorded local paths, from before artifact stores); "
                                 "run the job where the best trials were trained")
     raise BudgetMissedError(
-        f"every feasible trial missed {config.budget_ms:g} ms when measured: "
-        + ", ".join(f"trial {m['trial']} {m['measured_ms']:.3g} ms" for m in misses))
+        f"every feasible trial missed {_budget_words(config)} when measured: "
+        + ", ".join(f"trial {m['trial']} {m['measured_ms']:.3g} ms (limit {m['limit_ms']:.3g})"
+                    for m in misses))
+
+
+def _budget_words(config: TuneConfig) -> str:
+    return (f"{config.budget} of the full model" if config.budget_fraction is not None
+            else f"{config.budget_ms:g} ms")
+
+
+def corrected_ms(trial: optuna.trial.FrozenTrial, misses: list[dict[str, Any]]) -> float:
+    """The trial's predicted latency corrected by what was measured: times the
+    measured/predicted ratio of the measured trial nearest to it in predicted latency (the
+    profile's error depends on the width, so the nearest measurement says most). Without
+    measurements, the prediction."""
+    predicted = trial.user_attrs["predicted_ms"]
+    if not misses:
+        return predicted
+    nearest = min(misses, key=lambda m: abs(math.log(m["predicted_ms"] / predicted)))
+    return predicted * nearest["correction"]
+
+
+def next_candidate(remaining: list[optuna.trial.FrozenTrial], misses: list[dict[str, Any]],
+                   budget_ms: float) -> optuna.trial.FrozenTrial:
+    """Which trial of ``remaining`` (best validation score first) to measure next: the best
+    whose :func:`corrected_ms` meets ``budget_ms``, else the one corrected fastest (the
+    measurement decides; the correction only ranks)."""
+    fits = [t for t in remaining if corrected_ms(t, misses) <= budget_ms]
+    return fits[0] if fits else min(remaining, key=lambda t: corrected_ms(t, misses))
+
+
+def passed_over(feasible: list[optuna.trial.FrozenTrial], chosen: optuna.trial.FrozenTrial,
+                misses: list[dict[str, Any]], absent: list[int],
+                budget_ms: float) -> list[dict[str, Any]]:
+    """The trials ranked above ``chosen`` by validation score, and any other measured, each
+    with why it was not chosen (``reason``): measured over the budget, files not on this
+    machine, or predicted to miss once corrected by the measurements (then not measured)."""
+    measured = {m["trial"]: m for m in misses}
+    rows = []
+    above = {t.number for t in feasible[:feasible.index(chosen)]}
+    for trial in feasible:
+        if trial.number not in above and trial.number not in measured:
+            continue
+        if trial.number in measured:
+            m = measured[trial.number]
+            against = (f"{m['measured_ms'] / m['full_ms']:.3g}x of the full model's "
+                       f"{m['full_ms']:.3g} ms in the same rounds" if m["full_ms"] else "")
+            rows.append({**m, "reason": f"measured {m['measured_ms']:.3g} ms"
+                         + (f" ({against})" if against else "")
+                         + f" > {m['limit_ms']:.3g} ms"})
+        elif trial.number in absent:
+            rows.append({"trial": trial.number, "measured_ms": None,
+                         "reason": "its checkpoint is not on this machine"})
+        else:
+            fix = corrected_ms(trial, misses)
+            rows.append({"trial": trial.number, "measured_ms": None, "corrected_ms": fix,
+                         "predicted_ms": trial.user_attrs["predicted_ms"],
+                         "reason": f"not measured: predicted {trial.user_attrs['predicted_ms']:.3g}"
+                                   f" ms, {fix:.3g} ms corrected by the measured trials' error"
+                                   f" > {budget_ms:.3g} ms"})
+    return rows
+
+
+def timing_reference(config: TuneConfig, data: Dataset) -> Path | None:
+    """For a relative budget, the bundle every candidate is timed against: the full width,
+    untrained (latency depends on the widths, not the weights; the trained full model comes
+    only after the choice, with the chosen trial's settings). ``None`` for an absolute
+    budget."""
+    if config.budget_fraction is None:
+        return None
+    name = f"{config.study}-full-untrained"
+    checkpoint = Path(config.out) / "references" / name / "init.pt"
+    if not checkpoint.is_file():
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            model = SSMModel(config.model_config(data, config.full_width))
+        save_checkpoint(checkpoint, model, dataset=dataset_record(data))
+    return _export_for_timing(config, checkpoint, name)
+
+
+def measure_against_budget(config: TuneConfig, bundle: Path,
+                           reference: Path | None) -> dict[str, Any]:
+    """Time a candidate bundle and judge it against the budget (p50).
+
+    A relative budget is judged as the user reads it: the candidate against the full model
+    (``reference``) measured in the same interleaved rounds, so load that drifts between
+    rounds moves both; the limit is the fraction of the full model's median. An absolute
+    budget is the candidate alone, its repeats in the same rounds. Returns
+    :func:`measure_side_by_side`'s entry of the candidate plus ``limit_ms``, ``full_ms``
+    (None without a reference) and ``meets``.
+    """
+    timing = measure_side_by_side(config, {"candidate": bundle} | (
+        {"full": reference} if reference is not None else {}))
+    candidate = timing["candidate"]
+    full_ms = timing["full"]["p50_ms"] if reference is not None else None
+    limit = config.budget_ms if full_ms is None else config.budget_fraction * full_ms
+    return {**candidate, "limit_ms": limit, "full_ms": full_ms,
+            "meets": candidate["p50_ms"] <= limit}
 
 
 def publish_bundle(config: TuneConfig, study: optuna.Study, chosen: dict[str, Any],
@@ -197,8 +310,9 @@ def measure_side_by_side(config: TuneConfig, bundles: dict[str, Path],
     """Time exported bundles in interleaved rounds (onnxruntime, batch 1, the config's threads).
 
     On a shared machine the load moves between measurements, so the models take turns: every
-    round times each once. Returns per name ``p50_ms`` and ``p90_ms`` (medians over the
-    rounds), ``loadavg_1min`` (the rounds' lowest and highest), ``rounds`` and ``threads``.
+    round times each once. Returns per name ``p50_ms``, ``p90_ms`` and ``p99_ms`` (medians
+    over the rounds), ``n_samples`` (calls timed, all rounds), ``loadavg_1min`` (the rounds'
+    lowest and highest), ``rounds``, ``threads`` and ``cpu_count``.
     """
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in bundles}
     for _ in range(rounds):
@@ -210,8 +324,9 @@ def measure_side_by_side(config: TuneConfig, bundles: dict[str, Path],
         loads = [r.get("machine", {}).get("loadavg_1min") for r in runs]
         loads = [x for x in loads if x is not None] or [os.getloadavg()[0]]
         result[name] = {
-            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
-            "p90_ms": statistics.median(r["p90_ms"] for r in runs),
+            **{key: statistics.median(r[key] for r in runs)
+               for key in ("p50_ms", "p90_ms", "p99_ms")},
+            "n_samples": sum(r["n_samples"] for r in runs),
             "loadavg_1min": [min(loads), max(loads)], "rounds": rounds,
-            "threads": runs[0].get("threads")}
+            "threads": runs[0].get("threads"), "cpu_count": os.cpu_count()}
     return result

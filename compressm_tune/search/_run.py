@@ -11,10 +11,11 @@
    profile predicts its final widths meet the budget (trials are steered there by
    budget-aware truncation when their reduction window closes).
 3. One worker finalizes (``_finalize``): the best feasible trial is exported (ONNX +
-   TorchScript, parity checked) and its latency measured in onnxruntime, the next best tried
-   if it misses; the full model and the chosen widths from scratch are trained with the chosen
-   trial's settings and steps, exported, and timed side by side with it; ``_report`` writes
-   the record.
+   TorchScript, parity checked) and its latency measured in onnxruntime (a relative budget
+   against the full width timed in the same rounds), and if it misses, the best trial whose
+   prediction fits once corrected by that measurement is tried next; the full model and the
+   chosen widths from scratch are trained with the chosen trial's settings and steps,
+   exported, and timed side by side with it; ``_report`` writes the record.
 
 Several workers, on one machine or several, may share one study (``storage``) and one
 artifact store (``artifacts``: trial checkpoints, then the chosen bundle), each with its own

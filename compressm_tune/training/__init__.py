@@ -13,13 +13,14 @@ from compressm_tune.training.evaluation import (
     score,
 )
 from compressm_tune.training.plots import plot_hsv_trajectories, ranking_stability, read_metrics
-from compressm_tune.training.trainer import RunSettings, TrainConfig, Trainer
+from compressm_tune.training.trainer import RunSettings, TrainConfig, Trainer, dataset_record
 
 __all__ = [
     "RunSettings",
     "TrainConfig",
     "Trainer",
     "check_training_memory",
+    "dataset_record",
     "distill_loss",
     "evaluate",
     "file_sha256",

@@ -68,7 +68,7 @@ from compressm_tune.training.evaluation import (
 from compressm_tune.training.optim import build_optimizer, lr_factor, set_lr
 from compressm_tune.training.step import TrainStep
 
-__all__ = ["RunSettings", "TrainConfig", "Trainer"]
+__all__ = ["RunSettings", "TrainConfig", "Trainer", "dataset_record"]
 
 
 @dataclass
@@ -195,6 +195,15 @@ def _settings(model_config: SSMConfig, config: TrainConfig, dataset: Dataset,
         "reduce": repr(reduce), "dataset": dataset.name, "info": repr(dataset.info),
         "sizes": [len(dataset.x_train), len(dataset.x_val), len(dataset.x_test)],
     }, sort_keys=True, default=repr)
+
+
+def dataset_record(dataset: Dataset) -> dict[str, Any]:
+    """What a checkpoint records of its dataset: the export reads the training length and the
+    normalization from it, and rebuilds the data for its parity inputs."""
+    d = dataset
+    return {"name": d.name, "task": d.task, "d_input": d.d_input, "d_output": d.d_output,
+            "seq_len": d.seq_len, "norm_mean": list(d.norm_mean),
+            "norm_std": list(d.norm_std), "info": d.info}
 
 
 def _no_phase(name: str) -> AbstractContextManager:
@@ -346,10 +355,7 @@ class Trainer:
         }
 
     def dataset_info(self) -> dict[str, Any]:
-        d = self.dataset
-        return {"name": d.name, "task": d.task, "d_input": d.d_input, "d_output": d.d_output,
-                "seq_len": d.seq_len, "norm_mean": list(d.norm_mean),
-                "norm_std": list(d.norm_std), "info": d.info}
+        return dataset_record(self.dataset)
 
     def save(self, name: str) -> Path:
         path = self.out_dir / name
