@@ -555,3 +555,15 @@ def test_a_cut_still_recovering_at_the_last_step_is_judged_there():
     host.step = 10
     assert reducer.attempt(host)[0][0]["action"] == "rollback"
     assert host.model.state_dims[0] != 16
+
+
+def test_the_window_stands_still_while_a_cut_recovers():
+    """A 5-step window from readiness at step 0: the cut at step 1 recovers until step 6 and
+    is rolled back; the window, paused for those 5 steps, still holds the bisection's cut."""
+    host = _DeferringHost(_recovering(50), warmup=0)
+    reducer = _Target([16, 64], every=1, window=0.05, adaptive=AdaptiveConfig(recover=0.05))
+    reducer.ready = {"step": 0, "val": None}
+    records = _drive(reducer, host, 8)
+    assert [(s, r["action"], r["rank"]) for s, r in records if r["layer"] == 0] == [
+        (1, "cut", 16), (6, "rollback", 16), (6, "cut", 40)]
+    assert reducer.paused == 5 and reducer.pending["judge_at"] == 11

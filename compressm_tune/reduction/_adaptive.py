@@ -55,7 +55,8 @@ that moment rejects cuts the run would have absorbed. So under ``adaptive`` (in 
 a cut that fails at once is not rolled back yet: it trains ``recover * total_steps`` steps and
 is judged again against the validation before the cut, on the same samples. Only a cut that
 fails both times is undone: the run returns to its pre-cut checkpoint (the recovery steps are
-spent, the step count goes on) and bisects. A
+spent, the step count goes on) and bisects. The window stands still while a cut recovers (it
+still ends at ``latest``), so a rollback does not use up the window's later checks. A
 :class:`~compressm_tune.reduction.Compressor` keeps references, not copies, so it judges at once.
 """
 

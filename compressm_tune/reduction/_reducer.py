@@ -120,6 +120,7 @@ class Reducer:
         self.ready: dict[str, Any] | None = None  # step and validation at readiness
         self.first_cut: dict[str, Any] | None = None  # step and validation of the first cut
         self.pending: dict[str, Any] | None = None  # a cut recovering before its verdict
+        self.paused = 0  # steps the window stood still while cuts recovered
         self._warned = False
         self._total_steps: int | None = None  # the run's length, seen by active/due
 
@@ -127,7 +128,8 @@ class Reducer:
         return {"frozen": sorted(self.frozen), "closed": self.closed,
                 "settle": self.settle.state_dict(), "bisect": self.bisect.state_dict(),
                 "readiness": self.readiness.state_dict(),
-                "ready": self.ready, "first_cut": self.first_cut, "pending": self._pending_state()}
+                "ready": self.ready, "first_cut": self.first_cut, "pending": self._pending_state(),
+                "paused": self.paused}
 
     def _pending_state(self) -> dict[str, Any] | None:
         """The recovering cut as plain data; its snapshot survives a resume only as a file."""
@@ -146,6 +148,7 @@ class Reducer:
         self.readiness.load_state_dict(state.get("readiness")
                                        or {"baseline": state.get("baseline")})
         self.ready, self.first_cut = state.get("ready"), state.get("first_cut")
+        self.paused = int(state.get("paused", 0))
         p = state.get("pending")
         self.pending = None if p is None or not Path(p["snapshot"]).exists() else {
             **p, "samples": {k: np.asarray(v, np.float64) for k, v in p["samples"].items()},
@@ -192,7 +195,7 @@ class Reducer:
             return step <= self.config.window * total_steps
         if step > self.config.adaptive.latest * total_steps:
             return False
-        return self.ready is None or step <= (self.ready["step"]
+        return self.ready is None or step <= (self.ready["step"] + self.paused
                                               + self.config.window * total_steps)
 
     def due(self, step: int, total_steps: int) -> bool:
@@ -341,6 +344,7 @@ class Reducer:
         the pre-cut checkpoint and bisect. Returns the records and the validation (with its
         samples) of the model kept."""
         p, self.pending = self.pending, None
+        self.paused += host.steps_done - p["step"]  # recovery does not use up the window
         if val is None or samples is None:
             val, samples = measure(host)
         verdict = self._judge(p["val"], p["samples"], val, samples)
