@@ -165,7 +165,7 @@ def cases() -> list[Case]:
     })
     out += _flag_cases("train", [*TRAIN, "--reduce", "tau=0.1"], {
         "--window": ["-0.1", "0", "1.5", "nan", "inf"], "--every": ["0", "-1"],
-        "--max-drop": ["-1", "inf", "nan"]})
+        "--max-drop": ["-1", "inf", "nan"], "--recover": ["-0.1", "1", "nan", "abc"]})
     # --- train: paths and files
     tr = [a for a in TRAIN]
     i = tr.index("d.npz")
