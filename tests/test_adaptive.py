@@ -409,15 +409,17 @@ def test_adaptive_flags_reach_train_and_the_job(tmp_path, capsys):
 
     args = build_parser().parse_args(["train", "--reduce", "tau=0.04", "--ready-by", "0.3",
                                       "--plateau-span", "0.2", "--latest-cut", "0.6",
-                                      "--adaptive-noise", "3", "--adaptive-checks", "4"])
+                                      "--adaptive-noise", "3", "--adaptive-checks", "4",
+                                      "--recover", "0.1"])
     adaptive = _reducer(args).config.adaptive
-    assert (adaptive.by, adaptive.span, adaptive.latest, adaptive.noise, adaptive.checks) == (
-        0.3, 0.2, 0.6, 3.0, 4)
+    assert (adaptive.by, adaptive.span, adaptive.latest, adaptive.noise, adaptive.checks,
+            adaptive.recover) == (0.3, 0.2, 0.6, 3.0, 4, 0.1)
     from compressm_tune.cli.tune import adaptive_config
     from compressm_tune.search import TuneConfig
 
-    job = build_parser().parse_args(["--budget", "0.3x", "--ready-by", "0.4"])
-    assert TuneConfig(budget=job.budget, adaptive=adaptive_config(job)).adaptive.by == 0.4
+    job = build_parser().parse_args(["--budget", "0.3x", "--ready-by", "0.4", "--recover", "0"])
+    adaptive = TuneConfig(budget=job.budget, adaptive=adaptive_config(job)).adaptive
+    assert (adaptive.by, adaptive.recover) == (0.4, 0.0)
     out = tmp_path / "run"
     code = main(["train", "--reduce", "tau=0.04", "--ready-by", "2", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
