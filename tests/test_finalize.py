@@ -190,3 +190,39 @@ def test_the_report_says_how_a_relative_budget_was_judged_and_why_trials_were_pa
     assert "(limit 0.156 ms)" in report and "aimed at 0.1748 ms" in report
     assert "- trial 0: measured 0.17 ms (0.32x" in report
     assert "- trial 1: not measured" in report
+
+
+class _Line:
+    """A latency model of one block: 0.04 ms plus 2 us per state."""
+
+    def predict(self, dims, metric="latency_ms"):
+        return 0.04 + 0.002 * sum(dims)
+
+
+def test_a_relative_budget_is_calibrated_on_the_measured_ratio_before_the_search(
+        tmp_path, lti_sysid, clock):
+    """The profile puts 62 states at 0.297x of the full model; side by side they measure
+    0.33x (the profile's ratio is off at the edge, as on this machine). The search's budget is
+    scaled by 0.297 / 0.33 so the trials it steers to the edge pass the finalizer's measured
+    check; the load moving between rounds moves both models and changes nothing."""
+    line = _Line()
+    full = line.predict([256])
+    config = TuneConfig(budget="0.3x", out=str(tmp_path / "run"), **SMALL).with_budget_ms(
+        0.3 * full)
+    loads = [1.0, 1.0, 1.4, 1.4, 1.2, 1.2]
+    fake = clock({256: 0.5, 62: 0.165}, lambda call: loads[call % len(loads)])
+    calibrated, record = _finalize.calibrate_budget(config, line, lti_sysid)
+    assert record["width"] == 62 == max(w for w in range(1, 256) if line.predict([w])
+                                        <= config.budget_ms)
+    assert fake.timed == [256, 62] * _finalize.COMPARISON_ROUNDS
+    assert record["measured_ratio"] == pytest.approx(0.33)
+    expected = config.budget_ms * (line.predict([62]) / full) / 0.33
+    assert calibrated.budget_ms == pytest.approx(expected) and expected < config.budget_ms
+    assert calibrated.budget == "0.3x"
+
+
+def test_an_absolute_budget_is_not_calibrated(tmp_path, lti_sysid, clock):
+    config = TuneConfig(budget_ms=0.16, out=str(tmp_path / "run"), **SMALL)
+    fake = clock({}, lambda call: 1.0)
+    assert _finalize.calibrate_budget(config, _Line(), lti_sysid) == (config, None)
+    assert fake.timed == []

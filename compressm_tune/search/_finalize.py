@@ -207,14 +207,54 @@ def timing_reference(config: TuneConfig, data: Dataset) -> Path | None:
     budget."""
     if config.budget_fraction is None:
         return None
-    name = f"{config.study}-full-untrained"
+    return _untrained_bundle(config, data, config.full_width, "full-untrained")
+
+
+def _untrained_bundle(config: TuneConfig, data: Dataset, width: int, name: str) -> Path:
+    """An untrained model of ``width`` states per block, exported once for timing."""
+    name = f"{config.study}-{name}"
     checkpoint = Path(config.out) / "references" / name / "init.pt"
     if not checkpoint.is_file():
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
-            model = SSMModel(config.model_config(data, config.full_width))
+            model = SSMModel(config.model_config(data, width))
         save_checkpoint(checkpoint, model, dataset=dataset_record(data))
     return _export_for_timing(config, checkpoint, name)
+
+
+def calibrate_budget(config: TuneConfig, latency: Any, data: Dataset
+                     ) -> tuple[TuneConfig, dict[str, Any] | None]:
+    """A relative budget's target for the search, in the profile's milliseconds, calibrated
+    on this machine's measured ratio.
+
+    The finalizer judges a candidate by its measured latency against the full model's in the
+    same rounds; the search reads the profile. When the profile's ratio at the budget's edge
+    is off (its widths were timed apart, at other loads), every trial it steers to the edge
+    misses when measured. So before the search the full width and the widest uniform width
+    the profile puts within the budget are exported untrained (latency depends on the widths,
+    not the weights) and timed side by side; the search's budget is scaled by predicted over
+    measured ratio at that width. Returns the config and the calibration's record (None for an
+    absolute budget, or when no width is predicted within the budget)."""
+    if config.budget_fraction is None:
+        return config, None
+
+    def predict(w: int) -> float:
+        return latency.predict([w] * config.blocks, config.metric)
+    full_pred = predict(config.full_width)
+    inside = [w for w in range(1, config.full_width) if predict(w) <= config.budget_ms]
+    if not inside:
+        return config, None
+    probe = max(inside)
+    timing = measure_side_by_side(config, {
+        "full": timing_reference(config, data),
+        "probe": _untrained_bundle(config, data, probe, f"probe-{probe}")})
+    measured = timing["probe"]["p50_ms"] / timing["full"]["p50_ms"]
+    predicted = predict(probe) / full_pred
+    record = {"width": probe, "predicted_ratio": predicted, "measured_ratio": measured,
+              "budget_ms_profile": config.budget_ms,
+              "budget_ms": config.budget_ms * predicted / measured,
+              "loadavg_1min": timing["full"]["loadavg_1min"]}
+    return config.with_budget_ms(record["budget_ms"]), record
 
 
 def measure_against_budget(config: TuneConfig, bundle: Path,

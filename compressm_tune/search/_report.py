@@ -285,8 +285,8 @@ def _markdown(s: dict[str, Any], metric: str) -> str:
                _fmt(r["predicted_ms"]), _fmt(r["val"])] for r in s.get("trial_table", [])]
     unit = "sequence" if s["latency_mode"] == "sequence" else "token"
     budget = (f"{s['budget']} of the full model's latency per {unit}, measured against it (the "
-              f"search aimed at {s['budget_ms']:.4g} ms: {s['budget']} of the full model's "
-              f"predicted {s['full_predicted_ms']:.4g} ms)" if s.get("budget")
+              f"search aimed at {s['budget_ms']:.4g} ms of the profile's, whose full model is "
+              f"predicted at {s['full_predicted_ms']:.4g} ms; see the notes)" if s.get("budget")
               else f"{s['budget_ms']:g} ms per {unit}")
     against = (f" = {m['p50_ms'] / m['full_ms']:.3g}x of the full model's {m['full_ms']:.4g} ms "
                f"timed in the same {m['rounds']} interleaved rounds (limit {m['limit_ms']:.4g} ms)"

@@ -37,7 +37,12 @@ from compressm_tune.hardware import LatencyModel, Profile, latency_model_for
 from compressm_tune.search._artifacts import default_artifacts, open_artifacts
 from compressm_tune.search._config import TuneConfig
 from compressm_tune.search._elect import finalizer
-from compressm_tune.search._finalize import choose_and_export, publish_bundle, train_references
+from compressm_tune.search._finalize import (
+    calibrate_budget,
+    choose_and_export,
+    publish_bundle,
+    train_references,
+)
 from compressm_tune.search._objective import Objective
 from compressm_tune.search._report import write_report
 from compressm_tune.search._study import check_storage, open_study, run_trials
@@ -72,6 +77,9 @@ def run_tune(config: TuneConfig, progress: bool = True) -> dict[str, Any]:
     notes += _budget_notes(config, latency, profile)
     artifacts = open_artifacts(config.artifacts or default_artifacts(config.storage, config.out))
     with made_dir(config.out):  # after every refusal: a refused run leaves no folder
+        config, calibration = calibrate_budget(config, latency, data)
+        if calibration is not None:
+            notes.append(_calibration_note(config, calibration))
         study = open_study(config)
     saved_ms = study.user_attrs["settings"]["budget_ms"]
     if saved_ms != config.budget_ms:  # a rerun of a relative budget keeps the study's
@@ -104,6 +112,14 @@ def _resolve_budget(config: TuneConfig, latency: LatencyModel) -> TuneConfig:
         return config
     full = latency.predict([config.full_width] * config.blocks, config.metric)
     return config.with_budget_ms(config.budget_fraction * full)
+
+
+def _calibration_note(config: TuneConfig, c: dict[str, Any]) -> str:
+    loads = "-".join(f"{x:.2f}" for x in c["loadavg_1min"])
+    return (f"budget {config.budget} calibrated here: {c['width']} states per block measured "
+            f"{c['measured_ratio']:.3f}x of the full model side by side (the profile: "
+            f"{c['predicted_ratio']:.3f}x; 1-minute load {loads}), so the search aims at "
+            f"{c['budget_ms']:.4g} ms of the profile's, not {c['budget_ms_profile']:.4g}")
 
 
 def _budget_notes(config: TuneConfig, latency: LatencyModel, profile: Profile) -> list[str]:
