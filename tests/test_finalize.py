@@ -214,10 +214,28 @@ def test_a_relative_budget_is_calibrated_on_the_measured_ratio_before_the_search
     calibrated, record = _finalize.calibrate_budget(config, line, lti_sysid)
     assert record["width"] == 62 == max(w for w in range(1, 256) if line.predict([w])
                                         <= config.budget_ms)
-    assert fake.timed == [256, 62] * _finalize.COMPARISON_ROUNDS
+    assert fake.timed == [256, 62] * _finalize.CALIBRATION_ROUNDS
     assert record["measured_ratio"] == pytest.approx(0.33)
-    expected = config.budget_ms * (line.predict([62]) / full) / 0.33
+    expected = config.budget_ms * (line.predict([62]) / full) / 0.33 * 0.95  # 5% inside
     assert calibrated.budget_ms == pytest.approx(expected) and expected < config.budget_ms
+
+
+def test_the_calibrated_budget_keeps_a_margin_of_twice_the_rounds_spread(
+        tmp_path, lti_sysid, clock):
+    """The probe's ratio to the full model moves 0.30-0.36 between rounds (noise that moves
+    one model and not the other): the search aims inside the median-calibrated budget by
+    (0.36 - 0.30) / 0.33, the spread the finalizer's check will see too."""
+    line = _Line()
+    config = TuneConfig(budget="0.3x", out=str(tmp_path / "run"), **SMALL).with_budget_ms(
+        0.3 * line.predict([256]))
+    probe_load = iter([0.30, 0.33, 0.36, 0.33, 0.32])
+    clock({256: 1.0, 62: 1.0}, lambda call: 1.0 if call % 2 == 0 else next(probe_load))
+    calibrated, record = _finalize.calibrate_budget(config, line, lti_sysid)
+    assert record["measured_ratio"] == pytest.approx(0.33)
+    assert record["margin"] == pytest.approx(0.06 / 0.33)
+    assert calibrated.budget_ms == pytest.approx(
+        config.budget_ms * (line.predict([62]) / line.predict([256])) / 0.33
+        * (1 - 0.06 / 0.33))
     assert calibrated.budget == "0.3x"
 
 

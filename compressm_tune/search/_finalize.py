@@ -222,19 +222,26 @@ def _untrained_bundle(config: TuneConfig, data: Dataset, width: int, name: str) 
     return _export_for_timing(config, checkpoint, name)
 
 
+CALIBRATION_ROUNDS = 5  # interleaved rounds of the relative budget's calibration
+MIN_MARGIN = 0.05  # the least share the search aims inside a calibrated budget
+
+
 def calibrate_budget(config: TuneConfig, latency: Any, data: Dataset
                      ) -> tuple[TuneConfig, dict[str, Any] | None]:
     """A relative budget's target for the search, in the profile's milliseconds, calibrated
-    on this machine's measured ratio.
+    on this machine's measured ratio and its noise.
 
     The finalizer judges a candidate by its measured latency against the full model's in the
     same rounds; the search reads the profile. When the profile's ratio at the budget's edge
     is off (its widths were timed apart, at other loads), every trial it steers to the edge
     misses when measured. So before the search the full width and the widest uniform width
     the profile puts within the budget are exported untrained (latency depends on the widths,
-    not the weights) and timed side by side; the search's budget is scaled by predicted over
-    measured ratio at that width. Returns the config and the calibration's record (None for an
-    absolute budget, or when no width is predicted within the budget)."""
+    not the weights) and timed side by side, round by round; the search's budget is scaled by
+    the profile's over the measured ratio (median of the rounds) at that width, and aims
+    inside it by twice the rounds' relative spread (at least ``MIN_MARGIN``): trials end at
+    the edge the budget sets, and the finalizer's measurement there is as noisy as these.
+    Returns the config and the calibration's record (None for an absolute budget, or when no
+    width is predicted within the budget)."""
     if config.budget_fraction is None:
         return config, None
 
@@ -245,15 +252,19 @@ def calibrate_budget(config: TuneConfig, latency: Any, data: Dataset
     if not inside:
         return config, None
     probe = max(inside)
-    timing = measure_side_by_side(config, {
-        "full": timing_reference(config, data),
-        "probe": _untrained_bundle(config, data, probe, f"probe-{probe}")})
-    measured = timing["probe"]["p50_ms"] / timing["full"]["p50_ms"]
+    bundles = {"full": timing_reference(config, data),
+               "probe": _untrained_bundle(config, data, probe, f"probe-{probe}")}
+    rounds = [measure_side_by_side(config, bundles, rounds=1)
+              for _ in range(CALIBRATION_ROUNDS)]
+    ratios = [r["probe"]["p50_ms"] / r["full"]["p50_ms"] for r in rounds]
+    measured = statistics.median(ratios)
+    margin = min(0.5, max(MIN_MARGIN, (max(ratios) - min(ratios)) / measured))
     predicted = predict(probe) / full_pred
+    loads = [x for r in rounds for x in r["full"]["loadavg_1min"]]
     record = {"width": probe, "predicted_ratio": predicted, "measured_ratio": measured,
-              "budget_ms_profile": config.budget_ms,
-              "budget_ms": config.budget_ms * predicted / measured,
-              "loadavg_1min": timing["full"]["loadavg_1min"]}
+              "ratios": ratios, "margin": margin, "budget_ms_profile": config.budget_ms,
+              "budget_ms": config.budget_ms * predicted / measured * (1 - margin),
+              "loadavg_1min": [min(loads), max(loads)]}
     return config.with_budget_ms(record["budget_ms"]), record
 
 

@@ -118,8 +118,10 @@ def _calibration_note(config: TuneConfig, c: dict[str, Any]) -> str:
     loads = "-".join(f"{x:.2f}" for x in c["loadavg_1min"])
     return (f"budget {config.budget} calibrated here: {c['width']} states per block measured "
             f"{c['measured_ratio']:.3f}x of the full model side by side (the profile: "
-            f"{c['predicted_ratio']:.3f}x; 1-minute load {loads}), so the search aims at "
-            f"{c['budget_ms']:.4g} ms of the profile's, not {c['budget_ms_profile']:.4g}")
+            f"{c['predicted_ratio']:.3f}x; median of {len(c['ratios'])} interleaved rounds, "
+            f"1-minute load {loads}), so the search aims at {c['budget_ms']:.4g} ms of the "
+            f"profile's, not {c['budget_ms_profile']:.4g}: {100 * c['margin']:.0f}% inside the "
+            "budget, twice the rounds' spread (at least 5%), the measured check's noise")
 
 
 def _budget_notes(config: TuneConfig, latency: LatencyModel, profile: Profile) -> list[str]:
