@@ -223,7 +223,7 @@ def _untrained_bundle(config: TuneConfig, data: Dataset, width: int, name: str) 
 
 
 CALIBRATION_ROUNDS = 5  # interleaved rounds of the relative budget's calibration
-MIN_MARGIN = 0.05  # the least share the search aims inside a calibrated budget
+MIN_MARGIN, MAX_MARGIN = 0.05, 0.2  # the share the search aims inside a calibrated budget
 
 
 def calibrate_budget(config: TuneConfig, latency: Any, data: Dataset
@@ -238,8 +238,9 @@ def calibrate_budget(config: TuneConfig, latency: Any, data: Dataset
     the profile puts within the budget are exported untrained (latency depends on the widths,
     not the weights) and timed side by side, round by round; the search's budget is scaled by
     the profile's over the measured ratio (median of the rounds) at that width, and aims
-    inside it by twice the rounds' relative spread (at least ``MIN_MARGIN``): trials end at
-    the edge the budget sets, and the finalizer's measurement there is as noisy as these.
+    inside it by the rounds' relative standard deviation (``MIN_MARGIN`` to ``MAX_MARGIN``):
+    trials end at the edge the budget sets, and the finalizer's measurement there is about as
+    noisy as these.
     Returns the config and the calibration's record (None for an absolute budget, or when no
     width is predicted within the budget)."""
     if config.budget_fraction is None:
@@ -258,7 +259,7 @@ def calibrate_budget(config: TuneConfig, latency: Any, data: Dataset
               for _ in range(CALIBRATION_ROUNDS)]
     ratios = [r["probe"]["p50_ms"] / r["full"]["p50_ms"] for r in rounds]
     measured = statistics.median(ratios)
-    margin = min(0.5, max(MIN_MARGIN, (max(ratios) - min(ratios)) / measured))
+    margin = min(MAX_MARGIN, max(MIN_MARGIN, statistics.stdev(ratios) / measured))
     predicted = predict(probe) / full_pred
     loads = [x for r in rounds for x in r["full"]["loadavg_1min"]]
     record = {"width": probe, "predicted_ratio": predicted, "measured_ratio": measured,

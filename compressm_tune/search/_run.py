@@ -121,7 +121,8 @@ def _calibration_note(config: TuneConfig, c: dict[str, Any]) -> str:
             f"{c['predicted_ratio']:.3f}x; median of {len(c['ratios'])} interleaved rounds, "
             f"1-minute load {loads}), so the search aims at {c['budget_ms']:.4g} ms of the "
             f"profile's, not {c['budget_ms_profile']:.4g}: {100 * c['margin']:.0f}% inside the "
-            "budget, twice the rounds' spread (at least 5%), the measured check's noise")
+            "budget, the rounds' relative standard deviation (5-20%), the measured check's "
+            "noise")
 
 
 def _budget_notes(config: TuneConfig, latency: LatencyModel, profile: Profile) -> list[str]:
