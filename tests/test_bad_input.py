@@ -174,28 +174,33 @@ def test_export_into_a_full_disk_is_one_line_and_leaves_nothing(bundle, tmp_path
 PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "cpu-amd-epyc-2c.json"
 JOB = ["-q", "--budget", "0.8x", "--trials", "1", "--steps", "10", "--no-baseline", "--profile",
        str(PROFILE), "--no-drift-check", "--out", "run"]
+# an absolute budget: no calibration's exports (a relative budget's first and largest files)
+# before the study, so the disk can fill at each later stage
+JOB_MS = [*JOB[:1], "--budget-ms", "10", *JOB[3:]]
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("limit_kib,needle", [
-    pytest.param(32, "study storage", id="storage"),
-    pytest.param(150, "best.pt", marks=pytest.mark.slow, id="trial-checkpoint"),
-    pytest.param(500, "the bundle", marks=pytest.mark.slow, id="bundle"),
+@pytest.mark.parametrize("job,limit_kib,needle", [
+    pytest.param(JOB, 32, "run/references", id="calibration"),
+    pytest.param(JOB_MS, 32, "study storage", id="storage"),
+    pytest.param(JOB_MS, 150, "best.pt", marks=pytest.mark.slow, id="trial-checkpoint"),
+    pytest.param(JOB_MS, 500, "the bundle", marks=pytest.mark.slow, id="bundle"),
 ])
-def test_the_budgeted_job_on_a_full_disk_is_one_line_and_resumes(tmp_path, limit_kib, needle):
-    """Wherever the disk fills (the study's storage, a trial's checkpoint, the exported
-    bundle), the job ends in one line with exit 2, the profile it read is unchanged, and the
-    same command finishes the job once there is room."""
+def test_the_budgeted_job_on_a_full_disk_is_one_line_and_resumes(tmp_path, job, limit_kib,
+                                                                 needle):
+    """Wherever the disk fills (a relative budget's calibration, the study's storage, a
+    trial's checkpoint, the exported bundle), the job ends in one line with exit 2, the
+    profile it read is unchanged, and the same command finishes the job once there is room."""
     profile = _sha(PROFILE)
-    done = _cli_limited(JOB, tmp_path, limit_kib * 1024)
+    done = _cli_limited(job, tmp_path, limit_kib * 1024)
     line = _one_line_error(done, "compressm-tune")
     assert needle in line, line
     assert _sha(PROFILE) == profile
     if limit_kib > 32:  # the rerun is the slow part; storage creation resumes the same way
-        again = _cli(JOB, tmp_path)
+        again = _cli(job, tmp_path)
         assert again.returncode == 0, again.stderr
         assert json.loads((tmp_path / "run" / "summary.json").read_text())["meets_budget"]
 
