@@ -569,3 +569,13 @@ def test_the_window_stands_still_while_a_cut_recovers():
     assert [(s, r["action"], r["rank"]) for s, r in records if r["layer"] == 0] == [
         (1, "cut", 16), (6, "rollback", 16), (6, "cut", 40)]
     assert reducer.paused == 5 and reducer.pending["judge_at"] == 11
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1", "nan", "inf"])
+def test_a_bad_recover_is_one_line_and_writes_nothing(tmp_path, capsys, value):
+    from compressm_tune.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--reduce", "tau=0.04", "--recover", value, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "recover" in err[0] and not out.exists()
