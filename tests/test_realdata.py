@@ -71,6 +71,34 @@ def test_series_are_chronological_one_step_forecasts_of_the_raw_series(name, col
         np.testing.assert_allclose(std, series[:split["val_start"]].std(), rtol=1e-6)
 
 
+def test_co2_is_forecast_relative_to_each_windows_start_so_test_needs_no_extrapolation():
+    """Mauna Loa's CO2 rises: in absolute terms its test part lies above every training
+    target. Relative to each window's first value, the windows are the series' own differences
+    and the test targets lie inside the training targets' range."""
+    values = sm_datasets.co2.load_pandas().data["co2"].to_numpy(float)
+    ds = load_dataset("co2", val_fraction=0.15)
+    assert ds.info["level"] == "window start"
+    mean, std = ds.info["target_scale"]
+    assert mean == 0.0
+    split = ds.info["split"]
+    for x, y, first in ((ds.x_train, ds.y_train, 0),
+                        (ds.x_test, ds.y_test, split["test_start"] - 1)):
+        x_rel = _raw(ds, x)
+        np.testing.assert_allclose(x_rel[:, 0], 0.0, atol=1e-3)
+        for i in (0, len(x_rel) - 1):
+            window = values[first + i:first + i + 53]
+            if np.isnan(window).any():  # the package's gaps (interpolated in the dataset)
+                continue
+            np.testing.assert_allclose(x_rel[i], window[:-1] - window[0], atol=1e-3)
+            np.testing.assert_allclose(y.numpy()[i, :, 0] * std, window[1:] - window[0],
+                                       atol=1e-3)
+    train_y, test_y = ds.y_train.numpy(), ds.y_test.numpy()
+    lo, hi = train_y.min(), train_y.max()
+    margin = 0.1 * (hi - lo)  # absolute levels: the whole test part 0.7 spans above it
+    assert lo - margin < test_y.min() and test_y.max() < hi + margin
+    np.testing.assert_allclose(train_y.std(), 1.0, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name,module", [("digits", "sklearn.datasets"),
                                          ("sunspots", "statsmodels")])
 def test_a_missing_package_names_the_datasets_extra(monkeypatch, name, module):
