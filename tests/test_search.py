@@ -566,3 +566,50 @@ def test_a_storage_that_cannot_record_a_failed_trial_gives_the_trial_s_own_error
 
     with pytest.raises(OutputError, match="no space left"):
         run_trials(study, objective, 1)
+
+
+def test_a_rerun_of_a_relative_budget_keeps_the_studys_calibration_and_does_not_remeasure(
+        tmp_path, profile_path, monkeypatch):
+    """A resumed study (or a worker joining it) re-ran the calibration's exports and timing
+    rounds, only to throw the result away for the study's budget."""
+    from compressm_tune.search import _run
+    from compressm_tune.search._finalize import CALIBRATION_ROUNDS
+
+    calls = []
+    real = _run.calibrate_budget
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop(study, objective, trials, progress):
+        seen.append((objective.config.budget_ms, study.user_attrs))
+        raise Stop
+
+    class Line:  # a latency that follows the width (this tiny model's barely does)
+        def predict(self, dims, metric="latency_ms"):
+            return 0.04 + 0.002 * sum(dims)
+
+    def line_model(**kwargs):
+        _, profile, notes = real_model(**kwargs)
+        return Line(), profile, notes
+
+    real_model = _run.latency_model_for
+    monkeypatch.setattr(_run, "latency_model_for", line_model)
+    monkeypatch.setattr(_run, "calibrate_budget", counted)
+    monkeypatch.setattr(_run, "run_trials", stop)
+    config = TuneConfig(budget="0.5x", dataset="lti-sysid", state_dims=(64,), steps=4,
+                        trials=1, profile=str(profile_path), out=str(tmp_path / "run"), **SMALL)
+    for _ in range(2):
+        with pytest.raises(Stop):
+            _run.run_tune(config, progress=False)
+    assert len(calls) == 1
+    (first_ms, attrs), (second_ms, _) = seen
+    record = attrs["calibration"]
+    assert record["budget_ms"] == first_ms == second_ms == attrs["settings"]["budget_ms"]
+    assert record["width"] < 64 and len(record["ratios"]) == CALIBRATION_ROUNDS

@@ -45,7 +45,7 @@ from compressm_tune.search._finalize import (
 )
 from compressm_tune.search._objective import Objective
 from compressm_tune.search._report import write_report
-from compressm_tune.search._study import check_storage, open_study, run_trials
+from compressm_tune.search._study import check_storage, open_study, run_trials, saved_settings
 from compressm_tune.training import TrainConfig, check_training_memory
 
 __all__ = ["run_tune", "resolve_profile"]
@@ -77,15 +77,21 @@ def run_tune(config: TuneConfig, progress: bool = True) -> dict[str, Any]:
     notes += _budget_notes(config, latency, profile)
     artifacts = open_artifacts(config.artifacts or default_artifacts(config.storage, config.out))
     with made_dir(config.out):  # after every refusal: a refused run leaves no folder
-        config, calibration = calibrate_budget(config, latency, data)
-        if calibration is not None:
-            notes.append(_calibration_note(config, calibration))
+        saved = saved_settings(config)
+        if saved is None:  # a new study: a relative budget is calibrated once, here
+            config, calibration = calibrate_budget(config, latency, data)
         study = open_study(config)
+        if saved is None and calibration is not None:
+            study.set_user_attr(CALIBRATION_ATTR, calibration)
     saved_ms = study.user_attrs["settings"]["budget_ms"]
-    if saved_ms != config.budget_ms:  # a rerun of a relative budget keeps the study's
+    calibration = study.user_attrs.get(CALIBRATION_ATTR)
+    if calibration is not None:
+        notes.append(_calibration_note(config, calibration)
+                     + ("" if saved is None else " (measured when the study began, kept)"))
+    elif saved_ms != config.budget_ms:  # a rerun of a relative budget keeps the study's
         notes.append(f"budget {config.budget} resolves to {config.budget_ms:.4g} ms now; the "
                      f"study's trials were run against {saved_ms:.4g} ms, which is kept")
-        config = config.with_budget_ms(saved_ms)
+    config = config.with_budget_ms(saved_ms)
     objective = Objective(config, data, latency.predict, profile.fast_widths(), artifacts)
     others = run_trials(study, objective, config.trials, progress=progress)
     with finalizer(study, config, others) as why_not:
@@ -112,6 +118,9 @@ def _resolve_budget(config: TuneConfig, latency: LatencyModel) -> TuneConfig:
         return config
     full = latency.predict([config.full_width] * config.blocks, config.metric)
     return config.with_budget_ms(config.budget_fraction * full)
+
+
+CALIBRATION_ATTR = "calibration"  # study user attr: the relative budget's calibration record
 
 
 def _calibration_note(config: TuneConfig, c: dict[str, Any]) -> str:

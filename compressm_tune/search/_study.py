@@ -280,6 +280,22 @@ def open_study(config: TuneConfig) -> optuna.Study:
     return study
 
 
+def saved_settings(config: TuneConfig) -> dict[str, Any] | None:
+    """The settings the study ``config`` names was begun with; None while it does not exist
+    (a rerun or another worker then keeps what the first run measured, e.g. a relative
+    budget's calibration, instead of measuring again)."""
+    url = config.storage or f"sqlite:///{(Path(config.out) / 'study.db').resolve()}"
+    for prefix in ("sqlite:///", "journal:"):  # a file not there yet holds no study: do not
+        if url.startswith(prefix) and not Path(url.removeprefix(prefix)).exists():  # make it
+            return None
+    storage = open_storage(config.storage, Path(config.out))
+    try:
+        study = optuna.load_study(study_name=config.study, storage=storage)
+    except KeyError:  # Optuna's "no such study"
+        return None
+    return study.user_attrs.get("settings")
+
+
 def _settings(config: TuneConfig) -> dict[str, Any]:
     """What a study's trials depend on: rerunning with other values is another study (trials
     cut to fit one budget answer nothing about another). The seed is not among them: workers
