@@ -32,6 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import int_list, machine, machine_line, parser, pool_map, write  # noqa: E402,I001
 
+from compressm_tune.search import DISTILL  # noqa: E402
+
 METHODS = {"ours": {"score": "data"}, "magnitude": {"score": "magnitude"},
            "slowest-A": {"score": "data", "select": "magnitude"},
            "random": {"score": "data", "select": "random"}}
@@ -55,19 +57,15 @@ def model_config(arch: str, hidden: int, vocab: int, head_dim: int | None) -> An
                      pooling="none", dropout=0.0, vocab_size=vocab, **extra)
 
 
-def _train(model, data, steps: int, lr: float, seed: int, batch: int, teacher: Any = None,
-           distill: float = 0.0) -> tuple[Any, float]:
-    """Train ``model`` for ``steps`` (distilled from ``teacher`` with weight ``distill`` when
-    both are given); the best-validation model and the training seconds."""
+def _pretrain(model, data, steps: int, lr: float, seed: int, batch: int) -> Any:
+    """Train ``model`` from scratch for ``steps``; the best-validation model."""
     from compressm_tune.training import TrainConfig, Trainer, model_from_checkpoint
 
     out = Path(tempfile.mkdtemp(prefix="bench-mamba2-"))
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, eval_every=max(1, steps // 5),
                       seed=seed, threads=1, eval_batch_size=250)
-    kw = {"teacher": teacher, "distill_weight": distill} if teacher is not None and distill \
-        else {}
-    summary = Trainer(model.config, cfg, data, out, model=model, progress=False, **kw).fit()
-    return model_from_checkpoint(out / "best.pt").eval(), summary["train_time_s"]
+    Trainer(model.config, cfg, data, out, model=model, progress=False).fit()
+    return model_from_checkpoint(out / "best.pt").eval()
 
 
 def _run(job: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +76,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
     from compressm_tune.models import SSMModel
     from compressm_tune.reduction import compress_pretrained
-    from compressm_tune.search import load_token_data
+    from compressm_tune.search import finetune_compressed, load_token_data
     from compressm_tune.training import evaluate
 
     torch.set_num_threads(1)
@@ -92,7 +90,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
     model = SSMModel(model_config(job["arch"], job["hidden"], data.d_output, job["head_dim"]))
     t0 = time.perf_counter()
-    full, pre_s = _train(model, data, job["steps"], job["lr"], job["seed"], job["batch"])
+    full = _pretrain(model, data, job["steps"], job["lr"], job["seed"], job["batch"])
+    pre_s = time.perf_counter() - t0
     ft_steps = max(1, round(job["finetune_frac"] * job["steps"]))
     rows = [{"method": "full", "width": STATE, "cut": bits(full)}]
     calib = data.x_train[:CALIBRATION]
@@ -105,8 +104,10 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
             rows.append({"method": method, "width": width, "cut": bits(cut)})
             cuts.append(cut)
     for row, model in zip(rows, [full, *cuts], strict=True):
-        tuned, _ = _train(model, data, ft_steps, job["finetune_lr"], job["seed"], job["batch"],
-                          teacher, job["distill"])
+        tuned = finetune_compressed(  # what compress --finetune-steps runs
+            model, data, ft_steps, teacher=teacher if job["distill"] else None,
+            distill=job["distill"], lr=job["finetune_lr"], batch_size=job["batch"],
+            seed=job["seed"], threads=1, calibration=CALIBRATION)
         row["finetuned"] = bits(tuned)
         row["state_dims"] = tuned.state_dims
     return {"seed": job["seed"], "vocab": data.d_output, "rows": rows, "pretrain_s": pre_s,
@@ -196,7 +197,7 @@ def main() -> None:
     ap.add_argument("--finetune-frac", type=float, default=0.1)
     ap.add_argument("--finetune-lr", type=float, default=3e-3,
                     help="fine-tune peak LR (default: the pretraining LR, compress --lr)")
-    ap.add_argument("--distill", type=float, default=0.5,
+    ap.add_argument("--distill", type=float, default=DISTILL,
                     help="fine-tune loss: share of KL to the uncut model (compress --distill)")
     ap.add_argument("--widths", type=int_list, default=[32, 16])
     ap.add_argument("--test-sequences", type=int, default=1000)

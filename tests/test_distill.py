@@ -13,6 +13,7 @@ from compressm_tune.data import Dataset
 from compressm_tune.errors import ConfigError
 from compressm_tune.models import SSMConfig, SSMModel
 from compressm_tune.reduction import compress_pretrained
+from compressm_tune.search import finetune_compressed
 from compressm_tune.training import TrainConfig, Trainer, distill_loss
 from compressm_tune.training.evaluation import training_memory_bytes
 
@@ -84,6 +85,22 @@ def test_a_distilled_fine_tune_ends_closer_to_the_teacher(tmp_path):
                 progress=False, teacher=copy.deepcopy(teacher),
                 distill_weight=weight).fit()
         ends[weight] = _kl_to(teacher, student.eval(), data.x_test)
+    assert ends[1.0] < 0.5 * ends[0.0], ends
+
+
+def test_the_compress_fine_tune_distills_and_keeps_the_cut_widths():
+    """``finetune_compressed`` (what ``compress --finetune-steps`` and the benchmark run) trains
+    the cut model toward the teacher it is given, and returns it at its cut widths, ready to
+    evaluate."""
+    data, teacher = _token_data(), _teacher()
+    cut = copy.deepcopy(teacher)
+    compress_pretrained(cut, data.x_train[:16], keep=2)
+    ends = {}
+    for weight in (0.0, 1.0):
+        tuned = finetune_compressed(copy.deepcopy(cut), data, 30, teacher=copy.deepcopy(teacher),
+                                    distill=weight, lr=1e-2, batch_size=16, threads=1)
+        assert tuned.state_dims == [2] and not tuned.training
+        ends[weight] = _kl_to(teacher, tuned, data.x_test)
     assert ends[1.0] < 0.5 * ends[0.0], ends
 
 

@@ -11,9 +11,11 @@ model folder after training, its widths under the same kind of budget.
 from compressm_tune.errors import ArtifactStoreError, BudgetMissedError, StorageError
 from compressm_tune.search._compress import (
     BUILTIN_TEXT,
+    DISTILL,
     SUMMARY,
     CompressConfig,
     compress_folder,
+    finetune_compressed,
     load_token_data,
 )
 from compressm_tune.search._config import LATENCY_MODES, TuneConfig, parse_relative_budget
@@ -25,6 +27,7 @@ __all__ = [
     "BUILTIN_TEXT",
     "SUMMARY",
     "CompressConfig",
+    "DISTILL",
     "LATENCY_MODES",
     "ArtifactStoreError",
     "BudgetMissedError",
@@ -32,6 +35,7 @@ __all__ = [
     "TrialPlan",
     "TuneConfig",
     "compress_folder",
+    "finetune_compressed",
     "load_token_data",
     "open_storage",
     "parse_relative_budget",

@@ -50,10 +50,12 @@ from compressm_tune.reduction import (
 from compressm_tune.search._config import parse_relative_budget
 from compressm_tune.training import TrainConfig, Trainer, evaluate, model_from_checkpoint
 
-__all__ = ["BUILTIN_TEXT", "SUMMARY", "CompressConfig", "compress_folder", "load_token_data"]
+__all__ = ["BUILTIN_TEXT", "DISTILL", "SUMMARY", "CompressConfig", "compress_folder",
+           "finetune_compressed", "load_token_data"]
 
 BUILTIN_TEXT = ("pystdlib-chars",)
 SUMMARY = "compress_summary.json"
+DISTILL = 0.5  # the fine-tune's share of KL to the uncut model (``--distill``)
 # what a user's folder may hold besides the weights: copied so the output is used the same way
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "vocab.json", "merges.txt", "generation_config.json")
@@ -89,7 +91,7 @@ class CompressConfig:
     finetune_reduce: str | None = field(default=None, metadata={
         "help": "in-training reduction policy during the fine-tune, e.g. tau=0.02 (default: "
                 "no further cuts)"})
-    distill: float = field(default=0.5, metadata={
+    distill: float = field(default=DISTILL, metadata={
         "help": "fine-tune loss: this share is the KL divergence to the uncut model's "
                 "next-token distribution (distillation, temperature 1), the rest the "
                 "next-token cross-entropy (0: cross-entropy only)"})
@@ -214,22 +216,33 @@ def _widths_for_budget(config: CompressConfig, model: SSMModel, data: Dataset
                     "predicted_ms": latency.predict(widths), "notes": notes}
 
 
-def _finetune(config: CompressConfig, model: SSMModel, data: Dataset, run_dir: Path,
-              progress: bool, teacher: SSMModel | None) -> SSMModel:
-    steps = config.finetune_steps
+def finetune_compressed(model: SSMModel, data: Dataset, steps: int, *,
+                        teacher: SSMModel | None = None, distill: float = DISTILL,
+                        lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
+                        threads: int | None = None, reduce: str | None = None,
+                        calibration: int = 64, progress: bool = False) -> SSMModel:
+    """The fine-tune after a post-training cut (``compress --finetune-steps``): ``steps`` of
+    the training loop on ``data``'s training split (warm-up, cosine decay from ``lr``), the
+    loss ``(1 - distill)`` x cross-entropy + ``distill`` x KL to ``teacher``'s next-token
+    distribution (the uncut model; cross-entropy alone without one), optionally cutting
+    further by the in-training ``reduce`` policy (e.g. ``"tau=0.02"``) in the first half.
+    Returns the checkpoint with the best validation score, in eval mode."""
     reducer = None
-    if config.finetune_reduce:
-        reducer = Reducer(ReduceConfig(policy=ReductionPolicy.parse(config.finetune_reduce),
-                                       schedule="window", window=0.5,
-                                       every=max(1, steps // 10),
-                                       calibration=config.calibration))
-    train = TrainConfig(steps=steps, batch_size=config.batch_size, lr=config.lr,
-                        eval_every=max(1, steps // 4), seed=config.seed, threads=config.threads,
+    if reduce:
+        reducer = Reducer(ReduceConfig(policy=ReductionPolicy.parse(reduce), schedule="window",
+                                       window=0.5, every=max(1, steps // 10),
+                                       calibration=calibration))
+    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
+                        eval_every=max(1, steps // 4), seed=seed, threads=threads,
                         eval_batch_size=100)
-    trainer = Trainer(model.config, train, data, run_dir, reducer=reducer, model=model,
-                      progress=progress, teacher=teacher, distill_weight=config.distill)
-    trainer.fit()
-    return model_from_checkpoint(run_dir / "best.pt").eval()
+    kw = {"teacher": teacher, "distill_weight": distill} if teacher is not None else {}
+    run_dir = Path(tempfile.mkdtemp(prefix="compressm-finetune-"))
+    try:
+        Trainer(model.config, train, data, run_dir, reducer=reducer, model=model,
+                progress=progress, **kw).fit()
+        return model_from_checkpoint(run_dir / "best.pt").eval()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def compress_folder(config: CompressConfig, progress: bool = False) -> dict[str, Any]:
@@ -280,11 +293,11 @@ def compress_folder(config: CompressConfig, progress: bool = False) -> dict[str,
     if budget is not None:
         summary["budget"] = budget
     if config.finetune_steps:
-        run_dir = Path(tempfile.mkdtemp(prefix="compressm-finetune-"))
-        try:
-            model = _finetune(config, model, data, run_dir, progress, teacher)
-        finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        model = finetune_compressed(
+            model, data, config.finetune_steps, teacher=teacher, distill=config.distill,
+            lr=config.lr, batch_size=config.batch_size, seed=config.seed,
+            threads=config.threads, reduce=config.finetune_reduce,
+            calibration=config.calibration, progress=progress)
         summary["after_finetune"] = {"state_dims": model.state_dims,
                                      bits_name: _bits(model, data, n_eval),
                                      "steps": config.finetune_steps}
