@@ -283,11 +283,9 @@ def open_study(config: TuneConfig) -> optuna.Study:
 def saved_settings(config: TuneConfig) -> dict[str, Any] | None:
     """The settings the study ``config`` names was begun with; None while it does not exist
     (a rerun or another worker then keeps what the first run measured, e.g. a relative
-    budget's calibration, instead of measuring again)."""
-    url = config.storage or f"sqlite:///{(Path(config.out) / 'study.db').resolve()}"
-    for prefix in ("sqlite:///", "journal:"):  # a file not there yet holds no study: do not
-        if url.startswith(prefix) and not Path(url.removeprefix(prefix)).exists():  # make it
-            return None
+    budget's calibration, instead of measuring again). Opens (and creates) the storage: a
+    storage that cannot be opened ends the run here, before anything is measured or written.
+    """
     storage = open_storage(config.storage, Path(config.out))
     try:
         study = optuna.load_study(study_name=config.study, storage=storage)
