@@ -17,7 +17,7 @@ Output: bench_results/NAME.{json,md,png}.
 
     python benchmarks/bench_schedule_realdata.py [--seeds 3] [--workers 2]
         [--datasets digits,mnist1d,sunspots,elnino,co2,lti-sysid] [--methods full,default,window]
-        [--steps N] [--name schedule_realdata] [--quick]
+        [--steps N] [--name schedule_realdata] [--quick] [--from-json RUN.json]
 """
 
 from __future__ import annotations
@@ -215,20 +215,23 @@ def _table(results: list[dict], dataset: str) -> str:
          "final widths per seed", "rollbacks/kept after recovery per seed", "train s"], out)
 
 
-def _ci(mean_sd: tuple[float, float], n: int) -> str:
-    """Student-t 95% interval of a mean over ``n`` paired seeds: how far noise reaches."""
+def _ci(mean_sd: tuple[float, float], n: int) -> tuple[float, float] | None:
+    """Student-t 95% interval of a mean over ``n`` paired seeds (None for one seed): how far
+    the seeds' noise reaches."""
     from scipy import stats
 
     mean, sd = mean_sd
     if n < 2:
-        return "one seed"
+        return None
     half = float(stats.t.ppf(0.975, n - 1)) * sd / n ** 0.5
-    return f"{mean - half:+.2f} to {mean + half:+.2f}"
+    return mean - half, mean + half
 
 
 def _targets(results: list[dict], datasets: list[str]) -> list[str]:
-    """The issue's targets, judged from the paired figures."""
-    lines, hit, beat = [], 0, 0
+    """The issue's targets, judged from the paired figures. A target met by the mean is
+    "resolved" only when the whole 95% interval lies inside the tolerance: otherwise the
+    seeds cannot tell the figure from noise, and the line says so."""
+    lines, hit, resolved, beat = [], 0, 0, 0
     for d in datasets:
         s = _summary(results, d)
         if "default" not in s:
@@ -237,24 +240,34 @@ def _targets(results: list[dict], datasets: list[str]) -> list[str]:
         fewer = s["default"]["fewer_states"][0]
         change = s["default"]["change_vs_full"][0]
         ok = fewer >= 4 and (change <= 5 if regression else change >= -1)
+        ci = _ci(s["default"]["change_vs_full"], s["default"]["n"])
+        worst = None if ci is None else (ci[1] if regression else ci[0])
+        sure = ok and worst is not None and (worst <= 5 if regression else worst >= -1)
         hit += ok
+        resolved += sure
+        verdict = ("meets" if sure else "misses" if not ok else
+                   "meets on one seed, no interval" if worst is None else
+                   f"meets by the mean; the interval reaches {worst:+.2f}, so these seeds "
+                   "cannot rule out a miss")
         vs = s.get("default_vs_scratch")
         # beyond the seed spread: the mean paired gain exceeds the paired differences' sd
-        wins = vs is not None and (-vs[0] if regression else vs[0]) > max(vs[1], 1e-12)
+        wins = (vs is not None and s["default"]["n"] > 1
+                and (-vs[0] if regression else vs[0]) > vs[1])
         beat += wins
         lines.append(f"- {d}: {fewer:.1f}x fewer states, {change:+.2f}"
-                     f"{'% MSE' if regression else ' points'} vs full "
-                     f"(95% CI {_ci(s['default']['change_vs_full'], s['default']['n'])}) -> "
-                     f"{'meets' if ok else 'misses'} the 4x / "
-                     f"{'5%' if regression else '1 point'} target; vs scratch "
+                     f"{'% MSE' if regression else ' points'} vs full (95% interval "
+                     + ("one seed" if ci is None else f"{ci[0]:+.2f} to {ci[1]:+.2f}")
+                     + f") -> {verdict} (the 4x / {'5%' if regression else '1 point'} "
+                     "target); vs scratch "
                      + ("-" if vs is None else f"{vs[0]:+.2f} ± {vs[1]:.2f}"
-                        + (" (beyond seed spread)" if wins else " (within seed spread)")))
+                        + (" (one seed)" if s["default"]["n"] < 2 else
+                           " (beyond seed spread)" if wins else " (within seed spread)")))
     bands = [_left_band(r) for r in results if r["method"] == "default"]
     early = sum(b is False for b in bands)
     widths = {tuple(r["final_dims"]) for r in results if r["method"] == "default"}
     pow2 = all(all(n & (n - 1) == 0 for n in w) for w in widths)
-    lines += [f"- 4x fewer states within tolerance: {hit} of {len(datasets)} datasets "
-              "(target: >= 4)",
+    lines += [f"- 4x fewer states within tolerance: {hit} of {len(datasets)} datasets by the "
+              f"mean (target: >= 4); {resolved} with the whole 95% interval inside it",
               f"- first cut before validation left its starting band: {early} of "
               f"{sum(b is not None for b in bands)} default runs (target: 0)",
               f"- distinct final width vectors over default runs: {len(widths)}"
@@ -271,7 +284,12 @@ def main() -> None:
                     help="trained methods (scratch follows default when both are asked)")
     ap.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--steps", type=int, default=None, help="override the steps per run")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="render a saved run's JSON again (no training)")
     args = ap.parse_args()
+    if args.from_json:
+        _write(args, json.loads(args.from_json.read_text()))
+        return
     if args.quick:
         args.steps, args.seeds, args.datasets = 40, 1, "sunspots,elnino"
     if args.steps:
@@ -288,13 +306,23 @@ def main() -> None:
         (j["dataset"], j["seed"], j["method"]) for j in jobs)}
     results.sort(key=lambda r: order.get((r["dataset"], r["seed"], r["method"]), len(order)))
     wall = time.time() - t0
-    info = machine(load)
-    md = [f"# The default reduction schedule on real data ({args.seeds} seeds)", "",
-          f"This run: `{' '.join(sys.argv[1:]) or '(defaults)'}`.", "",
-          machine_line(info) + f" One torch thread per run, {args.workers} in parallel, jobs "
-          f"interleaved by seed (scratch runs follow their default run); wall "
-          f"{wall / 60:.1f} min. Settings: `{json.dumps({d: SETTINGS[d] for d in datasets})}`, "
-          f"tau={TAU}. `default` is `ReduceConfig()`'s schedule with weighting "
+    _write(args, {"machine": machine(load), "argv": sys.argv[1:], "workers": args.workers,
+                  "settings": {d: SETTINGS[d] for d in datasets}, "seeds": seeds, "tau": TAU,
+                  "wall_s": wall, "results": results})
+
+
+def _write(args: argparse.Namespace, run: dict[str, Any]) -> None:
+    """The run's JSON, Markdown and picture (also from a saved JSON, ``--from-json``)."""
+    results, settings, info = run["results"], run["settings"], run["machine"]
+    datasets = list(settings)
+    argv = ("`" + " ".join(run["argv"]) + "`" if run.get("argv") is not None
+            else "not recorded (rendered again from its JSON)")
+    md = [f"# The default reduction schedule on real data ({len(run['seeds'])} seeds)", "",
+          f"This run: {argv}.", "",
+          machine_line(info) + f" One torch thread per run, {run.get('workers', 2)} in parallel, "
+          f"jobs interleaved by seed (scratch runs follow their default run); wall "
+          f"{run['wall_s'] / 60:.1f} min. Settings: `{json.dumps(settings)}`, "
+          f"tau={run['tau']}. `default` is `ReduceConfig()`'s schedule with weighting "
           "`input`; `window` the paper's (unweighted). Test metric at the best validation "
           "checkpoint; paired columns compare runs of the same seed (accuracy: points, "
           "MSE: relative change, negative is better). First cut: the step and the validation "
@@ -304,12 +332,10 @@ def main() -> None:
     for d in datasets:
         md += [f"## {d}", "", _table(results, d), ""]
     write(args.results_dir / args.name,
-          {"machine": info, "settings": {d: SETTINGS[d] for d in datasets}, "seeds": seeds,
-           "tau": TAU, "wall_s": wall, "summary": [_summary(results, d) for d in datasets],
-           "results": results}, "\n".join(md), lambda path: states_vs_test(
-        results, list(METHODS), path,
-        lambda d: any(r["metric"] == "loss" for r in results if r["dataset"] == d)))
-
+          {**run, "summary": [_summary(results, d) for d in datasets]}, "\n".join(md),
+          lambda path: states_vs_test(
+              results, list(METHODS), path,
+              lambda d: any(r["metric"] == "loss" for r in results if r["dataset"] == d)))
 
 if __name__ == "__main__":
     main()
