@@ -26,6 +26,7 @@ exports from the store; every other worker says who finishes the job and exits.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from compressm_tune import hardware
@@ -45,7 +46,13 @@ from compressm_tune.search._finalize import (
 )
 from compressm_tune.search._objective import Objective
 from compressm_tune.search._report import write_report
-from compressm_tune.search._study import check_storage, open_study, run_trials, saved_settings
+from compressm_tune.search._study import (
+    check_storage,
+    open_storage,
+    open_study,
+    run_trials,
+    saved_settings,
+)
 from compressm_tune.training import TrainConfig, check_training_memory
 
 __all__ = ["run_tune", "resolve_profile"]
@@ -77,10 +84,12 @@ def run_tune(config: TuneConfig, progress: bool = True) -> dict[str, Any]:
     notes += _budget_notes(config, latency, profile)
     artifacts = open_artifacts(config.artifacts or default_artifacts(config.storage, config.out))
     with made_dir(config.out):  # after every refusal: a refused run leaves no folder
-        saved = saved_settings(config)
+        # opened first: a storage that cannot be opened ends the run before any measuring
+        storage = open_storage(config.storage, Path(config.out))
+        saved = saved_settings(storage, config.study)
         if saved is None:  # a new study: a relative budget is calibrated once, here
             config, calibration = calibrate_budget(config, latency, data)
-        study = open_study(config)
+        study = open_study(config, storage)
         if saved is None and calibration is not None:
             study.set_user_attr(CALIBRATION_ATTR, calibration)
     saved_ms = study.user_attrs["settings"]["budget_ms"]

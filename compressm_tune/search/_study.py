@@ -254,9 +254,12 @@ class _NSGAIISampler(_TrialSeeded, optuna.samplers.NSGAIISampler):
     pass
 
 
-def open_study(config: TuneConfig) -> optuna.Study:
-    """Create or resume the study ``config`` names, refusing one run with other settings."""
-    storage = open_storage(config.storage, Path(config.out))
+def open_study(config: TuneConfig, storage: optuna.storages.BaseStorage | None = None
+               ) -> optuna.Study:
+    """Create or resume the study ``config`` names (in ``storage`` when the caller has opened
+    it), refusing one run with other settings."""
+    if storage is None:
+        storage = open_storage(config.storage, Path(config.out))
     # Optuna 5 samplers read constraints recorded with trial.set_constraint; Optuna 4 needs them
     # passed as constraints_func (deprecated in 5).
     legacy = {} if hasattr(optuna.Trial, "set_constraint") else {
@@ -280,15 +283,12 @@ def open_study(config: TuneConfig) -> optuna.Study:
     return study
 
 
-def saved_settings(config: TuneConfig) -> dict[str, Any] | None:
-    """The settings the study ``config`` names was begun with; None while it does not exist
+def saved_settings(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any] | None:
+    """The settings study ``name`` in ``storage`` was begun with; None while it does not exist
     (a rerun or another worker then keeps what the first run measured, e.g. a relative
-    budget's calibration, instead of measuring again). Opens (and creates) the storage: a
-    storage that cannot be opened ends the run here, before anything is measured or written.
-    """
-    storage = open_storage(config.storage, Path(config.out))
+    budget's calibration, instead of measuring again)."""
     try:
-        study = optuna.load_study(study_name=config.study, storage=storage)
+        study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:  # Optuna's "no such study"
         return None
     return study.user_attrs.get("settings")

@@ -118,14 +118,12 @@ def distill_loss(out: torch.Tensor, teacher_out: torch.Tensor, target: torch.Ten
     full distribution carries what one label per position does not, which is why it recovers
     a pruned model faster than the labels alone. ``weight=0`` is :func:`_loss`.
     """
-    logits = _scored(out, target).flatten(0, -2)  # (positions, C)
-    teacher = _scored(teacher_out, target).flatten(0, -2).detach()
-    ce = F.cross_entropy(logits, target.flatten())
+    ce = _loss(out, target, "classification")
     if weight == 0:
         return ce
-    log_p = F.log_softmax(logits, -1)
-    log_q = F.log_softmax(teacher, -1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+    log_p = F.log_softmax(_scored(out, target).flatten(0, -2), -1)  # (positions, C)
+    log_q = F.log_softmax(_scored(teacher_out, target).flatten(0, -2).detach(), -1)
+    kl = F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)  # mean over positions
     return (1 - weight) * ce + weight * kl
 
 
