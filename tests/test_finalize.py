@@ -220,6 +220,65 @@ def test_a_relative_budget_is_calibrated_on_the_measured_ratio_before_the_search
     assert calibrated.budget_ms == pytest.approx(expected) and expected < config.budget_ms
 
 
+def _edge(line: _Line, budget_ms: float) -> int:
+    return max(w for w in range(1, 256) if line.predict([w]) <= budget_ms)
+
+
+def test_a_budget_the_calibration_raises_is_probed_again_at_its_new_edge(
+        tmp_path, lti_sysid, clock):
+    """The profile overestimates the ratio at its edge (62 states: 0.297x predicted, 0.24x
+    measured), so the correction raises the budget to widths nobody timed. There the profile
+    errs the other way (as on this machine: 158 states 0.665x measured vs 0.799x predicted,
+    but 201-214 states 0.80-0.82x against a 0.8x budget): the new edge is timed in turn and
+    its own correction sets the budget. With one probe the search aimed at 77 states, which
+    measure 0.31x, over the 0.3x budget."""
+    line = _Line()
+    full = line.predict([256])
+    config = TuneConfig(budget="0.3x", out=str(tmp_path / "run"), **SMALL).with_budget_ms(
+        0.3 * full)
+    first = _edge(line, config.budget_ms)
+    raised = config.budget_ms * (line.predict([first]) / full) / 0.24 * 0.95
+    second = _edge(line, raised)
+    assert (first, second) == (62, 77)
+    fake = clock({256: 0.5, 62: 0.5 * 0.24, 77: 0.5 * 0.31}, lambda call: 1.0)
+    calibrated, record = _finalize.calibrate_budget(config, line, lti_sysid)
+    assert fake.timed == [256, 62] * _finalize.CALIBRATION_ROUNDS + [
+        256, 77] * _finalize.CALIBRATION_ROUNDS
+    assert [p["width"] for p in record["probes"]] == [62, 77] and record["capped_at"] is None
+    expected = config.budget_ms * (line.predict([77]) / full) / 0.31 * 0.95
+    assert calibrated.budget_ms == pytest.approx(expected)
+    assert first < _edge(line, calibrated.budget_ms) < second
+
+
+def test_a_budget_still_raised_after_the_last_probe_stops_at_the_widest_width_measured(
+        tmp_path, lti_sysid, clock):
+    """Every width measures 0.2x of the full model, far under the profile's ratio: each probe
+    raises the budget again. After ``CALIBRATION_PROBES`` widths the search's budget stops at
+    the widest one measured instead of reaching widths nobody timed, and the report's note
+    says so."""
+    from compressm_tune.search._run import _calibration_note
+
+    class Fifth(dict):  # any width runs at a fifth of the full model's 0.5 ms
+        def __missing__(self, width):
+            return 0.1
+
+    line = _Line()
+    config = TuneConfig(budget="0.3x", out=str(tmp_path / "run"), **SMALL).with_budget_ms(
+        0.3 * line.predict([256]))
+    fake = clock(Fifth({256: 0.5}), lambda call: 1.0)
+    calibrated, record = _finalize.calibrate_budget(config, line, lti_sysid)
+    widths = [w for w in fake.timed if w != 256]
+    probed = list(dict.fromkeys(widths))
+    assert len(probed) == _finalize.CALIBRATION_PROBES and widths == [
+        w for w in probed for _ in range(_finalize.CALIBRATION_ROUNDS)]
+    assert probed == sorted(probed) and probed[0] == _edge(line, config.budget_ms)
+    assert record["capped_at"] == probed[-1]
+    assert _edge(line, calibrated.budget_ms) == probed[-1]
+    note = _calibration_note(config, record)
+    assert f"then {probed[1]} states per block 0.200x" in note
+    assert f"capped at {probed[-1]} states per block" in note
+
+
 def test_the_calibrated_budget_keeps_a_margin_of_the_rounds_spread(
         tmp_path, lti_sysid, clock):
     """The probe's ratio to the full model moves 0.30-0.36 between rounds (noise that moves

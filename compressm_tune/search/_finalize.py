@@ -222,7 +222,8 @@ def _untrained_bundle(config: TuneConfig, data: Dataset, width: int, name: str) 
     return _export_for_timing(config, checkpoint, name)
 
 
-CALIBRATION_ROUNDS = 5  # interleaved rounds of the relative budget's calibration
+CALIBRATION_ROUNDS = 5  # interleaved rounds of each probe of the relative budget's calibration
+CALIBRATION_PROBES = 3  # widths the calibration may time before it caps the budget
 MIN_MARGIN, MAX_MARGIN = 0.05, 0.2  # the share the search aims inside a calibrated budget
 
 
@@ -235,38 +236,73 @@ def calibrate_budget(config: TuneConfig, latency: Any, data: Dataset
     same rounds; the search reads the profile. When the profile's ratio at the budget's edge
     is off (its widths were timed apart, at other loads), every trial it steers to the edge
     misses when measured. So before the search the full width and the widest uniform width
-    the profile puts within the budget are exported untrained (latency depends on the widths,
-    not the weights) and timed side by side, round by round; the search's budget is scaled by
-    the profile's over the measured ratio (median of the rounds) at that width, and aims
-    inside it by the rounds' relative standard deviation (``MIN_MARGIN`` to ``MAX_MARGIN``):
-    trials end at the edge the budget sets, and the finalizer's measurement there is about as
-    noisy as these.
-    Returns the config and the calibration's record (None for an absolute budget, or when no
-    width is predicted within the budget)."""
+    the profile puts within the budget (the edge) are exported untrained (latency depends on
+    the widths, not the weights) and timed side by side, round by round; the search's budget
+    is scaled by the profile's over the measured ratio (median of the rounds) at that width,
+    and aims inside it by the rounds' relative standard deviation (``MIN_MARGIN`` to
+    ``MAX_MARGIN``): trials end at the edge the budget sets, and the finalizer's measurement
+    there is about as noisy as these.
+
+    A correction measured at one width holds near it only. When it raises the budget, the
+    new edge lies at widths nobody timed (on this machine the profile's error changes sign
+    across the range), so the new edge is probed in turn, up to ``CALIBRATION_PROBES``
+    widths; if the last probe still raises the budget, it is capped at the widest width
+    measured to fit. A budget that a probe lowers stops there: the edge then lies below a
+    measured width, and narrower is faster.
+    Returns the config and the calibration's record: the last probe's figures, every probe
+    (``probes``) and the width it was capped at (``capped_at``, else None). None for an
+    absolute budget, or when no width is predicted within the budget."""
     if config.budget_fraction is None:
         return config, None
 
     def predict(w: int) -> float:
         return latency.predict([w] * config.blocks, config.metric)
-    full_pred = predict(config.full_width)
-    inside = [w for w in range(1, config.full_width) if predict(w) <= config.budget_ms]
-    if not inside:
+
+    def edge(budget_ms: float) -> int | None:
+        inside = [w for w in range(1, config.full_width) if predict(w) <= budget_ms]
+        return max(inside, default=None)
+
+    probe = edge(config.budget_ms)
+    if probe is None:
         return config, None
-    probe = max(inside)
-    bundles = {"full": timing_reference(config, data),
-               "probe": _untrained_bundle(config, data, probe, f"probe-{probe}")}
+    full = timing_reference(config, data)
+    probes: list[dict[str, Any]] = []
+    while True:
+        probes.append(_probe(config, data, full, probe,
+                             predict(probe) / predict(config.full_width)))
+        budget_ms, capped_at = probes[-1]["budget_ms"], None
+        widest = max(p["width"] for p in probes)
+        nxt = edge(budget_ms)
+        if nxt is None or nxt <= widest:
+            break
+        if len(probes) == CALIBRATION_PROBES:  # raised past every width measured: cap it
+            capped_at = widest
+            budget_ms = predict(widest)
+            break
+        probe = nxt
+    loads = [x for p in probes for x in p.pop("loadavg_1min")]
+    record = {**probes[-1], "budget_ms": budget_ms, "budget_ms_profile": config.budget_ms,
+              "probes": probes, "capped_at": capped_at,
+              "loadavg_1min": [min(loads), max(loads)]}
+    return config.with_budget_ms(budget_ms), record
+
+
+def _probe(config: TuneConfig, data: Dataset, full: Path, width: int,
+           predicted: float) -> dict[str, Any]:
+    """One width of the calibration, timed against the full model in ``CALIBRATION_ROUNDS``
+    interleaved rounds: its measured ratio (median), the rounds' ratios, the margin their
+    spread sets and the search's budget this width's correction gives."""
+    bundles = {"full": full,
+               "probe": _untrained_bundle(config, data, width, f"probe-{width}")}
     rounds = [measure_side_by_side(config, bundles, rounds=1)
               for _ in range(CALIBRATION_ROUNDS)]
     ratios = [r["probe"]["p50_ms"] / r["full"]["p50_ms"] for r in rounds]
     measured = statistics.median(ratios)
     margin = min(MAX_MARGIN, max(MIN_MARGIN, statistics.stdev(ratios) / measured))
-    predicted = predict(probe) / full_pred
-    loads = [x for r in rounds for x in r["full"]["loadavg_1min"]]
-    record = {"width": probe, "predicted_ratio": predicted, "measured_ratio": measured,
-              "ratios": ratios, "margin": margin, "budget_ms_profile": config.budget_ms,
-              "budget_ms": config.budget_ms * predicted / measured * (1 - margin),
-              "loadavg_1min": [min(loads), max(loads)]}
-    return config.with_budget_ms(record["budget_ms"]), record
+    return {"width": width, "predicted_ratio": predicted, "measured_ratio": measured,
+            "ratios": ratios, "margin": margin,
+            "budget_ms": config.budget_ms * predicted / measured * (1 - margin),
+            "loadavg_1min": [x for r in rounds for x in r["full"]["loadavg_1min"]]}
 
 
 def measure_against_budget(config: TuneConfig, bundle: Path,

@@ -134,13 +134,17 @@ CALIBRATION_ATTR = "calibration"  # study user attr: the relative budget's calib
 
 def _calibration_note(config: TuneConfig, c: dict[str, Any]) -> str:
     loads = "-".join(f"{x:.2f}" for x in c["loadavg_1min"])
-    return (f"budget {config.budget} calibrated here: {c['width']} states per block measured "
-            f"{c['measured_ratio']:.3f}x of the full model side by side (the profile: "
-            f"{c['predicted_ratio']:.3f}x; median of {len(c['ratios'])} interleaved rounds, "
-            f"1-minute load {loads}), so the search aims at {c['budget_ms']:.4g} ms of the "
-            f"profile's, not {c['budget_ms_profile']:.4g}: {100 * c['margin']:.0f}% inside the "
-            "budget, the rounds' relative standard deviation (5-20%), the measured check's "
-            "noise")
+    probes = c.get("probes") or [c]  # a study begun before the calibration probed twice
+    timed = ", then ".join(f"{p['width']} states per block {p['measured_ratio']:.3f}x (the "
+                           f"profile: {p['predicted_ratio']:.3f}x)" for p in probes)
+    aim = (f"capped at {c['capped_at']} states per block, the widest width measured to fit"
+           if c.get("capped_at") else
+           f"{100 * c['margin']:.0f}% inside the budget, the rounds' relative standard "
+           "deviation (5-20%), the measured check's noise")
+    return (f"budget {config.budget} calibrated here, each width timed against the full model "
+            f"side by side (median of {len(c['ratios'])} interleaved rounds, 1-minute load "
+            f"{loads}): {timed}; so the search aims at {c['budget_ms']:.4g} ms of the "
+            f"profile's, not {c['budget_ms_profile']:.4g}: {aim}")
 
 
 def _budget_notes(config: TuneConfig, latency: LatencyModel, profile: Profile) -> list[str]:
