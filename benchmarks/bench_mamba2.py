@@ -12,6 +12,8 @@ the stdlib character LM (``pystdlib-chars``, nothing downloaded). Then every lay
 * ``slowest-A``: the states with the smallest mean ``|A|`` (longest memory; Mamba-1 only:
   Mamba-2's states share each head's ``A``);
 * ``random``: a seeded random subset;
+* ``scratch``: no cut at all: a model of the width itself (every layer), pretrained here the
+  same way (same steps, seed and data), the same widths from scratch;
 
 and held-out bits/char is measured right after the cut and after the same short fine-tune
 (``--finetune-frac`` of the pretraining steps, the same for every method; the full model gets
@@ -48,12 +50,13 @@ def methods(arch: str) -> dict[str, dict[str, str]]:
     return {k: v for k, v in METHODS.items() if not (arch == "mamba2" and k == "slowest-A")}
 
 
-def model_config(arch: str, hidden: int, vocab: int, head_dim: int | None) -> Any:
-    """The benchmark's LM: 2 layers of ``STATE`` states."""
+def model_config(arch: str, hidden: int, vocab: int, head_dim: int | None,
+                 state: int = STATE) -> Any:
+    """The benchmark's LM: 2 layers of ``state`` states."""
     from compressm_tune.models import SSMConfig
 
     extra = {"head_dim": head_dim} if arch == "mamba2" else {}
-    return SSMConfig(arch=arch, d_output=vocab, d_model=hidden, state_dims=[STATE, STATE],
+    return SSMConfig(arch=arch, d_output=vocab, d_model=hidden, state_dims=[state, state],
                      pooling="none", dropout=0.0, vocab_size=vocab, **extra)
 
 
@@ -103,6 +106,12 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
             compress_pretrained(cut, calib, keep=width, seed=job["seed"], **how)
             rows.append({"method": method, "width": width, "cut": bits(cut)})
             cuts.append(cut)
+    for width in job["widths"]:
+        torch.manual_seed(job["seed"])
+        small = SSMModel(model_config(job["arch"], job["hidden"], data.d_output,
+                                      job["head_dim"], width))
+        cuts.append(_pretrain(small, data, job["steps"], job["lr"], job["seed"], job["batch"]))
+        rows.append({"method": "scratch", "width": width, "cut": bits(cuts[-1])})
     for row, model in zip(rows, [full, *cuts], strict=True):
         tuned = finetune_compressed(  # what compress --finetune-steps runs
             model, data, ft_steps, teacher=teacher if job["distill"] else None,
@@ -145,12 +154,16 @@ def _markdown(results: list[dict], args, m: dict[str, Any], wall: float) -> str:
         f"{args.test_sequences} held-out test sequences (files no training sequence comes "
         f"from); seeds {seeds}. Median [min, max] over seeds; rel.: after the cut against "
         "the same seed's full pretrained model, after the fine-tune against the full model "
-        "after the same fine-tune (the stricter reference: it keeps improving too).",
+        "after the same fine-tune (the stricter reference: it keeps improving too). "
+        "`scratch` is never cut: its first column is the model of that width after the same "
+        "pretraining, its second after the same fine-tune (distilled from the same full "
+        "model).",
         "",
         "| method | width | bits/char after cut | rel. | after fine-tune | rel. |",
         "|---|---|---|---|---|---|",
     ]
-    keys = [("full", STATE)] + [(meth, w) for w in args.widths for meth in methods(args.arch)]
+    keys = [("full", STATE)] + [(meth, w) for w in args.widths
+                                for meth in [*methods(args.arch), "scratch"]]
     for key in keys:
         cut = [by_seed[s][key]["cut"] for s in seeds]
         tuned = [by_seed[s][key]["finetuned"] for s in seeds]
@@ -176,7 +189,7 @@ def _markdown(results: list[dict], args, m: dict[str, Any], wall: float) -> str:
                      f"seeds against the full model after the same fine-tune "
                      f"({max(vs_pre):+.2%} against the full pretrained model; target <= "
                      f"+{TARGET_REL:.0%}): **{'met' if met else 'not met'}**.")
-        for base in [k for k in methods(args.arch) if k != "ours"]:
+        for base in [*(k for k in methods(args.arch) if k != "ours"), "scratch"]:
             for stage in ("cut", "finetuned"):
                 wins = sum(by_seed[s][("ours", w)][stage] < by_seed[s][(base, w)][stage]
                            for s in seeds)
