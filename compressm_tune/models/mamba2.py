@@ -20,18 +20,29 @@ state ``n`` is index ``n`` of axis 2 of every ``bc_*`` parameter, what :meth:`ke
 slices (all groups keep the same states). Flattened, ``(2, G, N)`` is ``transformers``'
 channel order, so its weights copy over unchanged.
 
-The sequence forward is the chunked SSD form (:func:`ssd_scan`, Mamba-2's "state space
-duality"): within chunks of ``T`` steps the scan is a masked ``(T, T)`` matrix product, between
-chunks a short recurrence over the chunks' end states, so training runs on matmuls (forward +
-backward on one CPU core, from ``N = 32`` up it measured faster than the fused per-channel S6
-kernel, and faster than ``transformers``' own torch SSD at every width tried:
-``bench_results/mamba2_train.md``). State importance runs on the selective layer's scan instead
-(:meth:`scan_inputs`, scored by the fused kernels without any ``(B, L, E, N)`` tensor): the
-heads' channels are its channels, with the groups folded into the batch (each group's
-channels share ``B_t``/``C_t``) and each head's scalar decay moved into its step size and input:
-``exp(delta A) = exp(-delta')`` and ``delta x = delta' x'`` with ``delta' = delta |A|``,
-``x' = x / |A|``, so one ``A = -1`` serves every group. :meth:`step` computes the recurrence
-as written above, and so checks both.
+The sequence forward runs one of two scans, as the layer's ``scan`` attribute says (``train
+--mamba2-scan``; both differentiable w.r.t. ``x``, ``delta``, ``A_log``, ``B``, ``C``; the
+``D x`` term, the gate and the norm stay around either):
+
+* ``ssd`` (the default): the chunked SSD form (:func:`ssd_scan`, Mamba-2's "state space
+  duality"): within chunks of ``T`` steps the scan is a masked ``(T, T)`` matrix product,
+  between chunks a short recurrence over the chunks' end states, so training runs on matmuls,
+  in torch on every device. Forward + backward on one CPU core it measured faster than
+  ``fused`` from ``N = 32`` up (1.2-1.7x; about even at ``N = 16``) and faster than
+  ``transformers``' own torch SSD at every width tried (``bench_results/mamba2_train.md``).
+* ``fused``: the selective layer's scan (:func:`~compressm_tune.models.selective.scan_readout`:
+  the Triton kernel on CUDA, the C kernel on CPU float32, its torch path elsewhere), which
+  stores no ``(B, L, E, N)`` tensor, fed by :meth:`_fold`: the heads' channels are its
+  channels, with the groups folded into the batch (each group's channels share
+  ``B_t``/``C_t``) and each head's scalar decay moved into its step size and input:
+  ``exp(delta A) = exp(-delta')`` and ``delta x = delta' x'`` with ``delta' = delta |A|``,
+  ``x' = x / |A|``, so one ``A = -1`` serves every group. The transform is elementwise torch,
+  so autograd carries the gradients through it into the kernel's backward. Which scan is
+  faster on a GPU has not been measured yet (``benchmarks/gpu_check.sh`` times both:
+  ``bench_mamba2_train.py --device cuda``), so ``ssd`` stays the default there too.
+
+State importance always runs on the folded scan (:meth:`scan_inputs`, scored by the fused
+kernels). :meth:`step` computes the recurrence as written above, and so checks both.
 
 Streaming keeps the network's contract of one state tensor per layer: ``(batch, (E + 2GN)
 (K - 1) + E N)``, flat: the last ``K - 1`` conv inputs of every ``xBC`` channel, ``(E + 2GN,
