@@ -2,8 +2,10 @@
 # Every GPU check in one go, each step time-boxed (a lent GPU's time is short): the training
 # step against the paper's JAX LRU and where the sCIFAR step's time goes; the Triton kernels
 # and the tests marked gpu; `train --reduce tau=0.04` (LRU), `--arch mamba`, `--arch mamba2`
-# (its chunked SSD and the Triton importance kernel on folded groups) and under torchrun (NCCL,
-# one rank); a GPU energy profile over NVML windows; the budgeted job with --device cuda.
+# (its chunked SSD and the Triton importance kernel on folded groups; then `--mamba2-scan fused`,
+# the Triton selective kernel in training) and under torchrun (NCCL, one rank); Mamba-2's
+# training step on the SSD vs the Triton kernel; a GPU energy profile over NVML windows; the
+# budgeted job with --device cuda.
 # Usage: benchmarks/gpu_check.sh [PEER_ROOT]  (a checkout of camail-official/compressm; default
 # ../shared/peers/compressm-official). Results and the log go to $OUT (the device tool) or
 # bench_results/gpu_check. SKIP="tune train" leaves steps out. Exit status: failed steps.
@@ -35,7 +37,8 @@ torch.version.cuda, 'triton', triton.__version__)"; } 2>&1 | tee -a "$LOG"
 python setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "C kernels not built" | tee -a "$LOG"
 
 # a rerun starts afresh: train and profile refuse to overwrite an earlier run's output
-rm -rf runs/gpu-train runs/gpu-mamba runs/gpu-tune "$DEST/gpu_profile_energy.json"
+rm -rf runs/gpu-train runs/gpu-mamba runs/gpu-mamba2 runs/gpu-mamba2-fused runs/gpu-tune \
+    "$DEST/gpu_profile_energy.json"
 step bench 240 python benchmarks/bench_gpu_train.py --peer-root "$PEER" --results-dir "$DEST"
 step profile 60 python benchmarks/bench_gpu_train.py --profile scifar:ours-bf16 \
     --results-dir "$DEST"
@@ -49,6 +52,11 @@ step mamba 90 python -m compressm_tune.cli train --device cuda --arch mamba --st
     --steps 300 --reduce tau=0.1 --no-progress --out runs/gpu-mamba
 step mamba2 90 python -m compressm_tune.cli train --device cuda --arch mamba2 --state-dim 128 \
     --steps 300 --reduce tau=0.1 --no-progress --out runs/gpu-mamba2
+step mamba2-fused 60 python -m compressm_tune.cli train --device cuda --arch mamba2 \
+    --state-dim 128 --steps 100 --reduce tau=0.1 --mamba2-scan fused --no-progress \
+    --out runs/gpu-mamba2-fused
+step mamba2-scan 90 python benchmarks/bench_mamba2_train.py --device cuda --repeats 5 \
+    --results-dir "$DEST" --name mamba2_train_cuda
 # the NCCL path: one rank under torchrun (process group, DDP re-wrapped after the cut at step 20)
 step ddp 120 python -m torch.distributed.run --nproc-per-node 1 --master-port 29531 \
     -m compressm_tune.cli train --device cuda --reduce rank=32 --schedule window --window 0.5 \
@@ -61,6 +69,7 @@ step tune-workers 200 python -m compressm_tune.cli --budget-ms 5 --device cuda -
 cp runs/gpu-train/summary.json "$DEST"/train_summary.json 2>/dev/null
 cp runs/gpu-mamba/summary.json "$DEST"/mamba_summary.json 2>/dev/null
 cp runs/gpu-mamba2/summary.json "$DEST"/mamba2_summary.json 2>/dev/null
+cp runs/gpu-mamba2-fused/summary.json "$DEST"/mamba2_fused_summary.json 2>/dev/null
 cp runs/gpu-ddp/summary.json "$DEST"/ddp_summary.json 2>/dev/null
 cp runs/gpu-tune/report.md "$DEST"/tune_report.md 2>/dev/null
 echo "gpu_check: $failed step(s) failed" | tee -a "$LOG"

@@ -66,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "schedule, none (the paper's) for the others")
     add_fields(p, REDUCE, ("moments",))
     add_fields(p, tune.ADAPTIVE, tune.ADAPTIVE_FLAGS)
-    add_fields(p, TRAIN, ("log_spectrum",))
+    add_fields(p, TRAIN, ("mamba2_scan", "log_spectrum"))
     p.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,7 +112,8 @@ def _train(args: argparse.Namespace) -> int:
         pooling=data.pooling,
     )
     config = TrainConfig(**{name: getattr(args, name)
-                            for name in (*_TRAIN_FLAGS, *tune.DEVICE, "log_spectrum")})
+                            for name in (*_TRAIN_FLAGS, *tune.DEVICE, "mamba2_scan",
+                                         "log_spectrum")})
     ranks = distributed.current()
     last = Path(args.out) / "last.pt"
     refusal = None

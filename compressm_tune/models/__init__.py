@@ -15,7 +15,7 @@ from compressm_tune.models.hf_folder import (
 )
 from compressm_tune.models.lru import LRULayer
 from compressm_tune.models.mamba import MambaLayer
-from compressm_tune.models.mamba2 import Mamba2Layer, ssd_scan
+from compressm_tune.models.mamba2 import MAMBA2_SCANS, Mamba2Layer, ssd_scan
 from compressm_tune.models.network import (
     SELECTIVE_LAYERS,
     SSM_PARAMETERS,
@@ -33,6 +33,7 @@ __all__ = [
     "ARCHS",
     "HF_MODEL_TYPES",
     "LRULayer",
+    "MAMBA2_SCANS",
     "MAMBA_ARCHS",
     "MambaBlock",
     "Mamba2Layer",

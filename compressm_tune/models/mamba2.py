@@ -20,18 +20,29 @@ state ``n`` is index ``n`` of axis 2 of every ``bc_*`` parameter, what :meth:`ke
 slices (all groups keep the same states). Flattened, ``(2, G, N)`` is ``transformers``'
 channel order, so its weights copy over unchanged.
 
-The sequence forward is the chunked SSD form (:func:`ssd_scan`, Mamba-2's "state space
-duality"): within chunks of ``T`` steps the scan is a masked ``(T, T)`` matrix product, between
-chunks a short recurrence over the chunks' end states, so training runs on matmuls (forward +
-backward on one CPU core, from ``N = 32`` up it measured faster than the fused per-channel S6
-kernel, and faster than ``transformers``' own torch SSD at every width tried:
-``bench_results/mamba2_train.md``). State importance runs on the selective layer's scan instead
-(:meth:`scan_inputs`, scored by the fused kernels without any ``(B, L, E, N)`` tensor): the
-heads' channels are its channels, with the groups folded into the batch (each group's
-channels share ``B_t``/``C_t``) and each head's scalar decay moved into its step size and input:
-``exp(delta A) = exp(-delta')`` and ``delta x = delta' x'`` with ``delta' = delta |A|``,
-``x' = x / |A|``, so one ``A = -1`` serves every group. :meth:`step` computes the recurrence
-as written above, and so checks both.
+The sequence forward runs one of two scans, as the layer's ``scan`` attribute says (``train
+--mamba2-scan``; both differentiable w.r.t. ``x``, ``delta``, ``A_log``, ``B``, ``C``; the
+``D x`` term, the gate and the norm stay around either):
+
+* ``ssd`` (the default): the chunked SSD form (:func:`ssd_scan`, Mamba-2's "state space
+  duality"): within chunks of ``T`` steps the scan is a masked ``(T, T)`` matrix product,
+  between chunks a short recurrence over the chunks' end states, so training runs on matmuls,
+  in torch on every device. Forward + backward on one CPU core it measured faster than
+  ``fused`` from ``N = 32`` up (1.2-1.7x; about even at ``N = 16``) and faster than
+  ``transformers``' own torch SSD at every width tried (``bench_results/mamba2_train.md``).
+* ``fused``: the selective layer's scan (:func:`~compressm_tune.models.selective.scan_readout`:
+  the Triton kernel on CUDA, the C kernel on CPU float32, its torch path elsewhere), which
+  stores no ``(B, L, E, N)`` tensor, fed by :meth:`_fold`: the heads' channels are its
+  channels, with the groups folded into the batch (each group's channels share
+  ``B_t``/``C_t``) and each head's scalar decay moved into its step size and input:
+  ``exp(delta A) = exp(-delta')`` and ``delta x = delta' x'`` with ``delta' = delta |A|``,
+  ``x' = x / |A|``, so one ``A = -1`` serves every group. The transform is elementwise torch,
+  so autograd carries the gradients through it into the kernel's backward. Which scan is
+  faster on a GPU has not been measured yet (``benchmarks/gpu_check.sh`` times both:
+  ``bench_mamba2_train.py --device cuda``), so ``ssd`` stays the default there too.
+
+State importance always runs on the folded scan (:meth:`scan_inputs`, scored by the fused
+kernels). :meth:`step` computes the recurrence as written above, and so checks both.
 
 Streaming keeps the network's contract of one state tensor per layer: ``(batch, (E + 2GN)
 (K - 1) + E N)``, flat: the last ``K - 1`` conv inputs of every ``xBC`` channel, ``(E + 2GN,
@@ -48,9 +59,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressm_tune.errors import ConfigError
-from compressm_tune.models.selective import SelectiveLayer, keep_state_indices
+from compressm_tune.models.selective import SelectiveLayer, keep_state_indices, scan_readout
 
-__all__ = ["Mamba2Layer", "ssd_scan"]
+__all__ = ["MAMBA2_SCANS", "Mamba2Layer", "ssd_scan"]
+
+# how Mamba2Layer.forward runs its scan: the chunked SSD in torch, or the selective
+# layer's fused kernel over the folded groups (module docstring)
+MAMBA2_SCANS = ("ssd", "fused")
 
 _SSD_CHUNK = 64  # steps per chunk: (T, T) products inside, L / T recurrence steps between
 
@@ -129,6 +144,10 @@ class Mamba2Layer(nn.Module):
         ``(low, high)`` clamp of the step size after softplus (``time_step_limit``).
     norm_eps : float
         The gated RMSNorm's epsilon.
+    scan : {"ssd", "fused"}
+        How :meth:`forward` runs the scan: ``ssd`` (:func:`ssd_scan`, matmuls in torch) or
+        ``fused`` (the selective layer's fused kernel over the folded groups: Triton on CUDA,
+        C on CPU); see the module docstring. An attribute: a trainer may set it.
 
     Examples
     --------
@@ -154,6 +173,7 @@ class Mamba2Layer(nn.Module):
         norm_eps: float = 1e-5,
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
+        scan: str = "ssd",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -170,8 +190,11 @@ class Mamba2Layer(nn.Module):
         if dt_limit is not None and not 0.0 <= dt_limit[0] < dt_limit[1]:
             raise ConfigError(f"dt_limit must be (low, high) with 0 <= low < high, got "
                               f"{dt_limit!r}")
+        if scan not in MAMBA2_SCANS:
+            raise ConfigError(f"scan must be one of {', '.join(MAMBA2_SCANS)}, got {scan!r}")
         kw = {"device": device, "dtype": dtype}
         nh, g, n, k = e // p, n_groups, state_dim, d_conv
+        self.scan = scan
         self.d_model, self.d_inner, self.d_conv = d_model, e, d_conv
         self.n_heads, self.head_dim, self.n_groups = nh, p, g
         self.dt_limit = None if dt_limit is None else (float(dt_limit[0]), float(dt_limit[1]))
@@ -276,13 +299,23 @@ class Mamba2Layer(nn.Module):
         h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.norm_eps)
         return self.norm_weight * h.reshape(y.shape).to(dtype)
 
+    def _scan(self, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+              delta: torch.Tensor) -> torch.Tensor:
+        """The scan's read-out ``y (B, L, E)``, without ``D x``, as :attr:`scan` says:
+        :func:`ssd_scan`, or :func:`~compressm_tune.models.selective.scan_readout` over the
+        folded groups (:meth:`_fold`; its fused kernel where one applies), unfolded."""
+        batch, length = x.shape[:2]
+        if self.scan == "ssd":
+            return ssd_scan(x.reshape(batch, length, self.n_heads, self.head_dim), delta,
+                            -self.A_log.exp(), b, c).reshape(x.shape)
+        y = scan_readout(*self._fold(x, b, c, delta))  # (B G, L, E / G)
+        return y.reshape(batch, self.n_groups, length, -1).transpose(1, 2).reshape(
+            x.shape).to(x.dtype)
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """``u (batch, L, H) -> (batch, L, H)``."""
         z, x, b, c, delta = self._ssm_inputs(u)
-        batch, length = x.shape[:2]
-        y = ssd_scan(x.reshape(batch, length, self.n_heads, self.head_dim), delta,
-                     -self.A_log.exp(), b, c).reshape(batch, length, self.d_inner)
-        y = y + self.D.repeat_interleave(self.head_dim) * x
+        y = self._scan(x, b, c, delta) + self.D.repeat_interleave(self.head_dim) * x
         return self.out_proj(self._gated_norm(y, z))
 
     def allocate_state(

@@ -50,7 +50,7 @@ from compressm_tune.errors import (
     FolderBusyError,
     RankLostError,
 )
-from compressm_tune.models import SSMConfig, SSMModel
+from compressm_tune.models import MAMBA2_SCANS, Mamba2Layer, SSMConfig, SSMModel
 from compressm_tune.reduction import CALIBRATION, spectrum_record
 from compressm_tune.training import distributed
 from compressm_tune.training.checkpoint import (
@@ -122,6 +122,11 @@ class TrainConfig(RunSettings):
         "cli": False, "help": "cosine decay's floor, a share of the peak LR"})
     eval_every: int = field(default=100, metadata={"help": "steps between evaluations"})
     eval_batch_size: int = field(default=500, metadata={"cli": False})
+    mamba2_scan: str = field(default="ssd", metadata={
+        "choices": MAMBA2_SCANS,
+        "help": "how Mamba-2 layers run their scan: ssd (chunked, matmuls in torch) or fused "
+                "(the selective layer's fused kernel over folded groups: Triton on CUDA, C on "
+                "CPU; stores no (batch, L, E, N) tensor)"})
     log_spectrum: bool = field(default=False, metadata={
         "help": "log every layer's HSVs at every evaluation and plot them (OUT/hsv.png)"})
     dist_timeout: float = field(default=60.0, metadata={
@@ -144,6 +149,9 @@ class TrainConfig(RunSettings):
         for name, ok in rules.items():
             if not ok:
                 raise ConfigError(f"invalid training setting {name}={getattr(self, name)!r}")
+        if self.mamba2_scan not in MAMBA2_SCANS:
+            raise ConfigError(f"--mamba2-scan must be one of {', '.join(MAMBA2_SCANS)}, got "
+                              f"{self.mamba2_scan!r}")
 
 
 _SMALL_VAL = 50  # validation sequences below which best.pt's choice is mostly noise
@@ -432,12 +440,20 @@ class Trainer:
         """Point the training step at the current model: itself, or under torch.distributed
         a new DDP wrapper, once the ranks proved they hold the same widths (its
         construction broadcasts rank 0's weights)."""
+        self._configure(self.model)
         self.model.padded_inputs = "padding" in self.dataset.info  # see SSMModel.forward
         self._trained: torch.nn.Module = self.model
         if self.ranks is not None:
             distributed.check_widths(self.model.state_dims, self.ranks)
             self.model.sync_batch_stats = True
             self._trained = distributed.wrap(self.model, self.ranks)
+
+    def _configure(self, model: SSMModel) -> SSMModel:
+        """``model``, its Mamba-2 layers set to scan as ``config.mamba2_scan`` says."""
+        for layer in model.modules():
+            if isinstance(layer, Mamba2Layer):
+                layer.scan = self.config.mamba2_scan
+        return model
 
     def _optimizer(self) -> torch.optim.AdamW:
         cfg = self.config
@@ -610,7 +626,8 @@ class Trainer:
         cfg = self.config
         test_last = evaluate(self.model, d.x_test, d.y_test, d.task, cfg.eval_batch_size,
                              cfg.precision, d.info.get("bits_name"))
-        best = model_from_checkpoint(self.out_dir / "best.pt", device=self.device)
+        best = self._configure(model_from_checkpoint(self.out_dir / "best.pt",
+                                                     device=self.device))
         test_best = evaluate(best, d.x_test, d.y_test, d.task, cfg.eval_batch_size,
                              cfg.precision, d.info.get("bits_name"))
         summary = {
