@@ -229,6 +229,9 @@ def _png(tmp_path):
                                           "--out", str(t / "o")], ["journal:PATH"]),
     ("export a picture", lambda t: ["export", str(_png(t)), "--out", str(t / "b")],
      ["picture.png", "not a torch checkpoint"]),
+    ("export a bundle", lambda t: ["export", str(Path(__file__).parent / "data"
+                                                / "old_mamba_token_bundle" / "bundle")],
+     ["is an exported bundle, not a checkpoint", "run.py --help", "the checkpoint it was"]),
     ("profile a picture", lambda t: ["--budget-ms", "1", "--profile", str(_png(t)),
                                      "--out", str(t / "o")], ["picture.png", "binary"]),
     ("--data without npz", lambda t: ["train", "--dataset", "lti-sysid", "--data", "x.npz",
