@@ -229,6 +229,9 @@ def _png(tmp_path):
                                           "--out", str(t / "o")], ["journal:PATH"]),
     ("export a picture", lambda t: ["export", str(_png(t)), "--out", str(t / "b")],
      ["picture.png", "not a torch checkpoint"]),
+    ("export a bundle", lambda t: ["export", str(Path(__file__).parent / "data"
+                                                / "old_mamba_token_bundle" / "bundle")],
+     ["is an exported bundle, not a checkpoint", "run.py --help", "the checkpoint it was"]),
     ("profile a picture", lambda t: ["--budget-ms", "1", "--profile", str(_png(t)),
                                      "--out", str(t / "o")], ["picture.png", "binary"]),
     ("--data without npz", lambda t: ["train", "--dataset", "lti-sysid", "--data", "x.npz",
@@ -355,7 +358,8 @@ def test_building_the_parser_imports_nothing_heavy():
                                    "compressm_tune.training:TrainConfig",
                                    "compressm_tune.reduction:ReduceConfig",
                                    "compressm_tune.hardware:ProfilerConfig",
-                                   "compressm_tune.search:TuneConfig"])
+                                   "compressm_tune.search:TuneConfig",
+                                   "compressm_tune.search:CompressConfig"])
 def test_flags_read_the_same_fields_the_dataclasses_have(where):
     """What ``_flags`` reads from the source equals the imported dataclass: names, defaults
     (where the flag has one) and metadata."""
@@ -377,9 +381,10 @@ def test_flags_read_the_same_fields_the_dataclasses_have(where):
 
 
 def test_shared_run_settings_are_declared_once_and_their_defaults_may_change():
-    """TrainConfig and TuneConfig inherit seed/threads/device/precision/cuda_graphs/batch_size
-    from RunSettings; TuneConfig's own defaults (one thread, batch 32) keep the shared help, in
-    the dataclass and in what the flag reader reads."""
+    """TrainConfig and TuneConfig inherit seed/threads/device/precision/cuda_graphs/batch_size/
+    mamba2_scan from RunSettings; TuneConfig's own defaults (one thread, batch 32) keep the
+    shared help, in the dataclass and in what the flag reader reads; compress's fine-tune
+    declares mamba2_scan with the same metadata."""
     import ast
     import dataclasses
 
@@ -388,12 +393,15 @@ def test_shared_run_settings_are_declared_once_and_their_defaults_may_change():
     from compressm_tune.training import RunSettings, TrainConfig
 
     shared = [f.name for f in dataclasses.fields(RunSettings)]
-    assert shared == ["seed", "threads", "device", "precision", "cuda_graphs", "batch_size"]
+    assert shared == ["seed", "threads", "device", "precision", "cuda_graphs", "batch_size",
+                      "mamba2_scan"]
     tune = fields_of("compressm_tune.search:TuneConfig")
     train = fields_of("compressm_tune.training:TrainConfig")
     for name in shared:
         assert tune[name].meta == train[name].meta == dict(RunSettings.__dataclass_fields__[
             name].metadata), name
+    compress = fields_of("compressm_tune.search:CompressConfig")["mamba2_scan"]
+    assert compress.meta == train["mamba2_scan"].meta and compress.default == "ssd"
     assert (tune["threads"].default, tune["batch_size"].default) == (1, 32)
     assert (train["threads"].default, train["batch_size"].default) == (None, 64)
     assert TuneConfig(budget="0.4x").threads == 1 and TrainConfig().threads is None
@@ -485,6 +493,22 @@ def test_quiet_hides_the_job_s_progress_bar_and_verbose_shows_it(tmp_path, monke
         optuna.logging.set_verbosity(before)
     assert asked == [(False, optuna.logging.WARNING), (True, optuna.logging.INFO),
                      (True, optuna.logging.INFO)]
+
+
+@pytest.mark.parametrize("scan", ["ssd", "fused"])
+def test_the_job_trains_mamba2_on_the_scan_it_is_told(tmp_path, monkeypatch, scan):
+    """``--mamba2-scan`` reaches the training settings every trial and reference is built
+    from (``TuneConfig.train_config``; the Trainer sets each Mamba-2 layer's scan from it)."""
+    import compressm_tune.search as search
+
+    asked = []
+    monkeypatch.setattr(search, "run_tune", lambda config, progress=True: asked.append(
+        config) or {"finalized": False})
+    argv = ["-q", "--budget", "0.4x", "--arch", "mamba2", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--mamba2-scan", scan]) == 0
+    assert asked[0].train_config(lr=1e-3).mamba2_scan == scan  # as trials call it
+    with pytest.raises(SystemExit):  # a scan that does not exist: argparse's exit 2
+        main([*argv, "--mamba2-scan", "triton"])
 
 
 @pytest.mark.parametrize("progress", [False, True])

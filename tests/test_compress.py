@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from compressm_tune.cli import main  # noqa: E402
-from compressm_tune.errors import OutputError, ReductionError  # noqa: E402
+from compressm_tune.errors import ConfigError, OutputError, ReductionError  # noqa: E402
 from compressm_tune.models import (  # noqa: E402
     from_hf_folder,
     from_hf_mamba,
@@ -31,7 +31,7 @@ from compressm_tune.reduction import (  # noqa: E402
     plan_widths,
     widths_for_budget,
 )
-from compressm_tune.search import load_token_data  # noqa: E402
+from compressm_tune.search import CompressConfig, load_token_data  # noqa: E402
 
 VOCAB = 40
 
@@ -214,6 +214,36 @@ def test_cli_compress_writes_a_folder_our_importer_reads_back(arch_dir, tmp_path
 
     bits = evaluate(model, ds.x_test, ds.y_test, "classification", bits_name="b")["b"]
     assert bits == pytest.approx(summary["after_finetune"]["bits_per_token"], abs=1e-5)
+
+
+@pytest.mark.parametrize("scan", ["ssd", "fused"])
+def test_cli_compress_finetunes_mamba2_on_the_scan_it_is_told(hf_dirs, tmp_path, capsys,
+                                                             monkeypatch, scan):
+    """``compress --mamba2-scan``: every training forward of the fine-tune (the ones that
+    build a graph; scoring and evaluation run without one) takes the chosen scan only."""
+    from compressm_tune.models import mamba2
+
+    calls = {"ssd": 0, "fused": 0}
+
+    def counted(fn, key):
+        def wrapper(*args, **kwargs):
+            calls[key] += torch.is_grad_enabled()
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name, key in (("ssd_scan", "ssd"), ("scan_readout", "fused")):
+        monkeypatch.setattr(mamba2, name, counted(getattr(mamba2, name), key))
+    data = _token_file(tmp_path / "ids.npy")
+    code = main(["compress", str(hf_dirs["mamba2"]), "--data", str(data), "--keep", "4",
+                 "--out", str(tmp_path / "out"), "--calibration", "8", "--finetune-steps", "3",
+                 "--batch-size", "4", "--mamba2-scan", scan, "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    other = "fused" if scan == "ssd" else "ssd"
+    assert calls[scan] >= 3 * 2 and calls[other] == 0, calls  # 3 steps x 2 layers
+    settings = json.loads((tmp_path / "out" / "compress_summary.json").read_text())["settings"]
+    assert settings["mamba2_scan"] == scan
+    with pytest.raises(ConfigError, match="--mamba2-scan must be one of ssd, fused"):
+        CompressConfig(model=str(hf_dirs["mamba2"]), out="x", keep=4, mamba2_scan="triton")
 
 
 @pytest.mark.parametrize("args,needle", [

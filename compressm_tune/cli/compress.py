@@ -15,7 +15,7 @@ __all__ = ["add_parser", "run"]
 CONFIG = "compressm_tune.search:CompressConfig"
 _FLAGS = ("data", "keep", "tau", "budget_ms", "budget", "score", "calibration",
           "eval_sequences", "finetune_steps", "finetune_reduce", "distill", "lr", "batch_size",
-          "seed", "profile", "threads")
+          "mamba2_scan", "seed", "profile", "threads")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

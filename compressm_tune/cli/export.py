@@ -80,6 +80,8 @@ def _as_checkpoint(source: Path) -> Iterator[Path]:
     if not source.is_dir():
         yield source
         return
+    if (source / "manifest.json").is_file() and not (source / "config.json").is_file():
+        raise _bundle_given(source)
     from compressm_tune.models import from_hf_folder
     from compressm_tune.training import save_checkpoint
 
@@ -88,6 +90,24 @@ def _as_checkpoint(source: Path) -> Iterator[Path]:
         path = Path(tmp) / f"{source.name or 'model'}.pt"
         save_checkpoint(path, model, source={"hf_folder": str(source.resolve())})
         yield path
+
+
+def _bundle_given(folder: Path) -> Exception:
+    """The one-line error for a bundle given where a checkpoint belongs: a bundle runs as it
+    is (also one written by an older version), and re-exporting starts from its checkpoint."""
+    import json
+
+    from compressm_tune.errors import ExportOptionError
+
+    try:
+        origin = json.loads((folder / "manifest.json").read_text())["source"]["checkpoint"]
+        origin = f" (its manifest names {origin})"
+    except (OSError, ValueError, KeyError, TypeError):
+        origin = ""
+    return ExportOptionError(
+        f"{folder} is an exported bundle, not a checkpoint: it runs as it is, whichever "
+        f"version wrote it (python3 {folder / 'run.py'} --help); to export it again, give "
+        f"the checkpoint it was written from{origin}")
 
 
 def run(args: argparse.Namespace) -> int:

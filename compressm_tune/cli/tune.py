@@ -25,7 +25,8 @@ DATA = ("dataset", "data_path", "data_dir", "val_fraction")
 DEVICE = ("device", "cuda_graphs", "precision")
 _FLAGS = ("budget", "budget_ms", "budget_mj", "latency_mode", "arch", *DATA, "trials", "steps",
           "blocks", "hidden", "state_dims", "baseline", "profile", "drift_check", "storage",
-          "artifacts", "study", "workers", "out", "seed", "pareto", "threads", *DEVICE)
+          "artifacts", "study", "workers", "out", "seed", "pareto", "threads", *DEVICE,
+          "mamba2_scan")
 
 
 def add_tune_args(parser: argparse.ArgumentParser) -> None:

@@ -37,7 +37,13 @@ import torch
 from compressm_tune.data import Dataset, load_dataset
 from compressm_tune.errors import ConfigError, DataError
 from compressm_tune.hardware import latency_model_for
-from compressm_tune.models import SSMModel, check_hf_output, from_hf_folder, save_hf_folder
+from compressm_tune.models import (
+    MAMBA2_SCANS,
+    SSMModel,
+    check_hf_output,
+    from_hf_folder,
+    save_hf_folder,
+)
 from compressm_tune.reduction import (
     SCORES,
     ReduceConfig,
@@ -48,7 +54,13 @@ from compressm_tune.reduction import (
     widths_for_budget,
 )
 from compressm_tune.search._config import parse_relative_budget
-from compressm_tune.training import TrainConfig, Trainer, evaluate, model_from_checkpoint
+from compressm_tune.training import (
+    MAMBA2_SCAN_SETTING,
+    TrainConfig,
+    Trainer,
+    evaluate,
+    model_from_checkpoint,
+)
 
 __all__ = ["BUILTIN_TEXT", "DISTILL", "SUMMARY", "CompressConfig", "compress_folder",
            "finetune_compressed", "load_token_data"]
@@ -97,6 +109,7 @@ class CompressConfig:
                 "next-token cross-entropy (0: cross-entropy only)"})
     lr: float = field(default=1e-3, metadata={"help": "fine-tune peak learning rate"})
     batch_size: int = field(default=16, metadata={"help": "fine-tune sequences per step"})
+    mamba2_scan: str = field(default="ssd", metadata=MAMBA2_SCAN_SETTING)  # in the fine-tune
     seed: int = field(default=0, metadata={"help": "seed of the data split and fine-tune"})
     profile: str | None = field(default=None, metadata={
         "help": "profile JSON for the budgets (default: this machine's, cached or measured)"})
@@ -118,6 +131,9 @@ class CompressConfig:
             self.budget = f"{parse_relative_budget(self.budget):g}x"
         if self.score not in SCORES:
             raise ConfigError(f"--score must be one of {SCORES}, got {self.score!r}")
+        if self.mamba2_scan not in MAMBA2_SCANS:
+            raise ConfigError(f"--mamba2-scan must be one of {', '.join(MAMBA2_SCANS)}, got "
+                              f"{self.mamba2_scan!r}")
         for name in ("calibration", "eval_sequences", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got "
@@ -220,13 +236,15 @@ def finetune_compressed(model: SSMModel, data: Dataset, steps: int, *,
                         teacher: SSMModel | None = None, distill: float = DISTILL,
                         lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
                         threads: int | None = None, reduce: str | None = None,
-                        calibration: int = 64, progress: bool = False) -> SSMModel:
+                        calibration: int = 64, mamba2_scan: str = "ssd",
+                        progress: bool = False) -> SSMModel:
     """The fine-tune after a post-training cut (``compress --finetune-steps``): ``steps`` of
     the training loop on ``data``'s training split (warm-up, cosine decay from ``lr``), the
     loss ``(1 - distill)`` x cross-entropy + ``distill`` x KL to ``teacher``'s next-token
     distribution (the uncut model; cross-entropy alone without one), optionally cutting
-    further by the in-training ``reduce`` policy (e.g. ``"tau=0.02"``) in the first half.
-    Returns the checkpoint with the best validation score, in eval mode."""
+    further by the in-training ``reduce`` policy (e.g. ``"tau=0.02"``) in the first half,
+    Mamba-2 layers scanning as ``mamba2_scan`` says (``TrainConfig.mamba2_scan``). Returns
+    the checkpoint with the best validation score, in eval mode."""
     reducer = None
     if reduce:
         reducer = Reducer(ReduceConfig(policy=ReductionPolicy.parse(reduce), schedule="window",
@@ -234,7 +252,7 @@ def finetune_compressed(model: SSMModel, data: Dataset, steps: int, *,
                                        calibration=calibration))
     train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                         eval_every=max(1, steps // 4), seed=seed, threads=threads,
-                        eval_batch_size=100)
+                        eval_batch_size=100, mamba2_scan=mamba2_scan)
     kw = {"teacher": teacher, "distill_weight": distill} if teacher is not None else {}
     run_dir = Path(tempfile.mkdtemp(prefix="compressm-finetune-"))
     try:
@@ -297,7 +315,7 @@ def compress_folder(config: CompressConfig, progress: bool = False) -> dict[str,
             model, data, config.finetune_steps, teacher=teacher, distill=config.distill,
             lr=config.lr, batch_size=config.batch_size, seed=config.seed,
             threads=config.threads, reduce=config.finetune_reduce,
-            calibration=config.calibration, progress=progress)
+            calibration=config.calibration, mamba2_scan=config.mamba2_scan, progress=progress)
         summary["after_finetune"] = {"state_dims": model.state_dims,
                                      bits_name: _bits(model, data, n_eval),
                                      "steps": config.finetune_steps}

@@ -60,9 +60,9 @@ class TuneConfig(RunSettings):
     it; more ``state_dims`` let it also start narrower. The model and training settings of every
     trial are built by :meth:`model_config` and :meth:`train_config` (``SSMConfig`` and
     ``TrainConfig`` check them); the settings shared with training (seed, threads, device,
-    precision, cuda_graphs, batch_size) are :class:`RunSettings`'. The device is where trials
-    train: export and latency measurement stay on the runtime the profile describes. The
-    defaults finish in about three minutes on two quiet CPU cores on lti-sysid.
+    precision, cuda_graphs, batch_size, mamba2_scan) are :class:`RunSettings`'. The device is
+    where trials train: export and latency measurement stay on the runtime the profile
+    describes. The defaults finish in about three minutes on two quiet CPU cores on lti-sysid.
     """
 
     budget_ms: float | None = field(default=None, metadata={
@@ -79,7 +79,7 @@ class TuneConfig(RunSettings):
         "choices": LATENCY_MODES,
         "help": "what the budget bounds: sequence (per sequence) or step (per streamed token)"})
     arch: str = field(default="lru", metadata={
-        "choices": ARCHS, "help": "SSM layer of every trial: lru, selective or mamba"})
+        "choices": ARCHS, "help": "SSM layer of every trial: lru, selective, mamba or mamba2"})
     dataset: str = field(default="lti-sysid", metadata={  # the state width matters on it
         "choices": DATASETS, "help": "built-in or user dataset"})
     data_path: str | None = field(default=None, metadata={
@@ -182,7 +182,8 @@ class TuneConfig(RunSettings):
         return TrainConfig(steps=self.steps, batch_size=self.batch_size,
                            eval_every=max(1, self.steps // 10), seed=self.seed,
                            threads=self.threads, device=self.device, precision=self.precision,
-                           cuda_graphs=self.cuda_graphs, **settings)
+                           cuda_graphs=self.cuda_graphs, mamba2_scan=self.mamba2_scan,
+                           **settings)
 
     def model_config(self, data: Dataset, width: int | list[int]) -> SSMConfig:
         """The model every trial and the references train: ``width`` states per block (or a

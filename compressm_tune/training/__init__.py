@@ -13,9 +13,16 @@ from compressm_tune.training.evaluation import (
     score,
 )
 from compressm_tune.training.plots import plot_hsv_trajectories, ranking_stability, read_metrics
-from compressm_tune.training.trainer import RunSettings, TrainConfig, Trainer, dataset_record
+from compressm_tune.training.trainer import (
+    MAMBA2_SCAN_SETTING,
+    RunSettings,
+    TrainConfig,
+    Trainer,
+    dataset_record,
+)
 
 __all__ = [
+    "MAMBA2_SCAN_SETTING",
     "RunSettings",
     "TrainConfig",
     "Trainer",

@@ -68,7 +68,15 @@ from compressm_tune.training.evaluation import (
 from compressm_tune.training.optim import build_optimizer, lr_factor, set_lr
 from compressm_tune.training.step import TrainStep
 
-__all__ = ["RunSettings", "TrainConfig", "Trainer", "dataset_record"]
+__all__ = ["MAMBA2_SCAN_SETTING", "RunSettings", "TrainConfig", "Trainer", "dataset_record"]
+
+# the metadata of RunSettings.mamba2_scan, also declared by settings that train outside
+# RunSettings (``compress --finetune-steps``), so every flag reads the same help
+MAMBA2_SCAN_SETTING = {
+    "choices": MAMBA2_SCANS,
+    "help": "how Mamba-2 layers run their scan: ssd (chunked, matmuls in torch) or fused "
+            "(the selective layer's fused kernel over folded groups: Triton on CUDA, C on "
+            "CPU; stores no (batch, L, E, N) tensor)"}
 
 
 @dataclass
@@ -95,6 +103,7 @@ class RunSettings:
         "help": "on CUDA, launch every kernel of every step from Python instead of replaying a "
                 "captured graph (slower; for debugging)"})
     batch_size: int = field(default=64, metadata={"help": "sequences per step"})
+    mamba2_scan: str = field(default="ssd", metadata=MAMBA2_SCAN_SETTING)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -122,11 +131,6 @@ class TrainConfig(RunSettings):
         "cli": False, "help": "cosine decay's floor, a share of the peak LR"})
     eval_every: int = field(default=100, metadata={"help": "steps between evaluations"})
     eval_batch_size: int = field(default=500, metadata={"cli": False})
-    mamba2_scan: str = field(default="ssd", metadata={
-        "choices": MAMBA2_SCANS,
-        "help": "how Mamba-2 layers run their scan: ssd (chunked, matmuls in torch) or fused "
-                "(the selective layer's fused kernel over folded groups: Triton on CUDA, C on "
-                "CPU; stores no (batch, L, E, N) tensor)"})
     log_spectrum: bool = field(default=False, metadata={
         "help": "log every layer's HSVs at every evaluation and plot them (OUT/hsv.png)"})
     dist_timeout: float = field(default=60.0, metadata={
