@@ -7,6 +7,7 @@ and appends its argmax (no state, no step graph), so streaming errors cannot hid
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -383,7 +384,9 @@ def test_mamba_bundle_written_before_transformers_names_still_runs(tmp_path):
     eager-torch logits, and the repository's ``export/run.py`` continues text as that code's
     greedy loop did."""
     ref = np.load(OLD_MAMBA / "reference.npz")
-    bundle = OLD_MAMBA / "bundle"
+    bundle = tmp_path / "old"
+    shutil.copytree(OLD_MAMBA / "bundle", bundle)
+    (bundle / "run.py").write_bytes(gzip.decompress((OLD_MAMBA / "run.py.gz").read_bytes()))
     manifest = verify_bundle(bundle)  # hashes, graphs and model.ts against the manifest
     assert "io" not in manifest
     edge = EdgeBundle(bundle)
