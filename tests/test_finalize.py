@@ -244,10 +244,40 @@ def test_a_budget_the_calibration_raises_is_probed_again_at_its_new_edge(
     calibrated, record = _finalize.calibrate_budget(config, line, lti_sysid)
     assert fake.timed == [256, 62] * _finalize.CALIBRATION_ROUNDS + [
         256, 77] * _finalize.CALIBRATION_ROUNDS
-    assert [p["width"] for p in record["probes"]] == [62, 77] and record["capped_at"] is None
+    assert [p["width"] for p in record["probes"]] == [62, 77] and record["held_at"] is None
     expected = config.budget_ms * (line.predict([77]) / full) / 0.31 * 0.95
     assert calibrated.budget_ms == pytest.approx(expected)
     assert first < _edge(line, calibrated.budget_ms) < second
+
+
+def test_a_later_probe_never_drops_the_budget_below_a_width_measured_to_fit(
+        tmp_path, lti_sysid, clock):
+    """62 states measure 0.24x (inside 0.3x with the margin), the raised edge, 77 states,
+    0.40x: 77's correction alone would aim the search at 49 states, below 62, which was
+    measured to fit. The budget stays at 62's prediction."""
+    line = _Line()
+    full = line.predict([256])
+    config = TuneConfig(budget="0.3x", out=str(tmp_path / "run"), **SMALL).with_budget_ms(
+        0.3 * full)
+    clock({256: 0.5, 62: 0.5 * 0.24, 77: 0.5 * 0.40}, lambda call: 1.0)
+    calibrated, record = _finalize.calibrate_budget(config, line, lti_sysid)
+    alone = config.budget_ms * (line.predict([77]) / full) / 0.40 * 0.95
+    assert [p["width"] for p in record["probes"]] == [62, 77] and _edge(line, alone) < 62
+    assert record["held_at"] == 62 and calibrated.budget_ms == pytest.approx(line.predict([62]))
+
+
+def test_a_calibration_recorded_with_one_probe_still_reads_in_the_report():
+    """A study whose calibration was recorded before probes were listed (one width, no
+    ``probes`` or ``held_at``) resumes with the same note about its one width."""
+    from compressm_tune.search._run import _calibration_note
+
+    config = TuneConfig(budget="0.8x", **SMALL).with_budget_ms(1.34)
+    old = {"width": 158, "predicted_ratio": 0.799, "measured_ratio": 0.665,
+           "ratios": [0.66, 0.665, 0.67, 0.66, 0.67], "margin": 0.05,
+           "budget_ms_profile": 1.34, "budget_ms": 1.53, "loadavg_1min": [0.8, 1.0]}
+    note = _calibration_note(config, old)
+    assert "158 states per block 0.665x (the profile: 0.799x)" in note
+    assert "aims at 1.53 ms" in note and "5% inside the budget" in note and "then" not in note
 
 
 def test_a_budget_still_raised_after_the_last_probe_stops_at_the_widest_width_measured(
@@ -272,11 +302,11 @@ def test_a_budget_still_raised_after_the_last_probe_stops_at_the_widest_width_me
     assert len(probed) == _finalize.CALIBRATION_PROBES and widths == [
         w for w in probed for _ in range(_finalize.CALIBRATION_ROUNDS)]
     assert probed == sorted(probed) and probed[0] == _edge(line, config.budget_ms)
-    assert record["capped_at"] == probed[-1]
+    assert record["held_at"] == probed[-1]
     assert _edge(line, calibrated.budget_ms) == probed[-1]
     note = _calibration_note(config, record)
     assert f"then {probed[1]} states per block 0.200x" in note
-    assert f"capped at {probed[-1]} states per block" in note
+    assert f"held at {probed[-1]} states per block" in note
 
 
 def test_the_calibrated_budget_keeps_a_margin_of_the_rounds_spread(

@@ -15,7 +15,7 @@ from compressm_tune.models.hf_folder import (
 )
 from compressm_tune.models.lru import LRULayer
 from compressm_tune.models.mamba import MambaLayer
-from compressm_tune.models.mamba2 import MAMBA2_SCANS, Mamba2Layer, ssd_scan
+from compressm_tune.models.mamba2 import MAMBA2_SCANS, Mamba2Layer, check_mamba2_scan, ssd_scan
 from compressm_tune.models.network import (
     SELECTIVE_LAYERS,
     SSM_PARAMETERS,
@@ -46,6 +46,7 @@ __all__ = [
     "STATE_SIZES_KEY",
     "SelectiveLayer",
     "check_hf_output",
+    "check_mamba2_scan",
     "dropout_for",
     "from_hf_folder",
     "from_hf_mamba",

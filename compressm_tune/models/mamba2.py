@@ -61,11 +61,18 @@ from torch import nn
 from compressm_tune.errors import ConfigError
 from compressm_tune.models.selective import SelectiveLayer, keep_state_indices, scan_readout
 
-__all__ = ["MAMBA2_SCANS", "Mamba2Layer", "ssd_scan"]
+__all__ = ["MAMBA2_SCANS", "Mamba2Layer", "check_mamba2_scan", "ssd_scan"]
 
 # how Mamba2Layer.forward runs its scan: the chunked SSD in torch, or the selective
 # layer's fused kernel over the folded groups (module docstring)
 MAMBA2_SCANS = ("ssd", "fused")
+
+
+def check_mamba2_scan(scan: str, name: str = "scan") -> None:
+    """A one-line :class:`ConfigError` naming ``name`` (the setting as the user wrote it)
+    unless ``scan`` is one of :data:`MAMBA2_SCANS`."""
+    if scan not in MAMBA2_SCANS:
+        raise ConfigError(f"{name} must be one of {', '.join(MAMBA2_SCANS)}, got {scan!r}")
 
 _SSD_CHUNK = 64  # steps per chunk: (T, T) products inside, L / T recurrence steps between
 
@@ -190,8 +197,7 @@ class Mamba2Layer(nn.Module):
         if dt_limit is not None and not 0.0 <= dt_limit[0] < dt_limit[1]:
             raise ConfigError(f"dt_limit must be (low, high) with 0 <= low < high, got "
                               f"{dt_limit!r}")
-        if scan not in MAMBA2_SCANS:
-            raise ConfigError(f"scan must be one of {', '.join(MAMBA2_SCANS)}, got {scan!r}")
+        check_mamba2_scan(scan)
         kw = {"device": device, "dtype": dtype}
         nh, g, n, k = e // p, n_groups, state_dim, d_conv
         self.scan = scan

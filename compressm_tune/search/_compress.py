@@ -38,9 +38,9 @@ from compressm_tune.data import Dataset, load_dataset
 from compressm_tune.errors import ConfigError, DataError
 from compressm_tune.hardware import latency_model_for
 from compressm_tune.models import (
-    MAMBA2_SCANS,
     SSMModel,
     check_hf_output,
+    check_mamba2_scan,
     from_hf_folder,
     save_hf_folder,
 )
@@ -131,9 +131,7 @@ class CompressConfig:
             self.budget = f"{parse_relative_budget(self.budget):g}x"
         if self.score not in SCORES:
             raise ConfigError(f"--score must be one of {SCORES}, got {self.score!r}")
-        if self.mamba2_scan not in MAMBA2_SCANS:
-            raise ConfigError(f"--mamba2-scan must be one of {', '.join(MAMBA2_SCANS)}, got "
-                              f"{self.mamba2_scan!r}")
+        check_mamba2_scan(self.mamba2_scan, "--mamba2-scan")
         for name in ("calibration", "eval_sequences", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got "

@@ -247,10 +247,12 @@ def calibrate_budget(config: TuneConfig, latency: Any, data: Dataset
     new edge lies at widths nobody timed (on this machine the profile's error changes sign
     across the range), so the new edge is probed in turn, up to ``CALIBRATION_PROBES``
     widths; if the last probe still raises the budget, it is capped at the widest width
-    measured to fit. A budget that a probe lowers stops there: the edge then lies below a
-    measured width, and narrower is faster.
+    measured to fit. A budget that a probe lowers stops there (the edge then lies below a
+    measured width, and narrower is faster), but not below a width an earlier probe measured
+    to fit, inside the margin.
     Returns the config and the calibration's record: the last probe's figures, every probe
-    (``probes``) and the width it was capped at (``capped_at``, else None). None for an
+    (``probes``) and the width measured to fit whose predicted latency became the budget
+    (``held_at``: capped or kept from falling below it; else None). None for an
     absolute budget, or when no width is predicted within the budget."""
     if config.budget_fraction is None:
         return config, None
@@ -270,19 +272,23 @@ def calibrate_budget(config: TuneConfig, latency: Any, data: Dataset
     while True:
         probes.append(_probe(config, data, full, probe,
                              predict(probe) / predict(config.full_width)))
-        budget_ms, capped_at = probes[-1]["budget_ms"], None
-        widest = max(p["width"] for p in probes)
+        budget_ms, raised = probes[-1]["budget_ms"], False
         nxt = edge(budget_ms)
-        if nxt is None or nxt <= widest:
+        if nxt is None or nxt <= probe:
             break
-        if len(probes) == CALIBRATION_PROBES:  # raised past every width measured: cap it
-            capped_at = widest
-            budget_ms = predict(widest)
+        if len(probes) == CALIBRATION_PROBES:  # raised past every width measured
+            raised = True
             break
         probe = nxt
+    fit = max((p["width"] for p in probes
+               if p["measured_ratio"] <= config.budget_fraction * (1 - p["margin"])),
+              default=None)
+    held_at = None  # the measured width whose predicted latency becomes the budget
+    if fit is not None and (raised or budget_ms < predict(fit)):
+        held_at, budget_ms = fit, predict(fit)
     loads = [x for p in probes for x in p.pop("loadavg_1min")]
     record = {**probes[-1], "budget_ms": budget_ms, "budget_ms_profile": config.budget_ms,
-              "probes": probes, "capped_at": capped_at,
+              "probes": probes, "held_at": held_at,
               "loadavg_1min": [min(loads), max(loads)]}
     return config.with_budget_ms(budget_ms), record
 

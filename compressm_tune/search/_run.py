@@ -134,11 +134,11 @@ CALIBRATION_ATTR = "calibration"  # study user attr: the relative budget's calib
 
 def _calibration_note(config: TuneConfig, c: dict[str, Any]) -> str:
     loads = "-".join(f"{x:.2f}" for x in c["loadavg_1min"])
-    probes = c.get("probes") or [c]  # a study begun before the calibration probed twice
+    probes = c.get("probes") or [c]  # a study begun before probes were recorded
     timed = ", then ".join(f"{p['width']} states per block {p['measured_ratio']:.3f}x (the "
                            f"profile: {p['predicted_ratio']:.3f}x)" for p in probes)
-    aim = (f"capped at {c['capped_at']} states per block, the widest width measured to fit"
-           if c.get("capped_at") else
+    aim = (f"held at {c['held_at']} states per block, the widest width measured to fit"
+           if c.get("held_at") else
            f"{100 * c['margin']:.0f}% inside the budget, the rounds' relative standard "
            "deviation (5-20%), the measured check's noise")
     return (f"budget {config.budget} calibrated here, each width timed against the full model "

@@ -50,7 +50,13 @@ from compressm_tune.errors import (
     FolderBusyError,
     RankLostError,
 )
-from compressm_tune.models import MAMBA2_SCANS, Mamba2Layer, SSMConfig, SSMModel
+from compressm_tune.models import (
+    MAMBA2_SCANS,
+    Mamba2Layer,
+    SSMConfig,
+    SSMModel,
+    check_mamba2_scan,
+)
 from compressm_tune.reduction import CALIBRATION, spectrum_record
 from compressm_tune.training import distributed
 from compressm_tune.training.checkpoint import (
@@ -153,9 +159,7 @@ class TrainConfig(RunSettings):
         for name, ok in rules.items():
             if not ok:
                 raise ConfigError(f"invalid training setting {name}={getattr(self, name)!r}")
-        if self.mamba2_scan not in MAMBA2_SCANS:
-            raise ConfigError(f"--mamba2-scan must be one of {', '.join(MAMBA2_SCANS)}, got "
-                              f"{self.mamba2_scan!r}")
+        check_mamba2_scan(self.mamba2_scan, "--mamba2-scan")
 
 
 _SMALL_VAL = 50  # validation sequences below which best.pt's choice is mostly noise
