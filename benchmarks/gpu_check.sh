@@ -8,7 +8,9 @@
 # budgeted job with --device cuda.
 # Usage: benchmarks/gpu_check.sh [PEER_ROOT]  (a checkout of camail-official/compressm; default
 # ../shared/peers/compressm-official). Results and the log go to $OUT (the device tool) or
-# bench_results/gpu_check. SKIP="tune train" leaves steps out. Exit status: failed steps.
+# bench_results/gpu_check. SKIP="tune train" leaves steps out; ONLY="mamba2-fused mamba2-scan"
+# runs just those (the step limits add up to more than one lent machine's 10-minute command, a
+# ceiling each step rarely reaches; a short lease runs a subset). Exit status: failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PEER=${1:-../shared/peers/compressm-official}
@@ -21,7 +23,9 @@ failed=0
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
-    if [[ " ${SKIP:-} " == *" $name "* ]]; then echo "== $name: skipped" | tee -a "$LOG"; return; fi
+    if [[ " ${SKIP:-} " == *" $name "* || ( -n "${ONLY:-}" && " $ONLY " != *" $name "* ) ]]; then
+        echo "== $name: skipped" | tee -a "$LOG"; return
+    fi
     echo "== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$LOG"
     local t0=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
