@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleave, machine, machine_line, parser, spread, write  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
+from compressm_tune.hardware import measure_peak_memory  # noqa: E402
 from compressm_tune.models import Mamba2Layer  # noqa: E402
 
 SHAPES = {  # batch, L, H, N, head_dim, groups
@@ -73,13 +74,11 @@ def candidates(s: dict, device: str) -> dict[str, Callable[[], None]]:
 
 def peak_mib(calls: dict[str, Callable[[], None]]) -> dict[str, float]:
     """Peak CUDA memory of one step per candidate, MiB above what was held before it."""
+    cuda = torch.device("cuda")
     out = {}
     for name, call in calls.items():
         torch.cuda.empty_cache()
-        held = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        call()
-        out[name] = round((torch.cuda.max_memory_allocated() - held) / 2**20, 1)
+        out[name] = round(measure_peak_memory(call, cuda).peak_mb, 1)
     return out
 
 
