@@ -165,49 +165,66 @@ class _SelectiveWriter:
     """The selective layer (:class:`SelectiveWeights`) as graph pieces; see :class:`_LRUWriter`
     for the contract.
 
-    The drive is shaped for broadcasting before the ``Scan`` (``delta``, ``delta u`` to
-    ``(..., H, 1)``, ``B_t`` to ``(..., 1, N)``, ``C_t`` to ``(..., N, 1)``), so one step is six
-    nodes: ``Mul, Exp, Mul, Mul, Add, MatMul``. ORT's per-node cost inside a ``Scan`` dominates
-    at these sizes. Measured (onnxruntime 1.31, 1 thread, a loaded 2-core machine; H 8-64,
-    N 16-64, L 500-2000): at batch 1 this took 0.7-0.86x the time of unsqueezing inside the
-    body (read-out by ``MatMul`` or by ``ReduceSum``) and of emitting the ``(batch, H, N)``
-    states to contract them after the ``Scan``; at batch 8 the variants were within noise.
-    Precomputing ``exp(delta A)`` for all steps outside the ``Scan`` was faster still at H=8
-    but holds two ``(batch, L, H, N)`` tensors, too much memory for an edge device.
+    The drive is shaped for broadcasting before the ``Scan`` (``delta``, ``delta u``, ``B_t``,
+    ``C_t`` each gain an axis of 1), so one step is six nodes: ``Mul, Exp, Mul, Mul, Add,
+    MatMul``. ORT's per-node cost inside a ``Scan`` dominates at these sizes. Measured
+    (onnxruntime 1.31, 1 thread, a loaded 2-core machine; H 8-64, N 16-64, L 500-2000): at batch
+    1 this took 0.7-0.86x the time of unsqueezing inside the body (read-out by ``MatMul`` or by
+    ``ReduceSum``) and of emitting the ``(batch, H, N)`` states to contract them after the
+    ``Scan``; at batch 8 the variants were within noise. Precomputing ``exp(delta A)`` for all
+    steps outside the ``Scan`` holds two ``(batch, L, H, N)`` tensors, too much memory for an
+    edge device, and it made a 4-layer Mamba's graph (H=512, N=16, L=256) 1.35x slower.
+
+    The sequence ``Scan`` (``scan=True``) holds the state channels last, ``(batch, N, H)``: ORT's
+    broadcasting ``Mul``/``Add`` loop over the innermost axis, and with the H channels there the
+    loops are long (with N there they are N long, once per channel). Measured (onnxruntime
+    1.32, 1 thread, one layer, H=512, L=256, interleaved): channels last took 0.49x the time at
+    N=16, 0.30x at N=4, 0.78x at N=64. The step graph (``scan=False``) keeps ``(batch, H, N)``,
+    the layout of ``allocate_state`` and of ``transformers``' cache, and its arithmetic: one
+    token in channels-last arithmetic between two transposes took 0.70x the time at N=4, 0.87x
+    at N=16 and 1.07x at N=64.
     """
 
     def __init__(self, g: _Graph, w: SelectiveWeights, k: int, scan: bool = True) -> None:
-        self.w = w
-        self.a = g.const(f"a{k}", w.a)  # (H, N)
+        self.w, self.scan = w, scan
         h, n = w.state_shape
-        self.state_shapes = [(h, n)]  # x, per sequence
-        self.drive_shapes = [(h, 1), (h, 1), (1, n), (n, 1)]  # delta_t, (delta u)_t, B_t, C_t
-        self.emit_shapes = [(h, 1)]  # y_t, read out inside the Scan
-        self.last = g.const("last_axis", np.array([-1], np.int64))
+        self.a = g.const(f"a{k}", np.ascontiguousarray(w.a.T) if scan else w.a)  # (N, H) | (H, N)
+        # delta, delta u, C_t gain a 1 on ``axis``, B_t on ``b_axis``; the read-out drops ``axis``
+        self.axis = g.const("axis", np.array([-2 if scan else -1], np.int64))
+        self.b_axis = g.const("b_axis", np.array([-1 if scan else -2], np.int64))
+        if scan:
+            self.state_shapes = [(n, h)]  # x, per sequence
+            self.drive_shapes = [(1, h), (1, h), (n, 1), (1, n)]  # delta, delta u, B_t, C_t
+            self.emit_shapes = [(1, h)]  # y_t, read out inside the Scan
+        else:
+            self.state_shapes = [(h, n)]
+            self.drive_shapes = [(h, 1), (h, 1), (1, n), (n, 1)]
+            self.emit_shapes = [(h, 1)]
 
     def drive(self, g: _Graph, hn: str) -> list[str]:
-        """delta, delta * hn ``(..., H, 1)``, B_t ``(..., 1, N)``, C_t ``(..., N, 1)``, for
-        every step at once."""
+        """delta, delta * hn, B_t, C_t for every step at once, each with its axis of 1
+        (:attr:`drive_shapes`)."""
         delta, delta_u, b_t, c_t = g.selective_drive(self.w, hn)
-        second_last = g.const("second_last_axis", np.array([-2], np.int64))
-        return [g.op("Unsqueeze", [delta, self.last]), g.op("Unsqueeze", [delta_u, self.last]),
-                g.op("Unsqueeze", [b_t, second_last]), g.op("Unsqueeze", [c_t, self.last])]
+        return [g.op("Unsqueeze", [delta, self.axis]), g.op("Unsqueeze", [delta_u, self.axis]),
+                g.op("Unsqueeze", [b_t, self.b_axis]), g.op("Unsqueeze", [c_t, self.axis])]
 
     def update(self, g: _Graph, states: list[str], drive: list[str],
                outputs: list[str] | None = None) -> tuple[list[str], list[str]]:
-        """``x' = exp(delta A) x + (delta u) B_t`` on ``(batch, H, N)``; emits
-        ``y_t = x' C_t`` ``(batch, H, 1)``."""
+        """``x' = exp(delta A) x + (delta u) B_t`` on ``(batch, N, H)`` (the step graph:
+        ``(batch, H, N)``); emits ``y_t = C_t x'`` ``(batch, 1, H)`` (``x' C_t``, ``(batch, H,
+        1)``)."""
         (x,), (delta, delta_u, b_t, c_t) = states, drive
         x_out, y_out = outputs or (None, None)
-        decay = g.op("Exp", [g.op("Mul", [delta, self.a])])  # (B, H, N)
-        push = g.op("Mul", [delta_u, b_t])  # (B, H, N)
+        decay = g.op("Exp", [g.op("Mul", [delta, self.a])])
+        push = g.op("Mul", [delta_u, b_t])
         x = g.op("Add", [g.op("Mul", [decay, x]), push], "x",
-                 outputs=[x_out] if x_out else None)  # (B, H, N)
-        y = g.op("MatMul", [x, c_t], "y", outputs=[y_out] if y_out else None)  # (B, H, 1)
+                 outputs=[x_out] if x_out else None)
+        y = g.op("MatMul", [c_t, x] if self.scan else [x, c_t], "y",
+                 outputs=[y_out] if y_out else None)
         return [x], [y]
 
     def readout(self, g: _Graph, emitted: list[str]) -> str:
-        return g.op("Squeeze", [emitted[0], self.last])  # (..., H)
+        return g.op("Squeeze", [emitted[0], self.axis])  # (..., H)
 
     def stream(self, g: _Graph, hn: str, state: str, out: str) -> str:
         """One token of the step graph: writes the new state to ``out``, returns ``y``."""
