@@ -282,6 +282,24 @@ def test_every_supported_opset_builds_and_runs(opset, arch):
                          providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.parametrize("d_model,state_dims", [(16, [4, 16]), (8, [12, 6]), (4, [12, 6])])
+def test_selective_scan_in_either_state_layout_matches_torch(d_model, state_dims):
+    """The per-token Scan holds a selective state channels last, (N, H), when H >= N, else
+    (H, N); each layout, and both in one network, against the eager model."""
+    model = SSMModel(SSMConfig(arch="selective", d_input=3, d_output=5, d_model=d_model,
+                               state_dims=state_dims, pooling="none")).eval()
+    x = torch.randn(2, 23, 3, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(x).numpy()
+    graph = build_sequence_model(extract_weights(model))
+    scans = [n for n in graph.graph.node if n.op_type == "Scan"]
+    bodies = [next(a.g for a in n.attribute if a.name == "body") for n in scans]
+    held = [[d.dim_value for d in b.input[0].type.tensor_type.shape.dim[1:]] for b in bodies]
+    assert held == [[n, d_model] if d_model >= n else [d_model, n] for n in state_dims]
+    seq = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.abs(seq.run(None, {"x": x.numpy()})[0] - want).max() <= 1e-4
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("pooling", ["mean", "none"])
 def test_onnxruntime_functions_stand_in_for_the_eager_model(pooling, arch):

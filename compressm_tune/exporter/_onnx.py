@@ -175,24 +175,26 @@ class _SelectiveWriter:
     steps outside the ``Scan`` holds two ``(batch, L, H, N)`` tensors, too much memory for an
     edge device, and it made a 4-layer Mamba's graph (H=512, N=16, L=256) 1.35x slower.
 
-    The sequence ``Scan`` (``scan=True``) holds the state channels last, ``(batch, N, H)``: ORT's
-    broadcasting ``Mul``/``Add`` loop over the innermost axis, and with the H channels there the
-    loops are long (with N there they are N long, once per channel). Measured (onnxruntime
-    1.32, 1 thread, one layer, H=512, L=256, interleaved): channels last took 0.49x the time at
-    N=16, 0.30x at N=4, 0.78x at N=64. The step graph (``scan=False``) keeps ``(batch, H, N)``,
-    the layout of ``allocate_state`` and of ``transformers``' cache, and its arithmetic: one
-    token in channels-last arithmetic between two transposes took 0.70x the time at N=4, 0.87x
-    at N=16 and 1.07x at N=64.
+    The sequence ``Scan`` (``scan=True``) holds the state with its longer axis innermost,
+    ``(batch, N, H)`` when ``H >= N``: ORT's broadcasting ``Mul``/``Add`` loop over the innermost
+    axis, so the loops are long, not N long once per channel. Measured (onnxruntime 1.32, 1
+    thread, one layer's Scan, L=256, interleaved), channels last took the time of states last
+    times: 0.49 at H=512, N=16; 0.30 at 512, 4; 0.78 at 512, 64; 0.73 at 128, 32; 0.68 at 64,
+    4; 1.02 at 64, 64; 1.09 at 8, 16; 1.33 at 8, 64. The step graph (``scan=False``) keeps
+    ``(batch, H, N)``, the layout of ``allocate_state`` and of ``transformers``' cache, for its
+    arithmetic too: at H=512, one token in channels-last arithmetic between two transposes took
+    0.70x the time at N=4, 0.87x at N=16 and 1.07x at N=64.
     """
 
     def __init__(self, g: _Graph, w: SelectiveWeights, k: int, scan: bool = True) -> None:
-        self.w, self.scan = w, scan
+        self.w = w
         h, n = w.state_shape
-        self.a = g.const(f"a{k}", np.ascontiguousarray(w.a.T) if scan else w.a)  # (N, H) | (H, N)
+        self.flip = scan and h >= n  # (N, H), channels last
+        self.a = g.const(f"a{k}", np.ascontiguousarray(w.a.T) if self.flip else w.a)
         # delta, delta u, C_t gain a 1 on ``axis``, B_t on ``b_axis``; the read-out drops ``axis``
-        self.axis = g.const("axis", np.array([-2 if scan else -1], np.int64))
-        self.b_axis = g.const("b_axis", np.array([-1 if scan else -2], np.int64))
-        if scan:
+        self.axis = g.const("axis", np.array([-2 if self.flip else -1], np.int64))
+        self.b_axis = g.const("b_axis", np.array([-1 if self.flip else -2], np.int64))
+        if self.flip:
             self.state_shapes = [(n, h)]  # x, per sequence
             self.drive_shapes = [(1, h), (1, h), (n, 1), (1, n)]  # delta, delta u, B_t, C_t
             self.emit_shapes = [(1, h)]  # y_t, read out inside the Scan
@@ -210,16 +212,15 @@ class _SelectiveWriter:
 
     def update(self, g: _Graph, states: list[str], drive: list[str],
                outputs: list[str] | None = None) -> tuple[list[str], list[str]]:
-        """``x' = exp(delta A) x + (delta u) B_t`` on ``(batch, N, H)`` (the step graph:
-        ``(batch, H, N)``); emits ``y_t = C_t x'`` ``(batch, 1, H)`` (``x' C_t``, ``(batch, H,
-        1)``)."""
+        """``x' = exp(delta A) x + (delta u) B_t`` on ``(batch, N, H)`` (else ``(batch, H, N)``);
+        emits ``y_t = C_t x'`` ``(batch, 1, H)`` (else ``x' C_t``, ``(batch, H, 1)``)."""
         (x,), (delta, delta_u, b_t, c_t) = states, drive
         x_out, y_out = outputs or (None, None)
         decay = g.op("Exp", [g.op("Mul", [delta, self.a])])
         push = g.op("Mul", [delta_u, b_t])
         x = g.op("Add", [g.op("Mul", [decay, x]), push], "x",
                  outputs=[x_out] if x_out else None)
-        y = g.op("MatMul", [c_t, x] if self.scan else [x, c_t], "y",
+        y = g.op("MatMul", [c_t, x] if self.flip else [x, c_t], "y",
                  outputs=[y_out] if y_out else None)
         return [x], [y]
 
