@@ -47,9 +47,11 @@ def profile_cache_path(arch: str, hidden: int, blocks: int, seq_len: int) -> Pat
     """Where this machine's onnxruntime profile of that model shape is cached.
 
     "-chunked" marks profiles that time the sequence graph an export chooses; older caches
-    timed the per-token Scan graph only and are not reused.
+    timed the per-token Scan graph only and are not reused. Likewise "-2" after the selective
+    and Mamba names: their Scan now holds the state channels last (up to 3x faster), so a
+    profile of the old graph would mislead.
     """
-    suffix = "" if arch == "lru" else f"-{arch}"
+    suffix = {"lru": "", "selective": "-selective-2", "mamba": "-mamba-2"}.get(arch, f"-{arch}")
     return _profile_cache() / (f"{fingerprint('cpu').slug}-H{hidden}-K{blocks}"
                                f"-L{seq_len}-onnxruntime-chunked{suffix}.json")
 
