@@ -331,6 +331,7 @@ def test_export_takes_a_compressed_folder(hf_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("module", ["compressm_tune.models.hf_folder",
+                                    "compressm_tune.exporter._weights",
                                     "compressm_tune.reduction._pretrained"])
 def test_docstring_examples_run(module):
     import importlib

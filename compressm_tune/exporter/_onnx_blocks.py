@@ -32,7 +32,7 @@ from compressm_tune.exporter._weights import (
     ModelWeights,
     SelectiveWeights,
     lru_chunk,
-    segment_sums,
+    segment_masks,
 )
 
 __all__ = ["RECURRENCE", "ChunkFrame", "ChunkedLRU", "ChunkedSelective", "Graph", "MambaParts"]
@@ -377,7 +377,7 @@ class ChunkedSelective:
     """One selective layer over the padded, flattened sequence: a ``Scan`` over the C chunks
     (not the L tokens) with the state ``x (B, H, N)`` as carry.
 
-    Inside a chunk, with ``seg[t, s] = sum_{s < r <= t} delta_r`` (:func:`segment_sums`) and
+    Inside a chunk, with ``seg[t, s] = sum_{s < r <= t} delta_r`` (:func:`segment_masks`) and
     ``cum[t] = sum_{r <= t} delta_r`` (per channel h)::
 
         y_t = sum_{s <= t} du_s sum_n C_t[n] B_s[n] exp(A seg[t, s])     within the chunk
@@ -391,9 +391,10 @@ class ChunkedSelective:
     def __init__(self, g: Graph, w: SelectiveWeights, k: int, frame: ChunkFrame) -> None:
         self.w, self.k, self.frame, self.t = w, k, frame, frame.chunk
         self.h, self.n = w.state_shape
-        sums, keep = segment_sums(frame.chunk)
+        later, keep = segment_masks(frame.chunk)
         self.a = g.const(f"a{k}", w.a)  # (H, N)
-        self.sums, self.keep = g.const(f"sums{k}", sums), g.const(f"keep{k}", keep)
+        self.later = g.const(f"later{k}", later[:, :, None])  # (T, T, 1)  [r, s]
+        self.keep = g.const(f"keep{k}", keep[:, :, None, None])  # (T, T, 1, 1)  [t, s]
 
     def apply(self, g: Graph, hn: str) -> str:
         """``hn (B*C*T, H)`` -> the read-out ``(B*C*T, H)`` (without ``D``)."""
@@ -421,8 +422,9 @@ class ChunkedSelective:
         def axes(*values):
             return sub.const("axes", np.array(values, np.int64))
 
-        seg = sub.op("Reshape", [sub.op("MatMul", [self.sums, delta]), sub.const(
-            "shape", np.array([-1, t, t, h, 1], np.int64))])  # (B, T, T, H, 1)
+        steps = sub.op("Mul", [sub.op("Unsqueeze", [delta, axes(2)]), self.later])  # [r, s]
+        seg = sub.op("Unsqueeze", [sub.op("CumSum", [steps, sub.const(
+            "axis", np.array(1, np.int64))]), axes(4)])  # (B, T, T, H, 1)  [t, s]
         decay = sub.op("Mul", [sub.op("Exp", [sub.op("Mul", [seg, self.a])]),
                                self.keep], "decay")  # (B, T, T, H, N), 0 for s > t
         c_t = sub.op("Unsqueeze", [c, axes(2, 3)])  # (B, T, 1, 1, N)

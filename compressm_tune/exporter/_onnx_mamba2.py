@@ -24,13 +24,12 @@ import onnx
 
 from compressm_tune.exporter._onnx_blocks import (
     _BIG,
-    RECURRENCE,
     ChunkFrame,
     Graph,
     _info,
     _subgraph,
 )
-from compressm_tune.exporter._weights import Mamba2BlockWeights, segment_sums
+from compressm_tune.exporter._weights import Mamba2BlockWeights, segment_masks
 
 __all__ = ["Mamba2Parts"]
 
@@ -126,9 +125,8 @@ class Mamba2Parts:
         """``[x, B, C, delta]`` over the padded ``(B, C*T, ..)`` -> ``y (B, C*T, E)``."""
         x, b, c, delta = inputs
         t, nh, p, gsz, n = frame.chunk, self.nh, self.p, self.groups, self.n
-        sums, keep = segment_sums(t)
-        self.sums_t = g.const(f"sums_t{self.k}", np.ascontiguousarray(sums.T))  # (T, T*T)
-        self.keep = g.const(f"keep{self.k}", keep.reshape(t, t))  # (T, T)
+        later, keep = segment_masks(t)
+        self.later, self.keep = g.const(f"later{self.k}", later), g.const(f"keep{self.k}", keep)
 
         def chunks(value: str, *dims: int) -> str:  # (B, C*T, ..) -> (B, C, T, ..)
             shape = g.op("Concat", [frame.batch, self._ints(g, -1, t, *dims)], axis=0)
@@ -156,9 +154,9 @@ class Mamba2Parts:
             return sub.const("idx", np.array(values, np.int64))
 
         la_t = sub.op("Transpose", [la], perm=[0, 2, 1])  # (B, nh, T)
-        seg = sub.op("Reshape", [sub.op("MatMul", [la_t, self.sums_t],  # float32 under int8
-                                        name=f"{RECURRENCE}sums{k}"),
-                                 ints(0, gsz, hg, t, t)])  # (B, G, hg, T, T)
+        steps = sub.op("Mul", [sub.op("Unsqueeze", [la_t, ints(-1)]), self.later])  # [r, s]
+        seg = sub.op("Reshape", [sub.op("CumSum", [steps, sub.const("axis", np.array(
+            2, np.int64))]), ints(0, gsz, hg, t, t)])  # (B, G, hg, T, T)  [t, s]
         decay = sub.op("Mul", [sub.op("Exp", [seg]), self.keep], "decay")  # 0 for s > t
         cum = sub.op("Reshape", [sub.op("CumSum", [la_t, sub.const("axis", np.array(
             2, np.int64))]), ints(0, gsz, hg, t, 1)])  # (B, G, hg, T, 1)

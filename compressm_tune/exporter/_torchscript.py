@@ -29,7 +29,7 @@ from compressm_tune.exporter._weights import (
     SelectiveWeights,
     check_chunk,
     lru_chunk,
-    segment_sums,
+    segment_masks,
 )
 
 __all__ = ["ScriptedSSM", "script_model"]
@@ -111,9 +111,9 @@ class _ScriptedSelective(nn.Module):
         for name in ("a", "b_proj", "c_proj", "dt_down", "dt_up", "dt_bias"):
             _buf(self, name, getattr(w, name))
         self.chunk = int(chunk or 0)
-        sums, keep = segment_sums(self.chunk or 1)
-        _buf(self, "sums", sums)  # (T*T, T)
-        _buf(self, "keep", keep)  # (T, T, 1, 1)
+        later, keep = segment_masks(self.chunk or 1)
+        _buf(self, "later", later[:, :, None])  # (T, T, 1)
+        _buf(self, "keep", keep[:, :, None, None])  # (T, T, 1, 1)
 
     def _drive(self, hn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor]:
@@ -149,7 +149,7 @@ class _ScriptedSelective(nn.Module):
         out: list[torch.Tensor] = []
         for i in range(c):
             d = delta[:, i]  # (B, T, H)
-            seg = (self.sums @ d).reshape(b, t, t, h, 1)  # (B, T, T, H, 1)
+            seg = (d[:, :, None] * self.later).cumsum(1)[..., None]  # (B, T, T, H, 1)
             decay = torch.exp(seg * self.a) * self.keep  # (B, T, T, H, N)
             mix = (decay * (c_t[:, i, :, None, None, :] * b_t[:, i, None, :, None, :])).sum(-1)
             y = (mix * du[:, i, None]).sum(2)  # (B, T, H)
@@ -273,9 +273,9 @@ class _ScriptedMamba2(nn.Module):
         self.groups, self.hg = w.n_groups, w.n_heads // w.n_groups
         self.channels, self.keep = int(w.conv.shape[0]), w.d_conv - 1
         self.chunk = int(chunk or 0)
-        sums, keep = segment_sums(self.chunk or 1)
-        _buf(self, "sums", sums)  # (T*T, T)
-        _buf(self, "mask", keep.reshape(self.chunk or 1, self.chunk or 1))  # (T, T)
+        later, keep = segment_masks(self.chunk or 1)
+        _buf(self, "later", later)  # (T, T)
+        _buf(self, "mask", keep)  # (T, T)
 
     def _project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hn = _rms_norm(h, self.norm, self.eps)
@@ -344,7 +344,8 @@ class _ScriptedMamba2(nn.Module):
         out: list[torch.Tensor] = []
         for i in range(nc):
             la_t = la[:, i].transpose(1, 2)  # (B, nh, T)
-            decay = torch.exp((la_t @ self.sums.T).reshape(bsz, gs, hg, t, t)) * self.mask
+            seg = (la_t[..., None] * self.later).cumsum(2)  # (B, nh, T, T)
+            decay = torch.exp(seg.reshape(bsz, gs, hg, t, t)) * self.mask
             cum = la_t.cumsum(2).reshape(bsz, gs, hg, t, 1)
             b_g, c_g = b[:, i], c[:, i]  # (B, G, 1, T, N)
             dx_g = dx[:, i].transpose(1, 2).reshape(bsz, gs, hg, t, p)

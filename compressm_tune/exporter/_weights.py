@@ -37,7 +37,7 @@ from compressm_tune.models import LRULayer, Mamba2Layer, MambaBlock, SelectiveLa
 __all__ = ["CHUNK_ARCHS", "CHUNK_CHOICES", "CHUNK_KEY", "BlockWeights", "LRUChunk",
            "LRUWeights", "Mamba2BlockWeights", "MambaBlockWeights", "ModelWeights",
            "SelectiveWeights", "check_chunk", "chunk_label", "extract_weights", "lru_chunk",
-           "max_chunk", "segment_sums"]
+           "max_chunk", "segment_masks"]
 
 
 @dataclass(frozen=True)
@@ -387,26 +387,27 @@ def max_chunk(layer: LRUWeights | SelectiveWeights | Mamba2BlockWeights) -> int:
     return max(fits) if fits else min(CHUNK_CHOICES)
 
 
-def segment_sums(chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Constants of a selective chunk: ``sums (T*T, T)`` and ``keep (T, T, 1, 1)``.
+def segment_masks(chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Constants of a selective chunk, ``(T, T)`` each: ``later`` and ``keep``.
 
-    ``(sums @ delta)[(t, s)] = sum_{s < r <= t} delta_r``, the step sizes from token ``s`` to
-    token ``t``, added term by term rather than as a difference of cumulative sums, whose
-    cancellation would cost precision in ``exp(A * sum)``; ``keep`` is 1 where ``s <= t``.
+    ``later[r, s]`` is 1 where ``r > s``, so a cumulative sum over ``r`` of ``delta_r later[r,
+    s]`` is ``sum_{s < r <= t} delta_r`` at ``[t, s]``: the step sizes from token ``s`` to token
+    ``t``, added term by term rather than as a difference of cumulative sums, whose
+    cancellation would cost precision in ``exp(A * sum)`` (the ``segsum`` of ``mamba_ssm``'s
+    SSD). ``keep[t, s]`` is 1 where ``s <= t``. A ``(T*T, T)`` matrix of those sums cost
+    ``T^3`` multiply-adds per channel and 1 MB per layer at T=64; the masked sum costs ``T^2``.
 
     Examples
     --------
-    >>> sums, keep = segment_sums(3)
-    >>> (sums @ np.array([1.0, 2.0, 4.0])).reshape(3, 3)  # [t, s]
+    >>> later, keep = segment_masks(3)
+    >>> np.cumsum(np.array([1.0, 2.0, 4.0])[:, None] * later, axis=0)  # [t, s]
     array([[0., 0., 0.],
            [2., 0., 0.],
            [6., 4., 0.]])
     """
     t = np.arange(chunk)
-    r = t[None, None, :]
-    sums = (t[None, :, None] < r) & (r <= t[:, None, None])  # (T, T, T)  [t, s, r]
-    keep = (t[None, :] <= t[:, None]).astype(np.float32)[:, :, None, None]  # (T, T, 1, 1)
-    return sums.reshape(chunk * chunk, chunk).astype(np.float32), keep
+    keep = (t[None, :] <= t[:, None]).astype(np.float32)  # [t, s]
+    return (t[:, None] > t[None, :]).astype(np.float32), keep
 
 
 def _rot(z: np.ndarray) -> np.ndarray:
