@@ -294,8 +294,10 @@ def test_selective_scan_in_either_state_layout_matches_torch(d_model, state_dims
     graph = build_sequence_model(extract_weights(model))
     scans = [n for n in graph.graph.node if n.op_type == "Scan"]
     bodies = [next(a.g for a in n.attribute if a.name == "body") for n in scans]
-    held = [[d.dim_value for d in b.input[0].type.tensor_type.shape.dim[1:]] for b in bodies]
-    assert held == [[n, d_model] if d_model >= n else [d_model, n] for n in state_dims]
+    held = [[[d.dim_value for d in b.input[i].type.tensor_type.shape.dim[1:]] for i in (0, 1)]
+            for b in bodies]  # the state's shape and the step size's (which tells H == N apart)
+    assert held == [[[n, d_model], [1, d_model]] if d_model >= n else [[d_model, n], [d_model, 1]]
+                    for n in state_dims]
     seq = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     assert np.abs(seq.run(None, {"x": x.numpy()})[0] - want).max() <= 1e-4
 

@@ -36,6 +36,8 @@ __all__ = [
 
 # A cached profile whose re-timed models moved more than this factor is re-measured.
 REMEASURE_FACTOR = 1.25
+# The revision of each architecture's sequence graph that cached profiles time (1 if absent).
+GRAPH_REVISIONS = {"selective": 2, "mamba": 2}
 
 
 def _profile_cache() -> Path:
@@ -47,11 +49,12 @@ def profile_cache_path(arch: str, hidden: int, blocks: int, seq_len: int) -> Pat
     """Where this machine's onnxruntime profile of that model shape is cached.
 
     "-chunked" marks profiles that time the sequence graph an export chooses; older caches
-    timed the per-token Scan graph only and are not reused. Likewise "-2" after the selective
+    timed the per-token Scan graph only and are not reused. Likewise "-r2" after the selective
     and Mamba names: their Scan now holds the state channels last (up to 3x faster), so a
     profile of the old graph would mislead.
     """
-    suffix = {"lru": "", "selective": "-selective-2", "mamba": "-mamba-2"}.get(arch, f"-{arch}")
+    revision = GRAPH_REVISIONS.get(arch, 1)
+    suffix = ("" if arch == "lru" else f"-{arch}") + (f"-r{revision}" if revision > 1 else "")
     return _profile_cache() / (f"{fingerprint('cpu').slug}-H{hidden}-K{blocks}"
                                f"-L{seq_len}-onnxruntime-chunked{suffix}.json")
 
