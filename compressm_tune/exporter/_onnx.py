@@ -172,21 +172,20 @@ class _SelectiveWriter:
     machine; H 8-64, N 16-64, L 500-2000): at batch 1 this took 0.7-0.86x the time of
     unsqueezing inside the body (read-out by ``MatMul`` or by ``ReduceSum``) and of emitting the
     ``(batch, H, N)`` states to contract them after the ``Scan``; at batch 8 the variants were
-    within noise. Precomputing ``exp(delta A)`` for all steps outside the ``Scan`` holds two
-    ``(batch, L, H, N)`` tensors, too much memory for an edge device, and made a 4-layer Mamba's
-    graph (H=512, L=256) 1.06-2.18x slower (``bench_results/selective_scan_layout.md``).
+    within noise. Precomputing ``exp(delta A)`` for all steps outside the ``Scan`` would hold
+    two ``(batch, L, H, N)`` tensors, too much memory for an edge device.
 
     The sequence ``Scan`` (``scan=True``) holds the state with its longer axis innermost,
     ``(batch, N, H)`` when ``H >= N``: ORT's broadcasting ``Mul``/``Add`` loop over the innermost
-    axis, so the loops are long, not N long once per channel. Measured (onnxruntime 1.32, 1
-    thread, one layer's Scan, L=256, interleaved), channels last took the time of states last
-    times: 0.49 at H=512, N=16; 0.30 at 512, 4; 0.78 at 512, 64; 0.73 at 128, 32; 0.68 at 64,
-    4; 1.02 at 64, 64; 1.09 at 8, 16; 1.33 at 8, 64; a whole 4-layer Mamba graph (H=512) got
-    1.21-1.59x faster (``bench_results/selective_scan_layout.md``). The step graph
-    (``scan=False``) keeps ``(batch, H, N)``, the layout of ``allocate_state`` and of
-    ``transformers``' cache, for its arithmetic too: at H=512, one token in channels-last
-    arithmetic between two transposes took 0.70x the time at N=4, 0.87x at N=16 and 1.07x at
-    N=64.
+    axis, so the loops are long, not N long once per channel. Measured
+    (``benchmarks/bench_scan_layout.py``: onnxruntime 1.32, 1 thread, one layer's Scan, L=256,
+    interleaved), channels last took the time of states last times: 0.52 at H=512, N=16; 0.35
+    at 512, 4; 0.75 at 512, 64; 0.73 at 128, 32; 0.70 at 64, 4; 0.79 at 64, 16; 1.01 at 64,
+    64; 1.05 at 8, 16; 1.39 at 8, 64; a whole 4-layer Mamba graph (H=512) got 1.21-1.61x
+    faster. The step graph (``scan=False``) keeps ``(batch, H, N)``, the layout of
+    ``allocate_state`` and of ``transformers``' cache, for its arithmetic too: at H=512, one
+    token in channels-last arithmetic between two transposes took 0.71x the time at N=4, 0.86x
+    at N=16 and 1.06x at N=64.
     """
 
     def __init__(self, g: _Graph, w: SelectiveWeights, k: int, scan: bool = True) -> None:
