@@ -19,7 +19,6 @@ time:
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from onnx import TensorProto, ValueInfoProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleave, machine, machine_line, parser, spread, write  # noqa: E402
+from bench_hf_cpu_peer import cut_model, hf_model  # noqa: E402
 
 from compressm_tune._table import markdown_table  # noqa: E402
 from compressm_tune.exporter import (  # noqa: E402
@@ -40,6 +40,7 @@ from compressm_tune.exporter import (  # noqa: E402
     _onnx,
     build_sequence_model,
     extract_weights,
+    ort_session,
 )
 
 GRID = [(512, 16), (512, 4), (512, 64), (128, 32), (64, 4), (64, 16), (64, 64), (8, 16), (8, 64)]
@@ -48,10 +49,7 @@ STEP_LAYERS = 8
 
 
 def _session(model) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
+    return ort_session(model.SerializeToString(), 1)
 
 
 def _info(name: str, shape) -> ValueInfoProto:
@@ -121,19 +119,8 @@ class _StatesLast(_onnx._SelectiveWriter):
 
 
 def bench_network(d_state: int, keep: int, length: int, rounds: int) -> dict:
-    import transformers
-
-    torch.manual_seed(0)
-    hf = transformers.MambaForCausalLM(transformers.MambaConfig(
-        vocab_size=256, hidden_size=256, state_size=d_state, num_hidden_layers=4))
-    from compressm_tune.models import from_hf_mamba
-
-    model = from_hf_mamba(hf).eval()
-    if keep < d_state:
-        model = copy.deepcopy(model)
-        for block in model.blocks:
-            block.ssm.keep_states(torch.arange(keep))
-    w = extract_weights(model)
+    _, model = hf_model("mamba", d_state)  # bench_hf_cpu_peer's shape and weights
+    w = extract_weights(model if keep == d_state else cut_model(model, keep))
     new = _session(build_sequence_model(w, DEFAULT_OPSET, None))
     with mock.patch.object(_onnx, "_SelectiveWriter", _StatesLast):
         old = _session(build_sequence_model(w, DEFAULT_OPSET, None))
