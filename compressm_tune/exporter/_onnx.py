@@ -179,13 +179,13 @@ class _SelectiveWriter:
     ``(batch, N, H)`` when ``H >= N``: ORT's broadcasting ``Mul``/``Add`` loop over the innermost
     axis, so the loops are long, not N long once per channel. Measured
     (``benchmarks/bench_scan_layout.py``: onnxruntime 1.32, 1 thread, one layer's Scan, L=256,
-    interleaved), channels last took the time of states last times: 0.52 at H=512, N=16; 0.35
-    at 512, 4; 0.75 at 512, 64; 0.73 at 128, 32; 0.70 at 64, 4; 0.79 at 64, 16; 1.01 at 64,
-    64; 1.05 at 8, 16; 1.39 at 8, 64; a whole 4-layer Mamba graph (H=512) got 1.21-1.61x
+    interleaved), channels last took the time of states last times: 0.50 at H=512, N=16; 0.30
+    at 512, 4; 0.78 at 512, 64; 0.80 at 128, 32; 0.70 at 64, 4; 0.80 at 64, 16; 0.98 at 64,
+    64; 1.05 at 8, 16; 1.35 at 8, 64; a whole 4-layer Mamba graph (H=512) got 1.22-1.63x
     faster. The step graph (``scan=False``) keeps ``(batch, H, N)``, the layout of
     ``allocate_state`` and of ``transformers``' cache, for its arithmetic too: at H=512, one
-    token in channels-last arithmetic between two transposes took 0.71x the time at N=4, 0.86x
-    at N=16 and 1.06x at N=64.
+    token in channels-last arithmetic between two transposes took 0.70x the time at N=4, 0.88x
+    at N=16 and 1.07x at N=64.
     """
 
     def __init__(self, g: _Graph, w: SelectiveWeights, k: int, scan: bool = True) -> None:
